@@ -1,0 +1,106 @@
+//! `llava chat`: multi-turn chat on stdin/stdout. `/image PATH` switches the image (and starts a
+//! new conversation about it), `/reset` forgets the conversation, `/exit` or EOF quits.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use anyhow::Result;
+use llava_data::conversation::Message;
+
+use super::model_args::{ModelArgs, SamplingArgs};
+
+#[derive(clap::Args, Debug)]
+pub struct ChatCommand {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The image to talk about (optional; `/image PATH` sets or changes it).
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// System prompt for named templates that have one.
+    #[arg(long)]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+pub fn run(c: ChatCommand) -> Result<()> {
+    let pipeline = c.model.load()?;
+    let mut image = c.image.clone();
+    let mut pixels = match &image {
+        Some(p) => pipeline.pixel_values(std::slice::from_ref(p))?,
+        None => None,
+    };
+    let mut history: Vec<Message> = c.system.iter().map(Message::system).collect();
+    let stdin = std::io::stdin();
+    let mut stdout = std::io::stdout();
+    let interactive = std::io::IsTerminal::is_terminal(&stdin);
+    if interactive {
+        eprintln!("llava chat — /image PATH to switch image, /reset to start over, /exit to quit");
+    }
+    let mut line = String::new();
+    loop {
+        if interactive {
+            eprint!("USER: ");
+        }
+        line.clear();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let input = line.trim();
+        if input.is_empty() {
+            continue;
+        }
+        if input == "/exit" || input == "/quit" {
+            break;
+        }
+        if input == "/reset" {
+            history.retain(|m| m.role == llava_data::conversation::Role::System);
+            continue;
+        }
+        if let Some(path) = input.strip_prefix("/image") {
+            let path = PathBuf::from(path.trim());
+            // A bad image is reported and the chat goes on with the previous one.
+            match pipeline.pixel_values(std::slice::from_ref(&path)) {
+                Ok(p) => {
+                    pixels = p;
+                    image = Some(path);
+                    history.retain(|m| m.role == llava_data::conversation::Role::System);
+                    eprintln!("(image: {})", image.as_ref().map(|p| p.display().to_string()).unwrap_or_default());
+                }
+                Err(e) => eprintln!("error: {e}"),
+            }
+            continue;
+        }
+        // The image goes with the first question of the conversation, as in training.
+        let first_user = !history.iter().any(|m| m.role == llava_data::conversation::Role::User);
+        let n_images = if first_user && pixels.is_some() { 1 } else { 0 };
+        history.push(Message::user(input, n_images));
+        let prompt = pipeline.render(&history)?;
+        let ids = pipeline.encode(&prompt)?;
+        let turn_pixels = if history.iter().any(|m| m.images > 0) { pixels.as_ref() } else { None };
+        if interactive {
+            eprint!("ASSISTANT: ");
+        }
+        let result = pipeline.generate(
+            &ids,
+            turn_pixels,
+            &c.sampling.params(),
+            c.sampling.max_new_tokens,
+            &c.sampling.stop,
+            |piece| {
+                let _ = write!(stdout, "{piece}");
+                let _ = stdout.flush();
+            },
+        );
+        println!();
+        match result {
+            Ok(out) => history.push(Message::assistant(out.text.trim())),
+            Err(e) => {
+                // e.g. the context is full: say so and let the user /reset.
+                eprintln!("error: {e}");
+                history.pop();
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,105 @@
+//! `llava generate`: one prompt (with an optional image) in, the model's answer out.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use llava_data::conversation::Message;
+use serde::Serialize;
+
+use super::model_args::{ModelArgs, SamplingArgs};
+
+#[derive(clap::Args, Debug)]
+pub struct GenerateCommand {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Image file (png, jpeg, gif, webp, bmp). Repeat for several images, in prompt order.
+    #[arg(long)]
+    pub image: Vec<PathBuf>,
+    /// The user's question; the checkpoint's chat template is applied.
+    #[arg(long)]
+    pub prompt: String,
+    /// Take --prompt verbatim (no template); `<image>` marks where each image goes.
+    #[arg(long)]
+    pub raw: bool,
+    /// System prompt for named templates that have one.
+    #[arg(long)]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct Timings {
+    vision_ms: f64,
+    prefill_ms: f64,
+    decode_tok_s: f64,
+}
+
+#[derive(Serialize)]
+struct JsonOutput {
+    text: String,
+    token_ids: Vec<u32>,
+    prompt_tokens: usize,
+    timings: Timings,
+}
+
+pub fn run(c: GenerateCommand) -> Result<()> {
+    for image in &c.image {
+        if !image.is_file() {
+            bail!("--image {}: no such file", image.display());
+        }
+    }
+    let pipeline = c.model.load()?;
+    let prompt = if c.raw {
+        c.prompt.clone()
+    } else {
+        if c.prompt.contains("<image>") {
+            bail!("--prompt contains <image>; without --raw the template places the image itself");
+        }
+        let mut messages = Vec::new();
+        if let Some(system) = &c.system {
+            messages.push(Message::system(system));
+        }
+        messages.push(Message::user(&c.prompt, c.image.len()));
+        pipeline.render(&messages)?
+    };
+    tracing::info!(template = %pipeline.template.describe(), "prompt: {prompt:?}");
+    let input_ids = pipeline.encode(&prompt)?;
+    let pixel_values = pipeline.pixel_values(&c.image)?;
+    let stream = !c.json;
+    let mut stdout = std::io::stdout();
+    let out = pipeline.generate(
+        &input_ids,
+        pixel_values.as_ref(),
+        &c.sampling.params(),
+        c.sampling.max_new_tokens,
+        &c.sampling.stop,
+        |piece| {
+            if stream {
+                // A closed stdout is not worth aborting generation for.
+                let _ = write!(stdout, "{piece}");
+                let _ = stdout.flush();
+            }
+        },
+    )?;
+    if c.json {
+        let json = JsonOutput {
+            text: out.text,
+            token_ids: out.token_ids,
+            prompt_tokens: out.stats.prompt_tokens,
+            timings: Timings {
+                vision_ms: out.stats.vision_ms,
+                prefill_ms: out.stats.prefill_ms,
+                decode_tok_s: out.stats.decode_tok_s(),
+            },
+        };
+        println!("{}", serde_json::to_string(&json)?);
+    } else {
+        println!();
+    }
+    Ok(())
+}

@@ -1,0 +1,305 @@
+//! `llava instruct`: GPT-assisted instruction data generation (a thin layer over
+//! `llava-instruct`).
+//!
+//! ```text
+//! llava instruct --captions captions_train2014.json --instances instances_train2014.json \
+//!     --types conversation,detail,complex --api-base https://api.openai.com/v1 --model gpt-4o \
+//!     --out out/ [--concurrency 16] [--rpm 500] [--limit N] [--seed S] [--shard i/n]
+//! llava instruct preview --captions … --instances … --image-id 42 [--types detail] [--json]
+//! llava instruct convert-captions --input pairs.tsv --out chat.json
+//! llava instruct export-prompts my-prompts/
+//! ```
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use llava_instruct::convert::{PairFormat, TsvOrder, convert_pairs_to_file};
+use llava_instruct::pipeline::{Price, RunConfig, brief_for, format_summary, messages_for, run_blocking};
+use llava_instruct::types::{InstructType, Shard, parse_types};
+use llava_instruct::{ChatRequest, ClientConfig, ImageEntry, PromptLibrary, Role, SourceSpec};
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct InstructCommand {
+    #[command(subcommand)]
+    sub: Option<Sub>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Sub {
+    /// Print the exact messages that would be sent to the teacher for one image.
+    Preview(PreviewArgs),
+    /// Turn image–caption pairs (JSONL or TSV) into stage-1 LLaVA data (brief instructions).
+    ConvertCaptions(ConvertArgs),
+    /// Write the built-in prompt set to DIR, to edit and pass back with --prompts DIR.
+    ExportPrompts {
+        /// Folder to create the prompt files in (must not already hold them).
+        dir: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct SourceArgs {
+    /// COCO captions file (captions_{train,val}{2014,2017}.json).
+    #[arg(long, value_name = "FILE")]
+    captions: Option<PathBuf>,
+    /// COCO instances file (instances_{train,val}{2014,2017}.json), matched to captions by image id.
+    #[arg(long, value_name = "FILE")]
+    instances: Option<PathBuf>,
+    /// Generic JSONL instead of COCO: {image, width, height, captions: [..], boxes: [{category, bbox: [x,y,w,h]}]}.
+    #[arg(long, value_name = "FILE")]
+    annotations: Option<PathBuf>,
+}
+
+impl SourceArgs {
+    fn load(&self) -> anyhow::Result<Vec<ImageEntry>> {
+        let spec = SourceSpec {
+            captions: self.captions.clone(),
+            instances: self.instances.clone(),
+            annotations_jsonl: self.annotations.clone(),
+        };
+        spec.load().context("cannot load the annotations")
+    }
+}
+
+#[derive(Args)]
+struct TeacherArgs {
+    /// OpenAI-compatible API base, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1.
+    /// The key is read from OPENAI_API_KEY when set.
+    #[arg(long, value_name = "URL")]
+    api_base: Option<String>,
+    /// Teacher model name.
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long, default_value_t = 0.2)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1024)]
+    max_tokens: u32,
+    /// Maximum requests in flight.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Maximum requests started per minute.
+    #[arg(long, value_name = "N")]
+    rpm: Option<u32>,
+    /// Timeout of one request attempt, in seconds.
+    #[arg(long, default_value_t = 120.0, value_name = "SECS")]
+    timeout: f64,
+    /// Retries per request on 429/5xx/timeouts/connection errors.
+    #[arg(long, default_value_t = 6)]
+    max_retries: u32,
+}
+
+impl TeacherArgs {
+    fn client_config(&self) -> anyhow::Result<Option<ClientConfig>> {
+        let (base, model) = match (&self.api_base, &self.model) {
+            (Some(b), Some(m)) => (b, m),
+            (None, None) => return Ok(None),
+            _ => bail!("--api-base and --model go together"),
+        };
+        if !(self.timeout.is_finite() && self.timeout > 0.0) {
+            bail!("--timeout must be a positive number of seconds");
+        }
+        let mut c = ClientConfig::new(base.clone(), model.clone()).with_env_api_key();
+        c.concurrency = self.concurrency;
+        c.requests_per_minute = self.rpm;
+        c.timeout = Duration::from_secs_f64(self.timeout);
+        c.max_retries = self.max_retries;
+        Ok(Some(c))
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    /// Comma-separated: conversation, detail, complex, brief (the naive baseline, no teacher).
+    #[arg(long, default_value = "conversation,detail,complex")]
+    types: String,
+    #[command(flatten)]
+    teacher: TeacherArgs,
+    /// Output folder: <type>.jsonl, rejects.jsonl and llava_instruct.json. Rerunning resumes.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Prompt set folder replacing the built-in one (see `llava instruct export-prompts`).
+    #[arg(long, value_name = "DIR")]
+    prompts: Option<PathBuf>,
+    /// Only the first N images (of the shard, in id order).
+    #[arg(long, value_name = "N")]
+    limit: Option<usize>,
+    /// Seed of the instruction paraphrase, caption and <image>-placement choices.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Work on shard i of n (0-based), a deterministic partition of the images by id.
+    #[arg(long, value_name = "i/n")]
+    shard: Option<String>,
+    /// Price per 1000 tokens for the cost estimate: P, or PROMPT,COMPLETION.
+    #[arg(long, value_name = "PRICE")]
+    price_per_1k: Option<String>,
+    /// Ask again for pairs whose earlier reply was rejected.
+    #[arg(long)]
+    retry_rejects: bool,
+    /// No progress bar.
+    #[arg(long)]
+    no_progress: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json_summary: bool,
+}
+
+#[derive(Args)]
+struct PreviewArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    /// The image: its record id, or a COCO image id (42 finds 000000000042).
+    #[arg(long, value_name = "ID")]
+    image_id: String,
+    #[arg(long, default_value = "conversation,detail,complex")]
+    types: String,
+    #[arg(long, value_name = "DIR")]
+    prompts: Option<PathBuf>,
+    /// Print the request bodies as JSON, exactly as sent (with this model name).
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value = "MODEL")]
+    model: String,
+    #[arg(long, default_value_t = 0.2)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1024)]
+    max_tokens: u32,
+    /// Seed (for the brief type's choices).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// Pairs file: JSONL ({image, caption}) or TSV (image<TAB>caption), by extension unless --format.
+    #[arg(long, value_name = "FILE")]
+    input: PathBuf,
+    /// Output LLaVA JSON file (written atomically).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// jsonl, tsv (image<TAB>caption) or tsv-caption-first (caption<TAB>image, as in CC3M).
+    #[arg(long)]
+    format: Option<String>,
+    #[arg(long, value_name = "DIR")]
+    prompts: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn prompts(dir: &Option<PathBuf>, types: &[InstructType]) -> anyhow::Result<PromptLibrary> {
+    match dir {
+        Some(d) => PromptLibrary::load(d, types).context("cannot load the prompt set"),
+        None => PromptLibrary::builtin().context("the built-in prompt set is broken"),
+    }
+}
+
+pub fn run(c: InstructCommand) -> anyhow::Result<()> {
+    match c.sub {
+        Some(Sub::Preview(a)) => preview(a),
+        Some(Sub::ConvertCaptions(a)) => convert(a),
+        Some(Sub::ExportPrompts { dir }) => {
+            let files = llava_instruct::prompts::export_builtin(&dir).context("cannot export the prompts")?;
+            println!("wrote {} prompt files under {}", files.len(), dir.display());
+            Ok(())
+        }
+        None => generate(c.run),
+    }
+}
+
+fn generate(a: RunArgs) -> anyhow::Result<()> {
+    let Some(out) = a.out.clone() else { bail!("--out DIR is required") };
+    let types = parse_types(&a.types)?;
+    let client = a.teacher.client_config()?;
+    if client.is_none() && types.iter().any(|t| t.needs_teacher()) {
+        bail!("--api-base and --model are required for the conversation, detail and complex types");
+    }
+    let lib = prompts(&a.prompts, &types)?;
+    let entries = a.source.load()?;
+    let mut cfg = RunConfig::new(types, out.clone());
+    cfg.limit = a.limit;
+    cfg.seed = a.seed;
+    cfg.shard = match &a.shard {
+        Some(s) => s.parse::<Shard>()?,
+        None => Shard::default(),
+    };
+    cfg.temperature = Some(a.teacher.temperature);
+    cfg.max_tokens = Some(a.teacher.max_tokens);
+    cfg.retry_rejects = a.retry_rejects;
+    cfg.price = a.price_per_1k.as_deref().map(str::parse::<Price>).transpose()?;
+    cfg.progress = !a.no_progress;
+    cfg.max_pending = a.teacher.concurrency.saturating_mul(2).max(1);
+    let summary = run_blocking(entries, lib, client, &cfg)
+        .with_context(|| format!("instruction generation into {} stopped", out.display()))?;
+    if a.json_summary {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!("{}", format_summary(&summary));
+    }
+    if summary.failed > 0 {
+        bail!("{} pairs failed after all retries; rerun the same command to retry them", summary.failed);
+    }
+    Ok(())
+}
+
+fn preview(a: PreviewArgs) -> anyhow::Result<()> {
+    let types = parse_types(&a.types)?;
+    let lib = prompts(&a.prompts, &types)?;
+    let entries = a.source.load()?;
+    let wanted = a.image_id.trim();
+    let numeric = wanted.parse::<u64>().ok();
+    let entry = entries
+        .iter()
+        .find(|e| e.id == wanted || (numeric.is_some() && e.id.parse::<u64>().ok() == numeric))
+        .with_context(|| format!("no image with id `{wanted}` in the annotations"))?;
+    for ty in types {
+        match messages_for(entry, ty, &lib) {
+            Some(messages) => {
+                let req = ChatRequest { messages, temperature: Some(a.temperature), max_tokens: Some(a.max_tokens) };
+                if a.json {
+                    let body = llava_instruct::client::request_json(&a.model, &req);
+                    println!("{}", serde_json::to_string(&serde_json::json!({"type": ty, "request": body}))?);
+                } else {
+                    println!("######## {ty} ({} messages) ########", req.messages.len());
+                    for m in &req.messages {
+                        let role = match m.role {
+                            Role::System => "system",
+                            Role::User => "user",
+                            Role::Assistant => "assistant",
+                        };
+                        println!("--- {role} ---\n{}", m.content);
+                    }
+                    println!();
+                }
+            }
+            None => {
+                // brief: no teacher; show the record it would produce
+                match brief_for(entry, &lib, a.seed) {
+                    Ok(r) => println!("######## {ty} (no teacher) ########\n{}", serde_json::to_string_pretty(&r)?),
+                    Err(why) => println!("######## {ty} (no teacher) ########\nno record: {why}"),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn convert(a: ConvertArgs) -> anyhow::Result<()> {
+    let format = match a.format.as_deref() {
+        None => PairFormat::from_path(&a.input),
+        Some("jsonl") => PairFormat::Jsonl,
+        Some("tsv") => PairFormat::Tsv(TsvOrder::ImageCaption),
+        Some("tsv-caption-first") => PairFormat::Tsv(TsvOrder::CaptionImage),
+        Some(other) => bail!("unknown --format `{other}`; expected jsonl, tsv or tsv-caption-first"),
+    };
+    let lib = prompts(&a.prompts, &[])?;
+    let s = convert_pairs_to_file(&a.input, format, &a.out, &lib, a.seed)
+        .with_context(|| format!("cannot convert {}", a.input.display()))?;
+    println!("wrote {} records to {} ({} blank captions skipped)", s.records, a.out.display(), s.skipped_blank);
+    Ok(())
+}

@@ -1,0 +1,7 @@
+//! One file per subcommand.
+
+pub mod chat;
+pub mod generate;
+pub mod init;
+pub mod instruct;
+pub mod model_args;

@@ -1,0 +1,88 @@
+//! Flags shared by every subcommand that loads a checkpoint (`generate`, `chat`, `eval answer`).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use llava_data::image::ImageAspectRatio;
+use llava_model::generation::SamplingParams;
+use llava_model::pipeline::{Pipeline, PipelineOptions};
+use llava_model::{DType, Device};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Checkpoint directory (HF llava layout or original LLaVA layout), or a hub id already in
+    /// the local Hugging Face cache.
+    #[arg(long)]
+    pub model: String,
+    /// CLIP directory for original-layout checkpoints whose `mm_vision_tower` is not local.
+    #[arg(long)]
+    pub vision_tower: Option<PathBuf>,
+    /// Compute dtype: f32 (exact reference), bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// A named template (llava_v1, llava_v0, llama_2, chatml, plain) instead of the
+    /// checkpoint's chat template. Alias: --conv-mode.
+    #[arg(long, alias = "conv-mode")]
+    pub template: Option<String>,
+    /// `pad` pastes the image on a mean-coloured square first (LLaVA-1.5); `square` does not.
+    /// Default: what the checkpoint asks for.
+    #[arg(long)]
+    pub image_aspect_ratio: Option<String>,
+    /// Run on this CUDA device (needs a build with `--features cuda`).
+    #[arg(long)]
+    pub cuda: Option<usize>,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> Result<Pipeline> {
+        let dtype = match self.dtype.as_str() {
+            "f32" | "float32" => DType::F32,
+            "bf16" | "bfloat16" => DType::BF16,
+            "f16" | "float16" => DType::F16,
+            other => bail!("--dtype {other}: choose f32, bf16 or f16"),
+        };
+        let device = match self.cuda {
+            Some(i) => Device::new_cuda(i).context("--cuda")?,
+            None => Device::Cpu,
+        };
+        let image_aspect_ratio = match &self.image_aspect_ratio {
+            Some(a) => Some(a.parse::<ImageAspectRatio>().context("--image-aspect-ratio")?),
+            None => None,
+        };
+        let opts = PipelineOptions {
+            model: self.model.clone(),
+            vision_tower: self.vision_tower.clone(),
+            dtype,
+            device,
+            template: self.template.clone(),
+            image_aspect_ratio,
+        };
+        Pipeline::load(&opts).with_context(|| format!("loading {}", self.model))
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Maximum number of new tokens.
+    #[arg(long, default_value_t = 512)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Extra text at which to stop (repeatable).
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> SamplingParams {
+        SamplingParams { temperature: self.temperature, top_p: self.top_p, top_k: self.top_k, seed: self.seed }
+    }
+}

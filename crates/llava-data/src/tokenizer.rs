@@ -1,0 +1,175 @@
+//! The checkpoint's `tokenizer.json` (via the `tokenizers` crate), its special tokens, and the
+//! two ways `<image>` becomes image-token ids.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::record::IMAGE_PLACEHOLDER;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("{path}: {message}")]
+    Load { path: PathBuf, message: String },
+    #[error("tokenizer: {0}")]
+    Encode(String),
+}
+
+/// How the placeholder `<image>` in a prompt turns into `n` image positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageTokens {
+    /// `<image>` is a token of the vocabulary (llava-hf): the text is expanded to `n` copies of
+    /// it and tokenised whole, exactly as transformers' `LlavaProcessor` does.
+    Expand { id: u32 },
+    /// The vocabulary has no image token (the original layout): the prompt is tokenised in
+    /// chunks around `<image>`, as the original `tokenizer_image_token` does, and `n` copies of
+    /// `id` (a sentinel outside the vocabulary) go between them.
+    Split { id: u32 },
+}
+
+impl ImageTokens {
+    pub fn id(&self) -> u32 {
+        match self {
+            ImageTokens::Expand { id } | ImageTokens::Split { id } => *id,
+        }
+    }
+}
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub eos_token_id: Option<u32>,
+}
+
+impl Tokenizer {
+    /// Loads `dir/tokenizer.json`, with special-token strings from `tokenizer_config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self, TokenizerError> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(TokenizerError::Load {
+                path,
+                message: "missing (a tokenizer.json is required; slow-tokenizer-only checkpoints must be converted)"
+                    .into(),
+            });
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| TokenizerError::Load { path: path.clone(), message: e.to_string() })?;
+        let config = read_optional_json(&dir.join("tokenizer_config.json"))?;
+        let special = |key: &str, fallback: &str| -> Option<String> {
+            let from_config = config.as_ref().and_then(|c| c.get(key)).and_then(|v| match v {
+                Value::String(s) => Some(s.clone()),
+                // Older configs store `{"content": "</s>", ...}` objects.
+                Value::Object(o) => o.get("content").and_then(Value::as_str).map(String::from),
+                _ => None,
+            });
+            from_config.or_else(|| inner.token_to_id(fallback).map(|_| fallback.to_string()))
+        };
+        let bos_token = special("bos_token", "<s>");
+        let eos_token = special("eos_token", "</s>");
+        let eos_token_id = eos_token.as_deref().and_then(|t| inner.token_to_id(t));
+        Ok(Self { inner, bos_token, eos_token, eos_token_id })
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizerError> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TokenizerError> {
+        self.inner.decode(ids, skip_special_tokens).map_err(|e| TokenizerError::Encode(e.to_string()))
+    }
+
+    /// The image-token convention for this vocabulary; `fallback_id` is the model's
+    /// `image_token_index`, used as the sentinel when the vocabulary has no `<image>`.
+    pub fn image_tokens(&self, fallback_id: u32) -> ImageTokens {
+        match self.inner.token_to_id(IMAGE_PLACEHOLDER) {
+            Some(id) => ImageTokens::Expand { id },
+            None => ImageTokens::Split { id: fallback_id },
+        }
+    }
+
+    /// Tokenises a rendered prompt, with every `<image>` becoming `n_image_tokens` image ids.
+    pub fn encode_prompt(
+        &self,
+        prompt: &str,
+        image: ImageTokens,
+        n_image_tokens: usize,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        match image {
+            ImageTokens::Expand { .. } => {
+                let expanded = prompt.replace(IMAGE_PLACEHOLDER, &IMAGE_PLACEHOLDER.repeat(n_image_tokens));
+                self.encode(&expanded, true)
+            }
+            ImageTokens::Split { id } => {
+                let bos = self.bos_token.as_deref().and_then(|b| self.token_to_id(b));
+                let mut ids = Vec::new();
+                for (i, chunk) in prompt.split(IMAGE_PLACEHOLDER).enumerate() {
+                    if i > 0 {
+                        ids.extend(std::iter::repeat_n(id, n_image_tokens));
+                    }
+                    let mut chunk_ids = self.encode(chunk, true)?;
+                    // Each chunk is encoded with BOS; only the first keeps it.
+                    if i > 0 && bos.is_some() && chunk_ids.first().copied() == bos {
+                        chunk_ids.remove(0);
+                    }
+                    ids.extend(chunk_ids);
+                }
+                Ok(ids)
+            }
+        }
+    }
+}
+
+/// Turns generated ids into text as they arrive, emitting only complete characters: a token
+/// may end inside a multi-byte character (byte-fallback tokens), and SentencePiece drops a
+/// leading space when a piece is decoded on its own.
+pub struct StreamDecoder<'a> {
+    tokenizer: &'a Tokenizer,
+    ids: Vec<u32>,
+    emitted: usize,
+}
+
+impl<'a> StreamDecoder<'a> {
+    pub fn new(tokenizer: &'a Tokenizer) -> Self {
+        Self { tokenizer, ids: Vec::new(), emitted: 0 }
+    }
+
+    /// Adds one id and returns the newly completed text, if any.
+    pub fn push(&mut self, id: u32) -> Result<String, TokenizerError> {
+        self.ids.push(id);
+        let text = self.tokenizer.decode(&self.ids, true)?;
+        if text.ends_with('\u{FFFD}') || text.len() < self.emitted || !text.is_char_boundary(self.emitted) {
+            return Ok(String::new());
+        }
+        let new = text[self.emitted..].to_string();
+        self.emitted = text.len();
+        Ok(new)
+    }
+
+    pub fn text(&self) -> Result<String, TokenizerError> {
+        self.tokenizer.decode(&self.ids, true)
+    }
+}
+
+pub(crate) fn read_optional_json(path: &Path) -> Result<Option<Value>, TokenizerError> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| TokenizerError::Load { path: path.to_path_buf(), message: e.to_string() })?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| TokenizerError::Load { path: path.to_path_buf(), message: format!("invalid JSON: {e}") })
+}

@@ -1,0 +1,221 @@
+//! Finding a checkpoint and reading its config: a local directory or a hub id already in the
+//! local Hugging Face cache; the HF llava layout or the original liuhaotian layout.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use serde_json::Value;
+
+use crate::config::{ClipVisionConfig, FeatureLayer, LlamaConfig, LlavaConfig, SelectStrategy};
+use crate::error::{ModelError, Result};
+use crate::llava::Llava;
+use crate::weights::{Weights, clip_vision_name, hf_llava_name, original_llava_name};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Layout {
+    /// transformers' `LlavaForConditionalGeneration` (`llava-hf/*`).
+    Hf,
+    /// The original `LlavaLlamaForCausalLM` (`liuhaotian/*`), with the CLIP tower in its own
+    /// directory.
+    Original { vision_tower_dir: PathBuf },
+}
+
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub config: LlavaConfig,
+    pub layout: Layout,
+}
+
+impl Checkpoint {
+    /// `model` is a directory or a hub id (`org/name`) present in the local HF cache.
+    /// `vision_tower` overrides where the original layout's CLIP tower is found.
+    pub fn open(model: &str, vision_tower: Option<&Path>) -> Result<Self> {
+        let dir = resolve_model_dir(model)?;
+        let config_path = dir.join("config.json");
+        let json = read_json(&config_path)?;
+        if json.get("vision_config").is_some() {
+            let config: LlavaConfig = serde_json::from_value(json)
+                .map_err(|source| ModelError::Json { path: config_path.clone(), source })?;
+            config.validate().map_err(|m| ModelError::config(&config_path, m))?;
+            return Ok(Self { dir, config, layout: Layout::Hf });
+        }
+        if json.get("mm_vision_tower").is_some() || json.get("mm_projector_type").is_some() {
+            let (config, vision_tower_dir) = original_config(&dir, &json, vision_tower)?;
+            config.validate().map_err(|m| ModelError::config(&config_path, m))?;
+            return Ok(Self { dir, config, layout: Layout::Original { vision_tower_dir } });
+        }
+        Err(ModelError::config(
+            &config_path,
+            "is not a LLaVA config: it has neither `vision_config` (HF layout) nor `mm_vision_tower` (original layout)",
+        ))
+    }
+
+    /// Maps every weight file onto canonical names, converting to `dtype` on load.
+    pub fn weights(&self, dtype: DType, device: &Device) -> Result<Weights> {
+        let mut w = Weights::new(dtype, device.clone());
+        match &self.layout {
+            Layout::Hf => w.add_dir(&self.dir, hf_llava_name)?,
+            Layout::Original { vision_tower_dir } => {
+                w.add_dir(vision_tower_dir, clip_vision_name)?;
+                w.add_dir(&self.dir, original_llava_name)?;
+            }
+        }
+        Ok(w)
+    }
+
+    pub fn load_model(&self, dtype: DType, device: &Device) -> Result<Llava> {
+        Llava::load(&self.config, &self.weights(dtype, device)?)
+    }
+
+    /// The directory holding `preprocessor_config.json`: the CLIP directory in the original layout.
+    pub fn preprocessor_dir(&self) -> &Path {
+        match &self.layout {
+            Layout::Original { vision_tower_dir } if !self.dir.join("preprocessor_config.json").is_file() => {
+                vision_tower_dir
+            }
+            _ => &self.dir,
+        }
+    }
+}
+
+pub(crate) fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
+    serde_json::from_str(&text).map_err(|source| ModelError::Json { path: path.to_path_buf(), source })
+}
+
+/// A directory as given, else `org/name` looked up in the HF hub cache (`HF_HUB_CACHE`,
+/// `HF_HOME/hub`, or `~/.cache/huggingface/hub`), at `refs/main` or the only snapshot.
+pub fn resolve_model_dir(model: &str) -> Result<PathBuf> {
+    let p = Path::new(model);
+    if p.is_dir() {
+        if !p.join("config.json").is_file() {
+            return Err(ModelError::config(p, "has no config.json"));
+        }
+        return Ok(p.to_path_buf());
+    }
+    if p.exists() {
+        return Err(ModelError::config(p, "is not a directory (give the checkpoint directory)"));
+    }
+    let looks_like_id = model.split('/').count() == 2 && !model.starts_with('.') && !model.starts_with('/');
+    if looks_like_id {
+        if let Some(dir) = hub_cache_snapshot(model) {
+            return Ok(dir);
+        }
+    }
+    Err(ModelError::ModelNotFound(model.to_string()))
+}
+
+fn hub_cache_root() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("HF_HUB_CACHE") {
+        return Some(PathBuf::from(p));
+    }
+    if let Ok(p) = std::env::var("HF_HOME") {
+        return Some(PathBuf::from(p).join("hub"));
+    }
+    std::env::var("HOME").ok().map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
+}
+
+fn hub_cache_snapshot(id: &str) -> Option<PathBuf> {
+    let repo = hub_cache_root()?.join(format!("models--{}", id.replace('/', "--")));
+    let snapshots = repo.join("snapshots");
+    if let Ok(rev) = std::fs::read_to_string(repo.join("refs/main")) {
+        let dir = snapshots.join(rev.trim());
+        if dir.join("config.json").is_file() {
+            return Some(dir);
+        }
+    }
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&snapshots)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|d| d.join("config.json").is_file())
+        .collect();
+    dirs.sort();
+    if dirs.len() == 1 { dirs.pop() } else { None }
+}
+
+/// Translates a liuhaotian `config.json` (flat LLaMA fields + `mm_*`) into an HF `LlavaConfig`.
+fn original_config(dir: &Path, json: &Value, vision_tower: Option<&Path>) -> Result<(LlavaConfig, PathBuf)> {
+    let config_path = dir.join("config.json");
+    let bad = |m: String| ModelError::config(&config_path, m);
+    let mut text_config: LlamaConfig =
+        serde_json::from_value(json.clone()).map_err(|source| ModelError::Json { path: config_path.clone(), source })?;
+    text_config.model_type = "llama".into();
+    if json.get("mm_use_im_start_end").and_then(Value::as_bool) == Some(true) {
+        return Err(bad("mm_use_im_start_end = true (LLaVA v0 image start/end tokens) is not supported".into()));
+    }
+    let vision_tower_dir = match vision_tower {
+        Some(p) => p.to_path_buf(),
+        None => {
+            let name = json.get("mm_vision_tower").and_then(Value::as_str).unwrap_or("openai/clip-vit-large-patch14-336");
+            let local = if Path::new(name).is_absolute() { PathBuf::from(name) } else { dir.join(name) };
+            if local.join("config.json").is_file() {
+                local
+            } else {
+                resolve_model_dir(name).map_err(|_| {
+                    bad(format!(
+                        "mm_vision_tower `{name}` is neither a local directory nor in the local HF cache; pass --vision-tower DIR"
+                    ))
+                })?
+            }
+        }
+    };
+    let clip_path = vision_tower_dir.join("config.json");
+    let clip = read_json(&clip_path)?;
+    // A full CLIPModel config nests the tower; a CLIPVisionModel config is the tower.
+    let vision_json = clip.get("vision_config").cloned().unwrap_or(clip);
+    let vision_config: ClipVisionConfig =
+        serde_json::from_value(vision_json).map_err(|source| ModelError::Json { path: clip_path, source })?;
+    let layer = json.get("mm_vision_select_layer").and_then(Value::as_i64).unwrap_or(-2);
+    let strategy = match json.get("mm_vision_select_feature").and_then(Value::as_str).unwrap_or("patch") {
+        "patch" => SelectStrategy::Default,
+        "cls_patch" => SelectStrategy::Full,
+        other => return Err(bad(format!("mm_vision_select_feature `{other}` is not supported (patch, cls_patch)"))),
+    };
+    let projector_type = json.get("mm_projector_type").and_then(Value::as_str).unwrap_or("linear");
+    let depth = parse_projector_type(projector_type)
+        .ok_or_else(|| bad(format!("mm_projector_type `{projector_type}` is not supported (linear, mlpNx_gelu)")))?;
+    let image_token_index = text_config.vocab_size as u32;
+    let config = LlavaConfig {
+        vision_config,
+        text_config,
+        image_token_index,
+        projector_hidden_act: "gelu".into(),
+        vision_feature_select_strategy: strategy,
+        vision_feature_layer: FeatureLayer::Single(layer),
+        multimodal_projector_bias: true,
+        projector_depth: Some(depth),
+        image_aspect_ratio: json.get("image_aspect_ratio").and_then(Value::as_str).map(String::from),
+        model_type: "llava".into(),
+        architectures: None,
+    };
+    Ok((config, vision_tower_dir))
+}
+
+/// `linear` → 1, `mlp2x_gelu` → 2, `mlpNx_gelu` → N.
+fn parse_projector_type(t: &str) -> Option<usize> {
+    if t == "linear" {
+        return Some(1);
+    }
+    t.strip_prefix("mlp")?.strip_suffix("x_gelu")?.parse().ok().filter(|&n| n >= 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn projector_types() {
+        assert_eq!(parse_projector_type("linear"), Some(1));
+        assert_eq!(parse_projector_type("mlp2x_gelu"), Some(2));
+        assert_eq!(parse_projector_type("mlp3x_gelu"), Some(3));
+        assert_eq!(parse_projector_type("identity"), None);
+        assert_eq!(parse_projector_type("mlpx_gelu"), None);
+    }
+
+    #[test]
+    fn unknown_model_is_a_clear_error() {
+        let e = resolve_model_dir("no-such-org/no-such-model-xyz").expect_err("not found");
+        assert!(e.to_string().contains("no-such-org/no-such-model-xyz"));
+    }
+}

@@ -1,0 +1,368 @@
+//! Structs that mirror `config.json`, in the HF llava layout and the original liuhaotian layout.
+//!
+//! Released checkpoints omit any field equal to transformers' default (llava-1.5-7b-hf's
+//! `vision_config` gives only a handful), so every default below is transformers' own.
+
+use serde::{Deserialize, Serialize};
+
+/// `vision_feature_layer`: one hidden-state index, or several whose features are concatenated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum FeatureLayer {
+    Single(i64),
+    Many(Vec<i64>),
+}
+
+impl FeatureLayer {
+    pub fn layers(&self) -> Vec<i64> {
+        match self {
+            FeatureLayer::Single(l) => vec![*l],
+            FeatureLayer::Many(ls) => ls.clone(),
+        }
+    }
+}
+
+fn default_feature_layer() -> FeatureLayer {
+    FeatureLayer::Single(-2)
+}
+
+/// Whether the CLS position of the vision tower reaches the language model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SelectStrategy {
+    /// Patches only (the original's `patch`).
+    Default,
+    /// CLS + patches (the original's `cls_patch`).
+    Full,
+}
+
+fn default_strategy() -> SelectStrategy {
+    SelectStrategy::Default
+}
+
+/// CLIP vision tower (`CLIPVisionConfig`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClipVisionConfig {
+    #[serde(default = "d768")]
+    pub hidden_size: usize,
+    #[serde(default = "d3072")]
+    pub intermediate_size: usize,
+    #[serde(default = "d12")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "d12")]
+    pub num_attention_heads: usize,
+    #[serde(default = "d3")]
+    pub num_channels: usize,
+    #[serde(default = "d224")]
+    pub image_size: usize,
+    #[serde(default = "d32")]
+    pub patch_size: usize,
+    #[serde(default = "quick_gelu")]
+    pub hidden_act: String,
+    #[serde(default = "eps_1e5")]
+    pub layer_norm_eps: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub projection_dim: Option<usize>,
+    #[serde(default = "clip_vision_type")]
+    pub model_type: String,
+}
+
+impl ClipVisionConfig {
+    pub fn num_patches(&self) -> usize {
+        let side = self.image_size / self.patch_size;
+        side * side
+    }
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+}
+
+/// `rope_scaling` (transformers 4.x) or `rope_parameters` (5.x).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RopeParameters {
+    #[serde(default, alias = "type", skip_serializing_if = "Option::is_none")]
+    pub rope_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub factor: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+}
+
+/// `eos_token_id` is an int in LLaMA configs and a list in some newer ones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    pub fn ids(&self) -> Vec<u32> {
+        match self {
+            TokenIds::One(i) => vec![*i],
+            TokenIds::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// The LLaMA/Vicuna language model (`LlamaConfig`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    #[serde(default = "d32000")]
+    pub vocab_size: usize,
+    #[serde(default = "d4096")]
+    pub hidden_size: usize,
+    #[serde(default = "d11008")]
+    pub intermediate_size: usize,
+    #[serde(default = "d32")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "d32")]
+    pub num_attention_heads: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    #[serde(default = "silu")]
+    pub hidden_act: String,
+    #[serde(default = "d2048")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "eps_1e6")]
+    pub rms_norm_eps: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeParameters>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<RopeParameters>,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_token_id: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<TokenIds>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_token_id: Option<u32>,
+    #[serde(default = "llama_type")]
+    pub model_type: String,
+}
+
+/// How positions are rescaled before the rotary embedding.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rope {
+    pub theta: f64,
+    /// Linear position interpolation: positions are divided by this.
+    pub linear_factor: f64,
+}
+
+impl LlamaConfig {
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+    /// Resolves `rope_theta` given flat or under `rope_parameters`, and the scaling kind.
+    pub fn rope(&self) -> Result<Rope, String> {
+        let params = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref());
+        let theta = params
+            .and_then(|p| p.rope_theta)
+            .or(self.rope_theta)
+            .unwrap_or(10000.0);
+        let kind = params.and_then(|p| p.rope_type.clone()).unwrap_or_else(|| "default".into());
+        let linear_factor = match kind.as_str() {
+            "default" => 1.0,
+            "linear" => params.and_then(|p| p.factor).ok_or("rope scaling `linear` needs a `factor`")?,
+            other => return Err(format!("rope scaling type `{other}` is not supported (supported: default, linear)")),
+        };
+        Ok(Rope { theta, linear_factor })
+    }
+    pub fn eos_ids(&self) -> Vec<u32> {
+        self.eos_token_id.as_ref().map(|e| e.ids()).unwrap_or_else(|| vec![2])
+    }
+}
+
+/// The projector between vision features and word embeddings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProjectorConfig {
+    /// Number of linear layers: 1 for v1's `linear`, 2 for 1.5's `mlp2x_gelu`.
+    pub depth: usize,
+    pub hidden_act: String,
+    pub bias: bool,
+}
+
+/// HF `LlavaConfig`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlavaConfig {
+    pub vision_config: ClipVisionConfig,
+    pub text_config: LlamaConfig,
+    #[serde(default = "d32000_u32", alias = "image_token_id")]
+    pub image_token_index: u32,
+    #[serde(default = "gelu")]
+    pub projector_hidden_act: String,
+    #[serde(default = "default_strategy")]
+    pub vision_feature_select_strategy: SelectStrategy,
+    #[serde(default = "default_feature_layer")]
+    pub vision_feature_layer: FeatureLayer,
+    #[serde(default = "yes")]
+    pub multimodal_projector_bias: bool,
+    /// Not an HF field: the original layout's `mlpNx_gelu` depth. HF projectors are depth 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub projector_depth: Option<usize>,
+    /// The original layout's `image_aspect_ratio` (`pad` for 1.5): the default preprocessing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_aspect_ratio: Option<String>,
+    #[serde(default = "llava_type")]
+    pub model_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architectures: Option<Vec<String>>,
+}
+
+impl LlavaConfig {
+    pub fn projector(&self) -> ProjectorConfig {
+        ProjectorConfig {
+            depth: self.projector_depth.unwrap_or(2),
+            hidden_act: self.projector_hidden_act.clone(),
+            bias: self.multimodal_projector_bias,
+        }
+    }
+
+    /// The feature width entering the projector: concatenated layers widen it.
+    pub fn projector_input_size(&self) -> usize {
+        self.vision_config.hidden_size * self.vision_feature_layer.layers().len()
+    }
+
+    /// How many embedding positions one image occupies in the language model's input.
+    pub fn image_seq_len(&self) -> usize {
+        let n = self.vision_config.num_patches();
+        match self.vision_feature_select_strategy {
+            SelectStrategy::Default => n,
+            SelectStrategy::Full => n + 1,
+        }
+    }
+
+    /// Checks what the config implies before any weight is read, so errors name the field.
+    pub fn validate(&self) -> Result<(), String> {
+        let v = &self.vision_config;
+        let t = &self.text_config;
+        if v.patch_size == 0 || v.image_size % v.patch_size != 0 {
+            return Err(format!(
+                "vision_config.image_size {} is not a multiple of patch_size {}",
+                v.image_size, v.patch_size
+            ));
+        }
+        if v.num_attention_heads == 0 || v.hidden_size % v.num_attention_heads != 0 {
+            return Err("vision_config.hidden_size is not a multiple of num_attention_heads".into());
+        }
+        if !matches!(v.hidden_act.as_str(), "quick_gelu" | "gelu" | "gelu_new" | "gelu_pytorch_tanh") {
+            return Err(format!("vision_config.hidden_act `{}` is not supported", v.hidden_act));
+        }
+        let n_layers = v.num_hidden_layers as i64;
+        for l in self.vision_feature_layer.layers() {
+            if l < -(n_layers + 1) || l > n_layers {
+                return Err(format!(
+                    "vision_feature_layer {l} is out of range for {n_layers} vision layers"
+                ));
+            }
+        }
+        if !matches!(t.model_type.as_str(), "llama" | "mistral" | "vicuna" | "llava_llama") {
+            return Err(format!(
+                "text_config.model_type `{}` is not supported (supported: llama)",
+                t.model_type
+            ));
+        }
+        if t.hidden_act != "silu" {
+            return Err(format!("text_config.hidden_act `{}` is not supported (supported: silu)", t.hidden_act));
+        }
+        if t.num_attention_heads == 0 || t.num_kv_heads() == 0 || t.num_attention_heads % t.num_kv_heads() != 0 {
+            return Err("text_config.num_attention_heads is not a multiple of num_key_value_heads".into());
+        }
+        if t.head_dim() % 2 != 0 {
+            return Err("text_config head_dim must be even for rotary embeddings".into());
+        }
+        t.rope().map_err(|e| format!("text_config: {e}"))?;
+        if !matches!(self.projector_hidden_act.as_str(), "gelu" | "gelu_new" | "gelu_pytorch_tanh" | "relu" | "silu" | "quick_gelu") {
+            return Err(format!("projector_hidden_act `{}` is not supported", self.projector_hidden_act));
+        }
+        Ok(())
+    }
+}
+
+fn d3() -> usize { 3 }
+fn d12() -> usize { 12 }
+fn d32() -> usize { 32 }
+fn d224() -> usize { 224 }
+fn d768() -> usize { 768 }
+fn d2048() -> usize { 2048 }
+fn d3072() -> usize { 3072 }
+fn d4096() -> usize { 4096 }
+fn d11008() -> usize { 11008 }
+fn d32000() -> usize { 32000 }
+fn d32000_u32() -> u32 { 32000 }
+fn eps_1e5() -> f64 { 1e-5 }
+fn eps_1e6() -> f64 { 1e-6 }
+fn yes() -> bool { true }
+fn quick_gelu() -> String { "quick_gelu".into() }
+fn gelu() -> String { "gelu".into() }
+fn silu() -> String { "silu".into() }
+fn llama_type() -> String { "llama".into() }
+fn llava_type() -> String { "llava".into() }
+fn clip_vision_type() -> String { "clip_vision_model".into() }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_hub_config_takes_transformers_defaults() {
+        // The shape of llava-hf/llava-1.5-7b-hf's config.json: most fields left to defaults.
+        let json = r#"{
+          "architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100,
+          "image_token_index": 32000, "model_type": "llava", "pad_token_id": 32001,
+          "projector_hidden_act": "gelu",
+          "text_config": {"architectures": ["LlamaForCausalLM"], "max_position_embeddings": 4096,
+            "model_type": "llama", "rms_norm_eps": 1e-05, "torch_dtype": "float16", "vocab_size": 32064},
+          "tie_word_embeddings": false, "torch_dtype": "float16",
+          "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+            "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
+            "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
+          "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064
+        }"#;
+        let c: LlavaConfig = serde_json::from_str(json).expect("parses");
+        c.validate().expect("valid");
+        assert_eq!(c.text_config.hidden_size, 4096);
+        assert_eq!(c.text_config.num_kv_heads(), 32);
+        assert_eq!(c.text_config.head_dim(), 128);
+        assert_eq!(c.vision_config.hidden_act, "quick_gelu");
+        assert_eq!(c.image_seq_len(), 576);
+        assert_eq!(c.projector().depth, 2);
+        assert_eq!(c.text_config.rope().expect("rope"), Rope { theta: 10000.0, linear_factor: 1.0 });
+    }
+
+    #[test]
+    fn rope_parameters_and_list_feature_layers() {
+        let json = r#"{"vision_config": {"num_hidden_layers": 4}, "text_config": {
+            "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0}},
+            "image_token_id": 7, "vision_feature_layer": [-2, -1], "vision_feature_select_strategy": "full"}"#;
+        let c: LlavaConfig = serde_json::from_str(json).expect("parses");
+        c.validate().expect("valid");
+        assert_eq!(c.image_token_index, 7);
+        assert_eq!(c.projector_input_size(), 2 * 768);
+        assert_eq!(c.text_config.rope().expect("rope"), Rope { theta: 500000.0, linear_factor: 2.0 });
+        assert_eq!(c.image_seq_len(), 50);
+    }
+
+    #[test]
+    fn unsupported_values_are_named() {
+        let json = r#"{"vision_config": {}, "text_config": {"rope_scaling": {"type": "yarn", "factor": 4.0}}}"#;
+        let c: LlavaConfig = serde_json::from_str(json).expect("parses");
+        let e = c.validate().expect_err("yarn is unsupported");
+        assert!(e.contains("yarn"), "{e}");
+        let json = r#"{"vision_config": {}, "text_config": {}, "vision_feature_layer": -20}"#;
+        let c: LlavaConfig = serde_json::from_str(json).expect("parses");
+        assert!(c.validate().expect_err("out of range").contains("vision_feature_layer"));
+    }
+}

@@ -1,0 +1,201 @@
+//! Decoding: greedy or sampled (temperature, top-k, top-p, seed), one token at a time over the
+//! KV cache. Stop strings need detokenisation, so the caller decides when to stop.
+
+use std::ops::ControlFlow;
+
+use candle_core::{DType, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::error::{ModelError, Result};
+use crate::language_model::KvCache;
+use crate::llava::Llava;
+use crate::nn::Mode;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f64,
+    /// 1.0 disables nucleus filtering.
+    pub top_p: f64,
+    /// 0 disables top-k filtering.
+    pub top_k: usize,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 }
+    }
+}
+
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Result<Self> {
+        if !(params.temperature >= 0.0) || !(params.top_p > 0.0 && params.top_p <= 1.0) {
+            return Err(ModelError::Input(format!(
+                "temperature must be >= 0 and top_p in (0, 1]; got temperature {} and top_p {}",
+                params.temperature, params.top_p
+            )));
+        }
+        let rng = StdRng::seed_from_u64(params.seed);
+        Ok(Self { params, rng })
+    }
+
+    /// Picks the next token from one position's logits (`[vocab]`).
+    pub fn sample(&mut self, logits: &Tensor) -> Result<u32> {
+        let logits: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
+        if logits.is_empty() {
+            return Err(ModelError::Input("empty logits".into()));
+        }
+        if self.params.temperature == 0.0 {
+            return Ok(argmax(&logits));
+        }
+        // Softmax at temperature, then keep the top-k and the smallest nucleus of mass top_p.
+        let t = self.params.temperature as f32;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut probs: Vec<(u32, f32)> =
+            logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) / t).exp())).collect();
+        probs.sort_by(|a, b| b.1.total_cmp(&a.1));
+        if self.params.top_k > 0 {
+            probs.truncate(self.params.top_k);
+        }
+        let total: f32 = probs.iter().map(|p| p.1).sum();
+        if self.params.top_p < 1.0 {
+            let mut mass = 0.0;
+            let mut keep = 0;
+            for p in &probs {
+                keep += 1;
+                mass += p.1 / total;
+                if mass >= self.params.top_p as f32 {
+                    break;
+                }
+            }
+            probs.truncate(keep.max(1));
+        }
+        let total: f32 = probs.iter().map(|p| p.1).sum();
+        let mut r = self.rng.random::<f32>() * total;
+        for &(id, p) in &probs {
+            if r < p {
+                return Ok(id);
+            }
+            r -= p;
+        }
+        Ok(probs.last().map(|p| p.0).unwrap_or(0))
+    }
+}
+
+/// Index of the largest value; the first on ties, as `torch.argmax` does.
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// What one generation call measured.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationStats {
+    pub prompt_tokens: usize,
+    pub vision_ms: f64,
+    pub prefill_ms: f64,
+    pub decode_ms: f64,
+    pub generated: usize,
+}
+
+impl GenerationStats {
+    pub fn decode_tok_s(&self) -> f64 {
+        // The first token comes out of prefill; decode speed counts the steps after it.
+        let steps = self.generated.saturating_sub(1);
+        if self.decode_ms > 0.0 { steps as f64 / (self.decode_ms / 1000.0) } else { 0.0 }
+    }
+}
+
+/// Runs prefill on one prompt and then decodes up to `max_new_tokens`, calling `on_token` with
+/// each new id; it stops early when `on_token` breaks or an id in `eos` is produced (the EOS id
+/// is passed to `on_token` too, then generation ends).
+pub fn generate(
+    model: &Llava,
+    input_ids: &[u32],
+    pixel_values: Option<&Tensor>,
+    sampler: &mut Sampler,
+    max_new_tokens: usize,
+    eos: &[u32],
+    mut on_token: impl FnMut(u32) -> ControlFlow<()>,
+) -> Result<(Vec<u32>, GenerationStats)> {
+    let mut stats = GenerationStats { prompt_tokens: input_ids.len(), ..Default::default() };
+    let mut tokens = Vec::new();
+    if max_new_tokens == 0 {
+        return Ok((tokens, stats));
+    }
+    let clock = std::time::Instant::now();
+    let features = match pixel_values {
+        Some(p) => Some(model.get_image_features(p, Mode::Infer)?),
+        None => None,
+    };
+    stats.vision_ms = clock.elapsed().as_secs_f64() * 1000.0;
+
+    let clock = std::time::Instant::now();
+    let mut cache = KvCache::new();
+    let ids = [input_ids.to_vec()];
+    let embeds = model.embed(&ids, features.as_ref())?;
+    let hidden = model.language_model.forward(&embeds, None, &mut cache, Mode::Infer)?;
+    let last = hidden.narrow(1, input_ids.len() - 1, 1)?;
+    let mut logits = model.language_model.logits(&last)?.flatten_all()?;
+    stats.prefill_ms = clock.elapsed().as_secs_f64() * 1000.0;
+
+    let clock = std::time::Instant::now();
+    loop {
+        let next = sampler.sample(&logits)?;
+        tokens.push(next);
+        let flow = on_token(next);
+        if flow.is_break() || eos.contains(&next) || tokens.len() >= max_new_tokens {
+            break;
+        }
+        let embeds = model.language_model.embed(&[vec![next]])?;
+        let hidden = model.language_model.forward(&embeds, None, &mut cache, Mode::Infer)?;
+        logits = model.language_model.logits(&hidden)?.flatten_all()?;
+    }
+    stats.decode_ms = clock.elapsed().as_secs_f64() * 1000.0;
+    stats.generated = tokens.len();
+    Ok((tokens, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_first_maximum() {
+        assert_eq!(argmax(&[0.1, 3.0, 3.0, -1.0]), 1);
+    }
+
+    #[test]
+    fn sampling_is_seeded_and_respects_top_k() {
+        let logits = Tensor::new(&[1.0f32, 2.0, 3.0, 4.0], &candle_core::Device::Cpu).expect("tensor");
+        let params = SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 2, seed: 7 };
+        let draw = |p: &SamplingParams| -> Vec<u32> {
+            let mut s = Sampler::new(p.clone()).expect("sampler");
+            (0..50).map(|_| s.sample(&logits).expect("sample")).collect()
+        };
+        let a = draw(&params);
+        assert_eq!(a, draw(&params), "same seed, same draws");
+        assert!(a.iter().all(|&t| t == 2 || t == 3), "top-k 2 keeps only the two best: {a:?}");
+        assert!(a.contains(&2) && a.contains(&3));
+        let nucleus = SamplingParams { top_k: 0, top_p: 0.5, ..params };
+        assert!(draw(&nucleus).iter().all(|&t| t == 3), "p(4th)=0.64 alone covers top_p 0.5");
+    }
+
+    #[test]
+    fn bad_params_are_rejected() {
+        assert!(Sampler::new(SamplingParams { temperature: -1.0, ..Default::default() }).is_err());
+        assert!(Sampler::new(SamplingParams { top_p: 0.0, ..Default::default() }).is_err());
+    }
+}

@@ -1,0 +1,279 @@
+//! The LLaMA/Vicuna decoder `f_φ`: RMSNorm, rotary position embeddings, grouped-query
+//! attention, SwiGLU MLP, and a KV cache for decoding.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{LlamaConfig, Rope};
+use crate::error::{ModelError, Result};
+use crate::nn::{Linear, Mode, RmsNorm, rope, softmax_last_dim};
+use crate::weights::WeightsView;
+
+/// Keys and values of every layer for the positions seen so far: `[batch, kv_heads, seq, head_dim]`.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// The attention mask over cached positions (1 = real token), kept for padded batches.
+    mask: Option<Tensor>,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn seq_len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.dim(2).unwrap_or(0))
+            .unwrap_or(0)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(w: &WeightsView, c: &LlamaConfig) -> Result<Self> {
+        let (h, d) = (c.hidden_size, c.head_dim());
+        let (nh, nkv) = (c.num_attention_heads, c.num_kv_heads());
+        let bias = c.attention_bias;
+        Ok(Self {
+            q_proj: Linear::load(&w.pp("q_proj"), h, nh * d, bias)?,
+            k_proj: Linear::load(&w.pp("k_proj"), h, nkv * d, bias)?,
+            v_proj: Linear::load(&w.pp("v_proj"), h, nkv * d, bias)?,
+            o_proj: Linear::load(&w.pp("o_proj"), nh * d, h, bias)?,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: d,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        mask: Option<&Tensor>,
+        cache: &mut Option<(Tensor, Tensor)>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x)?.reshape((b, s, nh, d))?.transpose(1, 2)?;
+        let k = self.k_proj.forward(x)?.reshape((b, s, nkv, d))?.transpose(1, 2)?;
+        let v = self.v_proj.forward(x)?.reshape((b, s, nkv, d))?.transpose(1, 2)?.contiguous()?;
+        let q = rope(&q, cos, sin, mode)?;
+        let k = rope(&k, cos, sin, mode)?;
+        let (k, v) = match cache.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        *cache = Some((k.clone(), v.clone()));
+        let t = k.dim(2)?;
+        // Grouped-query attention without copying K/V: the n_rep query heads that share a KV
+        // head are stacked along the sequence axis (head h reads KV head h / n_rep, as HF's
+        // repeat_kv does).
+        let n_rep = nh / nkv;
+        let q = (q.contiguous()? * (d as f64).powf(-0.5))?.reshape((b, nkv, n_rep * s, d))?;
+        let scores = q.matmul(&k.t()?)?.reshape((b, nh, s, t))?;
+        let scores = match mask {
+            Some(m) => scores.to_dtype(DType::F32)?.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = softmax_last_dim(&scores, mode)?.to_dtype(v.dtype())?;
+        let out = probs.reshape((b, nkv, n_rep * s, t))?.matmul(&v)?.reshape((b, nh, s, d))?;
+        let out = out.transpose(1, 2)?.reshape((b, s, nh * d))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(w: &WeightsView, c: &LlamaConfig) -> Result<Self> {
+        let (h, i, bias) = (c.hidden_size, c.intermediate_size, c.mlp_bias);
+        Ok(Self {
+            gate_proj: Linear::load(&w.pp("gate_proj"), h, i, bias)?,
+            up_proj: Linear::load(&w.pp("up_proj"), h, i, bias)?,
+            down_proj: Linear::load(&w.pp("down_proj"), i, h, bias)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?.silu()?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    fn load(w: &WeightsView, c: &LlamaConfig) -> Result<Self> {
+        Ok(Self {
+            self_attn: Attention::load(&w.pp("self_attn"), c)?,
+            mlp: Mlp::load(&w.pp("mlp"), c)?,
+            input_layernorm: RmsNorm::load(&w.pp("input_layernorm"), c.hidden_size, c.rms_norm_eps)?,
+            post_attention_layernorm: RmsNorm::load(&w.pp("post_attention_layernorm"), c.hidden_size, c.rms_norm_eps)?,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LlamaModel {
+    pub embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    pub lm_head: Linear,
+    rope: Rope,
+    head_dim: usize,
+    pub config: LlamaConfig,
+}
+
+impl LlamaModel {
+    /// `w` is the decoder (`language_model`); `lm_head` sits beside it in every layout.
+    pub fn load(w: &WeightsView, lm_head: &WeightsView, c: &LlamaConfig) -> Result<Self> {
+        let embed_tokens = w.get("embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| DecoderLayer::load(&w.pp(format!("layers.{i}")), c))
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = if c.tie_word_embeddings && !lm_head.contains("weight") {
+            Linear { weight: embed_tokens.clone(), bias: None }
+        } else {
+            Linear::load(lm_head, c.hidden_size, c.vocab_size, false)?
+        };
+        let rope = c.rope().map_err(ModelError::Input)?;
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm: RmsNorm::load(&w.pp("norm"), c.hidden_size, c.rms_norm_eps)?,
+            lm_head,
+            rope,
+            head_dim: c.head_dim(),
+            config: c.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    /// Word embeddings for `ids` (`[batch, seq]`); ids outside the vocabulary (image
+    /// placeholders) embed as token 0, since the caller overwrites those positions.
+    pub fn embed(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
+        let b = ids.len();
+        let s = ids.first().map(Vec::len).unwrap_or(0);
+        let vocab = self.config.vocab_size as u32;
+        let flat: Vec<u32> = ids.iter().flatten().map(|&i| if i < vocab { i } else { 0 }).collect();
+        let idx = Tensor::from_vec(flat, b * s, self.device())?;
+        Ok(self.embed_tokens.index_select(&idx, 0)?.reshape((b, s, self.config.hidden_size))?)
+    }
+
+    /// cos/sin for positions `offset..offset+len`, computed in f32 as transformers does.
+    fn rotary(&self, offset: usize, len: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let d = self.head_dim;
+        let inv_freq: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0 / (self.rope.theta as f32).powf((2 * i) as f32 / d as f32) / self.rope.linear_factor as f32)
+            .collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, d / 2), self.device())?;
+        let pos: Vec<f32> = (offset..offset + len).map(|p| p as f32).collect();
+        let pos = Tensor::from_vec(pos, (len, 1), self.device())?;
+        let freqs = pos.broadcast_mul(&inv_freq)?;
+        Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+    }
+
+    /// Runs the decoder over `embeds` (`[batch, seq, hidden]`) after the cached positions.
+    ///
+    /// `attention_mask` (`[batch, seq]`, 1 = token, 0 = padding) covers the new positions; the
+    /// cache remembers earlier ones. Returns the final-normed hidden states.
+    pub fn forward(
+        &self,
+        embeds: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let (b, s, _) = embeds.dims3()?;
+        let past = cache.seq_len();
+        if past + s > self.config.max_position_embeddings {
+            return Err(ModelError::Input(format!(
+                "the sequence ({} tokens) is longer than the model's context (max_position_embeddings = {})",
+                past + s,
+                self.config.max_position_embeddings
+            )));
+        }
+        if cache.layers.len() != self.layers.len() {
+            cache.layers = vec![None; self.layers.len()];
+        }
+        let full_mask = match (attention_mask, cache.mask.take()) {
+            (Some(m), Some(prev)) => Some(Tensor::cat(&[&prev, &m.to_dtype(DType::U8)?], 1)?),
+            (Some(m), None) => Some(m.to_dtype(DType::U8)?),
+            (None, Some(prev)) => Some(Tensor::cat(&[&prev, &Tensor::ones((b, s), DType::U8, self.device())?], 1)?),
+            (None, None) => None,
+        };
+        let bias = attention_bias(b, s, past, full_mask.as_ref(), self.device())?;
+        cache.mask = full_mask;
+        let (cos, sin) = self.rotary(past, s, embeds.dtype())?;
+        let mut x = embeds.clone();
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let h = layer.input_layernorm.forward(&x, mode)?;
+            let h = layer.self_attn.forward(&h, (&cos, &sin), bias.as_ref(), kv, mode)?;
+            let x1 = (x + h)?;
+            let h = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x1, mode)?)?;
+            x = (x1 + h)?;
+        }
+        self.norm.forward(&x, mode)
+    }
+
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(hidden)
+    }
+}
+
+/// The additive attention bias `[batch, 1, seq, past+seq]` in f32: 0 where a query may look,
+/// a large negative number where the key is in its future or is padding. `None` when nothing
+/// is masked (a single new token without padding).
+fn attention_bias(b: usize, s: usize, past: usize, mask: Option<&Tensor>, dev: &Device) -> Result<Option<Tensor>> {
+    // Finite, so that a row that masks everything (a padding query) stays NaN-free.
+    const NEG: f32 = -1e30;
+    let t = past + s;
+    let pad: Option<Vec<Vec<u8>>> = match mask {
+        Some(m) => Some(m.to_vec2::<u8>()?),
+        None => None,
+    };
+    let has_padding = pad.as_ref().is_some_and(|p| p.iter().flatten().any(|&v| v == 0));
+    if s == 1 && !has_padding {
+        return Ok(None);
+    }
+    let mut data = vec![0f32; b * s * t];
+    for bi in 0..b {
+        for i in 0..s {
+            for j in 0..t {
+                let future = j > past + i;
+                let padded = pad.as_ref().is_some_and(|p| p[bi][j] == 0);
+                if future || padded {
+                    data[(bi * s + i) * t + j] = NEG;
+                }
+            }
+        }
+    }
+    Ok(Some(Tensor::from_vec(data, (b, 1, s, t), dev)?))
+}

@@ -1,0 +1,22 @@
+//! The LLaVA model: CLIP vision tower → projector → LLaMA, on candle, with weights in the HF
+//! llava layout or the original liuhaotian layout. One model serves inference and training.
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod generation;
+pub mod init;
+pub mod language_model;
+pub mod llava;
+pub mod nn;
+pub mod pipeline;
+pub mod projector;
+pub mod save;
+pub mod vision_tower;
+pub mod weights;
+
+pub use candle_core::{DType, Device, Tensor};
+pub use checkpoint::{Checkpoint, Layout};
+pub use config::LlavaConfig;
+pub use error::{ModelError, Result};
+pub use llava::Llava;

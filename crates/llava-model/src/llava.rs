@@ -1,0 +1,123 @@
+//! LLaVA: `H_v = W · g(X_v)`, spliced into the word embeddings of the prompt at every
+//! `image_token_index` position, then decoded by `f_φ`.
+
+use candle_core::{D, Tensor};
+
+use crate::config::{LlavaConfig, SelectStrategy};
+use crate::error::{ModelError, Result};
+use crate::language_model::{KvCache, LlamaModel};
+use crate::nn::Mode;
+use crate::projector::MultiModalProjector;
+use crate::vision_tower::{ClipVisionTower, layers_needed};
+use crate::weights::Weights;
+
+#[derive(Debug, Clone)]
+pub struct Llava {
+    pub vision_tower: ClipVisionTower,
+    pub multi_modal_projector: MultiModalProjector,
+    pub language_model: LlamaModel,
+    pub config: LlavaConfig,
+}
+
+impl Llava {
+    /// Builds the model from canonical weight names (see [`crate::weights`]).
+    pub fn load(config: &LlavaConfig, weights: &Weights) -> Result<Self> {
+        config.validate().map_err(ModelError::Input)?;
+        let layers = config.vision_feature_layer.layers();
+        let vision_tower = ClipVisionTower::load(
+            &weights.pp("vision_tower"),
+            &config.vision_config,
+            layers_needed(&config.vision_config, &layers),
+        )?;
+        let multi_modal_projector = MultiModalProjector::load(
+            &weights.pp("multi_modal_projector"),
+            &config.projector(),
+            config.projector_input_size(),
+            config.text_config.hidden_size,
+        )?;
+        let language_model =
+            LlamaModel::load(&weights.pp("language_model"), &weights.pp("lm_head"), &config.text_config)?;
+        Ok(Self { vision_tower, multi_modal_projector, language_model, config: config.clone() })
+    }
+
+    /// `pixel_values` `[n_images, 3, H, W]` → projected features `[n_images, image_seq_len, hidden]`.
+    pub fn get_image_features(&self, pixel_values: &Tensor, mode: Mode) -> Result<Tensor> {
+        let layers = self.config.vision_feature_layer.layers();
+        let features = self.vision_tower.hidden_states(pixel_values, &layers, mode)?;
+        let features = match self.config.vision_feature_select_strategy {
+            SelectStrategy::Default => features.narrow(1, 1, features.dim(1)? - 1)?,
+            SelectStrategy::Full => features,
+        };
+        self.multi_modal_projector.forward(&features)
+    }
+
+    /// Input embeddings with `image_features` (`[n_images, seq, hidden]`, in order) placed at the
+    /// image-token positions of `input_ids`.
+    pub fn embed(&self, input_ids: &[Vec<u32>], image_features: Option<&Tensor>) -> Result<Tensor> {
+        let text = self.language_model.embed(input_ids)?;
+        let image_token = self.config.image_token_index;
+        let positions: usize = input_ids.iter().flatten().filter(|&&i| i == image_token).count();
+        let Some(features) = image_features else {
+            if positions > 0 {
+                return Err(ModelError::Input(format!(
+                    "the prompt has {positions} image tokens but no image was given"
+                )));
+            }
+            return Ok(text);
+        };
+        let hidden = features.dim(D::Minus1)?;
+        let features = features.reshape(((), hidden))?;
+        let n_features = features.dim(0)?;
+        if positions != n_features {
+            return Err(ModelError::Input(format!(
+                "the prompt has {positions} image tokens but the images give {n_features} features"
+            )));
+        }
+        // Gather rows from [text embeddings; image features]: position p takes its own text row,
+        // or the next image-feature row if it is an image token. Gathering keeps both inputs
+        // differentiable, which a mutating scatter would not.
+        let (b, s) = (input_ids.len(), input_ids.first().map(Vec::len).unwrap_or(0));
+        let mut next_feature = 0u32;
+        let mut index = Vec::with_capacity(b * s);
+        for (p, &id) in input_ids.iter().flatten().enumerate() {
+            if id == image_token {
+                index.push((b * s) as u32 + next_feature);
+                next_feature += 1;
+            } else {
+                index.push(p as u32);
+            }
+        }
+        let index = Tensor::from_vec(index, b * s, text.device())?;
+        let rows = Tensor::cat(&[&text.reshape((b * s, hidden))?, &features.to_dtype(text.dtype())?], 0)?;
+        Ok(rows.index_select(&index, 0)?.reshape((b, s, hidden))?)
+    }
+
+    /// Full forward pass; returns final hidden states `[batch, seq, hidden]`. Apply
+    /// [`LlamaModel::logits`] to the positions whose logits are needed.
+    pub fn forward(
+        &self,
+        input_ids: &[Vec<u32>],
+        pixel_values: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        check_rectangular(input_ids)?;
+        let features = match pixel_values {
+            Some(p) => Some(self.get_image_features(p, mode)?),
+            None => None,
+        };
+        let embeds = self.embed(input_ids, features.as_ref())?;
+        self.language_model.forward(&embeds, attention_mask, cache, mode)
+    }
+}
+
+fn check_rectangular(ids: &[Vec<u32>]) -> Result<()> {
+    let Some(first) = ids.first() else {
+        return Err(ModelError::Input("empty batch".into()));
+    };
+    if first.is_empty() || ids.iter().any(|r| r.len() != first.len()) {
+        return Err(ModelError::Input("input_ids rows must be non-empty and of equal length (pad them)".into()));
+    }
+    Ok(())
+}

@@ -1,0 +1,158 @@
+//! Building blocks shared by the vision tower, projector and language model.
+//!
+//! candle's fused `softmax_last_dim`, `rms_norm`, `layer_norm` and `rope` kernels are fast but
+//! have no backward pass: on a trainable path they silently cut the gradient. Every block here
+//! therefore takes a [`Mode`]; `Mode::Train` picks the composite formulation that autograd can
+//! differentiate, `Mode::Infer` the fused kernel.
+
+use candle_core::{D, DType, Module, Tensor};
+
+use crate::error::{ModelError, Result};
+use crate::weights::WeightsView;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    #[default]
+    Infer,
+    Train,
+}
+
+/// `nn.Linear`: `y = x Wᵀ + b`, for inputs of any rank.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(w: &WeightsView, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = w.get("weight", &[out_dim, in_dim])?;
+        let bias = if bias { Some(w.get("bias", &[out_dim])?) } else { None };
+        Ok(Self { weight, bias })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // One 2-D matmul over all leading dims: faster than a broadcast batched matmul.
+        let dims = x.dims();
+        let in_dim = dims[dims.len() - 1];
+        let lead: usize = dims[..dims.len() - 1].iter().product();
+        let y = x.reshape((lead, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims.to_vec();
+        out_dims[dims.len() - 1] = self.weight.dim(0)?;
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// `LlamaRMSNorm`: normalised in f32, scaled in the input dtype, as transformers does.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn load(w: &WeightsView, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self { weight: w.get("weight", &[dim])?, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        match mode {
+            Mode::Infer => Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32)?),
+            Mode::Train => {
+                let dtype = x.dtype();
+                let xf = x.to_dtype(DType::F32)?;
+                let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+                let normed = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+                Ok(normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?)
+            }
+        }
+    }
+}
+
+/// `nn.LayerNorm` with affine weight and bias.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(w: &WeightsView, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self { weight: w.get("weight", &[dim])?, bias: w.get("bias", &[dim])?, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        match mode {
+            Mode::Infer => Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)?),
+            Mode::Train => {
+                let dtype = x.dtype();
+                let xf = x.to_dtype(DType::F32)?;
+                let mean = xf.mean_keepdim(D::Minus1)?;
+                let centred = xf.broadcast_sub(&mean)?;
+                let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+                let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+                Ok(normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+            }
+        }
+    }
+}
+
+/// Softmax over the last dim, computed in f32 as transformers' attention does.
+pub fn softmax_last_dim(x: &Tensor, mode: Mode) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let y = match mode {
+        Mode::Infer => candle_nn::ops::softmax_last_dim(&xf.contiguous()?)?,
+        Mode::Train => candle_nn::ops::softmax(&xf, D::Minus1)?,
+    };
+    Ok(y.to_dtype(dtype)?)
+}
+
+/// Rotary embedding, "rotate half" convention (LLaMA in HF layout). `cos`/`sin`: `[seq, dim/2]`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, mode: Mode) -> Result<Tensor> {
+    match mode {
+        Mode::Infer => Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?),
+        Mode::Train => Ok(candle_nn::rotary_emb::rope_slow(x, cos, sin)?),
+    }
+}
+
+/// The activations named in configs (`hidden_act`, `projector_hidden_act`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// Exact erf GELU: transformers' `gelu`.
+    Gelu,
+    /// tanh approximation: `gelu_new` / `gelu_pytorch_tanh`.
+    GeluTanh,
+    QuickGelu,
+    Silu,
+    Relu,
+}
+
+impl Activation {
+    pub fn from_name(name: &str) -> Result<Self> {
+        Ok(match name {
+            "gelu" => Self::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" => Self::GeluTanh,
+            "quick_gelu" => Self::QuickGelu,
+            "silu" | "swish" => Self::Silu,
+            "relu" => Self::Relu,
+            other => return Err(ModelError::Input(format!("activation `{other}` is not supported"))),
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Gelu => x.gelu_erf()?,
+            Self::GeluTanh => x.gelu()?,
+            // x·σ(1.702x), written out so that it has a backward pass.
+            Self::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
+            Self::Silu => candle_nn::Activation::Silu.forward(x)?,
+            Self::Relu => x.relu()?,
+        })
+    }
+}

@@ -1,0 +1,280 @@
+//! A checkpoint ready to answer: model, tokenizer, prompt template and image processor loaded
+//! together, with the steps from a conversation to generated text. `llava generate`, `llava
+//! chat` and `llava eval answer` all go through here, so they produce the same text.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use llava_data::conversation::{ConvTemplate, Message};
+use llava_data::image::{ImageAspectRatio, ImageProcessor, PixelValues, PreprocessorConfig};
+use llava_data::prompt::PromptTemplate;
+use llava_data::tokenizer::{ImageTokens, StreamDecoder, Tokenizer};
+
+use crate::checkpoint::{Checkpoint, Layout};
+use crate::error::{ModelError, Result};
+use crate::generation::{GenerationStats, Sampler, SamplingParams, generate};
+use crate::llava::Llava;
+
+#[derive(Debug, Clone)]
+pub struct PipelineOptions {
+    /// A checkpoint directory or a hub id in the local cache.
+    pub model: String,
+    /// The original layout's CLIP directory, when `mm_vision_tower` does not resolve.
+    pub vision_tower: Option<PathBuf>,
+    pub dtype: DType,
+    pub device: Device,
+    /// A named template instead of the checkpoint's chat template.
+    pub template: Option<String>,
+    /// Overrides the checkpoint's aspect-ratio handling.
+    pub image_aspect_ratio: Option<ImageAspectRatio>,
+}
+
+impl PipelineOptions {
+    pub fn new(model: impl Into<String>) -> Self {
+        Self {
+            model: model.into(),
+            vision_tower: None,
+            dtype: DType::F32,
+            device: Device::Cpu,
+            template: None,
+            image_aspect_ratio: None,
+        }
+    }
+}
+
+pub struct Pipeline {
+    pub checkpoint: Checkpoint,
+    pub model: Llava,
+    pub tokenizer: Tokenizer,
+    pub template: PromptTemplate,
+    pub image_processor: ImageProcessor,
+    pub image_tokens: ImageTokens,
+    pub eos_token_ids: Vec<u32>,
+    pub device: Device,
+}
+
+/// The result of one generation.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub stats: GenerationStats,
+}
+
+impl Pipeline {
+    pub fn load(opts: &PipelineOptions) -> Result<Self> {
+        let checkpoint = Checkpoint::open(&opts.model, opts.vision_tower.as_deref())?;
+        let tokenizer = Tokenizer::from_dir(&checkpoint.dir)?;
+        // The original layout has no chat template and was trained with llava_v1.
+        let template = PromptTemplate::select(&checkpoint.dir, opts.template.as_deref(), ConvTemplate::LlavaV1)?;
+        let image_processor = image_processor(&checkpoint, opts.image_aspect_ratio)?;
+        let image_tokens = tokenizer.image_tokens(checkpoint.config.image_token_index);
+        if let ImageTokens::Expand { id } = image_tokens {
+            if id != checkpoint.config.image_token_index {
+                return Err(ModelError::config(
+                    checkpoint.dir.join("config.json"),
+                    format!(
+                        "image_token_index is {} but the tokenizer's <image> token is {id}",
+                        checkpoint.config.image_token_index
+                    ),
+                ));
+            }
+        }
+        let mut eos_token_ids = checkpoint.config.text_config.eos_ids();
+        if let Some(id) = tokenizer.eos_token_id {
+            if !eos_token_ids.contains(&id) {
+                eos_token_ids.push(id);
+            }
+        }
+        let model = checkpoint.load_model(opts.dtype, &opts.device)?;
+        Ok(Self {
+            checkpoint,
+            model,
+            tokenizer,
+            template,
+            image_processor,
+            image_tokens,
+            eos_token_ids,
+            device: opts.device.clone(),
+        })
+    }
+
+    /// Renders the conversation with the generation cue for the assistant.
+    pub fn render(&self, messages: &[Message]) -> Result<String> {
+        let bos = self.tokenizer.bos_token.clone().unwrap_or_default();
+        let eos = self.tokenizer.eos_token.clone().unwrap_or_default();
+        Ok(self.template.render(messages, &bos, &eos, true)?)
+    }
+
+    /// Token ids of a rendered prompt, each `<image>` expanded to the tower's token count.
+    pub fn encode(&self, prompt: &str) -> Result<Vec<u32>> {
+        Ok(self.tokenizer.encode_prompt(prompt, self.image_tokens, self.model.config.image_seq_len())?)
+    }
+
+    /// Loads and preprocesses images into a `[n, 3, H, W]` tensor.
+    pub fn pixel_values(&self, images: &[PathBuf]) -> Result<Option<Tensor>> {
+        if images.is_empty() {
+            return Ok(None);
+        }
+        let pixels = images
+            .iter()
+            .map(|p| self.image_processor.preprocess_path(p))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(Some(pixel_tensor(&pixels, &self.device)?))
+    }
+
+    /// Generates a reply to `input_ids`, streaming text through `on_text`. Generation stops at
+    /// EOS, at `max_new_tokens`, or when the text contains a stop string (which is cut off,
+    /// together with anything after it).
+    pub fn generate(
+        &self,
+        input_ids: &[u32],
+        pixel_values: Option<&Tensor>,
+        params: &SamplingParams,
+        max_new_tokens: usize,
+        extra_stop: &[String],
+        mut on_text: impl FnMut(&str),
+    ) -> Result<Generation> {
+        let n_images = pixel_values.map(|p| p.dim(0)).transpose()?.unwrap_or(0);
+        let expected = n_images * self.model.config.image_seq_len();
+        let found = input_ids.iter().filter(|&&i| i == self.image_tokens.id()).count();
+        if found != expected {
+            return Err(ModelError::Input(format!(
+                "the prompt has {found} image tokens but {n_images} image(s) need {expected}: put one <image> in the prompt per image"
+            )));
+        }
+        let max_pos = self.model.config.text_config.max_position_embeddings;
+        if input_ids.len() >= max_pos {
+            return Err(ModelError::Input(format!(
+                "the prompt is {} tokens, but the model's context is {max_pos} (max_position_embeddings)",
+                input_ids.len()
+            )));
+        }
+        let max_new_tokens = max_new_tokens.min(max_pos - input_ids.len());
+        let stops: Vec<String> =
+            self.template.stop_strings().iter().map(|s| s.to_string()).chain(extra_stop.iter().cloned()).collect();
+        let mut sampler = Sampler::new(params.clone())?;
+        let mut decoder = StreamDecoder::new(&self.tokenizer);
+        let mut text = String::new();
+        let mut emitted = 0;
+        let mut stopped = false;
+        let mut decode_error = None;
+        let (token_ids, stats) = generate(
+            &self.model,
+            input_ids,
+            pixel_values,
+            &mut sampler,
+            max_new_tokens,
+            &self.eos_token_ids,
+            |id| {
+                match decoder.push(id) {
+                    Ok(piece) => text.push_str(&piece),
+                    Err(e) => {
+                        decode_error = Some(e);
+                        return ControlFlow::Break(());
+                    }
+                }
+                if let Some(cut) = stops.iter().filter_map(|s| text.find(s.as_str())).min() {
+                    text.truncate(cut);
+                    stopped = true;
+                }
+                // Hold back a tail that could still grow into a stop string.
+                let safe = if stopped { text.len() } else { safe_prefix_len(&text, &stops) };
+                if safe > emitted {
+                    on_text(&text[emitted..safe]);
+                    emitted = safe;
+                }
+                if stopped { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+            },
+        )?;
+        if let Some(e) = decode_error {
+            return Err(e.into());
+        }
+        if text.len() > emitted {
+            on_text(&text[emitted..]);
+        }
+        Ok(Generation { text, token_ids, stats })
+    }
+}
+
+/// Stacks preprocessed images into `[n, c, h, w]`.
+pub fn pixel_tensor(pixels: &[PixelValues], device: &Device) -> Result<Tensor> {
+    let first = pixels.first().ok_or_else(|| ModelError::Input("no images".into()))?;
+    let [c, h, w] = first.shape();
+    let mut data = Vec::with_capacity(pixels.len() * c * h * w);
+    for p in pixels {
+        if p.shape() != [c, h, w] {
+            return Err(ModelError::Input("images preprocessed to different sizes".into()));
+        }
+        data.extend_from_slice(&p.data);
+    }
+    Ok(Tensor::from_vec(data, (pixels.len(), c, h, w), device)?)
+}
+
+/// The longest prefix of `text` that cannot be the start of a stop string.
+fn safe_prefix_len(text: &str, stops: &[String]) -> usize {
+    let mut safe = text.len();
+    for stop in stops {
+        for (i, _) in text.char_indices().rev().take(stop.len()) {
+            if stop.starts_with(&text[i..]) {
+                safe = safe.min(i);
+            }
+        }
+    }
+    safe
+}
+
+/// The checkpoint's preprocessing: `preprocessor_config.json` (the CLIP directory's in the
+/// original layout), or the `image_processor` nested in `processor_config.json` as transformers
+/// 5 writes it, with pad-to-square where the checkpoint asks for it.
+fn image_processor(checkpoint: &Checkpoint, aspect: Option<ImageAspectRatio>) -> Result<ImageProcessor> {
+    let dir: &Path = checkpoint.preprocessor_dir();
+    let (json, path) = match read_processor_json(dir)? {
+        Some(found) => found,
+        // Checkpoints without one get CLIP's own processor at the tower's resolution.
+        None => {
+            let config = PreprocessorConfig::clip(checkpoint.config.vision_config.image_size as u32);
+            return Ok(ImageProcessor::new(config, aspect.unwrap_or_default()));
+        }
+    };
+    let config = PreprocessorConfig::from_json_str(&json.to_string(), &path.display().to_string())?;
+    let from_checkpoint = match &checkpoint.layout {
+        Layout::Original { .. } => match checkpoint.config.image_aspect_ratio.as_deref() {
+            Some(a) => a.parse()?,
+            None => ImageAspectRatio::Square,
+        },
+        Layout::Hf => match json.get("do_pad").and_then(serde_json::Value::as_bool) {
+            Some(true) => ImageAspectRatio::Pad,
+            _ => ImageAspectRatio::Square,
+        },
+    };
+    Ok(ImageProcessor::new(config, aspect.unwrap_or(from_checkpoint)))
+}
+
+fn read_processor_json(dir: &Path) -> Result<Option<(serde_json::Value, PathBuf)>> {
+    let pre = dir.join("preprocessor_config.json");
+    if pre.is_file() {
+        return Ok(Some((crate::checkpoint::read_json(&pre)?, pre)));
+    }
+    let proc = dir.join("processor_config.json");
+    if proc.is_file() {
+        if let Some(inner) = crate::checkpoint::read_json(&proc)?.get("image_processor") {
+            return Ok(Some((inner.clone(), proc)));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holds_back_possible_stop_prefixes() {
+        let stops = vec!["###".to_string()];
+        assert_eq!(safe_prefix_len("hello ##", &stops), 6);
+        assert_eq!(safe_prefix_len("hello", &stops), 5);
+        assert_eq!(safe_prefix_len("a#b", &stops), 3);
+    }
+}

@@ -1,0 +1,359 @@
+//! The one weight loader: memory-mapped safetensors (single file or sharded with an index),
+//! with every naming scheme in the wild mapped onto one canonical set of names.
+//!
+//! Canonical names follow HF's module tree without the wrapper prefixes that changed between
+//! transformers versions: `vision_tower.*` (inside `vision_model`), `multi_modal_projector.*`,
+//! `language_model.*` (inside the decoder `model`) and `lm_head.*`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::{Load, MmapedSafetensors};
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{ModelError, Result};
+
+/// Maps a stored tensor name to its canonical name, or `None` to ignore the tensor.
+pub type Renamer = fn(&str) -> Option<String>;
+
+struct Source {
+    dir: PathBuf,
+    /// One entry per shard, so that an error can name the shard at fault.
+    shards: Vec<(PathBuf, MmapedSafetensors)>,
+}
+
+/// Canonical name → where it is stored.
+#[derive(Clone)]
+struct Location {
+    source: usize,
+    shard: usize,
+    stored: String,
+}
+
+pub struct Weights {
+    sources: Vec<Source>,
+    index: HashMap<String, Location>,
+    dtype: DType,
+    device: Device,
+    /// Set for random initialisation: tensors are made on request and remembered.
+    random: Option<std::cell::RefCell<RandomInit>>,
+}
+
+/// Random weights at the shapes the model asks for: `llava init` builds a model through the same
+/// loading code as a real checkpoint, so the two can never disagree about names or shapes.
+struct RandomInit {
+    rng: rand::rngs::StdRng,
+    std: f32,
+    made: Vec<(String, Tensor)>,
+}
+
+impl Weights {
+    pub fn new(dtype: DType, device: Device) -> Self {
+        Self { sources: Vec::new(), index: HashMap::new(), dtype, device, random: None }
+    }
+
+    /// Weights that do not exist yet: each `get` makes a tensor — ones for norm weights, zeros
+    /// for biases, uniform noise of standard deviation `std` elsewhere.
+    pub fn random(dtype: DType, device: Device, seed: u64, std: f32) -> Self {
+        use rand::SeedableRng;
+        let init = RandomInit { rng: rand::rngs::StdRng::seed_from_u64(seed), std, made: Vec::new() };
+        Self { random: Some(std::cell::RefCell::new(init)), ..Self::new(dtype, device) }
+    }
+
+    /// The tensors a random `Weights` made, in request order.
+    pub fn take_random(&self) -> Vec<(String, Tensor)> {
+        self.random.as_ref().map(|r| std::mem::take(&mut r.borrow_mut().made)).unwrap_or_default()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Adds the safetensors files of a checkpoint directory, renaming each tensor.
+    pub fn add_dir(&mut self, dir: &Path, rename: Renamer) -> Result<()> {
+        let files = safetensors_files(dir)?;
+        let source = self.sources.len();
+        let mut shards = Vec::with_capacity(files.len());
+        for (shard, path) in files.into_iter().enumerate() {
+            // SAFETY: the file is mapped read-only; like every mmap loader we rely on the user
+            // not truncating the checkpoint while it is being read.
+            let st = unsafe { MmapedSafetensors::new(&path) }.map_err(|e| ModelError::Safetensors {
+                path: path.clone(),
+                message: root_message(&e),
+            })?;
+            for (stored, _) in st.tensors() {
+                if let Some(canonical) = rename(&stored) {
+                    self.index.insert(canonical, Location { source, shard, stored });
+                }
+            }
+            shards.push((path, st));
+        }
+        self.sources.push(Source { dir: dir.to_path_buf(), shards });
+        Ok(())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// Canonical names of everything loaded, sorted.
+    pub fn names(&self) -> BTreeSet<&str> {
+        self.index.keys().map(String::as_str).collect()
+    }
+
+    /// Loads one tensor in the compute dtype, checking its shape against what the config implies.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        if let Some(random) = &self.random {
+            return random.borrow_mut().make(name, shape, self.dtype, &self.device);
+        }
+        let t = self.get_unchecked(name)?;
+        if t.dims() != shape {
+            return Err(ModelError::WrongShape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                got: t.dims().to_vec(),
+            });
+        }
+        Ok(t)
+    }
+
+    pub fn get_unchecked(&self, name: &str) -> Result<Tensor> {
+        let loc = self.index.get(name).ok_or_else(|| ModelError::MissingTensor {
+            name: name.to_string(),
+            dir: self.sources.first().map(|s| s.dir.clone()).unwrap_or_default(),
+        })?;
+        let (path, st) = &self.sources[loc.source].shards[loc.shard];
+        let corrupt = |e: candle_core::Error| ModelError::Safetensors {
+            path: path.clone(),
+            message: format!("tensor `{}`: {}", loc.stored, root_message(&e)),
+        };
+        let view = st.get(&loc.stored).map_err(corrupt)?;
+        let t = view.load(&self.device).map_err(corrupt)?;
+        Ok(t.to_dtype(self.dtype)?)
+    }
+
+    /// A view that prepends `prefix.` to every name, mirroring the module tree.
+    pub fn pp(&self, prefix: &str) -> WeightsView<'_> {
+        WeightsView { weights: self, prefix: prefix.to_string() }
+    }
+}
+
+impl RandomInit {
+    fn make(&mut self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        use rand::Rng;
+        let n: usize = shape.iter().product();
+        let is_norm = name.contains("norm") && name.ends_with(".weight");
+        let data: Vec<f32> = if is_norm {
+            vec![1.0; n]
+        } else if name.ends_with(".bias") {
+            vec![0.0; n]
+        } else {
+            // Uniform on [-a, a] has standard deviation a/√3.
+            let a = self.std * 3f32.sqrt();
+            (0..n).map(|_| self.rng.random_range(-a..a)).collect()
+        };
+        let t = Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?;
+        self.made.push((name.to_string(), t.clone()));
+        Ok(t)
+    }
+}
+
+/// `Weights` under a module path, e.g. `language_model.layers.3`.
+#[derive(Clone)]
+pub struct WeightsView<'a> {
+    weights: &'a Weights,
+    prefix: String,
+}
+
+impl<'a> WeightsView<'a> {
+    pub fn pp(&self, name: impl std::fmt::Display) -> WeightsView<'a> {
+        WeightsView { weights: self.weights, prefix: format!("{}.{name}", self.prefix) }
+    }
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.weights.get(&format!("{}.{name}", self.prefix), shape)
+    }
+    pub fn contains(&self, name: &str) -> bool {
+        self.weights.contains(&format!("{}.{name}", self.prefix))
+    }
+    pub fn dtype(&self) -> DType {
+        self.weights.dtype
+    }
+    pub fn device(&self) -> &Device {
+        &self.weights.device
+    }
+}
+
+/// The safetensors files of a directory: those an index names, else `model.safetensors`, else
+/// every `*.safetensors` file.
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io { path: index.clone(), source })?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| ModelError::Json { path: index.clone(), source })?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| ModelError::config(&index, "has no `weight_map` object"))?;
+        let mut files = BTreeSet::new();
+        for file in map.values() {
+            let file = file
+                .as_str()
+                .ok_or_else(|| ModelError::config(&index, "`weight_map` values must be file names"))?;
+            files.insert(file.to_string());
+        }
+        let mut paths = Vec::new();
+        for f in files {
+            let p = dir.join(&f);
+            if !p.is_file() {
+                return Err(ModelError::config(&index, format!("names shard `{f}`, which is missing")));
+            }
+            paths.push(p);
+        }
+        return Ok(paths);
+    }
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let entries = std::fs::read_dir(dir).map_err(|source| ModelError::Io { path: dir.to_path_buf(), source })?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    paths.sort();
+    if paths.is_empty() {
+        let has_bin = dir.join("pytorch_model.bin").is_file() || dir.join("pytorch_model.bin.index.json").is_file();
+        let hint = if has_bin {
+            " (only PyTorch .bin weights were found: convert them to safetensors first)"
+        } else {
+            ""
+        };
+        return Err(ModelError::config(dir, format!("no *.safetensors weights found{hint}")));
+    }
+    Ok(paths)
+}
+
+/// candle wraps errors in layers of context; users need the innermost message.
+fn root_message(e: &candle_core::Error) -> String {
+    let mut e = e;
+    loop {
+        match e {
+            candle_core::Error::WithPath { inner, .. } | candle_core::Error::WithBacktrace { inner, .. } => e = inner,
+            candle_core::Error::Context { inner, .. } => e = inner,
+            _ => return e.to_string(),
+        }
+    }
+}
+
+/// HF llava layout, any transformers version: strips `model.` (4.52+), `vision_model.` and the
+/// decoder's inner `model.`, and moves `language_model.lm_head` to `lm_head`.
+pub fn hf_llava_name(stored: &str) -> Option<String> {
+    let n = stored.strip_prefix("model.").unwrap_or(stored);
+    if let Some(rest) = n.strip_prefix("vision_tower.vision_model.") {
+        return Some(format!("vision_tower.{rest}"));
+    }
+    if let Some(rest) = n.strip_prefix("language_model.model.") {
+        return Some(format!("language_model.{rest}"));
+    }
+    if let Some(rest) = n.strip_prefix("language_model.lm_head.") {
+        return Some(format!("lm_head.{rest}"));
+    }
+    Some(n.to_string())
+}
+
+/// The inverse of [`hf_llava_name`] for writing: the llava-hf hub naming, which every
+/// transformers version loads (4.x natively, 4.52+ and 5.x through their key mappings).
+pub fn hub_name(canonical: &str) -> String {
+    if let Some(rest) = canonical.strip_prefix("vision_tower.") {
+        return format!("vision_tower.vision_model.{rest}");
+    }
+    if let Some(rest) = canonical.strip_prefix("language_model.") {
+        return format!("language_model.model.{rest}");
+    }
+    if let Some(rest) = canonical.strip_prefix("lm_head.") {
+        return format!("language_model.lm_head.{rest}");
+    }
+    canonical.to_string()
+}
+
+/// The original liuhaotian layout: a LLaMA checkpoint with `model.mm_projector.*` inside.
+/// `mm_projector` is an `nn.Sequential`: linears sit at even indices (0, 2, …) between GELUs, or
+/// it is a bare `nn.Linear` for v1's `linear` projector.
+pub fn original_llava_name(stored: &str) -> Option<String> {
+    if let Some(rest) = stored.strip_prefix("model.mm_projector.") {
+        let (head, tail) = rest.split_once('.').unwrap_or((rest, ""));
+        return match head.parse::<usize>() {
+            Ok(_) if tail.is_empty() => None,
+            Ok(i) => Some(format!("multi_modal_projector.linear_{}.{tail}", i / 2 + 1)),
+            Err(_) => Some(format!("multi_modal_projector.linear_1.{rest}")),
+        };
+    }
+    if let Some(rest) = stored.strip_prefix("model.vision_tower.vision_tower.vision_model.") {
+        return Some(format!("vision_tower.{rest}"));
+    }
+    if stored.starts_with("model.vision_tower.") {
+        return None;
+    }
+    if let Some(rest) = stored.strip_prefix("model.") {
+        return Some(format!("language_model.{rest}"));
+    }
+    Some(stored.to_string())
+}
+
+/// A separate CLIP checkpoint (`CLIPVisionModel` or the full `CLIPModel`): keep the vision part.
+pub fn clip_vision_name(stored: &str) -> Option<String> {
+    stored.strip_prefix("vision_model.").map(|rest| format!("vision_tower.{rest}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_hf_naming_maps_to_one_canonical_name() {
+        for stored in [
+            "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight",
+            "model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight",
+            "model.vision_tower.encoder.layers.0.mlp.fc1.weight",
+        ] {
+            assert_eq!(hf_llava_name(stored).as_deref(), Some("vision_tower.encoder.layers.0.mlp.fc1.weight"));
+        }
+        for stored in ["language_model.model.norm.weight", "model.language_model.norm.weight"] {
+            assert_eq!(hf_llava_name(stored).as_deref(), Some("language_model.norm.weight"));
+        }
+        for stored in ["language_model.lm_head.weight", "lm_head.weight"] {
+            assert_eq!(hf_llava_name(stored).as_deref(), Some("lm_head.weight"));
+        }
+        for stored in ["multi_modal_projector.linear_2.bias", "model.multi_modal_projector.linear_2.bias"] {
+            assert_eq!(hf_llava_name(stored).as_deref(), Some("multi_modal_projector.linear_2.bias"));
+        }
+    }
+
+    #[test]
+    fn hub_names_round_trip() {
+        for canonical in [
+            "vision_tower.encoder.layers.0.mlp.fc1.weight",
+            "language_model.layers.1.self_attn.q_proj.weight",
+            "lm_head.weight",
+            "multi_modal_projector.linear_1.bias",
+        ] {
+            assert_eq!(hf_llava_name(&hub_name(canonical)).as_deref(), Some(canonical));
+        }
+    }
+
+    #[test]
+    fn original_layout_names() {
+        assert_eq!(original_llava_name("model.mm_projector.0.weight").as_deref(), Some("multi_modal_projector.linear_1.weight"));
+        assert_eq!(original_llava_name("model.mm_projector.2.bias").as_deref(), Some("multi_modal_projector.linear_2.bias"));
+        assert_eq!(original_llava_name("model.mm_projector.weight").as_deref(), Some("multi_modal_projector.linear_1.weight"));
+        assert_eq!(original_llava_name("model.layers.3.self_attn.q_proj.weight").as_deref(), Some("language_model.layers.3.self_attn.q_proj.weight"));
+        assert_eq!(original_llava_name("lm_head.weight").as_deref(), Some("lm_head.weight"));
+        assert_eq!(clip_vision_name("vision_model.post_layernorm.weight").as_deref(), Some("vision_tower.post_layernorm.weight"));
+        assert_eq!(clip_vision_name("text_model.embeddings.token_embedding.weight"), None);
+    }
+}
