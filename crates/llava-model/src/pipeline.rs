@@ -191,8 +191,12 @@ impl Pipeline {
         if let Some(e) = decode_error {
             return Err(e.into());
         }
-        if text.len() > emitted {
-            on_text(&text[emitted..]);
+        if !stopped {
+            // Bytes held back as an incomplete character are final now: decode them lossily.
+            text = decoder.text()?;
+        }
+        if let Some(rest) = text.get(emitted..).filter(|r| !r.is_empty()) {
+            on_text(rest);
         }
         Ok(Generation { text, token_ids, stats })
     }

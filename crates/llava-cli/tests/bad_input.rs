@@ -1,0 +1,182 @@
+//! Bad input gives a one-line message naming the file or field, a non-zero exit, and no panic.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixture_model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/llava15-default/model")
+}
+
+fn image() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/images/shapes_64x48.png")
+}
+
+/// A scratch copy of the tiny fixture checkpoint that a test may break.
+fn scratch_model(tmp: &tempfile::TempDir) -> PathBuf {
+    let dir = tmp.path().join("model");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    for entry in std::fs::read_dir(fixture_model()).expect("fixture") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy");
+    }
+    dir
+}
+
+fn llava(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_llava")).args(args).output().expect("runs")
+}
+
+fn generate(model: &Path, image: &Path, prompt: &str) -> Output {
+    llava(&[
+        "generate",
+        "--model",
+        &model.to_string_lossy(),
+        "--image",
+        &image.to_string_lossy(),
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "2",
+    ])
+}
+
+/// Fails cleanly (exit 1, no panic) with a message containing every `needles`.
+fn assert_clean_failure(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "exit code; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "stderr should mention {n:?}: {stderr}");
+    }
+}
+
+#[test]
+fn fixture_generates() {
+    let out = generate(&fixture_model(), &image(), "What is this?");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn missing_model_directory() {
+    let out = generate(Path::new("/nonexistent/llava"), &image(), "Hi");
+    assert_clean_failure(&out, &["/nonexistent/llava"]);
+}
+
+#[test]
+fn hub_id_not_in_cache() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = Command::new(env!("CARGO_BIN_EXE_llava"))
+        .env("HF_HUB_CACHE", tmp.path())
+        .args(["generate", "--model", "llava-hf/llava-1.5-7b-hf", "--prompt", "Hi"])
+        .output()
+        .expect("runs");
+    assert_clean_failure(&out, &["llava-hf/llava-1.5-7b-hf", "cache"]);
+}
+
+#[test]
+fn missing_config() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = scratch_model(&tmp);
+    std::fs::remove_file(dir.join("config.json")).expect("rm");
+    assert_clean_failure(&generate(&dir, &image(), "Hi"), &["config.json"]);
+}
+
+#[test]
+fn malformed_config() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = scratch_model(&tmp);
+    std::fs::write(dir.join("config.json"), "{\"vision_config\": ").expect("write");
+    assert_clean_failure(&generate(&dir, &image(), "Hi"), &["config.json", "JSON"]);
+}
+
+#[test]
+fn unsupported_config_value() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = scratch_model(&tmp);
+    let text = std::fs::read_to_string(dir.join("config.json")).expect("read");
+    let text = text.replace("\"rope_type\": \"default\"", "\"rope_type\": \"yarn\"");
+    std::fs::write(dir.join("config.json"), text).expect("write");
+    assert_clean_failure(&generate(&dir, &image(), "Hi"), &["config.json", "yarn"]);
+}
+
+#[test]
+fn truncated_safetensors() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = scratch_model(&tmp);
+    let bytes = std::fs::read(dir.join("model.safetensors")).expect("read");
+    std::fs::write(dir.join("model.safetensors"), &bytes[..bytes.len() / 2]).expect("write");
+    assert_clean_failure(&generate(&dir, &image(), "Hi"), &["model.safetensors", "truncated or corrupt"]);
+}
+
+#[test]
+fn garbage_safetensors() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = scratch_model(&tmp);
+    std::fs::write(dir.join("model.safetensors"), b"this is not a safetensors file").expect("write");
+    assert_clean_failure(&generate(&dir, &image(), "Hi"), &["model.safetensors"]);
+}
+
+#[test]
+fn missing_shard_named_by_index() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/llava15-full-gqa-sharded/model");
+    let dir = tmp.path().join("model");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    for entry in std::fs::read_dir(src).expect("fixture") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy");
+    }
+    std::fs::remove_file(dir.join("model-00002-of-00005.safetensors")).expect("rm");
+    assert_clean_failure(
+        &generate(&dir, &image(), "Hi"),
+        &["model.safetensors.index.json", "model-00002-of-00005.safetensors"],
+    );
+}
+
+#[test]
+fn tensor_of_wrong_shape() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = scratch_model(&tmp);
+    // The config now promises a wider MLP than the weights have.
+    let text = std::fs::read_to_string(dir.join("config.json")).expect("read");
+    let text = text.replace("\"intermediate_size\": 128", "\"intermediate_size\": 96");
+    std::fs::write(dir.join("config.json"), text).expect("write");
+    assert_clean_failure(&generate(&dir, &image(), "Hi"), &["mlp", "shape", "96"]);
+}
+
+#[test]
+fn missing_tensor() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = scratch_model(&tmp);
+    let text = std::fs::read_to_string(dir.join("config.json")).expect("read");
+    let text = text.replace("\"num_hidden_layers\": 3,\n    \"num_key_value_heads\"", "\"num_hidden_layers\": 4,\n    \"num_key_value_heads\"");
+    assert!(text.contains("\"num_hidden_layers\": 4"), "the edit applies to the text config");
+    std::fs::write(dir.join("config.json"), text).expect("write");
+    assert_clean_failure(&generate(&dir, &image(), "Hi"), &["language_model.layers.3", "missing"]);
+}
+
+#[test]
+fn unreadable_image() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let bad = tmp.path().join("broken.png");
+    std::fs::write(&bad, b"\x89PNG\r\n\x1a\n not really").expect("write");
+    assert_clean_failure(&generate(&fixture_model(), &bad, "Hi"), &["broken.png"]);
+    let missing = tmp.path().join("missing.jpg");
+    assert_clean_failure(&generate(&fixture_model(), &missing, "Hi"), &["missing.jpg"]);
+}
+
+#[test]
+fn prompt_longer_than_context() {
+    // The fixture's context is 256 positions.
+    let long = "red ".repeat(400);
+    assert_clean_failure(&generate(&fixture_model(), &image(), &long), &["context", "max_position_embeddings"]);
+}
+
+#[test]
+fn unknown_template_and_dtype() {
+    let m = fixture_model();
+    let out = llava(&["generate", "--model", &m.to_string_lossy(), "--prompt", "Hi", "--template", "nope"]);
+    assert_clean_failure(&out, &["nope", "llava_v1"]);
+    let out = llava(&["generate", "--model", &m.to_string_lossy(), "--prompt", "Hi", "--dtype", "f8"]);
+    assert_clean_failure(&out, &["--dtype f8"]);
+}
