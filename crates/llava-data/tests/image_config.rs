@@ -43,7 +43,10 @@ fn llava_hf_15_config() {
     // Round trip keeps the HF shape.
     let back: serde_json::Value = serde_json::to_value(&cfg).unwrap();
     assert_eq!(back["size"], serde_json::json!({"shortest_edge": 336}));
-    assert_eq!(back["crop_size"], serde_json::json!({"height": 336, "width": 336}));
+    assert_eq!(
+        back["crop_size"],
+        serde_json::json!({"height": 336, "width": 336})
+    );
     assert_eq!(back["resample"], 3);
     assert_eq!(back["image_processor_type"], "CLIPImageProcessor");
     assert_eq!(parse(&back.to_string()).unwrap(), cfg);
@@ -137,7 +140,10 @@ fn bad_configs_are_typed_errors_naming_file_and_field() {
         (r#"{"resample": 0}"#, "resample"),
         (r#"{"resample": 7}"#, "resample"),
         (r#"{"do_resize": "yes"}"#, "test.json"),
-        (r#"{"size": {"shortest_edge": 30, "longest_edge": 20}}"#, "size"),
+        (
+            r#"{"size": {"shortest_edge": 30, "longest_edge": 20}}"#,
+            "size",
+        ),
         ("not json", "test.json"),
     ];
     for (json, needle) in cases {
@@ -155,13 +161,22 @@ fn bad_configs_are_typed_errors_naming_file_and_field() {
     }
     let err = PreprocessorConfig::from_file("/nonexistent/preprocessor_config.json").unwrap_err();
     assert!(matches!(err, ImageError::ConfigIo { .. }));
-    assert!(err.to_string().contains("/nonexistent/preprocessor_config.json"));
+    assert!(
+        err.to_string()
+            .contains("/nonexistent/preprocessor_config.json")
+    );
 }
 
 #[test]
 fn aspect_ratio_names() {
-    assert_eq!("pad".parse::<ImageAspectRatio>().unwrap(), ImageAspectRatio::Pad);
-    assert_eq!("square".parse::<ImageAspectRatio>().unwrap(), ImageAspectRatio::Square);
+    assert_eq!(
+        "pad".parse::<ImageAspectRatio>().unwrap(),
+        ImageAspectRatio::Pad
+    );
+    assert_eq!(
+        "square".parse::<ImageAspectRatio>().unwrap(),
+        ImageAspectRatio::Square
+    );
     assert!(matches!(
         "anyres".parse::<ImageAspectRatio>(),
         Err(ImageError::UnsupportedAspectRatio(_))
@@ -186,7 +201,13 @@ fn load_errors_are_typed_and_name_the_file() {
     assert!(err.to_string().contains("not_an_image.png"));
 
     let opts = LoadOptions::default();
-    for bytes in [&b""[..], b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", b"BM"] {
+    for bytes in [
+        &b""[..],
+        b"\x89PNG\r\n\x1a\n",
+        b"\xff\xd8\xff\xe0",
+        b"GIF89a",
+        b"BM",
+    ] {
         let err = decode_image(bytes, "upload", &opts).unwrap_err();
         assert!(err.to_string().contains("upload"), "{err}");
     }

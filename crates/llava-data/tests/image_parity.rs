@@ -7,19 +7,30 @@
 use std::path::{Path, PathBuf};
 
 use llava_data::image::{
-    AlphaMode, ImageAspectRatio, ImageProcessor, LoadOptions, PreprocessorConfig, RgbImage,
-    load_image_with, resize_and_crop,
+    AlphaMode, ImageAspectRatio, ImageProcessor, LoadOptions, OPENAI_CLIP_STD, PreprocessorConfig,
+    RgbImage, load_image_with, resize_and_crop,
 };
 use serde_json::Value;
 
 /// PIL-exact paths: f32 rounding only.
 const EXACT_TOL: f32 = 1e-4;
-/// JPEGs: we decode with zune-jpeg, PIL with libjpeg-turbo. Their IDCT and chroma upsampling
-/// round differently, by a few uint8 levels at most on these fixtures (one level is
-/// 1/255/std ≈ 0.0146 after normalisation). Measured max: see the table; the bound is 4 levels.
-/// The preprocessing itself is exact: the same cases run from PIL's decoded pixels are within
-/// EXACT_TOL (`jpeg_cases_are_exact_from_pil_decoded_pixels`).
-const JPEG_DECODE_TOL: f32 = 4.0 / 255.0 / 0.26130258 + 1e-4;
+/// JPEGs: we decode with zune-jpeg (via `image`), PIL with libjpeg-turbo. Their IDCT rounding
+/// differs by ±1 level, and their 4:2:0 chroma upsampling by a few levels near strong colour
+/// edges. Measured on these fixtures: ≤ 3 levels for 4:4:4, ≤ 5 levels for 4:2:0 (see
+/// `jpeg_decode_vs_pil`). One level is 1/255/std ≈ 0.0146 after normalisation; after resizing,
+/// the pixel_values differ by at most 0.073 (exif6, 5 levels in the red channel). The bound
+/// below is 6 levels. The preprocessing itself is exact: the same cases run from PIL's decoded
+/// pixels are within EXACT_TOL (`jpeg_cases_are_exact_from_pil_decoded_pixels`).
+const JPEG_DECODE_LEVELS: i32 = 6;
+const JPEG_DECODE_TOL: f32 = (JPEG_DECODE_LEVELS as f64 / 255.0 / OPENAI_CLIP_STD[1]) as f32 + 1e-4;
+
+/// transformers quirk: `load_image` does `convert("RGB")`, but PIL then keeps a colour-key
+/// transparency (PNG tRNS / GIF transparent index) in `info["transparency"]` as an RGB tuple, and
+/// the processor's own `convert_to_rgb` sees it and composites onto white, so those pixels turn
+/// white even on the "drop" path. Images with a real alpha channel are not affected. We keep
+/// `AlphaMode::Drop` as PIL's plain `convert("RGB")` (what the original LLaVA code gets) and
+/// show here that `AlphaMode::CompositeOnWhite` reproduces transformers for such files.
+const COLOR_KEY_CASES: &[&str] = &["palette_trns_33x27_png__se30__square__drop"];
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/images")
@@ -63,14 +74,16 @@ fn cases(m: &Value) -> Vec<Case> {
             let cfg_json = m["configs"][c["config"].as_str().unwrap()].to_string();
             let config = PreprocessorConfig::from_json_str(&cfg_json, "manifest").unwrap();
             let aspect = c["aspect"].as_str().unwrap().parse().unwrap();
+            let name = c["name"].as_str().unwrap();
             let alpha = match c["alpha"].as_str().unwrap() {
+                "drop" if COLOR_KEY_CASES.contains(&name) => AlphaMode::CompositeOnWhite,
                 "drop" => AlphaMode::Drop,
                 "composite" => AlphaMode::CompositeOnWhite,
                 other => panic!("alpha mode {other}"),
             };
             let shape: Vec<usize> = serde_json::from_value(c["shape"].clone()).unwrap();
             Case {
-                name: c["name"].as_str().unwrap().to_string(),
+                name: name.to_string(),
                 image: c["image"].as_str().unwrap().to_string(),
                 processor: ImageProcessor {
                     config,
@@ -106,7 +119,10 @@ fn normalise(img: &RgbImage, cfg: &PreprocessorConfig) -> Vec<f32> {
 
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Compares one case against the slow reference; returns the max abs diff over all elements
@@ -116,7 +132,10 @@ fn slow_diff(case: &Case, pv: &[f32]) -> f32 {
     let exp = read_f32(&case.f32_rel);
     let mut d = max_abs(&sampled, &exp);
     if let Some(u8_png) = &case.u8_png {
-        d = d.max(max_abs(pv, &normalise(&read_png(u8_png), &case.processor.config)));
+        d = d.max(max_abs(
+            pv,
+            &normalise(&read_png(u8_png), &case.processor.config),
+        ));
     }
     d
 }
@@ -148,8 +167,7 @@ fn matches_slow_clip_processor() {
             format!("{:?}", case.shape),
             d,
             fast.map_or("-".into(), |f| format!("{f:.3e}")),
-            case.fast_vs_slow
-                .map_or("-".into(), |f| format!("{f:.3e}")),
+            case.fast_vs_slow.map_or("-".into(), |f| format!("{f:.3e}")),
         );
         let tol = if case.image.ends_with(".jpg") {
             JPEG_DECODE_TOL
@@ -185,6 +203,7 @@ fn jpeg_cases_are_exact_from_pil_decoded_pixels() {
 #[test]
 fn jpeg_decode_vs_pil() {
     let m = manifest();
+    let mut worst = 0;
     for (name, decoded) in m["decoded"].as_object().unwrap() {
         let ours = load_image_with(fixtures().join(name), &LoadOptions::default()).unwrap();
         let pil = read_png(decoded.as_str().unwrap());
@@ -201,8 +220,12 @@ fn jpeg_decode_vs_pil() {
             "{name}: max {max} levels, {differing}/{} samples differ",
             diffs.len()
         );
-        assert!(max <= 4, "{name}: JPEG decode differs from PIL by {max} levels");
+        worst = worst.max(max);
     }
+    assert!(
+        worst <= JPEG_DECODE_LEVELS,
+        "JPEG decode differs from PIL by {worst} levels"
+    );
 }
 
 /// The uint8 image after resize + crop is PIL's to the last bit on the 336 px case.
@@ -217,5 +240,9 @@ fn resize_is_bit_exact_at_336() {
     let ours = resize_and_crop(&img, &case.processor.config, ImageAspectRatio::Pad).unwrap();
     let theirs = read_png(case.u8_png.as_deref().unwrap());
     assert_eq!(ours.dimensions(), (336, 336));
-    assert!(ours == theirs, "{}: uint8 output differs from PIL", case.name);
+    assert!(
+        ours == theirs,
+        "{}: uint8 output differs from PIL",
+        case.name
+    );
 }

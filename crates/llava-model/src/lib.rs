@@ -11,6 +11,7 @@ pub mod llava;
 pub mod nn;
 pub mod pipeline;
 pub mod projector;
+pub mod safetensors_file;
 pub mod save;
 pub mod vision_tower;
 pub mod weights;

@@ -1,4 +1,4 @@
-//! The one weight loader: memory-mapped safetensors (single file or sharded with an index),
+//! The one weight loader: safetensors (single file or sharded with an index),
 //! with every naming scheme in the wild mapped onto one canonical set of names.
 //!
 //! Canonical names follow HF's module tree without the wrapper prefixes that changed between
@@ -8,10 +8,10 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::safetensors::{Load, MmapedSafetensors};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{ModelError, Result};
+use crate::safetensors_file::SafetensorsFile;
 
 /// Maps a stored tensor name to its canonical name, or `None` to ignore the tensor.
 pub type Renamer = fn(&str) -> Option<String>;
@@ -19,7 +19,7 @@ pub type Renamer = fn(&str) -> Option<String>;
 struct Source {
     dir: PathBuf,
     /// One entry per shard, so that an error can name the shard at fault.
-    shards: Vec<(PathBuf, MmapedSafetensors)>,
+    shards: Vec<SafetensorsFile>,
 }
 
 /// Canonical name → where it is stored.
@@ -79,18 +79,13 @@ impl Weights {
         let source = self.sources.len();
         let mut shards = Vec::with_capacity(files.len());
         for (shard, path) in files.into_iter().enumerate() {
-            // SAFETY: the file is mapped read-only; like every mmap loader we rely on the user
-            // not truncating the checkpoint while it is being read.
-            let st = unsafe { MmapedSafetensors::new(&path) }.map_err(|e| ModelError::Safetensors {
-                path: path.clone(),
-                message: root_message(&e),
-            })?;
-            for (stored, _) in st.tensors() {
-                if let Some(canonical) = rename(&stored) {
-                    self.index.insert(canonical, Location { source, shard, stored });
+            let st = SafetensorsFile::open(&path)?;
+            for stored in st.names() {
+                if let Some(canonical) = rename(stored) {
+                    self.index.insert(canonical, Location { source, shard, stored: stored.to_string() });
                 }
             }
-            shards.push((path, st));
+            shards.push(st);
         }
         self.sources.push(Source { dir: dir.to_path_buf(), shards });
         Ok(())
@@ -126,13 +121,7 @@ impl Weights {
             name: name.to_string(),
             dir: self.sources.first().map(|s| s.dir.clone()).unwrap_or_default(),
         })?;
-        let (path, st) = &self.sources[loc.source].shards[loc.shard];
-        let corrupt = |e: candle_core::Error| ModelError::Safetensors {
-            path: path.clone(),
-            message: format!("tensor `{}`: {}", loc.stored, root_message(&e)),
-        };
-        let view = st.get(&loc.stored).map_err(corrupt)?;
-        let t = view.load(&self.device).map_err(corrupt)?;
+        let t = self.sources[loc.source].shards[loc.shard].load(&loc.stored, &self.device)?;
         Ok(t.to_dtype(self.dtype)?)
     }
 
@@ -236,18 +225,6 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         return Err(ModelError::config(dir, format!("no *.safetensors weights found{hint}")));
     }
     Ok(paths)
-}
-
-/// candle wraps errors in layers of context; users need the innermost message.
-fn root_message(e: &candle_core::Error) -> String {
-    let mut e = e;
-    loop {
-        match e {
-            candle_core::Error::WithPath { inner, .. } | candle_core::Error::WithBacktrace { inner, .. } => e = inner,
-            candle_core::Error::Context { inner, .. } => e = inner,
-            _ => return e.to_string(),
-        }
-    }
 }
 
 /// HF llava layout, any transformers version: strips `model.` (4.52+), `vision_model.` and the

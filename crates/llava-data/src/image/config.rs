@@ -129,13 +129,19 @@ impl PreprocessorConfig {
             reason,
         };
         if !self.rescale_factor.is_finite() {
-            return Err(bad("rescale_factor", format!("{} is not finite", self.rescale_factor)));
+            return Err(bad(
+                "rescale_factor",
+                format!("{} is not finite", self.rescale_factor),
+            ));
         }
         if let Some(v) = self.image_mean.iter().find(|v| !v.is_finite()) {
             return Err(bad("image_mean", format!("{v} is not finite")));
         }
         if let Some(v) = self.image_std.iter().find(|v| !v.is_finite() || **v == 0.0) {
-            return Err(bad("image_std", format!("{v} is not a finite non-zero number")));
+            return Err(bad(
+                "image_std",
+                format!("{v} is not a finite non-zero number"),
+            ));
         }
         if let ResizeSize::ShortestEdge {
             shortest_edge,
@@ -175,7 +181,9 @@ enum RawSize {
 
 fn nonzero<E: serde::de::Error>(field: &str, v: u32) -> Result<u32, E> {
     if v == 0 {
-        Err(E::custom(format!("`{field}`: sizes must be positive, got 0")))
+        Err(E::custom(format!(
+            "`{field}`: sizes must be positive, got 0"
+        )))
     } else {
         Ok(v)
     }

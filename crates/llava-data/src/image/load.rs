@@ -109,21 +109,23 @@ fn to_rgb_like_pil(img: DynamicImage, alpha: AlphaMode) -> RgbImage {
         DynamicImage::ImageRgba8(rgba) => {
             RgbImage::from_fn(w, h, |x, y| from_rgba(rgba.get_pixel(x, y).0))
         }
-        DynamicImage::ImageLuma8(l) => RgbImage::from_fn(w, h, |x, y| Rgb([l.get_pixel(x, y).0[0]; 3])),
+        DynamicImage::ImageLuma8(l) => {
+            RgbImage::from_fn(w, h, |x, y| Rgb([l.get_pixel(x, y).0[0]; 3]))
+        }
         DynamicImage::ImageLumaA8(la) => RgbImage::from_fn(w, h, |x, y| {
             let [l, a] = la.get_pixel(x, y).0;
             from_rgba([l, l, l, a])
         }),
-        DynamicImage::ImageLuma16(l) => RgbImage::from_fn(w, h, |x, y| {
-            Rgb([l.get_pixel(x, y).0[0].min(255) as u8; 3])
-        }),
+        DynamicImage::ImageLuma16(l) => {
+            RgbImage::from_fn(w, h, |x, y| Rgb([l.get_pixel(x, y).0[0].min(255) as u8; 3]))
+        }
         DynamicImage::ImageLumaA16(la) => RgbImage::from_fn(w, h, |x, y| {
             let [l, a] = la.get_pixel(x, y).0.map(|v| (v >> 8) as u8);
             from_rgba([l, l, l, a])
         }),
-        DynamicImage::ImageRgb16(rgb) => {
-            RgbImage::from_fn(w, h, |x, y| Rgb(rgb.get_pixel(x, y).0.map(|v| (v >> 8) as u8)))
-        }
+        DynamicImage::ImageRgb16(rgb) => RgbImage::from_fn(w, h, |x, y| {
+            Rgb(rgb.get_pixel(x, y).0.map(|v| (v >> 8) as u8))
+        }),
         DynamicImage::ImageRgba16(rgba) => RgbImage::from_fn(w, h, |x, y| {
             from_rgba(rgba.get_pixel(x, y).0.map(|v| (v >> 8) as u8))
         }),

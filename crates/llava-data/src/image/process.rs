@@ -7,10 +7,10 @@ use std::str::FromStr;
 use ::image::{Rgb, RgbImage};
 use serde::{Deserialize, Serialize};
 
+use super::ImageError;
 use super::config::{PreprocessorConfig, ResizeSize};
 use super::load::{LoadOptions, load_image_with};
 use super::resample::resize_pil;
-use super::ImageError;
 
 /// LLaVA's `image_aspect_ratio`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

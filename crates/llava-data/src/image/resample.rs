@@ -128,8 +128,9 @@ impl Serialize for ResampleFilter {
 
 impl<'de> Deserialize<'de> for ResampleFilter {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let code = Option::<u32>::deserialize(d)
-            .map_err(|e| D::Error::custom(format!("`resample`: expected a PIL filter code ({e})")))?;
+        let code = Option::<u32>::deserialize(d).map_err(|e| {
+            D::Error::custom(format!("`resample`: expected a PIL filter code ({e})"))
+        })?;
         match code {
             None => Ok(Self::default()),
             Some(c) => Self::from_pil_code(c).ok_or_else(|| {
@@ -284,5 +285,6 @@ pub fn resize_pil(
             *o = clip8(ss);
         }
     }
-    Ok(::image::RgbImage::from_raw(width, height, out).expect("vertical pass produced width*height*3 bytes"))
+    Ok(::image::RgbImage::from_raw(width, height, out)
+        .expect("vertical pass produced width*height*3 bytes"))
 }

@@ -1,0 +1,133 @@
+//! Reading one safetensors file tensor by tensor with positioned reads.
+//!
+//! Not memory-mapped on purpose: the pages of a mapped file count towards the process's
+//! resident memory while the copy into tensor storage exists too, so mmap loading peaks at twice
+//! the model's size. Reading each tensor straight into its typed buffer peaks at the model plus
+//! one tensor. The header is validated against the file's length up front, so a truncated shard
+//! is reported when it is opened, naming the file.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor, WithDType};
+use serde::Deserialize;
+
+use crate::error::{ModelError, Result};
+
+/// Headers are JSON; anything near this size is not a real header.
+const MAX_HEADER: u64 = 100 << 20;
+
+#[derive(Debug, Deserialize)]
+struct Entry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: [u64; 2],
+}
+
+#[derive(Debug)]
+pub struct SafetensorsFile {
+    path: PathBuf,
+    file: File,
+    data_start: u64,
+    entries: HashMap<String, Entry>,
+}
+
+fn dtype_size(dtype: &str) -> Option<u64> {
+    Some(match dtype {
+        "F64" | "I64" | "U64" => 8,
+        "F32" | "I32" | "U32" => 4,
+        "F16" | "BF16" | "I16" | "U16" => 2,
+        "U8" | "I8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => 1,
+        _ => return None,
+    })
+}
+
+impl SafetensorsFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let bad = |message: String| ModelError::Safetensors { path: path.to_path_buf(), message };
+        let file = File::open(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
+        let len = file.metadata().map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?.len();
+        let mut n = [0u8; 8];
+        read_at(&file, &mut n, 0).map_err(|_| bad(format!("only {len} bytes, too short for a header")))?;
+        let header_len = u64::from_le_bytes(n);
+        if header_len > MAX_HEADER || 8 + header_len > len {
+            return Err(bad(format!("header claims {header_len} bytes but the file has {len}")));
+        }
+        let mut header = vec![0u8; header_len as usize];
+        read_at(&file, &mut header, 8).map_err(|e| bad(e.to_string()))?;
+        let mut raw: HashMap<String, serde_json::Value> =
+            serde_json::from_slice(&header).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+        raw.remove("__metadata__");
+        let data_start = 8 + header_len;
+        let data_len = len - data_start;
+        let mut entries = HashMap::with_capacity(raw.len());
+        for (name, value) in raw {
+            let entry: Entry =
+                serde_json::from_value(value).map_err(|e| bad(format!("tensor `{name}`: bad header entry: {e}")))?;
+            let [begin, end] = entry.data_offsets;
+            let size = dtype_size(&entry.dtype).ok_or_else(|| bad(format!("tensor `{name}`: unknown dtype {}", entry.dtype)))?;
+            let numel: u64 = entry.shape.iter().map(|&d| d as u64).product();
+            if end < begin || end - begin != numel * size {
+                return Err(bad(format!("tensor `{name}`: offsets {begin}..{end} do not fit shape {:?}", entry.shape)));
+            }
+            if end > data_len {
+                return Err(bad(format!(
+                    "tensor `{name}` ends at byte {end} of the data, but the file holds only {data_len}"
+                )));
+            }
+            entries.insert(name, entry);
+        }
+        Ok(Self { path: path.to_path_buf(), file, data_start, entries })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    /// Reads one tensor in its stored dtype.
+    pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
+        let bad = |message: String| ModelError::Safetensors { path: self.path.clone(), message };
+        let entry = self.entries.get(name).ok_or_else(|| bad(format!("no tensor `{name}`")))?;
+        let offset = self.data_start + entry.data_offsets[0];
+        match entry.dtype.as_str() {
+            "F32" => self.read_typed::<f32>(entry, offset, device),
+            "F16" => self.read_typed::<half::f16>(entry, offset, device),
+            "BF16" => self.read_typed::<half::bf16>(entry, offset, device),
+            "F64" => self.read_typed::<f64>(entry, offset, device),
+            other => Err(bad(format!("tensor `{name}` has dtype {other}; weights must be F32, F16, BF16 or F64"))),
+        }
+    }
+
+    fn read_typed<T: WithDType + bytemuck::Pod>(&self, entry: &Entry, offset: u64, device: &Device) -> Result<Tensor> {
+        let numel: usize = entry.shape.iter().product();
+        let mut data = vec![T::zeroed(); numel];
+        // safetensors stores little-endian data, the byte order of every platform candle runs on.
+        read_at(&self.file, bytemuck::cast_slice_mut(&mut data), offset)
+            .map_err(|source| ModelError::Io { path: self.path.clone(), source })?;
+        Ok(Tensor::from_vec(data, entry.shape.as_slice(), device)?)
+    }
+}
+
+#[cfg(unix)]
+fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+}
+
+#[cfg(windows)]
+fn read_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        let n = file.seek_read(buf, offset)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf = &mut buf[n..];
+        offset += n as u64;
+    }
+    Ok(())
+}
