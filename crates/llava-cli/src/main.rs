@@ -6,7 +6,11 @@ mod cmd;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "llava", version, about = "LLaVA (Visual Instruction Tuning) in Rust")]
+#[command(
+    name = "llava",
+    version,
+    about = "LLaVA (Visual Instruction Tuning) in Rust"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

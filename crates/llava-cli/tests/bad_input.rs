@@ -8,7 +8,8 @@ fn fixture_model() -> PathBuf {
 }
 
 fn image() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/images/shapes_64x48.png")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models/images/shapes_64x48.png")
 }
 
 /// A scratch copy of the tiny fixture checkpoint that a test may break.
@@ -23,7 +24,10 @@ fn scratch_model(tmp: &tempfile::TempDir) -> PathBuf {
 }
 
 fn llava(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_llava")).args(args).output().expect("runs")
+    Command::new(env!("CARGO_BIN_EXE_llava"))
+        .args(args)
+        .output()
+        .expect("runs")
 }
 
 fn generate(model: &Path, image: &Path, prompt: &str) -> Output {
@@ -53,7 +57,11 @@ fn assert_clean_failure(out: &Output, needles: &[&str]) {
 #[test]
 fn fixture_generates() {
     let out = generate(&fixture_model(), &image(), "What is this?");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -67,7 +75,13 @@ fn hub_id_not_in_cache() {
     let tmp = tempfile::tempdir().expect("tmp");
     let out = Command::new(env!("CARGO_BIN_EXE_llava"))
         .env("HF_HUB_CACHE", tmp.path())
-        .args(["generate", "--model", "llava-hf/llava-1.5-7b-hf", "--prompt", "Hi"])
+        .args([
+            "generate",
+            "--model",
+            "llava-hf/llava-1.5-7b-hf",
+            "--prompt",
+            "Hi",
+        ])
         .output()
         .expect("runs");
     assert_clean_failure(&out, &["llava-hf/llava-1.5-7b-hf", "cache"]);
@@ -105,21 +119,29 @@ fn truncated_safetensors() {
     let dir = scratch_model(&tmp);
     let bytes = std::fs::read(dir.join("model.safetensors")).expect("read");
     std::fs::write(dir.join("model.safetensors"), &bytes[..bytes.len() / 2]).expect("write");
-    assert_clean_failure(&generate(&dir, &image(), "Hi"), &["model.safetensors", "truncated or corrupt"]);
+    assert_clean_failure(
+        &generate(&dir, &image(), "Hi"),
+        &["model.safetensors", "truncated or corrupt"],
+    );
 }
 
 #[test]
 fn garbage_safetensors() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = scratch_model(&tmp);
-    std::fs::write(dir.join("model.safetensors"), b"this is not a safetensors file").expect("write");
+    std::fs::write(
+        dir.join("model.safetensors"),
+        b"this is not a safetensors file",
+    )
+    .expect("write");
     assert_clean_failure(&generate(&dir, &image(), "Hi"), &["model.safetensors"]);
 }
 
 #[test]
 fn missing_shard_named_by_index() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/llava15-full-gqa-sharded/model");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models/llava15-full-gqa-sharded/model");
     let dir = tmp.path().join("model");
     std::fs::create_dir_all(&dir).expect("mkdir");
     for entry in std::fs::read_dir(src).expect("fixture") {
@@ -129,7 +151,10 @@ fn missing_shard_named_by_index() {
     std::fs::remove_file(dir.join("model-00002-of-00005.safetensors")).expect("rm");
     assert_clean_failure(
         &generate(&dir, &image(), "Hi"),
-        &["model.safetensors.index.json", "model-00002-of-00005.safetensors"],
+        &[
+            "model.safetensors.index.json",
+            "model-00002-of-00005.safetensors",
+        ],
     );
 }
 
@@ -149,10 +174,19 @@ fn missing_tensor() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = scratch_model(&tmp);
     let text = std::fs::read_to_string(dir.join("config.json")).expect("read");
-    let text = text.replace("\"num_hidden_layers\": 3,\n    \"num_key_value_heads\"", "\"num_hidden_layers\": 4,\n    \"num_key_value_heads\"");
-    assert!(text.contains("\"num_hidden_layers\": 4"), "the edit applies to the text config");
+    let text = text.replace(
+        "\"num_hidden_layers\": 3,\n    \"num_key_value_heads\"",
+        "\"num_hidden_layers\": 4,\n    \"num_key_value_heads\"",
+    );
+    assert!(
+        text.contains("\"num_hidden_layers\": 4"),
+        "the edit applies to the text config"
+    );
     std::fs::write(dir.join("config.json"), text).expect("write");
-    assert_clean_failure(&generate(&dir, &image(), "Hi"), &["language_model.layers.3", "missing"]);
+    assert_clean_failure(
+        &generate(&dir, &image(), "Hi"),
+        &["language_model.layers.3", "missing"],
+    );
 }
 
 #[test]
@@ -162,21 +196,43 @@ fn unreadable_image() {
     std::fs::write(&bad, b"\x89PNG\r\n\x1a\n not really").expect("write");
     assert_clean_failure(&generate(&fixture_model(), &bad, "Hi"), &["broken.png"]);
     let missing = tmp.path().join("missing.jpg");
-    assert_clean_failure(&generate(&fixture_model(), &missing, "Hi"), &["missing.jpg"]);
+    assert_clean_failure(
+        &generate(&fixture_model(), &missing, "Hi"),
+        &["missing.jpg"],
+    );
 }
 
 #[test]
 fn prompt_longer_than_context() {
     // The fixture's context is 256 positions.
     let long = "red ".repeat(400);
-    assert_clean_failure(&generate(&fixture_model(), &image(), &long), &["context", "max_position_embeddings"]);
+    assert_clean_failure(
+        &generate(&fixture_model(), &image(), &long),
+        &["context", "max_position_embeddings"],
+    );
 }
 
 #[test]
 fn unknown_template_and_dtype() {
     let m = fixture_model();
-    let out = llava(&["generate", "--model", &m.to_string_lossy(), "--prompt", "Hi", "--template", "nope"]);
+    let out = llava(&[
+        "generate",
+        "--model",
+        &m.to_string_lossy(),
+        "--prompt",
+        "Hi",
+        "--template",
+        "nope",
+    ]);
     assert_clean_failure(&out, &["nope", "llava_v1"]);
-    let out = llava(&["generate", "--model", &m.to_string_lossy(), "--prompt", "Hi", "--dtype", "f8"]);
+    let out = llava(&[
+        "generate",
+        "--model",
+        &m.to_string_lossy(),
+        "--prompt",
+        "Hi",
+        "--dtype",
+        "f8",
+    ]);
     assert_clean_failure(&out, &["--dtype f8"]);
 }

@@ -46,16 +46,33 @@ impl ChatTemplate {
     pub fn find(dir: &Path) -> Result<Option<Self>, TemplateError> {
         let jinja = dir.join("chat_template.jinja");
         if jinja.is_file() {
-            let template = std::fs::read_to_string(&jinja)
-                .map_err(|e| TemplateError::Load { path: jinja.clone(), message: e.to_string() })?;
-            return Ok(Some(Self { source: jinja, template }));
+            let template = std::fs::read_to_string(&jinja).map_err(|e| TemplateError::Load {
+                path: jinja.clone(),
+                message: e.to_string(),
+            })?;
+            return Ok(Some(Self {
+                source: jinja,
+                template,
+            }));
         }
-        for name in ["chat_template.json", "processor_config.json", "tokenizer_config.json"] {
+        for name in [
+            "chat_template.json",
+            "processor_config.json",
+            "tokenizer_config.json",
+        ] {
             let path = dir.join(name);
-            let json = read_optional_json(&path)
-                .map_err(|e| TemplateError::Load { path: path.clone(), message: e.to_string() })?;
-            if let Some(template) = json.as_ref().and_then(|j| template_from_json(j.get("chat_template")?)) {
-                return Ok(Some(Self { source: path, template }));
+            let json = read_optional_json(&path).map_err(|e| TemplateError::Load {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            if let Some(template) = json
+                .as_ref()
+                .and_then(|j| template_from_json(j.get("chat_template")?))
+            {
+                return Ok(Some(Self {
+                    source: path,
+                    template,
+                }));
             }
         }
         Ok(None)
@@ -70,7 +87,10 @@ impl ChatTemplate {
         eos_token: &str,
         add_generation_prompt: bool,
     ) -> Result<String, TemplateError> {
-        let render_err = |e: JinjaError| TemplateError::Render { path: self.source.clone(), message: e.to_string() };
+        let render_err = |e: JinjaError| TemplateError::Render {
+            path: self.source.clone(),
+            message: e.to_string(),
+        };
         let mut env = Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -81,9 +101,12 @@ impl ChatTemplate {
             .build()
             .map_err(render_err)?;
         env.set_syntax(syntax);
-        env.add_function("raise_exception", |msg: String| -> Result<String, JinjaError> {
-            Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, JinjaError> {
+                Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         let source = strip_generation_tags(&self.template);
         env.add_template("chat", &source).map_err(render_err)?;
         let hf: Vec<HfMessage> = messages
@@ -94,10 +117,16 @@ impl ChatTemplate {
                     Role::User => "user",
                     Role::Assistant => "assistant",
                 },
-                content: std::iter::repeat_with(|| HfContent { kind: "image", text: None })
-                    .take(m.images)
-                    .chain(std::iter::once(HfContent { kind: "text", text: Some(m.text.clone()) }))
-                    .collect(),
+                content: std::iter::repeat_with(|| HfContent {
+                    kind: "image",
+                    text: None,
+                })
+                .take(m.images)
+                .chain(std::iter::once(HfContent {
+                    kind: "text",
+                    text: Some(m.text.clone()),
+                }))
+                .collect(),
             })
             .collect();
         let tmpl = env.get_template("chat").map_err(render_err)?;
@@ -148,26 +177,45 @@ mod tests {
 
     #[test]
     fn renders_the_llava15_template() {
-        let t = ChatTemplate { source: "test".into(), template: LLAVA15.into() };
-        let s = t.render(&[Message::user("What is shown?", 1)], "<s>", "</s>", true).expect("renders");
+        let t = ChatTemplate {
+            source: "test".into(),
+            template: LLAVA15.into(),
+        };
+        let s = t
+            .render(&[Message::user("What is shown?", 1)], "<s>", "</s>", true)
+            .expect("renders");
         assert_eq!(s, "USER: <image>\nWhat is shown? ASSISTANT:");
         let s = t
-            .render(&[Message::user("Q", 1), Message::assistant("A"), Message::user("Q2", 0)], "<s>", "</s>", true)
+            .render(
+                &[
+                    Message::user("Q", 1),
+                    Message::assistant("A"),
+                    Message::user("Q2", 0),
+                ],
+                "<s>",
+                "</s>",
+                true,
+            )
             .expect("renders");
         assert_eq!(s, "USER: <image>\nQ ASSISTANT: A USER: Q2 ASSISTANT:");
     }
 
     #[test]
     fn raise_exception_is_a_render_error() {
-        let t = ChatTemplate { source: "x.jinja".into(), template: "{{ raise_exception('only user turns') }}".into() };
+        let t = ChatTemplate {
+            source: "x.jinja".into(),
+            template: "{{ raise_exception('only user turns') }}".into(),
+        };
         let e = t.render(&[], "", "", true).expect_err("raises");
         assert!(e.to_string().contains("only user turns"), "{e}");
     }
 
     #[test]
     fn list_form_picks_default() {
-        let v: Value = serde_json::from_str(r#"[{"name": "tool_use", "template": "a"}, {"name": "default", "template": "b"}]"#)
-            .expect("json");
+        let v: Value = serde_json::from_str(
+            r#"[{"name": "tool_use", "template": "a"}, {"name": "default", "template": "b"}]"#,
+        )
+        .expect("json");
         assert_eq!(template_from_json(&v).as_deref(), Some("b"));
     }
 }

@@ -33,13 +33,25 @@ pub struct Message {
 
 impl Message {
     pub fn user(text: impl Into<String>, images: usize) -> Self {
-        Self { role: Role::User, text: text.into(), images }
+        Self {
+            role: Role::User,
+            text: text.into(),
+            images,
+        }
     }
     pub fn assistant(text: impl Into<String>) -> Self {
-        Self { role: Role::Assistant, text: text.into(), images: 0 }
+        Self {
+            role: Role::Assistant,
+            text: text.into(),
+            images: 0,
+        }
     }
     pub fn system(text: impl Into<String>) -> Self {
-        Self { role: Role::System, text: text.into(), images: 0 }
+        Self {
+            role: Role::System,
+            text: text.into(),
+            images: 0,
+        }
     }
 
     /// The text with its images as `<image>\n` in front, as the original prepends them.
@@ -110,7 +122,12 @@ impl ConvTemplate {
 
     /// Renders `messages` (a system message is optional and overrides the default) as
     /// segments. With `add_generation_prompt`, ends with the cue for the assistant's next turn.
-    pub fn segments(&self, messages: &[Message], eos: &str, add_generation_prompt: bool) -> Vec<Segment> {
+    pub fn segments(
+        &self,
+        messages: &[Message],
+        eos: &str,
+        add_generation_prompt: bool,
+    ) -> Vec<Segment> {
         let system = messages
             .iter()
             .find(|m| m.role == Role::System)
@@ -120,8 +137,14 @@ impl ConvTemplate {
         let mut out = Vec::new();
         let mut prompt = String::new();
         let answer = |prompt: &mut String, text: String, out: &mut Vec<Segment>| {
-            out.push(Segment { text: std::mem::take(prompt), supervised: false });
-            out.push(Segment { text, supervised: true });
+            out.push(Segment {
+                text: std::mem::take(prompt),
+                supervised: false,
+            });
+            out.push(Segment {
+                text,
+                supervised: true,
+            });
         };
         match self {
             Self::LlavaV1 => {
@@ -145,7 +168,9 @@ impl ConvTemplate {
                 prompt.push_str("###");
                 for m in &turns {
                     match m.role {
-                        Role::User => prompt.push_str(&format!("Human: {}###", m.text_with_images())),
+                        Role::User => {
+                            prompt.push_str(&format!("Human: {}###", m.text_with_images()))
+                        }
                         _ => {
                             prompt.push_str("Assistant:");
                             answer(&mut prompt, format!(" {}###", m.text), &mut out);
@@ -163,7 +188,9 @@ impl ConvTemplate {
                         Role::User => {
                             let text = m.text_with_images();
                             if first && !system.is_empty() {
-                                prompt.push_str(&format!("[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{text} [/INST]"));
+                                prompt.push_str(&format!(
+                                    "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{text} [/INST]"
+                                ));
                             } else {
                                 // BOS is added by the tokenizer for the first turn only.
                                 let bos = if first { "" } else { "<s>" };
@@ -209,14 +236,20 @@ impl ConvTemplate {
             }
         }
         if !prompt.is_empty() {
-            out.push(Segment { text: prompt, supervised: false });
+            out.push(Segment {
+                text: prompt,
+                supervised: false,
+            });
         }
         out
     }
 
     /// The prompt as one string, for inference.
     pub fn render(&self, messages: &[Message], eos: &str, add_generation_prompt: bool) -> String {
-        self.segments(messages, eos, add_generation_prompt).into_iter().map(|s| s.text).collect()
+        self.segments(messages, eos, add_generation_prompt)
+            .into_iter()
+            .map(|s| s.text)
+            .collect()
     }
 
     /// Text at which generation should stop, besides EOS.
@@ -247,7 +280,9 @@ mod tests {
         let s = ConvTemplate::LlavaV1.render(&two_turns(), "</s>", false);
         assert_eq!(
             s,
-            format!("{VICUNA_SYSTEM} USER: <image>\nWhat is this? ASSISTANT: A cat.</s>USER: What colour? ASSISTANT: Black.</s>")
+            format!(
+                "{VICUNA_SYSTEM} USER: <image>\nWhat is this? ASSISTANT: A cat.</s>USER: What colour? ASSISTANT: Black.</s>"
+            )
         );
         let q = ConvTemplate::LlavaV1.render(&[Message::user("Hi", 1)], "</s>", true);
         assert_eq!(q, format!("{VICUNA_SYSTEM} USER: <image>\nHi ASSISTANT:"));
@@ -255,11 +290,21 @@ mod tests {
 
     #[test]
     fn supervised_segments_are_exactly_the_answers() {
-        for t in ConvTemplate::NAMES.iter().filter_map(|n| ConvTemplate::from_name(n)) {
+        for t in ConvTemplate::NAMES
+            .iter()
+            .filter_map(|n| ConvTemplate::from_name(n))
+        {
             let segs = t.segments(&two_turns(), "</s>", false);
-            let answers: Vec<&str> = segs.iter().filter(|s| s.supervised).map(|s| s.text.as_str()).collect();
+            let answers: Vec<&str> = segs
+                .iter()
+                .filter(|s| s.supervised)
+                .map(|s| s.text.as_str())
+                .collect();
             assert_eq!(answers.len(), 2, "{t:?}");
-            assert!(answers[0].contains("A cat.") && answers[1].contains("Black."), "{t:?}: {answers:?}");
+            assert!(
+                answers[0].contains("A cat.") && answers[1].contains("Black."),
+                "{t:?}: {answers:?}"
+            );
             let all: String = segs.iter().map(|s| s.text.as_str()).collect();
             assert_eq!(all, t.render(&two_turns(), "</s>", false));
         }
@@ -268,7 +313,10 @@ mod tests {
     #[test]
     fn other_templates() {
         let m = [Message::user("Q", 1), Message::assistant("A")];
-        assert_eq!(ConvTemplate::Plain.render(&m, "</s>", false), "<image>A</s>");
+        assert_eq!(
+            ConvTemplate::Plain.render(&m, "</s>", false),
+            "<image>A</s>"
+        );
         assert_eq!(
             ConvTemplate::LlavaV0.render(&m, "</s>", false),
             format!("{VICUNA_SYSTEM}###Human: <image>\nQ###Assistant: A###")

@@ -15,12 +15,21 @@ pub enum PromptTemplate {
 impl PromptTemplate {
     /// `name` wins when given; otherwise the checkpoint's chat template; otherwise `fallback`
     /// (the original layout ships no template and was trained with `llava_v1`).
-    pub fn select(dir: &Path, name: Option<&str>, fallback: ConvTemplate) -> Result<Self, TemplateError> {
+    pub fn select(
+        dir: &Path,
+        name: Option<&str>,
+        fallback: ConvTemplate,
+    ) -> Result<Self, TemplateError> {
         if let Some(name) = name {
-            return ConvTemplate::from_name(name).map(Self::Named).ok_or_else(|| TemplateError::Load {
-                path: name.into(),
-                message: format!("unknown template; choose one of {}", ConvTemplate::NAMES.join(", ")),
-            });
+            return ConvTemplate::from_name(name)
+                .map(Self::Named)
+                .ok_or_else(|| TemplateError::Load {
+                    path: name.into(),
+                    message: format!(
+                        "unknown template; choose one of {}",
+                        ConvTemplate::NAMES.join(", ")
+                    ),
+                });
         }
         Ok(match ChatTemplate::find(dir)? {
             Some(t) => Self::Chat(t),

@@ -27,9 +27,15 @@ pub struct Turn {
 
 impl Turn {
     pub fn human(value: impl Into<String>) -> Self {
-        Self { from: "human".into(), value: value.into() }
+        Self {
+            from: "human".into(),
+            value: value.into(),
+        }
     }
     pub fn gpt(value: impl Into<String>) -> Self {
-        Self { from: "gpt".into(), value: value.into() }
+        Self {
+            from: "gpt".into(),
+            value: value.into(),
+        }
     }
 }

@@ -53,22 +53,32 @@ impl Tokenizer {
                     .into(),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| TokenizerError::Load { path: path.clone(), message: e.to_string() })?;
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| TokenizerError::Load {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
         let config = read_optional_json(&dir.join("tokenizer_config.json"))?;
         let special = |key: &str, fallback: &str| -> Option<String> {
-            let from_config = config.as_ref().and_then(|c| c.get(key)).and_then(|v| match v {
-                Value::String(s) => Some(s.clone()),
-                // Older configs store `{"content": "</s>", ...}` objects.
-                Value::Object(o) => o.get("content").and_then(Value::as_str).map(String::from),
-                _ => None,
-            });
+            let from_config = config
+                .as_ref()
+                .and_then(|c| c.get(key))
+                .and_then(|v| match v {
+                    Value::String(s) => Some(s.clone()),
+                    // Older configs store `{"content": "</s>", ...}` objects.
+                    Value::Object(o) => o.get("content").and_then(Value::as_str).map(String::from),
+                    _ => None,
+                });
             from_config.or_else(|| inner.token_to_id(fallback).map(|_| fallback.to_string()))
         };
         let bos_token = special("bos_token", "<s>");
         let eos_token = special("eos_token", "</s>");
         let eos_token_id = eos_token.as_deref().and_then(|t| inner.token_to_id(t));
-        Ok(Self { inner, bos_token, eos_token, eos_token_id })
+        Ok(Self {
+            inner,
+            bos_token,
+            eos_token,
+            eos_token_id,
+        })
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
@@ -88,7 +98,9 @@ impl Tokenizer {
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TokenizerError> {
-        self.inner.decode(ids, skip_special_tokens).map_err(|e| TokenizerError::Encode(e.to_string()))
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))
     }
 
     /// The image-token convention for this vocabulary; `fallback_id` is the model's
@@ -109,7 +121,8 @@ impl Tokenizer {
     ) -> Result<Vec<u32>, TokenizerError> {
         match image {
             ImageTokens::Expand { .. } => {
-                let expanded = prompt.replace(IMAGE_PLACEHOLDER, &IMAGE_PLACEHOLDER.repeat(n_image_tokens));
+                let expanded =
+                    prompt.replace(IMAGE_PLACEHOLDER, &IMAGE_PLACEHOLDER.repeat(n_image_tokens));
                 self.encode(&expanded, true)
             }
             ImageTokens::Split { id } => {
@@ -143,14 +156,21 @@ pub struct StreamDecoder<'a> {
 
 impl<'a> StreamDecoder<'a> {
     pub fn new(tokenizer: &'a Tokenizer) -> Self {
-        Self { tokenizer, ids: Vec::new(), emitted: 0 }
+        Self {
+            tokenizer,
+            ids: Vec::new(),
+            emitted: 0,
+        }
     }
 
     /// Adds one id and returns the newly completed text, if any.
     pub fn push(&mut self, id: u32) -> Result<String, TokenizerError> {
         self.ids.push(id);
         let text = self.tokenizer.decode(&self.ids, true)?;
-        if text.ends_with('\u{FFFD}') || text.len() < self.emitted || !text.is_char_boundary(self.emitted) {
+        if text.ends_with('\u{FFFD}')
+            || text.len() < self.emitted
+            || !text.is_char_boundary(self.emitted)
+        {
             return Ok(String::new());
         }
         let new = text[self.emitted..].to_string();
@@ -167,9 +187,14 @@ pub(crate) fn read_optional_json(path: &Path) -> Result<Option<Value>, Tokenizer
     if !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| TokenizerError::Load { path: path.to_path_buf(), message: e.to_string() })?;
+    let text = std::fs::read_to_string(path).map_err(|e| TokenizerError::Load {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
     serde_json::from_str(&text)
         .map(Some)
-        .map_err(|e| TokenizerError::Load { path: path.to_path_buf(), message: format!("invalid JSON: {e}") })
+        .map_err(|e| TokenizerError::Load {
+            path: path.to_path_buf(),
+            message: format!("invalid JSON: {e}"),
+        })
 }

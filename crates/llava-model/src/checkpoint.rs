@@ -35,15 +35,30 @@ impl Checkpoint {
         let config_path = dir.join("config.json");
         let json = read_json(&config_path)?;
         if json.get("vision_config").is_some() {
-            let config: LlavaConfig = serde_json::from_value(json)
-                .map_err(|source| ModelError::Json { path: config_path.clone(), source })?;
-            config.validate().map_err(|m| ModelError::config(&config_path, m))?;
-            return Ok(Self { dir, config, layout: Layout::Hf });
+            let config: LlavaConfig =
+                serde_json::from_value(json).map_err(|source| ModelError::Json {
+                    path: config_path.clone(),
+                    source,
+                })?;
+            config
+                .validate()
+                .map_err(|m| ModelError::config(&config_path, m))?;
+            return Ok(Self {
+                dir,
+                config,
+                layout: Layout::Hf,
+            });
         }
         if json.get("mm_vision_tower").is_some() || json.get("mm_projector_type").is_some() {
             let (config, vision_tower_dir) = original_config(&dir, &json, vision_tower)?;
-            config.validate().map_err(|m| ModelError::config(&config_path, m))?;
-            return Ok(Self { dir, config, layout: Layout::Original { vision_tower_dir } });
+            config
+                .validate()
+                .map_err(|m| ModelError::config(&config_path, m))?;
+            return Ok(Self {
+                dir,
+                config,
+                layout: Layout::Original { vision_tower_dir },
+            });
         }
         Err(ModelError::config(
             &config_path,
@@ -71,7 +86,9 @@ impl Checkpoint {
     /// The directory holding `preprocessor_config.json`: the CLIP directory in the original layout.
     pub fn preprocessor_dir(&self) -> &Path {
         match &self.layout {
-            Layout::Original { vision_tower_dir } if !self.dir.join("preprocessor_config.json").is_file() => {
+            Layout::Original { vision_tower_dir }
+                if !self.dir.join("preprocessor_config.json").is_file() =>
+            {
                 vision_tower_dir
             }
             _ => &self.dir,
@@ -80,8 +97,14 @@ impl Checkpoint {
 }
 
 pub(crate) fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
-    serde_json::from_str(&text).map_err(|source| ModelError::Json { path: path.to_path_buf(), source })
+    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| ModelError::Json {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// A directory as given, else `org/name` looked up in the HF hub cache (`HF_HUB_CACHE`,
@@ -95,13 +118,15 @@ pub fn resolve_model_dir(model: &str) -> Result<PathBuf> {
         return Ok(p.to_path_buf());
     }
     if p.exists() {
-        return Err(ModelError::config(p, "is not a directory (give the checkpoint directory)"));
+        return Err(ModelError::config(
+            p,
+            "is not a directory (give the checkpoint directory)",
+        ));
     }
-    let looks_like_id = model.split('/').count() == 2 && !model.starts_with('.') && !model.starts_with('/');
-    if looks_like_id {
-        if let Some(dir) = hub_cache_snapshot(model) {
-            return Ok(dir);
-        }
+    let looks_like_id =
+        model.split('/').count() == 2 && !model.starts_with('.') && !model.starts_with('/');
+    if let Some(dir) = looks_like_id.then(|| hub_cache_snapshot(model)).flatten() {
+        return Ok(dir);
     }
     Err(ModelError::ModelNotFound(model.to_string()))
 }
@@ -113,7 +138,9 @@ fn hub_cache_root() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("HF_HOME") {
         return Some(PathBuf::from(p).join("hub"));
     }
-    std::env::var("HOME").ok().map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
+    std::env::var("HOME")
+        .ok()
+        .map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
 }
 
 fn hub_cache_snapshot(id: &str) -> Option<PathBuf> {
@@ -135,20 +162,36 @@ fn hub_cache_snapshot(id: &str) -> Option<PathBuf> {
 }
 
 /// Translates a liuhaotian `config.json` (flat LLaMA fields + `mm_*`) into an HF `LlavaConfig`.
-fn original_config(dir: &Path, json: &Value, vision_tower: Option<&Path>) -> Result<(LlavaConfig, PathBuf)> {
+fn original_config(
+    dir: &Path,
+    json: &Value,
+    vision_tower: Option<&Path>,
+) -> Result<(LlavaConfig, PathBuf)> {
     let config_path = dir.join("config.json");
     let bad = |m: String| ModelError::config(&config_path, m);
     let mut text_config: LlamaConfig =
-        serde_json::from_value(json.clone()).map_err(|source| ModelError::Json { path: config_path.clone(), source })?;
+        serde_json::from_value(json.clone()).map_err(|source| ModelError::Json {
+            path: config_path.clone(),
+            source,
+        })?;
     text_config.model_type = "llama".into();
     if json.get("mm_use_im_start_end").and_then(Value::as_bool) == Some(true) {
-        return Err(bad("mm_use_im_start_end = true (LLaVA v0 image start/end tokens) is not supported".into()));
+        return Err(bad(
+            "mm_use_im_start_end = true (LLaVA v0 image start/end tokens) is not supported".into(),
+        ));
     }
     let vision_tower_dir = match vision_tower {
         Some(p) => p.to_path_buf(),
         None => {
-            let name = json.get("mm_vision_tower").and_then(Value::as_str).unwrap_or("openai/clip-vit-large-patch14-336");
-            let local = if Path::new(name).is_absolute() { PathBuf::from(name) } else { dir.join(name) };
+            let name = json
+                .get("mm_vision_tower")
+                .and_then(Value::as_str)
+                .unwrap_or("openai/clip-vit-large-patch14-336");
+            let local = if Path::new(name).is_absolute() {
+                PathBuf::from(name)
+            } else {
+                dir.join(name)
+            };
             if local.join("config.json").is_file() {
                 local
             } else {
@@ -165,16 +208,36 @@ fn original_config(dir: &Path, json: &Value, vision_tower: Option<&Path>) -> Res
     // A full CLIPModel config nests the tower; a CLIPVisionModel config is the tower.
     let vision_json = clip.get("vision_config").cloned().unwrap_or(clip);
     let vision_config: ClipVisionConfig =
-        serde_json::from_value(vision_json).map_err(|source| ModelError::Json { path: clip_path, source })?;
-    let layer = json.get("mm_vision_select_layer").and_then(Value::as_i64).unwrap_or(-2);
-    let strategy = match json.get("mm_vision_select_feature").and_then(Value::as_str).unwrap_or("patch") {
+        serde_json::from_value(vision_json).map_err(|source| ModelError::Json {
+            path: clip_path,
+            source,
+        })?;
+    let layer = json
+        .get("mm_vision_select_layer")
+        .and_then(Value::as_i64)
+        .unwrap_or(-2);
+    let strategy = match json
+        .get("mm_vision_select_feature")
+        .and_then(Value::as_str)
+        .unwrap_or("patch")
+    {
         "patch" => SelectStrategy::Default,
         "cls_patch" => SelectStrategy::Full,
-        other => return Err(bad(format!("mm_vision_select_feature `{other}` is not supported (patch, cls_patch)"))),
+        other => {
+            return Err(bad(format!(
+                "mm_vision_select_feature `{other}` is not supported (patch, cls_patch)"
+            )));
+        }
     };
-    let projector_type = json.get("mm_projector_type").and_then(Value::as_str).unwrap_or("linear");
-    let depth = parse_projector_type(projector_type)
-        .ok_or_else(|| bad(format!("mm_projector_type `{projector_type}` is not supported (linear, mlpNx_gelu)")))?;
+    let projector_type = json
+        .get("mm_projector_type")
+        .and_then(Value::as_str)
+        .unwrap_or("linear");
+    let depth = parse_projector_type(projector_type).ok_or_else(|| {
+        bad(format!(
+            "mm_projector_type `{projector_type}` is not supported (linear, mlpNx_gelu)"
+        ))
+    })?;
     let image_token_index = text_config.vocab_size as u32;
     let config = LlavaConfig {
         vision_config,
@@ -185,7 +248,10 @@ fn original_config(dir: &Path, json: &Value, vision_tower: Option<&Path>) -> Res
         vision_feature_layer: FeatureLayer::Single(layer),
         multimodal_projector_bias: true,
         projector_depth: Some(depth),
-        image_aspect_ratio: json.get("image_aspect_ratio").and_then(Value::as_str).map(String::from),
+        image_aspect_ratio: json
+            .get("image_aspect_ratio")
+            .and_then(Value::as_str)
+            .map(String::from),
         model_type: "llava".into(),
         architectures: None,
     };
@@ -197,7 +263,11 @@ fn parse_projector_type(t: &str) -> Option<usize> {
     if t == "linear" {
         return Some(1);
     }
-    t.strip_prefix("mlp")?.strip_suffix("x_gelu")?.parse().ok().filter(|&n| n >= 1)
+    t.strip_prefix("mlp")?
+        .strip_suffix("x_gelu")?
+        .parse()
+        .ok()
+        .filter(|&n| n >= 1)
 }
 
 #[cfg(test)]

@@ -163,7 +163,8 @@ impl LlamaConfig {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
     /// Resolves `rope_theta` given flat or under `rope_parameters`, and the scaling kind.
     pub fn rope(&self) -> Result<Rope, String> {
@@ -172,16 +173,30 @@ impl LlamaConfig {
             .and_then(|p| p.rope_theta)
             .or(self.rope_theta)
             .unwrap_or(10000.0);
-        let kind = params.and_then(|p| p.rope_type.clone()).unwrap_or_else(|| "default".into());
+        let kind = params
+            .and_then(|p| p.rope_type.clone())
+            .unwrap_or_else(|| "default".into());
         let linear_factor = match kind.as_str() {
             "default" => 1.0,
-            "linear" => params.and_then(|p| p.factor).ok_or("rope scaling `linear` needs a `factor`")?,
-            other => return Err(format!("rope scaling type `{other}` is not supported (supported: default, linear)")),
+            "linear" => params
+                .and_then(|p| p.factor)
+                .ok_or("rope scaling `linear` needs a `factor`")?,
+            other => {
+                return Err(format!(
+                    "rope scaling type `{other}` is not supported (supported: default, linear)"
+                ));
+            }
         };
-        Ok(Rope { theta, linear_factor })
+        Ok(Rope {
+            theta,
+            linear_factor,
+        })
     }
     pub fn eos_ids(&self) -> Vec<u32> {
-        self.eos_token_id.as_ref().map(|e| e.ids()).unwrap_or_else(|| vec![2])
+        self.eos_token_id
+            .as_ref()
+            .map(|e| e.ids())
+            .unwrap_or_else(|| vec![2])
     }
 }
 
@@ -248,17 +263,25 @@ impl LlavaConfig {
     pub fn validate(&self) -> Result<(), String> {
         let v = &self.vision_config;
         let t = &self.text_config;
-        if v.patch_size == 0 || v.image_size % v.patch_size != 0 {
+        if v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size) {
             return Err(format!(
                 "vision_config.image_size {} is not a multiple of patch_size {}",
                 v.image_size, v.patch_size
             ));
         }
-        if v.num_attention_heads == 0 || v.hidden_size % v.num_attention_heads != 0 {
-            return Err("vision_config.hidden_size is not a multiple of num_attention_heads".into());
+        if v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) {
+            return Err(
+                "vision_config.hidden_size is not a multiple of num_attention_heads".into(),
+            );
         }
-        if !matches!(v.hidden_act.as_str(), "quick_gelu" | "gelu" | "gelu_new" | "gelu_pytorch_tanh") {
-            return Err(format!("vision_config.hidden_act `{}` is not supported", v.hidden_act));
+        if !matches!(
+            v.hidden_act.as_str(),
+            "quick_gelu" | "gelu" | "gelu_new" | "gelu_pytorch_tanh"
+        ) {
+            return Err(format!(
+                "vision_config.hidden_act `{}` is not supported",
+                v.hidden_act
+            ));
         }
         let n_layers = v.num_hidden_layers as i64;
         for l in self.vision_feature_layer.layers() {
@@ -268,49 +291,106 @@ impl LlavaConfig {
                 ));
             }
         }
-        if !matches!(t.model_type.as_str(), "llama" | "mistral" | "vicuna" | "llava_llama") {
+        if !matches!(
+            t.model_type.as_str(),
+            "llama" | "mistral" | "vicuna" | "llava_llama"
+        ) {
             return Err(format!(
                 "text_config.model_type `{}` is not supported (supported: llama)",
                 t.model_type
             ));
         }
         if t.hidden_act != "silu" {
-            return Err(format!("text_config.hidden_act `{}` is not supported (supported: silu)", t.hidden_act));
+            return Err(format!(
+                "text_config.hidden_act `{}` is not supported (supported: silu)",
+                t.hidden_act
+            ));
         }
-        if t.num_attention_heads == 0 || t.num_kv_heads() == 0 || t.num_attention_heads % t.num_kv_heads() != 0 {
-            return Err("text_config.num_attention_heads is not a multiple of num_key_value_heads".into());
+        if t.num_attention_heads == 0
+            || t.num_kv_heads() == 0
+            || !t.num_attention_heads.is_multiple_of(t.num_kv_heads())
+        {
+            return Err(
+                "text_config.num_attention_heads is not a multiple of num_key_value_heads".into(),
+            );
         }
-        if t.head_dim() % 2 != 0 {
+        if !t.head_dim().is_multiple_of(2) {
             return Err("text_config head_dim must be even for rotary embeddings".into());
         }
         t.rope().map_err(|e| format!("text_config: {e}"))?;
-        if !matches!(self.projector_hidden_act.as_str(), "gelu" | "gelu_new" | "gelu_pytorch_tanh" | "relu" | "silu" | "quick_gelu") {
-            return Err(format!("projector_hidden_act `{}` is not supported", self.projector_hidden_act));
+        if !matches!(
+            self.projector_hidden_act.as_str(),
+            "gelu" | "gelu_new" | "gelu_pytorch_tanh" | "relu" | "silu" | "quick_gelu"
+        ) {
+            return Err(format!(
+                "projector_hidden_act `{}` is not supported",
+                self.projector_hidden_act
+            ));
         }
         Ok(())
     }
 }
 
-fn d3() -> usize { 3 }
-fn d12() -> usize { 12 }
-fn d32() -> usize { 32 }
-fn d224() -> usize { 224 }
-fn d768() -> usize { 768 }
-fn d2048() -> usize { 2048 }
-fn d3072() -> usize { 3072 }
-fn d4096() -> usize { 4096 }
-fn d11008() -> usize { 11008 }
-fn d32000() -> usize { 32000 }
-fn d32000_u32() -> u32 { 32000 }
-fn eps_1e5() -> f64 { 1e-5 }
-fn eps_1e6() -> f64 { 1e-6 }
-fn yes() -> bool { true }
-fn quick_gelu() -> String { "quick_gelu".into() }
-fn gelu() -> String { "gelu".into() }
-fn silu() -> String { "silu".into() }
-fn llama_type() -> String { "llama".into() }
-fn llava_type() -> String { "llava".into() }
-fn clip_vision_type() -> String { "clip_vision_model".into() }
+fn d3() -> usize {
+    3
+}
+fn d12() -> usize {
+    12
+}
+fn d32() -> usize {
+    32
+}
+fn d224() -> usize {
+    224
+}
+fn d768() -> usize {
+    768
+}
+fn d2048() -> usize {
+    2048
+}
+fn d3072() -> usize {
+    3072
+}
+fn d4096() -> usize {
+    4096
+}
+fn d11008() -> usize {
+    11008
+}
+fn d32000() -> usize {
+    32000
+}
+fn d32000_u32() -> u32 {
+    32000
+}
+fn eps_1e5() -> f64 {
+    1e-5
+}
+fn eps_1e6() -> f64 {
+    1e-6
+}
+fn yes() -> bool {
+    true
+}
+fn quick_gelu() -> String {
+    "quick_gelu".into()
+}
+fn gelu() -> String {
+    "gelu".into()
+}
+fn silu() -> String {
+    "silu".into()
+}
+fn llama_type() -> String {
+    "llama".into()
+}
+fn llava_type() -> String {
+    "llava".into()
+}
+fn clip_vision_type() -> String {
+    "clip_vision_model".into()
+}
 
 #[cfg(test)]
 mod tests {
@@ -339,7 +419,13 @@ mod tests {
         assert_eq!(c.vision_config.hidden_act, "quick_gelu");
         assert_eq!(c.image_seq_len(), 576);
         assert_eq!(c.projector().depth, 2);
-        assert_eq!(c.text_config.rope().expect("rope"), Rope { theta: 10000.0, linear_factor: 1.0 });
+        assert_eq!(
+            c.text_config.rope().expect("rope"),
+            Rope {
+                theta: 10000.0,
+                linear_factor: 1.0
+            }
+        );
     }
 
     #[test]
@@ -351,7 +437,13 @@ mod tests {
         c.validate().expect("valid");
         assert_eq!(c.image_token_index, 7);
         assert_eq!(c.projector_input_size(), 2 * 768);
-        assert_eq!(c.text_config.rope().expect("rope"), Rope { theta: 500000.0, linear_factor: 2.0 });
+        assert_eq!(
+            c.text_config.rope().expect("rope"),
+            Rope {
+                theta: 500000.0,
+                linear_factor: 2.0
+            }
+        );
         assert_eq!(c.image_seq_len(), 50);
     }
 
@@ -363,6 +455,10 @@ mod tests {
         assert!(e.contains("yarn"), "{e}");
         let json = r#"{"vision_config": {}, "text_config": {}, "vision_feature_layer": -20}"#;
         let c: LlavaConfig = serde_json::from_str(json).expect("parses");
-        assert!(c.validate().expect_err("out of range").contains("vision_feature_layer"));
+        assert!(
+            c.validate()
+                .expect_err("out of range")
+                .contains("vision_feature_layer")
+        );
     }
 }

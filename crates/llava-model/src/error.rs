@@ -24,7 +24,11 @@ pub enum ModelError {
     #[error("weight `{name}` is missing from the checkpoint in {dir}")]
     MissingTensor { name: String, dir: PathBuf },
     #[error("weight `{name}` has shape {got:?}, but the config implies {expected:?}")]
-    WrongShape { name: String, expected: Vec<usize>, got: Vec<usize> },
+    WrongShape {
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
     #[error("model `{0}` is neither a local directory nor a model in the local Hugging Face cache")]
     ModelNotFound(String),
     #[error("{0}")]
@@ -43,6 +47,9 @@ pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 
 impl ModelError {
     pub(crate) fn config(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        Self::Config { path: path.into(), message: message.into() }
+        Self::Config {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 }

@@ -25,7 +25,12 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 }
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+        }
     }
 }
 
@@ -36,7 +41,8 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Self> {
-        if !(params.temperature >= 0.0) || !(params.top_p > 0.0 && params.top_p <= 1.0) {
+        let valid = params.temperature >= 0.0 && params.top_p > 0.0 && params.top_p <= 1.0;
+        if !valid {
             return Err(ModelError::Input(format!(
                 "temperature must be >= 0 and top_p in (0, 1]; got temperature {} and top_p {}",
                 params.temperature, params.top_p
@@ -58,8 +64,11 @@ impl Sampler {
         // Softmax at temperature, then keep the top-k and the smallest nucleus of mass top_p.
         let t = self.params.temperature as f32;
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut probs: Vec<(u32, f32)> =
-            logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) / t).exp())).collect();
+        let mut probs: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, ((l - max) / t).exp()))
+            .collect();
         probs.sort_by(|a, b| b.1.total_cmp(&a.1));
         if self.params.top_k > 0 {
             probs.truncate(self.params.top_k);
@@ -114,7 +123,11 @@ impl GenerationStats {
     pub fn decode_tok_s(&self) -> f64 {
         // The first token comes out of prefill; decode speed counts the steps after it.
         let steps = self.generated.saturating_sub(1);
-        if self.decode_ms > 0.0 { steps as f64 / (self.decode_ms / 1000.0) } else { 0.0 }
+        if self.decode_ms > 0.0 {
+            steps as f64 / (self.decode_ms / 1000.0)
+        } else {
+            0.0
+        }
     }
 }
 
@@ -130,7 +143,10 @@ pub fn generate(
     eos: &[u32],
     mut on_token: impl FnMut(u32) -> ControlFlow<()>,
 ) -> Result<(Vec<u32>, GenerationStats)> {
-    let mut stats = GenerationStats { prompt_tokens: input_ids.len(), ..Default::default() };
+    let mut stats = GenerationStats {
+        prompt_tokens: input_ids.len(),
+        ..Default::default()
+    };
     let mut tokens = Vec::new();
     if max_new_tokens == 0 {
         return Ok((tokens, stats));
@@ -146,7 +162,9 @@ pub fn generate(
     let mut cache = KvCache::new();
     let ids = [input_ids.to_vec()];
     let embeds = model.embed(&ids, features.as_ref())?;
-    let hidden = model.language_model.forward(&embeds, None, &mut cache, Mode::Infer)?;
+    let hidden = model
+        .language_model
+        .forward(&embeds, None, &mut cache, Mode::Infer)?;
     let last = hidden.narrow(1, input_ids.len() - 1, 1)?;
     let mut logits = model.language_model.logits(&last)?.flatten_all()?;
     stats.prefill_ms = clock.elapsed().as_secs_f64() * 1000.0;
@@ -160,7 +178,9 @@ pub fn generate(
             break;
         }
         let embeds = model.language_model.embed(&[vec![next]])?;
-        let hidden = model.language_model.forward(&embeds, None, &mut cache, Mode::Infer)?;
+        let hidden = model
+            .language_model
+            .forward(&embeds, None, &mut cache, Mode::Infer)?;
         logits = model.language_model.logits(&hidden)?.flatten_all()?;
     }
     stats.decode_ms = clock.elapsed().as_secs_f64() * 1000.0;
@@ -179,23 +199,53 @@ mod tests {
 
     #[test]
     fn sampling_is_seeded_and_respects_top_k() {
-        let logits = Tensor::new(&[1.0f32, 2.0, 3.0, 4.0], &candle_core::Device::Cpu).expect("tensor");
-        let params = SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 2, seed: 7 };
+        let logits =
+            Tensor::new(&[1.0f32, 2.0, 3.0, 4.0], &candle_core::Device::Cpu).expect("tensor");
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 2,
+            seed: 7,
+        };
         let draw = |p: &SamplingParams| -> Vec<u32> {
             let mut s = Sampler::new(p.clone()).expect("sampler");
-            (0..50).map(|_| s.sample(&logits).expect("sample")).collect()
+            (0..50)
+                .map(|_| s.sample(&logits).expect("sample"))
+                .collect()
         };
         let a = draw(&params);
         assert_eq!(a, draw(&params), "same seed, same draws");
-        assert!(a.iter().all(|&t| t == 2 || t == 3), "top-k 2 keeps only the two best: {a:?}");
+        assert!(
+            a.iter().all(|&t| t == 2 || t == 3),
+            "top-k 2 keeps only the two best: {a:?}"
+        );
         assert!(a.contains(&2) && a.contains(&3));
-        let nucleus = SamplingParams { top_k: 0, top_p: 0.5, ..params };
-        assert!(draw(&nucleus).iter().all(|&t| t == 3), "p(4th)=0.64 alone covers top_p 0.5");
+        let nucleus = SamplingParams {
+            top_k: 0,
+            top_p: 0.5,
+            ..params
+        };
+        assert!(
+            draw(&nucleus).iter().all(|&t| t == 3),
+            "p(4th)=0.64 alone covers top_p 0.5"
+        );
     }
 
     #[test]
     fn bad_params_are_rejected() {
-        assert!(Sampler::new(SamplingParams { temperature: -1.0, ..Default::default() }).is_err());
-        assert!(Sampler::new(SamplingParams { top_p: 0.0, ..Default::default() }).is_err());
+        assert!(
+            Sampler::new(SamplingParams {
+                temperature: -1.0,
+                ..Default::default()
+            })
+            .is_err()
+        );
+        assert!(
+            Sampler::new(SamplingParams {
+                top_p: 0.0,
+                ..Default::default()
+            })
+            .is_err()
+        );
     }
 }

@@ -6,7 +6,10 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
-use crate::config::{ClipVisionConfig, FeatureLayer, LlamaConfig, LlavaConfig, RopeParameters, SelectStrategy, TokenIds};
+use crate::config::{
+    ClipVisionConfig, FeatureLayer, LlamaConfig, LlavaConfig, RopeParameters, SelectStrategy,
+    TokenIds,
+};
 use crate::error::Result;
 use crate::llava::Llava;
 use crate::save::{write_atomic, write_config, write_safetensors};
@@ -32,7 +35,15 @@ fn clip_l14_336() -> ClipVisionConfig {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn llama(vocab: usize, hidden: usize, inter: usize, layers: usize, heads: usize, kv: usize, ctx: usize) -> LlamaConfig {
+fn llama(
+    vocab: usize,
+    hidden: usize,
+    inter: usize,
+    layers: usize,
+    heads: usize,
+    kv: usize,
+    ctx: usize,
+) -> LlamaConfig {
     LlamaConfig {
         vocab_size: vocab,
         hidden_size: hidden,
@@ -46,7 +57,11 @@ fn llama(vocab: usize, hidden: usize, inter: usize, layers: usize, heads: usize,
         rms_norm_eps: 1e-5,
         rope_theta: Some(10000.0),
         rope_scaling: None,
-        rope_parameters: Some(RopeParameters { rope_type: Some("default".into()), factor: None, rope_theta: Some(10000.0) }),
+        rope_parameters: Some(RopeParameters {
+            rope_type: Some("default".into()),
+            factor: None,
+            rope_theta: Some(10000.0),
+        }),
         attention_bias: false,
         mlp_bias: false,
         tie_word_embeddings: false,
@@ -61,9 +76,17 @@ fn llama(vocab: usize, hidden: usize, inter: usize, layers: usize, heads: usize,
 /// and `<pad>` (32001), padded to 32064 as llava-hf does.
 pub fn shape_config(name: &str) -> Option<LlavaConfig> {
     let (vision, text, image_token) = match name {
-        "llava-1.5-7b" => (clip_l14_336(), llama(32064, 4096, 11008, 32, 32, 32, 4096), 32000),
+        "llava-1.5-7b" => (
+            clip_l14_336(),
+            llama(32064, 4096, 11008, 32, 32, 32, 4096),
+            32000,
+        ),
         // TinyLlama-1.1B's decoder behind LLaVA-1.5's tower.
-        "tiny-1b" => (clip_l14_336(), llama(32064, 2048, 5632, 22, 32, 4, 2048), 32000),
+        "tiny-1b" => (
+            clip_l14_336(),
+            llama(32064, 2048, 5632, 22, 32, 4, 2048),
+            32000,
+        ),
         // The training benchmark: a ViT-B/16-sized tower and 4 × 512-wide LLaMA layers.
         "train-bench" => (
             ClipVisionConfig {
@@ -112,8 +135,16 @@ pub fn shape_config(name: &str) -> Option<LlavaConfig> {
 
 /// Writes a complete random-weight checkpoint: weights, config, tokenizer, processor config
 /// and the llava-1.5 chat template.
-pub fn write_random_checkpoint(config: &LlavaConfig, dir: &Path, dtype: DType, seed: u64) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|source| crate::error::ModelError::Io { path: dir.to_path_buf(), source })?;
+pub fn write_random_checkpoint(
+    config: &LlavaConfig,
+    dir: &Path,
+    dtype: DType,
+    seed: u64,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|source| crate::error::ModelError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     let weights = Weights::random(dtype, Device::Cpu, seed, 0.02);
     Llava::load(config, &weights)?;
     // `Llava::load` skips vision layers LLaVA never runs; HF expects the whole tower.
@@ -122,15 +153,30 @@ pub fn write_random_checkpoint(config: &LlavaConfig, dir: &Path, dtype: DType, s
     crate::vision_tower::ClipVisionTower::load(&extra.pp("vision_tower"), v, v.num_hidden_layers)?;
     let mut tensors = weights.take_random();
     let have: std::collections::HashSet<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
-    tensors.extend(extra.take_random().into_iter().filter(|(n, _)| !have.contains(n)));
+    tensors.extend(
+        extra
+            .take_random()
+            .into_iter()
+            .filter(|(n, _)| !have.contains(n)),
+    );
     // CLIPVisionModel also has a post-layernorm, which LLaVA never uses.
     let h = config.vision_config.hidden_size;
-    tensors.push(("vision_tower.post_layernorm.weight".into(), Tensor::ones(h, dtype, &Device::Cpu)?));
-    tensors.push(("vision_tower.post_layernorm.bias".into(), Tensor::zeros(h, dtype, &Device::Cpu)?));
+    tensors.push((
+        "vision_tower.post_layernorm.weight".into(),
+        Tensor::ones(h, dtype, &Device::Cpu)?,
+    ));
+    tensors.push((
+        "vision_tower.post_layernorm.bias".into(),
+        Tensor::zeros(h, dtype, &Device::Cpu)?,
+    ));
     write_safetensors(dir, &tensors, 2 << 30)?;
     write_config(dir, config)?;
     let t = &config.text_config;
-    write_json(dir, "tokenizer.json", &tokenizer_json(t.vocab_size, config.image_token_index))?;
+    write_json(
+        dir,
+        "tokenizer.json",
+        &tokenizer_json(t.vocab_size, config.image_token_index),
+    )?;
     write_json(
         dir,
         "tokenizer_config.json",
@@ -148,11 +194,15 @@ pub fn write_random_checkpoint(config: &LlavaConfig, dir: &Path, dtype: DType, s
                 "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
                 "do_convert_rgb": true}),
     )?;
-    write_atomic(&dir.join("chat_template.jinja"), LLAVA15_CHAT_TEMPLATE.as_bytes())
+    write_atomic(
+        &dir.join("chat_template.jinja"),
+        LLAVA15_CHAT_TEMPLATE.as_bytes(),
+    )
 }
 
 fn write_json(dir: &Path, name: &str, value: &serde_json::Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| crate::error::ModelError::Input(e.to_string()))?;
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| crate::error::ModelError::Input(e.to_string()))?;
     write_atomic(&dir.join(name), text.as_bytes())
 }
 

@@ -67,9 +67,22 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x)?.reshape((b, s, nh, d))?.transpose(1, 2)?;
-        let k = self.k_proj.forward(x)?.reshape((b, s, nkv, d))?.transpose(1, 2)?;
-        let v = self.v_proj.forward(x)?.reshape((b, s, nkv, d))?.transpose(1, 2)?.contiguous()?;
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape((b, s, nh, d))?
+            .transpose(1, 2)?;
+        let k = self
+            .k_proj
+            .forward(x)?
+            .reshape((b, s, nkv, d))?
+            .transpose(1, 2)?;
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((b, s, nkv, d))?
+            .transpose(1, 2)?
+            .contiguous()?;
         let q = rope(&q, cos, sin, mode)?;
         let k = rope(&k, cos, sin, mode)?;
         let (k, v) = match cache.take() {
@@ -89,7 +102,10 @@ impl Attention {
             None => scores,
         };
         let probs = softmax_last_dim(&scores, mode)?.to_dtype(v.dtype())?;
-        let out = probs.reshape((b, nkv, n_rep * s, t))?.matmul(&v)?.reshape((b, nh, s, d))?;
+        let out = probs
+            .reshape((b, nkv, n_rep * s, t))?
+            .matmul(&v)?
+            .reshape((b, nh, s, d))?;
         let out = out.transpose(1, 2)?.reshape((b, s, nh * d))?;
         self.o_proj.forward(&out)
     }
@@ -131,8 +147,16 @@ impl DecoderLayer {
         Ok(Self {
             self_attn: Attention::load(&w.pp("self_attn"), c)?,
             mlp: Mlp::load(&w.pp("mlp"), c)?,
-            input_layernorm: RmsNorm::load(&w.pp("input_layernorm"), c.hidden_size, c.rms_norm_eps)?,
-            post_attention_layernorm: RmsNorm::load(&w.pp("post_attention_layernorm"), c.hidden_size, c.rms_norm_eps)?,
+            input_layernorm: RmsNorm::load(
+                &w.pp("input_layernorm"),
+                c.hidden_size,
+                c.rms_norm_eps,
+            )?,
+            post_attention_layernorm: RmsNorm::load(
+                &w.pp("post_attention_layernorm"),
+                c.hidden_size,
+                c.rms_norm_eps,
+            )?,
         })
     }
 }
@@ -156,7 +180,10 @@ impl LlamaModel {
             .map(|i| DecoderLayer::load(&w.pp(format!("layers.{i}")), c))
             .collect::<Result<Vec<_>>>()?;
         let lm_head = if c.tie_word_embeddings && !lm_head.contains("weight") {
-            Linear { weight: embed_tokens.clone(), bias: None }
+            Linear {
+                weight: embed_tokens.clone(),
+                bias: None,
+            }
         } else {
             Linear::load(lm_head, c.hidden_size, c.vocab_size, false)?
         };
@@ -182,16 +209,26 @@ impl LlamaModel {
         let b = ids.len();
         let s = ids.first().map(Vec::len).unwrap_or(0);
         let vocab = self.config.vocab_size as u32;
-        let flat: Vec<u32> = ids.iter().flatten().map(|&i| if i < vocab { i } else { 0 }).collect();
+        let flat: Vec<u32> = ids
+            .iter()
+            .flatten()
+            .map(|&i| if i < vocab { i } else { 0 })
+            .collect();
         let idx = Tensor::from_vec(flat, b * s, self.device())?;
-        Ok(self.embed_tokens.index_select(&idx, 0)?.reshape((b, s, self.config.hidden_size))?)
+        Ok(self
+            .embed_tokens
+            .index_select(&idx, 0)?
+            .reshape((b, s, self.config.hidden_size))?)
     }
 
     /// cos/sin for positions `offset..offset+len`, computed in f32 as transformers does.
     fn rotary(&self, offset: usize, len: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
         let d = self.head_dim;
         let inv_freq: Vec<f32> = (0..d / 2)
-            .map(|i| 1.0 / (self.rope.theta as f32).powf((2 * i) as f32 / d as f32) / self.rope.linear_factor as f32)
+            .map(|i| {
+                1.0 / (self.rope.theta as f32).powf((2 * i) as f32 / d as f32)
+                    / self.rope.linear_factor as f32
+            })
             .collect();
         let inv_freq = Tensor::from_vec(inv_freq, (1, d / 2), self.device())?;
         let pos: Vec<f32> = (offset..offset + len).map(|p| p as f32).collect();
@@ -226,7 +263,10 @@ impl LlamaModel {
         let full_mask = match (attention_mask, cache.mask.take()) {
             (Some(m), Some(prev)) => Some(Tensor::cat(&[&prev, &m.to_dtype(DType::U8)?], 1)?),
             (Some(m), None) => Some(m.to_dtype(DType::U8)?),
-            (None, Some(prev)) => Some(Tensor::cat(&[&prev, &Tensor::ones((b, s), DType::U8, self.device())?], 1)?),
+            (None, Some(prev)) => Some(Tensor::cat(
+                &[&prev, &Tensor::ones((b, s), DType::U8, self.device())?],
+                1,
+            )?),
             (None, None) => None,
         };
         let bias = attention_bias(b, s, past, full_mask.as_ref(), self.device())?;
@@ -235,9 +275,13 @@ impl LlamaModel {
         let mut x = embeds.clone();
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let h = layer.input_layernorm.forward(&x, mode)?;
-            let h = layer.self_attn.forward(&h, (&cos, &sin), bias.as_ref(), kv, mode)?;
+            let h = layer
+                .self_attn
+                .forward(&h, (&cos, &sin), bias.as_ref(), kv, mode)?;
             let x1 = (x + h)?;
-            let h = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x1, mode)?)?;
+            let h = layer
+                .mlp
+                .forward(&layer.post_attention_layernorm.forward(&x1, mode)?)?;
             x = (x1 + h)?;
         }
         self.norm.forward(&x, mode)
@@ -251,7 +295,13 @@ impl LlamaModel {
 /// The additive attention bias `[batch, 1, seq, past+seq]` in f32: 0 where a query may look,
 /// a large negative number where the key is in its future or is padding. `None` when nothing
 /// is masked (a single new token without padding).
-fn attention_bias(b: usize, s: usize, past: usize, mask: Option<&Tensor>, dev: &Device) -> Result<Option<Tensor>> {
+fn attention_bias(
+    b: usize,
+    s: usize,
+    past: usize,
+    mask: Option<&Tensor>,
+    dev: &Device,
+) -> Result<Option<Tensor>> {
     // Finite, so that a row that masks everything (a padding query) stays NaN-free.
     const NEG: f32 = -1e30;
     let t = past + s;
@@ -259,7 +309,9 @@ fn attention_bias(b: usize, s: usize, past: usize, mask: Option<&Tensor>, dev: &
         Some(m) => Some(m.to_vec2::<u8>()?),
         None => None,
     };
-    let has_padding = pad.as_ref().is_some_and(|p| p.iter().flatten().any(|&v| v == 0));
+    let has_padding = pad
+        .as_ref()
+        .is_some_and(|p| p.iter().flatten().any(|&v| v == 0));
     if s == 1 && !has_padding {
         return Ok(None);
     }

@@ -35,15 +35,25 @@ impl Llava {
             config.projector_input_size(),
             config.text_config.hidden_size,
         )?;
-        let language_model =
-            LlamaModel::load(&weights.pp("language_model"), &weights.pp("lm_head"), &config.text_config)?;
-        Ok(Self { vision_tower, multi_modal_projector, language_model, config: config.clone() })
+        let language_model = LlamaModel::load(
+            &weights.pp("language_model"),
+            &weights.pp("lm_head"),
+            &config.text_config,
+        )?;
+        Ok(Self {
+            vision_tower,
+            multi_modal_projector,
+            language_model,
+            config: config.clone(),
+        })
     }
 
     /// `pixel_values` `[n_images, 3, H, W]` → projected features `[n_images, image_seq_len, hidden]`.
     pub fn get_image_features(&self, pixel_values: &Tensor, mode: Mode) -> Result<Tensor> {
         let layers = self.config.vision_feature_layer.layers();
-        let features = self.vision_tower.hidden_states(pixel_values, &layers, mode)?;
+        let features = self
+            .vision_tower
+            .hidden_states(pixel_values, &layers, mode)?;
         let features = match self.config.vision_feature_select_strategy {
             SelectStrategy::Default => features.narrow(1, 1, features.dim(1)? - 1)?,
             SelectStrategy::Full => features,
@@ -56,7 +66,11 @@ impl Llava {
     pub fn embed(&self, input_ids: &[Vec<u32>], image_features: Option<&Tensor>) -> Result<Tensor> {
         let text = self.language_model.embed(input_ids)?;
         let image_token = self.config.image_token_index;
-        let positions: usize = input_ids.iter().flatten().filter(|&&i| i == image_token).count();
+        let positions: usize = input_ids
+            .iter()
+            .flatten()
+            .filter(|&&i| i == image_token)
+            .count();
         let Some(features) = image_features else {
             if positions > 0 {
                 return Err(ModelError::Input(format!(
@@ -76,7 +90,10 @@ impl Llava {
         // Gather rows from [text embeddings; image features]: position p takes its own text row,
         // or the next image-feature row if it is an image token. Gathering keeps both inputs
         // differentiable, which a mutating scatter would not.
-        let (b, s) = (input_ids.len(), input_ids.first().map(Vec::len).unwrap_or(0));
+        let (b, s) = (
+            input_ids.len(),
+            input_ids.first().map(Vec::len).unwrap_or(0),
+        );
         let mut next_feature = 0u32;
         let mut index = Vec::with_capacity(b * s);
         for (p, &id) in input_ids.iter().flatten().enumerate() {
@@ -88,7 +105,13 @@ impl Llava {
             }
         }
         let index = Tensor::from_vec(index, b * s, text.device())?;
-        let rows = Tensor::cat(&[&text.reshape((b * s, hidden))?, &features.to_dtype(text.dtype())?], 0)?;
+        let rows = Tensor::cat(
+            &[
+                &text.reshape((b * s, hidden))?,
+                &features.to_dtype(text.dtype())?,
+            ],
+            0,
+        )?;
         Ok(rows.index_select(&index, 0)?.reshape((b, s, hidden))?)
     }
 
@@ -108,7 +131,8 @@ impl Llava {
             None => None,
         };
         let embeds = self.embed(input_ids, features.as_ref())?;
-        self.language_model.forward(&embeds, attention_mask, cache, mode)
+        self.language_model
+            .forward(&embeds, attention_mask, cache, mode)
     }
 }
 
@@ -117,7 +141,9 @@ fn check_rectangular(ids: &[Vec<u32>]) -> Result<()> {
         return Err(ModelError::Input("empty batch".into()));
     };
     if first.is_empty() || ids.iter().any(|r| r.len() != first.len()) {
-        return Err(ModelError::Input("input_ids rows must be non-empty and of equal length (pad them)".into()));
+        return Err(ModelError::Input(
+            "input_ids rows must be non-empty and of equal length (pad them)".into(),
+        ));
     }
     Ok(())
 }

@@ -27,7 +27,11 @@ pub struct Linear {
 impl Linear {
     pub fn load(w: &WeightsView, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = w.get("weight", &[out_dim, in_dim])?;
-        let bias = if bias { Some(w.get("bias", &[out_dim])?) } else { None };
+        let bias = if bias {
+            Some(w.get("bias", &[out_dim])?)
+        } else {
+            None
+        };
         Ok(Self { weight, bias })
     }
 
@@ -56,12 +60,19 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn load(w: &WeightsView, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: w.get("weight", &[dim])?, eps })
+        Ok(Self {
+            weight: w.get("weight", &[dim])?,
+            eps,
+        })
     }
 
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         match mode {
-            Mode::Infer => Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32)?),
+            Mode::Infer => Ok(candle_nn::ops::rms_norm(
+                &x.contiguous()?,
+                &self.weight,
+                self.eps as f32,
+            )?),
             Mode::Train => {
                 let dtype = x.dtype();
                 let xf = x.to_dtype(DType::F32)?;
@@ -83,12 +94,21 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn load(w: &WeightsView, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: w.get("weight", &[dim])?, bias: w.get("bias", &[dim])?, eps })
+        Ok(Self {
+            weight: w.get("weight", &[dim])?,
+            bias: w.get("bias", &[dim])?,
+            eps,
+        })
     }
 
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         match mode {
-            Mode::Infer => Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)?),
+            Mode::Infer => Ok(candle_nn::ops::layer_norm(
+                &x.contiguous()?,
+                &self.weight,
+                &self.bias,
+                self.eps as f32,
+            )?),
             Mode::Train => {
                 let dtype = x.dtype();
                 let xf = x.to_dtype(DType::F32)?;
@@ -96,7 +116,10 @@ impl LayerNorm {
                 let centred = xf.broadcast_sub(&mean)?;
                 let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
                 let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-                Ok(normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+                Ok(normed
+                    .to_dtype(dtype)?
+                    .broadcast_mul(&self.weight)?
+                    .broadcast_add(&self.bias)?)
             }
         }
     }
@@ -141,7 +164,11 @@ impl Activation {
             "quick_gelu" => Self::QuickGelu,
             "silu" | "swish" => Self::Silu,
             "relu" => Self::Relu,
-            other => return Err(ModelError::Input(format!("activation `{other}` is not supported"))),
+            other => {
+                return Err(ModelError::Input(format!(
+                    "activation `{other}` is not supported"
+                )));
+            }
         })
     }
 

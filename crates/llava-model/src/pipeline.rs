@@ -67,25 +67,30 @@ impl Pipeline {
         let checkpoint = Checkpoint::open(&opts.model, opts.vision_tower.as_deref())?;
         let tokenizer = Tokenizer::from_dir(&checkpoint.dir)?;
         // The original layout has no chat template and was trained with llava_v1.
-        let template = PromptTemplate::select(&checkpoint.dir, opts.template.as_deref(), ConvTemplate::LlavaV1)?;
+        let template = PromptTemplate::select(
+            &checkpoint.dir,
+            opts.template.as_deref(),
+            ConvTemplate::LlavaV1,
+        )?;
         let image_processor = image_processor(&checkpoint, opts.image_aspect_ratio)?;
         let image_tokens = tokenizer.image_tokens(checkpoint.config.image_token_index);
-        if let ImageTokens::Expand { id } = image_tokens {
-            if id != checkpoint.config.image_token_index {
-                return Err(ModelError::config(
-                    checkpoint.dir.join("config.json"),
-                    format!(
-                        "image_token_index is {} but the tokenizer's <image> token is {id}",
-                        checkpoint.config.image_token_index
-                    ),
-                ));
-            }
+        if let ImageTokens::Expand { id } = image_tokens
+            && id != checkpoint.config.image_token_index
+        {
+            return Err(ModelError::config(
+                checkpoint.dir.join("config.json"),
+                format!(
+                    "image_token_index is {} but the tokenizer's <image> token is {id}",
+                    checkpoint.config.image_token_index
+                ),
+            ));
         }
         let mut eos_token_ids = checkpoint.config.text_config.eos_ids();
-        if let Some(id) = tokenizer.eos_token_id {
-            if !eos_token_ids.contains(&id) {
-                eos_token_ids.push(id);
-            }
+        if let Some(id) = tokenizer
+            .eos_token_id
+            .filter(|id| !eos_token_ids.contains(id))
+        {
+            eos_token_ids.push(id);
         }
         let model = checkpoint.load_model(opts.dtype, &opts.device)?;
         Ok(Self {
@@ -109,7 +114,11 @@ impl Pipeline {
 
     /// Token ids of a rendered prompt, each `<image>` expanded to the tower's token count.
     pub fn encode(&self, prompt: &str) -> Result<Vec<u32>> {
-        Ok(self.tokenizer.encode_prompt(prompt, self.image_tokens, self.model.config.image_seq_len())?)
+        Ok(self.tokenizer.encode_prompt(
+            prompt,
+            self.image_tokens,
+            self.model.config.image_seq_len(),
+        )?)
     }
 
     /// Loads and preprocesses images into a `[n, 3, H, W]` tensor.
@@ -138,7 +147,10 @@ impl Pipeline {
     ) -> Result<Generation> {
         let n_images = pixel_values.map(|p| p.dim(0)).transpose()?.unwrap_or(0);
         let expected = n_images * self.model.config.image_seq_len();
-        let found = input_ids.iter().filter(|&&i| i == self.image_tokens.id()).count();
+        let found = input_ids
+            .iter()
+            .filter(|&&i| i == self.image_tokens.id())
+            .count();
         if found != expected {
             return Err(ModelError::Input(format!(
                 "the prompt has {found} image tokens but {n_images} image(s) need {expected}: put one <image> in the prompt per image"
@@ -152,8 +164,13 @@ impl Pipeline {
             )));
         }
         let max_new_tokens = max_new_tokens.min(max_pos - input_ids.len());
-        let stops: Vec<String> =
-            self.template.stop_strings().iter().map(|s| s.to_string()).chain(extra_stop.iter().cloned()).collect();
+        let stops: Vec<String> = self
+            .template
+            .stop_strings()
+            .iter()
+            .map(|s| s.to_string())
+            .chain(extra_stop.iter().cloned())
+            .collect();
         let mut sampler = Sampler::new(params.clone())?;
         let mut decoder = StreamDecoder::new(&self.tokenizer);
         let mut text = String::new();
@@ -180,12 +197,20 @@ impl Pipeline {
                     stopped = true;
                 }
                 // Hold back a tail that could still grow into a stop string.
-                let safe = if stopped { text.len() } else { safe_prefix_len(&text, &stops) };
+                let safe = if stopped {
+                    text.len()
+                } else {
+                    safe_prefix_len(&text, &stops)
+                };
                 if safe > emitted {
                     on_text(&text[emitted..safe]);
                     emitted = safe;
                 }
-                if stopped { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+                if stopped {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
             },
         )?;
         if let Some(e) = decode_error {
@@ -198,18 +223,26 @@ impl Pipeline {
         if let Some(rest) = text.get(emitted..).filter(|r| !r.is_empty()) {
             on_text(rest);
         }
-        Ok(Generation { text, token_ids, stats })
+        Ok(Generation {
+            text,
+            token_ids,
+            stats,
+        })
     }
 }
 
 /// Stacks preprocessed images into `[n, c, h, w]`.
 pub fn pixel_tensor(pixels: &[PixelValues], device: &Device) -> Result<Tensor> {
-    let first = pixels.first().ok_or_else(|| ModelError::Input("no images".into()))?;
+    let first = pixels
+        .first()
+        .ok_or_else(|| ModelError::Input("no images".into()))?;
     let [c, h, w] = first.shape();
     let mut data = Vec::with_capacity(pixels.len() * c * h * w);
     for p in pixels {
         if p.shape() != [c, h, w] {
-            return Err(ModelError::Input("images preprocessed to different sizes".into()));
+            return Err(ModelError::Input(
+                "images preprocessed to different sizes".into(),
+            ));
         }
         data.extend_from_slice(&p.data);
     }
@@ -232,13 +265,17 @@ fn safe_prefix_len(text: &str, stops: &[String]) -> usize {
 /// The checkpoint's preprocessing: `preprocessor_config.json` (the CLIP directory's in the
 /// original layout), or the `image_processor` nested in `processor_config.json` as transformers
 /// 5 writes it, with pad-to-square where the checkpoint asks for it.
-fn image_processor(checkpoint: &Checkpoint, aspect: Option<ImageAspectRatio>) -> Result<ImageProcessor> {
+fn image_processor(
+    checkpoint: &Checkpoint,
+    aspect: Option<ImageAspectRatio>,
+) -> Result<ImageProcessor> {
     let dir: &Path = checkpoint.preprocessor_dir();
     let (json, path) = match read_processor_json(dir)? {
         Some(found) => found,
         // Checkpoints without one get CLIP's own processor at the tower's resolution.
         None => {
-            let config = PreprocessorConfig::clip(checkpoint.config.vision_config.image_size as u32);
+            let config =
+                PreprocessorConfig::clip(checkpoint.config.vision_config.image_size as u32);
             return Ok(ImageProcessor::new(config, aspect.unwrap_or_default()));
         }
     };
@@ -253,7 +290,10 @@ fn image_processor(checkpoint: &Checkpoint, aspect: Option<ImageAspectRatio>) ->
             _ => ImageAspectRatio::Square,
         },
     };
-    Ok(ImageProcessor::new(config, aspect.unwrap_or(from_checkpoint)))
+    Ok(ImageProcessor::new(
+        config,
+        aspect.unwrap_or(from_checkpoint),
+    ))
 }
 
 fn read_processor_json(dir: &Path) -> Result<Option<(serde_json::Value, PathBuf)>> {
@@ -262,10 +302,10 @@ fn read_processor_json(dir: &Path) -> Result<Option<(serde_json::Value, PathBuf)
         return Ok(Some((crate::checkpoint::read_json(&pre)?, pre)));
     }
     let proc = dir.join("processor_config.json");
-    if proc.is_file() {
-        if let Some(inner) = crate::checkpoint::read_json(&proc)?.get("image_processor") {
-            return Ok(Some((inner.clone(), proc)));
-        }
+    if proc.is_file()
+        && let Some(inner) = crate::checkpoint::read_json(&proc)?.get("image_processor")
+    {
+        return Ok(Some((inner.clone(), proc)));
     }
     Ok(None)
 }

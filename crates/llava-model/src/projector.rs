@@ -16,14 +16,22 @@ pub struct MultiModalProjector {
 }
 
 impl MultiModalProjector {
-    pub fn load(w: &WeightsView, c: &ProjectorConfig, in_dim: usize, out_dim: usize) -> Result<Self> {
+    pub fn load(
+        w: &WeightsView,
+        c: &ProjectorConfig,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<Self> {
         let linears = (0..c.depth)
             .map(|i| {
                 let input = if i == 0 { in_dim } else { out_dim };
                 Linear::load(&w.pp(format!("linear_{}", i + 1)), input, out_dim, c.bias)
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { linears, act: Activation::from_name(&c.hidden_act)? })
+        Ok(Self {
+            linears,
+            act: Activation::from_name(&c.hidden_act)?,
+        })
     }
 
     pub fn forward(&self, features: &Tensor) -> Result<Tensor> {

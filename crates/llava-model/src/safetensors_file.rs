@@ -45,31 +45,50 @@ fn dtype_size(dtype: &str) -> Option<u64> {
 
 impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let bad = |message: String| ModelError::Safetensors { path: path.to_path_buf(), message };
-        let file = File::open(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
-        let len = file.metadata().map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?.len();
+        let bad = |message: String| ModelError::Safetensors {
+            path: path.to_path_buf(),
+            message,
+        };
+        let file = File::open(path).map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let len = file
+            .metadata()
+            .map_err(|source| ModelError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .len();
         let mut n = [0u8; 8];
-        read_at(&file, &mut n, 0).map_err(|_| bad(format!("only {len} bytes, too short for a header")))?;
+        read_at(&file, &mut n, 0)
+            .map_err(|_| bad(format!("only {len} bytes, too short for a header")))?;
         let header_len = u64::from_le_bytes(n);
         if header_len > MAX_HEADER || 8 + header_len > len {
-            return Err(bad(format!("header claims {header_len} bytes but the file has {len}")));
+            return Err(bad(format!(
+                "header claims {header_len} bytes but the file has {len}"
+            )));
         }
         let mut header = vec![0u8; header_len as usize];
         read_at(&file, &mut header, 8).map_err(|e| bad(e.to_string()))?;
-        let mut raw: HashMap<String, serde_json::Value> =
-            serde_json::from_slice(&header).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+        let mut raw: HashMap<String, serde_json::Value> = serde_json::from_slice(&header)
+            .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
         raw.remove("__metadata__");
         let data_start = 8 + header_len;
         let data_len = len - data_start;
         let mut entries = HashMap::with_capacity(raw.len());
         for (name, value) in raw {
-            let entry: Entry =
-                serde_json::from_value(value).map_err(|e| bad(format!("tensor `{name}`: bad header entry: {e}")))?;
+            let entry: Entry = serde_json::from_value(value)
+                .map_err(|e| bad(format!("tensor `{name}`: bad header entry: {e}")))?;
             let [begin, end] = entry.data_offsets;
-            let size = dtype_size(&entry.dtype).ok_or_else(|| bad(format!("tensor `{name}`: unknown dtype {}", entry.dtype)))?;
+            let size = dtype_size(&entry.dtype)
+                .ok_or_else(|| bad(format!("tensor `{name}`: unknown dtype {}", entry.dtype)))?;
             let numel: u64 = entry.shape.iter().map(|&d| d as u64).product();
             if end < begin || end - begin != numel * size {
-                return Err(bad(format!("tensor `{name}`: offsets {begin}..{end} do not fit shape {:?}", entry.shape)));
+                return Err(bad(format!(
+                    "tensor `{name}`: offsets {begin}..{end} do not fit shape {:?}",
+                    entry.shape
+                )));
             }
             if end > data_len {
                 return Err(bad(format!(
@@ -78,7 +97,12 @@ impl SafetensorsFile {
             }
             entries.insert(name, entry);
         }
-        Ok(Self { path: path.to_path_buf(), file, data_start, entries })
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            data_start,
+            entries,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -91,24 +115,41 @@ impl SafetensorsFile {
 
     /// Reads one tensor in its stored dtype.
     pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
-        let bad = |message: String| ModelError::Safetensors { path: self.path.clone(), message };
-        let entry = self.entries.get(name).ok_or_else(|| bad(format!("no tensor `{name}`")))?;
+        let bad = |message: String| ModelError::Safetensors {
+            path: self.path.clone(),
+            message,
+        };
+        let entry = self
+            .entries
+            .get(name)
+            .ok_or_else(|| bad(format!("no tensor `{name}`")))?;
         let offset = self.data_start + entry.data_offsets[0];
         match entry.dtype.as_str() {
             "F32" => self.read_typed::<f32>(entry, offset, device),
             "F16" => self.read_typed::<half::f16>(entry, offset, device),
             "BF16" => self.read_typed::<half::bf16>(entry, offset, device),
             "F64" => self.read_typed::<f64>(entry, offset, device),
-            other => Err(bad(format!("tensor `{name}` has dtype {other}; weights must be F32, F16, BF16 or F64"))),
+            other => Err(bad(format!(
+                "tensor `{name}` has dtype {other}; weights must be F32, F16, BF16 or F64"
+            ))),
         }
     }
 
-    fn read_typed<T: WithDType + bytemuck::Pod>(&self, entry: &Entry, offset: u64, device: &Device) -> Result<Tensor> {
+    fn read_typed<T: WithDType + bytemuck::Pod>(
+        &self,
+        entry: &Entry,
+        offset: u64,
+        device: &Device,
+    ) -> Result<Tensor> {
         let numel: usize = entry.shape.iter().product();
         let mut data = vec![T::zeroed(); numel];
         // safetensors stores little-endian data, the byte order of every platform candle runs on.
-        read_at(&self.file, bytemuck::cast_slice_mut(&mut data), offset)
-            .map_err(|source| ModelError::Io { path: self.path.clone(), source })?;
+        read_at(&self.file, bytemuck::cast_slice_mut(&mut data), offset).map_err(|source| {
+            ModelError::Io {
+                path: self.path.clone(),
+                source,
+            }
+        })?;
         Ok(Tensor::from_vec(data, entry.shape.as_slice(), device)?)
     }
 }

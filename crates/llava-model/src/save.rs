@@ -12,7 +12,10 @@ use crate::error::{ModelError, Result};
 use crate::weights::hub_name;
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
-    move |source| ModelError::Io { path: path.to_path_buf(), source }
+    move |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Writes `bytes` to `path` atomically (temp file + rename).
@@ -25,7 +28,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn write_config(dir: &Path, config: &LlavaConfig) -> Result<()> {
     let mut json = serde_json::to_value(config).map_err(|e| ModelError::Input(e.to_string()))?;
     if let Some(obj) = json.as_object_mut() {
-        obj.insert("architectures".into(), serde_json::json!(["LlavaForConditionalGeneration"]));
+        obj.insert(
+            "architectures".into(),
+            serde_json::json!(["LlavaForConditionalGeneration"]),
+        );
         obj.remove("projector_depth");
     }
     let text = serde_json::to_string_pretty(&json).map_err(|e| ModelError::Input(e.to_string()))?;
@@ -34,7 +40,11 @@ pub fn write_config(dir: &Path, config: &LlavaConfig) -> Result<()> {
 
 /// Writes canonical-named tensors as shards of at most `max_shard_bytes` (a single
 /// `model.safetensors` when everything fits in one).
-pub fn write_safetensors(dir: &Path, tensors: &[(String, Tensor)], max_shard_bytes: usize) -> Result<()> {
+pub fn write_safetensors(
+    dir: &Path,
+    tensors: &[(String, Tensor)],
+    max_shard_bytes: usize,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let mut shards: Vec<Vec<(String, &Tensor)>> = vec![Vec::new()];
     let mut size = 0;
@@ -49,16 +59,30 @@ pub fn write_safetensors(dir: &Path, tensors: &[(String, Tensor)], max_shard_byt
             last.push((hub_name(name), t));
         }
     }
-    let metadata = Some(std::collections::HashMap::from([("format".to_string(), "pt".to_string())]));
+    let metadata = Some(std::collections::HashMap::from([(
+        "format".to_string(),
+        "pt".to_string(),
+    )]));
     let n = shards.len();
     let mut weight_map = BTreeMap::new();
     let mut total = 0usize;
     for (i, shard) in shards.iter().enumerate() {
-        let file = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{n:05}.safetensors", i + 1) };
+        let file = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{n:05}.safetensors", i + 1)
+        };
         let path = dir.join(&file);
         let tmp = path.with_extension("tmp");
-        safetensors::serialize_to_file(shard.iter().map(|(k, t)| (k.clone(), *t)), metadata.clone(), &tmp)
-            .map_err(|e| ModelError::Safetensors { path: tmp.clone(), message: e.to_string() })?;
+        safetensors::serialize_to_file(
+            shard.iter().map(|(k, t)| (k.clone(), *t)),
+            metadata.clone(),
+            &tmp,
+        )
+        .map_err(|e| ModelError::Safetensors {
+            path: tmp.clone(),
+            message: e.to_string(),
+        })?;
         std::fs::rename(&tmp, &path).map_err(io(&path))?;
         for (name, t) in shard {
             total += t.elem_count() * t.dtype().size_in_bytes();
@@ -66,8 +90,10 @@ pub fn write_safetensors(dir: &Path, tensors: &[(String, Tensor)], max_shard_byt
         }
     }
     if n > 1 {
-        let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-        let text = serde_json::to_string_pretty(&index).map_err(|e| ModelError::Input(e.to_string()))?;
+        let index =
+            serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        let text =
+            serde_json::to_string_pretty(&index).map_err(|e| ModelError::Input(e.to_string()))?;
         write_atomic(&dir.join("model.safetensors.index.json"), text.as_bytes())?;
     }
     Ok(())

@@ -38,7 +38,9 @@ impl ClipAttention {
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let (b, s, h) = x.dims3()?;
         let split = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, s, self.num_heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
+            Ok(t.reshape((b, s, self.num_heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
         };
         let scale = (self.head_dim as f64).powf(-0.5);
         let q = split((self.q_proj.forward(x)? * scale)?)?;
@@ -75,8 +77,14 @@ impl ClipEncoderLayer {
     }
 
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let h = (x + self.self_attn.forward(&self.layer_norm1.forward(x, mode)?, mode)?)?;
-        let m = self.fc2.forward(&self.act.forward(&self.fc1.forward(&self.layer_norm2.forward(&h, mode)?)?)?)?;
+        let h = (x + self
+            .self_attn
+            .forward(&self.layer_norm1.forward(x, mode)?, mode)?)?;
+        let m = self.fc2.forward(
+            &self
+                .act
+                .forward(&self.fc1.forward(&self.layer_norm2.forward(&h, mode)?)?)?,
+        )?;
         Ok((h + m)?)
     }
 }
@@ -103,7 +111,10 @@ impl ClipVisionTower {
         Ok(Self {
             patch_embedding: patch.reshape((h, ch * p * p))?,
             class_embedding: w.get("embeddings.class_embedding", &[h])?,
-            position_embedding: w.get("embeddings.position_embedding.weight", &[c.num_patches() + 1, h])?,
+            position_embedding: w.get(
+                "embeddings.position_embedding.weight",
+                &[c.num_patches() + 1, h],
+            )?,
             pre_layrnorm: LayerNorm::load(&w.pp("pre_layrnorm"), h, c.layer_norm_eps)?,
             layers,
             config: c.clone(),
@@ -128,19 +139,36 @@ impl ClipVisionTower {
             .reshape((b, ch, g, p, g, p))?
             .permute((0, 2, 4, 1, 3, 5))?
             .reshape((b * g * g, ch * p * p))?;
-        let patch_embeds = patches.matmul(&self.patch_embedding.t()?)?.reshape((b, g * g, c.hidden_size))?;
-        let cls = self.class_embedding.reshape((1, 1, c.hidden_size))?.broadcast_as((b, 1, c.hidden_size))?;
+        let patch_embeds =
+            patches
+                .matmul(&self.patch_embedding.t()?)?
+                .reshape((b, g * g, c.hidden_size))?;
+        let cls = self
+            .class_embedding
+            .reshape((1, 1, c.hidden_size))?
+            .broadcast_as((b, 1, c.hidden_size))?;
         let embeds = Tensor::cat(&[&cls, &patch_embeds], 1)?;
         Ok(embeds.broadcast_add(&self.position_embedding.unsqueeze(0)?)?)
     }
 
     /// Runs the tower and returns the requested hidden states (transformers' indexing, negative
     /// counts from the end of the *full* tower), concatenated on the feature dim.
-    pub fn hidden_states(&self, pixel_values: &Tensor, layers: &[i64], mode: Mode) -> Result<Tensor> {
+    pub fn hidden_states(
+        &self,
+        pixel_values: &Tensor,
+        layers: &[i64],
+        mode: Mode,
+    ) -> Result<Tensor> {
         let total = self.config.num_hidden_layers as i64;
         let wanted: Vec<usize> = layers
             .iter()
-            .map(|&l| if l < 0 { (total + 1 + l) as usize } else { l as usize })
+            .map(|&l| {
+                if l < 0 {
+                    (total + 1 + l) as usize
+                } else {
+                    l as usize
+                }
+            })
             .collect();
         let deepest = wanted.iter().copied().max().unwrap_or(0);
         if deepest > self.layers.len() {
@@ -150,7 +178,9 @@ impl ClipVisionTower {
             )));
         }
         let mut states = Vec::with_capacity(deepest + 1);
-        let mut x = self.pre_layrnorm.forward(&self.embeddings(pixel_values)?, mode)?;
+        let mut x = self
+            .pre_layrnorm
+            .forward(&self.embeddings(pixel_values)?, mode)?;
         states.push(x.clone());
         for layer in &self.layers[..deepest] {
             x = layer.forward(&x, mode)?;

@@ -49,20 +49,36 @@ struct RandomInit {
 
 impl Weights {
     pub fn new(dtype: DType, device: Device) -> Self {
-        Self { sources: Vec::new(), index: HashMap::new(), dtype, device, random: None }
+        Self {
+            sources: Vec::new(),
+            index: HashMap::new(),
+            dtype,
+            device,
+            random: None,
+        }
     }
 
     /// Weights that do not exist yet: each `get` makes a tensor — ones for norm weights, zeros
     /// for biases, uniform noise of standard deviation `std` elsewhere.
     pub fn random(dtype: DType, device: Device, seed: u64, std: f32) -> Self {
         use rand::SeedableRng;
-        let init = RandomInit { rng: rand::rngs::StdRng::seed_from_u64(seed), std, made: Vec::new() };
-        Self { random: Some(std::cell::RefCell::new(init)), ..Self::new(dtype, device) }
+        let init = RandomInit {
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            std,
+            made: Vec::new(),
+        };
+        Self {
+            random: Some(std::cell::RefCell::new(init)),
+            ..Self::new(dtype, device)
+        }
     }
 
     /// The tensors a random `Weights` made, in request order.
     pub fn take_random(&self) -> Vec<(String, Tensor)> {
-        self.random.as_ref().map(|r| std::mem::take(&mut r.borrow_mut().made)).unwrap_or_default()
+        self.random
+            .as_ref()
+            .map(|r| std::mem::take(&mut r.borrow_mut().made))
+            .unwrap_or_default()
     }
 
     pub fn dtype(&self) -> DType {
@@ -82,12 +98,22 @@ impl Weights {
             let st = SafetensorsFile::open(&path)?;
             for stored in st.names() {
                 if let Some(canonical) = rename(stored) {
-                    self.index.insert(canonical, Location { source, shard, stored: stored.to_string() });
+                    self.index.insert(
+                        canonical,
+                        Location {
+                            source,
+                            shard,
+                            stored: stored.to_string(),
+                        },
+                    );
                 }
             }
             shards.push(st);
         }
-        self.sources.push(Source { dir: dir.to_path_buf(), shards });
+        self.sources.push(Source {
+            dir: dir.to_path_buf(),
+            shards,
+        });
         Ok(())
     }
 
@@ -103,7 +129,9 @@ impl Weights {
     /// Loads one tensor in the compute dtype, checking its shape against what the config implies.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         if let Some(random) = &self.random {
-            return random.borrow_mut().make(name, shape, self.dtype, &self.device);
+            return random
+                .borrow_mut()
+                .make(name, shape, self.dtype, &self.device);
         }
         let t = self.get_unchecked(name)?;
         if t.dims() != shape {
@@ -117,22 +145,38 @@ impl Weights {
     }
 
     pub fn get_unchecked(&self, name: &str) -> Result<Tensor> {
-        let loc = self.index.get(name).ok_or_else(|| ModelError::MissingTensor {
-            name: name.to_string(),
-            dir: self.sources.first().map(|s| s.dir.clone()).unwrap_or_default(),
-        })?;
+        let loc = self
+            .index
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+                dir: self
+                    .sources
+                    .first()
+                    .map(|s| s.dir.clone())
+                    .unwrap_or_default(),
+            })?;
         let t = self.sources[loc.source].shards[loc.shard].load(&loc.stored, &self.device)?;
         Ok(t.to_dtype(self.dtype)?)
     }
 
     /// A view that prepends `prefix.` to every name, mirroring the module tree.
     pub fn pp(&self, prefix: &str) -> WeightsView<'_> {
-        WeightsView { weights: self, prefix: prefix.to_string() }
+        WeightsView {
+            weights: self,
+            prefix: prefix.to_string(),
+        }
     }
 }
 
 impl RandomInit {
-    fn make(&mut self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    fn make(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         use rand::Rng;
         let n: usize = shape.iter().product();
         let is_norm = name.contains("norm") && name.ends_with(".weight");
@@ -160,7 +204,10 @@ pub struct WeightsView<'a> {
 
 impl<'a> WeightsView<'a> {
     pub fn pp(&self, name: impl std::fmt::Display) -> WeightsView<'a> {
-        WeightsView { weights: self.weights, prefix: format!("{}.{name}", self.prefix) }
+        WeightsView {
+            weights: self.weights,
+            prefix: format!("{}.{name}", self.prefix),
+        }
     }
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         self.weights.get(&format!("{}.{name}", self.prefix), shape)
@@ -181,25 +228,34 @@ impl<'a> WeightsView<'a> {
 fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
-        let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io { path: index.clone(), source })?;
+        let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
+            path: index.clone(),
+            source,
+        })?;
         let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| ModelError::Json { path: index.clone(), source })?;
+            serde_json::from_str(&text).map_err(|source| ModelError::Json {
+                path: index.clone(),
+                source,
+            })?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
             .ok_or_else(|| ModelError::config(&index, "has no `weight_map` object"))?;
         let mut files = BTreeSet::new();
         for file in map.values() {
-            let file = file
-                .as_str()
-                .ok_or_else(|| ModelError::config(&index, "`weight_map` values must be file names"))?;
+            let file = file.as_str().ok_or_else(|| {
+                ModelError::config(&index, "`weight_map` values must be file names")
+            })?;
             files.insert(file.to_string());
         }
         let mut paths = Vec::new();
         for f in files {
             let p = dir.join(&f);
             if !p.is_file() {
-                return Err(ModelError::config(&index, format!("names shard `{f}`, which is missing")));
+                return Err(ModelError::config(
+                    &index,
+                    format!("names shard `{f}`, which is missing"),
+                ));
             }
             paths.push(p);
         }
@@ -209,20 +265,27 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if single.is_file() {
         return Ok(vec![single]);
     }
-    let entries = std::fs::read_dir(dir).map_err(|source| ModelError::Io { path: dir.to_path_buf(), source })?;
+    let entries = std::fs::read_dir(dir).map_err(|source| ModelError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     let mut paths: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
         .collect();
     paths.sort();
     if paths.is_empty() {
-        let has_bin = dir.join("pytorch_model.bin").is_file() || dir.join("pytorch_model.bin.index.json").is_file();
+        let has_bin = dir.join("pytorch_model.bin").is_file()
+            || dir.join("pytorch_model.bin.index.json").is_file();
         let hint = if has_bin {
             " (only PyTorch .bin weights were found: convert them to safetensors first)"
         } else {
             ""
         };
-        return Err(ModelError::config(dir, format!("no *.safetensors weights found{hint}")));
+        return Err(ModelError::config(
+            dir,
+            format!("no *.safetensors weights found{hint}"),
+        ));
     }
     Ok(paths)
 }
@@ -284,7 +347,9 @@ pub fn original_llava_name(stored: &str) -> Option<String> {
 
 /// A separate CLIP checkpoint (`CLIPVisionModel` or the full `CLIPModel`): keep the vision part.
 pub fn clip_vision_name(stored: &str) -> Option<String> {
-    stored.strip_prefix("vision_model.").map(|rest| format!("vision_tower.{rest}"))
+    stored
+        .strip_prefix("vision_model.")
+        .map(|rest| format!("vision_tower.{rest}"))
 }
 
 #[cfg(test)]
@@ -298,16 +363,31 @@ mod tests {
             "model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight",
             "model.vision_tower.encoder.layers.0.mlp.fc1.weight",
         ] {
-            assert_eq!(hf_llava_name(stored).as_deref(), Some("vision_tower.encoder.layers.0.mlp.fc1.weight"));
+            assert_eq!(
+                hf_llava_name(stored).as_deref(),
+                Some("vision_tower.encoder.layers.0.mlp.fc1.weight")
+            );
         }
-        for stored in ["language_model.model.norm.weight", "model.language_model.norm.weight"] {
-            assert_eq!(hf_llava_name(stored).as_deref(), Some("language_model.norm.weight"));
+        for stored in [
+            "language_model.model.norm.weight",
+            "model.language_model.norm.weight",
+        ] {
+            assert_eq!(
+                hf_llava_name(stored).as_deref(),
+                Some("language_model.norm.weight")
+            );
         }
         for stored in ["language_model.lm_head.weight", "lm_head.weight"] {
             assert_eq!(hf_llava_name(stored).as_deref(), Some("lm_head.weight"));
         }
-        for stored in ["multi_modal_projector.linear_2.bias", "model.multi_modal_projector.linear_2.bias"] {
-            assert_eq!(hf_llava_name(stored).as_deref(), Some("multi_modal_projector.linear_2.bias"));
+        for stored in [
+            "multi_modal_projector.linear_2.bias",
+            "model.multi_modal_projector.linear_2.bias",
+        ] {
+            assert_eq!(
+                hf_llava_name(stored).as_deref(),
+                Some("multi_modal_projector.linear_2.bias")
+            );
         }
     }
 
@@ -319,18 +399,42 @@ mod tests {
             "lm_head.weight",
             "multi_modal_projector.linear_1.bias",
         ] {
-            assert_eq!(hf_llava_name(&hub_name(canonical)).as_deref(), Some(canonical));
+            assert_eq!(
+                hf_llava_name(&hub_name(canonical)).as_deref(),
+                Some(canonical)
+            );
         }
     }
 
     #[test]
     fn original_layout_names() {
-        assert_eq!(original_llava_name("model.mm_projector.0.weight").as_deref(), Some("multi_modal_projector.linear_1.weight"));
-        assert_eq!(original_llava_name("model.mm_projector.2.bias").as_deref(), Some("multi_modal_projector.linear_2.bias"));
-        assert_eq!(original_llava_name("model.mm_projector.weight").as_deref(), Some("multi_modal_projector.linear_1.weight"));
-        assert_eq!(original_llava_name("model.layers.3.self_attn.q_proj.weight").as_deref(), Some("language_model.layers.3.self_attn.q_proj.weight"));
-        assert_eq!(original_llava_name("lm_head.weight").as_deref(), Some("lm_head.weight"));
-        assert_eq!(clip_vision_name("vision_model.post_layernorm.weight").as_deref(), Some("vision_tower.post_layernorm.weight"));
-        assert_eq!(clip_vision_name("text_model.embeddings.token_embedding.weight"), None);
+        assert_eq!(
+            original_llava_name("model.mm_projector.0.weight").as_deref(),
+            Some("multi_modal_projector.linear_1.weight")
+        );
+        assert_eq!(
+            original_llava_name("model.mm_projector.2.bias").as_deref(),
+            Some("multi_modal_projector.linear_2.bias")
+        );
+        assert_eq!(
+            original_llava_name("model.mm_projector.weight").as_deref(),
+            Some("multi_modal_projector.linear_1.weight")
+        );
+        assert_eq!(
+            original_llava_name("model.layers.3.self_attn.q_proj.weight").as_deref(),
+            Some("language_model.layers.3.self_attn.q_proj.weight")
+        );
+        assert_eq!(
+            original_llava_name("lm_head.weight").as_deref(),
+            Some("lm_head.weight")
+        );
+        assert_eq!(
+            clip_vision_name("vision_model.post_layernorm.weight").as_deref(),
+            Some("vision_tower.post_layernorm.weight")
+        );
+        assert_eq!(
+            clip_vision_name("text_model.embeddings.token_embedding.weight"),
+            None
+        );
     }
 }

@@ -30,8 +30,13 @@ fn case(name: &str) -> Case {
     let dir = fixtures().join(name);
     let text = std::fs::read_to_string(dir.join("expected.json")).expect("expected.json");
     let expected: Value = serde_json::from_str(&text).expect("valid json");
-    let tensors = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).expect("tensors");
-    Case { dir, expected, tensors }
+    let tensors = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)
+        .expect("tensors");
+    Case {
+        dir,
+        expected,
+        tensors,
+    }
 }
 
 impl Case {
@@ -65,7 +70,10 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
     let a: Vec<f32> = a.flatten_all().and_then(|t| t.to_vec1()).expect("a");
     let b: Vec<f32> = b.flatten_all().and_then(|t| t.to_vec1()).expect("b");
-    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn assert_close(name: &str, got: &Tensor, want: &Tensor) {
@@ -77,8 +85,10 @@ fn assert_close(name: &str, got: &Tensor, want: &Tensor) {
 fn greedy(p: &Pipeline, ids: &[u32], pixels: Option<&Tensor>, n: usize) -> Vec<u32> {
     let mut sampler = Sampler::new(SamplingParams::default()).expect("sampler");
     // EOS is not special here, as in the fixture's manual greedy loop.
-    let (tokens, _) = generate(&p.model, ids, pixels, &mut sampler, n, &[], |_| std::ops::ControlFlow::Continue(()))
-        .expect("generates");
+    let (tokens, _) = generate(&p.model, ids, pixels, &mut sampler, n, &[], |_| {
+        std::ops::ControlFlow::Continue(())
+    })
+    .expect("generates");
     tokens
 }
 
@@ -86,26 +96,65 @@ fn greedy(p: &Pipeline, ids: &[u32], pixels: Option<&Tensor>, n: usize) -> Vec<u
 fn check_hf_case(name: &str) {
     let c = case(name);
     let p = c.pipeline();
-    let prompt = p.render(&[Message::user(c.str("question"), 1)]).expect("renders");
+    let prompt = p
+        .render(&[Message::user(c.str("question"), 1)])
+        .expect("renders");
     assert_eq!(prompt, c.str("prompt"), "{name}: chat template");
     let ids = p.encode(&prompt).expect("encodes");
     assert_eq!(ids, c.ids("input_ids"), "{name}: input ids");
 
-    let pixels = p.pixel_values(&[c.image()]).expect("pixels").expect("one image");
-    assert_close(&format!("{name}: pixel_values"), &pixels, &c.tensors["pixel_values"]);
+    let pixels = p
+        .pixel_values(&[c.image()])
+        .expect("pixels")
+        .expect("one image");
+    assert_close(
+        &format!("{name}: pixel_values"),
+        &pixels,
+        &c.tensors["pixel_values"],
+    );
     // Features from the recorded pixels isolate the model from preprocessing.
-    let features = p.model.get_image_features(&c.tensors["pixel_values"], Mode::Infer).expect("features");
-    assert_close(&format!("{name}: image_features"), &features.squeeze(0).expect("squeeze"), &c.tensors["image_features"]);
+    let features = p
+        .model
+        .get_image_features(&c.tensors["pixel_values"], Mode::Infer)
+        .expect("features");
+    assert_close(
+        &format!("{name}: image_features"),
+        &features.squeeze(0).expect("squeeze"),
+        &c.tensors["image_features"],
+    );
 
     let mut cache = KvCache::new();
-    let hidden = p.model.forward(&[ids.clone()], Some(&pixels), None, &mut cache, Mode::Infer).expect("forward");
-    let logits = p.model.language_model.logits(&hidden).expect("logits").squeeze(0).expect("squeeze");
+    let hidden = p
+        .model
+        .forward(
+            std::slice::from_ref(&ids),
+            Some(&pixels),
+            None,
+            &mut cache,
+            Mode::Infer,
+        )
+        .expect("forward");
+    let logits = p
+        .model
+        .language_model
+        .logits(&hidden)
+        .expect("logits")
+        .squeeze(0)
+        .expect("squeeze");
     let last = logits.get(ids.len() - 1).expect("last");
-    assert_close(&format!("{name}: last_logits"), &last, &c.tensors["last_logits"]);
+    assert_close(
+        &format!("{name}: last_logits"),
+        &last,
+        &c.tensors["last_logits"],
+    );
     if let Some(all) = c.tensors.get("prompt_logits") {
         assert_close(&format!("{name}: prompt_logits"), &logits, all);
     }
-    assert_eq!(greedy(&p, &ids, Some(&pixels), 20), c.ids("greedy_tokens"), "{name}: greedy tokens");
+    assert_eq!(
+        greedy(&p, &ids, Some(&pixels), 20),
+        c.ids("greedy_tokens"),
+        "{name}: greedy tokens"
+    );
 }
 
 #[test]
@@ -127,29 +176,66 @@ fn llava15_legacy_names_bf16_weights_match_transformers() {
 fn padded_batch_matches_transformers() {
     let c = case("llava15-default");
     let p = c.pipeline();
-    let rows: Vec<Vec<u32>> = serde_json::from_value(c.expected["batch_input_ids"].clone()).expect("ids");
-    let mask: Vec<Vec<u8>> = serde_json::from_value(c.expected["batch_attention_mask"].clone()).expect("mask");
-    let pixels = p.pixel_values(&[c.image(), c.image()]).expect("pixels").expect("images");
+    let rows: Vec<Vec<u32>> =
+        serde_json::from_value(c.expected["batch_input_ids"].clone()).expect("ids");
+    let mask: Vec<Vec<u8>> =
+        serde_json::from_value(c.expected["batch_attention_mask"].clone()).expect("mask");
+    let pixels = p
+        .pixel_values(&[c.image(), c.image()])
+        .expect("pixels")
+        .expect("images");
     let mask = Tensor::new(mask, &Device::Cpu).expect("mask tensor");
     let mut cache = KvCache::new();
-    let hidden = p.model.forward(&rows, Some(&pixels), Some(&mask), &mut cache, Mode::Infer).expect("forward");
+    let hidden = p
+        .model
+        .forward(&rows, Some(&pixels), Some(&mask), &mut cache, Mode::Infer)
+        .expect("forward");
     let last = hidden.narrow(1, rows[0].len() - 1, 1).expect("last");
-    let logits = p.model.language_model.logits(&last).expect("logits").squeeze(1).expect("squeeze");
-    assert_close("batch_last_logits", &logits, &c.tensors["batch_last_logits"]);
+    let logits = p
+        .model
+        .language_model
+        .logits(&last)
+        .expect("logits")
+        .squeeze(1)
+        .expect("squeeze");
+    assert_close(
+        "batch_last_logits",
+        &logits,
+        &c.tensors["batch_last_logits"],
+    );
 }
 
 #[test]
 fn text_only_prompt_matches_transformers() {
     let c = case("llava15-default");
     let p = c.pipeline();
-    let prompt = p.render(&[Message::user(c.str("text_only_question"), 0)]).expect("renders");
+    let prompt = p
+        .render(&[Message::user(c.str("text_only_question"), 0)])
+        .expect("renders");
     assert_eq!(prompt, c.str("text_only_prompt"));
     let ids = p.encode(&prompt).expect("encodes");
     assert_eq!(ids, c.ids("text_only_input_ids"));
     let mut cache = KvCache::new();
-    let hidden = p.model.forward(&[ids.clone()], None, None, &mut cache, Mode::Infer).expect("forward");
-    let last = p.model.language_model.logits(&hidden.narrow(1, ids.len() - 1, 1).expect("n")).expect("logits");
-    assert_close("text_only_last_logits", &last.flatten_all().expect("f"), &c.tensors["text_only_last_logits"]);
+    let hidden = p
+        .model
+        .forward(
+            std::slice::from_ref(&ids),
+            None,
+            None,
+            &mut cache,
+            Mode::Infer,
+        )
+        .expect("forward");
+    let last = p
+        .model
+        .language_model
+        .logits(&hidden.narrow(1, ids.len() - 1, 1).expect("n"))
+        .expect("logits");
+    assert_close(
+        "text_only_last_logits",
+        &last.flatten_all().expect("f"),
+        &c.tensors["text_only_last_logits"],
+    );
     assert_eq!(greedy(&p, &ids, None, 20), c.ids("text_only_greedy_tokens"));
 }
 
@@ -157,7 +243,9 @@ fn text_only_prompt_matches_transformers() {
 fn original_layout_matches_transformers() {
     let c = case("original-layout");
     let p = c.pipeline();
-    let prompt = p.render(&[Message::user(c.str("question"), 1)]).expect("renders");
+    let prompt = p
+        .render(&[Message::user(c.str("question"), 1)])
+        .expect("renders");
     assert_eq!(prompt, c.str("prompt"), "llava_v1 prompt");
     let ids = p.encode(&prompt).expect("encodes");
     // The fixture marks the image with the original's -200; ours repeats the sentinel id.
@@ -166,16 +254,42 @@ fn original_layout_matches_transformers() {
     let sentinel = p.model.config.image_token_index;
     let want: Vec<u32> = marker
         .iter()
-        .flat_map(|&i| if i == -200 { vec![sentinel; n] } else { vec![i as u32] })
+        .flat_map(|&i| {
+            if i == -200 {
+                vec![sentinel; n]
+            } else {
+                vec![i as u32]
+            }
+        })
         .collect();
     assert_eq!(ids, want, "chunk-wise tokenisation around <image>");
 
-    let pixels = p.pixel_values(&[c.image()]).expect("pixels").expect("image");
+    let pixels = p
+        .pixel_values(&[c.image()])
+        .expect("pixels")
+        .expect("image");
     assert_close("pixel_values", &pixels, &c.tensors["pixel_values"]);
     let mut cache = KvCache::new();
-    let hidden = p.model.forward(&[ids.clone()], Some(&pixels), None, &mut cache, Mode::Infer).expect("forward");
-    let last = p.model.language_model.logits(&hidden.narrow(1, ids.len() - 1, 1).expect("n")).expect("logits");
-    assert_close("last_logits", &last.flatten_all().expect("f"), &c.tensors["last_logits"]);
+    let hidden = p
+        .model
+        .forward(
+            std::slice::from_ref(&ids),
+            Some(&pixels),
+            None,
+            &mut cache,
+            Mode::Infer,
+        )
+        .expect("forward");
+    let last = p
+        .model
+        .language_model
+        .logits(&hidden.narrow(1, ids.len() - 1, 1).expect("n"))
+        .expect("logits");
+    assert_close(
+        "last_logits",
+        &last.flatten_all().expect("f"),
+        &c.tensors["last_logits"],
+    );
     assert_eq!(greedy(&p, &ids, Some(&pixels), 20), c.ids("greedy_tokens"));
 }
 
@@ -191,12 +305,39 @@ fn kv_cache_decoding_matches_full_recompute() {
     let mut all = ids.clone();
     all.extend(&tokens[..4]);
     let mut cache = KvCache::new();
-    let hidden = p.model.forward(&[all.clone()], pixels.as_ref(), None, &mut cache, Mode::Infer).expect("forward");
-    let logits = p.model.language_model.logits(&hidden).expect("logits").squeeze(0).expect("s");
+    let hidden = p
+        .model
+        .forward(
+            &[all.clone()],
+            pixels.as_ref(),
+            None,
+            &mut cache,
+            Mode::Infer,
+        )
+        .expect("forward");
+    let logits = p
+        .model
+        .language_model
+        .logits(&hidden)
+        .expect("logits")
+        .squeeze(0)
+        .expect("s");
     for (k, &t) in tokens.iter().enumerate() {
-        let row: Vec<f32> = logits.get(ids.len() - 1 + k).and_then(|r| r.to_vec1()).expect("row");
+        let row: Vec<f32> = logits
+            .get(ids.len() - 1 + k)
+            .and_then(|r| r.to_vec1())
+            .expect("row");
         assert_eq!(llava_model::generation::argmax(&row), t, "step {k}");
     }
-    let train = p.model.forward(&[all], pixels.as_ref(), None, &mut KvCache::new(), Mode::Train).expect("train mode");
+    let train = p
+        .model
+        .forward(
+            &[all],
+            pixels.as_ref(),
+            None,
+            &mut KvCache::new(),
+            Mode::Train,
+        )
+        .expect("train mode");
     assert_close("train-mode forward", &train, &hidden);
 }

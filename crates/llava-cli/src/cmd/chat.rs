@@ -65,19 +65,31 @@ pub fn run(c: ChatCommand) -> Result<()> {
                     pixels = p;
                     image = Some(path);
                     history.retain(|m| m.role == llava_data::conversation::Role::System);
-                    eprintln!("(image: {})", image.as_ref().map(|p| p.display().to_string()).unwrap_or_default());
+                    eprintln!(
+                        "(image: {})",
+                        image
+                            .as_ref()
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_default()
+                    );
                 }
                 Err(e) => eprintln!("error: {e}"),
             }
             continue;
         }
         // The image goes with the first question of the conversation, as in training.
-        let first_user = !history.iter().any(|m| m.role == llava_data::conversation::Role::User);
+        let first_user = !history
+            .iter()
+            .any(|m| m.role == llava_data::conversation::Role::User);
         let n_images = if first_user && pixels.is_some() { 1 } else { 0 };
         history.push(Message::user(input, n_images));
         let prompt = pipeline.render(&history)?;
         let ids = pipeline.encode(&prompt)?;
-        let turn_pixels = if history.iter().any(|m| m.images > 0) { pixels.as_ref() } else { None };
+        let turn_pixels = if history.iter().any(|m| m.images > 0) {
+            pixels.as_ref()
+        } else {
+            None
+        };
         if interactive {
             eprint!("ASSISTANT: ");
         }

@@ -23,7 +23,11 @@ pub struct InitCommand {
 
 pub fn run(c: InitCommand) -> Result<()> {
     let Some(config) = shape_config(&c.shape) else {
-        bail!("--shape {}: unknown shape; choose one of {}", c.shape, SHAPES.join(", "));
+        bail!(
+            "--shape {}: unknown shape; choose one of {}",
+            c.shape,
+            SHAPES.join(", ")
+        );
     };
     let dtype = match c.dtype.as_str() {
         "f32" => DType::F32,
@@ -33,6 +37,10 @@ pub fn run(c: InitCommand) -> Result<()> {
     };
     write_random_checkpoint(&config, &c.out, dtype, c.seed)
         .with_context(|| format!("writing {}", c.out.display()))?;
-    eprintln!("wrote a random-weight `{}` checkpoint to {}", c.shape, c.out.display());
+    eprintln!(
+        "wrote a random-weight `{}` checkpoint to {}",
+        c.shape,
+        c.out.display()
+    );
     Ok(())
 }

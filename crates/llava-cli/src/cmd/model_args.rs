@@ -46,7 +46,10 @@ impl ModelArgs {
             None => Device::Cpu,
         };
         let image_aspect_ratio = match &self.image_aspect_ratio {
-            Some(a) => Some(a.parse::<ImageAspectRatio>().context("--image-aspect-ratio")?),
+            Some(a) => Some(
+                a.parse::<ImageAspectRatio>()
+                    .context("--image-aspect-ratio")?,
+            ),
             None => None,
         };
         let opts = PipelineOptions {
@@ -83,6 +86,11 @@ pub struct SamplingArgs {
 
 impl SamplingArgs {
     pub fn params(&self) -> SamplingParams {
-        SamplingParams { temperature: self.temperature, top_p: self.top_p, top_k: self.top_k, seed: self.seed }
+        SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed: self.seed,
+        }
     }
 }
