@@ -56,10 +56,11 @@ def main():
         feats = model.get_image_features(pixel_values=pixel_values,
                                          vision_feature_layer=cfg.vision_feature_layer,
                                          vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+        # transformers 5 returns a model output whose pooler_output is a list, one per image.
+        if hasattr(feats, "pooler_output"):
+            feats = feats.pooler_output
         if isinstance(feats, (list, tuple)):
             feats = torch.cat(list(feats), dim=0)
-        elif hasattr(feats, "pooler_output"):
-            feats = feats.pooler_output
         feats = feats.reshape(-1, feats.shape[-1])
         t1 = time.perf_counter()
         embeds = model.get_input_embeddings()(input_ids.clamp(max=cfg.text_config.vocab_size - 1))

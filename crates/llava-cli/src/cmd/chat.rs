@@ -24,7 +24,10 @@ pub struct ChatCommand {
 }
 
 pub fn run(c: ChatCommand) -> Result<()> {
-    let pipeline = c.model.load()?;
+    let mut pipeline = c.model.load()?;
+    if c.sampling.ignore_eos {
+        pipeline.eos_token_ids.clear();
+    }
     let mut image = c.image.clone();
     let mut pixels = match &image {
         Some(p) => pipeline.pixel_values(std::slice::from_ref(p))?,

@@ -53,7 +53,10 @@ pub fn run(c: GenerateCommand) -> Result<()> {
             bail!("--image {}: no such file", image.display());
         }
     }
-    let pipeline = c.model.load()?;
+    let mut pipeline = c.model.load()?;
+    if c.sampling.ignore_eos {
+        pipeline.eos_token_ids.clear();
+    }
     let prompt = if c.raw {
         c.prompt.clone()
     } else {

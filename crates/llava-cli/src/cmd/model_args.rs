@@ -79,6 +79,9 @@ pub struct SamplingArgs {
     pub top_k: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Keep generating past EOS (for benchmarks that need a fixed number of tokens).
+    #[arg(long)]
+    pub ignore_eos: bool,
     /// Extra text at which to stop (repeatable).
     #[arg(long = "stop")]
     pub stop: Vec<String>,
