@@ -31,14 +31,31 @@ pub enum CocoError {
         #[source]
         source: serde_json::Error,
     },
-    #[error("{what} annotation {annotation_id} refers to image id {image_id}, which is not in the file's `images`")]
-    UnknownImage { what: &'static str, annotation_id: u64, image_id: u64 },
-    #[error("instance annotation {annotation_id} refers to category id {category_id}, which is not in `categories`")]
-    UnknownCategory { annotation_id: u64, category_id: u64 },
+    #[error(
+        "{what} annotation {annotation_id} refers to image id {image_id}, which is not in the file's `images`"
+    )]
+    UnknownImage {
+        what: &'static str,
+        annotation_id: u64,
+        image_id: u64,
+    },
+    #[error(
+        "instance annotation {annotation_id} refers to category id {category_id}, which is not in `categories`"
+    )]
+    UnknownCategory {
+        annotation_id: u64,
+        category_id: u64,
+    },
     #[error(
         "image {image_id} is {a_width}x{a_height} in the captions file but {b_width}x{b_height} in the instances file; are they from the same dataset?"
     )]
-    SizeMismatch { image_id: u64, a_width: u32, a_height: u32, b_width: u32, b_height: u32 },
+    SizeMismatch {
+        image_id: u64,
+        a_width: u32,
+        a_height: u32,
+        b_width: u32,
+        b_height: u32,
+    },
     #[error("neither a captions file nor an instances file was given")]
     NoInput,
 }
@@ -125,8 +142,14 @@ pub struct CocoImageAnnotations {
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, CocoError> {
-    let bytes = std::fs::read(path).map_err(|source| CocoError::Io { path: path.to_path_buf(), source })?;
-    serde_json::from_slice(&bytes).map_err(|source| CocoError::Json { path: path.to_path_buf(), source })
+    let bytes = std::fs::read(path).map_err(|source| CocoError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_slice(&bytes).map_err(|source| CocoError::Json {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Reads a `captions_{split}{year}.json` file.
@@ -155,11 +178,13 @@ pub fn join(
     let mut images: BTreeMap<u64, CocoImageAnnotations> = BTreeMap::new();
     if let Some(c) = captions {
         for img in &c.images {
-            images.entry(img.id).or_insert_with(|| CocoImageAnnotations {
-                image: img.clone(),
-                captions: Vec::new(),
-                objects: Vec::new(),
-            });
+            images
+                .entry(img.id)
+                .or_insert_with(|| CocoImageAnnotations {
+                    image: img.clone(),
+                    captions: Vec::new(),
+                    objects: Vec::new(),
+                });
         }
     }
     if let Some(inst) = instances {
@@ -180,7 +205,11 @@ pub fn join(
                 None => {
                     images.insert(
                         img.id,
-                        CocoImageAnnotations { image: img.clone(), captions: Vec::new(), objects: Vec::new() },
+                        CocoImageAnnotations {
+                            image: img.clone(),
+                            captions: Vec::new(),
+                            objects: Vec::new(),
+                        },
                     );
                 }
             }
@@ -199,13 +228,18 @@ pub fn join(
         }
     }
     if let Some(inst) = instances {
-        let cats: HashMap<u64, &str> = inst.categories.iter().map(|c| (c.id, c.name.as_str())).collect();
+        let cats: HashMap<u64, &str> = inst
+            .categories
+            .iter()
+            .map(|c| (c.id, c.name.as_str()))
+            .collect();
         let mut anns: Vec<&CocoInstance> = inst.annotations.iter().collect();
         anns.sort_by_key(|a| a.id);
         for a in anns {
-            let category = *cats
-                .get(&a.category_id)
-                .ok_or(CocoError::UnknownCategory { annotation_id: a.id, category_id: a.category_id })?;
+            let category = *cats.get(&a.category_id).ok_or(CocoError::UnknownCategory {
+                annotation_id: a.id,
+                category_id: a.category_id,
+            })?;
             let entry = images.get_mut(&a.image_id).ok_or(CocoError::UnknownImage {
                 what: "instance",
                 annotation_id: a.id,
@@ -285,15 +319,27 @@ mod tests {
         let c: CaptionsFile = serde_json::from_str(CAPTIONS_2014).unwrap();
         let mut i: InstancesFile = serde_json::from_str(INSTANCES_2017).unwrap();
         i.images[0].width = 641;
-        assert!(matches!(join(Some(&c), Some(&i)), Err(CocoError::SizeMismatch { image_id: 42, .. })));
+        assert!(matches!(
+            join(Some(&c), Some(&i)),
+            Err(CocoError::SizeMismatch { image_id: 42, .. })
+        ));
 
         let mut i: InstancesFile = serde_json::from_str(INSTANCES_2017).unwrap();
         i.annotations[0].category_id = 77;
-        assert!(matches!(join(None, Some(&i)), Err(CocoError::UnknownCategory { category_id: 77, .. })));
+        assert!(matches!(
+            join(None, Some(&i)),
+            Err(CocoError::UnknownCategory {
+                category_id: 77,
+                ..
+            })
+        ));
 
         let mut c2 = c.clone();
         c2.annotations[0].image_id = 1234;
-        assert!(matches!(join(Some(&c2), None), Err(CocoError::UnknownImage { image_id: 1234, .. })));
+        assert!(matches!(
+            join(Some(&c2), None),
+            Err(CocoError::UnknownImage { image_id: 1234, .. })
+        ));
         assert!(matches!(join(None, None), Err(CocoError::NoInput)));
     }
 

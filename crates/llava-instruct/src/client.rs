@@ -28,7 +28,11 @@ pub enum ClientError {
     #[error("invalid client configuration: {0}")]
     Config(String),
     #[error("HTTP {status}: {body}")]
-    Status { status: u16, body: String, retry_after: Option<Duration> },
+    Status {
+        status: u16,
+        body: String,
+        retry_after: Option<Duration>,
+    },
     #[error("request timed out after {0:?}")]
     Timeout(Duration),
     #[error("connection failed: {0}")]
@@ -40,14 +44,19 @@ pub enum ClientError {
     #[error("the reply has no choices or no message content")]
     NoContent,
     #[error("gave up after {attempts} attempts; last error: {last}")]
-    Exhausted { attempts: u32, last: Box<ClientError> },
+    Exhausted {
+        attempts: u32,
+        last: Box<ClientError>,
+    },
 }
 
 impl ClientError {
     /// Whether a new attempt may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ClientError::Status { status, .. } => matches!(status, 408 | 409 | 429) || *status >= 500,
+            ClientError::Status { status, .. } => {
+                matches!(status, 408 | 409 | 429) || *status >= 500
+            }
             ClientError::Timeout(_) | ClientError::Connect(_) | ClientError::Body(_) => true,
             ClientError::Config(_)
             | ClientError::Decode(_)
@@ -75,13 +84,22 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn system(content: impl Into<String>) -> Self {
-        Self { role: Role::System, content: content.into() }
+        Self {
+            role: Role::System,
+            content: content.into(),
+        }
     }
     pub fn user(content: impl Into<String>) -> Self {
-        Self { role: Role::User, content: content.into() }
+        Self {
+            role: Role::User,
+            content: content.into(),
+        }
     }
     pub fn assistant(content: impl Into<String>) -> Self {
-        Self { role: Role::Assistant, content: content.into() }
+        Self {
+            role: Role::Assistant,
+            content: content.into(),
+        }
     }
 }
 
@@ -118,8 +136,8 @@ pub struct ChatResponse {
     pub attempts: u32,
 }
 
-/// Client settings. [`ClientConfig::new`] gives the defaults.
-#[derive(Debug, Clone)]
+/// Client settings. [`ClientConfig::new`] gives the defaults. `Debug` hides the API key.
+#[derive(Clone)]
 pub struct ClientConfig {
     /// Base URL up to and including the version, e.g. `https://api.openai.com/v1` or
     /// `http://127.0.0.1:8000/v1`; `/chat/completions` is appended. A base that already ends in
@@ -141,6 +159,23 @@ pub struct ClientConfig {
     pub backoff_max: Duration,
     /// Upper bound on a server-requested `Retry-After`.
     pub retry_after_max: Duration,
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("api_base", &self.api_base)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("model", &self.model)
+            .field("concurrency", &self.concurrency)
+            .field("requests_per_minute", &self.requests_per_minute)
+            .field("timeout", &self.timeout)
+            .field("max_retries", &self.max_retries)
+            .field("backoff_base", &self.backoff_base)
+            .field("backoff_max", &self.backoff_max)
+            .field("retry_after_max", &self.retry_after_max)
+            .finish()
+    }
 }
 
 impl ClientConfig {
@@ -179,7 +214,10 @@ pub fn request_json(model: &str, req: &ChatRequest) -> serde_json::Value {
         max_tokens: req.max_tokens,
     };
     // Through the bytes, so that f32 fields read back as they are written (0.3, not 0.300000011…).
-    serde_json::to_vec(&body).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(serde_json::Value::Null)
+    serde_json::to_vec(&body)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null)
 }
 
 /// Spaces request starts at least `interval` apart (no bursts), shared by all tasks.
@@ -191,7 +229,10 @@ struct RateLimiter {
 
 impl RateLimiter {
     fn new(rpm: u32) -> Self {
-        Self { interval: Duration::from_secs_f64(60.0 / f64::from(rpm.max(1))), next: Mutex::new(Instant::now()) }
+        Self {
+            interval: Duration::from_secs_f64(60.0 / f64::from(rpm.max(1))),
+            next: Mutex::new(Instant::now()),
+        }
     }
 
     async fn wait(&self) {
@@ -267,17 +308,27 @@ impl ChatClient {
             return Err(ClientError::Config("concurrency must be at least 1".into()));
         }
         if cfg.requests_per_minute == Some(0) {
-            return Err(ClientError::Config("requests per minute must be at least 1".into()));
+            return Err(ClientError::Config(
+                "requests per minute must be at least 1".into(),
+            ));
         }
         if cfg.model.trim().is_empty() {
             return Err(ClientError::Config("a model name is required".into()));
         }
         let base = cfg.api_base.trim().trim_end_matches('/');
         if !(base.starts_with("http://") || base.starts_with("https://")) {
-            return Err(ClientError::Config(format!("API base `{}` must start with http:// or https://", cfg.api_base)));
+            return Err(ClientError::Config(format!(
+                "API base `{}` must start with http:// or https://",
+                cfg.api_base
+            )));
         }
-        let url = if base.ends_with("/chat/completions") { base.to_string() } else { format!("{base}/chat/completions") };
-        reqwest::Url::parse(&url).map_err(|e| ClientError::Config(format!("bad API base `{}`: {e}", cfg.api_base)))?;
+        let url = if base.ends_with("/chat/completions") {
+            base.to_string()
+        } else {
+            format!("{base}/chat/completions")
+        };
+        reqwest::Url::parse(&url)
+            .map_err(|e| ClientError::Config(format!("bad API base `{}`: {e}", cfg.api_base)))?;
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(cfg.concurrency)
             .build()
@@ -306,12 +357,18 @@ impl ChatClient {
 
     /// HTTP attempts made so far, retries included.
     pub fn attempts_made(&self) -> u64 {
-        self.inner.counters.attempts.load(std::sync::atomic::Ordering::Relaxed)
+        self.inner
+            .counters
+            .attempts
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Retries made so far.
     pub fn retries_made(&self) -> u64 {
-        self.inner.counters.retries.load(std::sync::atomic::Ordering::Relaxed)
+        self.inner
+            .counters
+            .retries
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Sends a chat request, retrying per the configuration.
@@ -323,18 +380,25 @@ impl ChatClient {
             temperature: req.temperature,
             max_tokens: req.max_tokens,
         };
-        let body = serde_json::to_vec(&body).map_err(|e| ClientError::Config(format!("cannot encode request: {e}")))?;
+        let body = serde_json::to_vec(&body)
+            .map_err(|e| ClientError::Config(format!("cannot encode request: {e}")))?;
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
             let result = {
                 // A closed semaphore cannot happen (we never close it); treat it as a config error.
-                let _permit =
-                    inner.slots.acquire().await.map_err(|_| ClientError::Config("client is shut down".into()))?;
+                let _permit = inner
+                    .slots
+                    .acquire()
+                    .await
+                    .map_err(|_| ClientError::Config("client is shut down".into()))?;
                 if let Some(l) = &inner.limiter {
                     l.wait().await;
                 }
-                inner.counters.attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                inner
+                    .counters
+                    .attempts
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.attempt(body.clone()).await
             };
             match result {
@@ -345,11 +409,17 @@ impl ChatClient {
                 Err(e) if e.is_retryable() && attempt <= inner.cfg.max_retries => {
                     let delay = self.backoff(attempt - 1, &e);
                     tracing::debug!(attempt, ?delay, error = %e, "retrying chat request");
-                    inner.counters.retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    inner
+                        .counters
+                        .retries
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tokio::time::sleep(delay).await;
                 }
                 Err(e) if e.is_retryable() => {
-                    return Err(ClientError::Exhausted { attempts: attempt, last: Box::new(e) });
+                    return Err(ClientError::Exhausted {
+                        attempts: attempt,
+                        last: Box::new(e),
+                    });
                 }
                 Err(e) => return Err(e),
             }
@@ -358,10 +428,20 @@ impl ChatClient {
 
     fn backoff(&self, retry: u32, err: &ClientError) -> Duration {
         let cfg = &self.inner.cfg;
-        let cap = cfg.backoff_base.saturating_mul(2u32.saturating_pow(retry.min(30))).min(cfg.backoff_max);
-        let jitter = if cap.is_zero() { Duration::ZERO } else { cap.mul_f64(rand::rng().random_range(0.0..=1.0)) };
+        let cap = cfg
+            .backoff_base
+            .saturating_mul(2u32.saturating_pow(retry.min(30)))
+            .min(cfg.backoff_max);
+        let jitter = if cap.is_zero() {
+            Duration::ZERO
+        } else {
+            cap.mul_f64(rand::rng().random_range(0.0..=1.0))
+        };
         match err {
-            ClientError::Status { retry_after: Some(ra), .. } => {
+            ClientError::Status {
+                retry_after: Some(ra),
+                ..
+            } => {
                 // Honour the server's floor, plus a little jitter so waiters do not stampede.
                 let ra = (*ra).min(cfg.retry_after_max);
                 ra + jitter.min(Duration::from_millis(250))
@@ -392,13 +472,30 @@ impl ChatClient {
         if !status.is_success() {
             let text = String::from_utf8_lossy(&bytes);
             let body: String = text.chars().take(500).collect();
-            return Err(ClientError::Status { status: status.as_u16(), body, retry_after });
+            return Err(ClientError::Status {
+                status: status.as_u16(),
+                body,
+                retry_after,
+            });
         }
-        let wire: WireResponse = serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))?;
+        let wire: WireResponse =
+            serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))?;
         let usage = wire.usage.unwrap_or_default();
-        let choice = wire.choices.into_iter().next().ok_or(ClientError::NoContent)?;
-        let content = choice.message.and_then(|m| m.content).ok_or(ClientError::NoContent)?;
-        Ok(ChatResponse { content, finish_reason: choice.finish_reason, usage, attempts: 1 })
+        let choice = wire
+            .choices
+            .into_iter()
+            .next()
+            .ok_or(ClientError::NoContent)?;
+        let content = choice
+            .message
+            .and_then(|m| m.content)
+            .ok_or(ClientError::NoContent)?;
+        Ok(ChatResponse {
+            content,
+            finish_reason: choice.finish_reason,
+            usage,
+            attempts: 1,
+        })
     }
 }
 
@@ -428,7 +525,10 @@ fn full_chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// Reads `retry-after-ms` (milliseconds) or `Retry-After` (delta seconds, possibly
 /// fractional, or an HTTP date relative to `now`).
-pub fn parse_retry_after(headers: &reqwest::header::HeaderMap, now: SystemTime) -> Option<Duration> {
+pub fn parse_retry_after(
+    headers: &reqwest::header::HeaderMap,
+    now: SystemTime,
+) -> Option<Duration> {
     if let Some(ms) = headers.get("retry-after-ms").and_then(|v| v.to_str().ok())
         && let Ok(ms) = ms.trim().parse::<f64>()
         && ms.is_finite()
@@ -436,7 +536,11 @@ pub fn parse_retry_after(headers: &reqwest::header::HeaderMap, now: SystemTime) 
     {
         return Some(Duration::from_secs_f64(ms / 1000.0));
     }
-    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let v = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
     if let Ok(secs) = v.parse::<f64>() {
         if secs.is_finite() && secs >= 0.0 {
             return Some(Duration::from_secs_f64(secs.min(86_400.0)));
@@ -472,12 +576,19 @@ mod tests {
         h.insert("retry-after", HeaderValue::from_str(&past).unwrap());
         assert_eq!(parse_retry_after(&h, now), Some(Duration::ZERO));
         h.insert("retry-after-ms", HeaderValue::from_static("1500"));
-        assert_eq!(parse_retry_after(&h, now), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            parse_retry_after(&h, now),
+            Some(Duration::from_millis(1500))
+        );
     }
 
     #[test]
     fn retryable_classes() {
-        let st = |s| ClientError::Status { status: s, body: String::new(), retry_after: None };
+        let st = |s| ClientError::Status {
+            status: s,
+            body: String::new(),
+            retry_after: None,
+        };
         for s in [408, 409, 429, 500, 502, 503, 504] {
             assert!(st(s).is_retryable(), "{s}");
         }
@@ -487,6 +598,16 @@ mod tests {
         assert!(ClientError::Timeout(Duration::from_secs(1)).is_retryable());
         assert!(ClientError::Connect("x".into()).is_retryable());
         assert!(!ClientError::Decode("x".into()).is_retryable());
+    }
+
+    #[test]
+    fn debug_hides_the_key() {
+        let mut cfg = ClientConfig::new("http://h", "m");
+        cfg.api_key = Some("sk-secret".into());
+        let c = ChatClient::new(cfg.clone()).unwrap();
+        assert!(!format!("{cfg:?}").contains("sk-secret"));
+        assert!(!format!("{c:?}").contains("sk-secret"));
+        assert!(format!("{cfg:?}").contains("redacted"));
     }
 
     #[test]
@@ -517,10 +638,17 @@ mod tests {
         // jitter actually varies
         let draws: std::collections::HashSet<_> = (0..50).map(|_| c.backoff(3, &e)).collect();
         assert!(draws.len() > 10);
-        let ra = ClientError::Status { status: 429, body: String::new(), retry_after: Some(Duration::from_secs(2)) };
+        let ra = ClientError::Status {
+            status: 429,
+            body: String::new(),
+            retry_after: Some(Duration::from_secs(2)),
+        };
         for _ in 0..50 {
             let d = c.backoff(0, &ra);
-            assert!(d >= Duration::from_secs(2) && d <= Duration::from_millis(2250), "{d:?}");
+            assert!(
+                d >= Duration::from_secs(2) && d <= Duration::from_millis(2250),
+                "{d:?}"
+            );
         }
     }
 }

@@ -45,11 +45,19 @@ pub fn caption_lines(captions: &[String]) -> Vec<String> {
 
 /// A coordinate in 0..1 with at most 3 decimals and no trailing zeros.
 pub fn format_coord(v: f64) -> String {
-    let v = if v.is_finite() { v.clamp(0.0, 1.0) } else { 0.0 };
+    let v = if v.is_finite() {
+        v.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
     let r = (v * 1000.0).round() / 1000.0;
     let s = format!("{r:.3}");
     let s = s.trim_end_matches('0').trim_end_matches('.');
-    if s.is_empty() || s == "-0" { "0".to_string() } else { s.to_string() }
+    if s.is_empty() || s == "-0" {
+        "0".to_string()
+    } else {
+        s.to_string()
+    }
 }
 
 /// The box lines of an image after normalisation and dedup, in source order.
@@ -63,7 +71,8 @@ pub fn box_lines(entry: &ImageEntry) -> Vec<String> {
     for b in &entry.boxes {
         let [x, y, bw, bh] = b.bbox;
         let category = normalise_caption(&b.category);
-        if category.is_empty() || !(bw > 0.0 && bh > 0.0) || !x.is_finite() || !y.is_finite() {
+        let usable = !category.is_empty() && bw > 0.0 && bh > 0.0 && x.is_finite() && y.is_finite();
+        if !usable {
             continue;
         }
         let line = format!(
@@ -107,12 +116,30 @@ mod tests {
                 "Two dogs run.".into(),
             ],
             boxes: vec![
-                BoxAnnotation { category: "person".into(), bbox: [199.68, 38.4, 293.12, 437.28] },
-                BoxAnnotation { category: "horse".into(), bbox: [320.0, 240.0, 320.0, 240.0] },
-                BoxAnnotation { category: "person".into(), bbox: [199.7, 38.39, 293.1, 437.3] },
-                BoxAnnotation { category: "dog".into(), bbox: [-10.0, 0.0, 0.0, 5.0] },
-                BoxAnnotation { category: "dog".into(), bbox: [-10.0, 470.0, 30.0, 30.0] },
-                BoxAnnotation { category: "  ".into(), bbox: [1.0, 1.0, 1.0, 1.0] },
+                BoxAnnotation {
+                    category: "person".into(),
+                    bbox: [199.68, 38.4, 293.12, 437.28],
+                },
+                BoxAnnotation {
+                    category: "horse".into(),
+                    bbox: [320.0, 240.0, 320.0, 240.0],
+                },
+                BoxAnnotation {
+                    category: "person".into(),
+                    bbox: [199.7, 38.39, 293.1, 437.3],
+                },
+                BoxAnnotation {
+                    category: "dog".into(),
+                    bbox: [-10.0, 0.0, 0.0, 5.0],
+                },
+                BoxAnnotation {
+                    category: "dog".into(),
+                    bbox: [-10.0, 470.0, 30.0, 30.0],
+                },
+                BoxAnnotation {
+                    category: "  ".into(),
+                    bbox: [1.0, 1.0, 1.0, 1.0],
+                },
             ],
         }
     }
@@ -134,7 +161,10 @@ mod tests {
 
     #[test]
     fn captions_normalised_and_deduplicated_in_order() {
-        assert_eq!(caption_lines(&entry().captions), vec!["A man rides a horse", "Two dogs run."]);
+        assert_eq!(
+            caption_lines(&entry().captions),
+            vec!["A man rides a horse", "Two dogs run."]
+        );
     }
 
     #[test]
@@ -153,7 +183,10 @@ mod tests {
     #[test]
     fn conversation_context_has_no_boxes() {
         let e = entry();
-        assert_eq!(format_context(&e, false), "A man rides a horse\nTwo dogs run.");
+        assert_eq!(
+            format_context(&e, false),
+            "A man rides a horse\nTwo dogs run."
+        );
         assert_eq!(
             format_context(&e, true),
             "A man rides a horse\nTwo dogs run.\nperson: [0.312, 0.08, 0.77, 0.991]\nhorse: [0.5, 0.5, 1, 1]\ndog: [0, 0.979, 0.031, 1]"

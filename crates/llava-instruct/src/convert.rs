@@ -45,7 +45,12 @@ pub enum TsvOrder {
 impl PairFormat {
     /// Guesses from the extension: `.tsv`/`.txt` → TSV, otherwise JSONL.
     pub fn from_path(p: &Path) -> Self {
-        match p.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+        match p
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
             Some("tsv") | Some("txt") => PairFormat::Tsv(TsvOrder::ImageCaption),
             _ => PairFormat::Jsonl,
         }
@@ -69,7 +74,10 @@ pub struct ConvertSummary {
 }
 
 fn stem_id(image: &str) -> Option<String> {
-    Path::new(image).file_stem().map(|s| s.to_string_lossy().into_owned()).filter(|s| !s.is_empty())
+    Path::new(image)
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .filter(|s| !s.is_empty())
 }
 
 /// Converts pairs into LLaVA records.
@@ -87,10 +95,15 @@ pub fn convert_pairs(
         let lineno = i + 1;
         let line = line.map_err(InstructError::io(input))?;
         let line = line.trim_end_matches('\r');
-        if line.trim().is_empty() || (matches!(format, PairFormat::Tsv(_)) && line.starts_with('#')) {
+        if line.trim().is_empty() || (matches!(format, PairFormat::Tsv(_)) && line.starts_with('#'))
+        {
             continue;
         }
-        let bad = |message: String| InstructError::Annotations { path: input.to_path_buf(), line: lineno, message };
+        let bad = |message: String| InstructError::Annotations {
+            path: input.to_path_buf(),
+            line: lineno,
+            message,
+        };
         let (id, image, caption) = match format {
             PairFormat::Jsonl => {
                 let p: PairLine = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
@@ -98,12 +111,18 @@ pub fn convert_pairs(
                     Some(serde_json::Value::String(s)) if !s.trim().is_empty() => Some(s),
                     Some(serde_json::Value::Number(n)) => Some(n.to_string()),
                     None => None,
-                    Some(other) => return Err(bad(format!("`id` must be a non-empty string or a number, got {other}"))),
+                    Some(other) => {
+                        return Err(bad(format!(
+                            "`id` must be a non-empty string or a number, got {other}"
+                        )));
+                    }
                 };
                 (id, p.image, p.caption)
             }
             PairFormat::Tsv(order) => {
-                let (a, b) = line.split_once('\t').ok_or_else(|| bad("expected two tab-separated columns".into()))?;
+                let (a, b) = line
+                    .split_once('\t')
+                    .ok_or_else(|| bad("expected two tab-separated columns".into()))?;
                 let (image, caption) = match order {
                     TsvOrder::ImageCaption => (a, b),
                     TsvOrder::CaptionImage => (b, a),
@@ -116,7 +135,9 @@ pub fn convert_pairs(
         }
         let id = match id {
             Some(id) => id,
-            None => stem_id(&image).ok_or_else(|| bad(format!("cannot derive an id from `{image}`")))?,
+            None => {
+                stem_id(&image).ok_or_else(|| bad(format!("cannot derive an id from `{image}`")))?
+            }
         };
         if caption.trim().is_empty() {
             summary.skipped_blank += 1;
@@ -125,7 +146,14 @@ pub fn convert_pairs(
         if !seen.insert(id.clone()) {
             return Err(bad(format!("duplicate id `{id}`")));
         }
-        let entry = ImageEntry { id, image, width: 1.0, height: 1.0, captions: vec![caption], boxes: vec![] };
+        let entry = ImageEntry {
+            id,
+            image,
+            width: 1.0,
+            height: 1.0,
+            captions: vec![caption],
+            boxes: vec![],
+        };
         let mut rng = StdRng::seed_from_u64(pair_seed(seed, &entry.id, InstructType::Brief));
         match brief_record(&entry, lib, &mut rng) {
             Ok(r) => records.push(r),
@@ -165,24 +193,38 @@ mod tests {
         )
         .unwrap();
         let (recs, s) = convert_pairs(&j, PairFormat::from_path(&j), &lib, 0).unwrap();
-        assert_eq!(s, ConvertSummary { records: 2, skipped_blank: 1 });
+        assert_eq!(
+            s,
+            ConvertSummary {
+                records: 2,
+                skipped_blank: 1
+            }
+        );
         assert_eq!(recs[0].id, serde_json::json!("004539375"));
         assert_eq!(recs[0].image.as_deref(), Some("00453/004539375.jpg"));
         assert_eq!(recs[0].conversations[1].value, "a red car");
-        let q = recs[0].conversations[0].value.replace(IMAGE_PLACEHOLDER, "");
+        let q = recs[0].conversations[0]
+            .value
+            .replace(IMAGE_PLACEHOLDER, "");
         assert!(lib.brief_instructions.iter().any(|i| i == q.trim()));
         assert_eq!(recs[1].id, serde_json::json!("5"));
 
         let t = d.path().join("pairs.tsv");
-        std::fs::write(&t, "# header\na caption here\timgs/1.jpg\r\nanother\timgs/2.jpg\n").unwrap();
-        let (recs, _) = convert_pairs(&t, PairFormat::Tsv(TsvOrder::CaptionImage), &lib, 0).unwrap();
+        std::fs::write(
+            &t,
+            "# header\na caption here\timgs/1.jpg\r\nanother\timgs/2.jpg\n",
+        )
+        .unwrap();
+        let (recs, _) =
+            convert_pairs(&t, PairFormat::Tsv(TsvOrder::CaptionImage), &lib, 0).unwrap();
         assert_eq!(recs.len(), 2);
         assert_eq!(recs[0].image.as_deref(), Some("imgs/1.jpg"));
         assert_eq!(recs[0].conversations[1].value, "a caption here");
         assert_eq!(recs[1].conversations[1].value, "another");
 
         // same seed, same output; different seed, some difference
-        let (again, _) = convert_pairs(&t, PairFormat::Tsv(TsvOrder::CaptionImage), &lib, 0).unwrap();
+        let (again, _) =
+            convert_pairs(&t, PairFormat::Tsv(TsvOrder::CaptionImage), &lib, 0).unwrap();
         assert_eq!(again, recs);
 
         std::fs::write(&t, "only-one-column\n").unwrap();

@@ -15,11 +15,21 @@ pub enum InstructError {
         source: std::io::Error,
     },
     #[error("{path}, line {line}: {message}")]
-    Annotations { path: PathBuf, line: usize, message: String },
+    Annotations {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
     #[error("prompt set {path}: {message}")]
     Prompts { path: PathBuf, message: String },
-    #[error("{path}, line {line} is not a valid record ({message}); the output folder is damaged, fix or move that file")]
-    CorruptOutput { path: PathBuf, line: usize, message: String },
+    #[error(
+        "{path}, line {line} is not a valid record ({message}); the output folder is damaged, fix or move that file"
+    )]
+    CorruptOutput {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
     #[error("{0}")]
     InvalidArgument(String),
     #[error("the teacher endpoint refused the request, stopping: {0}")]

@@ -21,7 +21,9 @@ pub mod prompts;
 pub mod source;
 pub mod types;
 
-pub use client::{ChatClient, ChatMessage, ChatRequest, ChatResponse, ClientConfig, ClientError, Role, Usage};
+pub use client::{
+    ChatClient, ChatMessage, ChatRequest, ChatResponse, ClientConfig, ClientError, Role, Usage,
+};
 pub use error::InstructError;
 pub use pipeline::{Price, RunConfig, RunSummary, run, run_blocking};
 pub use prompts::PromptLibrary;

@@ -61,7 +61,12 @@ fn read_lines<T: DeserializeOwned>(path: &Path) -> Result<(Vec<T>, u64, u64), In
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0, 0)),
-        Err(e) => return Err(InstructError::Io { path: path.to_path_buf(), source: e }),
+        Err(e) => {
+            return Err(InstructError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            });
+        }
     };
     let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
     let torn = (bytes.len() - whole) as u64;
@@ -85,7 +90,10 @@ fn recover<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>, InstructError> {
     let (items, whole, torn) = read_lines(path)?;
     if torn > 0 {
         tracing::warn!(path = %path.display(), bytes = torn, "dropping a torn last line left by an interrupted run");
-        let f = OpenOptions::new().write(true).open(path).map_err(InstructError::io(path))?;
+        let f = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(InstructError::io(path))?;
         f.set_len(whole).map_err(InstructError::io(path))?;
         f.sync_all().map_err(InstructError::io(path))?;
     }
@@ -149,7 +157,11 @@ pub struct Sink {
 }
 
 fn open_append(path: &Path) -> Result<File, InstructError> {
-    OpenOptions::new().create(true).append(true).open(path).map_err(InstructError::io(path))
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(InstructError::io(path))
 }
 
 impl Sink {
@@ -160,7 +172,11 @@ impl Sink {
             files.insert(ty, open_append(&dir.join(ty.file_name()))?);
         }
         let rejects = open_append(&dir.join(REJECTS_FILE))?;
-        Ok(Sink { dir: dir.to_path_buf(), files, rejects })
+        Ok(Sink {
+            dir: dir.to_path_buf(),
+            files,
+            rejects,
+        })
     }
 
     fn write_line(file: &mut File, path: &Path, v: &impl Serialize) -> Result<(), InstructError> {
@@ -197,9 +213,24 @@ impl Sink {
 /// Records are ordered by type (conversation, detail, complex, brief) and then by id; a
 /// repeated (type, id) keeps its first record. Returns the number of records written.
 pub fn write_final(dir: &Path) -> Result<usize, InstructError> {
+    merge_dirs(&[dir.to_path_buf()], &dir.join(FINAL_FILE))
+}
+
+/// Merges the type files of several output folders (e.g. the shards of one job) into one
+/// LLaVA JSON array at `out`, atomically, ordered and deduplicated as [`write_final`] does.
+pub fn merge_dirs(dirs: &[PathBuf], out: &Path) -> Result<usize, InstructError> {
     let mut all: Vec<LlavaRecord> = Vec::new();
     for ty in InstructType::ALL {
-        let mut recs = read_records(&dir.join(ty.file_name()))?;
+        let mut recs = Vec::new();
+        for dir in dirs {
+            if !dir.is_dir() {
+                return Err(InstructError::InvalidArgument(format!(
+                    "{} is not a folder",
+                    dir.display()
+                )));
+            }
+            recs.extend(read_records(&dir.join(ty.file_name()))?);
+        }
         let before = recs.len();
         let mut seen = HashSet::new();
         recs.retain(|r| seen.insert(record_id(r)));
@@ -209,14 +240,20 @@ pub fn write_final(dir: &Path) -> Result<usize, InstructError> {
         recs.sort_by_cached_key(record_id);
         all.extend(recs);
     }
-    write_json_atomic(&dir.join(FINAL_FILE), &all)?;
+    write_json_atomic(out, &all)?;
     Ok(all.len())
 }
 
 /// Writes `value` as pretty JSON to `path` through a synced temporary file and a rename.
 pub fn write_json_atomic(path: &Path, value: &impl Serialize) -> Result<(), InstructError> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| {
         let f = File::create(&tmp).map_err(InstructError::io(&tmp))?;
@@ -226,7 +263,10 @@ pub fn write_json_atomic(path: &Path, value: &impl Serialize) -> Result<(), Inst
             source: std::io::Error::other(e),
         })?;
         w.write_all(b"\n").map_err(InstructError::io(&tmp))?;
-        let f = w.into_inner().map_err(|e| InstructError::Io { path: tmp.clone(), source: e.into_error() })?;
+        let f = w.into_inner().map_err(|e| InstructError::Io {
+            path: tmp.clone(),
+            source: e.into_error(),
+        })?;
         f.sync_all().map_err(InstructError::io(&tmp))?;
         std::fs::rename(&tmp, path).map_err(InstructError::io(path))
     })();
@@ -263,27 +303,47 @@ mod tests {
         drop(f);
         let ex = scan(d.path()).unwrap();
         assert_eq!(ex.counts[&InstructType::Detail], 2);
-        assert!(ex.records.contains(&(InstructType::Detail, "2".to_string())));
-        assert!(!ex.records.contains(&(InstructType::Detail, "3".to_string())));
+        assert!(
+            ex.records
+                .contains(&(InstructType::Detail, "2".to_string()))
+        );
+        assert!(
+            !ex.records
+                .contains(&(InstructType::Detail, "3".to_string()))
+        );
         let mut s = Sink::open(d.path(), &[InstructType::Detail]).unwrap();
         s.write_record(InstructType::Detail, &rec("3")).unwrap();
         let recs = read_records(&p).unwrap();
-        assert_eq!(recs.iter().map(record_id).collect::<Vec<_>>(), vec!["1", "2", "3"]);
+        assert_eq!(
+            recs.iter().map(record_id).collect::<Vec<_>>(),
+            vec!["1", "2", "3"]
+        );
     }
 
     #[test]
     fn damaged_whole_line_is_an_error() {
         let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join("complex.jsonl"), "{\"id\":\"1\",\"conversations\":[]}\nnot json\n").unwrap();
+        std::fs::write(
+            d.path().join("complex.jsonl"),
+            "{\"id\":\"1\",\"conversations\":[]}\nnot json\n",
+        )
+        .unwrap();
         let err = scan(d.path()).unwrap_err();
-        assert!(matches!(err, InstructError::CorruptOutput { line: 2, .. }), "{err}");
+        assert!(
+            matches!(err, InstructError::CorruptOutput { line: 2, .. }),
+            "{err}"
+        );
     }
 
     #[test]
     fn request_rejects_are_not_final() {
         let d = tempfile::tempdir().unwrap();
         let mut s = Sink::open(d.path(), &[]).unwrap();
-        for (id, stage) in [("1", RejectStage::Parse), ("2", RejectStage::Request), ("3", RejectStage::Input)] {
+        for (id, stage) in [
+            ("1", RejectStage::Parse),
+            ("2", RejectStage::Request),
+            ("3", RejectStage::Input),
+        ] {
             s.write_reject(&RejectRecord {
                 id: id.into(),
                 image: "x".into(),
@@ -302,17 +362,47 @@ mod tests {
     }
 
     #[test]
+    fn merging_shards_unions_them() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        Sink::open(a.path(), &[])
+            .unwrap()
+            .write_record(InstructType::Detail, &rec("2"))
+            .unwrap();
+        let mut sb = Sink::open(b.path(), &[]).unwrap();
+        sb.write_record(InstructType::Detail, &rec("1")).unwrap();
+        sb.write_record(InstructType::Brief, &rec("2")).unwrap();
+        let out = a.path().join("merged.json");
+        let n = merge_dirs(&[a.path().to_path_buf(), b.path().to_path_buf()], &out).unwrap();
+        assert_eq!(n, 3);
+        let v: Vec<LlavaRecord> = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+        assert_eq!(
+            v.iter().map(record_id).collect::<Vec<_>>(),
+            vec!["1", "2", "2"]
+        );
+        assert!(merge_dirs(&[a.path().join("nope")], &out).is_err());
+    }
+
+    #[test]
     fn final_json_is_sorted_deduplicated_and_atomic() {
         let d = tempfile::tempdir().unwrap();
-        let mut s = Sink::open(d.path(), &[InstructType::Complex, InstructType::Conversation]).unwrap();
+        let mut s = Sink::open(
+            d.path(),
+            &[InstructType::Complex, InstructType::Conversation],
+        )
+        .unwrap();
         for id in ["b", "a", "b"] {
             s.write_record(InstructType::Complex, &rec(id)).unwrap();
         }
-        s.write_record(InstructType::Conversation, &rec("z")).unwrap();
+        s.write_record(InstructType::Conversation, &rec("z"))
+            .unwrap();
         assert_eq!(write_final(d.path()).unwrap(), 3);
         let v: Vec<LlavaRecord> =
             serde_json::from_slice(&std::fs::read(d.path().join(FINAL_FILE)).unwrap()).unwrap();
-        assert_eq!(v.iter().map(record_id).collect::<Vec<_>>(), vec!["z", "a", "b"]);
+        assert_eq!(
+            v.iter().map(record_id).collect::<Vec<_>>(),
+            vec!["z", "a", "b"]
+        );
         let leftovers: Vec<_> = std::fs::read_dir(d.path())
             .unwrap()
             .filter_map(|e| e.ok())

@@ -44,7 +44,10 @@ impl fmt::Display for RejectReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RejectReason::Empty => write!(f, "empty reply"),
-            RejectReason::Truncated => write!(f, "reply cut off by the token limit (finish_reason = length)"),
+            RejectReason::Truncated => write!(
+                f,
+                "reply cut off by the token limit (finish_reason = length)"
+            ),
             RejectReason::NoTurns => write!(f, "no question/answer turns found"),
             RejectReason::Unbalanced(m) => write!(f, "unbalanced turns: {m}"),
             RejectReason::EmptyTurn(i) => write!(f, "turn {i} is empty"),
@@ -81,8 +84,13 @@ enum Label {
 
 /// Recognises a turn label at the start of a line; returns the label and the rest of the line.
 fn label_of(line: &str) -> Option<(Label, &str)> {
-    let t = line.trim_start().trim_start_matches(['#', '*', '_']).trim_start();
-    let word_end = t.find(|c: char| !c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let t = line
+        .trim_start()
+        .trim_start_matches(['#', '*', '_'])
+        .trim_start();
+    let word_end = t
+        .find(|c: char| !c.is_ascii_alphabetic())
+        .unwrap_or(t.len());
     let word = t[..word_end].to_ascii_lowercase();
     let label = match word.as_str() {
         "question" | "q" | "user" | "human" => Label::Q,
@@ -91,7 +99,9 @@ fn label_of(line: &str) -> Option<(Label, &str)> {
     };
     let mut rest = &t[word_end..];
     // optional number: "Question 2:" / "Q2:"
-    rest = rest.trim_start_matches(' ').trim_start_matches(|c: char| c.is_ascii_digit());
+    rest = rest
+        .trim_start_matches(' ')
+        .trim_start_matches(|c: char| c.is_ascii_digit());
     // optional closing markdown before or after the colon: "**Question:**" / "**Question**:"
     rest = rest.trim_start_matches(['*', '_']);
     let rest = rest.strip_prefix(':')?;
@@ -127,13 +137,22 @@ pub fn parse_qa(reply: &str) -> Result<Vec<(String, String)>, RejectReason> {
     let mut it = turns.into_iter().enumerate();
     while let Some((i, (label, q))) = it.next() {
         if label != Label::Q {
-            return Err(RejectReason::Unbalanced(format!("turn {} is an answer with no question before it", i + 1)));
+            return Err(RejectReason::Unbalanced(format!(
+                "turn {} is an answer with no question before it",
+                i + 1
+            )));
         }
         let Some((j, (label, a))) = it.next() else {
-            return Err(RejectReason::Unbalanced(format!("question {} has no answer", pairs.len() + 1)));
+            return Err(RejectReason::Unbalanced(format!(
+                "question {} has no answer",
+                pairs.len() + 1
+            )));
         };
         if label != Label::A {
-            return Err(RejectReason::Unbalanced(format!("turn {} is a question following a question", j + 1)));
+            return Err(RejectReason::Unbalanced(format!(
+                "turn {} is a question following a question",
+                j + 1
+            )));
         }
         let (q, a) = (q.trim().to_string(), a.trim().to_string());
         if q.is_empty() {
@@ -188,7 +207,13 @@ fn has_number_list(text: &str) -> bool {
 /// Rejects text that gives away the symbolic input.
 pub fn check_leaks(text: &str) -> Result<(), RejectReason> {
     let lower = text.to_lowercase();
-    for w in ["caption", "bounding box", "bounding-box", "bbox", "coordinate"] {
+    for w in [
+        "caption",
+        "bounding box",
+        "bounding-box",
+        "bbox",
+        "coordinate",
+    ] {
         if lower.contains(w) {
             return Err(RejectReason::Leak(format!("\"{w}\"")));
         }
@@ -215,7 +240,11 @@ fn record(entry: &ImageEntry, pairs: Vec<(String, String)>, rng: &mut impl Rng) 
         conversations.push(Turn::human(q));
         conversations.push(Turn::gpt(a));
     }
-    LlavaRecord { id: serde_json::Value::String(entry.id.clone()), image: Some(entry.image.clone()), conversations }
+    LlavaRecord {
+        id: serde_json::Value::String(entry.id.clone()),
+        image: Some(entry.image.clone()),
+        conversations,
+    }
 }
 
 /// Builds the record of a teacher type from its reply. `rng` must be the pair's generator
@@ -236,7 +265,10 @@ pub fn build_record(
         InstructType::Complex => {
             let pairs = parse_qa(reply)?;
             if pairs.len() != 1 {
-                return Err(RejectReason::WrongPairCount { expected: 1, got: pairs.len() });
+                return Err(RejectReason::WrongPairCount {
+                    expected: 1,
+                    got: pairs.len(),
+                });
             }
             check_leaks(reply)?;
             Ok(record(entry, pairs, rng))
@@ -247,7 +279,11 @@ pub fn build_record(
                 return Err(RejectReason::Empty);
             }
             check_leaks(text)?;
-            let instruction = lib.detail_instructions.choose(rng).ok_or(RejectReason::Empty)?.clone();
+            let instruction = lib
+                .detail_instructions
+                .choose(rng)
+                .ok_or(RejectReason::Empty)?
+                .clone();
             Ok(record(entry, vec![(instruction, text.to_string())], rng))
         }
         InstructType::Brief => brief_record(entry, lib, rng),
@@ -256,10 +292,21 @@ pub fn build_record(
 
 /// The naive baseline: a brief-description instruction answered by one of the image's
 /// captions (chosen at random when there are several).
-pub fn brief_record(entry: &ImageEntry, lib: &PromptLibrary, rng: &mut impl Rng) -> Result<LlavaRecord, RejectReason> {
+pub fn brief_record(
+    entry: &ImageEntry,
+    lib: &PromptLibrary,
+    rng: &mut impl Rng,
+) -> Result<LlavaRecord, RejectReason> {
     let captions = caption_lines(&entry.captions);
-    let caption = captions.choose(rng).ok_or(RejectReason::NoCaptions)?.clone();
-    let instruction = lib.brief_instructions.choose(rng).ok_or(RejectReason::Empty)?.clone();
+    let caption = captions
+        .choose(rng)
+        .ok_or(RejectReason::NoCaptions)?
+        .clone();
+    let instruction = lib
+        .brief_instructions
+        .choose(rng)
+        .ok_or(RejectReason::Empty)?
+        .clone();
     Ok(record(entry, vec![(instruction, caption)], rng))
 }
 
@@ -287,7 +334,10 @@ mod tests {
         assert_eq!(
             pairs,
             vec![
-                ("What animal is this?".to_string(), "It is a dog.\nIt looks happy.".to_string()),
+                (
+                    "What animal is this?".to_string(),
+                    "It is a dog.\nIt looks happy.".to_string()
+                ),
                 ("What colour?".to_string(), "Brown.".to_string()),
             ]
         );
@@ -298,30 +348,65 @@ mod tests {
 
     #[test]
     fn words_that_merely_start_like_labels_are_text() {
-        let pairs = parse_qa("Question: Is it a dog?\nAnswer: Yes.\nAnswers vary: a dog.\nAnother line.").unwrap();
+        let pairs =
+            parse_qa("Question: Is it a dog?\nAnswer: Yes.\nAnswers vary: a dog.\nAnother line.")
+                .unwrap();
         assert_eq!(pairs[0].1, "Yes.\nAnswers vary: a dog.\nAnother line.");
     }
 
     #[test]
     fn malformed_replies() {
         assert_eq!(parse_qa("   \n"), Err(RejectReason::Empty));
-        assert_eq!(parse_qa("The image shows a dog."), Err(RejectReason::NoTurns));
-        assert!(matches!(parse_qa("Answer: yes"), Err(RejectReason::Unbalanced(_))));
-        assert!(matches!(parse_qa("Question: a?\nQuestion: b?\nAnswer: c"), Err(RejectReason::Unbalanced(_))));
-        assert!(matches!(parse_qa("Question: a?\nAnswer: b\nQuestion: c?"), Err(RejectReason::Unbalanced(_))));
-        assert_eq!(parse_qa("Question: a?\nAnswer:\n===\n"), Err(RejectReason::EmptyTurn(2)));
-        assert_eq!(parse_qa("Question:\nAnswer: x"), Err(RejectReason::EmptyTurn(1)));
+        assert_eq!(
+            parse_qa("The image shows a dog."),
+            Err(RejectReason::NoTurns)
+        );
+        assert!(matches!(
+            parse_qa("Answer: yes"),
+            Err(RejectReason::Unbalanced(_))
+        ));
+        assert!(matches!(
+            parse_qa("Question: a?\nQuestion: b?\nAnswer: c"),
+            Err(RejectReason::Unbalanced(_))
+        ));
+        assert!(matches!(
+            parse_qa("Question: a?\nAnswer: b\nQuestion: c?"),
+            Err(RejectReason::Unbalanced(_))
+        ));
+        assert_eq!(
+            parse_qa("Question: a?\nAnswer:\n===\n"),
+            Err(RejectReason::EmptyTurn(2))
+        );
+        assert_eq!(
+            parse_qa("Question:\nAnswer: x"),
+            Err(RejectReason::EmptyTurn(1))
+        );
     }
 
     #[test]
     fn leaks_are_rejected() {
         assert!(check_leaks("A dog on grass.").is_ok());
         assert!(check_leaks("The list [dog, cat] is fine, and so is [1].").is_ok());
-        assert!(matches!(check_leaks("As the Captions say, a dog."), Err(RejectReason::Leak(_))));
-        assert!(matches!(check_leaks("the bounding box of the dog"), Err(RejectReason::Leak(_))));
-        assert!(matches!(check_leaks("its coordinates are"), Err(RejectReason::Leak(_))));
-        assert!(matches!(check_leaks("the dog at [0.31, 0.08, 0.5, 0.9]"), Err(RejectReason::Leak(_))));
-        assert!(matches!(check_leaks("at [0.31,0.08]"), Err(RejectReason::Leak(_))));
+        assert!(matches!(
+            check_leaks("As the Captions say, a dog."),
+            Err(RejectReason::Leak(_))
+        ));
+        assert!(matches!(
+            check_leaks("the bounding box of the dog"),
+            Err(RejectReason::Leak(_))
+        ));
+        assert!(matches!(
+            check_leaks("its coordinates are"),
+            Err(RejectReason::Leak(_))
+        ));
+        assert!(matches!(
+            check_leaks("the dog at [0.31, 0.08, 0.5, 0.9]"),
+            Err(RejectReason::Leak(_))
+        ));
+        assert!(matches!(
+            check_leaks("at [0.31,0.08]"),
+            Err(RejectReason::Leak(_))
+        ));
         let lib = PromptLibrary::builtin().unwrap();
         let mut rng = StdRng::seed_from_u64(1);
         let r = build_record(
@@ -338,7 +423,14 @@ mod tests {
     fn conversation_record_shape_and_image_once() {
         let lib = PromptLibrary::builtin().unwrap();
         let mut rng = StdRng::seed_from_u64(3);
-        let r = build_record(InstructType::Conversation, &entry(), "Q: a?\nA: b\nQ: c?\nA: d", &lib, &mut rng).unwrap();
+        let r = build_record(
+            InstructType::Conversation,
+            &entry(),
+            "Q: a?\nA: b\nQ: c?\nA: d",
+            &lib,
+            &mut rng,
+        )
+        .unwrap();
         assert_eq!(r.id, serde_json::json!("000000000042"));
         assert_eq!(r.image.as_deref(), Some("000000000042.jpg"));
         let froms: Vec<&str> = r.conversations.iter().map(|t| t.from.as_str()).collect();
@@ -370,23 +462,56 @@ mod tests {
     fn complex_wants_one_pair_and_detail_samples_instruction() {
         let lib = PromptLibrary::builtin().unwrap();
         let mut rng = StdRng::seed_from_u64(5);
-        let r = build_record(InstructType::Complex, &entry(), "Q: a?\nA: b\nQ: c?\nA: d", &lib, &mut rng);
-        assert_eq!(r, Err(RejectReason::WrongPairCount { expected: 1, got: 2 }));
-        let r = build_record(InstructType::Complex, &entry(), "Question: why?\nAnswer: because.", &lib, &mut rng).unwrap();
+        let r = build_record(
+            InstructType::Complex,
+            &entry(),
+            "Q: a?\nA: b\nQ: c?\nA: d",
+            &lib,
+            &mut rng,
+        );
+        assert_eq!(
+            r,
+            Err(RejectReason::WrongPairCount {
+                expected: 1,
+                got: 2
+            })
+        );
+        let r = build_record(
+            InstructType::Complex,
+            &entry(),
+            "Question: why?\nAnswer: because.",
+            &lib,
+            &mut rng,
+        )
+        .unwrap();
         assert_eq!(r.conversations.len(), 2);
 
         let mut used = std::collections::HashSet::new();
         for s in 0..300 {
             let mut rng = StdRng::seed_from_u64(s);
-            let r = build_record(InstructType::Detail, &entry(), "  A brown dog sits.  ", &lib, &mut rng).unwrap();
+            let r = build_record(
+                InstructType::Detail,
+                &entry(),
+                "  A brown dog sits.  ",
+                &lib,
+                &mut rng,
+            )
+            .unwrap();
             assert_eq!(r.conversations[1].value, "A brown dog sits.");
             let q = r.conversations[0].value.replace(IMAGE_PLACEHOLDER, "");
             let q = q.trim();
             assert!(lib.detail_instructions.iter().any(|i| i == q), "{q}");
             used.insert(q.to_string());
         }
-        assert_eq!(used.len(), lib.detail_instructions.len(), "all paraphrases get drawn");
-        assert_eq!(build_record(InstructType::Detail, &entry(), " \n", &lib, &mut rng), Err(RejectReason::Empty));
+        assert_eq!(
+            used.len(),
+            lib.detail_instructions.len(),
+            "all paraphrases get drawn"
+        );
+        assert_eq!(
+            build_record(InstructType::Detail, &entry(), " \n", &lib, &mut rng),
+            Err(RejectReason::Empty)
+        );
     }
 
     #[test]
@@ -397,6 +522,9 @@ mod tests {
         assert!(["A dog.", "A brown dog."].contains(&r.conversations[1].value.as_str()));
         let mut e = entry();
         e.captions = vec![" ".into()];
-        assert_eq!(brief_record(&e, &lib, &mut rng), Err(RejectReason::NoCaptions));
+        assert_eq!(
+            brief_record(&e, &lib, &mut rng),
+            Err(RejectReason::NoCaptions)
+        );
     }
 }

@@ -45,16 +45,30 @@ impl FromStr for Price {
     type Err = InstructError;
     /// `P` (one price for all tokens) or `PROMPT,COMPLETION`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || InstructError::InvalidArgument(format!("price must be `P` or `PROMPT,COMPLETION` per 1k tokens, got `{s}`"));
+        let bad = || {
+            InstructError::InvalidArgument(format!(
+                "price must be `P` or `PROMPT,COMPLETION` per 1k tokens, got `{s}`"
+            ))
+        };
         let num = |t: &str| -> Result<f64, InstructError> {
             let v: f64 = t.trim().parse().map_err(|_| bad())?;
-            if v.is_finite() && v >= 0.0 { Ok(v) } else { Err(bad()) }
+            if v.is_finite() && v >= 0.0 {
+                Ok(v)
+            } else {
+                Err(bad())
+            }
         };
         match s.split_once(',') {
-            Some((p, c)) => Ok(Price { prompt_per_1k: num(p)?, completion_per_1k: num(c)? }),
+            Some((p, c)) => Ok(Price {
+                prompt_per_1k: num(p)?,
+                completion_per_1k: num(c)?,
+            }),
             None => {
                 let v = num(s)?;
-                Ok(Price { prompt_per_1k: v, completion_per_1k: v })
+                Ok(Price {
+                    prompt_per_1k: v,
+                    completion_per_1k: v,
+                })
             }
         }
     }
@@ -62,7 +76,8 @@ impl FromStr for Price {
 
 impl Price {
     pub fn cost(&self, u: &Usage) -> f64 {
-        u.prompt_tokens as f64 / 1000.0 * self.prompt_per_1k + u.completion_tokens as f64 / 1000.0 * self.completion_per_1k
+        u.prompt_tokens as f64 / 1000.0 * self.prompt_per_1k
+            + u.completion_tokens as f64 / 1000.0 * self.completion_per_1k
     }
 }
 
@@ -83,6 +98,10 @@ pub struct RunConfig {
     pub progress: bool,
     /// Pairs being worked on at once (requests in flight plus those backing off).
     pub max_pending: usize,
+    /// Per-type caps (per shard): type `t` is made for at most `N` of the selected images,
+    /// a seeded pseudo-random subset chosen independently per type (the paper's 158K mix is
+    /// 58K conversation + 23K detail + 77K complex).
+    pub type_limits: BTreeMap<InstructType, usize>,
 }
 
 impl RunConfig {
@@ -99,6 +118,7 @@ impl RunConfig {
             price: None,
             progress: false,
             max_pending: 128,
+            type_limits: BTreeMap::new(),
         }
     }
 }
@@ -143,8 +163,41 @@ impl RunSummary {
 }
 
 /// The images a run works on: those of the shard, the first `limit` of them (input is sorted).
-pub fn select<'a>(entries: &'a [ImageEntry], shard: Shard, limit: Option<usize>) -> Vec<&'a ImageEntry> {
-    entries.iter().filter(|e| shard.contains(&e.id)).take(limit.unwrap_or(usize::MAX)).collect()
+pub fn select(entries: &[ImageEntry], shard: Shard, limit: Option<usize>) -> Vec<&ImageEntry> {
+    entries
+        .iter()
+        .filter(|e| shard.contains(&e.id))
+        .take(limit.unwrap_or(usize::MAX))
+        .collect()
+}
+
+/// The (image index, type) pairs of a run, image by image in order. A type with a cap in
+/// `type_limits` keeps only the images that come first in an order seeded by
+/// (seed, type, id), so each type gets its own deterministic pseudo-random subset.
+pub fn plan_pairs(
+    selected: &[&ImageEntry],
+    types: &[InstructType],
+    type_limits: &BTreeMap<InstructType, usize>,
+    seed: u64,
+) -> Vec<(usize, InstructType)> {
+    let mut chosen: BTreeMap<InstructType, std::collections::HashSet<usize>> = BTreeMap::new();
+    for (&ty, &n) in type_limits {
+        if n >= selected.len() {
+            continue;
+        }
+        let mut order: Vec<usize> = (0..selected.len()).collect();
+        order.sort_by_cached_key(|&i| (pair_seed(seed, &selected[i].id, ty), i));
+        chosen.insert(ty, order.into_iter().take(n).collect());
+    }
+    let mut out = Vec::new();
+    for i in 0..selected.len() {
+        for &ty in types {
+            if chosen.get(&ty).is_none_or(|set| set.contains(&i)) {
+                out.push((i, ty));
+            }
+        }
+    }
+    out
 }
 
 /// The context text the teacher sees for a type.
@@ -153,12 +206,20 @@ pub fn context_for(entry: &ImageEntry, ty: InstructType) -> String {
 }
 
 /// The exact messages sent for one pair (`None` for `brief`, which has no teacher).
-pub fn messages_for(entry: &ImageEntry, ty: InstructType, lib: &PromptLibrary) -> Option<Vec<ChatMessage>> {
+pub fn messages_for(
+    entry: &ImageEntry,
+    ty: InstructType,
+    lib: &PromptLibrary,
+) -> Option<Vec<ChatMessage>> {
     lib.set(ty).map(|s| s.messages(&context_for(entry, ty)))
 }
 
 /// The `brief` record of an image, as a run with `seed` makes it.
-pub fn brief_for(entry: &ImageEntry, lib: &PromptLibrary, seed: u64) -> Result<LlavaRecord, RejectReason> {
+pub fn brief_for(
+    entry: &ImageEntry,
+    lib: &PromptLibrary,
+    seed: u64,
+) -> Result<LlavaRecord, RejectReason> {
     let mut rng = StdRng::seed_from_u64(pair_seed(seed, &entry.id, InstructType::Brief));
     brief_record(entry, lib, &mut rng)
 }
@@ -168,13 +229,34 @@ fn input_check(entry: &ImageEntry, ty: InstructType) -> Result<(), RejectReason>
     let has_captions = !caption_lines(&entry.captions).is_empty();
     let ok = match ty {
         InstructType::Conversation | InstructType::Brief => has_captions,
-        InstructType::Detail | InstructType::Complex => has_captions || !box_lines(entry).is_empty(),
+        InstructType::Detail | InstructType::Complex => {
+            has_captions || !box_lines(entry).is_empty()
+        }
     };
-    if ok { Ok(()) } else { Err(RejectReason::NoCaptions) }
+    if ok {
+        Ok(())
+    } else {
+        Err(RejectReason::NoCaptions)
+    }
 }
 
-fn reject(entry: &ImageEntry, ty: InstructType, stage: RejectStage, tag: &str, reason: String, raw: Option<String>) -> RejectRecord {
-    RejectRecord { id: entry.id.clone(), image: entry.image.clone(), ty, stage, tag: tag.to_string(), reason, raw }
+fn reject(
+    entry: &ImageEntry,
+    ty: InstructType,
+    stage: RejectStage,
+    tag: &str,
+    reason: String,
+    raw: Option<String>,
+) -> RejectRecord {
+    RejectRecord {
+        id: entry.id.clone(),
+        image: entry.image.clone(),
+        ty,
+        stage,
+        tag: tag.to_string(),
+        reason,
+        raw,
+    }
 }
 
 enum Outcome {
@@ -185,7 +267,14 @@ enum Outcome {
 }
 
 fn is_fatal(e: &ClientError) -> bool {
-    matches!(e, ClientError::Config(_)) || matches!(e, ClientError::Status { status: 401 | 403 | 404, .. })
+    matches!(e, ClientError::Config(_))
+        || matches!(
+            e,
+            ClientError::Status {
+                status: 401 | 403 | 404,
+                ..
+            }
+        )
 }
 
 async fn teacher_pair(
@@ -198,28 +287,60 @@ async fn teacher_pair(
     max_tokens: Option<u32>,
 ) -> Outcome {
     let Some(messages) = messages_for(&entry, ty, &lib) else {
-        let r = reject(&entry, ty, RejectStage::Input, "no_prompt", "no prompt set for this type".into(), None);
+        let r = reject(
+            &entry,
+            ty,
+            RejectStage::Input,
+            "no_prompt",
+            "no prompt set for this type".into(),
+            None,
+        );
         return Outcome::Reject(r, Usage::default());
     };
-    let req = ChatRequest { messages, temperature, max_tokens };
+    let req = ChatRequest {
+        messages,
+        temperature,
+        max_tokens,
+    };
     match client.chat(&req).await {
         Ok(resp) => {
             if resp.finish_reason.as_deref() == Some("length") {
                 let why = RejectReason::Truncated;
-                let r = reject(&entry, ty, RejectStage::Parse, why.tag(), why.to_string(), Some(resp.content));
+                let r = reject(
+                    &entry,
+                    ty,
+                    RejectStage::Parse,
+                    why.tag(),
+                    why.to_string(),
+                    Some(resp.content),
+                );
                 return Outcome::Reject(r, resp.usage);
             }
             let mut rng = StdRng::seed_from_u64(pair_seed(seed, &entry.id, ty));
             match build_record(ty, &entry, &resp.content, &lib, &mut rng) {
                 Ok(rec) => Outcome::Record(ty, rec, resp.usage),
                 Err(why) => {
-                    let r = reject(&entry, ty, RejectStage::Parse, why.tag(), why.to_string(), Some(resp.content));
+                    let r = reject(
+                        &entry,
+                        ty,
+                        RejectStage::Parse,
+                        why.tag(),
+                        why.to_string(),
+                        Some(resp.content),
+                    );
                     Outcome::Reject(r, resp.usage)
                 }
             }
         }
         Err(e) if is_fatal(&e) => Outcome::Fatal(e),
-        Err(e) => Outcome::Failed(reject(&entry, ty, RejectStage::Request, "request", e.to_string(), None)),
+        Err(e) => Outcome::Failed(reject(
+            &entry,
+            ty,
+            RejectStage::Request,
+            "request",
+            e.to_string(),
+            None,
+        )),
     }
 }
 
@@ -245,7 +366,10 @@ impl Tally {
             tokens
         );
         if let Some(p) = self.price {
-            let u = Usage { prompt_tokens: s.prompt_tokens, completion_tokens: s.completion_tokens };
+            let u = Usage {
+                prompt_tokens: s.prompt_tokens,
+                completion_tokens: s.completion_tokens,
+            };
             msg.push_str(&format!("  ${:.2}", p.cost(&u)));
         }
         self.bar.set_message(msg);
@@ -274,19 +398,26 @@ pub async fn run(
     let existing = output::scan(&cfg.out_dir)?;
     let selected = select(&entries, cfg.shard, cfg.limit);
 
-    let mut summary = RunSummary { images: selected.len(), pairs: selected.len() * cfg.types.len(), ..Default::default() };
+    let planned = plan_pairs(&selected, &cfg.types, &cfg.type_limits, cfg.seed);
+    let mut summary = RunSummary {
+        images: selected.len(),
+        pairs: planned.len(),
+        ..Default::default()
+    };
+    let shared: Vec<Arc<ImageEntry>> = selected.iter().map(|e| Arc::new((*e).clone())).collect();
     let mut todo: Vec<(Arc<ImageEntry>, InstructType)> = Vec::new();
-    for e in &selected {
-        let shared = Arc::new((*e).clone());
-        for &ty in &cfg.types {
-            let key = (ty, e.id.clone());
-            if existing.records.contains(&key) || (!cfg.retry_rejects && existing.rejected.contains(&key)) {
-                summary.already_done += 1;
-            } else {
-                todo.push((shared.clone(), ty));
-            }
+    for (i, ty) in planned {
+        let e = &shared[i];
+        let key = (ty, e.id.clone());
+        if existing.records.contains(&key)
+            || (!cfg.retry_rejects && existing.rejected.contains(&key))
+        {
+            summary.already_done += 1;
+        } else {
+            todo.push((e.clone(), ty));
         }
     }
+    drop(shared);
     drop(entries);
     tracing::info!(
         images = summary.images,
@@ -298,23 +429,46 @@ pub async fn run(
 
     let bar = ProgressBar::with_draw_target(
         Some(summary.pairs as u64),
-        if cfg.progress { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
+        if cfg.progress {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        },
     );
-    if let Ok(style) = ProgressStyle::with_template("{elapsed_precise} [{wide_bar}] {pos}/{len} ETA {eta}  {msg}") {
+    if let Ok(style) =
+        ProgressStyle::with_template("{elapsed_precise} [{wide_bar}] {pos}/{len} ETA {eta}  {msg}")
+    {
         bar.set_style(style.progress_chars("=> "));
     }
     bar.set_position(summary.already_done as u64);
     bar.reset_eta();
-    let mut tally = Tally { summary, bar, price: cfg.price };
+    let mut tally = Tally {
+        summary,
+        bar,
+        price: cfg.price,
+    };
     let mut sink = Sink::open(&cfg.out_dir, &cfg.types)?;
-    let (attempts0, retries0) = client.as_ref().map_or((0, 0), |c| (c.attempts_made(), c.retries_made()));
+    let (attempts0, retries0) = client
+        .as_ref()
+        .map_or((0, 0), |c| (c.attempts_made(), c.retries_made()));
 
     // The naive baseline needs no teacher.
     let mut teacher_todo = Vec::with_capacity(todo.len());
     for (entry, ty) in todo {
         if let Err(why) = input_check(&entry, ty) {
-            sink.write_reject(&reject(&entry, ty, RejectStage::Input, why.tag(), why.to_string(), None))?;
-            *tally.summary.rejected.entry(why.tag().to_string()).or_default() += 1;
+            sink.write_reject(&reject(
+                &entry,
+                ty,
+                RejectStage::Input,
+                why.tag(),
+                why.to_string(),
+                None,
+            ))?;
+            *tally
+                .summary
+                .rejected
+                .entry(why.tag().to_string())
+                .or_default() += 1;
             tally.tick();
             continue;
         }
@@ -325,8 +479,19 @@ pub async fn run(
                     *tally.summary.written.entry(ty).or_default() += 1;
                 }
                 Err(why) => {
-                    sink.write_reject(&reject(&entry, ty, RejectStage::Input, why.tag(), why.to_string(), None))?;
-                    *tally.summary.rejected.entry(why.tag().to_string()).or_default() += 1;
+                    sink.write_reject(&reject(
+                        &entry,
+                        ty,
+                        RejectStage::Input,
+                        why.tag(),
+                        why.to_string(),
+                        None,
+                    ))?;
+                    *tally
+                        .summary
+                        .rejected
+                        .entry(why.tag().to_string())
+                        .or_default() += 1;
                 }
             }
             tally.tick();
@@ -342,7 +507,9 @@ pub async fn run(
         let mut set: JoinSet<Outcome> = JoinSet::new();
         loop {
             while fatal.is_none() && set.len() < max_pending {
-                let Some((entry, ty)) = jobs.next() else { break };
+                let Some((entry, ty)) = jobs.next() else {
+                    break;
+                };
                 set.spawn(teacher_pair(
                     client.clone(),
                     lib.clone(),
@@ -353,7 +520,9 @@ pub async fn run(
                     cfg.max_tokens,
                 ));
             }
-            let Some(joined) = set.join_next().await else { break };
+            let Some(joined) = set.join_next().await else {
+                break;
+            };
             match joined {
                 Ok(Outcome::Record(ty, rec, usage)) => {
                     sink.write_record(ty, &rec)?;
@@ -402,7 +571,10 @@ pub async fn run(
     let mut summary = tally.summary;
     summary.final_records = output::write_final(&cfg.out_dir)?;
     if let Some(p) = cfg.price {
-        summary.cost = Some(p.cost(&Usage { prompt_tokens: summary.prompt_tokens, completion_tokens: summary.completion_tokens }));
+        summary.cost = Some(p.cost(&Usage {
+            prompt_tokens: summary.prompt_tokens,
+            completion_tokens: summary.completion_tokens,
+        }));
     }
     summary.elapsed_s = start.elapsed().as_secs_f64();
     Ok(summary)
@@ -415,7 +587,10 @@ pub fn run_blocking(
     client_cfg: Option<crate::client::ClientConfig>,
     cfg: &RunConfig,
 ) -> Result<RunSummary, InstructError> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(InstructError::Runtime)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(InstructError::Runtime)?;
     rt.block_on(async {
         // reqwest needs the runtime to exist when the client is built.
         let client = client_cfg.map(ChatClient::new).transpose()?;
@@ -457,7 +632,10 @@ pub fn format_summary(s: &RunSummary) -> String {
         Duration::from_secs_f64(s.elapsed_s).as_secs_f64()
     ));
     if s.failed > 0 {
-        out.push_str(&format!("\n{} pairs failed; rerun the same command to retry them", s.failed));
+        out.push_str(&format!(
+            "\n{} pairs failed; rerun the same command to retry them",
+            s.failed
+        ));
     }
     out
 }
@@ -469,12 +647,68 @@ mod tests {
     #[test]
     fn price_forms() {
         let p: Price = "0.5".parse().unwrap();
-        assert_eq!(p, Price { prompt_per_1k: 0.5, completion_per_1k: 0.5 });
+        assert_eq!(
+            p,
+            Price {
+                prompt_per_1k: 0.5,
+                completion_per_1k: 0.5
+            }
+        );
         let p: Price = "0.01, 0.03".parse().unwrap();
-        let u = Usage { prompt_tokens: 2000, completion_tokens: 1000 };
+        let u = Usage {
+            prompt_tokens: 2000,
+            completion_tokens: 1000,
+        };
         assert!((p.cost(&u) - 0.05).abs() < 1e-12);
         assert!("x".parse::<Price>().is_err());
         assert!("-1".parse::<Price>().is_err());
+    }
+
+    #[test]
+    fn type_limits_pick_seeded_subsets() {
+        let entries: Vec<ImageEntry> = (0..50)
+            .map(|i| ImageEntry {
+                id: format!("{i:012}"),
+                image: format!("{i}.jpg"),
+                width: 1.0,
+                height: 1.0,
+                captions: vec![],
+                boxes: vec![],
+            })
+            .collect();
+        let sel: Vec<&ImageEntry> = entries.iter().collect();
+        let types = [
+            InstructType::Conversation,
+            InstructType::Detail,
+            InstructType::Complex,
+        ];
+        let limits: BTreeMap<InstructType, usize> =
+            [(InstructType::Detail, 10), (InstructType::Complex, 30)]
+                .into_iter()
+                .collect();
+        let plan = plan_pairs(&sel, &types, &limits, 1);
+        let of = |t| {
+            plan.iter()
+                .filter(|(_, ty)| *ty == t)
+                .map(|(i, _)| *i)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(of(InstructType::Conversation).len(), 50);
+        let detail = of(InstructType::Detail);
+        assert_eq!(detail.len(), 10);
+        assert_eq!(of(InstructType::Complex).len(), 30);
+        assert_ne!(
+            detail,
+            (0..10).collect::<Vec<_>>(),
+            "a pseudo-random subset, not the first ten"
+        );
+        assert_eq!(plan, plan_pairs(&sel, &types, &limits, 1), "deterministic");
+        assert_ne!(plan, plan_pairs(&sel, &types, &limits, 2), "seeded");
+        // no caps: every image, every type, image-major order
+        let all = plan_pairs(&sel, &types, &BTreeMap::new(), 1);
+        assert_eq!(all.len(), 150);
+        assert_eq!(all[0], (0, InstructType::Conversation));
+        assert_eq!(all[1], (0, InstructType::Detail));
     }
 
     #[test]

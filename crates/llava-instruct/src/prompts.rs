@@ -93,17 +93,27 @@ pub struct PromptLibrary {
 }
 
 fn instruction_list(text: &str, origin: &Path) -> Result<Vec<String>, InstructError> {
-    let list: Vec<String> =
-        text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect();
+    let list: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect();
     if list.is_empty() {
-        return Err(InstructError::Prompts { path: origin.to_path_buf(), message: "instruction list is empty".into() });
+        return Err(InstructError::Prompts {
+            path: origin.to_path_buf(),
+            message: "instruction list is empty".into(),
+        });
     }
     Ok(list)
 }
 
 /// Builds a prompt set from the files of one type folder, given as (file name, contents).
 fn prompt_set(files: &[(String, String)], origin: &Path) -> Result<PromptSet, InstructError> {
-    let err = |message: String| InstructError::Prompts { path: origin.to_path_buf(), message };
+    let err = |message: String| InstructError::Prompts {
+        path: origin.to_path_buf(),
+        message,
+    };
     let mut system = None;
     let mut contexts: BTreeMap<u32, String> = BTreeMap::new();
     let mut replies: BTreeMap<u32, String> = BTreeMap::new();
@@ -112,12 +122,16 @@ fn prompt_set(files: &[(String, String)], origin: &Path) -> Result<PromptSet, In
             system = Some(text.trim().to_string());
             continue;
         }
-        let Some(rest) = name.strip_prefix("fewshot_") else { continue };
+        let Some(rest) = name.strip_prefix("fewshot_") else {
+            continue;
+        };
         let (num, kind) = match rest.split_once('_') {
             Some((n, k)) => (n, k),
             None => return Err(err(format!("unexpected file name `{name}`"))),
         };
-        let n: u32 = num.parse().map_err(|_| err(format!("`{name}`: `{num}` is not an example number")))?;
+        let n: u32 = num
+            .parse()
+            .map_err(|_| err(format!("`{name}`: `{num}` is not an example number")))?;
         let text = text.trim().to_string();
         if text.is_empty() {
             return Err(err(format!("`{name}` is empty")));
@@ -128,10 +142,14 @@ fn prompt_set(files: &[(String, String)], origin: &Path) -> Result<PromptSet, In
             _ => return Err(err(format!("unexpected file name `{name}`"))),
         };
     }
-    let system = system.filter(|s| !s.is_empty()).ok_or_else(|| err("missing or empty system.txt".into()))?;
+    let system = system
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| err("missing or empty system.txt".into()))?;
     let mut examples = Vec::new();
     for (n, context) in contexts {
-        let reply = replies.remove(&n).ok_or_else(|| err(format!("example {n:03} has a context but no reply")))?;
+        let reply = replies
+            .remove(&n)
+            .ok_or_else(|| err(format!("example {n:03} has a context but no reply")))?;
         examples.push(Example { context, reply });
     }
     if let Some(n) = replies.keys().next() {
@@ -144,12 +162,19 @@ fn builtin_type_files(ty: InstructType) -> Vec<(String, String)> {
     let prefix = format!("{}/", ty.name());
     BUILTIN_FILES
         .iter()
-        .filter_map(|(p, t)| p.strip_prefix(prefix.as_str()).map(|n| (n.to_string(), t.to_string())))
+        .filter_map(|(p, t)| {
+            p.strip_prefix(prefix.as_str())
+                .map(|n| (n.to_string(), t.to_string()))
+        })
         .collect()
 }
 
 fn builtin_file(name: &str) -> &'static str {
-    BUILTIN_FILES.iter().find(|(p, _)| *p == name).map(|(_, t)| *t).unwrap_or("")
+    BUILTIN_FILES
+        .iter()
+        .find(|(p, _)| *p == name)
+        .map(|(_, t)| *t)
+        .unwrap_or("")
 }
 
 fn read_type_dir(dir: &Path) -> Result<Vec<(String, String)>, InstructError> {
@@ -177,7 +202,10 @@ impl PromptLibrary {
             conversation: prompt_set(&builtin_type_files(InstructType::Conversation), &origin)?,
             detail: prompt_set(&builtin_type_files(InstructType::Detail), &origin)?,
             complex: prompt_set(&builtin_type_files(InstructType::Complex), &origin)?,
-            detail_instructions: instruction_list(builtin_file("detail_instructions.txt"), &origin)?,
+            detail_instructions: instruction_list(
+                builtin_file("detail_instructions.txt"),
+                &origin,
+            )?,
             brief_instructions: instruction_list(builtin_file("brief_instructions.txt"), &origin)?,
         })
     }
@@ -186,7 +214,10 @@ impl PromptLibrary {
     /// `required` must have its folder in `dir`.
     pub fn load(dir: &Path, required: &[InstructType]) -> Result<Self, InstructError> {
         if !dir.is_dir() {
-            return Err(InstructError::Prompts { path: dir.to_path_buf(), message: "not a folder".into() });
+            return Err(InstructError::Prompts {
+                path: dir.to_path_buf(),
+                message: "not a folder".into(),
+            });
         }
         let mut lib = Self::builtin()?;
         for ty in InstructType::TEACHER {
@@ -198,7 +229,10 @@ impl PromptLibrary {
             } else if required.contains(&ty) {
                 return Err(InstructError::Prompts {
                     path: dir.to_path_buf(),
-                    message: format!("has no `{}` folder, needed for the requested types", ty.name()),
+                    message: format!(
+                        "has no `{}` folder, needed for the requested types",
+                        ty.name()
+                    ),
                 });
             }
         }
@@ -241,7 +275,10 @@ pub fn export_builtin(dir: &Path) -> Result<Vec<PathBuf>, InstructError> {
     for (rel, _) in BUILTIN_FILES {
         let p = dir.join(rel);
         if p.exists() {
-            return Err(InstructError::InvalidArgument(format!("{} already exists; not overwriting", p.display())));
+            return Err(InstructError::InvalidArgument(format!(
+                "{} already exists; not overwriting",
+                p.display()
+            )));
         }
     }
     for (rel, text) in BUILTIN_FILES {
@@ -266,18 +303,28 @@ mod tests {
         for ty in InstructType::TEACHER {
             let s = lib.set(ty).unwrap();
             assert!(s.examples.len() >= 2, "{ty}");
-            assert!(s.system.contains("caption"), "{ty}: the system message must forbid mentioning captions");
+            assert!(
+                s.system.contains("caption"),
+                "{ty}: the system message must forbid mentioning captions"
+            );
         }
         assert_eq!(lib.detail_instructions.len(), 16);
         assert_eq!(lib.brief_instructions.len(), 11);
         // the few-shot replies must themselves pass our reply checks
         for ty in InstructType::TEACHER {
             for ex in &lib.set(ty).unwrap().examples {
-                assert!(crate::parse::check_leaks(&ex.reply).is_ok(), "{ty}: {}", ex.reply);
+                assert!(
+                    crate::parse::check_leaks(&ex.reply).is_ok(),
+                    "{ty}: {}",
+                    ex.reply
+                );
             }
         }
         for ex in &lib.conversation.examples {
-            assert!(!ex.context.contains('['), "conversation examples see captions only");
+            assert!(
+                !ex.context.contains('['),
+                "conversation examples see captions only"
+            );
         }
     }
 
@@ -304,10 +351,19 @@ mod tests {
         std::fs::write(conv.join("fewshot_010_reply.txt"), "r10").unwrap();
         std::fs::write(conv.join("fewshot_002_context.txt"), "c2").unwrap();
         std::fs::write(conv.join("fewshot_002_reply.txt"), "r2").unwrap();
-        std::fs::write(d.path().join("brief_instructions.txt"), "# comment\nOne.\n\nTwo.\n").unwrap();
+        std::fs::write(
+            d.path().join("brief_instructions.txt"),
+            "# comment\nOne.\n\nTwo.\n",
+        )
+        .unwrap();
         let lib = PromptLibrary::load(d.path(), &[InstructType::Conversation]).unwrap();
         assert_eq!(lib.conversation.system, "SYS");
-        let ctx: Vec<&str> = lib.conversation.examples.iter().map(|e| e.context.as_str()).collect();
+        let ctx: Vec<&str> = lib
+            .conversation
+            .examples
+            .iter()
+            .map(|e| e.context.as_str())
+            .collect();
         assert_eq!(ctx, vec!["c2", "c10"]);
         assert_eq!(lib.brief_instructions, vec!["One.", "Two."]);
         assert_eq!(lib.detail, PromptLibrary::builtin().unwrap().detail);

@@ -44,9 +44,14 @@ pub fn coco_record_id(image_id: u64) -> String {
 }
 
 /// Loads and joins COCO captions and/or instances files.
-pub fn load_coco(captions: Option<&Path>, instances: Option<&Path>) -> Result<Vec<ImageEntry>, InstructError> {
+pub fn load_coco(
+    captions: Option<&Path>,
+    instances: Option<&Path>,
+) -> Result<Vec<ImageEntry>, InstructError> {
     let c = captions.map(llava_data::coco::read_captions).transpose()?;
-    let i = instances.map(llava_data::coco::read_instances).transpose()?;
+    let i = instances
+        .map(llava_data::coco::read_instances)
+        .transpose()?;
     let joined = llava_data::coco::join(c.as_ref(), i.as_ref())?;
     Ok(joined
         .into_iter()
@@ -56,7 +61,14 @@ pub fn load_coco(captions: Option<&Path>, instances: Option<&Path>) -> Result<Ve
             width: f64::from(a.image.width),
             height: f64::from(a.image.height),
             captions: a.captions,
-            boxes: a.objects.into_iter().map(|o| BoxAnnotation { category: o.category, bbox: o.bbox }).collect(),
+            boxes: a
+                .objects
+                .into_iter()
+                .map(|o| BoxAnnotation {
+                    category: o.category,
+                    bbox: o.bbox,
+                })
+                .collect(),
         })
         .collect())
 }
@@ -78,20 +90,33 @@ struct GenericLine {
 /// Reads the generic JSONL annotation format. Blank lines are skipped; a malformed line, a
 /// non-positive size or a duplicate id is an error naming the line.
 pub fn load_generic_jsonl(path: &Path) -> Result<Vec<ImageEntry>, InstructError> {
-    let f = std::fs::File::open(path).map_err(|source| InstructError::Io { path: path.to_path_buf(), source })?;
+    let f = std::fs::File::open(path).map_err(|source| InstructError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let reader = std::io::BufReader::new(f);
     let mut out = Vec::new();
     let mut seen = HashSet::new();
     for (i, line) in reader.lines().enumerate() {
         let lineno = i + 1;
-        let line = line.map_err(|source| InstructError::Io { path: path.to_path_buf(), source })?;
+        let line = line.map_err(|source| InstructError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         if line.trim().is_empty() {
             continue;
         }
-        let bad = |message: String| InstructError::Annotations { path: path.to_path_buf(), line: lineno, message };
+        let bad = |message: String| InstructError::Annotations {
+            path: path.to_path_buf(),
+            line: lineno,
+            message,
+        };
         let g: GenericLine = serde_json::from_str(&line).map_err(|e| bad(e.to_string()))?;
         if !(g.width.is_finite() && g.height.is_finite() && g.width > 0.0 && g.height > 0.0) {
-            return Err(bad(format!("width and height must be positive, got {}x{}", g.width, g.height)));
+            return Err(bad(format!(
+                "width and height must be positive, got {}x{}",
+                g.width, g.height
+            )));
         }
         let id = match g.id {
             Some(serde_json::Value::String(s)) if !s.trim().is_empty() => s,
@@ -100,18 +125,37 @@ pub fn load_generic_jsonl(path: &Path) -> Result<Vec<ImageEntry>, InstructError>
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .filter(|s| !s.is_empty())
-                .ok_or_else(|| bad(format!("cannot derive an id from image path `{}`; give an `id`", g.image)))?,
-            Some(other) => return Err(bad(format!("`id` must be a non-empty string or a number, got {other}"))),
+                .ok_or_else(|| {
+                    bad(format!(
+                        "cannot derive an id from image path `{}`; give an `id`",
+                        g.image
+                    ))
+                })?,
+            Some(other) => {
+                return Err(bad(format!(
+                    "`id` must be a non-empty string or a number, got {other}"
+                )));
+            }
         };
         if !seen.insert(id.clone()) {
             return Err(bad(format!("duplicate id `{id}`")));
         }
         for b in &g.boxes {
             if b.bbox.iter().any(|v| !v.is_finite()) {
-                return Err(bad(format!("box of `{}` has a non-finite coordinate", b.category)));
+                return Err(bad(format!(
+                    "box of `{}` has a non-finite coordinate",
+                    b.category
+                )));
             }
         }
-        out.push(ImageEntry { id, image: g.image, width: g.width, height: g.height, captions: g.captions, boxes: g.boxes });
+        out.push(ImageEntry {
+            id,
+            image: g.image,
+            width: g.width,
+            height: g.height,
+            captions: g.captions,
+            boxes: g.boxes,
+        });
     }
     Ok(out)
 }
@@ -136,7 +180,8 @@ impl SourceSpec {
             (Some(j), None, None) => load_generic_jsonl(j)?,
             (None, None, None) => {
                 return Err(InstructError::InvalidArgument(
-                    "no input: give --captions and/or --instances (COCO) or --annotations (JSONL)".into(),
+                    "no input: give --captions and/or --instances (COCO) or --annotations (JSONL)"
+                        .into(),
                 ));
             }
             (None, c, i) => load_coco(c.as_deref(), i.as_deref())?,
@@ -170,7 +215,11 @@ mod tests {
         assert_eq!(e[1].id, "7");
         assert_eq!(e[1].boxes[0].category, "dog");
 
-        let p = write(d.path(), "b.jsonl", "{\"image\":\"a.jpg\",\"width\":0,\"height\":20}\n");
+        let p = write(
+            d.path(),
+            "b.jsonl",
+            "{\"image\":\"a.jpg\",\"width\":0,\"height\":20}\n",
+        );
         let err = load_generic_jsonl(&p).unwrap_err().to_string();
         assert!(err.contains("line 1") && err.contains("positive"), "{err}");
 
@@ -182,7 +231,11 @@ mod tests {
         let err = load_generic_jsonl(&p).unwrap_err().to_string();
         assert!(err.contains("line 2") && err.contains("duplicate"), "{err}");
 
-        let p = write(d.path(), "d.jsonl", "{\"image\":\"a.jpg\",\"width\":1,\"height\":1,\"capshuns\":[]}\n");
+        let p = write(
+            d.path(),
+            "d.jsonl",
+            "{\"image\":\"a.jpg\",\"width\":1,\"height\":1,\"capshuns\":[]}\n",
+        );
         assert!(load_generic_jsonl(&p).is_err());
         let p = write(d.path(), "e.jsonl", "not json\n");
         assert!(load_generic_jsonl(&p).is_err());

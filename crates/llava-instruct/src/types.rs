@@ -22,10 +22,18 @@ pub enum InstructType {
 }
 
 impl InstructType {
-    pub const ALL: [InstructType; 4] =
-        [InstructType::Conversation, InstructType::Detail, InstructType::Complex, InstructType::Brief];
+    pub const ALL: [InstructType; 4] = [
+        InstructType::Conversation,
+        InstructType::Detail,
+        InstructType::Complex,
+        InstructType::Brief,
+    ];
     /// The three types that need the teacher.
-    pub const TEACHER: [InstructType; 3] = [InstructType::Conversation, InstructType::Detail, InstructType::Complex];
+    pub const TEACHER: [InstructType; 3] = [
+        InstructType::Conversation,
+        InstructType::Detail,
+        InstructType::Complex,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -92,6 +100,30 @@ pub fn parse_types(s: &str) -> Result<Vec<InstructType>, InstructError> {
     Ok(out)
 }
 
+/// Parses per-type caps: `conversation=58000,detail=23000,complex=77000`.
+pub fn parse_type_limits(
+    s: &str,
+) -> Result<std::collections::BTreeMap<InstructType, usize>, InstructError> {
+    let mut out = std::collections::BTreeMap::new();
+    for part in s.split(',').filter(|p| !p.trim().is_empty()) {
+        let (t, n) = part.split_once('=').ok_or_else(|| {
+            InstructError::InvalidArgument(format!(
+                "type limit must be TYPE=N, got `{}`",
+                part.trim()
+            ))
+        })?;
+        let ty: InstructType = t.parse()?;
+        let n: usize = n.trim().parse().map_err(|_| {
+            InstructError::InvalidArgument(format!(
+                "type limit of {ty} must be a number, got `{}`",
+                n.trim()
+            ))
+        })?;
+        out.insert(ty, n);
+    }
+    Ok(out)
+}
+
 /// A deterministic partition of the images: shard `index` of `count` (0-based).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shard {
@@ -117,7 +149,11 @@ impl FromStr for Shard {
     type Err = InstructError;
     /// `i/n` with `0 <= i < n`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || InstructError::InvalidArgument(format!("shard must be `i/n` with 0 <= i < n, got `{s}`"));
+        let bad = || {
+            InstructError::InvalidArgument(format!(
+                "shard must be `i/n` with 0 <= i < n, got `{s}`"
+            ))
+        };
         let (i, n) = s.split_once('/').ok_or_else(bad)?;
         let index: u32 = i.trim().parse().map_err(|_| bad())?;
         let count: u32 = n.trim().parse().map_err(|_| bad())?;
@@ -160,7 +196,10 @@ mod tests {
         );
         assert!(parse_types("detail,nope").is_err());
         assert!(parse_types(" , ").is_err());
-        assert_eq!("complex_reasoning".parse::<InstructType>().unwrap(), InstructType::Complex);
+        assert_eq!(
+            "complex_reasoning".parse::<InstructType>().unwrap(),
+            InstructType::Complex
+        );
     }
 
     #[test]
@@ -186,7 +225,13 @@ mod tests {
         // FNV-1a 64 test vectors
         assert_eq!(fnv1a(b""), 0xcbf29ce484222325);
         assert_eq!(fnv1a(b"a"), 0xaf63dc4c8601ec8c);
-        assert_ne!(pair_seed(1, "x", InstructType::Detail), pair_seed(1, "x", InstructType::Complex));
-        assert_ne!(pair_seed(1, "x", InstructType::Detail), pair_seed(2, "x", InstructType::Detail));
+        assert_ne!(
+            pair_seed(1, "x", InstructType::Detail),
+            pair_seed(1, "x", InstructType::Complex)
+        );
+        assert_ne!(
+            pair_seed(1, "x", InstructType::Detail),
+            pair_seed(2, "x", InstructType::Detail)
+        );
     }
 }

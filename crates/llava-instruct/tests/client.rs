@@ -18,7 +18,10 @@ fn cfg(base: String) -> ClientConfig {
 
 fn req(context: &str) -> ChatRequest {
     ChatRequest {
-        messages: vec![ChatMessage::system("Write one question"), ChatMessage::user(context)],
+        messages: vec![
+            ChatMessage::system("Write one question"),
+            ChatMessage::user(context),
+        ],
         temperature: Some(0.3),
         max_tokens: Some(77),
     }
@@ -33,7 +36,10 @@ async fn retries_429_after_retry_after() {
     let hits = s.state.hits_for("mk429");
     assert_eq!(hits.len(), 2);
     let gap = hits[1].at - hits[0].at;
-    assert!(gap >= Duration::from_secs(1), "Retry-After: 1 not honoured, retried after {gap:?}");
+    assert!(
+        gap >= Duration::from_secs(1),
+        "Retry-After: 1 not honoured, retried after {gap:?}"
+    );
     assert!(gap < Duration::from_secs(3), "{gap:?}");
     assert_eq!(c.retries_made(), 1);
 }
@@ -45,7 +51,10 @@ async fn retries_5xx_dropped_connections_and_timeouts() {
     let r = c.chat(&req("cat mk500")).await.unwrap();
     assert_eq!(r.attempts, 3);
     assert_eq!((r.usage.prompt_tokens, r.usage.completion_tokens), (10, 5));
-    assert_eq!(r.content, "Question: Why is this happening?\nAnswer: Because cat mk500");
+    assert_eq!(
+        r.content,
+        "Question: Why is this happening?\nAnswer: Because cat mk500"
+    );
 
     let r = c.chat(&req("cat mkdrop")).await.unwrap();
     assert_eq!(r.attempts, 2, "a dropped connection is retried");
@@ -53,7 +62,10 @@ async fn retries_5xx_dropped_connections_and_timeouts() {
     let t = Instant::now();
     let r = c.chat(&req("cat mkslow")).await.unwrap();
     assert_eq!(r.attempts, 2, "a timed-out attempt is retried");
-    assert!(t.elapsed() < Duration::from_millis(2500), "the 3 s reply was not cut at the timeout");
+    assert!(
+        t.elapsed() < Duration::from_millis(2500),
+        "the 3 s reply was not cut at the timeout"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,7 +87,11 @@ async fn gives_up_after_max_retries_and_fails_fast_on_401() {
         Err(ClientError::Status { status: 401, .. }) => {}
         other => panic!("expected a 401, got {other:?}"),
     }
-    assert_eq!(s.state.hits_for("mk401").len(), 1, "401 must not be retried");
+    assert_eq!(
+        s.state.hits_for("mk401").len(),
+        1,
+        "401 must not be retried"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,7 +126,10 @@ async fn sends_model_parameters_and_bearer_key() {
     assert!((h.body["temperature"].as_f64().unwrap() - 0.3).abs() < 1e-6);
     assert_eq!(h.body["messages"][0]["role"], "system");
     assert_eq!(h.body["messages"][1]["content"], "hello");
-    assert_eq!(h.body, llava_instruct::client::request_json("teacher-model", &req("hello")));
+    assert_eq!(
+        h.body,
+        llava_instruct::client::request_json("teacher-model", &req("hello"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,8 +146,14 @@ async fn concurrency_limit_holds() {
     while let Some(r) = set.join_next().await {
         r.unwrap().unwrap();
     }
-    let max = s.state.max_in_flight.load(std::sync::atomic::Ordering::SeqCst);
-    assert_eq!(max, 4, "at most 4 in flight, and the limit is actually used");
+    let max = s
+        .state
+        .max_in_flight
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        max, 4,
+        "at most 4 in flight, and the limit is actually used"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,7 +173,11 @@ async fn rpm_limit_spaces_request_starts() {
     let mut at: Vec<Instant> = s.state.hits().iter().map(|h| h.at).collect();
     at.sort();
     for w in at.windows(2) {
-        assert!(w[1] - w[0] >= Duration::from_millis(80), "requests {:?} apart", w[1] - w[0]);
+        assert!(
+            w[1] - w[0] >= Duration::from_millis(80),
+            "requests {:?} apart",
+            w[1] - w[0]
+        );
     }
     assert!(at[5] - at[0] >= Duration::from_millis(450));
 }

@@ -8,14 +8,18 @@ use llava_instruct::source::load_coco;
 use llava_instruct::{InstructType, PromptLibrary, RunConfig, SourceSpec, run_blocking};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 #[test]
 fn coco_2017_contexts() {
-    let entries =
-        load_coco(Some(&fixture("captions_train2017_mini.json")), Some(&fixture("instances_train2017_mini.json")))
-            .unwrap();
+    let entries = load_coco(
+        Some(&fixture("captions_train2017_mini.json")),
+        Some(&fixture("instances_train2017_mini.json")),
+    )
+    .unwrap();
     let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(ids, ["000000000025", "000000000872", "000000001000"]);
     let giraffe = &entries[0];
@@ -45,7 +49,10 @@ fn coco_2017_contexts() {
          bus: [0.375, 0.156, 1, 0.781]"
     );
     // an image without instances gets captions only
-    assert_eq!(context_for(&entries[2], InstructType::Detail), "Two kites fly over a grassy field.");
+    assert_eq!(
+        context_for(&entries[2], InstructType::Detail),
+        "Two kites fly over a grassy field."
+    );
 }
 
 #[test]
@@ -58,7 +65,11 @@ fn preview_messages_are_system_examples_query() {
     .load()
     .unwrap();
     let lib = PromptLibrary::builtin().unwrap();
-    for ty in [InstructType::Conversation, InstructType::Detail, InstructType::Complex] {
+    for ty in [
+        InstructType::Conversation,
+        InstructType::Detail,
+        InstructType::Complex,
+    ] {
         let m = messages_for(&entries[1], ty, &lib).unwrap();
         let set = lib.set(ty).unwrap();
         assert_eq!(m[0].content, set.system);
@@ -70,9 +81,12 @@ fn preview_messages_are_system_examples_query() {
 
 #[test]
 fn brief_baseline_over_coco_2014_captions_needs_no_teacher() {
-    let entries = SourceSpec { captions: Some(fixture("captions_val2014_mini.json")), ..Default::default() }
-        .load()
-        .unwrap();
+    let entries = SourceSpec {
+        captions: Some(fixture("captions_val2014_mini.json")),
+        ..Default::default()
+    }
+    .load()
+    .unwrap();
     assert_eq!(entries[0].image, "COCO_val2014_000000000042.jpg");
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");

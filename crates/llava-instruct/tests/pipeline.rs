@@ -10,9 +10,15 @@ use std::time::{Duration, Instant};
 
 use llava_instruct::output::{FINAL_FILE, REJECTS_FILE};
 use llava_instruct::source::load_generic_jsonl;
-use llava_instruct::{ClientConfig, InstructError, InstructType, PromptLibrary, RunConfig, run_blocking};
+use llava_instruct::{
+    ClientConfig, InstructError, InstructType, PromptLibrary, RunConfig, run_blocking,
+};
 
-const TEACHER_TYPES: [InstructType; 3] = [InstructType::Conversation, InstructType::Detail, InstructType::Complex];
+const TEACHER_TYPES: [InstructType; 3] = [
+    InstructType::Conversation,
+    InstructType::Detail,
+    InstructType::Complex,
+];
 
 fn client_cfg(base: String, concurrency: usize) -> ClientConfig {
     let mut c = ClientConfig::new(base, "teacher");
@@ -25,7 +31,11 @@ fn client_cfg(base: String, concurrency: usize) -> ClientConfig {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// (type, id) → number of records, and (type, id) → number of final rejects.
@@ -42,7 +52,10 @@ fn outcome_counts(out: &Path) -> (Counts, Counts, Counts) {
     let mut final_rejects = Counts::new();
     let mut request_failures = Counts::new();
     for r in common::read_jsonl_strict(&out.join(REJECTS_FILE)) {
-        let key = (r["type"].as_str().unwrap().to_string(), r["id"].as_str().unwrap().to_string());
+        let key = (
+            r["type"].as_str().unwrap().to_string(),
+            r["id"].as_str().unwrap().to_string(),
+        );
         if r["stage"] == "request" {
             *request_failures.entry(key).or_default() += 1;
         } else {
@@ -58,42 +71,72 @@ fn every_pair_ends_in_the_dataset_or_in_rejects() {
     let server = rt.block_on(common::start(Duration::ZERO));
     let dir = tempfile::tempdir().unwrap();
     let ann = dir.path().join("ann.jsonl");
-    let mut captions: Vec<String> = ["mk429", "mk500", "mkdrop", "mkslow", "mkbad", "mkleak", "mk503always"]
-        .iter()
-        .map(|m| format!("A scene marked {m}."))
-        .collect();
+    let mut captions: Vec<String> = [
+        "mk429",
+        "mk500",
+        "mkdrop",
+        "mkslow",
+        "mkbad",
+        "mkleak",
+        "mk503always",
+    ]
+    .iter()
+    .map(|m| format!("A scene marked {m}."))
+    .collect();
     captions.extend((0..5).map(|i| format!("A plain scene number {i}.")));
     common::write_annotations(&ann, &captions);
     let entries = load_generic_jsonl(&ann).unwrap();
     let out = dir.path().join("out");
     let mut cfg = RunConfig::new(TEACHER_TYPES.to_vec(), &out);
     cfg.price = Some("1,2".parse().unwrap());
-    let s = run_blocking(entries.clone(), PromptLibrary::builtin().unwrap(), Some(client_cfg(server.base(), 8)), &cfg)
-        .unwrap();
+    let s = run_blocking(
+        entries.clone(),
+        PromptLibrary::builtin().unwrap(),
+        Some(client_cfg(server.base(), 8)),
+        &cfg,
+    )
+    .unwrap();
 
     assert_eq!(s.pairs, 36);
     assert_eq!(s.written_total(), 28, "{s:?}");
     assert_eq!(s.rejected_total(), 5, "{s:?}");
     assert_eq!(s.rejected.get("leak"), Some(&3), "{s:?}");
-    assert_eq!(s.rejected.get("no_turns"), Some(&2), "mkbad fails conversation and complex; detail accepts prose");
-    assert_eq!(s.failed, 3, "mk503always exhausts its retries for all three types");
+    assert_eq!(
+        s.rejected.get("no_turns"),
+        Some(&2),
+        "mkbad fails conversation and complex; detail accepts prose"
+    );
+    assert_eq!(
+        s.failed, 3,
+        "mk503always exhausts its retries for all three types"
+    );
     // 429, dropped and slow: one retry each; 500: two; 503 always: three (max), for 3 types.
     assert_eq!(s.retries, 3 * (1 + 1 + 1 + 2 + 3));
     assert_eq!(s.requests, 36 + s.retries);
-    assert_eq!((s.prompt_tokens, s.completion_tokens), (33 * 10, 33 * 5), "usage of every answered request");
+    assert_eq!(
+        (s.prompt_tokens, s.completion_tokens),
+        (33 * 10, 33 * 5),
+        "usage of every answered request"
+    );
     let cost = s.cost.unwrap();
     assert!((cost - (0.33 + 0.33)).abs() < 1e-9, "{cost}");
 
     let mk429 = server.state.hits_for("mk429");
     let mut by_type: BTreeMap<String, Vec<Instant>> = BTreeMap::new();
     for h in &mk429 {
-        let sys = h.body["messages"][0]["content"].as_str().unwrap().to_string();
+        let sys = h.body["messages"][0]["content"]
+            .as_str()
+            .unwrap()
+            .to_string();
         by_type.entry(sys).or_default().push(h.at);
     }
     assert_eq!(by_type.len(), 3);
     for times in by_type.values() {
         assert_eq!(times.len(), 2);
-        assert!(times[1] - times[0] >= Duration::from_secs(1), "Retry-After ignored");
+        assert!(
+            times[1] - times[0] >= Duration::from_secs(1),
+            "Retry-After ignored"
+        );
     }
 
     // every pair exactly once in the dataset, or exactly once in the final rejects, or failed
@@ -101,7 +144,8 @@ fn every_pair_ends_in_the_dataset_or_in_rejects() {
     for e in &entries {
         for ty in TEACHER_TYPES {
             let key = (ty.name().to_string(), e.id.clone());
-            let n = records.get(&key).copied().unwrap_or(0) + final_rejects.get(&key).copied().unwrap_or(0);
+            let n = records.get(&key).copied().unwrap_or(0)
+                + final_rejects.get(&key).copied().unwrap_or(0);
             if e.captions[0].contains("mk503always") {
                 assert_eq!(n, 0);
                 assert_eq!(failures.get(&key), Some(&1));
@@ -117,7 +161,8 @@ fn every_pair_ends_in_the_dataset_or_in_rejects() {
     assert!(leak["reason"].as_str().unwrap().contains("caption"));
 
     // the final JSON holds exactly the dataset records, each with one <image> in the first turn
-    let all: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(out.join(FINAL_FILE)).unwrap()).unwrap();
+    let all: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(out.join(FINAL_FILE)).unwrap()).unwrap();
     assert_eq!(all.len(), 28);
     for r in &all {
         let conv = r["conversations"].as_array().unwrap();
@@ -130,7 +175,13 @@ fn every_pair_ends_in_the_dataset_or_in_rejects() {
 
     // Rerun: finished pairs are skipped; only the failed ones are asked again.
     let hits_before = server.state.hits().len();
-    let s2 = run_blocking(entries, PromptLibrary::builtin().unwrap(), Some(client_cfg(server.base(), 8)), &cfg).unwrap();
+    let s2 = run_blocking(
+        entries,
+        PromptLibrary::builtin().unwrap(),
+        Some(client_cfg(server.base(), 8)),
+        &cfg,
+    )
+    .unwrap();
     assert_eq!(s2.already_done, 33);
     assert_eq!(s2.written_total(), 0);
     assert_eq!(s2.failed, 3);
@@ -153,10 +204,18 @@ fn refused_key_stops_the_run_without_marking_pairs() {
     let entries = load_generic_jsonl(&ann).unwrap();
     let out = dir.path().join("out");
     let cfg = RunConfig::new(vec![InstructType::Detail], &out);
-    let err = run_blocking(entries, PromptLibrary::builtin().unwrap(), Some(client_cfg(server.base(), 2)), &cfg)
-        .unwrap_err();
+    let err = run_blocking(
+        entries,
+        PromptLibrary::builtin().unwrap(),
+        Some(client_cfg(server.base(), 2)),
+        &cfg,
+    )
+    .unwrap_err();
     assert!(matches!(err, InstructError::Teacher(_)), "{err}");
-    assert!(server.state.hits().len() < 20, "the run stops instead of trying every pair");
+    assert!(
+        server.state.hits().len() < 20,
+        "the run stops instead of trying every pair"
+    );
     let (records, final_rejects, failures) = outcome_counts(&out);
     assert!(records.is_empty() && final_rejects.is_empty() && failures.is_empty());
     assert!(!out.join(FINAL_FILE).exists());
@@ -169,7 +228,13 @@ fn kill_test_run(base: &str, ann: &Path, out: &Path) -> llava_instruct::RunSumma
     let mut cfg = RunConfig::new(TEACHER_TYPES.to_vec(), out);
     cfg.seed = 7;
     cfg.max_pending = 16;
-    run_blocking(entries, PromptLibrary::builtin().unwrap(), Some(client_cfg(base.to_string(), 8)), &cfg).unwrap()
+    run_blocking(
+        entries,
+        PromptLibrary::builtin().unwrap(),
+        Some(client_cfg(base.to_string(), 8)),
+        &cfg,
+    )
+    .unwrap()
 }
 
 /// The child side of `sigkill_mid_run_then_resume_loses_and_duplicates_nothing`.
@@ -183,7 +248,12 @@ fn kill_test_child() {
 
 fn lines_written(out: &Path) -> usize {
     let mut n = 0;
-    for name in ["conversation.jsonl", "detail.jsonl", "complex.jsonl", REJECTS_FILE] {
+    for name in [
+        "conversation.jsonl",
+        "detail.jsonl",
+        "complex.jsonl",
+        REJECTS_FILE,
+    ] {
         if let Ok(t) = std::fs::read_to_string(out.join(name)) {
             n += t.matches('\n').count();
         }
@@ -209,15 +279,28 @@ fn sigkill_mid_run_then_resume_loses_and_duplicates_nothing() {
     let out = dir.path().join("out");
 
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "kill_test_child", "--ignored", "--nocapture", "--test-threads", "1"])
-        .env(CHILD_ENV, format!("{}\n{}\n{}", server.base(), ann.display(), out.display()))
+        .args([
+            "--exact",
+            "kill_test_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(
+            CHILD_ENV,
+            format!("{}\n{}\n{}", server.base(), ann.display(), out.display()),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while lines_written(&out) < 40 {
-        assert!(child.try_wait().unwrap().is_none(), "the child finished before it could be killed");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the child finished before it could be killed"
+        );
         assert!(Instant::now() < deadline, "the child made no progress");
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -226,26 +309,50 @@ fn sigkill_mid_run_then_resume_loses_and_duplicates_nothing() {
     assert!(!status.success());
     let written_at_kill = lines_written(&out);
     assert!(written_at_kill < total, "killed mid-run");
-    assert!(!out.join(FINAL_FILE).exists(), "the final file is only written at the end");
+    assert!(
+        !out.join(FINAL_FILE).exists(),
+        "the final file is only written at the end"
+    );
     let requested_at_kill: BTreeSet<(String, String)> = server
         .state
         .hits()
         .iter()
-        .map(|h| (h.body["messages"][0]["content"].as_str().unwrap().to_string(), h.key.clone()))
+        .map(|h| {
+            (
+                h.body["messages"][0]["content"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+                h.key.clone(),
+            )
+        })
         .collect();
 
     // A write torn by a crash leaves an unterminated tail; the resume must cut it.
     {
         use std::io::Write;
-        let mut f = std::fs::OpenOptions::new().append(true).open(out.join("detail.jsonl")).unwrap();
-        f.write_all(b"{\"id\":\"img0059\",\"image\":\"images/img00").unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(out.join("detail.jsonl"))
+            .unwrap();
+        f.write_all(b"{\"id\":\"img0059\",\"image\":\"images/img00")
+            .unwrap();
     }
 
     let s = kill_test_run(&server.base(), &ann, &out);
-    assert_eq!(s.already_done, written_at_kill, "resume skips exactly what was written");
-    assert_eq!(s.already_done + s.written_total() + s.rejected_total(), total);
+    assert_eq!(
+        s.already_done, written_at_kill,
+        "resume skips exactly what was written"
+    );
+    assert_eq!(
+        s.already_done + s.written_total() + s.rejected_total(),
+        total
+    );
     assert_eq!(s.failed, 0);
-    assert!(requested_at_kill.len() > written_at_kill, "some pairs were in flight when the child died");
+    assert!(
+        requested_at_kill.len() > written_at_kill,
+        "some pairs were in flight when the child died"
+    );
 
     let (records, final_rejects, failures) = outcome_counts(&out);
     assert!(failures.is_empty());
@@ -253,7 +360,8 @@ fn sigkill_mid_run_then_resume_loses_and_duplicates_nothing() {
     for e in &entries {
         for ty in TEACHER_TYPES {
             let key = (ty.name().to_string(), e.id.clone());
-            let n = records.get(&key).copied().unwrap_or(0) + final_rejects.get(&key).copied().unwrap_or(0);
+            let n = records.get(&key).copied().unwrap_or(0)
+                + final_rejects.get(&key).copied().unwrap_or(0);
             assert_eq!(n, 1, "{key:?} must be done exactly once");
         }
     }
@@ -265,6 +373,7 @@ fn sigkill_mid_run_then_resume_loses_and_duplicates_nothing() {
     let a = std::fs::read(out.join(FINAL_FILE)).unwrap();
     let b = std::fs::read(clean.join(FINAL_FILE)).unwrap();
     assert!(a == b, "resumed and clean runs differ");
-    let rejected_ids = |o: &Path| -> BTreeSet<(String, String)> { outcome_counts(o).1.into_keys().collect() };
+    let rejected_ids =
+        |o: &Path| -> BTreeSet<(String, String)> { outcome_counts(o).1.into_keys().collect() };
     assert_eq!(rejected_ids(&out), rejected_ids(&clean));
 }

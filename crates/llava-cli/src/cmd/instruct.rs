@@ -8,6 +8,7 @@
 //! llava instruct preview --captions … --instances … --image-id 42 [--types detail] [--json]
 //! llava instruct convert-captions --input pairs.tsv --out chat.json
 //! llava instruct export-prompts my-prompts/
+//! llava instruct merge --out all.json shard0/ shard1/
 //! ```
 
 use std::path::PathBuf;
@@ -16,7 +17,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use llava_instruct::convert::{PairFormat, TsvOrder, convert_pairs_to_file};
-use llava_instruct::pipeline::{Price, RunConfig, brief_for, format_summary, messages_for, run_blocking};
+use llava_instruct::pipeline::{
+    Price, RunConfig, brief_for, format_summary, messages_for, run_blocking,
+};
 use llava_instruct::types::{InstructType, Shard, parse_types};
 use llava_instruct::{ChatRequest, ClientConfig, ImageEntry, PromptLibrary, Role, SourceSpec};
 
@@ -35,6 +38,15 @@ enum Sub {
     Preview(PreviewArgs),
     /// Turn image–caption pairs (JSONL or TSV) into stage-1 LLaVA data (brief instructions).
     ConvertCaptions(ConvertArgs),
+    /// Merge the outputs of several runs (e.g. the shards of one job) into one LLaVA JSON file.
+    Merge {
+        /// Output file (written atomically).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Output folders of `llava instruct` runs.
+        #[arg(required = true, value_name = "DIR")]
+        dirs: Vec<PathBuf>,
+    },
     /// Write the built-in prompt set to DIR, to edit and pass back with --prompts DIR.
     ExportPrompts {
         /// Folder to create the prompt files in (must not already hold them).
@@ -130,6 +142,10 @@ struct RunArgs {
     /// Only the first N images (of the shard, in id order).
     #[arg(long, value_name = "N")]
     limit: Option<usize>,
+    /// Per-type caps (per shard), e.g. conversation=58000,detail=23000,complex=77000 (the paper's
+    /// 158K mix); each type gets its own seeded pseudo-random subset of the images.
+    #[arg(long, value_name = "TYPE=N,...")]
+    type_limits: Option<String>,
     /// Seed of the instruction paraphrase, caption and <image>-placement choices.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -204,8 +220,15 @@ pub fn run(c: InstructCommand) -> anyhow::Result<()> {
         Some(Sub::Preview(a)) => preview(a),
         Some(Sub::ConvertCaptions(a)) => convert(a),
         Some(Sub::ExportPrompts { dir }) => {
-            let files = llava_instruct::prompts::export_builtin(&dir).context("cannot export the prompts")?;
+            let files = llava_instruct::prompts::export_builtin(&dir)
+                .context("cannot export the prompts")?;
             println!("wrote {} prompt files under {}", files.len(), dir.display());
+            Ok(())
+        }
+        Some(Sub::Merge { out, dirs }) => {
+            let n = llava_instruct::output::merge_dirs(&dirs, &out)
+                .context("cannot merge the outputs")?;
+            println!("wrote {n} records to {}", out.display());
             Ok(())
         }
         None => generate(c.run),
@@ -213,7 +236,9 @@ pub fn run(c: InstructCommand) -> anyhow::Result<()> {
 }
 
 fn generate(a: RunArgs) -> anyhow::Result<()> {
-    let Some(out) = a.out.clone() else { bail!("--out DIR is required") };
+    let Some(out) = a.out.clone() else {
+        bail!("--out DIR is required")
+    };
     let types = parse_types(&a.types)?;
     let client = a.teacher.client_config()?;
     if client.is_none() && types.iter().any(|t| t.needs_teacher()) {
@@ -224,6 +249,9 @@ fn generate(a: RunArgs) -> anyhow::Result<()> {
     let mut cfg = RunConfig::new(types, out.clone());
     cfg.limit = a.limit;
     cfg.seed = a.seed;
+    if let Some(l) = &a.type_limits {
+        cfg.type_limits = llava_instruct::types::parse_type_limits(l)?;
+    }
     cfg.shard = match &a.shard {
         Some(s) => s.parse::<Shard>()?,
         None => Shard::default(),
@@ -231,7 +259,11 @@ fn generate(a: RunArgs) -> anyhow::Result<()> {
     cfg.temperature = Some(a.teacher.temperature);
     cfg.max_tokens = Some(a.teacher.max_tokens);
     cfg.retry_rejects = a.retry_rejects;
-    cfg.price = a.price_per_1k.as_deref().map(str::parse::<Price>).transpose()?;
+    cfg.price = a
+        .price_per_1k
+        .as_deref()
+        .map(str::parse::<Price>)
+        .transpose()?;
     cfg.progress = !a.no_progress;
     cfg.max_pending = a.teacher.concurrency.saturating_mul(2).max(1);
     let summary = run_blocking(entries, lib, client, &cfg)
@@ -242,7 +274,10 @@ fn generate(a: RunArgs) -> anyhow::Result<()> {
         println!("{}", format_summary(&summary));
     }
     if summary.failed > 0 {
-        bail!("{} pairs failed after all retries; rerun the same command to retry them", summary.failed);
+        bail!(
+            "{} pairs failed after all retries; rerun the same command to retry them",
+            summary.failed
+        );
     }
     Ok(())
 }
@@ -260,10 +295,17 @@ fn preview(a: PreviewArgs) -> anyhow::Result<()> {
     for ty in types {
         match messages_for(entry, ty, &lib) {
             Some(messages) => {
-                let req = ChatRequest { messages, temperature: Some(a.temperature), max_tokens: Some(a.max_tokens) };
+                let req = ChatRequest {
+                    messages,
+                    temperature: Some(a.temperature),
+                    max_tokens: Some(a.max_tokens),
+                };
                 if a.json {
                     let body = llava_instruct::client::request_json(&a.model, &req);
-                    println!("{}", serde_json::to_string(&serde_json::json!({"type": ty, "request": body}))?);
+                    println!(
+                        "{}",
+                        serde_json::to_string(&serde_json::json!({"type": ty, "request": body}))?
+                    );
                 } else {
                     println!("######## {ty} ({} messages) ########", req.messages.len());
                     for m in &req.messages {
@@ -280,7 +322,10 @@ fn preview(a: PreviewArgs) -> anyhow::Result<()> {
             None => {
                 // brief: no teacher; show the record it would produce
                 match brief_for(entry, &lib, a.seed) {
-                    Ok(r) => println!("######## {ty} (no teacher) ########\n{}", serde_json::to_string_pretty(&r)?),
+                    Ok(r) => println!(
+                        "######## {ty} (no teacher) ########\n{}",
+                        serde_json::to_string_pretty(&r)?
+                    ),
                     Err(why) => println!("######## {ty} (no teacher) ########\nno record: {why}"),
                 }
             }
@@ -295,11 +340,99 @@ fn convert(a: ConvertArgs) -> anyhow::Result<()> {
         Some("jsonl") => PairFormat::Jsonl,
         Some("tsv") => PairFormat::Tsv(TsvOrder::ImageCaption),
         Some("tsv-caption-first") => PairFormat::Tsv(TsvOrder::CaptionImage),
-        Some(other) => bail!("unknown --format `{other}`; expected jsonl, tsv or tsv-caption-first"),
+        Some(other) => {
+            bail!("unknown --format `{other}`; expected jsonl, tsv or tsv-caption-first")
+        }
     };
     let lib = prompts(&a.prompts, &[])?;
     let s = convert_pairs_to_file(&a.input, format, &a.out, &lib, a.seed)
         .with_context(|| format!("cannot convert {}", a.input.display()))?;
-    println!("wrote {} records to {} ({} blank captions skipped)", s.records, a.out.display(), s.skipped_blank);
+    println!(
+        "wrote {} records to {} ({} blank captions skipped)",
+        s.records,
+        a.out.display(),
+        s.skipped_blank
+    );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        c: InstructCommand,
+    }
+
+    fn parse(args: &[&str]) -> Result<InstructCommand, clap::Error> {
+        let mut v = vec!["instruct"];
+        v.extend_from_slice(args);
+        Wrap::try_parse_from(v).map(|w| w.c)
+    }
+
+    #[test]
+    fn run_flags_and_subcommands_parse() {
+        let c = parse(&[
+            "--captions",
+            "c.json",
+            "--instances",
+            "i.json",
+            "--types",
+            "detail,complex",
+            "--api-base",
+            "http://127.0.0.1:1/v1",
+            "--model",
+            "m",
+            "--out",
+            "o",
+            "--concurrency",
+            "3",
+            "--shard",
+            "1/4",
+            "--limit",
+            "9",
+        ])
+        .unwrap();
+        assert!(c.sub.is_none());
+        assert_eq!(c.run.teacher.concurrency, 3);
+        assert_eq!(c.run.shard.as_deref(), Some("1/4"));
+        assert_eq!(c.run.limit, Some(9));
+        let cfg = c.run.teacher.client_config().unwrap().unwrap();
+        assert_eq!(cfg.concurrency, 3);
+
+        let c = parse(&[
+            "preview",
+            "--captions",
+            "c.json",
+            "--image-id",
+            "42",
+            "--json",
+        ])
+        .unwrap();
+        match c.sub {
+            Some(Sub::Preview(p)) => {
+                assert_eq!(p.image_id, "42");
+                assert!(p.json);
+            }
+            _ => panic!("expected preview"),
+        }
+        let c = parse(&["merge", "--out", "all.json", "a", "b"]).unwrap();
+        assert!(matches!(c.sub, Some(Sub::Merge { ref dirs, .. }) if dirs.len() == 2));
+        assert!(parse(&["preview"]).is_err(), "preview needs --image-id");
+    }
+
+    #[test]
+    fn teacher_flags_go_together() {
+        let c = parse(&["--api-base", "http://h/v1", "--out", "o"]).unwrap();
+        assert!(c.run.teacher.client_config().is_err());
+        let c = parse(&["--out", "o"]).unwrap();
+        assert!(c.run.teacher.client_config().unwrap().is_none());
+        assert!(
+            generate(c.run).is_err(),
+            "teacher types without a teacher are refused"
+        );
+    }
 }

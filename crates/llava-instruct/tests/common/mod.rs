@@ -53,7 +53,10 @@ impl ServerState {
         self.hits.lock().unwrap().clone()
     }
     pub fn hits_for(&self, marker: &str) -> Vec<Hit> {
-        self.hits().into_iter().filter(|h| h.key.contains(marker)).collect()
+        self.hits()
+            .into_iter()
+            .filter(|h| h.key.contains(marker))
+            .collect()
     }
 }
 
@@ -90,7 +93,12 @@ fn completion(content: &str, finish: &str) -> Response {
         "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
         "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
     });
-    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        v.to_string(),
+    )
+        .into_response()
 }
 
 pub fn good_reply(system: &str, key: &str) -> String {
@@ -114,8 +122,16 @@ async fn handle(State(s): State<Arc<ServerState>>, headers: HeaderMap, body: Byt
         Err(_) => return (StatusCode::BAD_REQUEST, "bad json").into_response(),
     };
     let messages = v["messages"].as_array().cloned().unwrap_or_default();
-    let system = messages.first().and_then(|m| m["content"].as_str()).unwrap_or("").to_string();
-    let key = messages.last().and_then(|m| m["content"].as_str()).unwrap_or("").to_string();
+    let system = messages
+        .first()
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or("")
+        .to_string();
+    let key = messages
+        .last()
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or("")
+        .to_string();
     let attempt = {
         let mut a = s.attempts.lock().unwrap();
         let n = a.entry(format!("{system}\u{0}{key}")).or_insert(0);
@@ -126,20 +142,32 @@ async fn handle(State(s): State<Arc<ServerState>>, headers: HeaderMap, body: Byt
         key: key.clone(),
         attempt,
         at: Instant::now(),
-        auth: headers.get(header::AUTHORIZATION).and_then(|h| h.to_str().ok()).map(String::from),
+        auth: headers
+            .get(header::AUTHORIZATION)
+            .and_then(|h| h.to_str().ok())
+            .map(String::from),
         body: v.clone(),
     });
     if !s.delay.is_zero() {
         tokio::time::sleep(s.delay).await;
     }
     if key.contains("mk401") {
-        return (StatusCode::UNAUTHORIZED, "{\"error\":{\"message\":\"bad key\"}}").into_response();
+        return (
+            StatusCode::UNAUTHORIZED,
+            "{\"error\":{\"message\":\"bad key\"}}",
+        )
+            .into_response();
     }
     if key.contains("mk503always") {
         return (StatusCode::SERVICE_UNAVAILABLE, "overloaded").into_response();
     }
     if key.contains("mk429") && attempt == 1 {
-        return (StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, "1")], "slow down").into_response();
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, "1")],
+            "slow down",
+        )
+            .into_response();
     }
     if key.contains("mk500") && attempt <= 2 {
         return (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response();
@@ -147,7 +175,9 @@ async fn handle(State(s): State<Arc<ServerState>>, headers: HeaderMap, body: Byt
     if key.contains("mkdrop") && attempt == 1 {
         let stream = futures_util::stream::iter(vec![
             Ok::<Bytes, std::io::Error>(Bytes::from_static(b"{\"choices\": [")),
-            Err(std::io::Error::other("connection dropped by the test server")),
+            Err(std::io::Error::other(
+                "connection dropped by the test server",
+            )),
         ]);
         return Response::builder()
             .status(StatusCode::OK)
@@ -162,15 +192,23 @@ async fn handle(State(s): State<Arc<ServerState>>, headers: HeaderMap, body: Byt
         return completion("I am not sure what to say about this picture.", "stop");
     }
     if key.contains("mkleak") {
-        return completion("Question: What is it?\nAnswer: The captions say it is a dog.", "stop");
+        return completion(
+            "Question: What is it?\nAnswer: The captions say it is a dog.",
+            "stop",
+        );
     }
     completion(&good_reply(&system, &key), "stop")
 }
 
 /// Starts the server on the current tokio runtime.
 pub async fn start(delay: Duration) -> TestServer {
-    let state = Arc::new(ServerState { delay, ..Default::default() });
-    let app = Router::new().route("/v1/chat/completions", post(handle)).with_state(state.clone());
+    let state = Arc::new(ServerState {
+        delay,
+        ..Default::default()
+    });
+    let app = Router::new()
+        .route("/v1/chat/completions", post(handle))
+        .with_state(state.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -202,6 +240,15 @@ pub fn read_jsonl_strict(path: &std::path::Path) -> Vec<serde_json::Value> {
         Ok(t) => t,
         Err(_) => return Vec::new(),
     };
-    assert!(text.is_empty() || text.ends_with('\n'), "{} ends with a torn line", path.display());
-    text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: bad line {l}: {e}", path.display()))).collect()
+    assert!(
+        text.is_empty() || text.ends_with('\n'),
+        "{} ends with a torn line",
+        path.display()
+    );
+    text.lines()
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("{}: bad line {l}: {e}", path.display()))
+        })
+        .collect()
 }
