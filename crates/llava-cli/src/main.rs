@@ -25,7 +25,7 @@ enum Command {
     /// Write a random-weight checkpoint of a named shape (for benchmarks and tests).
     Init(cmd::init::InitCommand),
     /// Generate GPT-assisted multimodal instruction data with a text-only teacher.
-    Instruct(cmd::instruct::InstructCommand),
+    Instruct(Box<cmd::instruct::InstructCommand>),
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,7 +41,7 @@ fn main() -> std::process::ExitCode {
         Command::Chat(c) => cmd::chat::run(c),
         Command::Generate(c) => cmd::generate::run(c),
         Command::Init(c) => cmd::init::run(c),
-        Command::Instruct(c) => cmd::instruct::run(c),
+        Command::Instruct(c) => cmd::instruct::run(*c),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

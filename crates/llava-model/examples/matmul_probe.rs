@@ -3,14 +3,23 @@
 //! `cargo run --release -p llava-model --example matmul_probe`
 use candle_core::{Device, Tensor};
 
-fn time(label: &str, flops: f64, reps: usize, f: impl Fn() -> candle_core::Result<Tensor>) -> candle_core::Result<()> {
+fn time(
+    label: &str,
+    flops: f64,
+    reps: usize,
+    f: impl Fn() -> candle_core::Result<Tensor>,
+) -> candle_core::Result<()> {
     f()?;
     let t = std::time::Instant::now();
     for _ in 0..reps {
         f()?;
     }
     let s = t.elapsed().as_secs_f64() / reps as f64;
-    println!("{label:40} {:8.2} ms  {:7.1} GFLOP/s", s * 1e3, flops / s / 1e9);
+    println!(
+        "{label:40} {:8.2} ms  {:7.1} GFLOP/s",
+        s * 1e3,
+        flops / s / 1e9
+    );
     Ok(())
 }
 
@@ -22,8 +31,18 @@ fn main() -> candle_core::Result<()> {
         let wt = w.t()?.contiguous()?;
         let flops = 2.0 * (m * k * n) as f64;
         let reps = if m == 1 { 50 } else { 5 };
-        time(&format!("[{m}x{k}]·[{n}x{k}]ᵀ view"), flops, reps, || x.matmul(&w.t()?))?;
-        time(&format!("[{m}x{k}]·[{k}x{n}] contiguous"), flops, reps, || x.matmul(&wt))?;
+        time(
+            &format!("[{m}x{k}]·[{n}x{k}]ᵀ view"),
+            flops,
+            reps,
+            || x.matmul(&w.t()?),
+        )?;
+        time(
+            &format!("[{m}x{k}]·[{k}x{n}] contiguous"),
+            flops,
+            reps,
+            || x.matmul(&wt),
+        )?;
     }
     Ok(())
 }
