@@ -20,6 +20,8 @@ struct Cli {
 enum Command {
     /// Interactive multi-turn chat about an image.
     Chat(cmd::chat::ChatCommand),
+    /// Inspect training data: `llava data preview` shows a sample's tokens and label mask.
+    Data(cmd::data::DataCommand),
     /// Answer one prompt about an image.
     Generate(cmd::generate::GenerateCommand),
     /// Write a random-weight checkpoint of a named shape (for benchmarks and tests).
@@ -39,6 +41,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Chat(c) => cmd::chat::run(c),
+        Command::Data(c) => cmd::data::run(c),
         Command::Generate(c) => cmd::generate::run(c),
         Command::Init(c) => cmd::init::run(c),
         Command::Instruct(c) => cmd::instruct::run(*c),

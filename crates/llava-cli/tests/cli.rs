@@ -197,3 +197,70 @@ fn init_writes_a_loadable_checkpoint() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("tiny-1b"));
 }
+
+#[test]
+fn data_preview_shows_the_mask() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data.jsonl");
+    std::fs::write(
+        &data,
+        concat!(
+            r#"{"id": 1, "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}"#,
+            "\n",
+            r#"{"id": "b", "image": "x.jpg", "conversations": [{"from": "human", "value": "What is it?\n<image>"}, {"from": "gpt", "value": "A red ball."}]}"#,
+            "\n"
+        ),
+    )
+    .expect("write");
+    let model = fixtures().join("llava15-default/model");
+    let out = llava()
+        .args(["data", "preview", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(&data)
+        .args(["--index", "1", "--json"])
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let ids: Vec<i64> = serde_json::from_value(json["input_ids"].clone()).expect("ids");
+    let labels: Vec<i64> = serde_json::from_value(json["labels"].clone()).expect("labels");
+    assert_eq!(ids.len(), labels.len());
+    assert_eq!(
+        ids.iter().filter(|&&t| t == 600).count(),
+        25,
+        "image tokens as in the model's input ids"
+    );
+    let supervised: Vec<i64> = labels.iter().copied().filter(|&l| l != -100).collect();
+    assert!(
+        !supervised.is_empty() && supervised.last() == Some(&2),
+        "answer ends with </s>: {supervised:?}"
+    );
+
+    let out = llava()
+        .args(["data", "preview", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .expect("runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("«</s>»") && text.contains("USER: Hi"),
+        "{text}"
+    );
+    let out = llava()
+        .args(["data", "preview", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(&data)
+        .args(["--index", "9"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("holds 2 records"));
+}

@@ -9,4 +9,5 @@ pub mod conversation;
 pub mod image;
 pub mod prompt;
 pub mod record;
+pub mod sample;
 pub mod tokenizer;

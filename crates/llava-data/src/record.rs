@@ -39,3 +39,71 @@ impl Turn {
         }
     }
 }
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: line {line}: not a LLaVA record: {source}")]
+    Line {
+        path: std::path::PathBuf,
+        line: usize,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path}: not a JSON array of LLaVA records: {source}")]
+    Array {
+        path: std::path::PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{0}: holds no records")]
+    Empty(std::path::PathBuf),
+}
+
+impl LlavaRecord {
+    /// The id as text (datasets use both numbers and strings).
+    pub fn id_string(&self) -> String {
+        match &self.id {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// Reads a LLaVA dataset: a JSON array (the released `llava_instruct_*.json` files) or JSONL
+/// (one record per line, blank lines ignored). Errors name the file and the line.
+pub fn read_dataset(path: &std::path::Path) -> Result<Vec<LlavaRecord>, DatasetError> {
+    let text = std::fs::read_to_string(path).map_err(|source| DatasetError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let records = if text.trim_start().starts_with('[') {
+        serde_json::from_str(&text).map_err(|source| DatasetError::Array {
+            path: path.to_path_buf(),
+            source,
+        })?
+    } else {
+        let mut records = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let record = serde_json::from_str(line).map_err(|source| DatasetError::Line {
+                path: path.to_path_buf(),
+                line: i + 1,
+                source,
+            })?;
+            records.push(record);
+        }
+        records
+    };
+    if records.is_empty() {
+        return Err(DatasetError::Empty(path.to_path_buf()));
+    }
+    Ok(records)
+}

@@ -85,6 +85,11 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// The vocabulary piece of an id, e.g. `▁cat` or `<0x0A>`.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
@@ -119,25 +124,32 @@ impl Tokenizer {
         image: ImageTokens,
         n_image_tokens: usize,
     ) -> Result<Vec<u32>, TokenizerError> {
+        self.encode_with_images(prompt, image, n_image_tokens, true)
+    }
+
+    /// [`Self::encode_prompt`] for a piece of a longer sequence: `add_special_tokens` is false
+    /// for every piece but the first, so BOS appears once.
+    pub fn encode_with_images(
+        &self,
+        text: &str,
+        image: ImageTokens,
+        n_image_tokens: usize,
+        add_special_tokens: bool,
+    ) -> Result<Vec<u32>, TokenizerError> {
         match image {
             ImageTokens::Expand { .. } => {
                 let expanded =
-                    prompt.replace(IMAGE_PLACEHOLDER, &IMAGE_PLACEHOLDER.repeat(n_image_tokens));
-                self.encode(&expanded, true)
+                    text.replace(IMAGE_PLACEHOLDER, &IMAGE_PLACEHOLDER.repeat(n_image_tokens));
+                self.encode(&expanded, add_special_tokens)
             }
             ImageTokens::Split { id } => {
-                let bos = self.bos_token.as_deref().and_then(|b| self.token_to_id(b));
                 let mut ids = Vec::new();
-                for (i, chunk) in prompt.split(IMAGE_PLACEHOLDER).enumerate() {
+                for (i, chunk) in text.split(IMAGE_PLACEHOLDER).enumerate() {
                     if i > 0 {
                         ids.extend(std::iter::repeat_n(id, n_image_tokens));
                     }
-                    let mut chunk_ids = self.encode(chunk, true)?;
-                    // Each chunk is encoded with BOS; only the first keeps it.
-                    if i > 0 && bos.is_some() && chunk_ids.first().copied() == bos {
-                        chunk_ids.remove(0);
-                    }
-                    ids.extend(chunk_ids);
+                    // Only the first chunk carries BOS, as in the original `tokenizer_image_token`.
+                    ids.extend(self.encode(chunk, add_special_tokens && i == 0)?);
                 }
                 Ok(ids)
             }

@@ -1,6 +1,7 @@
 //! One file per subcommand.
 
 pub mod chat;
+pub mod data;
 pub mod generate;
 pub mod init;
 pub mod instruct;

@@ -1,0 +1,155 @@
+//! `llava data preview`: one training sample as the model sees it, with the supervised tokens
+//! marked, so a user can check the mask before spending compute on it.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use llava_data::conversation::ConvTemplate;
+use llava_data::record::read_dataset;
+use llava_data::sample::{IGNORE_INDEX, SampleOptions, tokenize_record};
+use llava_data::tokenizer::Tokenizer;
+use llava_model::Checkpoint;
+use serde::Serialize;
+
+#[derive(clap::Args, Debug)]
+pub struct DataCommand {
+    #[command(subcommand)]
+    pub command: DataSubcommand,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum DataSubcommand {
+    /// Show one sample's tokens, coloured by supervised (green) / not supervised (dim).
+    Preview(PreviewArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PreviewArgs {
+    /// Checkpoint whose tokenizer and image-token settings to use.
+    #[arg(long)]
+    pub model: String,
+    /// CLIP directory for original-layout checkpoints.
+    #[arg(long)]
+    pub vision_tower: Option<PathBuf>,
+    /// LLaVA dataset: a JSON array or JSONL of {id, image?, conversations}.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Which record (0-based).
+    #[arg(long, default_value_t = 0)]
+    pub index: usize,
+    /// llava_v1 (stage 2), plain (stage 1), llava_v0, llama_2, chatml.
+    #[arg(long, default_value = "llava_v1")]
+    pub template: String,
+    #[arg(long, default_value_t = 2048)]
+    pub max_length: usize,
+    /// Keep <image> where the record has it instead of moving it to the front.
+    #[arg(long)]
+    pub keep_image_position: bool,
+    /// Print {"input_ids", "labels"} instead of coloured text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct PreviewJson<'a> {
+    input_ids: &'a [u32],
+    labels: &'a [i64],
+}
+
+pub fn run(c: DataCommand) -> Result<()> {
+    match c.command {
+        DataSubcommand::Preview(p) => preview(p),
+    }
+}
+
+fn preview(p: PreviewArgs) -> Result<()> {
+    let Some(template) = ConvTemplate::from_name(&p.template) else {
+        bail!(
+            "--template {}: choose one of {}",
+            p.template,
+            ConvTemplate::NAMES.join(", ")
+        );
+    };
+    let checkpoint = Checkpoint::open(&p.model, p.vision_tower.as_deref())
+        .with_context(|| format!("loading {}", p.model))?;
+    let tokenizer = Tokenizer::from_dir(&checkpoint.dir)?;
+    let records = read_dataset(&p.data)?;
+    let Some(record) = records.get(p.index) else {
+        bail!(
+            "--index {}: {} holds {} records",
+            p.index,
+            p.data.display(),
+            records.len()
+        );
+    };
+    let opts = SampleOptions {
+        template,
+        image_tokens: tokenizer.image_tokens(checkpoint.config.image_token_index),
+        image_seq_len: checkpoint.config.image_seq_len(),
+        max_length: p.max_length,
+        keep_image_position: p.keep_image_position,
+    };
+    let sample = tokenize_record(&tokenizer, record, &opts)?;
+    if p.json {
+        println!(
+            "{}",
+            serde_json::to_string(&PreviewJson {
+                input_ids: &sample.input_ids,
+                labels: &sample.labels
+            })?
+        );
+        return Ok(());
+    }
+    let colour = std::io::stdout().is_terminal();
+    let image_id = opts.image_tokens.id();
+    let mut out = String::new();
+    let mut i = 0;
+    while i < sample.input_ids.len() {
+        let id = sample.input_ids[i];
+        let supervised = sample.labels[i] != IGNORE_INDEX;
+        let piece = if id == image_id {
+            let run = sample.input_ids[i..]
+                .iter()
+                .take_while(|&&t| t == image_id)
+                .count();
+            i += run;
+            format!("<image>×{run}")
+        } else {
+            i += 1;
+            let piece = tokenizer
+                .id_to_token(id)
+                .unwrap_or_else(|| format!("<{id}>"));
+            if piece == "<0x0A>" {
+                "\\n\n".to_string()
+            } else {
+                piece.replace('▁', " ")
+            }
+        };
+        match (colour, supervised) {
+            (true, true) => out.push_str(&format!("\x1b[32m{piece}\x1b[0m")),
+            (true, false) => out.push_str(&format!("\x1b[2m{piece}\x1b[0m")),
+            (false, true) => out.push_str(&format!("«{piece}»")),
+            (false, false) => out.push_str(&piece),
+        }
+    }
+    println!("{out}");
+    let supervised = sample.labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
+    let legend = if colour {
+        "green = supervised"
+    } else {
+        "«…» = supervised"
+    };
+    eprintln!(
+        "record {} · template {} · {} tokens, {supervised} supervised{} · {legend}",
+        record.id_string(),
+        template.name(),
+        sample.input_ids.len(),
+        if sample.truncated {
+            " · TRUNCATED at --max-length"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
