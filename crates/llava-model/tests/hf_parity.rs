@@ -92,6 +92,27 @@ fn greedy(p: &Pipeline, ids: &[u32], pixels: Option<&Tensor>, n: usize) -> Vec<u
     tokens
 }
 
+/// Logits at the last prompt position (`[vocab]`), from a full forward pass without a cache.
+fn last_logits(p: &Pipeline, ids: &[u32], pixels: Option<&Tensor>) -> Tensor {
+    let hidden = p
+        .model
+        .forward(
+            &[ids.to_vec()],
+            pixels,
+            None,
+            &mut KvCache::new(),
+            Mode::Infer,
+        )
+        .expect("forward");
+    let last = hidden.narrow(1, ids.len() - 1, 1).expect("last position");
+    p.model
+        .language_model
+        .logits(&last)
+        .expect("logits")
+        .flatten_all()
+        .expect("flatten")
+}
+
 /// Prompt → ids → pixels → features → logits → greedy tokens for one HF-layout case.
 fn check_hf_case(name: &str) {
     let c = case(name);
@@ -215,25 +236,9 @@ fn text_only_prompt_matches_transformers() {
     assert_eq!(prompt, c.str("text_only_prompt"));
     let ids = p.encode(&prompt).expect("encodes");
     assert_eq!(ids, c.ids("text_only_input_ids"));
-    let mut cache = KvCache::new();
-    let hidden = p
-        .model
-        .forward(
-            std::slice::from_ref(&ids),
-            None,
-            None,
-            &mut cache,
-            Mode::Infer,
-        )
-        .expect("forward");
-    let last = p
-        .model
-        .language_model
-        .logits(&hidden.narrow(1, ids.len() - 1, 1).expect("n"))
-        .expect("logits");
     assert_close(
         "text_only_last_logits",
-        &last.flatten_all().expect("f"),
+        &last_logits(&p, &ids, None),
         &c.tensors["text_only_last_logits"],
     );
     assert_eq!(greedy(&p, &ids, None, 20), c.ids("text_only_greedy_tokens"));
@@ -269,25 +274,9 @@ fn original_layout_matches_transformers() {
         .expect("pixels")
         .expect("image");
     assert_close("pixel_values", &pixels, &c.tensors["pixel_values"]);
-    let mut cache = KvCache::new();
-    let hidden = p
-        .model
-        .forward(
-            std::slice::from_ref(&ids),
-            Some(&pixels),
-            None,
-            &mut cache,
-            Mode::Infer,
-        )
-        .expect("forward");
-    let last = p
-        .model
-        .language_model
-        .logits(&hidden.narrow(1, ids.len() - 1, 1).expect("n"))
-        .expect("logits");
     assert_close(
         "last_logits",
-        &last.flatten_all().expect("f"),
+        &last_logits(&p, &ids, Some(&pixels)),
         &c.tensors["last_logits"],
     );
     assert_eq!(greedy(&p, &ids, Some(&pixels), 20), c.ids("greedy_tokens"));
