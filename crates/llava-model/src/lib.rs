@@ -8,6 +8,7 @@ pub mod generation;
 pub mod init;
 pub mod language_model;
 pub mod llava;
+pub mod loss;
 pub mod nn;
 pub mod pipeline;
 pub mod projector;

@@ -8,7 +8,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 
 use crate::error::{ModelError, Result};
 use crate::safetensors_file::SafetensorsFile;
@@ -37,6 +37,15 @@ pub struct Weights {
     device: Device,
     /// Set for random initialisation: tensors are made on request and remembered.
     random: Option<std::cell::RefCell<RandomInit>>,
+    /// Which canonical names become trainable `Var`s, and the vars made so far.
+    trainable: Option<Trainable>,
+}
+
+/// Trainable weights are loaded as candle `Var`s, which autograd tracks; everything else stays a
+/// plain tensor, so frozen parts get no gradient and no optimizer state.
+struct Trainable {
+    select: Box<dyn Fn(&str) -> bool>,
+    vars: std::cell::RefCell<Vec<(String, Var)>>,
 }
 
 /// Random weights at the shapes the model asks for: `llava init` builds a model through the same
@@ -55,7 +64,24 @@ impl Weights {
             dtype,
             device,
             random: None,
+            trainable: None,
         }
+    }
+
+    /// Makes every weight whose canonical name satisfies `select` a trainable `Var`.
+    pub fn set_trainable(&mut self, select: impl Fn(&str) -> bool + 'static) {
+        self.trainable = Some(Trainable {
+            select: Box::new(select),
+            vars: Default::default(),
+        });
+    }
+
+    /// The trainable weights loaded so far, in load order, by canonical name.
+    pub fn take_vars(&self) -> Vec<(String, Var)> {
+        self.trainable
+            .as_ref()
+            .map(|t| std::mem::take(&mut *t.vars.borrow_mut()))
+            .unwrap_or_default()
     }
 
     /// Weights that do not exist yet: each `get` makes a tensor — ones for norm weights, zeros
@@ -128,12 +154,12 @@ impl Weights {
 
     /// Loads one tensor in the compute dtype, checking its shape against what the config implies.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        if let Some(random) = &self.random {
-            return random
+        let t = match &self.random {
+            Some(random) => random
                 .borrow_mut()
-                .make(name, shape, self.dtype, &self.device);
-        }
-        let t = self.get_unchecked(name)?;
+                .make(name, shape, self.dtype, &self.device)?,
+            None => self.get_unchecked(name)?,
+        };
         if t.dims() != shape {
             return Err(ModelError::WrongShape {
                 name: name.to_string(),
@@ -141,7 +167,15 @@ impl Weights {
                 got: t.dims().to_vec(),
             });
         }
-        Ok(t)
+        match &self.trainable {
+            Some(tr) if (tr.select)(name) => {
+                let var = Var::from_tensor(&t)?;
+                let tensor = var.as_tensor().clone();
+                tr.vars.borrow_mut().push((name.to_string(), var));
+                Ok(tensor)
+            }
+            _ => Ok(t),
+        }
     }
 
     pub fn get_unchecked(&self, name: &str) -> Result<Tensor> {
