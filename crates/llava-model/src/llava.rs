@@ -50,15 +50,21 @@ impl Llava {
 
     /// `pixel_values` `[n_images, 3, H, W]` → projected features `[n_images, image_seq_len, hidden]`.
     pub fn get_image_features(&self, pixel_values: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.multi_modal_projector
+            .forward(&self.vision_features(pixel_values, mode)?)
+    }
+
+    /// `Z_v`: the selected vision-tower hidden states, before the projector. Training runs a
+    /// frozen tower in `Mode::Infer` and detaches its output, since no gradient goes there.
+    pub fn vision_features(&self, pixel_values: &Tensor, mode: Mode) -> Result<Tensor> {
         let layers = self.config.vision_feature_layer.layers();
         let features = self
             .vision_tower
             .hidden_states(pixel_values, &layers, mode)?;
-        let features = match self.config.vision_feature_select_strategy {
+        Ok(match self.config.vision_feature_select_strategy {
             SelectStrategy::Default => features.narrow(1, 1, features.dim(1)? - 1)?,
             SelectStrategy::Full => features,
-        };
-        self.multi_modal_projector.forward(&features)
+        })
     }
 
     /// Input embeddings with `image_features` (`[n_images, seq, hidden]`, in order) placed at the

@@ -265,7 +265,7 @@ fn safe_prefix_len(text: &str, stops: &[String]) -> usize {
 /// The checkpoint's preprocessing: `preprocessor_config.json` (the CLIP directory's in the
 /// original layout), or the `image_processor` nested in `processor_config.json` as transformers
 /// 5 writes it, with pad-to-square where the checkpoint asks for it.
-fn image_processor(
+pub fn image_processor(
     checkpoint: &Checkpoint,
     aspect: Option<ImageAspectRatio>,
 ) -> Result<ImageProcessor> {

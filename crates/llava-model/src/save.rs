@@ -98,3 +98,18 @@ pub fn write_safetensors(
     }
     Ok(())
 }
+
+/// Writes tensors under the given names into one safetensors file, atomically.
+pub fn write_tensors_file(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let metadata = Some(std::collections::HashMap::from([(
+        "format".to_string(),
+        "pt".to_string(),
+    )]));
+    let tmp = path.with_extension("tmp");
+    safetensors::serialize_to_file(tensors.iter().map(|(k, t)| (k.clone(), t)), metadata, &tmp)
+        .map_err(|e| ModelError::Safetensors {
+            path: tmp.clone(),
+            message: e.to_string(),
+        })?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}

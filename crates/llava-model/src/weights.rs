@@ -118,6 +118,17 @@ impl Weights {
     /// Adds the safetensors files of a checkpoint directory, renaming each tensor.
     pub fn add_dir(&mut self, dir: &Path, rename: Renamer) -> Result<()> {
         let files = safetensors_files(dir)?;
+        self.add_files(dir, files, rename)
+    }
+
+    /// Adds one safetensors file (e.g. a stage-1 `projector.safetensors`); its tensors replace
+    /// any of the same canonical name added before.
+    pub fn add_file(&mut self, path: &Path, rename: Renamer) -> Result<()> {
+        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        self.add_files(&dir, vec![path.to_path_buf()], rename)
+    }
+
+    fn add_files(&mut self, dir: &Path, files: Vec<PathBuf>, rename: Renamer) -> Result<()> {
         let source = self.sources.len();
         let mut shards = Vec::with_capacity(files.len());
         for (shard, path) in files.into_iter().enumerate() {
@@ -178,7 +189,9 @@ impl Weights {
         }
     }
 
-    pub fn get_unchecked(&self, name: &str) -> Result<Tensor> {
+    /// A tensor exactly as stored (its file dtype, no conversion): what a checkpoint writer
+    /// copies for frozen weights so that they stay bit-identical.
+    pub fn get_stored(&self, name: &str) -> Result<Tensor> {
         let loc = self
             .index
             .get(name)
@@ -190,8 +203,11 @@ impl Weights {
                     .map(|s| s.dir.clone())
                     .unwrap_or_default(),
             })?;
-        let t = self.sources[loc.source].shards[loc.shard].load(&loc.stored, &self.device)?;
-        Ok(t.to_dtype(self.dtype)?)
+        self.sources[loc.source].shards[loc.shard].load(&loc.stored, &self.device)
+    }
+
+    pub fn get_unchecked(&self, name: &str) -> Result<Tensor> {
+        Ok(self.get_stored(name)?.to_dtype(self.dtype)?)
     }
 
     /// A view that prepends `prefix.` to every name, mirroring the module tree.

@@ -1,7 +1,11 @@
-//! Two-stage visual instruction tuning: the optimizer, learning-rate schedule and gradient
-//! clipping with PyTorch's exact semantics. The training loop, freezing rules per stage and
-//! checkpoints build on these.
+//! Two-stage visual instruction tuning: data and batching, the optimizer, schedule and clipping
+//! with PyTorch's semantics, the training loop with the paper's freezing rules, and checkpoints
+//! with exact resume.
 
+pub mod checkpoint;
 pub mod clip;
+pub mod data;
+pub mod error;
 pub mod optim;
 pub mod schedule;
+pub mod trainer;

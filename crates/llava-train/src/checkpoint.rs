@@ -1,0 +1,176 @@
+//! Checkpoints in the HF llava layout (so `llava generate` and transformers load them), plus
+//! what an exact resume needs: optimizer moments and the trainer state (step, epoch, position
+//! in the epoch's seeded order).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use llava_model::LlavaConfig;
+use llava_model::save::{write_atomic, write_config, write_safetensors, write_tensors_file};
+use llava_model::weights::Weights;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+use crate::optim::AdamW;
+use crate::trainer::{Stage, TrainConfig};
+
+/// Where training stands; with the seed this fixes the data order of every epoch.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub step: u64,
+    pub epoch: u64,
+    /// Records of the current epoch's order already consumed.
+    pub position: usize,
+    pub elapsed_s: f64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StateFile {
+    state: TrainerState,
+    config: TrainConfig,
+}
+
+/// The files besides the weights that make a checkpoint directory usable on its own.
+const SIDE_FILES: [&str; 8] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "generation_config.json",
+];
+
+/// Saves the model (trained weights from the optimizer, frozen ones copied as stored, so they
+/// stay bit-identical), config, tokenizer/processor files, optimizer state and trainer state.
+/// A `checkpoint-N` directory is written under a temporary name and renamed when complete.
+pub fn save_checkpoint(
+    dir: &Path,
+    source_dir: &Path,
+    source: &Weights,
+    model_config: &LlavaConfig,
+    optimizer: &AdamW,
+    state: &TrainerState,
+    config: &TrainConfig,
+) -> Result<()> {
+    let in_place = dir.join("train_log.jsonl").exists() || dir.join("trainer_state.json").exists();
+    let target = if in_place {
+        dir.to_path_buf()
+    } else {
+        dir.with_extension("partial")
+    };
+    std::fs::create_dir_all(&target).map_err(TrainError::io(&target))?;
+    let trained: std::collections::HashMap<&str, &Tensor> = optimizer
+        .params
+        .iter()
+        .map(|p| (p.name.as_str(), p.var.as_tensor()))
+        .collect();
+    let mut tensors = Vec::new();
+    for name in source.names() {
+        let t = match trained.get(name) {
+            Some(t) => t.detach(),
+            None => source.get_stored(name)?,
+        };
+        tensors.push((name.to_string(), t));
+    }
+    write_safetensors(&target, &tensors, 2 << 30)?;
+    write_config(&target, model_config)?;
+    for f in SIDE_FILES {
+        let from = source_dir.join(f);
+        if from.is_file() && from != target.join(f) {
+            std::fs::copy(&from, target.join(f)).map_err(TrainError::io(&from))?;
+        }
+    }
+    if config.stage == Stage::Pretrain {
+        let projector: Vec<(String, Tensor)> = tensors
+            .iter()
+            .filter(|(n, _)| n.starts_with("multi_modal_projector."))
+            .cloned()
+            .collect();
+        write_tensors_file(&target.join("projector.safetensors"), &projector)?;
+    }
+    let mut moments = Vec::new();
+    for p in &optimizer.params {
+        moments.push((format!("exp_avg.{}", p.name), p.exp_avg.clone()));
+        moments.push((format!("exp_avg_sq.{}", p.name), p.exp_avg_sq.clone()));
+    }
+    write_tensors_file(&target.join("optimizer.safetensors"), &moments)?;
+    let state_json = serde_json::to_string_pretty(&StateFile {
+        state: state.clone(),
+        config: config.clone(),
+    })
+    .map_err(|e| TrainError::Data(e.to_string()))?;
+    write_atomic(&target.join("trainer_state.json"), state_json.as_bytes())?;
+    if !in_place {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(TrainError::io(dir))?;
+        }
+        std::fs::rename(&target, dir).map_err(TrainError::io(dir))?;
+    }
+    Ok(())
+}
+
+/// Reads a checkpoint's trainer state.
+pub fn read_state(dir: &Path) -> Result<(TrainerState, TrainConfig)> {
+    let path = dir.join("trainer_state.json");
+    let text = std::fs::read_to_string(&path).map_err(TrainError::io(&path))?;
+    let file: StateFile = serde_json::from_str(&text).map_err(|e| TrainError::Resume {
+        path: path.clone(),
+        message: format!("not a trainer state: {e}"),
+    })?;
+    Ok((file.state, file.config))
+}
+
+/// Puts the saved moments back into a fresh optimizer (same trainable set, same names).
+pub fn restore_optimizer(
+    dir: &Path,
+    optimizer: &mut AdamW,
+    step: u64,
+    device: &Device,
+) -> Result<()> {
+    let path = dir.join("optimizer.safetensors");
+    let mut saved =
+        candle_core::safetensors::load(&path, device).map_err(|e| TrainError::Resume {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+    for p in &mut optimizer.params {
+        let missing = |what: &str| TrainError::Resume {
+            path: path.clone(),
+            message: format!(
+                "has no {what} for `{}`: was it saved by a run with the same stage?",
+                p.name
+            ),
+        };
+        p.exp_avg = saved
+            .remove(&format!("exp_avg.{}", p.name))
+            .ok_or_else(|| missing("exp_avg"))?;
+        p.exp_avg_sq = saved
+            .remove(&format!("exp_avg_sq.{}", p.name))
+            .ok_or_else(|| missing("exp_avg_sq"))?;
+    }
+    optimizer.step = step;
+    Ok(())
+}
+
+/// Drops log lines past `step`: they came from steps the killed run took after its last save,
+/// which the resumed run takes again.
+pub fn truncate_log(output: &Path, step: u64) -> Result<()> {
+    let path: PathBuf = output.join("train_log.jsonl");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    write_atomic(&path, kept.as_bytes())?;
+    Ok(())
+}

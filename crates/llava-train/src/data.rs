@@ -1,0 +1,177 @@
+//! Training data: LLaVA records → tokenised samples with their images → padded batches.
+//!
+//! A bad record (missing or undecodable image, wrong role order, misplaced `<image>`) is skipped
+//! with a counted warning naming its id, never aborting an epoch, unless `strict` is set.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use llava_data::image::{ImageProcessor, PixelValues};
+use llava_data::record::LlavaRecord;
+use llava_data::sample::{IGNORE_INDEX, SampleOptions, TokenizedSample, tokenize_record};
+use llava_data::tokenizer::Tokenizer;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+
+use crate::error::{Result, TrainError};
+
+pub struct TrainDataset {
+    pub records: Vec<LlavaRecord>,
+    pub image_folder: Option<PathBuf>,
+    pub tokenizer: Tokenizer,
+    pub image_processor: ImageProcessor,
+    pub sample: SampleOptions,
+    pub pad_id: u32,
+    pub strict: bool,
+}
+
+/// One usable sample.
+pub struct Item {
+    pub sample: TokenizedSample,
+    pub pixels: Option<PixelValues>,
+}
+
+/// Model inputs for one micro-batch (right-padded, as LLaVA trains).
+pub struct Batch {
+    pub input_ids: Vec<Vec<u32>>,
+    pub labels: Vec<Vec<i64>>,
+    pub attention_mask: Tensor,
+    /// `[n_images, 3, H, W]` for the samples that have an image, in batch order.
+    pub pixel_values: Option<Tensor>,
+    /// Positions that take loss, over the whole batch.
+    pub supervised_tokens: usize,
+    pub tokens: usize,
+}
+
+/// Counts of what loading skipped or cut, for the warnings at the end of an epoch.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DataStats {
+    pub skipped: usize,
+    pub truncated: usize,
+}
+
+impl TrainDataset {
+    /// The record order of one epoch: shuffled from (seed, epoch), so a resumed run sees the
+    /// same order without storing it.
+    pub fn order(&self, seed: u64, epoch: u64, shuffle: bool) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.records.len()).collect();
+        if shuffle {
+            let mut rng =
+                rand::rngs::StdRng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ epoch);
+            order.shuffle(&mut rng);
+        }
+        order
+    }
+
+    /// Loads record `i`, or `None` (with a warning) when it is bad and not `strict`.
+    pub fn item(&self, i: usize, stats: &mut DataStats) -> Result<Option<Item>> {
+        let record = &self.records[i];
+        match self.try_item(record) {
+            Ok(item) => {
+                if item.sample.truncated {
+                    stats.truncated += 1;
+                    tracing::warn!(id = %record.id_string(), "sample truncated at --max-length {}", self.sample.max_length);
+                }
+                if !item.sample.labels.iter().any(|&l| l != IGNORE_INDEX) {
+                    return self.skip(
+                        record,
+                        "no supervised token left (truncated away?)".into(),
+                        stats,
+                    );
+                }
+                Ok(Some(item))
+            }
+            Err(e) => self.skip(record, e.to_string(), stats),
+        }
+    }
+
+    fn skip(
+        &self,
+        record: &LlavaRecord,
+        reason: String,
+        stats: &mut DataStats,
+    ) -> Result<Option<Item>> {
+        if self.strict {
+            return Err(TrainError::Data(format!(
+                "record {}: {reason}",
+                record.id_string()
+            )));
+        }
+        stats.skipped += 1;
+        tracing::warn!(id = %record.id_string(), "skipping record: {reason}");
+        Ok(None)
+    }
+
+    fn try_item(&self, record: &LlavaRecord) -> std::result::Result<Item, String> {
+        let sample =
+            tokenize_record(&self.tokenizer, record, &self.sample).map_err(|e| e.to_string())?;
+        let pixels = match &record.image {
+            None => None,
+            Some(rel) => {
+                let path = match &self.image_folder {
+                    Some(folder) => folder.join(rel),
+                    None => PathBuf::from(rel),
+                };
+                Some(
+                    self.image_processor
+                        .preprocess_path(&path)
+                        .map_err(|e| e.to_string())?,
+                )
+            }
+        };
+        Ok(Item { sample, pixels })
+    }
+
+    /// Pads items to the longest one: `pad_id` and label -100 on the right, mask 0 there.
+    pub fn collate(&self, items: &[Item], device: &Device) -> Result<Batch> {
+        let width = items
+            .iter()
+            .map(|it| it.sample.input_ids.len())
+            .max()
+            .unwrap_or(0);
+        let mut input_ids = Vec::with_capacity(items.len());
+        let mut labels = Vec::with_capacity(items.len());
+        let mut mask = Vec::with_capacity(items.len() * width);
+        let mut pixels = Vec::new();
+        let mut supervised_tokens = 0;
+        let mut tokens = 0;
+        for it in items {
+            let s = &it.sample;
+            let pad = width - s.input_ids.len();
+            let mut ids = s.input_ids.clone();
+            ids.extend(std::iter::repeat_n(self.pad_id, pad));
+            let mut lab = s.labels.clone();
+            lab.extend(std::iter::repeat_n(IGNORE_INDEX, pad));
+            mask.extend(
+                std::iter::repeat_n(1u8, s.input_ids.len()).chain(std::iter::repeat_n(0u8, pad)),
+            );
+            supervised_tokens += s
+                .labels
+                .iter()
+                .skip(1)
+                .filter(|&&l| l != IGNORE_INDEX)
+                .count();
+            tokens += s.input_ids.len();
+            input_ids.push(ids);
+            labels.push(lab);
+            if let Some(p) = &it.pixels {
+                pixels.push(p.clone());
+            }
+        }
+        let attention_mask =
+            Tensor::from_vec(mask, (items.len(), width), device)?.to_dtype(DType::U8)?;
+        let pixel_values = if pixels.is_empty() {
+            None
+        } else {
+            Some(llava_model::pipeline::pixel_tensor(&pixels, device)?)
+        };
+        Ok(Batch {
+            input_ids,
+            labels,
+            attention_mask,
+            pixel_values,
+            supervised_tokens,
+            tokens,
+        })
+    }
+}

@@ -1,0 +1,256 @@
+//! The training loop for both stages: freezing rules, gradient accumulation, clipping, the
+//! schedule, AdamW, per-step logs, checkpoints and exact resume.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor, Var};
+use llava_model::language_model::KvCache;
+use llava_model::loss::causal_lm_loss;
+use llava_model::nn::Mode;
+use llava_model::{Llava, LlavaConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{TrainerState, save_checkpoint};
+use crate::clip::clip_grad_norm;
+use crate::data::{Batch, DataStats, Item, TrainDataset};
+use crate::error::{Result, TrainError};
+use crate::optim::AdamW;
+use crate::schedule::{Schedule, lr_at, warmup_steps};
+
+/// Which parts train. The vision tower is frozen in both stages unless asked otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// Stage 1, feature alignment: the projector only.
+    Pretrain,
+    /// Stage 2, end-to-end fine-tuning: projector and language model.
+    Finetune,
+}
+
+impl Stage {
+    pub fn trains(&self, name: &str, unfreeze_vision: bool) -> bool {
+        let projector = name.starts_with("multi_modal_projector.");
+        let language = name.starts_with("language_model.") || name.starts_with("lm_head.");
+        let vision = unfreeze_vision && name.starts_with("vision_tower.");
+        match self {
+            Stage::Pretrain => projector || vision,
+            Stage::Finetune => projector || language || vision,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub stage: Stage,
+    pub epochs: u64,
+    pub max_steps: Option<u64>,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub projector_lr: Option<f64>,
+    pub cosine: bool,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub seed: u64,
+    pub shuffle: bool,
+    pub save_steps: Option<u64>,
+    pub unfreeze_vision: bool,
+}
+
+/// One line of `train_log.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StepLog {
+    pub step: u64,
+    pub epoch: f64,
+    /// Mean cross-entropy over the supervised tokens of this step's batch, before the update.
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens: usize,
+    pub elapsed_s: f64,
+}
+
+pub struct Trainer<'a> {
+    pub model: Llava,
+    pub config: TrainConfig,
+    pub model_config: LlavaConfig,
+    pub optimizer: AdamW,
+    pub state: TrainerState,
+    pub data: &'a TrainDataset,
+    pub output: PathBuf,
+    /// Where the untrained weights come from, for the frozen parts of each saved checkpoint.
+    pub source: &'a llava_model::weights::Weights,
+    pub source_dir: PathBuf,
+    pub device: Device,
+    pub stats: DataStats,
+}
+
+impl Trainer<'_> {
+    /// Optimizer steps in the whole run (`--max-steps`, or epochs × batches per epoch).
+    pub fn total_steps(&self) -> u64 {
+        let per_step = (self.config.batch_size * self.config.grad_accum).max(1) as u64;
+        let per_epoch = (self.data.records.len() as u64).div_ceil(per_step).max(1);
+        self.config
+            .max_steps
+            .unwrap_or(per_epoch * self.config.epochs)
+    }
+
+    /// Runs until the step budget is spent, calling `on_step` after every optimizer step.
+    pub fn train(&mut self, mut on_step: impl FnMut(&StepLog)) -> Result<()> {
+        let total = self.total_steps();
+        let warmup = warmup_steps(self.config.warmup_ratio, total);
+        let schedule = if self.config.cosine {
+            Schedule::Cosine
+        } else {
+            Schedule::Constant
+        };
+        let clock = std::time::Instant::now();
+        let log_path = self.output.join("train_log.jsonl");
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(TrainError::io(&log_path))?;
+        while self.state.step < total {
+            let order = self
+                .data
+                .order(self.config.seed, self.state.epoch, self.config.shuffle);
+            let mut micro = Vec::new();
+            for _ in 0..self.config.grad_accum.max(1) {
+                let items = self.next_items(&order)?;
+                if items.is_empty() {
+                    break;
+                }
+                micro.push(self.data.collate(&items, &self.device)?);
+            }
+            if micro.is_empty() {
+                if self.state.position == 0 {
+                    return Err(TrainError::Data(
+                        "no usable record in the dataset (every one was skipped)".into(),
+                    ));
+                }
+                self.state.epoch += 1;
+                self.state.position = 0;
+                continue;
+            }
+            let lr = lr_at(schedule, self.config.lr, self.state.step, warmup, total);
+            let (loss, grad_norm, tokens) = self.step(&micro, lr)?;
+            self.state.step += 1;
+            let entry = StepLog {
+                step: self.state.step,
+                epoch: self.state.epoch as f64
+                    + self.state.position as f64 / order.len().max(1) as f64,
+                loss,
+                lr,
+                grad_norm,
+                tokens,
+                elapsed_s: self.state.elapsed_s + clock.elapsed().as_secs_f64(),
+            };
+            let line =
+                serde_json::to_string(&entry).map_err(|e| TrainError::Data(e.to_string()))?;
+            writeln!(log, "{line}")
+                .and_then(|_| log.flush())
+                .map_err(TrainError::io(&log_path))?;
+            on_step(&entry);
+            if self.state.position >= order.len() {
+                self.state.epoch += 1;
+                self.state.position = 0;
+            }
+            let save_now = self
+                .config
+                .save_steps
+                .is_some_and(|n| n > 0 && self.state.step.is_multiple_of(n));
+            if save_now && self.state.step < total {
+                self.state.elapsed_s = entry.elapsed_s;
+                let dir = self.output.join(format!("checkpoint-{}", self.state.step));
+                self.save(&dir)?;
+            }
+        }
+        self.state.elapsed_s += clock.elapsed().as_secs_f64();
+        let output = self.output.clone();
+        self.save(&output)
+    }
+
+    /// The next `batch_size` usable items of this epoch, skipping bad records.
+    fn next_items(&mut self, order: &[usize]) -> Result<Vec<Item>> {
+        let mut items = Vec::with_capacity(self.config.batch_size);
+        while items.len() < self.config.batch_size && self.state.position < order.len() {
+            let index = order[self.state.position];
+            self.state.position += 1;
+            if let Some(item) = self.data.item(index, &mut self.stats)? {
+                items.push(item);
+            }
+        }
+        Ok(items)
+    }
+
+    /// Accumulates gradients over the micro-batches so that the result is the gradient of the
+    /// mean loss over every supervised token of the step, then clips and updates.
+    fn step(&mut self, micro: &[Batch], lr: f64) -> Result<(f64, f64, usize)> {
+        let total_supervised: usize = micro.iter().map(|b| b.supervised_tokens).sum();
+        // Only the trainable parameters' gradients are kept between micro-batches.
+        let mut grads = GradStore::default();
+        let mut loss_sum = 0f64;
+        let mut tokens = 0;
+        for batch in micro {
+            let (loss, n) = self.loss(batch)?;
+            tokens += batch.tokens;
+            let weight = n as f64 / total_supervised.max(1) as f64;
+            loss_sum += loss.to_scalar::<f32>()? as f64 * weight;
+            let micro_grads = (loss * weight)?.backward()?;
+            for p in &self.optimizer.params {
+                let t = p.var.as_tensor();
+                if let Some(g) = micro_grads.get(t) {
+                    let g = match grads.remove(t) {
+                        Some(prev) => (prev + g)?,
+                        None => g.clone(),
+                    };
+                    grads.insert(t, g);
+                }
+            }
+        }
+        let vars: Vec<&Var> = self.optimizer.params.iter().map(|p| &p.var).collect();
+        let grad_norm = clip_grad_norm(&mut grads, &vars, self.config.max_grad_norm)?;
+        self.optimizer.step(&grads, lr)?;
+        Ok((loss_sum, grad_norm, tokens))
+    }
+
+    fn loss(&self, batch: &Batch) -> Result<(Tensor, usize)> {
+        let features = match &batch.pixel_values {
+            Some(p) => {
+                let z = if self.config.unfreeze_vision {
+                    self.model.vision_features(p, Mode::Train)?
+                } else {
+                    // A frozen tower needs no graph: the fast fused kernels, detached.
+                    self.model.vision_features(p, Mode::Infer)?.detach()
+                };
+                Some(self.model.multi_modal_projector.forward(&z)?)
+            }
+            None => None,
+        };
+        let embeds = self.model.embed(&batch.input_ids, features.as_ref())?;
+        let hidden = self.model.language_model.forward(
+            &embeds,
+            Some(&batch.attention_mask),
+            &mut KvCache::new(),
+            Mode::Train,
+        )?;
+        let logits = self.model.language_model.logits(&hidden)?;
+        Ok(causal_lm_loss(&logits, &batch.labels)?)
+    }
+
+    fn save(&self, dir: &Path) -> Result<()> {
+        save_checkpoint(
+            dir,
+            &self.source_dir,
+            self.source,
+            &self.model_config,
+            &self.optimizer,
+            &self.state,
+            &self.config,
+        )
+    }
+}
