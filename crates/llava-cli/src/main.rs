@@ -22,12 +22,16 @@ enum Command {
     Chat(cmd::chat::ChatCommand),
     /// Inspect training data: `llava data preview` shows a sample's tokens and label mask.
     Data(cmd::data::DataCommand),
+    /// Train: stage 1 (feature alignment) or stage 2 (end-to-end fine-tuning).
+    Train(Box<cmd::train::TrainCommand>),
     /// Answer one prompt about an image.
     Generate(cmd::generate::GenerateCommand),
     /// Write a random-weight checkpoint of a named shape (for benchmarks and tests).
     Init(cmd::init::InitCommand),
     /// Generate GPT-assisted multimodal instruction data with a text-only teacher.
     Instruct(Box<cmd::instruct::InstructCommand>),
+    /// Evaluate as the paper does: LLaVA-Bench with an LLM judge, multiple-choice accuracy.
+    Eval(Box<cmd::eval::EvalCommand>),
 }
 
 fn main() -> std::process::ExitCode {
@@ -43,8 +47,10 @@ fn main() -> std::process::ExitCode {
         Command::Chat(c) => cmd::chat::run(c),
         Command::Data(c) => cmd::data::run(c),
         Command::Generate(c) => cmd::generate::run(c),
+        Command::Train(c) => cmd::train::run(*c),
         Command::Init(c) => cmd::init::run(c),
         Command::Instruct(c) => cmd::instruct::run(*c),
+        Command::Eval(c) => cmd::eval::run(*c),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -2,7 +2,9 @@
 
 pub mod chat;
 pub mod data;
+pub mod eval;
 pub mod generate;
 pub mod init;
 pub mod instruct;
 pub mod model_args;
+pub mod train;

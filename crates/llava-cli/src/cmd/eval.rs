@@ -1,0 +1,380 @@
+//! `llava eval`: evaluation as the paper does it (a thin layer over `llava-eval`).
+//!
+//! ```text
+//! llava eval answer --model DIR --questions questions.jsonl --image-folder images/ \
+//!     --out answers.jsonl [--temperature 0] [--max-new-tokens 512] [--conv-mode llava_v1]
+//! llava eval judge --questions questions.jsonl --context context.jsonl \
+//!     --reference answers_gpt4.jsonl --answers answers.jsonl \
+//!     --api-base https://api.openai.com/v1 --model gpt-4o --out reviews.jsonl
+//! llava eval summarize reviews.jsonl [--json]
+//! llava eval mc --model DIR --questions scienceqa.jsonl --image-folder images/ --out answers.jsonl
+//! llava eval mc-prompts --questions scienceqa.jsonl --out questions.jsonl
+//! llava eval mc-score --questions scienceqa.jsonl --answers answers.jsonl [--json]
+//! ```
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use llava_eval::answer::{AnswerConfig, answer_question_list, answer_questions};
+use llava_eval::judge::{JudgeConfig, run_blocking};
+use llava_eval::mc::{format_mc_summary, read_mc_questions, score_answers};
+use llava_eval::{format_summary, read_reviews, summarize};
+use llava_instruct::ClientConfig;
+
+use super::model_args::{ModelArgs, SamplingArgs};
+
+#[derive(Args)]
+pub struct EvalCommand {
+    #[command(subcommand)]
+    sub: Sub,
+}
+
+#[derive(Subcommand)]
+enum Sub {
+    /// Answer benchmark questions with a checkpoint (the same text `llava generate` gives).
+    Answer(AnswerArgs),
+    /// Score model answers against reference answers with an LLM judge (LLaVA-Bench).
+    Judge(JudgeArgs),
+    /// Relative scores per category and overall from a reviews file.
+    Summarize {
+        /// The reviews JSONL written by `llava eval judge`.
+        reviews: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Answer a multiple-choice file (ScienceQA-style) with a checkpoint and report accuracy.
+    Mc {
+        #[command(flatten)]
+        answer: AnswerArgs,
+        /// Print the accuracy as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Turn a multiple-choice file (ScienceQA-style) into benchmark questions with the
+    /// lettered-options prompt, for answering.
+    McPrompts {
+        /// JSONL: {question_id, question, options, answer, context?, category?, image?}.
+        #[arg(long, value_name = "FILE")]
+        questions: PathBuf,
+        /// Output questions JSONL: {question_id, image, text, category}.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Multiple-choice accuracy of an answers file, overall and per category.
+    McScore {
+        /// The multiple-choice JSONL with the answer key.
+        #[arg(long, value_name = "FILE")]
+        questions: PathBuf,
+        /// Answers JSONL: {question_id, text, ...}.
+        #[arg(long, value_name = "FILE")]
+        answers: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct AnswerArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Questions JSONL: {question_id, image, text, category}.
+    #[arg(long, value_name = "FILE")]
+    questions: PathBuf,
+    /// Folder the questions' `image` paths are relative to.
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    image_folder: PathBuf,
+    /// Answers JSONL to write; rerunning resumes it.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// The `model_id` written with each answer (default: the checkpoint folder's name).
+    #[arg(long)]
+    model_id: Option<String>,
+    /// Answer at most N new questions.
+    #[arg(long, value_name = "N")]
+    limit: Option<usize>,
+}
+
+/// Loads the checkpoint and answers `questions` (all of `a.questions` when `None`).
+fn answer(
+    a: AnswerArgs,
+    questions: Option<Vec<llava_eval::Question>>,
+) -> anyhow::Result<llava_eval::answer::AnswerReport> {
+    if !a.questions.is_file() {
+        bail!("--questions {}: no such file", a.questions.display());
+    }
+    if !a.image_folder.is_dir() {
+        bail!(
+            "--image-folder {}: no such folder",
+            a.image_folder.display()
+        );
+    }
+    let mut pipeline = a.model.load()?;
+    if a.sampling.ignore_eos {
+        pipeline.eos_token_ids.clear();
+    }
+    let model_id = a.model_id.clone().unwrap_or_else(|| {
+        std::path::Path::new(&a.model.model)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| a.model.model.clone())
+    });
+    let cfg = AnswerConfig {
+        questions: a.questions,
+        image_folder: a.image_folder,
+        out: a.out,
+        model_id,
+        sampling: a.sampling.params(),
+        max_new_tokens: a.sampling.max_new_tokens,
+        stop: a.sampling.stop.clone(),
+        limit: a.limit,
+    };
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} questions ({eta} left)")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let progress = |done: usize, total: usize| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    };
+    let report = match questions {
+        Some(qs) => answer_question_list(&pipeline, &qs, &cfg, progress),
+        None => answer_questions(&pipeline, &cfg, progress),
+    }
+    .context("answering failed")?;
+    bar.finish_and_clear();
+    eprintln!("{}", report.describe());
+    if report.failed > 0 {
+        bail!("{} questions failed; rerun to retry them", report.failed);
+    }
+    Ok(report)
+}
+
+fn mc(a: AnswerArgs, json: bool) -> anyhow::Result<()> {
+    let mcq = read_mc_questions(&a.questions)?;
+    let questions = mcq.iter().map(|q| q.to_question()).collect();
+    let out = a.out.clone();
+    answer(a, Some(questions))?;
+    let answers = llava_eval::jsonl::read_answers(&out)?;
+    print_mc(&mcq, &answers, json)
+}
+
+fn print_mc(
+    questions: &[llava_eval::mc::McQuestion],
+    answers: &std::collections::HashMap<llava_eval::QuestionId, llava_eval::Answer>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let (s, missing) = score_answers(questions, answers);
+    if missing > 0 {
+        eprintln!("note: {missing} questions have no answer and are not scored");
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        print!("{}", format_mc_summary(&s));
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+struct JudgeArgs {
+    /// Questions JSONL: {question_id, image, text, category}.
+    #[arg(long, value_name = "FILE")]
+    questions: PathBuf,
+    /// Image descriptions JSONL: {image, captions, instances: [{category, bbox}]} or {image, caption}.
+    #[arg(long, value_name = "FILE")]
+    context: PathBuf,
+    /// Reference answers JSONL (Assistant 1).
+    #[arg(long, value_name = "FILE")]
+    reference: PathBuf,
+    /// The model's answers JSONL (Assistant 2).
+    #[arg(long, value_name = "FILE")]
+    answers: PathBuf,
+    /// Reviews JSONL to write; rerunning resumes it.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// OpenAI-compatible API base, e.g. https://api.openai.com/v1. The key is read from
+    /// OPENAI_API_KEY when set.
+    #[arg(long, value_name = "URL")]
+    api_base: String,
+    /// Judge model name.
+    #[arg(long)]
+    model: String,
+    #[arg(long, default_value_t = 0.2)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1024)]
+    max_tokens: u32,
+    /// Maximum requests in flight.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Maximum requests started per minute.
+    #[arg(long, value_name = "N")]
+    rpm: Option<u32>,
+    /// Timeout of one request attempt, in seconds.
+    #[arg(long, default_value_t = 120.0, value_name = "SECS")]
+    timeout: f64,
+    /// Retries per request on 429/5xx/timeouts/connection errors.
+    #[arg(long, default_value_t = 6)]
+    max_retries: u32,
+    /// New requests for a reply whose scores cannot be read, before recording [-1, -1].
+    #[arg(long, default_value_t = 3)]
+    parse_retries: u32,
+    /// Judge at most N new questions.
+    #[arg(long, value_name = "N")]
+    limit: Option<usize>,
+}
+
+fn judge(a: JudgeArgs) -> anyhow::Result<()> {
+    if !(a.timeout.is_finite() && a.timeout > 0.0) {
+        bail!("--timeout must be a positive number of seconds");
+    }
+    let mut client = ClientConfig::new(a.api_base, a.model).with_env_api_key();
+    client.concurrency = a.concurrency;
+    client.requests_per_minute = a.rpm;
+    client.timeout = Duration::from_secs_f64(a.timeout);
+    client.max_retries = a.max_retries;
+    let cfg = JudgeConfig {
+        questions: a.questions,
+        context: a.context,
+        reference: a.reference,
+        answers: a.answers,
+        out: a.out,
+        client,
+        temperature: a.temperature,
+        max_tokens: a.max_tokens,
+        parse_retries: a.parse_retries,
+        limit: a.limit,
+    };
+    let report = run_blocking(&cfg).context("judging failed")?;
+    eprintln!("{}", report.describe());
+    let reviews = read_reviews(&cfg.out)?;
+    print!("{}", format_summary(&summarize(&reviews.records)));
+    if report.request_failures > 0 {
+        bail!(
+            "{} questions could not be judged (endpoint errors); rerun to retry them",
+            report.request_failures
+        );
+    }
+    Ok(())
+}
+
+pub fn run(c: EvalCommand) -> anyhow::Result<()> {
+    match c.sub {
+        Sub::Answer(a) => answer(a, None).map(|_| ()),
+        Sub::Mc { answer: a, json } => mc(a, json),
+        Sub::Judge(a) => judge(a),
+        Sub::Summarize { reviews, json } => {
+            if !reviews.exists() {
+                bail!("{}: no such file", reviews.display());
+            }
+            let file = read_reviews(&reviews)?;
+            if file.torn_tail.is_some() {
+                eprintln!("note: ignoring a torn last line (an interrupted run)");
+            }
+            if file.duplicates > 0 {
+                eprintln!(
+                    "note: {} repeated question ids ignored (the first review of each is used)",
+                    file.duplicates
+                );
+            }
+            if file.records.is_empty() {
+                bail!("{}: no reviews", reviews.display());
+            }
+            let s = summarize(&file.records);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", format_summary(&s));
+            }
+            Ok(())
+        }
+        Sub::McPrompts { questions, out } => {
+            let qs = read_mc_questions(&questions)?;
+            let mut text = String::new();
+            for q in &qs {
+                text.push_str(&serde_json::to_string(&q.to_question())?);
+                text.push('\n');
+            }
+            std::fs::write(&out, text)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            eprintln!("{} questions written to {}", qs.len(), out.display());
+            Ok(())
+        }
+        Sub::McScore {
+            questions,
+            answers,
+            json,
+        } => {
+            let qs = read_mc_questions(&questions)?;
+            let ans = llava_eval::jsonl::read_answers(&answers)?;
+            print_mc(&qs, &ans, json)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        eval: EvalCommand,
+    }
+
+    #[test]
+    fn subcommands_parse() {
+        let c = Cli::try_parse_from([
+            "x",
+            "judge",
+            "--questions",
+            "q",
+            "--context",
+            "c",
+            "--reference",
+            "r",
+            "--answers",
+            "a",
+            "--api-base",
+            "http://h/v1",
+            "--model",
+            "m",
+            "--out",
+            "o",
+        ])
+        .unwrap();
+        assert!(
+            matches!(c.eval.sub, Sub::Judge(ref a) if a.parse_retries == 3 && a.concurrency == 8)
+        );
+        let c = Cli::try_parse_from([
+            "x",
+            "answer",
+            "--model",
+            "m",
+            "--questions",
+            "q",
+            "--out",
+            "o",
+            "--conv-mode",
+            "llava_v1",
+            "--max-new-tokens",
+            "64",
+        ])
+        .unwrap();
+        assert!(
+            matches!(c.eval.sub, Sub::Answer(ref a) if a.sampling.max_new_tokens == 64
+                && a.sampling.temperature == 0.0
+                && a.model.template.as_deref() == Some("llava_v1"))
+        );
+        let c = Cli::try_parse_from(["x", "summarize", "r.jsonl", "--json"]).unwrap();
+        assert!(matches!(c.eval.sub, Sub::Summarize { json: true, .. }));
+        assert!(Cli::try_parse_from(["x", "judge", "--questions", "q"]).is_err());
+    }
+}

@@ -1,0 +1,293 @@
+//! `llava train`: stage 1 (feature alignment, `--stage pretrain`) or stage 2 (end-to-end
+//! fine-tuning, `--stage finetune`), with the paper's defaults per stage.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use llava_data::conversation::ConvTemplate;
+use llava_data::record::read_dataset;
+use llava_data::sample::SampleOptions;
+use llava_data::tokenizer::Tokenizer;
+use llava_model::pipeline::image_processor;
+use llava_model::weights::hf_llava_name;
+use llava_model::{Checkpoint, DType, Device, Llava};
+use llava_train::checkpoint::{TrainerState, read_state, restore_optimizer, truncate_log};
+use llava_train::data::{DataStats, TrainDataset};
+use llava_train::optim::{AdamW, AdamWConfig};
+use llava_train::trainer::{Stage, TrainConfig, Trainer};
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum StageArg {
+    Pretrain,
+    Finetune,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum SchedulerArg {
+    Cosine,
+    Constant,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TrainCommand {
+    /// pretrain: stage 1, projector only. finetune: stage 2, projector + language model.
+    #[arg(long, value_enum)]
+    pub stage: StageArg,
+    /// The checkpoint to start from (HF llava layout or original layout).
+    #[arg(long)]
+    pub model: String,
+    /// CLIP directory for original-layout checkpoints.
+    #[arg(long)]
+    pub vision_tower: Option<PathBuf>,
+    /// LLaVA dataset: JSON array or JSONL of {id, image?, conversations}.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Folder that the records' relative image paths start from.
+    #[arg(long)]
+    pub image_folder: Option<PathBuf>,
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Stage-1 projector weights (projector.safetensors) for a stage-2 run.
+    #[arg(long)]
+    pub projector: Option<PathBuf>,
+    /// Continue a run from one of its checkpoints (a checkpoint-N folder or the output folder).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Default: 1.
+    #[arg(long)]
+    pub epochs: Option<u64>,
+    /// Stop after this many optimizer steps (overrides --epochs).
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    /// Samples per micro-batch. Default: 256 for pretrain, 128 for finetune (LLaVA-1.5's global
+    /// batches); lower it and raise --grad-accum on small machines.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Default: 1e-3 for pretrain, 2e-5 for finetune.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// A separate learning rate for the projector.
+    #[arg(long)]
+    pub projector_lr: Option<f64>,
+    #[arg(long, value_enum, default_value = "cosine")]
+    pub lr_scheduler: SchedulerArg,
+    #[arg(long, default_value_t = 0.03)]
+    pub warmup_ratio: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Global gradient-norm clip; 0 turns it off.
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long)]
+    pub no_shuffle: bool,
+    /// Save a checkpoint-N folder every N steps (for --resume).
+    #[arg(long)]
+    pub save_steps: Option<u64>,
+    #[arg(long, default_value_t = 2048)]
+    pub max_length: usize,
+    /// Default: plain for pretrain, llava_v1 for finetune.
+    #[arg(long, alias = "conv-mode")]
+    pub template: Option<String>,
+    /// Keep <image> where each record has it instead of moving it to the front.
+    #[arg(long)]
+    pub keep_image_position: bool,
+    /// Also train the vision tower (the paper keeps it frozen).
+    #[arg(long)]
+    pub unfreeze_vision: bool,
+    /// Stop at the first bad record instead of skipping it.
+    #[arg(long)]
+    pub strict: bool,
+    /// `pad` (LLaVA-1.5) or `square`; default: what the checkpoint asks for.
+    #[arg(long)]
+    pub image_aspect_ratio: Option<String>,
+}
+
+pub fn run(c: TrainCommand) -> Result<()> {
+    let stage = match c.stage {
+        StageArg::Pretrain => Stage::Pretrain,
+        StageArg::Finetune => Stage::Finetune,
+    };
+    let (default_lr, default_batch, default_template) = match stage {
+        Stage::Pretrain => (1e-3, 256, ConvTemplate::Plain),
+        Stage::Finetune => (2e-5, 128, ConvTemplate::LlavaV1),
+    };
+    let template = match &c.template {
+        Some(name) => ConvTemplate::from_name(name).with_context(|| {
+            format!(
+                "--template {name}: choose one of {}",
+                ConvTemplate::NAMES.join(", ")
+            )
+        })?,
+        None => default_template,
+    };
+    let config = TrainConfig {
+        stage,
+        epochs: c.epochs.unwrap_or(1),
+        max_steps: c.max_steps,
+        batch_size: c.batch_size.unwrap_or(default_batch),
+        grad_accum: c.grad_accum.max(1),
+        lr: c.lr.unwrap_or(default_lr),
+        projector_lr: c.projector_lr,
+        cosine: matches!(c.lr_scheduler, SchedulerArg::Cosine),
+        warmup_ratio: c.warmup_ratio,
+        weight_decay: c.weight_decay,
+        max_grad_norm: c.max_grad_norm,
+        seed: c.seed,
+        shuffle: !c.no_shuffle,
+        save_steps: c.save_steps,
+        unfreeze_vision: c.unfreeze_vision,
+    };
+    if config.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+
+    // A resumed run starts from the checkpoint's weights and state.
+    let (model_source, state) = match &c.resume {
+        Some(dir) => {
+            let (state, _) =
+                read_state(dir).with_context(|| format!("--resume {}", dir.display()))?;
+            (dir.to_string_lossy().to_string(), state)
+        }
+        None => {
+            if c.output.join("train_log.jsonl").exists()
+                || c.output.join("trainer_state.json").exists()
+            {
+                bail!(
+                    "--output {} already holds a training run; continue it with --resume {} or choose another folder",
+                    c.output.display(),
+                    c.output.display()
+                );
+            }
+            (c.model.clone(), TrainerState::default())
+        }
+    };
+    std::fs::create_dir_all(&c.output)
+        .with_context(|| format!("creating {}", c.output.display()))?;
+    if c.resume.is_some() {
+        truncate_log(&c.output, state.step)?;
+    }
+
+    let checkpoint = Checkpoint::open(&model_source, c.vision_tower.as_deref())
+        .with_context(|| format!("loading {model_source}"))?;
+    let device = Device::Cpu;
+    let mut weights = checkpoint.weights(DType::F32, &device)?;
+    if let (Some(p), None) = (&c.projector, &c.resume) {
+        weights
+            .add_file(p, hf_llava_name)
+            .with_context(|| format!("--projector {}", p.display()))?;
+    }
+    let unfreeze = c.unfreeze_vision;
+    weights.set_trainable(move |n| stage.trains(n, unfreeze));
+    let model = Llava::load(&checkpoint.config, &weights)?;
+    let mut optimizer = AdamW::new(
+        weights.take_vars(),
+        AdamWConfig {
+            lr: config.lr,
+            weight_decay: config.weight_decay,
+            ..Default::default()
+        },
+    )?;
+    if let Some(plr) = config.projector_lr {
+        for p in optimizer
+            .params
+            .iter_mut()
+            .filter(|p| p.name.starts_with("multi_modal_projector."))
+        {
+            p.lr_scale = plr / config.lr;
+        }
+    }
+    if let Some(dir) = &c.resume {
+        restore_optimizer(dir, &mut optimizer, state.step, &device)?;
+    }
+
+    let tokenizer = Tokenizer::from_dir(&checkpoint.dir)?;
+    let aspect = match &c.image_aspect_ratio {
+        Some(a) => Some(a.parse().context("--image-aspect-ratio")?),
+        None => None,
+    };
+    let pad_id = tokenizer
+        .token_to_id("<pad>")
+        .or(checkpoint.config.text_config.pad_token_id)
+        .unwrap_or(0);
+    let data = TrainDataset {
+        records: read_dataset(&c.data)?,
+        image_folder: c.image_folder.clone(),
+        image_processor: image_processor(&checkpoint, aspect)?,
+        sample: SampleOptions {
+            template,
+            image_tokens: tokenizer.image_tokens(checkpoint.config.image_token_index),
+            image_seq_len: checkpoint.config.image_seq_len(),
+            max_length: c.max_length,
+            keep_image_position: c.keep_image_position,
+        },
+        tokenizer,
+        pad_id,
+        strict: c.strict,
+    };
+    let trainable: usize = optimizer
+        .params
+        .iter()
+        .map(|p| p.var.as_tensor().elem_count())
+        .sum();
+    eprintln!(
+        "stage {:?}: {} records, template {}, {} trainable parameters in {} tensors",
+        stage,
+        data.records.len(),
+        template.name(),
+        trainable,
+        optimizer.params.len()
+    );
+
+    let mut trainer = Trainer {
+        model_config: checkpoint.config.clone(),
+        model,
+        config,
+        optimizer,
+        state,
+        data: &data,
+        output: c.output.clone(),
+        source: &weights,
+        source_dir: checkpoint.dir.clone(),
+        device,
+        stats: DataStats::default(),
+    };
+    let total = trainer.total_steps();
+    let bar = ProgressBar::new(total).with_position(trainer.state.step);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps · {msg} · ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut last = None;
+    trainer.train(|log| {
+        bar.set_position(log.step);
+        bar.set_message(format!(
+            "loss {:.4} · lr {:.2e} · {:.0} tok/s",
+            log.loss,
+            log.lr,
+            log.tokens as f64 / (log.elapsed_s / log.step.max(1) as f64).max(1e-9)
+        ));
+        last = Some(log.clone());
+    })?;
+    bar.finish();
+    let stats = trainer.stats;
+    if stats.skipped > 0 || stats.truncated > 0 {
+        eprintln!(
+            "warning: skipped {} bad records, truncated {} at --max-length",
+            stats.skipped, stats.truncated
+        );
+    }
+    if let Some(l) = last {
+        eprintln!(
+            "done: step {} · loss {:.4} · saved to {}",
+            l.step,
+            l.loss,
+            c.output.display()
+        );
+    }
+    Ok(())
+}

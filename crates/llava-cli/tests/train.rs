@@ -1,0 +1,293 @@
+//! `llava train` end to end on the tiny fixture checkpoint: it learns (over-fits 8 samples and
+//! then answers verbatim), it freezes what the stage freezes (bit-identical), and a run killed
+//! and resumed logs the same per-step losses as an uninterrupted one.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use llava_model::weights::hf_llava_name;
+use llava_model::{Device, Tensor};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models")
+}
+
+fn base_model() -> PathBuf {
+    fixtures().join("llava15-default/model")
+}
+
+const QA: [(&str, &str); 8] = [
+    ("What is in the picture?", "A red circle."),
+    ("What colour is the shape?", "It is blue."),
+    ("How many shapes are there?", "There are two shapes."),
+    ("Describe the image.", "A green triangle on grey."),
+    ("Where is the square?", "On the left side."),
+    ("Is there a circle?", "Yes, there is one."),
+    ("What is the background?", "The background is white."),
+    ("Name the largest shape.", "The square is largest."),
+];
+const IMAGES: [&str; 3] = ["shapes_64x48.png", "tall_40x60.png", "texture_45x45.png"];
+
+/// Eight records, `<image>` before or after the question, images from the fixtures folder.
+fn write_dataset(dir: &Path) -> PathBuf {
+    let records: Vec<serde_json::Value> = QA
+        .iter()
+        .enumerate()
+        .map(|(i, (q, a))| {
+            let human = if i % 2 == 0 {
+                format!("<image>\n{q}")
+            } else {
+                format!("{q}\n<image>")
+            };
+            serde_json::json!({"id": i, "image": IMAGES[i % 3],
+                "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": a}]})
+        })
+        .collect();
+    let path = dir.join("data.json");
+    std::fs::write(&path, serde_json::to_string(&records).expect("json")).expect("write");
+    path
+}
+
+fn train(data: &Path, output: &Path, extra: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_llava"))
+        .args(["train", "--model"])
+        .arg(base_model())
+        .arg("--data")
+        .arg(data)
+        .arg("--image-folder")
+        .arg(fixtures().join("images"))
+        .arg("--output")
+        .arg(output)
+        .args(["--lr-scheduler", "constant", "--warmup-ratio", "0"])
+        .args(extra)
+        .output()
+        .expect("runs")
+}
+
+fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Canonical name → tensor of a checkpoint directory's single safetensors file.
+fn weights(dir: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
+        .expect("weights")
+        .into_iter()
+        .filter_map(|(k, v)| hf_llava_name(&k).map(|n| (n, v)))
+        .collect()
+}
+
+fn same(a: &Tensor, b: &Tensor) -> bool {
+    let a: Vec<f32> = a.flatten_all().and_then(|t| t.to_vec1()).expect("a");
+    let b: Vec<f32> = b.flatten_all().and_then(|t| t.to_vec1()).expect("b");
+    a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()) && a.len() == b.len()
+}
+
+fn losses(dir: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(dir.join("train_log.jsonl"))
+        .expect("log")
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("json line");
+            (
+                v["step"].as_u64().expect("step"),
+                v["loss"].as_f64().expect("loss"),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn finetune_overfits_and_generate_answers_verbatim() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = write_dataset(tmp.path());
+    let out_dir = tmp.path().join("out");
+    ok(&train(
+        &data,
+        &out_dir,
+        &[
+            "--stage",
+            "finetune",
+            "--batch-size",
+            "8",
+            "--max-steps",
+            "50",
+            "--lr",
+            "3e-3",
+        ],
+    ));
+    let log = losses(&out_dir);
+    assert_eq!(log.len(), 50);
+    assert!(
+        log[0].1 > 5.0 && log[49].1 < 0.01,
+        "loss falls to near zero: {:?} → {:?}",
+        log[0],
+        log[49]
+    );
+
+    for i in [0usize, 3, 6] {
+        let out = Command::new(env!("CARGO_BIN_EXE_llava"))
+            .args([
+                "generate",
+                "--template",
+                "llava_v1",
+                "--max-new-tokens",
+                "24",
+                "--model",
+            ])
+            .arg(&out_dir)
+            .arg("--image")
+            .arg(fixtures().join("images").join(IMAGES[i % 3]))
+            .args(["--prompt", QA[i].0])
+            .output()
+            .expect("runs");
+        ok(&out);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            QA[i].1,
+            "answer {i} verbatim"
+        );
+    }
+
+    // Stage 2 freezes the vision tower: bit-identical after training; the rest moved.
+    let before = weights(&base_model());
+    let after = weights(&out_dir);
+    assert_eq!(before.len(), after.len(), "every tensor is saved");
+    for (name, t) in &before {
+        let unchanged = same(t, &after[name]);
+        assert_eq!(
+            unchanged,
+            name.starts_with("vision_tower."),
+            "{name}: frozen iff vision tower"
+        );
+    }
+}
+
+#[test]
+fn pretrain_moves_only_the_projector() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = write_dataset(tmp.path());
+    let out_dir = tmp.path().join("stage1");
+    ok(&train(
+        &data,
+        &out_dir,
+        &[
+            "--stage",
+            "pretrain",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "3",
+        ],
+    ));
+    let before = weights(&base_model());
+    let after = weights(&out_dir);
+    for (name, t) in &before {
+        let unchanged = same(t, &after[name]);
+        assert_eq!(
+            !unchanged,
+            name.starts_with("multi_modal_projector."),
+            "{name}: trained iff projector"
+        );
+    }
+    let projector =
+        candle_core::safetensors::load(out_dir.join("projector.safetensors"), &Device::Cpu)
+            .expect("projector");
+    assert_eq!(projector.len(), 4, "two linears' weights and biases");
+    assert!(same(
+        &projector["multi_modal_projector.linear_1.weight"],
+        &after["multi_modal_projector.linear_1.weight"]
+    ));
+    // A second run into the same folder without --resume would overwrite it: refused.
+    let again = train(
+        &data,
+        &out_dir,
+        &["--stage", "pretrain", "--max-steps", "1"],
+    );
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
+}
+
+#[test]
+fn killed_and_resumed_run_logs_the_same_losses() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = write_dataset(tmp.path());
+    // 8 records in batches of 2: 4 steps per epoch, so 6 steps cross an epoch boundary.
+    let args = [
+        "--stage",
+        "finetune",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "6",
+        "--save-steps",
+        "3",
+        "--lr",
+        "1e-3",
+    ];
+    let straight = tmp.path().join("straight");
+    ok(&train(&data, &straight, &args));
+
+    let interrupted = tmp.path().join("interrupted");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llava"))
+        .args(["train", "--model"])
+        .arg(base_model())
+        .arg("--data")
+        .arg(&data)
+        .arg("--image-folder")
+        .arg(fixtures().join("images"))
+        .arg("--output")
+        .arg(&interrupted)
+        .args(["--lr-scheduler", "constant", "--warmup-ratio", "0"])
+        .args(args)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawns");
+    let checkpoint = interrupted.join("checkpoint-3");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !checkpoint.join("trainer_state.json").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "checkpoint-3 never appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill(); // SIGKILL; it may also have finished already.
+    let _ = child.wait();
+
+    let resumed = Command::new(env!("CARGO_BIN_EXE_llava"))
+        .args(["train", "--model"])
+        .arg(base_model())
+        .arg("--data")
+        .arg(&data)
+        .arg("--image-folder")
+        .arg(fixtures().join("images"))
+        .arg("--output")
+        .arg(&interrupted)
+        .arg("--resume")
+        .arg(&checkpoint)
+        .args(["--lr-scheduler", "constant", "--warmup-ratio", "0"])
+        .args(args)
+        .output()
+        .expect("runs");
+    ok(&resumed);
+    let a = losses(&straight);
+    let b = losses(&interrupted);
+    assert_eq!(a.len(), 6);
+    assert_eq!(
+        a.iter().map(|x| x.0).collect::<Vec<_>>(),
+        b.iter().map(|x| x.0).collect::<Vec<_>>(),
+        "each step once"
+    );
+    for ((step, x), (_, y)) in a.iter().zip(&b) {
+        assert!(
+            (x - y).abs() <= 1e-6 * x.abs().max(1.0),
+            "step {step}: {x} vs {y}"
+        );
+    }
+}
