@@ -3,6 +3,7 @@
 use candle_core::{D, DType, Tensor};
 
 use crate::error::{ModelError, Result};
+use crate::nn::Linear;
 
 pub use llava_data::sample::IGNORE_INDEX;
 
@@ -10,11 +11,39 @@ pub use llava_data::sample::IGNORE_INDEX;
 /// label is not [`IGNORE_INDEX`] — transformers' `ForCausalLMLoss` with mean reduction.
 ///
 /// `logits`: `[batch, seq, vocab]`; `labels`: `batch` rows of `seq` labels. Returns a scalar and
-/// the number of supervised tokens it averages over. The rows are gathered before the softmax,
-/// so unsupervised positions (most of a LLaVA sample: system prompt, questions, 576 image
-/// positions) cost nothing.
+/// the number of supervised tokens it averages over.
 pub fn causal_lm_loss(logits: &Tensor, labels: &[Vec<i64>]) -> Result<(Tensor, usize)> {
     let (b, s, v) = logits.dims3()?;
+    let (rows, targets) = supervised_positions(labels, b, s, v)?;
+    let picked = logits
+        .reshape((b * s, v))?
+        .index_select(&rows.to_device(logits.device())?, 0)?;
+    nll(&picked, &targets)
+}
+
+/// The same loss from the final hidden states: only the supervised rows go through `lm_head`.
+/// Most of a LLaVA sample (system prompt, questions, 576 image positions) is unsupervised, and
+/// the vocabulary projection is the widest matmul of a small model, so this skips most of it.
+pub fn causal_lm_loss_from_hidden(
+    hidden: &Tensor,
+    lm_head: &Linear,
+    labels: &[Vec<i64>],
+) -> Result<(Tensor, usize)> {
+    let (b, s, h) = hidden.dims3()?;
+    let v = lm_head.weight.dim(0)?;
+    let (rows, targets) = supervised_positions(labels, b, s, v)?;
+    let rows = rows.to_device(hidden.device())?;
+    let picked = lm_head.forward(&hidden.reshape((b * s, h))?.index_select(&rows, 0)?)?;
+    nll(&picked, &targets)
+}
+
+/// Flat indices of positions whose next label is supervised, and those labels.
+fn supervised_positions(
+    labels: &[Vec<i64>],
+    b: usize,
+    s: usize,
+    v: usize,
+) -> Result<(Tensor, Tensor)> {
     if labels.len() != b || labels.iter().any(|row| row.len() != s) {
         return Err(ModelError::Input(format!("labels must be {b} rows of {s}")));
     }
@@ -35,18 +64,24 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &[Vec<i64>]) -> Result<(Tensor, u
             targets.push(label as u32);
         }
     }
-    let n = rows.len();
-    if n == 0 {
+    if rows.is_empty() {
         return Err(ModelError::Input(
             "the batch has no supervised tokens".into(),
         ));
     }
-    let dev = logits.device();
-    let picked = logits
-        .reshape((b * s, v))?
-        .index_select(&Tensor::from_vec(rows, n, dev)?, 0)?;
-    let log_probs = candle_nn::ops::log_softmax(&picked.to_dtype(DType::F32)?, D::Minus1)?;
-    let targets = Tensor::from_vec(targets, (n, 1), dev)?;
+    let n = rows.len();
+    let cpu = candle_core::Device::Cpu;
+    Ok((
+        Tensor::from_vec(rows, n, &cpu)?,
+        Tensor::from_vec(targets, (n, 1), &cpu)?,
+    ))
+}
+
+/// Mean negative log-likelihood of `targets` (`[n, 1]`) under `logits` (`[n, vocab]`), in f32.
+fn nll(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, usize)> {
+    let n = logits.dim(0)?;
+    let targets = targets.to_device(logits.device())?;
+    let log_probs = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
     let nll = log_probs.gather(&targets, 1)?.neg()?;
     Ok((nll.mean_all()?, n))
 }

@@ -179,3 +179,41 @@ fn fused_inference_kernels_cut_the_gradient() {
     );
     assert_eq!(grad_norm(Mode::Infer), 0.0, "the fused path does not");
 }
+
+#[test]
+fn loss_from_hidden_equals_loss_from_logits() {
+    let (_, tensors, batch) = load();
+    let checkpoint = Checkpoint::open(
+        &fixtures()
+            .join("models/llava15-default/model")
+            .to_string_lossy(),
+        None,
+    )
+    .expect("checkpoint");
+    let model = checkpoint
+        .load_model(DType::F32, &Device::Cpu)
+        .expect("model");
+    let hidden = model
+        .forward(
+            &batch.input_ids,
+            Some(&tensors["pixel_values"]),
+            Some(&batch.mask),
+            &mut KvCache::new(),
+            Mode::Train,
+        )
+        .expect("forward");
+    let logits = model.language_model.logits(&hidden).expect("logits");
+    let (a, n) = causal_lm_loss(&logits, &batch.labels).expect("loss");
+    let (b, m) = llava_model::loss::causal_lm_loss_from_hidden(
+        &hidden,
+        &model.language_model.lm_head,
+        &batch.labels,
+    )
+    .expect("loss");
+    assert_eq!(n, m);
+    let (a, b) = (
+        a.to_scalar::<f32>().expect("a"),
+        b.to_scalar::<f32>().expect("b"),
+    );
+    assert!((a - b).abs() <= 1e-6 * a.abs(), "{a} vs {b}");
+}

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use llava_model::language_model::KvCache;
-use llava_model::loss::causal_lm_loss;
+use llava_model::loss::causal_lm_loss_from_hidden;
 use llava_model::nn::Mode;
 use llava_model::{Llava, LlavaConfig};
 use serde::{Deserialize, Serialize};
@@ -238,8 +238,11 @@ impl Trainer<'_> {
             &mut KvCache::new(),
             Mode::Train,
         )?;
-        let logits = self.model.language_model.logits(&hidden)?;
-        Ok(causal_lm_loss(&logits, &batch.labels)?)
+        Ok(causal_lm_loss_from_hidden(
+            &hidden,
+            &self.model.language_model.lm_head,
+            &batch.labels,
+        )?)
     }
 
     fn save(&self, dir: &Path) -> Result<()> {

@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""The peer side of the training benchmark: one stage-2 step in PyTorch on the same checkpoint and batch.
+
+The batch comes from `llava data preview --json` (our tokenisation and mask, so both sides train
+on the same ids and labels), repeated to --batch rows; the image is preprocessed by transformers'
+PIL CLIP processor. Vision tower frozen; projector + language model train with AdamW.
+
+    llava data preview --model /tmp/train-bench --data /tmp/tb/data.json --template plain --json > /tmp/tb/sample.json
+    /work/venv/bin/python tools/bench_train_pytorch.py --model /tmp/train-bench --sample /tmp/tb/sample.json \
+        --image /tmp/tb/shapes_64x48.png --batch 4 --steps 4 --threads 2
+"""
+import argparse
+import json
+import resource
+import time
+
+import torch
+from PIL import Image
+from transformers import LlavaForConditionalGeneration
+
+try:
+    from transformers import CLIPImageProcessorPil as SlowCLIPImageProcessor
+except ImportError:
+    from transformers import CLIPImageProcessor as SlowCLIPImageProcessor
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--sample", required=True)
+    ap.add_argument("--image", required=True)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=2e-5)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    sample = json.load(open(args.sample))
+    ids = torch.tensor([sample["input_ids"]] * args.batch)
+    labels = torch.tensor([sample["labels"]] * args.batch)
+    proc = SlowCLIPImageProcessor.from_pretrained(args.model)
+    pixels = proc(images=Image.open(args.image).convert("RGB"), return_tensors="pt")["pixel_values"]
+    pixels = pixels.repeat(args.batch, 1, 1, 1)
+
+    model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32)
+    model.train()
+    for name, p in model.named_parameters():
+        p.requires_grad_("vision_tower" not in name)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    times, losses = [], []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        loss = model(input_ids=ids, pixel_values=pixels, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    tokens = ids.numel()
+    steady = times[1:] or times
+    print(json.dumps({
+        "peer": f"transformers {__import__('transformers').__version__} / torch {torch.__version__}",
+        "threads": args.threads, "tokens_per_step": tokens,
+        "step_s": [round(t, 3) for t in times], "losses": losses,
+        "tokens_per_s": tokens / (sum(steady) / len(steady)),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024, 2),
+    }))
+
+
+if __name__ == "__main__":
+    main()
