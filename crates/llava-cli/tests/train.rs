@@ -49,9 +49,10 @@ fn write_dataset(dir: &Path) -> PathBuf {
     path
 }
 
-fn train(data: &Path, output: &Path, extra: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_llava"))
-        .args(["train", "--model"])
+/// `llava train` on the fixture model with a constant schedule and no warmup.
+fn train_command(data: &Path, output: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_llava"));
+    cmd.args(["train", "--model"])
         .arg(base_model())
         .arg("--data")
         .arg(data)
@@ -60,9 +61,12 @@ fn train(data: &Path, output: &Path, extra: &[&str]) -> Output {
         .arg("--output")
         .arg(output)
         .args(["--lr-scheduler", "constant", "--warmup-ratio", "0"])
-        .args(extra)
-        .output()
-        .expect("runs")
+        .args(extra);
+    cmd
+}
+
+fn train(data: &Path, output: &Path, extra: &[&str]) -> Output {
+    train_command(data, output, extra).output().expect("runs")
 }
 
 fn ok(out: &Output) {
@@ -234,17 +238,7 @@ fn killed_and_resumed_run_logs_the_same_losses() {
     ok(&train(&data, &straight, &args));
 
     let interrupted = tmp.path().join("interrupted");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_llava"))
-        .args(["train", "--model"])
-        .arg(base_model())
-        .arg("--data")
-        .arg(&data)
-        .arg("--image-folder")
-        .arg(fixtures().join("images"))
-        .arg("--output")
-        .arg(&interrupted)
-        .args(["--lr-scheduler", "constant", "--warmup-ratio", "0"])
-        .args(args)
+    let mut child = train_command(&data, &interrupted, &args)
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawns");
@@ -260,21 +254,10 @@ fn killed_and_resumed_run_logs_the_same_losses() {
     let _ = child.kill(); // SIGKILL; it may also have finished already.
     let _ = child.wait();
 
-    let resumed = Command::new(env!("CARGO_BIN_EXE_llava"))
-        .args(["train", "--model"])
-        .arg(base_model())
-        .arg("--data")
-        .arg(&data)
-        .arg("--image-folder")
-        .arg(fixtures().join("images"))
-        .arg("--output")
-        .arg(&interrupted)
-        .arg("--resume")
-        .arg(&checkpoint)
-        .args(["--lr-scheduler", "constant", "--warmup-ratio", "0"])
-        .args(args)
-        .output()
-        .expect("runs");
+    let mut resume_args = args.to_vec();
+    let checkpoint_arg = checkpoint.to_string_lossy().to_string();
+    resume_args.extend(["--resume", checkpoint_arg.as_str()]);
+    let resumed = train(&data, &interrupted, &resume_args);
     ok(&resumed);
     let a = losses(&straight);
     let b = losses(&interrupted);

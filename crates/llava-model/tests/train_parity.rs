@@ -47,38 +47,51 @@ fn max_abs(t: &Tensor) -> f32 {
         .expect("max")
 }
 
-#[test]
-fn loss_and_gradients_match_pytorch() {
-    let (expected, tensors, batch) = load();
-    let checkpoint = Checkpoint::open(
-        &fixtures()
-            .join("models/llava15-default/model")
-            .to_string_lossy(),
-        None,
-    )
-    .expect("checkpoint");
+/// The fixture model, with the weights that `select` picks loaded as trainable `Var`s.
+fn model_with_trainable(
+    select: impl Fn(&str) -> bool + 'static,
+) -> (Llava, Vec<(String, candle_core::Var)>) {
+    let dir = fixtures().join("models/llava15-default/model");
+    let checkpoint = Checkpoint::open(&dir.to_string_lossy(), None).expect("checkpoint");
     let mut weights = checkpoint
         .weights(DType::F32, &Device::Cpu)
         .expect("weights");
-    weights.set_trainable(|n| {
-        n.starts_with("multi_modal_projector.") || n.starts_with("language_model.")
-    });
+    weights.set_trainable(select);
     let model = Llava::load(&checkpoint.config, &weights).expect("model");
-    let vars: HashMap<String, candle_core::Var> = weights.take_vars().into_iter().collect();
-    assert!(
-        !vars.keys().any(|n| n.starts_with("vision_tower.")),
-        "the vision tower stays frozen"
-    );
+    (model, weights.take_vars())
+}
 
-    let hidden = model
+/// Final hidden states of the fixture batch.
+fn batch_hidden(
+    model: &Llava,
+    tensors: &HashMap<String, Tensor>,
+    batch: &Batch,
+    mode: Mode,
+) -> Tensor {
+    model
         .forward(
             &batch.input_ids,
             Some(&tensors["pixel_values"]),
             Some(&batch.mask),
             &mut KvCache::new(),
-            Mode::Train,
+            mode,
         )
-        .expect("forward");
+        .expect("forward")
+}
+
+#[test]
+fn loss_and_gradients_match_pytorch() {
+    let (expected, tensors, batch) = load();
+    let (model, vars) = model_with_trainable(|n| {
+        n.starts_with("multi_modal_projector.") || n.starts_with("language_model.")
+    });
+    let vars: HashMap<String, candle_core::Var> = vars.into_iter().collect();
+    assert!(
+        !vars.keys().any(|n| n.starts_with("vision_tower.")),
+        "the vision tower stays frozen"
+    );
+
+    let hidden = batch_hidden(&model, &tensors, &batch, Mode::Train);
     let logits = model.language_model.logits(&hidden).expect("logits");
     let (loss, n) = causal_lm_loss(&logits, &batch.labels).expect("loss");
     assert_eq!(n as u64, expected["supervised_tokens"].as_u64().expect("n"));
@@ -138,31 +151,13 @@ fn loss_rejects_unusable_labels() {
 #[test]
 fn fused_inference_kernels_cut_the_gradient() {
     let (_, tensors, batch) = load();
-    let checkpoint = Checkpoint::open(
-        &fixtures()
-            .join("models/llava15-default/model")
-            .to_string_lossy(),
-        None,
-    )
-    .expect("checkpoint");
-    let mut weights = checkpoint
-        .weights(DType::F32, &Device::Cpu)
-        .expect("weights");
-    weights.set_trainable(|n| n.starts_with("multi_modal_projector."));
-    let model = Llava::load(&checkpoint.config, &weights).expect("model");
-    let vars = weights.take_vars();
+    let (model, vars) = model_with_trainable(|n| n.starts_with("multi_modal_projector."));
     assert_eq!(vars.len(), 4, "two linears, weight and bias each");
     let grad_norm = |mode: Mode| -> f32 {
-        let hidden = model
-            .forward(
-                &batch.input_ids,
-                Some(&tensors["pixel_values"]),
-                Some(&batch.mask),
-                &mut KvCache::new(),
-                mode,
-            )
-            .expect("forward");
-        let logits = model.language_model.logits(&hidden).expect("logits");
+        let logits = model
+            .language_model
+            .logits(&batch_hidden(&model, &tensors, &batch, mode))
+            .expect("logits");
         let grads = causal_lm_loss(&logits, &batch.labels)
             .expect("loss")
             .0
@@ -183,25 +178,8 @@ fn fused_inference_kernels_cut_the_gradient() {
 #[test]
 fn loss_from_hidden_equals_loss_from_logits() {
     let (_, tensors, batch) = load();
-    let checkpoint = Checkpoint::open(
-        &fixtures()
-            .join("models/llava15-default/model")
-            .to_string_lossy(),
-        None,
-    )
-    .expect("checkpoint");
-    let model = checkpoint
-        .load_model(DType::F32, &Device::Cpu)
-        .expect("model");
-    let hidden = model
-        .forward(
-            &batch.input_ids,
-            Some(&tensors["pixel_values"]),
-            Some(&batch.mask),
-            &mut KvCache::new(),
-            Mode::Train,
-        )
-        .expect("forward");
+    let (model, _) = model_with_trainable(|_| false);
+    let hidden = batch_hidden(&model, &tensors, &batch, Mode::Train);
     let logits = model.language_model.logits(&hidden).expect("logits");
     let (a, n) = causal_lm_loss(&logits, &batch.labels).expect("loss");
     let (b, m) = llava_model::loss::causal_lm_loss_from_hidden(
