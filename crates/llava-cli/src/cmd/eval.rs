@@ -13,7 +13,6 @@
 //! ```
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
@@ -21,7 +20,6 @@ use llava_eval::answer::{AnswerConfig, answer_question_list, answer_questions};
 use llava_eval::judge::{JudgeConfig, run_blocking};
 use llava_eval::mc::{format_mc_summary, read_mc_questions, score_answers};
 use llava_eval::{format_summary, read_reviews, summarize};
-use llava_instruct::ClientConfig;
 
 use super::model_args::{ModelArgs, SamplingArgs};
 
@@ -199,29 +197,8 @@ struct JudgeArgs {
     /// Reviews JSONL to write; rerunning resumes it.
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
-    /// OpenAI-compatible API base, e.g. https://api.openai.com/v1. The key is read from
-    /// OPENAI_API_KEY when set.
-    #[arg(long, value_name = "URL")]
-    api_base: String,
-    /// Judge model name.
-    #[arg(long)]
-    model: String,
-    #[arg(long, default_value_t = 0.2)]
-    temperature: f32,
-    #[arg(long, default_value_t = 1024)]
-    max_tokens: u32,
-    /// Maximum requests in flight.
-    #[arg(long, default_value_t = 8)]
-    concurrency: usize,
-    /// Maximum requests started per minute.
-    #[arg(long, value_name = "N")]
-    rpm: Option<u32>,
-    /// Timeout of one request attempt, in seconds.
-    #[arg(long, default_value_t = 120.0, value_name = "SECS")]
-    timeout: f64,
-    /// Retries per request on 429/5xx/timeouts/connection errors.
-    #[arg(long, default_value_t = 6)]
-    max_retries: u32,
+    #[command(flatten)]
+    teacher: super::teacher_args::TeacherArgs,
     /// New requests for a reply whose scores cannot be read, before recording [-1, -1].
     #[arg(long, default_value_t = 3)]
     parse_retries: u32,
@@ -231,14 +208,9 @@ struct JudgeArgs {
 }
 
 fn judge(a: JudgeArgs) -> anyhow::Result<()> {
-    if !(a.timeout.is_finite() && a.timeout > 0.0) {
-        bail!("--timeout must be a positive number of seconds");
-    }
-    let mut client = ClientConfig::new(a.api_base, a.model).with_env_api_key();
-    client.concurrency = a.concurrency;
-    client.requests_per_minute = a.rpm;
-    client.timeout = Duration::from_secs_f64(a.timeout);
-    client.max_retries = a.max_retries;
+    let Some(client) = a.teacher.client_config()? else {
+        bail!("judging needs a judge endpoint: pass --api-base URL and --model NAME");
+    };
     let cfg = JudgeConfig {
         questions: a.questions,
         context: a.context,
@@ -246,8 +218,8 @@ fn judge(a: JudgeArgs) -> anyhow::Result<()> {
         answers: a.answers,
         out: a.out,
         client,
-        temperature: a.temperature,
-        max_tokens: a.max_tokens,
+        temperature: a.teacher.temperature,
+        max_tokens: a.teacher.max_tokens,
         parse_retries: a.parse_retries,
         limit: a.limit,
     };
@@ -351,7 +323,7 @@ mod tests {
         ])
         .unwrap();
         assert!(
-            matches!(c.eval.sub, Sub::Judge(ref a) if a.parse_retries == 3 && a.concurrency == 8)
+            matches!(c.eval.sub, Sub::Judge(ref a) if a.parse_retries == 3 && a.teacher.concurrency == 16)
         );
         let c = Cli::try_parse_from([
             "x",

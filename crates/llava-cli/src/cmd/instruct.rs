@@ -12,7 +12,6 @@
 //! ```
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
@@ -21,7 +20,7 @@ use llava_instruct::pipeline::{
     Price, RunConfig, brief_for, format_summary, messages_for, run_blocking,
 };
 use llava_instruct::types::{InstructType, Shard, parse_types};
-use llava_instruct::{ChatRequest, ClientConfig, ImageEntry, PromptLibrary, Role, SourceSpec};
+use llava_instruct::{ChatRequest, ImageEntry, PromptLibrary, Role, SourceSpec};
 
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -79,52 +78,6 @@ impl SourceArgs {
 }
 
 #[derive(Args)]
-struct TeacherArgs {
-    /// OpenAI-compatible API base, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1.
-    /// The key is read from OPENAI_API_KEY when set.
-    #[arg(long, value_name = "URL")]
-    api_base: Option<String>,
-    /// Teacher model name.
-    #[arg(long)]
-    model: Option<String>,
-    #[arg(long, default_value_t = 0.2)]
-    temperature: f32,
-    #[arg(long, default_value_t = 1024)]
-    max_tokens: u32,
-    /// Maximum requests in flight.
-    #[arg(long, default_value_t = 16)]
-    concurrency: usize,
-    /// Maximum requests started per minute.
-    #[arg(long, value_name = "N")]
-    rpm: Option<u32>,
-    /// Timeout of one request attempt, in seconds.
-    #[arg(long, default_value_t = 120.0, value_name = "SECS")]
-    timeout: f64,
-    /// Retries per request on 429/5xx/timeouts/connection errors.
-    #[arg(long, default_value_t = 6)]
-    max_retries: u32,
-}
-
-impl TeacherArgs {
-    fn client_config(&self) -> anyhow::Result<Option<ClientConfig>> {
-        let (base, model) = match (&self.api_base, &self.model) {
-            (Some(b), Some(m)) => (b, m),
-            (None, None) => return Ok(None),
-            _ => bail!("--api-base and --model go together"),
-        };
-        if !(self.timeout.is_finite() && self.timeout > 0.0) {
-            bail!("--timeout must be a positive number of seconds");
-        }
-        let mut c = ClientConfig::new(base.clone(), model.clone()).with_env_api_key();
-        c.concurrency = self.concurrency;
-        c.requests_per_minute = self.rpm;
-        c.timeout = Duration::from_secs_f64(self.timeout);
-        c.max_retries = self.max_retries;
-        Ok(Some(c))
-    }
-}
-
-#[derive(Args)]
 struct RunArgs {
     #[command(flatten)]
     source: SourceArgs,
@@ -132,7 +85,7 @@ struct RunArgs {
     #[arg(long, default_value = "conversation,detail,complex")]
     types: String,
     #[command(flatten)]
-    teacher: TeacherArgs,
+    teacher: super::teacher_args::TeacherArgs,
     /// Output folder: <type>.jsonl, rejects.jsonl and llava_instruct.json. Rerunning resumes.
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,

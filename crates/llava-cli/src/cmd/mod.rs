@@ -7,4 +7,5 @@ pub mod generate;
 pub mod init;
 pub mod instruct;
 pub mod model_args;
+pub mod teacher_args;
 pub mod train;
