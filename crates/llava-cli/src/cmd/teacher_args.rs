@@ -13,7 +13,7 @@ pub struct TeacherArgs {
     /// The key is read from OPENAI_API_KEY when set.
     #[arg(long, value_name = "URL")]
     pub api_base: Option<String>,
-    /// Teacher model name.
+    /// Model name at the endpoint (the teacher, or the judge).
     #[arg(long)]
     pub model: Option<String>,
     #[arg(long, default_value_t = 0.2)]
