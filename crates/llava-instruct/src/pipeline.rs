@@ -455,49 +455,38 @@ pub async fn run(
     // The naive baseline needs no teacher.
     let mut teacher_todo = Vec::with_capacity(todo.len());
     for (entry, ty) in todo {
-        if let Err(why) = input_check(&entry, ty) {
-            sink.write_reject(&reject(
-                &entry,
-                ty,
-                RejectStage::Input,
-                why.tag(),
-                why.to_string(),
-                None,
-            ))?;
-            *tally
-                .summary
-                .rejected
-                .entry(why.tag().to_string())
-                .or_default() += 1;
-            tally.tick();
-            continue;
-        }
-        if ty == InstructType::Brief {
-            match brief_for(&entry, &lib, cfg.seed) {
-                Ok(rec) => {
-                    sink.write_record(ty, &rec)?;
-                    *tally.summary.written.entry(ty).or_default() += 1;
-                }
-                Err(why) => {
-                    sink.write_reject(&reject(
-                        &entry,
-                        ty,
-                        RejectStage::Input,
-                        why.tag(),
-                        why.to_string(),
-                        None,
-                    ))?;
-                    *tally
-                        .summary
-                        .rejected
-                        .entry(why.tag().to_string())
-                        .or_default() += 1;
-                }
+        // Input problems and the brief baseline are settled here; the rest goes to the teacher.
+        let settled = match input_check(&entry, ty) {
+            Err(why) => Some(Err(why)),
+            Ok(()) if ty == InstructType::Brief => Some(brief_for(&entry, &lib, cfg.seed)),
+            Ok(()) => None,
+        };
+        match settled {
+            None => {
+                teacher_todo.push((entry, ty));
+                continue;
             }
-            tally.tick();
-        } else {
-            teacher_todo.push((entry, ty));
+            Some(Ok(rec)) => {
+                sink.write_record(ty, &rec)?;
+                *tally.summary.written.entry(ty).or_default() += 1;
+            }
+            Some(Err(why)) => {
+                sink.write_reject(&reject(
+                    &entry,
+                    ty,
+                    RejectStage::Input,
+                    why.tag(),
+                    why.to_string(),
+                    None,
+                ))?;
+                *tally
+                    .summary
+                    .rejected
+                    .entry(why.tag().to_string())
+                    .or_default() += 1;
+            }
         }
+        tally.tick();
     }
 
     let mut fatal: Option<ClientError> = None;
