@@ -125,6 +125,10 @@ fn finetune_overfits_and_generate_answers_verbatim() {
             "3e-3",
         ],
     ));
+    assert!(
+        out_dir.join("loss.png").is_file(),
+        "loss.png is drawn at the end"
+    );
     let log = losses(&out_dir);
     assert_eq!(log.len(), 50);
     assert!(

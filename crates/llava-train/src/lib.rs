@@ -7,5 +7,6 @@ pub mod clip;
 pub mod data;
 pub mod error;
 pub mod optim;
+pub mod plot;
 pub mod schedule;
 pub mod trainer;

@@ -246,6 +246,11 @@ impl Trainer<'_> {
     }
 
     fn save(&self, dir: &Path) -> Result<()> {
+        let log = self.output.join("train_log.jsonl");
+        crate::plot::plot_loss(
+            &self.output.join("loss.png"),
+            &crate::plot::read_losses(&log)?,
+        )?;
         save_checkpoint(
             dir,
             &self.source_dir,
