@@ -278,3 +278,108 @@ fn killed_and_resumed_run_logs_the_same_losses() {
         );
     }
 }
+
+#[test]
+fn stage2_starts_from_the_stage1_projector() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = write_dataset(tmp.path());
+    let stage1 = tmp.path().join("stage1");
+    ok(&train(
+        &data,
+        &stage1,
+        &[
+            "--stage",
+            "pretrain",
+            "--batch-size",
+            "8",
+            "--max-steps",
+            "3",
+            "--no-shuffle",
+        ],
+    ));
+    let step1 = |out: &str, extra: &[&str]| -> f64 {
+        let dir = tmp.path().join(out);
+        let mut args = vec![
+            "--stage",
+            "finetune",
+            "--batch-size",
+            "8",
+            "--max-steps",
+            "1",
+            "--no-shuffle",
+        ];
+        args.extend_from_slice(extra);
+        ok(&train(&data, &dir, &args));
+        losses(&dir)[0].1
+    };
+    let projector = stage1.join("projector.safetensors");
+    let with_projector = step1(
+        "with-projector",
+        &["--projector", &projector.to_string_lossy()],
+    );
+    let from_base = step1("from-base", &[]);
+    // The same starting weights as continuing from the whole stage-1 checkpoint.
+    let from_stage1 = {
+        let dir = tmp.path().join("from-stage1");
+        let out = Command::new(env!("CARGO_BIN_EXE_llava"))
+            .args([
+                "train",
+                "--stage",
+                "finetune",
+                "--batch-size",
+                "8",
+                "--max-steps",
+                "1",
+                "--no-shuffle",
+            ])
+            .arg("--model")
+            .arg(&stage1)
+            .arg("--data")
+            .arg(&data)
+            .arg("--image-folder")
+            .arg(fixtures().join("images"))
+            .arg("--output")
+            .arg(&dir)
+            .output()
+            .expect("runs");
+        ok(&out);
+        losses(&dir)[0].1
+    };
+    assert_eq!(
+        with_projector, from_stage1,
+        "--projector loads the stage-1 projector"
+    );
+    assert_ne!(
+        with_projector, from_base,
+        "and it differs from the untrained one"
+    );
+}
+
+#[test]
+fn unfreeze_vision_trains_the_tower() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = write_dataset(tmp.path());
+    let out_dir = tmp.path().join("out");
+    ok(&train(
+        &data,
+        &out_dir,
+        &[
+            "--stage",
+            "pretrain",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "2",
+            "--unfreeze-vision",
+        ],
+    ));
+    let before = weights(&base_model());
+    let after = weights(&out_dir);
+    let name = "vision_tower.encoder.layers.0.self_attn.q_proj.weight";
+    assert!(!same(&before[name], &after[name]), "{name} moved");
+    let lm = "language_model.layers.0.self_attn.q_proj.weight";
+    assert!(
+        same(&before[lm], &after[lm]),
+        "{lm} stays frozen in stage 1"
+    );
+}
