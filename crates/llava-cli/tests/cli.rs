@@ -264,3 +264,57 @@ fn data_preview_shows_the_mask() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("holds 2 records"));
 }
+
+#[test]
+fn eval_vqa_answers_as_generate_does_and_scores_exact_match() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model = fixtures().join("llava15-default/model");
+    let images = fixtures().join("images");
+    let suffix = "Answer the question using a single word or phrase.";
+    // The reference of question 1 is whatever `llava generate` answers; question 2's is wrong.
+    let out = llava()
+        .args(["generate", "--json", "--max-new-tokens", "6", "--model"])
+        .arg(&model)
+        .arg("--image")
+        .arg(images.join("shapes_64x48.png"))
+        .args(["--prompt", &format!("What is it?\n{suffix}")])
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let generated: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let reference = generated["text"].as_str().expect("text");
+    let questions = tmp.path().join("vqa.jsonl");
+    let lines = [
+        serde_json::json!({"question_id": 1, "image": "shapes_64x48.png", "text": "What is it?",
+                           "answer": reference, "category": "what"}),
+        serde_json::json!({"question_id": 2, "image": "shapes_64x48.png", "text": "What is it?",
+                           "answers": ["zebra"], "category": "what"}),
+    ];
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(&questions, text).expect("write");
+    let answers = tmp.path().join("answers.jsonl");
+    let out = llava()
+        .args(["eval", "vqa", "--json", "--max-new-tokens", "6", "--model"])
+        .arg(&model)
+        .arg("--questions")
+        .arg(&questions)
+        .arg("--image-folder")
+        .arg(&images)
+        .arg("--out")
+        .arg(&answers)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json summary");
+    assert_eq!(summary["overall"]["total"], 2);
+    assert_eq!(summary["overall"]["correct"], 1);
+    assert_eq!(summary["categories"]["what"]["accuracy"], 50.0);
+}

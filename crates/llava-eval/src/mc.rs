@@ -94,11 +94,17 @@ pub struct Accuracy {
 
 impl Accuracy {
     fn add(&mut self, predicted: Option<usize>, answer: usize) {
+        self.record(predicted == Some(answer), predicted.is_some());
+    }
+
+    /// Counts one scored item; an unparsed reply is wrong.
+    pub(crate) fn record(&mut self, correct: bool, parsed: bool) {
         self.total += 1;
-        match predicted {
-            Some(p) if p == answer => self.correct += 1,
-            Some(_) => {}
-            None => self.unparsed += 1,
+        if correct {
+            self.correct += 1;
+        }
+        if !parsed {
+            self.unparsed += 1;
         }
         self.accuracy = Some(self.correct as f64 / self.total as f64 * 100.0);
     }

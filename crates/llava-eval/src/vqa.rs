@@ -1,6 +1,15 @@
 //! Short-answer VQA prompting (LLaVA-1.5's VQAv2/GQA style) and exact-match scoring after
 //! normalisation, so that "Two." and "2" or "the dog" and "dog" count as the same answer.
 
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::EvalError;
+use crate::jsonl::{Answer, Question, QuestionId, read_jsonl};
+use crate::mc::McSummary;
+
 /// The instruction LLaVA-1.5 appends to short-answer questions.
 pub const VQA_SUFFIX: &str = "Answer the question using a single word or phrase.";
 
@@ -49,9 +58,156 @@ pub fn exact_match(prediction: &str, references: &[String]) -> bool {
     !p.is_empty() && references.iter().any(|r| normalize_answer(r) == p)
 }
 
+/// Reference answers: one string, or a list (VQAv2 has ten per question).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum References {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// One short-answer question. `text` and `answer` are accepted for `question` and `answers`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct VqaQuestion {
+    pub question_id: QuestionId,
+    #[serde(alias = "text")]
+    pub question: String,
+    #[serde(alias = "answer")]
+    pub answers: References,
+    #[serde(default, alias = "question_type")]
+    pub category: Option<String>,
+    #[serde(default)]
+    pub image: Option<String>,
+}
+
+impl VqaQuestion {
+    pub fn references(&self) -> Vec<String> {
+        match &self.answers {
+            References::One(a) => vec![a.clone()],
+            References::Many(v) => v.clone(),
+        }
+    }
+
+    /// The question for `eval answer`, with the short-answer instruction.
+    pub fn to_question(&self) -> Question {
+        Question {
+            question_id: self.question_id.clone(),
+            image: self.image.clone().unwrap_or_default(),
+            text: vqa_prompt(&self.question),
+            category: self.category.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// Reads a short-answer file. Duplicate ids and questions without a reference answer are
+/// errors naming the line.
+pub fn read_vqa_questions(path: &Path) -> Result<Vec<VqaQuestion>, EvalError> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for (line, q) in read_jsonl::<VqaQuestion>(path)? {
+        let bad = |message: String| EvalError::BadLine {
+            path: path.to_path_buf(),
+            line,
+            message,
+        };
+        if q.references()
+            .iter()
+            .all(|r| normalize_answer(r).is_empty())
+        {
+            return Err(bad("no reference answer".into()));
+        }
+        if !seen.insert(q.question_id.clone()) {
+            return Err(bad(format!("duplicate question_id {}", q.question_id)));
+        }
+        out.push(q);
+    }
+    Ok(out)
+}
+
+/// Exact-match accuracy overall and per category. Questions without an answer are not
+/// scored; their number is returned alongside.
+pub fn score_vqa(
+    questions: &[VqaQuestion],
+    answers: &HashMap<QuestionId, Answer>,
+) -> (McSummary, usize) {
+    let mut summary = McSummary::default();
+    let mut missing = 0;
+    for q in questions {
+        let Some(a) = answers.get(&q.question_id) else {
+            missing += 1;
+            continue;
+        };
+        let parsed = !normalize_answer(&a.text).is_empty();
+        let correct = exact_match(&a.text, &q.references());
+        summary.overall.record(correct, parsed);
+        if let Some(cat) = q
+            .category
+            .as_deref()
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+        {
+            summary
+                .categories
+                .entry(cat.to_string())
+                .or_default()
+                .record(correct, parsed);
+        }
+    }
+    (summary, missing)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_file_and_scoring() {
+        let dir = std::env::temp_dir().join(format!("llava-vqa-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("vqa.jsonl");
+        std::fs::write(
+            &path,
+            concat!(
+                r#"{"question_id": 1, "text": "How many cats?", "answer": "two", "category": "count"}"#,
+                "\n",
+                r#"{"question_id": 2, "question": "What colour?", "answers": ["red", "dark red"], "category": "colour"}"#,
+                "\n",
+                r#"{"question_id": 3, "question": "Which side?", "answers": ["left"], "category": "colour"}"#,
+                "\n"
+            ),
+        )
+        .expect("write");
+        let qs = read_vqa_questions(&path).expect("reads");
+        assert_eq!(
+            qs[0].to_question().text,
+            "How many cats?\nAnswer the question using a single word or phrase."
+        );
+        let answer = |id: i64, text: &str| {
+            let a: Answer =
+                serde_json::from_value(serde_json::json!({"question_id": id, "text": text}))
+                    .expect("answer");
+            (a.question_id.clone(), a)
+        };
+        let answers: HashMap<_, _> = [answer(1, "2"), answer(2, "Dark red."), answer(3, "")]
+            .into_iter()
+            .collect();
+        let (s, missing) = score_vqa(&qs, &answers);
+        assert_eq!(missing, 0);
+        assert_eq!(
+            (s.overall.correct, s.overall.total, s.overall.unparsed),
+            (2, 3, 1)
+        );
+        assert_eq!(s.categories["colour"].accuracy, Some(50.0));
+        assert_eq!(s.categories["count"].accuracy, Some(100.0));
+
+        std::fs::write(&path, r#"{"question_id": 1, "text": "Q", "answers": [""]}"#)
+            .expect("write");
+        let e = read_vqa_questions(&path)
+            .expect_err("no reference")
+            .to_string();
+        assert!(e.contains("no reference answer"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
 
     #[test]
     fn prompt_has_the_suffix_line() {

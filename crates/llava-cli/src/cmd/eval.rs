@@ -51,6 +51,27 @@ enum Sub {
         #[arg(long)]
         json: bool,
     },
+    /// Answer a short-answer file (VQAv2/GQA-style) with a checkpoint and report exact-match
+    /// accuracy after normalisation.
+    Vqa {
+        #[command(flatten)]
+        answer: AnswerArgs,
+        /// Print the accuracy as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Exact-match accuracy of an answers file against a short-answer file's references.
+    VqaScore {
+        /// JSONL: {question_id, question|text, answers|answer, category?, image?}.
+        #[arg(long, value_name = "FILE")]
+        questions: PathBuf,
+        /// Answers JSONL: {question_id, text, ...}.
+        #[arg(long, value_name = "FILE")]
+        answers: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Turn a multiple-choice file (ScienceQA-style) into benchmark questions with the
     /// lettered-options prompt, for answering.
     McPrompts {
@@ -163,12 +184,28 @@ fn mc(a: AnswerArgs, json: bool) -> anyhow::Result<()> {
     print_mc(&mcq, &answers, json)
 }
 
+fn vqa(a: AnswerArgs, json: bool) -> anyhow::Result<()> {
+    let vq = llava_eval::vqa::read_vqa_questions(&a.questions)?;
+    let questions = vq.iter().map(|q| q.to_question()).collect();
+    let out = a.out.clone();
+    answer(a, Some(questions))?;
+    let answers = llava_eval::jsonl::read_answers(&out)?;
+    print_accuracy(llava_eval::vqa::score_vqa(&vq, &answers), json)
+}
+
 fn print_mc(
     questions: &[llava_eval::mc::McQuestion],
     answers: &std::collections::HashMap<llava_eval::QuestionId, llava_eval::Answer>,
     json: bool,
 ) -> anyhow::Result<()> {
-    let (s, missing) = score_answers(questions, answers);
+    print_accuracy(score_answers(questions, answers), json)
+}
+
+/// Prints an accuracy summary (multiple choice or short answer) as a table or JSON.
+fn print_accuracy(
+    (s, missing): (llava_eval::mc::McSummary, usize),
+    json: bool,
+) -> anyhow::Result<()> {
     if missing > 0 {
         eprintln!("note: {missing} questions have no answer and are not scored");
     }
@@ -240,6 +277,16 @@ pub fn run(c: EvalCommand) -> anyhow::Result<()> {
     match c.sub {
         Sub::Answer(a) => answer(a, None).map(|_| ()),
         Sub::Mc { answer: a, json } => mc(a, json),
+        Sub::Vqa { answer: a, json } => vqa(a, json),
+        Sub::VqaScore {
+            questions,
+            answers,
+            json,
+        } => {
+            let qs = llava_eval::vqa::read_vqa_questions(&questions)?;
+            let ans = llava_eval::jsonl::read_answers(&answers)?;
+            print_accuracy(llava_eval::vqa::score_vqa(&qs, &ans), json)
+        }
         Sub::Judge(a) => judge(a),
         Sub::Summarize { reviews, json } => {
             if !reviews.exists() {
