@@ -49,11 +49,11 @@ fn write_dataset(dir: &Path) -> PathBuf {
     path
 }
 
-/// `llava train` on the fixture model with a constant schedule and no warmup.
-fn train_command(data: &Path, output: &Path, extra: &[&str]) -> Command {
+/// `llava train` from `model` with a constant schedule and no warmup.
+fn train_command(model: &Path, data: &Path, output: &Path, extra: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_llava"));
     cmd.args(["train", "--model"])
-        .arg(base_model())
+        .arg(model)
         .arg("--data")
         .arg(data)
         .arg("--image-folder")
@@ -66,7 +66,9 @@ fn train_command(data: &Path, output: &Path, extra: &[&str]) -> Command {
 }
 
 fn train(data: &Path, output: &Path, extra: &[&str]) -> Output {
-    train_command(data, output, extra).output().expect("runs")
+    train_command(&base_model(), data, output, extra)
+        .output()
+        .expect("runs")
 }
 
 fn ok(out: &Output) {
@@ -242,7 +244,7 @@ fn killed_and_resumed_run_logs_the_same_losses() {
     ok(&train(&data, &straight, &args));
 
     let interrupted = tmp.path().join("interrupted");
-    let mut child = train_command(&data, &interrupted, &args)
+    let mut child = train_command(&base_model(), &data, &interrupted, &args)
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawns");
@@ -321,28 +323,18 @@ fn stage2_starts_from_the_stage1_projector() {
     // The same starting weights as continuing from the whole stage-1 checkpoint.
     let from_stage1 = {
         let dir = tmp.path().join("from-stage1");
-        let out = Command::new(env!("CARGO_BIN_EXE_llava"))
-            .args([
-                "train",
-                "--stage",
-                "finetune",
-                "--batch-size",
-                "8",
-                "--max-steps",
-                "1",
-                "--no-shuffle",
-            ])
-            .arg("--model")
-            .arg(&stage1)
-            .arg("--data")
-            .arg(&data)
-            .arg("--image-folder")
-            .arg(fixtures().join("images"))
-            .arg("--output")
-            .arg(&dir)
+        let args = [
+            "--stage",
+            "finetune",
+            "--batch-size",
+            "8",
+            "--max-steps",
+            "1",
+            "--no-shuffle",
+        ];
+        ok(&train_command(&stage1, &data, &dir, &args)
             .output()
-            .expect("runs");
-        ok(&out);
+            .expect("runs"));
         losses(&dir)[0].1
     };
     assert_eq!(

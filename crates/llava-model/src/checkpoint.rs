@@ -34,36 +34,30 @@ impl Checkpoint {
         let dir = resolve_model_dir(model)?;
         let config_path = dir.join("config.json");
         let json = read_json(&config_path)?;
-        if json.get("vision_config").is_some() {
+        let (config, layout) = if json.get("vision_config").is_some() {
             let config: LlavaConfig =
                 serde_json::from_value(json).map_err(|source| ModelError::Json {
                     path: config_path.clone(),
                     source,
                 })?;
-            config
-                .validate()
-                .map_err(|m| ModelError::config(&config_path, m))?;
-            return Ok(Self {
-                dir,
-                config,
-                layout: Layout::Hf,
-            });
-        }
-        if json.get("mm_vision_tower").is_some() || json.get("mm_projector_type").is_some() {
+            (config, Layout::Hf)
+        } else if json.get("mm_vision_tower").is_some() || json.get("mm_projector_type").is_some() {
             let (config, vision_tower_dir) = original_config(&dir, &json, vision_tower)?;
-            config
-                .validate()
-                .map_err(|m| ModelError::config(&config_path, m))?;
-            return Ok(Self {
-                dir,
-                config,
-                layout: Layout::Original { vision_tower_dir },
-            });
-        }
-        Err(ModelError::config(
-            &config_path,
-            "is not a LLaVA config: it has neither `vision_config` (HF layout) nor `mm_vision_tower` (original layout)",
-        ))
+            (config, Layout::Original { vision_tower_dir })
+        } else {
+            return Err(ModelError::config(
+                &config_path,
+                "is not a LLaVA config: it has neither `vision_config` (HF layout) nor `mm_vision_tower` (original layout)",
+            ));
+        };
+        config
+            .validate()
+            .map_err(|m| ModelError::config(&config_path, m))?;
+        Ok(Self {
+            dir,
+            config,
+            layout,
+        })
     }
 
     /// Maps every weight file onto canonical names, converting to `dtype` on load.
