@@ -3,6 +3,12 @@
 
 mod cmd;
 
+/// candle allocates a fresh buffer for every tensor op; glibc's malloc hands large freed
+/// buffers back to the kernel, so each training step paid page faults for memory it had just
+/// freed. mimalloc keeps and reuses them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -32,6 +38,11 @@ enum Command {
     Instruct(Box<cmd::instruct::InstructCommand>),
     /// Evaluate as the paper does: LLaVA-Bench with an LLM judge, multiple-choice accuracy.
     Eval(Box<cmd::eval::EvalCommand>),
+    /// The offline rule-based teacher of the shapes world, as an OpenAI-compatible server.
+    Teacher(cmd::teacher::TeacherCommand),
+    /// The whole pipeline offline on a synthetic shapes world: data, teacher, both training
+    /// stages, evaluation and sample chats, with a report.
+    Demo(cmd::demo::DemoCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -42,8 +53,26 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
-    let result = match cli.command {
+    let result = run(Cli::parse().command);
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs `llava ARGS…` in this process: the demo drives the other subcommands through the
+/// same flags a user would type.
+pub(crate) fn run_args(args: &[String]) -> anyhow::Result<()> {
+    let cli =
+        Cli::try_parse_from(std::iter::once("llava".to_string()).chain(args.iter().cloned()))?;
+    run(cli.command)
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Chat(c) => cmd::chat::run(c),
         Command::Data(c) => cmd::data::run(c),
         Command::Generate(c) => cmd::generate::run(c),
@@ -51,12 +80,7 @@ fn main() -> std::process::ExitCode {
         Command::Init(c) => cmd::init::run(c),
         Command::Instruct(c) => cmd::instruct::run(*c),
         Command::Eval(c) => cmd::eval::run(*c),
-    };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
+        Command::Teacher(c) => cmd::teacher::run(c),
+        Command::Demo(c) => cmd::demo::run(c),
     }
 }

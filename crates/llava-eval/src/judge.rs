@@ -6,6 +6,13 @@
 //! one flushed line) and concurrent (as many requests in flight as the client allows, with
 //! its retry/backoff on 429/5xx). A reply whose scores cannot be read is asked again, up to
 //! `parse_retries` times, then recorded as `[-1, -1]`.
+//!
+//! A `[-1, -1]` review counts as done on a rerun, unless [`JudgeConfig::rejudge_failed`] is
+//! set: then those questions are asked again and the new review is **appended** (the file is
+//! never rewritten, so an interrupted rerun loses at most the line being written). The reader,
+//! [`read_reviews`], lets a later review of an id replace a failed one, so the file reads as
+//! one review per question, the newest for each question that had failed. A question whose
+//! rejudging fails again gets a second `[-1, -1]` line and stays failed.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -185,6 +192,10 @@ pub struct JudgeConfig {
     pub parse_retries: u32,
     /// Judge at most this many new questions (for trying a setup cheaply).
     pub limit: Option<usize>,
+    /// Ask again the questions whose review in `out` is `[-1, -1]` (see the module docs: the
+    /// new review is appended and replaces the failed one when the file is read). Without it
+    /// a failed review counts as done.
+    pub rejudge_failed: bool,
 }
 
 /// What a run did.
@@ -192,8 +203,13 @@ pub struct JudgeConfig {
 pub struct JudgeReport {
     /// Questions in the file.
     pub questions: usize,
-    /// Already in the reviews file, skipped.
+    /// Already in the reviews file, skipped (failed reviews included, unless rejudged).
     pub already_done: usize,
+    /// Failed (`[-1, -1]`) reviews in the file asked again (`rejudge_failed`); their
+    /// outcomes are counted in `scored`, `unparsable` or `request_failures`.
+    pub rejudged: usize,
+    /// Failed reviews left in the file as they are (without `rejudge_failed`).
+    pub failed_kept: usize,
     /// Newly written reviews with scores.
     pub scored: usize,
     /// Newly written `[-1, -1]` reviews (no readable scores after every retry).
@@ -220,6 +236,15 @@ impl JudgeReport {
             self.unparsable,
             self.already_done
         );
+        if self.rejudged > 0 {
+            s.push_str(&format!("; {} earlier failures asked again", self.rejudged));
+        }
+        if self.failed_kept > 0 {
+            s.push_str(&format!(
+                "; {} earlier reviews without readable scores kept (--rejudge-failed asks again)",
+                self.failed_kept
+            ));
+        }
         for (n, what) in [
             (self.missing_context, "without a context for their image"),
             (self.missing_reference, "without a reference answer"),
@@ -247,6 +272,8 @@ struct Job {
     id: QuestionId,
     category: String,
     messages: Vec<ChatMessage>,
+    /// The question has a failed review in the file (asked again by `rejudge_failed`).
+    again: bool,
 }
 
 enum Outcome {
@@ -299,19 +326,30 @@ async fn judge_one(
 }
 
 /// Looks up what each question needs, counting the questions that cannot be judged.
+/// `done` maps the ids already reviewed to whether their review was parsed; a failed one is
+/// queued again when `rejudge_failed`.
 fn plan(
     questions: &[Question],
     contexts: &HashMap<String, String>,
     reference: &HashMap<QuestionId, Answer>,
     answers: &HashMap<QuestionId, Answer>,
-    done: &std::collections::HashSet<QuestionId>,
+    done: &HashMap<QuestionId, bool>,
+    rejudge_failed: bool,
     report: &mut JudgeReport,
 ) -> Vec<Job> {
     let mut jobs = Vec::new();
     for q in questions {
-        if done.contains(&q.question_id) {
-            report.already_done += 1;
-            continue;
+        match done.get(&q.question_id) {
+            Some(true) => {
+                report.already_done += 1;
+                continue;
+            }
+            Some(false) if !rejudge_failed => {
+                report.already_done += 1;
+                report.failed_kept += 1;
+                continue;
+            }
+            Some(false) | None => {}
         }
         let Some(ctx) = contexts.get(&q.image) else {
             tracing::warn!(id = %q.question_id, image = %q.image, "no context for the image, skipped");
@@ -332,6 +370,7 @@ fn plan(
             id: q.question_id.clone(),
             category: q.category.clone(),
             messages: judge_messages(ctx, &q.text, &r.text, &a.text, &q.category),
+            again: done.contains_key(&q.question_id),
         });
     }
     jobs
@@ -351,13 +390,13 @@ pub async fn run(cfg: &JudgeConfig) -> Result<JudgeReport, EvalError> {
     if existing.duplicates > 0 {
         tracing::warn!(
             n = existing.duplicates,
-            "the reviews file repeats some question ids; the first review of each is kept"
+            "the reviews file repeats some question ids; the first parsed review of each is kept"
         );
     }
     let done = existing
         .records
         .iter()
-        .map(|r| r.question_id.clone())
+        .map(|r| (r.question_id.clone(), r.parsed()))
         .collect();
     let mut report = JudgeReport {
         questions: questions.len(),
@@ -369,11 +408,13 @@ pub async fn run(cfg: &JudgeConfig) -> Result<JudgeReport, EvalError> {
         &reference,
         &answers,
         &done,
+        cfg.rejudge_failed,
         &mut report,
     );
     if let Some(n) = cfg.limit {
         jobs.truncate(n);
     }
+    report.rejudged = jobs.iter().filter(|j| j.again).count();
     let client = ChatClient::new(cfg.client.clone())?;
     let mut sink = ReviewSink::open(&cfg.out, &existing)?;
     // Keep a few more tasks than request slots so the client is never starved.

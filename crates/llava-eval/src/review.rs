@@ -2,7 +2,7 @@
 //! scores could not be read) and their summary, the paper's relative score:
 //! mean(model) / mean(reference) × 100 over the parsed reviews, per category and overall.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -35,9 +35,42 @@ impl Review {
 pub type ReviewFile = Appendable<Review>;
 
 /// Reads a reviews file (see [`read_appendable`]: missing is empty, a torn last line is
-/// tolerated, repeated ids are counted and the first kept).
+/// tolerated) and keeps one review per question id:
+///
+/// - a failed review (`[-1, -1]`) is **superseded** by a later review of the same id, which
+///   takes its place (its position in `records`). This is how `llava eval judge
+///   --rejudge-failed` replaces a failure while the file stays append-only: the new review is
+///   appended, and the last word on a failed question counts;
+/// - any other later review of an id is a duplicate: counted in `duplicates` and ignored (the
+///   first parsed review of an id is final, so concurrent or repeated runs cannot change a
+///   score).
+///
+/// A file where every id appears once reads as before.
 pub fn read_reviews(path: &Path) -> Result<ReviewFile, EvalError> {
-    read_appendable(path, "a review", |r: &Review| r.question_id.clone())
+    // Read every line without dropping repeats (a unique key per record), then merge by id.
+    let line = std::cell::Cell::new(0i64);
+    let raw = read_appendable(path, "a review", |_: &Review| {
+        line.set(line.get() + 1);
+        QuestionId::Int(line.get())
+    })?;
+    let mut records: Vec<Review> = Vec::with_capacity(raw.records.len());
+    let mut at: HashMap<QuestionId, usize> = HashMap::new();
+    let mut duplicates = 0;
+    for r in raw.records {
+        match at.get(&r.question_id) {
+            None => {
+                at.insert(r.question_id.clone(), records.len());
+                records.push(r);
+            }
+            Some(&i) if !records[i].parsed() => records[i] = r,
+            Some(_) => duplicates += 1,
+        }
+    }
+    Ok(ReviewFile {
+        records,
+        duplicates,
+        ..raw
+    })
 }
 
 /// The reviews file opened for appending.
@@ -246,6 +279,46 @@ mod tests {
                 .records
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn a_later_review_supersedes_a_failed_one_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.jsonl");
+        let lines = [
+            rv(1, "conv", FAILED),
+            rv(2, "conv", [8.0, 7.0]),
+            rv(3, "detail", FAILED),
+            rv(1, "conv", [6.0, 5.0]), // replaces the failure of 1, in its place
+            rv(2, "conv", [1.0, 1.0]), // a duplicate: 2 was parsed
+            rv(3, "detail", FAILED),   // still failed: the last failure is kept
+            rv(1, "conv", [2.0, 2.0]), // a duplicate: 1 is parsed now
+        ];
+        let mut text = String::new();
+        for (i, r) in lines.iter().enumerate() {
+            let mut r = r.clone();
+            r.content = format!("line {}", i + 1);
+            text.push_str(&serde_json::to_string(&r).unwrap());
+            text.push('\n');
+        }
+        std::fs::write(&p, text).unwrap();
+        let f = read_reviews(&p).unwrap();
+        let got: Vec<(QuestionId, [f64; 2], &str)> = f
+            .records
+            .iter()
+            .map(|r| (r.question_id.clone(), r.tuple, r.content.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (QuestionId::Int(1), [6.0, 5.0], "line 4"),
+                (QuestionId::Int(2), [8.0, 7.0], "line 2"),
+                (QuestionId::Int(3), FAILED, "line 6"),
+            ]
+        );
+        assert_eq!(f.duplicates, 2);
+        let s = summarize(&f.records);
+        assert_eq!((s.overall.parsed, s.overall.failed), (2, 1));
     }
 
     #[test]

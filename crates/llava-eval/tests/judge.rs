@@ -6,6 +6,7 @@
 //! - `mkreversed`: "Assistant 2: 4" before "Assistant 1: 8";
 //! - `mkgarbage`: never any scores;
 //! - `mkflaky`: no scores the first time, "6 5" after;
+//! - `mkslow`: no scores the first two times, "9 3" after;
 //! - `mk429`: 429 the first time, "7 7" after;
 //! - `mk503`: always 503;
 //! - `mk401`: always 401.
@@ -105,6 +106,10 @@ async fn handle(State(s): State<Arc<Server>>, body: Bytes) -> Response {
         "Both answers are reasonable.".to_string()
     } else if has("mkflaky") {
         "6 5\nClose call.".to_string()
+    } else if has("mkslow") && attempt <= 2 {
+        "Let me think about it.".to_string()
+    } else if has("mkslow") {
+        "9 3\nFinally.".to_string()
     } else if has("mk429") {
         "7 7".to_string()
     } else {
@@ -188,6 +193,7 @@ fn bench(dir: &Path, markers: &[Option<&str>], base: &str) -> JudgeConfig {
         max_tokens: 256,
         parse_retries: 2,
         limit: None,
+        rejudge_failed: false,
     }
 }
 
@@ -346,4 +352,117 @@ async fn bad_inputs_are_clear_errors() {
     cfg.answers = dir.path().join("empty.jsonl");
     let e = run(&cfg).await.unwrap_err().to_string();
     assert!(e.contains("no records"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejudge_failed_asks_failures_again_and_appends() {
+    let (base, server) = start(Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let markers = [
+        Some("mkgood"),
+        Some("mkflaky"),
+        Some("mkgarbage"),
+        Some("mkslow"),
+    ];
+    let mut cfg = bench(dir.path(), &markers, &base);
+    // No second chance within a run: the flaky and slow replies are recorded as failures.
+    cfg.parse_retries = 0;
+    let report = run(&cfg).await.unwrap();
+    assert_eq!((report.scored, report.unparsable), (1, 3));
+    let t = tuples(&cfg.out);
+    assert_eq!(t[&QuestionId::Int(2)], [-1.0, -1.0]);
+    assert_eq!(t[&QuestionId::Int(4)], [-1.0, -1.0]);
+    let lines = |p: &Path| std::fs::read_to_string(p).unwrap().lines().count();
+    assert_eq!(lines(&cfg.out), 4);
+    // Reviews are written as they finish; remember that order.
+    let ids = |p: &Path| -> Vec<QuestionId> {
+        read_reviews(p)
+            .unwrap()
+            .records
+            .into_iter()
+            .map(|r| r.question_id)
+            .collect()
+    };
+    let first_order = ids(&cfg.out);
+
+    // Without the flag, failures count as done: nothing is asked, nothing written.
+    let before = server.total_hits();
+    let again = run(&cfg).await.unwrap();
+    assert_eq!(server.total_hits(), before);
+    assert_eq!(
+        (again.already_done, again.failed_kept, again.rejudged),
+        (4, 3, 0)
+    );
+    assert!(
+        again.describe().contains("--rejudge-failed"),
+        "{}",
+        again.describe()
+    );
+    assert_eq!(lines(&cfg.out), 4);
+
+    // With it, exactly the three failures are asked again; the good one is not.
+    cfg.rejudge_failed = true;
+    let re = run(&cfg).await.unwrap();
+    assert_eq!(re.rejudged, 3);
+    assert_eq!(re.already_done, 1);
+    assert_eq!((re.scored, re.unparsable), (1, 2));
+    assert_eq!(server.hits_for("mkgood"), 1);
+    assert_eq!(server.hits_for("mkflaky"), 2);
+    assert_eq!(server.hits_for("mkgarbage"), 2);
+    assert_eq!(server.hits_for("mkslow"), 2);
+    // Appended, never rewritten: the old failed lines are still there, the reader takes the
+    // newer review.
+    assert_eq!(lines(&cfg.out), 7);
+    let t = tuples(&cfg.out);
+    assert_eq!(t.len(), 4);
+    assert_eq!(t[&QuestionId::Int(1)], [8.0, 7.0]);
+    assert_eq!(t[&QuestionId::Int(2)], [6.0, 5.0]);
+    assert_eq!(t[&QuestionId::Int(3)], [-1.0, -1.0]);
+    assert_eq!(t[&QuestionId::Int(4)], [-1.0, -1.0]);
+    let file = read_reviews(&cfg.out).unwrap();
+    assert_eq!(file.duplicates, 0);
+    let s = summarize(&file.records);
+    assert_eq!((s.overall.parsed, s.overall.failed), (2, 2));
+
+    // Once more: slow now answers, garbage fails a third time, the rest is left alone.
+    let third = run(&cfg).await.unwrap();
+    assert_eq!((third.rejudged, third.scored, third.unparsable), (2, 1, 1));
+    assert_eq!(server.hits_for("mkflaky"), 2);
+    assert_eq!(server.hits_for("mkslow"), 3);
+    let t = tuples(&cfg.out);
+    assert_eq!(t[&QuestionId::Int(4)], [9.0, 3.0]);
+    assert_eq!(t[&QuestionId::Int(3)], [-1.0, -1.0]);
+    assert_eq!(lines(&cfg.out), 9);
+    // A new review takes the place of the failure it replaces.
+    assert_eq!(ids(&cfg.out), first_order);
+    let file = read_reviews(&cfg.out).unwrap();
+    let q4 = file
+        .records
+        .iter()
+        .find(|r| r.question_id == QuestionId::Int(4));
+    assert_eq!(q4.unwrap().category, "conv");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejudge_failed_with_limit_and_endpoint_failure_keeps_the_failure() {
+    let (base, server) = start(Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = bench(dir.path(), &[Some("mk503"), Some("mkgarbage")], &base);
+    // A failure recorded by an earlier run for question 1, whose endpoint now keeps failing.
+    std::fs::write(
+        &cfg.out,
+        "{\"question_id\":1,\"category\":\"conv\",\"content\":\"?\",\"tuple\":[-1.0,-1.0]}\n",
+    )
+    .unwrap();
+    cfg.rejudge_failed = true;
+    cfg.limit = Some(1);
+    let report = run(&cfg).await.unwrap();
+    // The limit counts rejudged questions like new ones.
+    assert_eq!(report.rejudged, 1);
+    assert_eq!(report.request_failures, 1);
+    assert_eq!(server.hits_for("mkgarbage"), 0);
+    // Nothing was written for question 1: its failed review stands.
+    let t = tuples(&cfg.out);
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[&QuestionId::Int(1)], [-1.0, -1.0]);
 }

@@ -118,7 +118,13 @@ pub fn shape_config(name: &str) -> Option<LlavaConfig> {
         ),
         _ => return None,
     };
-    Some(LlavaConfig {
+    Some(llava_config(vision, text, image_token))
+}
+
+/// LLaVA-1.5's arrangement of a tower and a decoder: a 2-layer GELU projector fed by the
+/// penultimate layer's patch features.
+fn llava_config(vision: ClipVisionConfig, text: LlamaConfig, image_token: u32) -> LlavaConfig {
+    LlavaConfig {
         vision_config: vision,
         text_config: text,
         image_token_index: image_token,
@@ -130,7 +136,52 @@ pub fn shape_config(name: &str) -> Option<LlavaConfig> {
         image_aspect_ratio: None,
         model_type: "llava".into(),
         architectures: None,
-    })
+    }
+}
+
+/// The sizes of the demo's small LLaVA (see [`demo_config`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DemoShape {
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub vision_hidden: usize,
+    pub vision_layers: usize,
+    pub text_hidden: usize,
+    pub text_intermediate: usize,
+    pub text_layers: usize,
+    pub text_heads: usize,
+}
+
+/// The demo's small LLaVA for the shapes world: a small CLIP-shaped tower (4 heads, MLP 4×
+/// wide) and a small LLaMA, over a vocabulary trained for the world, arranged as LLaVA-1.5.
+pub fn demo_config(
+    shape: &DemoShape,
+    vocab_size: usize,
+    image_token_index: u32,
+    pad_token_id: u32,
+) -> LlavaConfig {
+    let heads = shape.text_heads.max(1);
+    let mut text = llama(
+        vocab_size,
+        shape.text_hidden,
+        shape.text_intermediate,
+        shape.text_layers,
+        heads,
+        heads,
+        512,
+    );
+    text.pad_token_id = Some(pad_token_id);
+    let vision = ClipVisionConfig {
+        hidden_size: shape.vision_hidden,
+        intermediate_size: 4 * shape.vision_hidden,
+        num_hidden_layers: shape.vision_layers,
+        num_attention_heads: 4,
+        image_size: shape.image_size,
+        patch_size: shape.patch_size,
+        projection_dim: None,
+        ..clip_l14_336()
+    };
+    llava_config(vision, text, image_token_index)
 }
 
 /// Writes a complete random-weight checkpoint: weights, config, tokenizer, processor config

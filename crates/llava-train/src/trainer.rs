@@ -108,6 +108,8 @@ impl Trainer<'_> {
             Schedule::Constant
         };
         let clock = std::time::Instant::now();
+        // Time spent before a resume; checkpoints store the running total.
+        let elapsed_before = self.state.elapsed_s;
         let log_path = self.output.join("train_log.jsonl");
         let mut log = std::fs::OpenOptions::new()
             .create(true)
@@ -147,7 +149,7 @@ impl Trainer<'_> {
                 lr,
                 grad_norm,
                 tokens,
-                elapsed_s: self.state.elapsed_s + clock.elapsed().as_secs_f64(),
+                elapsed_s: elapsed_before + clock.elapsed().as_secs_f64(),
             };
             let line =
                 serde_json::to_string(&entry).map_err(|e| TrainError::Data(e.to_string()))?;
@@ -169,7 +171,7 @@ impl Trainer<'_> {
                 self.save(&dir)?;
             }
         }
-        self.state.elapsed_s += clock.elapsed().as_secs_f64();
+        self.state.elapsed_s = elapsed_before + clock.elapsed().as_secs_f64();
         let output = self.output.clone();
         self.save(&output)
     }

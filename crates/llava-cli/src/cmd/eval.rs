@@ -5,7 +5,7 @@
 //!     --out answers.jsonl [--temperature 0] [--max-new-tokens 512] [--conv-mode llava_v1]
 //! llava eval judge --questions questions.jsonl --context context.jsonl \
 //!     --reference answers_gpt4.jsonl --answers answers.jsonl \
-//!     --api-base https://api.openai.com/v1 --model gpt-4o --out reviews.jsonl
+//!     --api-base https://api.openai.com/v1 --model gpt-4o --out reviews.jsonl [--rejudge-failed]
 //! llava eval summarize reviews.jsonl [--json]
 //! llava eval mc --model DIR --questions scienceqa.jsonl --image-folder images/ --out answers.jsonl
 //! llava eval mc-prompts --questions scienceqa.jsonl --out questions.jsonl
@@ -242,6 +242,11 @@ struct JudgeArgs {
     /// Judge at most N new questions.
     #[arg(long, value_name = "N")]
     limit: Option<usize>,
+    /// On a rerun, ask again the questions recorded as [-1, -1] (no readable scores). The new
+    /// review is appended; when the file is read, a later review of a question replaces its
+    /// failed one. Without this flag a failed review counts as done.
+    #[arg(long)]
+    rejudge_failed: bool,
 }
 
 fn judge(a: JudgeArgs) -> anyhow::Result<()> {
@@ -259,6 +264,7 @@ fn judge(a: JudgeArgs) -> anyhow::Result<()> {
         max_tokens: a.teacher.max_tokens,
         parse_retries: a.parse_retries,
         limit: a.limit,
+        rejudge_failed: a.rejudge_failed,
     };
     let report = run_blocking(&cfg).context("judging failed")?;
     eprintln!("{}", report.describe());
@@ -298,7 +304,8 @@ pub fn run(c: EvalCommand) -> anyhow::Result<()> {
             }
             if file.duplicates > 0 {
                 eprintln!(
-                    "note: {} repeated question ids ignored (the first review of each is used)",
+                    "note: {} repeated question ids ignored (a later review replaces a failed \
+                     one; otherwise the first review of each is used)",
                     file.duplicates
                 );
             }
@@ -370,8 +377,31 @@ mod tests {
         ])
         .unwrap();
         assert!(
-            matches!(c.eval.sub, Sub::Judge(ref a) if a.parse_retries == 3 && a.teacher.concurrency == 16)
+            matches!(c.eval.sub, Sub::Judge(ref a) if a.parse_retries == 3
+                && a.teacher.concurrency == 16
+                && !a.rejudge_failed)
         );
+        let c = Cli::try_parse_from([
+            "x",
+            "judge",
+            "--questions",
+            "q",
+            "--context",
+            "c",
+            "--reference",
+            "r",
+            "--answers",
+            "a",
+            "--api-base",
+            "http://h/v1",
+            "--model",
+            "m",
+            "--out",
+            "o",
+            "--rejudge-failed",
+        ])
+        .unwrap();
+        assert!(matches!(c.eval.sub, Sub::Judge(ref a) if a.rejudge_failed));
         let c = Cli::try_parse_from([
             "x",
             "answer",

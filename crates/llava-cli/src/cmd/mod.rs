@@ -2,10 +2,12 @@
 
 pub mod chat;
 pub mod data;
+pub mod demo;
 pub mod eval;
 pub mod generate;
 pub mod init;
 pub mod instruct;
 pub mod model_args;
+pub mod teacher;
 pub mod teacher_args;
 pub mod train;

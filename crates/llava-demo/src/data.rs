@@ -1,0 +1,258 @@
+//! The demo's datasets, as LLaVA record files and `llava eval` question files.
+//!
+//! - **Captions** (stages 0 and 1): one record per caption, a brief-description instruction
+//!   with `<image>`, answered by the caption, as the paper's stage-1 data is laid out.
+//! - **Paragraphs** (stage 0): all captions of a picture as one detailed description.
+//! - **Text-only questions** (stage 0): a scene described in words, then questions about it.
+//!   They stand in for what the paper's LLM (Vicuna) brings to LLaVA: it already reads a
+//!   description and answers questions about it in the chat format.
+//! - **Probes** (part of stage 2): every kind of probe about one training image asked in one
+//!   multi-turn record, each turn either short-answer or multiple-choice, as LLaVA-1.5 packs
+//!   its academic VQA data.
+//! - **Benchmark** (test split): the same probes written as a short-answer file and a
+//!   multiple-choice file, with `category` = the question kind.
+
+use llava_data::record::{IMAGE_PLACEHOLDER, LlavaRecord, Turn};
+use llava_eval::mc::{mc_prompt, option_letter};
+use llava_eval::vqa::vqa_prompt;
+use rand::rngs::StdRng;
+use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+use crate::questions::probes;
+use crate::world::captions::order;
+use crate::world::Scene;
+
+/// One record per caption, each with a brief-description instruction drawn from
+/// `instructions` (llava-instruct's list).
+pub fn caption_records(
+    scenes: &[(Scene, Vec<String>)],
+    instructions: &[String],
+    seed: u64,
+) -> Vec<LlavaRecord> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut out = Vec::new();
+    for (s, caps) in scenes {
+        for (k, c) in caps.iter().enumerate() {
+            let instruction = instructions
+                .choose(&mut rng)
+                .map_or("Describe the image briefly.", String::as_str);
+            out.push(LlavaRecord {
+                id: json!(format!("{}_{k}", s.id)),
+                image: Some(s.file_name.clone()),
+                conversations: vec![
+                    Turn::human(format!("{IMAGE_PLACEHOLDER}\n{instruction}")),
+                    Turn::gpt(c.clone()),
+                ],
+            });
+        }
+    }
+    out
+}
+
+/// One record per scene whose answer is all of its captions in one paragraph, behind a
+/// detailed-description instruction: stage 0's captioning target. A paragraph per picture
+/// supervises every object through one pass of the tower, where five one-caption records
+/// would pay for the picture five times.
+pub fn paragraph_records(
+    scenes: &[(Scene, Vec<String>)],
+    instructions: &[String],
+    seed: u64,
+) -> Vec<LlavaRecord> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    scenes
+        .iter()
+        .map(|(s, caps)| {
+            let instruction = instructions
+                .choose(&mut rng)
+                .map_or("Describe the image in detail.", String::as_str);
+            LlavaRecord {
+                id: json!(format!("paragraph_{}", s.id)),
+                image: Some(s.file_name.clone()),
+                conversations: vec![
+                    Turn::human(format!("{IMAGE_PLACEHOLDER}\n{instruction}")),
+                    Turn::gpt(caps.join(" ")),
+                ],
+            }
+        })
+        .collect()
+}
+
+/// One question as a short-answer or a multiple-choice prompt, with its answer.
+fn ask(p: &crate::questions::Probe, mc: bool) -> (String, String) {
+    if mc {
+        let letter = option_letter(p.answer_index).unwrap_or('A');
+        (mc_prompt(&p.question, &p.options, None), letter.to_string())
+    } else {
+        (vqa_prompt(&p.question), p.answer.clone())
+    }
+}
+
+/// One text-only record per scene: the scene in words (its left-to-right caption), then every
+/// kind of probe about it.
+pub fn text_probe_records(scenes: &[Scene], seed: u64, mc_share: f64) -> Vec<LlavaRecord> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    scenes
+        .iter()
+        .map(|s| {
+            let description = order(s, &mut rng);
+            let mut turns = Vec::new();
+            for p in probes(s, &mut rng) {
+                let (q, a) = ask(&p, rng.random_bool(mc_share));
+                let q = if turns.is_empty() {
+                    format!("The picture: {description}\n{q}")
+                } else {
+                    q
+                };
+                turns.push(Turn::human(q));
+                turns.push(Turn::gpt(a));
+            }
+            LlavaRecord {
+                id: json!(format!("text_{}", s.id)),
+                image: None,
+                conversations: turns,
+            }
+        })
+        .collect()
+}
+
+/// One multi-turn probe record per scene; `mc_share` of the turns are multiple-choice.
+pub fn probe_records(scenes: &[Scene], seed: u64, mc_share: f64) -> Vec<LlavaRecord> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    scenes
+        .iter()
+        .map(|s| {
+            let mut turns = Vec::new();
+            for p in probes(s, &mut rng) {
+                let (q, a) = ask(&p, rng.random_bool(mc_share));
+                let q = if turns.is_empty() {
+                    format!("{IMAGE_PLACEHOLDER}\n{q}")
+                } else {
+                    q
+                };
+                turns.push(Turn::human(q));
+                turns.push(Turn::gpt(a));
+            }
+            LlavaRecord {
+                id: json!(format!("probe_{}", s.id)),
+                image: Some(s.file_name.clone()),
+                conversations: turns,
+            }
+        })
+        .collect()
+}
+
+/// The benchmark: (short-answer lines, multiple-choice lines), one probe per kind per scene.
+pub fn benchmark(scenes: &[Scene], seed: u64) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (mut vqa, mut mc) = (Vec::new(), Vec::new());
+    for s in scenes {
+        for p in probes(s, &mut rng) {
+            let id = format!("{}_{}", s.id, p.kind.name());
+            vqa.push(
+                json!({"question_id": id, "image": s.file_name, "question": p.question,
+                            "answer": p.answer, "category": p.kind.name()}),
+            );
+            mc.push(json!({"question_id": id, "image": s.file_name, "question": p.question,
+                           "options": p.options, "answer": p.answer_index, "category": p.kind.name()}));
+        }
+    }
+    (vqa, mc)
+}
+
+/// JSON Lines text.
+pub fn jsonl(lines: &[serde_json::Value]) -> String {
+    lines.iter().map(|l| format!("{l}\n")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::world::{WorldConfig, sample_split};
+
+    fn world() -> Vec<(Scene, Vec<String>)> {
+        let config = WorldConfig {
+            seed: 5,
+            image_size: 64,
+            train: 40,
+            val: 0,
+            test: 0,
+        };
+        sample_split(&config, "train")
+    }
+
+    #[test]
+    fn captions_become_instruction_records_with_the_image() {
+        let w = world();
+        let records = caption_records(&w, &["Say what you see.".to_string()], 1);
+        assert_eq!(records.len(), w.len() * 5);
+        let r = &records[7];
+        assert_eq!(r.image.as_deref(), Some(w[1].0.file_name.as_str()));
+        assert_eq!(r.conversations[0].value, "<image>\nSay what you see.");
+        assert_eq!(r.conversations[1].value, w[1].1[2]);
+    }
+
+    #[test]
+    fn paragraphs_hold_every_caption_once() {
+        let w = world();
+        let records = paragraph_records(&w, &["Tell me everything.".to_string()], 1);
+        assert_eq!(records.len(), w.len());
+        for (r, (s, caps)) in records.iter().zip(&w) {
+            assert_eq!(r.image.as_deref(), Some(s.file_name.as_str()));
+            assert_eq!(r.conversations[0].value, "<image>\nTell me everything.");
+            assert_eq!(r.conversations[1].value, caps.join(" "));
+        }
+    }
+
+    #[test]
+    fn text_records_describe_the_scene_and_answer_from_it() {
+        let w = world();
+        let scenes: Vec<Scene> = w.iter().map(|(s, _)| s.clone()).collect();
+        let records = text_probe_records(&scenes, 2, 0.5);
+        assert_eq!(records.len(), scenes.len());
+        let (mut mc, mut short) = (0, 0);
+        for (r, s) in records.iter().zip(&scenes) {
+            assert!(r.image.is_none());
+            let first = &r.conversations[0].value;
+            assert!(first.starts_with("The picture: "), "{first}");
+            for o in &s.objects {
+                assert!(first.contains(&o.name()), "{first} lacks {}", o.name());
+            }
+            for pair in r.conversations.chunks(2) {
+                if pair[0].value.ends_with(llava_eval::vqa::VQA_SUFFIX) {
+                    short += 1;
+                } else {
+                    mc += 1;
+                    assert_eq!(pair[1].value.len(), 1, "a letter: {}", pair[1].value);
+                }
+            }
+            // The count probe's answer is the number of objects.
+            let count = r
+                .conversations
+                .chunks(2)
+                .find(|p| p[0].value.contains("How many") || p[0].value.contains("Count"))
+                .expect("a count question");
+            let n = s.objects.len();
+            assert!(
+                count[1].value == n.to_string()
+                    || llava_eval::mc::parse_choice(&count[1].value, 5) == Some(n - 1),
+                "{count:?} for {n} objects"
+            );
+        }
+        assert!(mc > 20 && short > 20, "both forms: {mc} mc, {short} short");
+    }
+
+    #[test]
+    fn benchmark_forms_share_ids_and_answers() {
+        let w = world();
+        let scenes: Vec<Scene> = w.iter().map(|(s, _)| s.clone()).collect();
+        let (short, mc) = benchmark(&scenes, 3);
+        assert_eq!(short.len(), mc.len());
+        for (a, b) in short.iter().zip(&mc) {
+            assert_eq!(a["question_id"], b["question_id"]);
+            let i = b["answer"].as_u64().unwrap() as usize;
+            assert_eq!(b["options"][i], a["answer"]);
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! `llava demo`'s pieces that are not the model: the synthetic shapes world, the offline
+//! rule-based teacher, the world's tokenizer and the evaluation questions.
+
+pub mod data;
+pub mod error;
+pub mod questions;
+pub mod teacher;
+pub mod tokenizer;
+pub mod world;
