@@ -249,10 +249,17 @@ fn killed_and_resumed_run_logs_the_same_losses() {
     let elapsed: Vec<f64> = std::fs::read_to_string(straight.join("train_log.jsonl"))
         .expect("log")
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json")["elapsed_s"].as_f64().expect("elapsed_s"))
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("json")["elapsed_s"]
+                .as_f64()
+                .expect("elapsed_s")
+        })
         .collect();
     assert!(elapsed.windows(2).all(|w| w[0] <= w[1]), "{elapsed:?}");
-    assert!(elapsed.last().is_some_and(|&e| e > 0.0 && e <= wall), "{elapsed:?} vs {wall} s");
+    assert!(
+        elapsed.last().is_some_and(|&e| e > 0.0 && e <= wall),
+        "{elapsed:?} vs {wall} s"
+    );
 
     let interrupted = tmp.path().join("interrupted");
     let mut child = train_command(&base_model(), &data, &interrupted, &args)

@@ -21,8 +21,8 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 use crate::questions::probes;
-use crate::world::captions::order;
 use crate::world::Scene;
+use crate::world::captions::order;
 
 /// One record per caption, each with a brief-description instruction drawn from
 /// `instructions` (llava-instruct's list).

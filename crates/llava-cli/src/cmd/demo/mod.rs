@@ -105,6 +105,7 @@ pub fn run(c: DemoCommand) -> Result<()> {
         plan.train_scenes = n;
         plan.instruct_images = plan.instruct_images.min(n);
     }
+    validate(&plan)?;
     let layout = Layout { out: c.out.clone() };
     std::fs::create_dir_all(&layout.out)
         .with_context(|| format!("creating {}", layout.out.display()))?;
@@ -139,6 +140,37 @@ pub fn run(c: DemoCommand) -> Result<()> {
         report.total_seconds,
         layout.out.join("report.md").display()
     );
+    Ok(())
+}
+
+/// Sizes the world and the model cannot work with.
+fn validate(plan: &Plan) -> Result<()> {
+    let m = &plan.model;
+    if m.image_size < 32 || m.patch_size == 0 || !m.image_size.is_multiple_of(m.patch_size) {
+        anyhow::bail!(
+            "plan: image_size must be at least 32 and a multiple of patch_size (got {} and {})",
+            m.image_size,
+            m.patch_size
+        );
+    }
+    if plan.train_scenes == 0 || plan.test_scenes == 0 {
+        anyhow::bail!("plan: train_scenes and test_scenes must be at least 1");
+    }
+    for (name, s) in [
+        ("stage0", &plan.stage0),
+        ("stage1", &plan.stage1),
+        ("stage2", &plan.stage2),
+    ] {
+        if s.steps == 0 || s.batch_size == 0 {
+            anyhow::bail!("plan: {name} needs at least one step and a batch of at least 1");
+        }
+    }
+    if m.text_heads == 0
+        || !m.text_hidden.is_multiple_of(m.text_heads)
+        || !m.vision_hidden.is_multiple_of(4)
+    {
+        anyhow::bail!("plan: text_hidden must divide into text_heads, vision_hidden into 4 heads");
+    }
     Ok(())
 }
 

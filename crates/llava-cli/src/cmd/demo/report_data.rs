@@ -73,6 +73,8 @@ pub struct ReportBuilder {
     pub plan: Plan,
     pub quick: bool,
     pub teacher_requests: u64,
+    /// Requests the teacher refused with 429 (and the client retried).
+    pub teacher_refused: u64,
     pub datasets: Vec<(String, usize)>,
     pub stages: Vec<StageReport>,
     pub accuracy: Vec<AccuracyRow>,
@@ -87,6 +89,7 @@ impl ReportBuilder {
             plan: plan.clone(),
             quick,
             teacher_requests: 0,
+            teacher_refused: 0,
             datasets: Vec::new(),
             stages: Vec::new(),
             accuracy: Vec::new(),
@@ -217,8 +220,8 @@ impl ReportBuilder {
         let _ = writeln!(m, "## Data\n");
         let _ = writeln!(
             m,
-            "{} requests answered by the offline teacher over HTTP.\n",
-            self.teacher_requests
+            "{} requests to the offline teacher over HTTP, {} of them refused with 429 and retried.\n",
+            self.teacher_requests, self.teacher_refused
         );
         for (what, n) in &self.datasets {
             let _ = writeln!(m, "- {what}: {n}");

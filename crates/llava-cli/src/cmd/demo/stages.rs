@@ -70,7 +70,11 @@ pub fn world(plan: &Plan, layout: &Layout, _: &mut ReportBuilder) -> Result<()> 
 /// Step 2: Instruction data from the offline teacher over HTTP, then every dataset file.
 pub fn instruct(plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Result<()> {
     let paths = WorldPaths::new(layout.world());
-    let server = TeacherServer::start(&ServerConfig::default())?;
+    // Every 40th request is refused with a 429, so the run shows the client's retry path.
+    let server = TeacherServer::start(&ServerConfig {
+        fail_every: Some(40),
+        ..ServerConfig::default()
+    })?;
     eprintln!("offline teacher listening on {}", server.api_base());
     let api = server.api_base();
     for (split, limit, dir) in [
@@ -101,10 +105,9 @@ pub fn instruct(plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Res
             "--no-progress",
         ]))?;
     }
-    report.teacher_requests = server
-        .stats()
-        .requests
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let stats = server.stats();
+    report.teacher_requests = stats.requests.load(std::sync::atomic::Ordering::Relaxed);
+    report.teacher_refused = stats.refused.load(std::sync::atomic::Ordering::Relaxed);
     server.stop()?;
 
     let data = layout.data();
@@ -164,7 +167,12 @@ pub fn init(plan: &Plan, layout: &Layout, _: &mut ReportBuilder) -> Result<()> {
         if f == "stage2.json" {
             stage2_records = records.len();
         }
-        texts.extend(records.into_iter().flat_map(|r| r.conversations).map(|t| t.value));
+        texts.extend(
+            records
+                .into_iter()
+                .flat_map(|r| r.conversations)
+                .map(|t| t.value),
+        );
     }
     // The words stage 2's template adds to every sample, as often as it adds them, so that
     // its system prompt gets whole-word tokens rather than letters.
@@ -537,14 +545,8 @@ fn sample_chats(layout: &Layout, report: &mut ReportBuilder) -> Result<()> {
             messages.push(llava_data::conversation::Message::user(q, images));
             let prompt = pipeline.render(&messages)?;
             let ids = pipeline.encode(&prompt)?;
-            let out = pipeline.generate(
-                &ids,
-                pixels.as_ref(),
-                &Default::default(),
-                160,
-                &[],
-                |_| {},
-            )?;
+            let out =
+                pipeline.generate(&ids, pixels.as_ref(), &Default::default(), 160, &[], |_| {})?;
             let answer = out.text.trim().to_string();
             messages.push(llava_data::conversation::Message::assistant(answer.clone()));
             turns.push((q.to_string(), answer));
