@@ -357,7 +357,7 @@ mod tests {
 
     #[test]
     fn subcommands_parse() {
-        let c = Cli::try_parse_from([
+        let judge = [
             "x",
             "judge",
             "--questions",
@@ -374,33 +374,14 @@ mod tests {
             "m",
             "--out",
             "o",
-        ])
-        .unwrap();
+        ];
+        let c = Cli::try_parse_from(judge).unwrap();
         assert!(
             matches!(c.eval.sub, Sub::Judge(ref a) if a.parse_retries == 3
                 && a.teacher.concurrency == 16
                 && !a.rejudge_failed)
         );
-        let c = Cli::try_parse_from([
-            "x",
-            "judge",
-            "--questions",
-            "q",
-            "--context",
-            "c",
-            "--reference",
-            "r",
-            "--answers",
-            "a",
-            "--api-base",
-            "http://h/v1",
-            "--model",
-            "m",
-            "--out",
-            "o",
-            "--rejudge-failed",
-        ])
-        .unwrap();
+        let c = Cli::try_parse_from(judge.iter().chain(&["--rejudge-failed"])).unwrap();
         assert!(matches!(c.eval.sub, Sub::Judge(ref a) if a.rejudge_failed));
         let c = Cli::try_parse_from([
             "x",
