@@ -2,7 +2,7 @@
 //!
 //! - **Captions** (stages 0 and 1): one record per caption, a brief-description instruction
 //!   with `<image>`, answered by the caption, as the paper's stage-1 data is laid out.
-//! - **Paragraphs** (stage 0): all captions of a picture as one detailed description.
+//! - **Left-to-right captions** (stage 0): every object of a picture, in order.
 //! - **Text-only questions** (stage 0): a scene described in words, then questions about it.
 //!   They stand in for what the paper's LLM (Vicuna) brings to LLaVA: it already reads a
 //!   description and answers questions about it in the chat format.
@@ -51,11 +51,12 @@ pub fn caption_records(
     out
 }
 
-/// One record per scene whose answer is all of its captions in one paragraph, behind a
-/// detailed-description instruction: stage 0's captioning target. A paragraph per picture
-/// supervises every object through one pass of the tower, where five one-caption records
-/// would pay for the picture five times.
-pub fn paragraph_records(
+/// One record per scene whose answer is its left-to-right caption, behind a description
+/// instruction: stage 0's captioning target. Every word of it depends on the picture (which
+/// objects, in which order), so the tower gets a signal from every token; a paragraph of all
+/// five captions was mostly predictable from its own first sentence, and the model learned to
+/// ignore the picture.
+pub fn order_caption_records(
     scenes: &[(Scene, Vec<String>)],
     instructions: &[String],
     seed: u64,
@@ -63,16 +64,16 @@ pub fn paragraph_records(
     let mut rng = StdRng::seed_from_u64(seed);
     scenes
         .iter()
-        .map(|(s, caps)| {
+        .map(|(s, _)| {
             let instruction = instructions
                 .choose(&mut rng)
                 .map_or("Describe the image in detail.", String::as_str);
             LlavaRecord {
-                id: json!(format!("paragraph_{}", s.id)),
+                id: json!(format!("order_{}", s.id)),
                 image: Some(s.file_name.clone()),
                 conversations: vec![
                     Turn::human(format!("{IMAGE_PLACEHOLDER}\n{instruction}")),
-                    Turn::gpt(caps.join(" ")),
+                    Turn::gpt(order(s, &mut rng)),
                 ],
             }
         })
@@ -194,14 +195,20 @@ mod tests {
     }
 
     #[test]
-    fn paragraphs_hold_every_caption_once() {
+    fn order_captions_name_every_object_left_to_right() {
         let w = world();
-        let records = paragraph_records(&w, &["Tell me everything.".to_string()], 1);
+        let records = order_caption_records(&w, &["Tell me everything.".to_string()], 1);
         assert_eq!(records.len(), w.len());
-        for (r, (s, caps)) in records.iter().zip(&w) {
+        for (r, (s, _)) in records.iter().zip(&w) {
             assert_eq!(r.image.as_deref(), Some(s.file_name.as_str()));
             assert_eq!(r.conversations[0].value, "<image>\nTell me everything.");
-            assert_eq!(r.conversations[1].value, caps.join(" "));
+            let text = &r.conversations[1].value;
+            let at: Vec<usize> = s
+                .objects
+                .iter()
+                .map(|o| text.find(&o.name()).expect("named"))
+                .collect();
+            assert!(at.windows(2).all(|w| w[0] < w[1]), "{text}");
         }
     }
 

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use llava_data::record::LlavaRecord;
 use llava_demo::data::{
-    benchmark, caption_records, jsonl, paragraph_records, probe_records, text_probe_records,
+    benchmark, caption_records, jsonl, order_caption_records, probe_records, text_probe_records,
 };
 use llava_demo::teacher::server::{ServerConfig, TeacherServer};
 use llava_demo::tokenizer::{IMAGE_TOKEN_INDEX, PAD_TOKEN_ID, save_tokenizer, train_tokenizer};
@@ -117,10 +117,10 @@ pub fn instruct(plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Res
     let prompts = llava_instruct::PromptLibrary::builtin()?;
     let captions = caption_records(&train, &prompts.brief_instructions, plan.seed);
     write_records(&data.join("captions.json"), &captions)?;
-    let paragraphs = paragraph_records(&train, &prompts.detail_instructions, plan.seed ^ 0xd37a);
+    let ordered = order_caption_records(&train, &prompts.detail_instructions, plan.seed ^ 0xd37a);
     let scenes: Vec<_> = train.iter().map(|(s, _)| s.clone()).collect();
     let text = text_probe_records(&scenes, plan.seed ^ 0x7e47, 0.5);
-    let mut stage0 = paragraphs.clone();
+    let mut stage0 = ordered.clone();
     stage0.extend(text.iter().cloned());
     write_records(&data.join("stage0.json"), &stage0)?;
     let instruct: Vec<LlavaRecord> =
@@ -134,7 +134,7 @@ pub fn instruct(plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Res
     write(&data.join("bench_short.jsonl"), &jsonl(&vqa))?;
     write(&data.join("bench_mc.jsonl"), &jsonl(&mc))?;
     report.datasets = vec![
-        ("caption paragraphs (stage 0)".into(), paragraphs.len()),
+        ("left-to-right captions (stage 0)".into(), ordered.len()),
         ("captions (stage 1)".into(), captions.len()),
         ("text-only question records (stage 0)".into(), text.len()),
         ("teacher instruction data".into(), instruct.len()),
@@ -142,8 +142,8 @@ pub fn instruct(plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Res
         ("benchmark questions (per form)".into(), vqa.len()),
     ];
     eprintln!(
-        "{} paragraphs + {} text question records (stage 0), {} caption records (stage 1), {} instruction records + {} probe records, {} benchmark questions",
-        paragraphs.len(),
+        "{} left-to-right captions + {} text question records (stage 0), {} caption records (stage 1), {} instruction records + {} probe records, {} benchmark questions",
+        ordered.len(),
         text.len(),
         captions.len(),
         instruct.len(),
@@ -296,7 +296,7 @@ fn stage_args(
 }
 
 /// Step 4: Stage 0, standing in for CLIP's and Vicuna's pretraining: the whole model learns to
-/// caption the world's pictures and to answer questions about scenes described in words. Its
+/// name the objects of each picture left to right and to answer questions about scenes described in words. Its
 /// projector is then thrown away, so that stage 1 aligns a fresh one.
 pub fn stage0(plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Result<()> {
     let out = layout.stage(0);
