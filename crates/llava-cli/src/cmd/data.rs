@@ -10,6 +10,8 @@ use llava_data::record::read_dataset;
 use llava_data::sample::{IGNORE_INDEX, SampleOptions, tokenize_record};
 use llava_data::tokenizer::Tokenizer;
 use llava_model::Checkpoint;
+
+use super::model_args::CheckpointArgs;
 use serde::Serialize;
 
 #[derive(clap::Args, Debug)]
@@ -26,12 +28,9 @@ pub enum DataSubcommand {
 
 #[derive(clap::Args, Debug)]
 pub struct PreviewArgs {
-    /// Checkpoint whose tokenizer and image-token settings to use.
-    #[arg(long)]
-    pub model: String,
-    /// CLIP directory for original-layout checkpoints.
-    #[arg(long)]
-    pub vision_tower: Option<PathBuf>,
+    // The checkpoint whose tokenizer and image-token settings to use.
+    #[command(flatten)]
+    pub checkpoint: CheckpointArgs,
     /// LLaVA dataset: a JSON array or JSONL of {id, image?, conversations}.
     #[arg(long)]
     pub data: PathBuf,
@@ -71,8 +70,8 @@ fn preview(p: PreviewArgs) -> Result<()> {
             ConvTemplate::NAMES.join(", ")
         );
     };
-    let checkpoint = Checkpoint::open(&p.model, p.vision_tower.as_deref())
-        .with_context(|| format!("loading {}", p.model))?;
+    let checkpoint = Checkpoint::open(&p.checkpoint.model, p.checkpoint.vision_tower.as_deref())
+        .with_context(|| format!("loading {}", p.checkpoint.model))?;
     let tokenizer = Tokenizer::from_dir(&checkpoint.dir)?;
     let records = read_dataset(&p.data)?;
     let Some(record) = records.get(p.index) else {

@@ -138,10 +138,10 @@ fn answer(
         pipeline.eos_token_ids.clear();
     }
     let model_id = a.model_id.clone().unwrap_or_else(|| {
-        std::path::Path::new(&a.model.model)
+        std::path::Path::new(&a.model.checkpoint.model)
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| a.model.model.clone())
+            .unwrap_or_else(|| a.model.checkpoint.model.clone())
     });
     let cfg = AnswerConfig {
         questions: a.questions,

@@ -1,4 +1,4 @@
-//! Flags shared by every subcommand that loads a checkpoint (`generate`, `chat`, `eval answer`).
+//! Flags shared by the subcommands that load a checkpoint.
 
 use std::path::PathBuf;
 
@@ -8,8 +8,10 @@ use llava_model::generation::SamplingParams;
 use llava_model::pipeline::{Pipeline, PipelineOptions};
 use llava_model::{DType, Device};
 
+/// Which checkpoint: the two flags every checkpoint-reading subcommand takes (`generate`,
+/// `chat`, `eval`, `train`, `data preview`).
 #[derive(clap::Args, Debug, Clone)]
-pub struct ModelArgs {
+pub struct CheckpointArgs {
     /// Checkpoint directory (HF llava layout or original LLaVA layout), or a hub id already in
     /// the local Hugging Face cache.
     #[arg(long)]
@@ -17,6 +19,12 @@ pub struct ModelArgs {
     /// CLIP directory for original-layout checkpoints whose `mm_vision_tower` is not local.
     #[arg(long)]
     pub vision_tower: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    #[command(flatten)]
+    pub checkpoint: CheckpointArgs,
     /// Compute dtype: f32 (exact reference), bf16 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
@@ -53,14 +61,14 @@ impl ModelArgs {
             None => None,
         };
         let opts = PipelineOptions {
-            model: self.model.clone(),
-            vision_tower: self.vision_tower.clone(),
+            model: self.checkpoint.model.clone(),
+            vision_tower: self.checkpoint.vision_tower.clone(),
             dtype,
             device,
             template: self.template.clone(),
             image_aspect_ratio,
         };
-        Pipeline::load(&opts).with_context(|| format!("loading {}", self.model))
+        Pipeline::load(&opts).with_context(|| format!("loading {}", self.checkpoint.model))
     }
 }
 

@@ -17,6 +17,8 @@ use llava_train::data::{DataStats, TrainDataset};
 use llava_train::optim::{AdamW, AdamWConfig};
 use llava_train::trainer::{Stage, TrainConfig, Trainer};
 
+use super::model_args::CheckpointArgs;
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum StageArg {
     Pretrain,
@@ -34,12 +36,9 @@ pub struct TrainCommand {
     /// pretrain: stage 1, projector only. finetune: stage 2, projector + language model.
     #[arg(long, value_enum)]
     pub stage: StageArg,
-    /// The checkpoint to start from (HF llava layout or original layout).
-    #[arg(long)]
-    pub model: String,
-    /// CLIP directory for original-layout checkpoints.
-    #[arg(long)]
-    pub vision_tower: Option<PathBuf>,
+    // The checkpoint to start from.
+    #[command(flatten)]
+    pub checkpoint: CheckpointArgs,
     /// LLaVA dataset: JSON array or JSONL of {id, image?, conversations}.
     #[arg(long)]
     pub data: PathBuf,
@@ -163,7 +162,7 @@ pub fn run(c: TrainCommand) -> Result<()> {
                     c.output.display()
                 );
             }
-            (c.model.clone(), TrainerState::default())
+            (c.checkpoint.model.clone(), TrainerState::default())
         }
     };
     std::fs::create_dir_all(&c.output)
@@ -172,7 +171,7 @@ pub fn run(c: TrainCommand) -> Result<()> {
         truncate_log(&c.output, state.step)?;
     }
 
-    let checkpoint = Checkpoint::open(&model_source, c.vision_tower.as_deref())
+    let checkpoint = Checkpoint::open(&model_source, c.checkpoint.vision_tower.as_deref())
         .with_context(|| format!("loading {model_source}"))?;
     let device = Device::Cpu;
     let mut weights = checkpoint.weights(DType::F32, &device)?;
