@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use llava_demo::teacher::words::article;
+use llava_demo::words::article;
 use llava_demo::world::scene::{COLOURS, SHAPES};
 use llava_demo::world::{self, Scene, WorldConfig, WorldPaths};
 use serde_json::{Value, json};

@@ -6,4 +6,5 @@ pub mod error;
 pub mod questions;
 pub mod teacher;
 pub mod tokenizer;
+pub mod words;
 pub mod world;

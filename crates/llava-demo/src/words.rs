@@ -1,13 +1,11 @@
-//! Small pieces of English shared by the teacher's readers and writers: splitting text into
-//! sentences and words, number words, articles and lists.
+//! Small pieces of English shared by the world's captions and the teacher's readers and
+//! writers: splitting text into sentences and words, number words, articles and lists.
 //!
-//! Reading and writing use the same vocabulary on purpose: what the teacher writes, its own
-//! judge can read back.
+//! Reading and writing use the same vocabulary on purpose: what the captions and the teacher
+//! write, the teacher's knowledge and judge can read back.
 
-pub use crate::world::captions::join_list;
-
-/// Number words the teacher reads and writes; beyond ten it uses digits.
-const NUMBER_WORDS: [&str; 11] = [
+/// Number words that are read and written; beyond ten, digits.
+pub const NUMBER_WORDS: [&str; 11] = [
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
 ];
 
@@ -27,6 +25,15 @@ pub fn parse_number(word: &str) -> Option<usize> {
         return None;
     }
     word.parse().ok()
+}
+
+/// `a, b and c`.
+pub fn join_list(items: &[String]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.clone(),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
+    }
 }
 
 /// `a` or `an` for the word that follows.

@@ -11,7 +11,7 @@ use std::time::Duration;
 use llava_demo::teacher::claims::{self, Claim};
 use llava_demo::teacher::knowledge::{Knowledge, SceneObject};
 use llava_demo::teacher::{ServerConfig, TeacherServer, respond};
-use llava_demo::world::captions::NUMBER_WORDS;
+use llava_demo::words::NUMBER_WORDS;
 use llava_demo::world::scene::{COLOURS, SHAPES};
 use llava_demo::world::{Scene, WorldConfig, WorldPaths, sample_split, write_world};
 use llava_instruct::client::Role;

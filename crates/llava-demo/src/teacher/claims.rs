@@ -19,7 +19,7 @@
 //! is checkable only when one object has that shape.
 
 use super::knowledge::{Knowledge, is_colour, mentions, shape_of};
-use super::words::{number_word, parse_number, sentences, words};
+use crate::words::{number_word, parse_number, sentences, words};
 
 /// An object named in a claim: colour and shape, or the shape alone.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -15,7 +15,7 @@ use rand::seq::IndexedRandom;
 use crate::world::scene::SHAPES;
 
 use super::knowledge::{Knowledge, SceneObject};
-use super::words::{capitalise, join_list, number_word, plural_if, with_article};
+use crate::words::{capitalise, join_list, number_word, plural_if, with_article};
 
 type Pair = (String, String);
 

@@ -16,7 +16,7 @@ use rand::seq::{IndexedRandom, SliceRandom};
 use crate::world::scene::{COLOURS, SHAPES};
 
 use super::knowledge::{Knowledge, SceneObject};
-use super::words::{capitalise, join_list, number_word, with_article};
+use crate::words::{capitalise, join_list, number_word, with_article};
 
 type Pair = (String, String);
 

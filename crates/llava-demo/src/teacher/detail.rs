@@ -10,7 +10,7 @@ use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
 
 use super::knowledge::{Knowledge, SceneObject};
-use super::words::{capitalise, join_list, number_word, with_article};
+use crate::words::{capitalise, join_list, number_word, with_article};
 
 fn pick<'a>(rng: &mut StdRng, options: &[&'a str]) -> &'a str {
     options.choose(rng).copied().unwrap_or("")

@@ -21,7 +21,7 @@
 use crate::world::scene::{COLOURS, SHAPES, Size};
 
 use super::claims;
-use super::words::{sentences, words};
+use crate::words::{sentences, words};
 
 /// A box in 0..1 image fractions: left, top, right, bottom.
 pub type Bbox = [f64; 4];

@@ -22,7 +22,6 @@ pub mod judge;
 pub mod knowledge;
 pub mod server;
 pub mod task;
-pub mod words;
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;

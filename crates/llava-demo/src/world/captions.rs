@@ -20,19 +20,10 @@ use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
 
 use super::scene::{Object, Scene};
-
-pub const NUMBER_WORDS: [&str; 6] = ["zero", "one", "two", "three", "four", "five"];
+use crate::words::{article, capitalise, join_list, number_word, plural_if, with_article};
 
 /// How many captions each image has.
 pub const CAPTIONS_PER_IMAGE: usize = 5;
-
-fn article(word: &str) -> &'static str {
-    if word.starts_with(['a', 'e', 'i', 'o', 'u']) {
-        "an"
-    } else {
-        "a"
-    }
-}
 
 /// `a red circle` or `a large red circle`, the size said half the time.
 fn phrase(o: &Object, rng: &mut impl Rng) -> String {
@@ -41,28 +32,7 @@ fn phrase(o: &Object, rng: &mut impl Rng) -> String {
     } else {
         o.name()
     };
-    format!("{} {words}", article(&words))
-}
-
-/// `a, b and c`.
-pub fn join_list(items: &[String]) -> String {
-    match items {
-        [] => String::new(),
-        [one] => one.clone(),
-        [init @ .., last] => format!("{} and {last}", init.join(", ")),
-    }
-}
-
-fn capitalise(s: &str) -> String {
-    let mut c = s.chars();
-    match c.next() {
-        Some(f) => f.to_uppercase().chain(c).collect(),
-        None => String::new(),
-    }
-}
-
-pub fn plural(shape: &str) -> String {
-    format!("{shape}s")
+    with_article(&words)
 }
 
 /// The **order** caption: every object, left to right.
@@ -86,7 +56,7 @@ pub fn order(s: &Scene, rng: &mut impl Rng) -> String {
 
 fn count(s: &Scene, rng: &mut impl Rng) -> String {
     let n = s.objects.len();
-    let word = NUMBER_WORDS[n.min(5)];
+    let word = number_word(n);
     if n == 1 {
         return match rng.random_range(0..2) {
             0 => "There is only one shape in this picture.".into(),
@@ -101,7 +71,7 @@ fn count(s: &Scene, rng: &mut impl Rng) -> String {
         0 => format!("There are {word} shapes in the picture."),
         1 => format!(
             "{} objects on {} {} background.",
-            capitalise(word),
+            capitalise(&word),
             article(&s.background),
             s.background
         ),
@@ -179,7 +149,7 @@ fn tally(s: &Scene, rng: &mut impl Rng) -> String {
         .iter()
         .map(|(k, n)| match n {
             1 => format!("{} {k}", article(k)),
-            n => format!("{} {}", NUMBER_WORDS[(*n).min(5)], plural(k)),
+            n => format!("{} {}", number_word(*n), plural_if(k, *n)),
         })
         .collect();
     if let [(shape, 1)] = kinds.as_slice() {

@@ -386,15 +386,10 @@ pub fn stage2(plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Resul
 pub fn eval(_plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Result<()> {
     let dir = layout.eval();
     std::fs::create_dir_all(&dir)?;
-    for (model_name, model) in [
-        ("before stage 2", layout.stage(1)),
-        ("after stage 2", layout.stage(2)),
+    for (model_name, tag, model) in [
+        ("before stage 2", "stage1", layout.stage(1)),
+        ("after stage 2", "stage2", layout.stage(2)),
     ] {
-        let tag = if model == layout.stage(1) {
-            "stage1"
-        } else {
-            "stage2"
-        };
         for (form, file) in [("short", "bench_short.jsonl"), ("mc", "bench_mc.jsonl")] {
             let questions = layout.data().join(file);
             let answers = dir.join(format!("{tag}_{form}_answers.jsonl"));
