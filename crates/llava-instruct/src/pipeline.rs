@@ -653,9 +653,9 @@ mod tests {
         assert!("-1".parse::<Price>().is_err());
     }
 
-    #[test]
-    fn type_limits_pick_seeded_subsets() {
-        let entries: Vec<ImageEntry> = (0..50)
+    /// `n` images with ids `000000000000`… and no annotations.
+    fn blank_entries(n: usize) -> Vec<ImageEntry> {
+        (0..n)
             .map(|i| ImageEntry {
                 id: format!("{i:012}"),
                 image: format!("{i}.jpg"),
@@ -664,7 +664,12 @@ mod tests {
                 captions: vec![],
                 boxes: vec![],
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn type_limits_pick_seeded_subsets() {
+        let entries: Vec<ImageEntry> = blank_entries(50);
         let sel: Vec<&ImageEntry> = entries.iter().collect();
         let types = [
             InstructType::Conversation,
@@ -702,16 +707,7 @@ mod tests {
 
     #[test]
     fn selection_shards_then_limits() {
-        let entries: Vec<ImageEntry> = (0..100)
-            .map(|i| ImageEntry {
-                id: format!("{i:012}"),
-                image: format!("{i}.jpg"),
-                width: 1.0,
-                height: 1.0,
-                captions: vec![],
-                boxes: vec![],
-            })
-            .collect();
+        let entries: Vec<ImageEntry> = blank_entries(100);
         let all = select(&entries, Shard::default(), Some(10));
         assert_eq!(all.len(), 10);
         assert_eq!(all[0].id, "000000000000");
