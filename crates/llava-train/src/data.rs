@@ -25,6 +25,58 @@ pub struct TrainDataset {
     pub strict: bool,
 }
 
+/// `--group-by-modality-length` sorts by length within runs of this many batches, as HF's
+/// `LengthGroupedSampler` does, so that the order stays random at a larger scale.
+const MEGABATCH_BATCHES: usize = 50;
+
+/// A record's length for grouping, in words, as LLaVA estimates it (no tokenising needed).
+fn word_length(record: &LlavaRecord) -> usize {
+    record
+        .conversations
+        .iter()
+        .map(|t| t.value.split_whitespace().count())
+        .sum()
+}
+
+/// LLaVA's `--group_by_modality_length`: reorders an epoch so that each run of
+/// `batch_size` records has one modality (all with an image, or all text-only) and similar
+/// lengths, which cuts the padding of mixed data. Records are sorted by length within
+/// megabatches of [`MEGABATCH_BATCHES`] batches taken in `order`, so the epoch stays
+/// shuffled; full batches then come in a seeded random order, and the two modalities'
+/// incomplete last batches come at the end.
+pub fn group_by_modality_length(
+    records: &[LlavaRecord],
+    order: &[usize],
+    batch_size: usize,
+    seed: u64,
+    epoch: u64,
+) -> Vec<usize> {
+    let batch_size = batch_size.max(1);
+    let mut full: Vec<Vec<usize>> = Vec::new();
+    let mut rest: Vec<usize> = Vec::new();
+    for with_image in [true, false] {
+        let of_modality: Vec<usize> = order
+            .iter()
+            .copied()
+            .filter(|&i| records[i].image.is_some() == with_image)
+            .collect();
+        let mut batches: Vec<Vec<usize>> = Vec::new();
+        for mega in of_modality.chunks(batch_size * MEGABATCH_BATCHES) {
+            let mut mega = mega.to_vec();
+            mega.sort_by_key(|&i| std::cmp::Reverse(word_length(&records[i])));
+            batches.extend(mega.chunks(batch_size).map(<[usize]>::to_vec));
+        }
+        if batches.last().is_some_and(|b| b.len() < batch_size) {
+            rest.extend(batches.pop().unwrap_or_default());
+        }
+        full.extend(batches);
+    }
+    let mut rng =
+        rand::rngs::StdRng::seed_from_u64(seed.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ epoch);
+    full.shuffle(&mut rng);
+    full.into_iter().flatten().chain(rest).collect()
+}
+
 /// One usable sample.
 pub struct Item {
     pub sample: TokenizedSample,
@@ -173,5 +225,58 @@ impl TrainDataset {
             supervised_tokens,
             tokens,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llava_data::record::Turn;
+
+    fn record(words: usize, image: bool) -> LlavaRecord {
+        LlavaRecord {
+            id: serde_json::json!(words),
+            image: image.then(|| "x.png".to_string()),
+            conversations: vec![Turn::human("q"), Turn::gpt(vec!["w"; words].join(" "))],
+        }
+    }
+
+    #[test]
+    fn grouped_batches_have_one_modality_and_sorted_lengths() {
+        let records: Vec<LlavaRecord> = (0..103).map(|i| record(i * 7 % 31, i % 3 == 0)).collect();
+        let order: Vec<usize> = (0..records.len()).rev().collect();
+        let grouped = group_by_modality_length(&records, &order, 4, 1, 0);
+        let mut sorted = grouped.clone();
+        sorted.sort_unstable();
+        assert_eq!(
+            sorted,
+            (0..records.len()).collect::<Vec<_>>(),
+            "a permutation"
+        );
+        // 35 records with an image and 68 without: 8 + 17 full batches, then 3 left over.
+        let (full, rest) = grouped.split_at(25 * 4);
+        for batch in full.chunks(4) {
+            let modality = records[batch[0]].image.is_some();
+            assert!(
+                batch
+                    .iter()
+                    .all(|&i| records[i].image.is_some() == modality)
+            );
+            let lengths: Vec<usize> = batch.iter().map(|&i| word_length(&records[i])).collect();
+            assert!(lengths.windows(2).all(|w| w[0] >= w[1]), "{lengths:?}");
+        }
+        assert_eq!(rest.len(), 3);
+        // The batch order is shuffled, not all image batches first.
+        let first_modalities: Vec<bool> = full
+            .chunks(4)
+            .map(|b| records[b[0]].image.is_some())
+            .collect();
+        assert!(
+            first_modalities[..8].iter().any(|m| !m),
+            "{first_modalities:?}"
+        );
+        // Seeded: the same call gives the same order, another epoch another.
+        assert_eq!(grouped, group_by_modality_length(&records, &order, 4, 1, 0));
+        assert_ne!(grouped, group_by_modality_length(&records, &order, 4, 1, 1));
     }
 }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{TrainerState, save_checkpoint};
 use crate::clip::clip_grad_norm;
-use crate::data::{Batch, DataStats, Item, TrainDataset};
+use crate::data::{Batch, DataStats, Item, TrainDataset, group_by_modality_length};
 use crate::error::{Result, TrainError};
 use crate::optim::AdamW;
 use crate::schedule::{Schedule, lr_at, warmup_steps};
@@ -56,6 +56,9 @@ pub struct TrainConfig {
     pub max_grad_norm: f64,
     pub seed: u64,
     pub shuffle: bool,
+    /// Batches of one modality and similar length (LLaVA's `group_by_modality_length`).
+    #[serde(default)]
+    pub group_by_modality_length: bool,
     pub save_steps: Option<u64>,
     pub unfreeze_vision: bool,
 }
@@ -116,13 +119,16 @@ impl Trainer<'_> {
             .append(true)
             .open(&log_path)
             .map_err(TrainError::io(&log_path))?;
+        // Recomputed only when the epoch changes: grouping reads every record's length.
+        let mut epoch_order: Option<(u64, Vec<usize>)> = None;
         while self.state.step < total {
-            let order = self
-                .data
-                .order(self.config.seed, self.state.epoch, self.config.shuffle);
+            if epoch_order.as_ref().map(|(e, _)| *e) != Some(self.state.epoch) {
+                epoch_order = Some((self.state.epoch, self.epoch_order()));
+            }
+            let order = epoch_order.as_ref().map_or(&[][..], |(_, o)| o.as_slice());
             let mut micro = Vec::new();
             for _ in 0..self.config.grad_accum.max(1) {
-                let items = self.next_items(&order)?;
+                let items = self.next_items(order)?;
                 if items.is_empty() {
                     break;
                 }
@@ -174,6 +180,24 @@ impl Trainer<'_> {
         self.state.elapsed_s = elapsed_before + clock.elapsed().as_secs_f64();
         let output = self.output.clone();
         self.save(&output)
+    }
+
+    /// The record order of the current epoch, from the seed alone (so a resume sees it again).
+    fn epoch_order(&self) -> Vec<usize> {
+        let c = &self.config;
+        let order = self.data.order(c.seed, self.state.epoch, c.shuffle);
+        if c.group_by_modality_length {
+            let per_step = c.batch_size;
+            group_by_modality_length(
+                &self.data.records,
+                &order,
+                per_step,
+                c.seed,
+                self.state.epoch,
+            )
+        } else {
+            order
+        }
     }
 
     /// The next `batch_size` usable items of this epoch, skipping bad records.

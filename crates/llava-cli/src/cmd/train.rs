@@ -84,6 +84,10 @@ pub struct TrainCommand {
     pub seed: u64,
     #[arg(long)]
     pub no_shuffle: bool,
+    /// Batch records of one modality (image or text-only) and similar length together, as
+    /// LLaVA's `--group_by_modality_length` does: less padding on mixed data.
+    #[arg(long)]
+    pub group_by_modality_length: bool,
     /// Save a checkpoint-N folder every N steps (for --resume).
     #[arg(long)]
     pub save_steps: Option<u64>,
@@ -138,6 +142,7 @@ pub fn run(c: TrainCommand) -> Result<()> {
         max_grad_norm: c.max_grad_norm,
         seed: c.seed,
         shuffle: !c.no_shuffle,
+        group_by_modality_length: c.group_by_modality_length,
         save_steps: c.save_steps,
         unfreeze_vision: c.unfreeze_vision,
     };
