@@ -9,6 +9,19 @@ mod cmd;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `mi_option_purge_delay` in mimalloc.h (v2 and v3); the Rust bindings skip it.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// By default mimalloc still returns freed memory to the kernel after 10 ms, so every training
+/// step re-faulted (and the kernel re-zeroed) the pages of its largest tensors: about a tenth of
+/// a demo step (BENCHMARKS.md). Never purging keeps them; the process's peak is what it holds.
+fn keep_freed_memory() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets an integer option; mimalloc reads options at each use.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    }
+}
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -46,6 +59,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
