@@ -98,6 +98,10 @@ fn quick_demo_runs_every_stage_and_resumes() {
         }
     }
     let after = overall(&report, "after stage 2", "mc");
+    // Stage 0's captions of every test picture were generated and checked.
+    let captions = &report["stage0_captions"];
+    assert_eq!(captions["captions"], plan["test_scenes"], "{captions}");
+    assert!(captions["objects"].as_u64().unwrap() >= captions["captions"].as_u64().unwrap());
 
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     for needle in [
@@ -105,6 +109,7 @@ fn quick_demo_runs_every_stage_and_resumes() {
         "| count |",
         "stage0/loss.png",
         "llava train --stage pretrain",
+        "Stage 0's captions of",
     ] {
         assert!(md.contains(needle), "report.md lacks {needle:?}");
     }

@@ -3,9 +3,9 @@
 //! - **Captions** (stages 0 and 1): one record per caption, a brief-description instruction
 //!   with `<image>`, answered by the caption, as the paper's stage-1 data is laid out.
 //! - **Left-to-right captions** (stage 0): every object of a picture, in order.
-//! - **Text-only questions** (stage 0): a scene described in words, then questions about it.
-//!   They stand in for what the paper's LLM (Vicuna) brings to LLaVA: it already reads a
-//!   description and answers questions about it in the chat format.
+//! - **Text-only questions** (part of stage 2): a scene described in words, then questions about
+//!   it, as LLaVA-1.5 mixes text-only conversations into stage 2. They stand in for what the
+//!   paper's LLM (Vicuna) brings: reading a description and answering questions about it.
 //! - **Probes** (part of stage 2): every kind of probe about one training image asked in one
 //!   multi-turn record, each turn either short-answer or multiple-choice, as LLaVA-1.5 packs
 //!   its academic VQA data.

@@ -104,6 +104,8 @@ pub fn run(c: DemoCommand) -> Result<()> {
     if let Some(n) = c.train_scenes {
         plan.train_scenes = n;
         plan.instruct_images = plan.instruct_images.min(n);
+        plan.probe_images = plan.probe_images.min(n);
+        plan.text_records = plan.text_records.min(n);
     }
     validate(&plan)?;
     let layout = Layout { out: c.out.clone() };

@@ -21,6 +21,12 @@ pub struct Plan {
     /// Training images sent to the teacher (each gets a conversation, a detail and a complex
     /// request).
     pub instruct_images: usize,
+    /// Training images whose probes (one question per kind) join stage 2.
+    #[serde(default = "default_probe_images")]
+    pub probe_images: usize,
+    /// Text-only question records (a scene in words, then its probes) in stage 2.
+    #[serde(default = "default_text_records")]
+    pub text_records: usize,
     /// Test images for the LLaVA-Bench-style judged set.
     pub bench_images: usize,
     pub vocab_size: usize,
@@ -28,6 +34,14 @@ pub struct Plan {
     pub stage0: StagePlan,
     pub stage1: StagePlan,
     pub stage2: StagePlan,
+}
+
+fn default_probe_images() -> usize {
+    3000
+}
+
+fn default_text_records() -> usize {
+    1000
 }
 
 /// 64-px images in 8-px patches (64 image tokens), a 3-layer tower of width 128 feeding
@@ -49,28 +63,35 @@ impl Plan {
     pub fn full(seed: u64) -> Plan {
         Plan {
             seed,
-            train_scenes: 2000,
+            // Stage 0 sees each picture about once.
+            train_scenes: 6000,
             val_scenes: 20,
             test_scenes: 100,
-            instruct_images: 600,
+            // The teacher's answers are long, and the loss is a mean over tokens: a few
+            // hundred of them already outweigh thousands of one-word probe answers.
+            instruct_images: 150,
+            probe_images: default_probe_images(),
+            text_records: default_text_records(),
             bench_images: 5,
             vocab_size: 512,
             model: shape(),
             // From scratch, 1e-3 lets the decoder settle on the captions' text prior before it
-            // finds the picture (the loss stalls at chance on colour); 3e-4 does not.
+            // finds the picture (the loss stalls at chance on colour); 3e-4 does not. Small
+            // batches: for the same pictures, 200 steps of 8 caption as well as 220 of 32
+            // (BENCHMARKS.md), in a third of the time; past 600 steps they improve little.
             stage0: StagePlan {
-                steps: 120,
-                batch_size: 32,
+                steps: 600,
+                batch_size: 8,
                 lr: 3e-4,
             },
             stage1: StagePlan {
-                steps: 20,
-                batch_size: 32,
+                steps: 60,
+                batch_size: 8,
                 lr: 1e-3,
             },
             stage2: StagePlan {
-                steps: 40,
-                batch_size: 32,
+                steps: 600,
+                batch_size: 8,
                 lr: 3e-4,
             },
         }
@@ -84,6 +105,8 @@ impl Plan {
             val_scenes: 4,
             test_scenes: 16,
             instruct_images: 20,
+            probe_images: 160,
+            text_records: 40,
             bench_images: 2,
             vocab_size: 512,
             model: shape(),

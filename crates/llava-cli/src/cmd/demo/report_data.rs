@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use llava_demo::caption_check::CaptionScore;
 use llava_demo::questions::Kind;
 use llava_eval::mc::McSummary;
 use serde::Serialize;
@@ -79,6 +80,8 @@ pub struct ReportBuilder {
     pub stages: Vec<StageReport>,
     pub accuracy: Vec<AccuracyRow>,
     pub judge: Option<serde_json::Value>,
+    /// Stage 0's captions of held-out pictures, checked against the scenes.
+    pub stage0_captions: Option<CaptionScore>,
     pub samples: Vec<SampleChat>,
     pub total_seconds: f64,
 }
@@ -94,6 +97,7 @@ impl ReportBuilder {
             stages: Vec::new(),
             accuracy: Vec::new(),
             judge: None,
+            stage0_captions: None,
             samples: Vec::new(),
             total_seconds: 0.0,
         }
@@ -209,6 +213,18 @@ impl ReportBuilder {
             );
         }
         let _ = writeln!(m);
+        if let Some(c) = &self.stage0_captions {
+            let _ = writeln!(
+                m,
+                "Stage 0's captions of {} held-out pictures (`--template plain`, greedy): \
+                 {:.1}% of the objects they name are in the picture, they name {:.1}% of the \
+                 objects there, and {:.1}% name as many objects as there are.\n",
+                c.captions,
+                c.precision() * 100.0,
+                c.recall() * 100.0,
+                c.count_accuracy() * 100.0
+            );
+        }
         for s in &self.stages {
             let _ = writeln!(m, "![{} loss]({}/loss.png)", s.name, s.folder);
         }

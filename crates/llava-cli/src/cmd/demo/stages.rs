@@ -118,16 +118,22 @@ pub fn instruct(plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Res
     let captions = caption_records(&train, &prompts.brief_instructions, plan.seed);
     write_records(&data.join("captions.json"), &captions)?;
     let ordered = order_caption_records(&train, &prompts.detail_instructions, plan.seed ^ 0xd37a);
+    write_records(&data.join("stage0.json"), &ordered)?;
     let scenes: Vec<_> = train.iter().map(|(s, _)| s.clone()).collect();
-    let text = text_probe_records(&scenes, plan.seed ^ 0x7e47, 0.5);
-    let mut stage0 = ordered.clone();
-    stage0.extend(text.iter().cloned());
-    write_records(&data.join("stage0.json"), &stage0)?;
     let instruct: Vec<LlavaRecord> =
         llava_data::record::read_dataset(&layout.instruct().join("train/llava_instruct.json"))?;
-    let probes = probe_records(&scenes, plan.seed, 0.5);
+    // Text-only probes about scenes given in words join stage 2, as LLaVA-1.5 mixes ShareGPT's
+    // text-only conversations into its stage 2: they teach reading and answering.
+    let text_scenes = &scenes[..scenes.len().min(plan.text_records)];
+    let text = text_probe_records(text_scenes, plan.seed ^ 0x7e47, 0.5);
+    let probes = probe_records(
+        &scenes[..scenes.len().min(plan.probe_images)],
+        plan.seed,
+        0.5,
+    );
     let mut stage2 = instruct.clone();
     stage2.extend(probes.iter().cloned());
+    stage2.extend(text.iter().cloned());
     write_records(&data.join("stage2.json"), &stage2)?;
     let test_scenes: Vec<_> = test.iter().map(|(s, _)| s.clone()).collect();
     let (vqa, mc) = benchmark(&test_scenes, plan.seed ^ 0x7e57);
@@ -136,18 +142,18 @@ pub fn instruct(plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Res
     report.datasets = vec![
         ("left-to-right captions (stage 0)".into(), ordered.len()),
         ("captions (stage 1)".into(), captions.len()),
-        ("text-only question records (stage 0)".into(), text.len()),
+        ("text-only question records (stage 2)".into(), text.len()),
         ("teacher instruction data".into(), instruct.len()),
         ("short-answer / multiple-choice probes".into(), probes.len()),
         ("benchmark questions (per form)".into(), vqa.len()),
     ];
     eprintln!(
-        "{} left-to-right captions + {} text question records (stage 0), {} caption records (stage 1), {} instruction records + {} probe records, {} benchmark questions",
+        "{} left-to-right captions (stage 0), {} caption records (stage 1), {} instruction records + {} probe records + {} text question records (stage 2), {} benchmark questions",
         ordered.len(),
-        text.len(),
         captions.len(),
         instruct.len(),
         probes.len(),
+        text.len(),
         vqa.len()
     );
     Ok(())
@@ -295,9 +301,11 @@ fn stage_args(
     a
 }
 
-/// Step 4: Stage 0, standing in for CLIP's and Vicuna's pretraining: the whole model learns to
-/// name the objects of each picture left to right and to answer questions about scenes described in words. Its
-/// projector is then thrown away, so that stage 1 aligns a fresh one.
+/// Step 4: Stage 0, standing in for CLIP's pretraining (and for the language prior that Vicuna
+/// brings): the tower, projector and decoder learn together to name the objects of each picture
+/// left to right. The `plain` template keeps the samples short (picture, then caption), so more
+/// pictures fit in the budget. Its projector is then thrown away, so that stage 1 aligns a
+/// fresh one.
 pub fn stage0(plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Result<()> {
     let out = layout.stage(0);
     let a = stage_args(
@@ -308,10 +316,10 @@ pub fn stage0(plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Resul
         &out,
         &plan.stage0,
         plan.seed,
-        &["--unfreeze-vision", "--template", "llava_v1"],
+        &["--unfreeze-vision", "--template", "plain"],
     );
     train_stage(
-        "stage 0: tower + decoder pretraining (captions, text questions)",
+        "stage 0: tower + decoder pretraining (left-to-right captions)",
         &out,
         a,
         report,
@@ -359,8 +367,9 @@ pub fn stage1(plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Resul
     train_stage("stage 1: feature alignment (projector)", &out, a, report)
 }
 
-/// Step 6: Stage 2, visual instruction tuning: projector and decoder on the teacher's data and
-/// the probes, the tower frozen.
+/// Step 6: Stage 2, visual instruction tuning: projector and decoder on the teacher's data, the
+/// probes and the text-only questions, the tower frozen. Batches hold one modality and similar
+/// lengths, as LLaVA-1.5 trains its mixture.
 pub fn stage2(plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Result<()> {
     let out = layout.stage(2);
     let a = stage_args(
@@ -371,7 +380,7 @@ pub fn stage2(plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Resul
         &out,
         &plan.stage2,
         plan.seed,
-        &[],
+        &["--group-by-modality-length"],
     );
     train_stage(
         "stage 2: instruction tuning (projector + decoder)",
@@ -386,6 +395,7 @@ pub fn stage2(plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Resul
 pub fn eval(_plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Result<()> {
     let dir = layout.eval();
     std::fs::create_dir_all(&dir)?;
+    stage0_captions(layout, report)?;
     for (model_name, tag, model) in [
         ("before stage 2", "stage1", layout.stage(1)),
         ("after stage 2", "stage2", layout.stage(2)),
@@ -422,6 +432,75 @@ pub fn eval(_plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Result
     }
     judge(layout, report)?;
     sample_chats(layout, report)
+}
+
+/// Stage 0's captions of the held-out pictures, scored against their scenes: whether the tower
+/// learned to see before its projector was replaced.
+fn stage0_captions(layout: &Layout, report: &mut ReportBuilder) -> Result<()> {
+    let dir = layout.eval();
+    let test = world::read_scenes(&WorldPaths::new(layout.world()).scenes("test"))?;
+    let questions: String = test
+        .iter()
+        .map(|scene| {
+            format!(
+                "{}\n",
+                serde_json::json!({"question_id": caption_id(scene), "image": scene.file_name,
+                                   "text": "Describe the image in detail.", "category": "caption"})
+            )
+        })
+        .collect();
+    let qf = dir.join("stage0_caption_questions.jsonl");
+    write(&qf, &questions)?;
+    let answers = dir.join("stage0_captions.jsonl");
+    eval_answer(
+        layout,
+        &layout.stage(0),
+        &qf,
+        &answers,
+        60,
+        &["--template", "plain"],
+    )?;
+    let found = llava_eval::jsonl::read_answers(&answers)?;
+    let mut score = llava_demo::caption_check::CaptionScore::default();
+    for scene in &test {
+        if let Some(a) = found.get(&llava_eval::jsonl::QuestionId::Str(caption_id(scene))) {
+            score.add(scene, &a.text);
+        }
+    }
+    report.stage0_captions = Some(score);
+    Ok(())
+}
+
+/// `llava eval answer` with `model` on the demo's pictures.
+fn eval_answer(
+    layout: &Layout,
+    model: &Path,
+    questions: &Path,
+    answers: &Path,
+    max_new_tokens: usize,
+    extra: &[&str],
+) -> Result<()> {
+    let max_new_tokens = max_new_tokens.to_string();
+    let mut a = args(&[
+        "eval",
+        "answer",
+        "--model",
+        &s(model),
+        "--questions",
+        &s(questions),
+        "--image-folder",
+        &s(&layout.images()),
+        "--out",
+        &s(answers),
+        "--max-new-tokens",
+        &max_new_tokens,
+    ]);
+    a.extend(extra.iter().map(|e| e.to_string()));
+    run_args(&a)
+}
+
+fn caption_id(scene: &world::Scene) -> String {
+    format!("{}_caption", scene.id)
 }
 
 /// The LLaVA-Bench-style set: the teacher's first question about each held-out image it
@@ -477,20 +556,7 @@ fn judge(layout: &Layout, report: &mut ReportBuilder) -> Result<()> {
     write(&rf, &references)?;
     write(&cf, &context)?;
     let answers = dir.join("bench_answers.jsonl");
-    run_args(&args(&[
-        "eval",
-        "answer",
-        "--model",
-        &s(&layout.stage(2)),
-        "--questions",
-        &s(&qf),
-        "--image-folder",
-        &s(&layout.images()),
-        "--out",
-        &s(&answers),
-        "--max-new-tokens",
-        "160",
-    ]))?;
+    eval_answer(layout, &layout.stage(2), &qf, &answers, 160, &[])?;
     let server = TeacherServer::start(&ServerConfig::default())?;
     let reviews = dir.join("bench_reviews.jsonl");
     run_args(&args(&[
