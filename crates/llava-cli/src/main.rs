@@ -13,8 +13,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// By default mimalloc still returns freed memory to the kernel after 10 ms, so every training
-/// step re-faulted (and the kernel re-zeroed) the pages of its largest tensors: about a tenth of
-/// a demo step (BENCHMARKS.md). Never purging keeps them; the process's peak is what it holds.
+/// step re-faulted (and the kernel re-zeroed) the pages of its largest tensors: about 15% of a
+/// demo step in a profile (BENCHMARKS.md). Never purging keeps them; the process's peak is
+/// what it holds.
 fn keep_freed_memory() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: sets an integer option; mimalloc reads options at each use.

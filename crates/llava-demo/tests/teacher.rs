@@ -18,7 +18,7 @@ use llava_instruct::client::Role;
 use llava_instruct::context::format_context;
 use llava_instruct::parse::{build_record, parse_qa};
 use llava_instruct::pipeline::messages_for;
-use llava_instruct::source::{BoxAnnotation, ImageEntry, SourceSpec, coco_record_id};
+use llava_instruct::source::{BoxAnnotation, ImageEntry, coco_record_id};
 use llava_instruct::{ChatClient, ChatRequest, ClientConfig, InstructType, PromptLibrary};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -115,13 +115,7 @@ fn entries_match_the_coco_loader() {
     };
     let paths = WorldPaths::new(dir.path());
     write_world(&cfg, &paths).unwrap();
-    let loaded = SourceSpec {
-        captions: Some(paths.captions("train")),
-        instances: Some(paths.instances("train")),
-        annotations_jsonl: None,
-    }
-    .load()
-    .unwrap();
+    let loaded = paths.coco("train").load().unwrap();
     let ours: Vec<ImageEntry> = sample_split(&cfg, "train")
         .iter()
         .map(|(s, c)| entry(s, c))
@@ -684,13 +678,7 @@ fn llava_instruct_runs_against_the_teacher() {
     };
     let paths = WorldPaths::new(dir.path().join("world"));
     write_world(&cfg, &paths).unwrap();
-    let entries = SourceSpec {
-        captions: Some(paths.captions("train")),
-        instances: Some(paths.instances("train")),
-        annotations_jsonl: None,
-    }
-    .load()
-    .unwrap();
+    let entries = paths.coco("train").load().unwrap();
     let server = TeacherServer::start(&ServerConfig {
         fail_every: Some(7),
         ..ServerConfig::default()

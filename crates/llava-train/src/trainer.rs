@@ -187,14 +187,8 @@ impl Trainer<'_> {
         let c = &self.config;
         let order = self.data.order(c.seed, self.state.epoch, c.shuffle);
         if c.group_by_modality_length {
-            let per_step = c.batch_size;
-            group_by_modality_length(
-                &self.data.records,
-                &order,
-                per_step,
-                c.seed,
-                self.state.epoch,
-            )
+            let epoch = self.state.epoch;
+            group_by_modality_length(&self.data.records, &order, c.batch_size, c.seed, epoch)
         } else {
             order
         }

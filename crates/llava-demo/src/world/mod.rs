@@ -59,6 +59,14 @@ impl WorldPaths {
             .join("annotations")
             .join(format!("instances_{split}.json"))
     }
+    /// A split's COCO files as `llava instruct` reads them (what the teacher and judge see).
+    pub fn coco(&self, split: &str) -> llava_instruct::SourceSpec {
+        llava_instruct::SourceSpec {
+            captions: Some(self.captions(split)),
+            instances: Some(self.instances(split)),
+            annotations_jsonl: None,
+        }
+    }
     pub fn scenes(&self, split: &str) -> PathBuf {
         self.root.join(format!("scenes_{split}.jsonl"))
     }

@@ -44,7 +44,7 @@ fn default_text_records() -> usize {
     1000
 }
 
-/// 64-px images in 8-px patches (64 image tokens), a 3-layer tower of width 128 feeding
+/// 64-px images in 8-px patches (64 image tokens), a 4-layer tower of width 128 feeding
 /// LLaVA's penultimate-layer features, and a 3-layer LLaMA of width 192.
 fn shape() -> DemoShape {
     DemoShape {

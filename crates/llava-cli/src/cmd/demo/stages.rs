@@ -509,12 +509,7 @@ fn caption_id(scene: &world::Scene) -> String {
 fn judge(layout: &Layout, report: &mut ReportBuilder) -> Result<()> {
     let dir = layout.eval();
     let paths = WorldPaths::new(layout.world());
-    let coco = llava_instruct::SourceSpec {
-        captions: Some(paths.captions("test")),
-        instances: Some(paths.instances("test")),
-        annotations_jsonl: None,
-    }
-    .load()?;
+    let coco = paths.coco("test").load()?;
     let (mut questions, mut references, mut context) =
         (String::new(), String::new(), String::new());
     for category in ["conversation", "detail", "complex"] {
