@@ -44,6 +44,8 @@ fn quick_demo_runs_every_stage_and_resumes() {
         "instruct/train/llava_instruct.json",
         "data/stage2.json",
         "init/tokenizer.json",
+        "stage0_tower/loss.png",
+        "stage0_tower/tower_accuracy.json",
         "stage0/loss.png",
         "stage1/loss.png",
         "stage2/loss.png",
@@ -59,24 +61,31 @@ fn quick_demo_runs_every_stage_and_resumes() {
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     let plan = &report["plan"];
     let stages = report["stages"].as_array().unwrap();
-    assert_eq!(stages.len(), 3);
-    for (s, key) in stages.iter().zip(["stage0", "stage1", "stage2"]) {
+    assert_eq!(stages.len(), 4);
+    for (s, (key, folder)) in stages.iter().zip([
+        ("tower", "stage0_tower"),
+        ("stage0", "stage0"),
+        ("stage1", "stage1"),
+        ("stage2", "stage2"),
+    ]) {
         assert_eq!(s["steps"], plan[key]["steps"], "{key} ran its steps");
+        assert_eq!(s["folder"], folder);
         let last = s["final_loss"].as_f64().unwrap();
         assert!(last.is_finite() && last > 0.0, "{key}: final loss {last}");
         if key != "stage1" {
             // Stage 1 starts from a fresh projector behind a trained decoder: a few steps need
             // not lower it. The other stages fall steadily; single steps are noisy, so compare
             // the first and last quarters of the log.
-            let losses: Vec<f64> = std::fs::read_to_string(out.join(key).join("train_log.jsonl"))
-                .unwrap()
-                .lines()
-                .map(|l| {
-                    serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
-                        .as_f64()
-                        .unwrap()
-                })
-                .collect();
+            let losses: Vec<f64> =
+                std::fs::read_to_string(out.join(folder).join("train_log.jsonl"))
+                    .unwrap()
+                    .lines()
+                    .map(|l| {
+                        serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                            .as_f64()
+                            .unwrap()
+                    })
+                    .collect();
             let q = (losses.len() / 4).max(1);
             let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
             let (early, late) = (mean(&losses[..q]), mean(&losses[losses.len() - q..]));
@@ -98,6 +107,14 @@ fn quick_demo_runs_every_stage_and_resumes() {
         }
     }
     let after = overall(&report, "after stage 2", "mc");
+    // The tower's heads were scored on the held-out pictures, task by task.
+    let tower = report["tower_accuracy"].as_array().unwrap();
+    let tasks: Vec<&str> = tower.iter().map(|t| t["task"].as_str().unwrap()).collect();
+    assert_eq!(tasks, ["colour", "count", "shape", "order"]);
+    for t in tower {
+        let a = t["accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&a), "{t}");
+    }
     // Stage 0's captions of every test picture were generated and checked.
     let captions = &report["stage0_captions"];
     assert_eq!(captions["captions"], plan["test_scenes"], "{captions}");
@@ -108,6 +125,8 @@ fn quick_demo_runs_every_stage_and_resumes() {
         "| colour |",
         "| count |",
         "stage0/loss.png",
+        "stage0_tower/loss.png",
+        "Stage 0a's per-patch heads",
         "llava train --stage pretrain",
         "Stage 0's captions of",
     ] {
@@ -125,6 +144,7 @@ fn quick_demo_runs_every_stage_and_resumes() {
     for done in [
         "world already written",
         "model already initialised",
+        "tower already pretrained",
         "already trained",
     ] {
         assert!(

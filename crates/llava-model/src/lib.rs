@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod fused;
 pub mod generation;
 pub mod init;
 pub mod language_model;

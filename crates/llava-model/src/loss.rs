@@ -77,6 +77,25 @@ fn supervised_positions(
     ))
 }
 
+/// Mean cross-entropy of classifying each row of `logits` (`[n, classes]`) as its `targets`
+/// entry: the loss of a classification head, such as the demo tower's dense pretraining.
+pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let (n, classes) = logits.dims2()?;
+    if targets.len() != n {
+        return Err(ModelError::Input(format!(
+            "{} targets for {n} rows of logits",
+            targets.len()
+        )));
+    }
+    if let Some(t) = targets.iter().find(|&&t| t as usize >= classes) {
+        return Err(ModelError::Input(format!(
+            "class {t} is outside 0..{classes}"
+        )));
+    }
+    let targets = Tensor::from_slice(targets, (n, 1), logits.device())?;
+    Ok(nll(logits, &targets)?.0)
+}
+
 /// Mean negative log-likelihood of `targets` (`[n, 1]`) under `logits` (`[n, vocab]`), in f32.
 fn nll(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, usize)> {
     let n = logits.dim(0)?;

@@ -2,12 +2,14 @@
 //!
 //! candle's fused `softmax_last_dim`, `rms_norm`, `layer_norm` and `rope` kernels are fast but
 //! have no backward pass: on a trainable path they silently cut the gradient. Every block here
-//! therefore takes a [`Mode`]; `Mode::Train` picks the composite formulation that autograd can
-//! differentiate, `Mode::Infer` the fused kernel.
+//! therefore takes a [`Mode`]; `Mode::Train` picks a formulation that autograd can
+//! differentiate (our own fused f32 CPU kernels in [`crate::fused`], else the composite
+//! formula), `Mode::Infer` candle's fused kernel.
 
 use candle_core::{D, DType, Module, Tensor};
 
 use crate::error::{ModelError, Result};
+use crate::fused;
 use crate::weights::WeightsView;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -42,6 +44,7 @@ impl Linear {
         let lead: usize = dims[..dims.len() - 1].iter().product();
         let y = x.reshape((lead, in_dim))?.matmul(&self.weight.t()?)?;
         let y = match &self.bias {
+            Some(b) if fused::applies(&[&y, b]) => fused::add_bias(&y, b)?,
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
@@ -73,6 +76,9 @@ impl RmsNorm {
                 &self.weight,
                 self.eps as f32,
             )?),
+            Mode::Train if fused::applies(&[x, &self.weight]) => {
+                Ok(fused::rms_norm(x, &self.weight, self.eps)?)
+            }
             Mode::Train => {
                 let dtype = x.dtype();
                 let xf = x.to_dtype(DType::F32)?;
@@ -109,6 +115,9 @@ impl LayerNorm {
                 &self.bias,
                 self.eps as f32,
             )?),
+            Mode::Train if fused::applies(&[x, &self.weight, &self.bias]) => {
+                Ok(fused::layer_norm(x, &self.weight, &self.bias, self.eps)?)
+            }
             Mode::Train => {
                 let dtype = x.dtype();
                 let xf = x.to_dtype(DType::F32)?;
@@ -131,6 +140,7 @@ pub fn softmax_last_dim(x: &Tensor, mode: Mode) -> Result<Tensor> {
     let xf = x.to_dtype(DType::F32)?;
     let y = match mode {
         Mode::Infer => candle_nn::ops::softmax_last_dim(&xf.contiguous()?)?,
+        Mode::Train if fused::applies(&[&xf]) => fused::softmax_last_dim(&xf)?,
         Mode::Train => candle_nn::ops::softmax(&xf, D::Minus1)?,
     };
     Ok(y.to_dtype(dtype)?)
@@ -140,6 +150,7 @@ pub fn softmax_last_dim(x: &Tensor, mode: Mode) -> Result<Tensor> {
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, mode: Mode) -> Result<Tensor> {
     match mode {
         Mode::Infer => Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?),
+        Mode::Train if fused::applies(&[x, cos, sin]) => Ok(fused::rope(x, cos, sin)?),
         Mode::Train => Ok(candle_nn::rotary_emb::rope_slow(x, cos, sin)?),
     }
 }

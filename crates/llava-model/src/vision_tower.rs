@@ -148,6 +148,9 @@ impl ClipVisionTower {
             .reshape((1, 1, c.hidden_size))?
             .broadcast_as((b, 1, c.hidden_size))?;
         let embeds = Tensor::cat(&[&cls, &patch_embeds], 1)?;
+        if crate::fused::applies(&[&embeds, &self.position_embedding]) {
+            return Ok(crate::fused::add_bias(&embeds, &self.position_embedding)?);
+        }
         Ok(embeds.broadcast_add(&self.position_embedding.unsqueeze(0)?)?)
     }
 

@@ -52,7 +52,8 @@ struct Trainable {
 /// loading code as a real checkpoint, so the two can never disagree about names or shapes.
 struct RandomInit {
     rng: rand::rngs::StdRng,
-    std: f32,
+    /// The standard deviation of each weight, by canonical name.
+    std_of: Box<dyn Fn(&str) -> f32>,
     made: Vec<(String, Tensor)>,
 }
 
@@ -87,10 +88,20 @@ impl Weights {
     /// Weights that do not exist yet: each `get` makes a tensor — ones for norm weights, zeros
     /// for biases, uniform noise of standard deviation `std` elsewhere.
     pub fn random(dtype: DType, device: Device, seed: u64, std: f32) -> Self {
+        Self::random_with(dtype, device, seed, move |_| std)
+    }
+
+    /// As [`Weights::random`], with a standard deviation per canonical weight name.
+    pub fn random_with(
+        dtype: DType,
+        device: Device,
+        seed: u64,
+        std_of: impl Fn(&str) -> f32 + 'static,
+    ) -> Self {
         use rand::SeedableRng;
         let init = RandomInit {
             rng: rand::rngs::StdRng::seed_from_u64(seed),
-            std,
+            std_of: Box::new(std_of),
             made: Vec::new(),
         };
         Self {
@@ -236,7 +247,7 @@ impl RandomInit {
             vec![0.0; n]
         } else {
             // Uniform on [-a, a] has standard deviation a/√3.
-            let a = self.std * 3f32.sqrt();
+            let a = (self.std_of)(name) * 3f32.sqrt();
             (0..n).map(|_| self.rng.random_range(-a..a)).collect()
         };
         let t = Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?;

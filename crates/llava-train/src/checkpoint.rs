@@ -11,7 +11,7 @@ use llava_model::weights::Weights;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
-use crate::optim::AdamW;
+use crate::optim::{AdamW, Param};
 use crate::trainer::{Stage, TrainConfig};
 
 /// Where training stands; with the seed this fixes the data order of every epoch.
@@ -60,28 +60,7 @@ pub fn save_checkpoint(
     } else {
         dir.with_extension("partial")
     };
-    std::fs::create_dir_all(&target).map_err(TrainError::io(&target))?;
-    let trained: std::collections::HashMap<&str, &Tensor> = optimizer
-        .params
-        .iter()
-        .map(|p| (p.name.as_str(), p.var.as_tensor()))
-        .collect();
-    let mut tensors = Vec::new();
-    for name in source.names() {
-        let t = match trained.get(name) {
-            Some(t) => t.detach(),
-            None => source.get_stored(name)?,
-        };
-        tensors.push((name.to_string(), t));
-    }
-    write_safetensors(&target, &tensors, 2 << 30)?;
-    write_config(&target, model_config)?;
-    for f in SIDE_FILES {
-        let from = source_dir.join(f);
-        if from.is_file() && from != target.join(f) {
-            std::fs::copy(&from, target.join(f)).map_err(TrainError::io(&from))?;
-        }
-    }
+    let tensors = write_model(&target, source_dir, source, model_config, &optimizer.params)?;
     if config.stage == Stage::Pretrain {
         let projector: Vec<(String, Tensor)> = tensors
             .iter()
@@ -109,6 +88,40 @@ pub fn save_checkpoint(
         std::fs::rename(&target, dir).map_err(TrainError::io(dir))?;
     }
     Ok(())
+}
+
+/// Writes a loadable HF-layout model into `target`: the `trained` parameters as they are now,
+/// every other weight copied as stored (so frozen parts stay bit-identical), the config, and the
+/// tokenizer and processor files of `source_dir`. Returns the tensors written.
+pub fn write_model(
+    target: &Path,
+    source_dir: &Path,
+    source: &Weights,
+    model_config: &LlavaConfig,
+    trained: &[Param],
+) -> Result<Vec<(String, Tensor)>> {
+    std::fs::create_dir_all(target).map_err(TrainError::io(target))?;
+    let trained: std::collections::HashMap<&str, &Tensor> = trained
+        .iter()
+        .map(|p| (p.name.as_str(), p.var.as_tensor()))
+        .collect();
+    let mut tensors = Vec::new();
+    for name in source.names() {
+        let t = match trained.get(name) {
+            Some(t) => t.detach(),
+            None => source.get_stored(name)?,
+        };
+        tensors.push((name.to_string(), t));
+    }
+    write_safetensors(target, &tensors, 2 << 30)?;
+    write_config(target, model_config)?;
+    for f in SIDE_FILES {
+        let from = source_dir.join(f);
+        if from.is_file() && from != target.join(f) {
+            std::fs::copy(&from, target.join(f)).map_err(TrainError::io(&from))?;
+        }
+    }
+    Ok(tensors)
 }
 
 /// Reads a checkpoint's trainer state.

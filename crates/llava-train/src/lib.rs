@@ -9,4 +9,5 @@ pub mod error;
 pub mod optim;
 pub mod plot;
 pub mod schedule;
+pub mod tower;
 pub mod trainer;

@@ -78,6 +78,9 @@ impl AdamW {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
+            // A gradient can still reference the step's graph (candle computes a weight's
+            // gradient from tracked activations); the moments must not keep that graph alive.
+            let g = &g.detach();
             let lr = lr * p.lr_scale;
             let theta = p.var.as_tensor().detach();
             let theta = if c.weight_decay != 0.0 {

@@ -8,6 +8,7 @@
 //!   evaluation questions are made. The teacher never sees it.
 
 pub mod captions;
+pub mod patches;
 pub mod render;
 pub mod scene;
 

@@ -15,7 +15,7 @@ const SUPERSAMPLE: u32 = 3;
 
 /// Whether the point (x, y), relative to the object's centre and in units of its radius,
 /// lies inside the shape.
-fn inside(shape: &str, x: f32, y: f32) -> bool {
+pub(super) fn inside(shape: &str, x: f32, y: f32) -> bool {
     match shape {
         "circle" => x * x + y * y <= 1.0,
         "square" => x.abs() <= 0.9 && y.abs() <= 0.9,

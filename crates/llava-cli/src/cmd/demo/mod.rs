@@ -1,8 +1,9 @@
 //! `llava demo`: the paper's whole pipeline, offline, on the synthetic shapes world.
 //!
 //! ```text
-//! world ─► teacher + llava instruct ─► tokenizer + init ─► stage 0 ─► stage 1 ─► stage 2
-//!                                                                  └─ baseline ─┴─ eval ─► report
+//! world ─► teacher + llava instruct ─► tokenizer + init ─► stage 0a (tower) ─► stage 0
+//!       ─► stage 1 ─► stage 2
+//!                  └─ baseline ─┴─ eval ─► report
 //! ```
 //!
 //! Each step drives the real subcommands with the flags a user would type (`llava instruct`,
@@ -13,6 +14,7 @@
 mod plan;
 mod report_data;
 mod stages;
+mod tower;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -33,7 +35,7 @@ pub struct DemoCommand {
     /// Seed of the world, the teacher's sampling and training.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Override the stage-0 steps (tower and decoder pretraining on captions).
+    /// Override the stage-0 steps (decoder pretraining on captions).
     #[arg(long, value_name = "N")]
     pub stage0_steps: Option<u64>,
     /// Override the stage-1 steps (projector alignment).
@@ -48,7 +50,7 @@ pub struct DemoCommand {
     /// A plan file (JSON, as written to OUT/plan.json) instead of the built-in sizes.
     #[arg(long, value_name = "FILE")]
     pub plan: Option<PathBuf>,
-    /// Stop after this step (world, instruct, init, stage0, stage1, stage2, eval).
+    /// Stop after this step (world, instruct, init, tower, stage0, stage1, stage2, eval).
     #[arg(long, value_name = "STEP")]
     pub stop_after: Option<String>,
 }
@@ -73,6 +75,9 @@ impl Layout {
     }
     pub fn init(&self) -> PathBuf {
         self.out.join("init")
+    }
+    pub fn tower(&self) -> PathBuf {
+        self.out.join("stage0_tower")
     }
     pub fn stage(&self, n: u8) -> PathBuf {
         self.out.join(format!("stage{n}"))
@@ -116,10 +121,11 @@ pub fn run(c: DemoCommand) -> Result<()> {
     let stop = c.stop_after.as_deref();
     let mut report = report_data::ReportBuilder::new(&plan, c.quick);
 
-    let steps: [(&str, stages::StepFn); 7] = [
+    let steps: [(&str, stages::StepFn); 8] = [
         ("world", stages::world),
         ("instruct", stages::instruct),
         ("init", stages::init),
+        ("tower", tower::tower),
         ("stage0", stages::stage0),
         ("stage1", stages::stage1),
         ("stage2", stages::stage2),
@@ -159,6 +165,7 @@ fn validate(plan: &Plan) -> Result<()> {
         anyhow::bail!("plan: train_scenes and test_scenes must be at least 1");
     }
     for (name, s) in [
+        ("tower", &plan.tower),
         ("stage0", &plan.stage0),
         ("stage1", &plan.stage1),
         ("stage2", &plan.stage2),

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use llava_demo::caption_check::CaptionScore;
 use llava_demo::questions::Kind;
 use llava_eval::mc::McSummary;
+use llava_train::tower::TaskAccuracy;
 use serde::Serialize;
 
 use super::{Layout, Plan};
@@ -25,8 +26,8 @@ pub struct StageReport {
 }
 
 impl StageReport {
-    /// Reads the stage's figures from its `train_log.jsonl`.
-    pub fn read(name: &str, output: &Path, args: &[String]) -> Result<StageReport> {
+    /// Reads the stage's figures from its `train_log.jsonl`; `command` is what ran it.
+    pub fn read(name: &str, output: &Path, command: String) -> Result<StageReport> {
         let log = output.join("train_log.jsonl");
         let text =
             std::fs::read_to_string(&log).with_context(|| format!("reading {}", log.display()))?;
@@ -49,7 +50,7 @@ impl StageReport {
             seconds: field(lines.last(), "elapsed_s"),
             first_loss: field(lines.first(), "loss"),
             final_loss: field(lines.last(), "loss"),
-            command: format!("llava {}", args.join(" ")),
+            command,
         })
     }
 }
@@ -78,6 +79,8 @@ pub struct ReportBuilder {
     pub teacher_refused: u64,
     pub datasets: Vec<(String, usize)>,
     pub stages: Vec<StageReport>,
+    /// Stage 0a's heads on the held-out pictures.
+    pub tower_accuracy: Vec<TaskAccuracy>,
     pub accuracy: Vec<AccuracyRow>,
     pub judge: Option<serde_json::Value>,
     /// Stage 0's captions of held-out pictures, checked against the scenes.
@@ -95,6 +98,7 @@ impl ReportBuilder {
             teacher_refused: 0,
             datasets: Vec::new(),
             stages: Vec::new(),
+            tower_accuracy: Vec::new(),
             accuracy: Vec::new(),
             judge: None,
             stage0_captions: None,
@@ -213,6 +217,21 @@ impl ReportBuilder {
             );
         }
         let _ = writeln!(m);
+        if !self.tower_accuracy.is_empty() {
+            let parts: Vec<String> = self
+                .tower_accuracy
+                .iter()
+                .map(|t| match t.foreground_accuracy {
+                    Some(f) => format!("{} {:.1}% (of object patches)", t.task, f * 100.0),
+                    None => format!("{} {:.1}%", t.task, t.accuracy * 100.0),
+                })
+                .collect();
+            let _ = writeln!(
+                m,
+                "Stage 0a's per-patch heads on the held-out pictures: {}.\n",
+                parts.join(", ")
+            );
+        }
         if let Some(c) = &self.stage0_captions {
             let _ = writeln!(
                 m,

@@ -234,9 +234,10 @@ fn train_stage(
     } else {
         eprintln!("{name} already trained");
     }
+    let command = format!("llava {}", train_args.join(" "));
     report
         .stages
-        .push(StageReport::read(name, output, &train_args)?);
+        .push(StageReport::read(name, output, command)?);
     Ok(())
 }
 
@@ -301,22 +302,26 @@ fn stage_args(
     a
 }
 
-/// Step 4: Stage 0, standing in for CLIP's pretraining (and for the language prior that Vicuna
-/// brings): the tower, projector and decoder learn together to name the objects of each picture
-/// left to right. The `plain` template keeps the samples short (picture, then caption), so more
-/// pictures fit in the budget. Its projector is then thrown away, so that stage 1 aligns a
-/// fresh one.
+/// Step 5: Stage 0, standing in for the language prior that Vicuna brings: behind the tower of
+/// stage 0a (frozen unless the plan says otherwise), the projector and decoder learn to name the
+/// objects of each picture left to right. The `plain` template keeps the samples short
+/// (picture, then caption), so more pictures fit in the budget. Its projector is then thrown
+/// away, so that stage 1 aligns a fresh one.
 pub fn stage0(plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Result<()> {
     let out = layout.stage(0);
+    let mut extra = vec!["--template", "plain"];
+    if plan.stage0_unfreeze_vision {
+        extra.push("--unfreeze-vision");
+    }
     let a = stage_args(
         "finetune",
-        &layout.init(),
+        &layout.tower(),
         &layout.data().join("stage0.json"),
         layout,
         &out,
         &plan.stage0,
         plan.seed,
-        &["--unfreeze-vision", "--template", "plain"],
+        &extra,
     );
     train_stage(
         "stage 0: tower + decoder pretraining (left-to-right captions)",
@@ -348,7 +353,7 @@ fn write_fresh_projector(dir: &Path, path: &Path, seed: u64) -> Result<()> {
     Ok(())
 }
 
-/// Step 5: Stage 1, feature alignment: only the fresh projector trains, on captions behind
+/// Step 6: Stage 1, feature alignment: only the fresh projector trains, on captions behind
 /// brief-description instructions (the paper's stage 1; LLaVA-1.5 later dropped the
 /// instructions with its `plain` template).
 pub fn stage1(plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Result<()> {
@@ -367,7 +372,7 @@ pub fn stage1(plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Resul
     train_stage("stage 1: feature alignment (projector)", &out, a, report)
 }
 
-/// Step 6: Stage 2, visual instruction tuning: projector and decoder on the teacher's data, the
+/// Step 7: Stage 2, visual instruction tuning: projector and decoder on the teacher's data, the
 /// probes and the text-only questions, the tower frozen. Batches hold one modality and similar
 /// lengths, as LLaVA-1.5 trains its mixture.
 pub fn stage2(plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Result<()> {
@@ -390,7 +395,7 @@ pub fn stage2(plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Resul
     )
 }
 
-/// Step 7: Short-answer and multiple-choice accuracy before and after stage 2, judged answers and
+/// Step 8: Short-answer and multiple-choice accuracy before and after stage 2, judged answers and
 /// sample chats.
 pub fn eval(_plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Result<()> {
     let dir = layout.eval();

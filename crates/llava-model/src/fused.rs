@@ -1,0 +1,712 @@
+//! Fused f32 CPU kernels that autograd can differentiate: layer norm, RMS norm, softmax over the
+//! last dim, rotary embedding, and a bias add.
+//!
+//! candle's own fused kernels have no backward, and the composite formulas that do (a mean, a
+//! subtraction, a division, a broadcast multiply…) cost a pass over memory each, forwards and
+//! backwards. Worse, the gradient of a weight broadcast over rows goes through candle's generic
+//! reduction over leading dims, which divides per element: in a profile of the demo's tower
+//! pretraining it alone took 17% of a step. Each op here is one pass forwards and one backwards,
+//! the backward written out by hand (and checked against the composite formula in the tests).
+//!
+//! Only f32 on the CPU takes this path ([`applies`]); other dtypes and devices keep the
+//! composite formulas in [`crate::nn`].
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+type CResult<T> = candle_core::Result<T>;
+
+/// Rows handed to one rayon task: enough work to outweigh the scheduling.
+const MIN_ROWS_PER_TASK: usize = 32;
+
+/// Whether every tensor can take the fused path.
+pub fn applies(tensors: &[&Tensor]) -> bool {
+    tensors
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+fn data<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> CResult<&'a [f32]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+fn last_dim(l: &Layout) -> usize {
+    l.dims().last().copied().unwrap_or(1).max(1)
+}
+
+/// Runs `f(row_index, input_rows…, out_row)` over rows in parallel.
+fn par_rows(out: &mut [f32], d: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    out.par_chunks_mut(d)
+        .with_min_len(MIN_ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(i, row)| f(i, row));
+}
+
+/// Runs `f` over blocks of rows in parallel; each block also returns partial column sums
+/// (`sums` of them, each `d` long), which are added up.
+fn par_row_blocks(
+    out: &mut [f32],
+    d: usize,
+    sums: usize,
+    f: impl Fn(usize, &mut [f32], &mut [Vec<f32>]) + Sync,
+) -> Vec<Vec<f32>> {
+    let rows = out.len() / d;
+    let block = rows
+        .div_ceil(4 * rayon::current_num_threads())
+        .max(MIN_ROWS_PER_TASK);
+    out.par_chunks_mut(block * d)
+        .enumerate()
+        .map(|(b, chunk)| {
+            let mut partial = vec![vec![0f32; d]; sums];
+            for (r, row) in chunk.chunks_mut(d).enumerate() {
+                f(b * block + r, row, &mut partial);
+            }
+            partial
+        })
+        .reduce(
+            || vec![vec![0f32; d]; sums],
+            |mut a, b| {
+                for (x, y) in a.iter_mut().zip(b) {
+                    for (p, q) in x.iter_mut().zip(y) {
+                        *p += q;
+                    }
+                }
+                a
+            },
+        )
+}
+
+/// Mean and 1/std of a row, as PyTorch's layer norm computes them (biased variance).
+fn moments(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+fn rms_scale(x: &[f32], eps: f32) -> f32 {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    1.0 / (ms + eps).sqrt()
+}
+
+/// The frame of the norms' backward passes: `(x, weight, dy)` → `[rows + sums, d]`, the rows of
+/// dx and then `sums` column sums (the weight's and bias's gradients). `row(x, weight, dy, dx,
+/// partial)` fills one row of dx and adds that row's share to the partial sums.
+fn packed_backward(
+    name: &str,
+    [(s1, l1), (s2, l2), (s3, l3)]: [(&CpuStorage, &Layout); 3],
+    sums: usize,
+    row: impl Fn(&[f32], &[f32], &[f32], &mut [f32], &mut [Vec<f32>]) + Sync,
+) -> CResult<(CpuStorage, Shape)> {
+    let (x, w, dy) = (
+        data(s1, l1, name)?,
+        data(s2, l2, name)?,
+        data(s3, l3, name)?,
+    );
+    let d = last_dim(l1);
+    let rows = x.len() / d;
+    let mut out = vec![0f32; (rows + sums) * d];
+    let (dx, _) = out.split_at_mut(rows * d);
+    let totals = par_row_blocks(dx, d, sums, |i, dx_row, partial| {
+        let span = i * d..(i + 1) * d;
+        row(&x[span.clone()], w, &dy[span], dx_row, partial);
+    });
+    for (k, total) in totals.iter().enumerate() {
+        out[(rows + k) * d..(rows + k + 1) * d].copy_from_slice(total);
+    }
+    Ok((CpuStorage::F32(out), Shape::from((rows + sums, d))))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layer norm
+
+/// `nn.LayerNorm` over the last dim with weight and bias.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> CResult<Tensor> {
+    x.contiguous()?
+        .apply_op3(weight, bias, LayerNorm { eps: eps as f32 })
+}
+
+struct LayerNorm {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (x, w, b) = (
+            data(s1, l1, self.name())?,
+            data(s2, l2, self.name())?,
+            data(s3, l3, self.name())?,
+        );
+        let d = last_dim(l1);
+        let mut y = vec![0f32; x.len()];
+        par_rows(&mut y, d, |i, out| {
+            let row = &x[i * d..(i + 1) * d];
+            let (mean, rstd) = moments(row, self.eps);
+            for j in 0..d {
+                out[j] = (row[j] - mean) * rstd * w[j] + b[j];
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = x.dim(candle_core::D::Minus1)?;
+        let rows = x.elem_count() / d;
+        let packed = x.apply_op3(
+            weight,
+            &grad.contiguous()?,
+            LayerNormBackward { eps: self.eps },
+        )?;
+        Ok((
+            Some(packed.narrow(0, 0, rows)?.reshape(x.shape())?),
+            Some(packed.get(rows)?),
+            Some(packed.get(rows + 1)?),
+        ))
+    }
+}
+
+/// `(x, weight, dy)` → `[rows + 2, d]`: dx, then dweight, then dbias.
+struct LayerNormBackward {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormBackward {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let eps = self.eps;
+        packed_backward(
+            self.name(),
+            [(s1, l1), (s2, l2), (s3, l3)],
+            2,
+            |x, w, g, dx, partial| {
+                let d = x.len();
+                let (mean, rstd) = moments(x, eps);
+                let (mut mean_g, mut mean_gx) = (0f32, 0f32);
+                for j in 0..d {
+                    let xhat = (x[j] - mean) * rstd;
+                    let gw = g[j] * w[j];
+                    mean_g += gw;
+                    mean_gx += gw * xhat;
+                    partial[0][j] += g[j] * xhat;
+                    partial[1][j] += g[j];
+                }
+                mean_g /= d as f32;
+                mean_gx /= d as f32;
+                for j in 0..d {
+                    let xhat = (x[j] - mean) * rstd;
+                    dx[j] = rstd * (g[j] * w[j] - mean_g - xhat * mean_gx);
+                }
+            },
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMS norm
+
+/// `LlamaRMSNorm` over the last dim.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> CResult<Tensor> {
+    x.contiguous()?
+        .apply_op2(weight, RmsNorm { eps: eps as f32 })
+}
+
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (x, w) = (data(s1, l1, self.name())?, data(s2, l2, self.name())?);
+        let d = last_dim(l1);
+        let mut y = vec![0f32; x.len()];
+        par_rows(&mut y, d, |i, out| {
+            let row = &x[i * d..(i + 1) * d];
+            let rstd = rms_scale(row, self.eps);
+            for j in 0..d {
+                out[j] = row[j] * rstd * w[j];
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let d = x.dim(candle_core::D::Minus1)?;
+        let rows = x.elem_count() / d;
+        let packed = x.apply_op3(
+            weight,
+            &grad.contiguous()?,
+            RmsNormBackward { eps: self.eps },
+        )?;
+        Ok((
+            Some(packed.narrow(0, 0, rows)?.reshape(x.shape())?),
+            Some(packed.get(rows)?),
+        ))
+    }
+}
+
+/// `(x, weight, dy)` → `[rows + 1, d]`: dx, then dweight.
+struct RmsNormBackward {
+    eps: f32,
+}
+
+impl CustomOp3 for RmsNormBackward {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let eps = self.eps;
+        packed_backward(
+            self.name(),
+            [(s1, l1), (s2, l2), (s3, l3)],
+            1,
+            |x, w, g, dx, partial| {
+                let d = x.len();
+                let rstd = rms_scale(x, eps);
+                let mut mean_gx = 0f32;
+                for j in 0..d {
+                    let xhat = x[j] * rstd;
+                    mean_gx += g[j] * w[j] * xhat;
+                    partial[0][j] += g[j] * xhat;
+                }
+                mean_gx /= d as f32;
+                for j in 0..d {
+                    dx[j] = rstd * (g[j] * w[j] - x[j] * rstd * mean_gx);
+                }
+            },
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax
+
+/// Softmax over the last dim.
+pub fn softmax_last_dim(x: &Tensor) -> CResult<Tensor> {
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "fused-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = data(s, l, self.name())?;
+        let d = last_dim(l);
+        let mut y = vec![0f32; x.len()];
+        par_rows(&mut y, d, |i, out| {
+            let row = &x[i * d..(i + 1) * d];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (o, &v) in out.iter_mut().zip(row) {
+                *o = (v - max).exp();
+                sum += *o;
+            }
+            for o in out.iter_mut() {
+                *o /= sum;
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        Ok(Some(y.apply_op2(&grad.contiguous()?, SoftmaxBackward)?))
+    }
+}
+
+/// `(y, dy)` → `y · (dy − Σ dy·y)`.
+struct SoftmaxBackward;
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "fused-softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (y, dy) = (data(s1, l1, self.name())?, data(s2, l2, self.name())?);
+        let d = last_dim(l1);
+        let mut dx = vec![0f32; y.len()];
+        par_rows(&mut dx, d, |i, out| {
+            let (yr, gr) = (&y[i * d..(i + 1) * d], &dy[i * d..(i + 1) * d]);
+            let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+            for j in 0..d {
+                out[j] = yr[j] * (gr[j] - dot);
+            }
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary embedding
+
+/// Rotary embedding, "rotate half" convention: `x` is `[batch, heads, seq, dim]`, `cos`/`sin`
+/// are `[seq, dim/2]`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {
+    x.contiguous()?.apply_op3(
+        &cos.contiguous()?,
+        &sin.contiguous()?,
+        Rope { inverse: false },
+    )
+}
+
+/// Rotation by the angles of `cos`/`sin`, or by their negatives (the backward: a rotation's
+/// transpose is its inverse).
+struct Rope {
+    inverse: bool,
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "fused-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (x, cos, sin) = (
+            data(s1, l1, self.name())?,
+            data(s2, l2, self.name())?,
+            data(s3, l3, self.name())?,
+        );
+        let dims = l1.dims();
+        if dims.len() != 4 || !dims[3].is_multiple_of(2) {
+            candle_core::bail!(
+                "{}: expected [batch, heads, seq, even dim], got {dims:?}",
+                self.name()
+            );
+        }
+        let (seq, d) = (dims[2], dims[3]);
+        let half = d / 2;
+        if cos.len() != seq * half || sin.len() != seq * half {
+            candle_core::bail!("{}: cos/sin must be [{seq}, {half}]", self.name());
+        }
+        let sign = if self.inverse { -1f32 } else { 1f32 };
+        let mut y = vec![0f32; x.len()];
+        par_rows(&mut y, d, |i, out| {
+            let row = &x[i * d..(i + 1) * d];
+            let t = i % seq;
+            let (c, s) = (
+                &cos[t * half..(t + 1) * half],
+                &sin[t * half..(t + 1) * half],
+            );
+            for j in 0..half {
+                let (x1, x2, sj) = (row[j], row[j + half], sign * s[j]);
+                out[j] = x1 * c[j] - x2 * sj;
+                out[j + half] = x2 * c[j] + x1 * sj;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = grad.contiguous()?.apply_op3(
+            cos,
+            sin,
+            Rope {
+                inverse: !self.inverse,
+            },
+        )?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bias add
+
+/// `x + bias` with `bias` broadcast over every leading dim (`bias` has the shape of `x`'s
+/// trailing dims, flattened). The bias gradient is a plain column sum.
+pub fn add_bias(x: &Tensor, bias: &Tensor) -> CResult<Tensor> {
+    x.contiguous()?.apply_op2(bias, AddBias)
+}
+
+struct AddBias;
+
+impl CustomOp2 for AddBias {
+    fn name(&self) -> &'static str {
+        "fused-add-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (x, b) = (data(s1, l1, self.name())?, data(s2, l2, self.name())?);
+        let d = b.len().max(1);
+        if !x.len().is_multiple_of(d) {
+            candle_core::bail!(
+                "{}: {} values do not split into rows of {d}",
+                self.name(),
+                x.len()
+            );
+        }
+        let mut y = vec![0f32; x.len()];
+        par_rows(&mut y, d, |i, out| {
+            for ((o, &v), &c) in out.iter_mut().zip(&x[i * d..(i + 1) * d]).zip(b) {
+                *o = v + c;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let sums = grad.contiguous()?.apply_op1(ColumnSum {
+            width: bias.elem_count(),
+        })?;
+        Ok((Some(grad.clone()), Some(sums.reshape(bias.shape())?)))
+    }
+}
+
+/// The sum of every row of `width` values.
+struct ColumnSum {
+    width: usize,
+}
+
+impl CustomOp1 for ColumnSum {
+    fn name(&self) -> &'static str {
+        "fused-column-sum"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = data(s, l, self.name())?;
+        let d = self.width.max(1);
+        let mut scratch = x.to_vec();
+        let sums = par_row_blocks(&mut scratch, d, 1, |_, row, partial| {
+            for (p, &v) in partial[0].iter_mut().zip(row.iter()) {
+                *p += v;
+            }
+        });
+        let [sum]: [Vec<f32>; 1] = sums
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("column sum".into()))?;
+        Ok((CpuStorage::F32(sum), Shape::from(d)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{D, Device, Var};
+
+    fn random(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.flatten_all())
+            .and_then(|d| d.max(0))
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("diff")
+    }
+
+    /// Runs `f` on fresh vars of `inputs` and returns the output and each input's gradient of
+    /// `Σ output · probe` (a random probe, so every output element matters differently).
+    fn value_and_grads(
+        inputs: &[Tensor],
+        f: impl Fn(&[Tensor]) -> CResult<Tensor>,
+    ) -> (Tensor, Vec<Tensor>) {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).expect("var"))
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts).expect("forward");
+        let probe = random(y.dims(), 99);
+        let loss = (&y * &probe).and_then(|p| p.sum_all()).expect("loss");
+        let grads = loss.backward().expect("backward");
+        let g = ts
+            .iter()
+            .map(|t| grads.get(t).expect("gradient").clone())
+            .collect();
+        (y, g)
+    }
+
+    fn agree(
+        inputs: &[Tensor],
+        fused: impl Fn(&[Tensor]) -> CResult<Tensor>,
+        composite: impl Fn(&[Tensor]) -> CResult<Tensor>,
+    ) {
+        let (y1, g1) = value_and_grads(inputs, fused);
+        let (y2, g2) = value_and_grads(inputs, composite);
+        assert!(max_diff(&y1, &y2) < 1e-5, "forward {}", max_diff(&y1, &y2));
+        for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
+            assert_eq!(a.dims(), b.dims());
+            assert!(max_diff(a, b) < 1e-4, "gradient {i}: {}", max_diff(a, b));
+        }
+    }
+
+    #[test]
+    fn layer_norm_matches_the_composite_formula() {
+        let inputs = [random(&[3, 70, 48], 1), random(&[48], 2), random(&[48], 3)];
+        agree(
+            &inputs,
+            |t| layer_norm(&t[0], &t[1], &t[2], 1e-5),
+            |t| {
+                let mean = t[0].mean_keepdim(D::Minus1)?;
+                let c = t[0].broadcast_sub(&mean)?;
+                let var = c.sqr()?.mean_keepdim(D::Minus1)?;
+                c.broadcast_div(&(var + 1e-5)?.sqrt()?)?
+                    .broadcast_mul(&t[1])?
+                    .broadcast_add(&t[2])
+            },
+        );
+    }
+
+    #[test]
+    fn rms_norm_matches_the_composite_formula() {
+        let inputs = [random(&[2, 90, 40], 4), random(&[40], 5)];
+        agree(
+            &inputs,
+            |t| rms_norm(&t[0], &t[1], 1e-6),
+            |t| {
+                let var = t[0].sqr()?.mean_keepdim(D::Minus1)?;
+                t[0].broadcast_div(&(var + 1e-6)?.sqrt()?)?
+                    .broadcast_mul(&t[1])
+            },
+        );
+    }
+
+    #[test]
+    fn softmax_matches_the_composite_formula() {
+        let x = (random(&[2, 3, 50, 50], 6) * 4.0).expect("scale");
+        agree(
+            &[x],
+            |t| softmax_last_dim(&t[0]),
+            |t| candle_nn::ops::softmax(&t[0], D::Minus1),
+        );
+    }
+
+    #[test]
+    fn rope_matches_the_composite_formula_and_its_backward_inverts_it() {
+        let (cos, sin) = {
+            let angles = random(&[40, 8], 7);
+            (angles.cos().expect("cos"), angles.sin().expect("sin"))
+        };
+        let x = random(&[2, 3, 40, 16], 8);
+        // The composite path sees a transposed (non-contiguous) input, as attention gives it.
+        let xt = x.transpose(1, 2).expect("t").contiguous().expect("c");
+        agree(
+            &[xt],
+            |t| rope(&t[0].transpose(1, 2)?, &cos, &sin),
+            |t| candle_nn::rotary_emb::rope_slow(&t[0].transpose(1, 2)?.contiguous()?, &cos, &sin),
+        );
+    }
+
+    #[test]
+    fn add_bias_matches_a_broadcast_add() {
+        let inputs = [random(&[5, 7, 24], 9), random(&[24], 10)];
+        agree(
+            &inputs,
+            |t| add_bias(&t[0], &t[1]),
+            |t| t[0].broadcast_add(&t[1]),
+        );
+        // A bias over the two trailing dims (position embeddings over a batch).
+        let inputs = [random(&[4, 6, 8], 11), random(&[6, 8], 12)];
+        agree(
+            &inputs,
+            |t| add_bias(&t[0], &t[1].flatten_all()?.reshape((6, 8))?),
+            |t| t[0].broadcast_add(&t[1]),
+        );
+    }
+
+    #[test]
+    fn only_f32_on_the_cpu_takes_the_fused_path() {
+        let x = random(&[2, 2], 0);
+        assert!(applies(&[&x]));
+        assert!(!applies(&[&x.to_dtype(DType::BF16).expect("bf16")]));
+    }
+}
