@@ -124,3 +124,68 @@ fn the_tower_learns_patch_labels_and_nothing_else_changes() {
         "only {tower_changed} tower tensors moved"
     );
 }
+
+#[test]
+fn labels_that_do_not_fit_the_tower_are_refused_with_the_image_named() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let init = tmp.path().join("init");
+    let shape = DemoShape {
+        image_size: GRID * PATCH,
+        patch_size: PATCH,
+        vision_hidden: 32,
+        vision_layers: 2,
+        text_hidden: 32,
+        text_intermediate: 64,
+        text_layers: 1,
+        text_heads: 2,
+    };
+    write_random_checkpoint(&demo_config(&shape, 300, 298, 299), &init, DType::F32, 3)
+        .expect("checkpoint");
+    let checkpoint = Checkpoint::open(&init.to_string_lossy(), None).expect("open");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let good = example(tmp.path(), 0, &mut rng);
+    let tasks = TowerTasks {
+        patch: vec![PatchTask {
+            name: "red".into(),
+            classes: 2,
+            background: true,
+        }],
+        region: vec![PatchTask {
+            name: "reds in the top row".into(),
+            classes: GRID + 1,
+            background: false,
+        }],
+    };
+    let config = TowerPretrainConfig {
+        steps: 1,
+        batch_size: 1,
+        lr: 1e-3,
+        warmup_ratio: 0.0,
+        max_grad_norm: 1.0,
+        seed: 0,
+    };
+    let mut short = good.clone();
+    short.labels[0].pop();
+    let mut out_of_range = good.clone();
+    out_of_range.labels[0][0] = 7;
+    let mut bad_region = good.clone();
+    bad_region.regions[0].0.push(GRID * GRID);
+    for (bad, needle) in [
+        (short, "label rows"),
+        (out_of_range, "outside 0..2"),
+        (bad_region, "positions"),
+    ] {
+        let err = pretrain_tower(
+            &checkpoint,
+            &tmp.path().join("out"),
+            &tasks,
+            &[good.clone(), bad],
+            &[],
+            &config,
+            |_| {},
+        )
+        .expect_err("bad labels must be refused");
+        let msg = err.to_string();
+        assert!(msg.contains("0.png") && msg.contains(needle), "{msg}");
+    }
+}
