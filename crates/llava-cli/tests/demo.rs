@@ -126,7 +126,7 @@ fn quick_demo_runs_every_stage_and_resumes() {
         "| count |",
         "stage0/loss.png",
         "stage0_tower/loss.png",
-        "Stage 0a's per-patch heads",
+        "Stage 0a's heads on the held-out pictures",
         "llava train --stage pretrain",
         "Stage 0's captions of",
     ] {

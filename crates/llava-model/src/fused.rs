@@ -53,10 +53,7 @@ fn par_row_blocks(
     sums: usize,
     f: impl Fn(usize, &mut [f32], &mut [Vec<f32>]) + Sync,
 ) -> Vec<Vec<f32>> {
-    let rows = out.len() / d;
-    let block = rows
-        .div_ceil(4 * rayon::current_num_threads())
-        .max(MIN_ROWS_PER_TASK);
+    let block = block_rows(out.len() / d);
     out.par_chunks_mut(block * d)
         .enumerate()
         .map(|(b, chunk)| {
@@ -66,17 +63,22 @@ fn par_row_blocks(
             }
             partial
         })
-        .reduce(
-            || vec![vec![0f32; d]; sums],
-            |mut a, b| {
-                for (x, y) in a.iter_mut().zip(b) {
-                    for (p, q) in x.iter_mut().zip(y) {
-                        *p += q;
-                    }
-                }
-                a
-            },
-        )
+        .reduce(|| vec![vec![0f32; d]; sums], add_partials)
+}
+
+/// Rows per block: about four blocks per thread, so that uneven blocks even out.
+fn block_rows(rows: usize) -> usize {
+    rows.div_ceil(4 * rayon::current_num_threads())
+        .max(MIN_ROWS_PER_TASK)
+}
+
+fn add_partials(mut a: Vec<Vec<f32>>, b: Vec<Vec<f32>>) -> Vec<Vec<f32>> {
+    for (x, y) in a.iter_mut().zip(b) {
+        for (p, q) in x.iter_mut().zip(y) {
+            *p += q;
+        }
+    }
+    a
 }
 
 /// Mean and 1/std of a row, as PyTorch's layer norm computes them (biased variance).
@@ -558,15 +560,20 @@ impl CustomOp1 for ColumnSum {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let x = data(s, l, self.name())?;
         let d = self.width.max(1);
-        let mut scratch = x.to_vec();
-        let sums = par_row_blocks(&mut scratch, d, 1, |_, row, partial| {
-            for (p, &v) in partial[0].iter_mut().zip(row.iter()) {
-                *p += v;
-            }
-        });
-        let [sum]: [Vec<f32>; 1] = sums
-            .try_into()
-            .map_err(|_| candle_core::Error::Msg("column sum".into()))?;
+        let block = block_rows(x.len() / d);
+        let sums = x
+            .par_chunks(block * d)
+            .map(|chunk| {
+                let mut partial = vec![vec![0f32; d]];
+                for row in chunk.chunks(d) {
+                    for (p, &v) in partial[0].iter_mut().zip(row) {
+                        *p += v;
+                    }
+                }
+                partial
+            })
+            .reduce(|| vec![vec![0f32; d]], add_partials);
+        let sum = sums.into_iter().next().unwrap_or_else(|| vec![0f32; d]);
         Ok((CpuStorage::F32(sum), Shape::from(d)))
     }
 }

@@ -8,13 +8,12 @@
 //! of the tasks' mean cross-entropies. Only the tower and the heads train; the heads are thrown
 //! away, and the output is the input checkpoint with a trained tower.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::backprop::GradStore;
 use candle_core::{D, DType, Device, Tensor, Var};
 use llava_model::loss::cross_entropy;
-use llava_model::nn::Mode;
+use llava_model::nn::{Linear, Mode};
 use llava_model::pipeline::{image_processor, pixel_tensor};
 use llava_model::{Checkpoint, Llava};
 use rand::SeedableRng;
@@ -105,17 +104,13 @@ pub fn pretrain_tower(
         check_example(e, tasks, positions)?;
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed);
-    let all_tasks: Vec<&PatchTask> = tasks.patch.iter().chain(&tasks.region).collect();
-    let heads = all_tasks
-        .iter()
-        .map(|t| Head::new(t, width, &mut rng, &device))
-        .collect::<Result<Vec<_>>>()?;
-    let (patch_heads, region_heads) = heads.split_at(tasks.patch.len());
     let mut vars = weights.take_vars();
-    for (t, h) in all_tasks.iter().zip(&heads) {
-        vars.push((format!("head.{}.weight", t.name), h.weight.clone()));
-        vars.push((format!("head.{}.bias", t.name), h.bias.clone()));
-    }
+    let heads = tasks
+        .patch
+        .iter()
+        .chain(&tasks.region)
+        .map(|t| head(t, width, &mut rng, &device, &mut vars))
+        .collect::<Result<Vec<_>>>()?;
     let mut optimizer = AdamW::new(
         vars,
         AdamWConfig {
@@ -149,18 +144,12 @@ pub fn pretrain_tower(
             .drain(..config.batch_size.min(order.len()))
             .map(|i| &train[i])
             .collect();
-        let features = model.vision_features(&pixels(&batch)?, Mode::Train)?;
-        let features = features.reshape((batch.len() * positions, width))?;
+        let features = model
+            .vision_features(&pixels(&batch)?, Mode::Train)?
+            .reshape((batch.len() * positions, width))?;
         let mut loss = Tensor::zeros((), DType::F32, &device)?;
-        for (t, head) in patch_heads.iter().enumerate() {
-            let targets: Vec<u32> = batch.iter().flat_map(|e| e.labels[t].clone()).collect();
-            loss = (loss + cross_entropy(&head.forward(&features)?, &targets)?)?;
-        }
-        if let Some((pool, targets)) = region_pool(&batch, positions, &device)? {
-            let pooled = pool.matmul(&features)?;
-            for (t, head) in region_heads.iter().enumerate() {
-                loss = (loss + cross_entropy(&head.forward(&pooled)?, &targets[t])?)?;
-            }
+        for (head, (input, targets)) in heads.iter().zip(head_inputs(&batch, &features, tasks)?) {
+            loss = (loss + cross_entropy(&head.forward(&input)?, &targets)?)?;
         }
         let loss_value = loss.to_scalar::<f32>()? as f64;
         let mut grads: GradStore = loss.backward()?;
@@ -177,13 +166,11 @@ pub fn pretrain_tower(
             tokens: batch.len() * positions,
             elapsed_s: clock.elapsed().as_secs_f64(),
         };
-        let line = serde_json::to_string(&entry).map_err(|e| TrainError::Data(e.to_string()))?;
-        writeln!(log, "{line}").map_err(TrainError::io(&log_path))?;
+        entry.append_to(&mut log, &log_path)?;
         on_step(&entry);
     }
-    log.flush().map_err(TrainError::io(&log_path))?;
 
-    let accuracy = evaluate(&model, tasks, &heads, held_out, positions, width, &pixels)?;
+    let accuracy = evaluate(&model, tasks, &heads, held_out, &pixels)?;
     let tower: Vec<_> = optimizer
         .params
         .into_iter()
@@ -199,34 +186,50 @@ pub fn pretrain_tower(
     Ok(accuracy)
 }
 
-/// A linear classifier over one feature.
-struct Head {
-    weight: Var,
-    bias: Var,
+/// A linear classifier over one feature, at `nn.Linear`'s default init; its weight and bias
+/// join `vars` as `head.{task}.*`.
+fn head(
+    task: &PatchTask,
+    width: usize,
+    rng: &mut rand::rngs::StdRng,
+    device: &Device,
+    vars: &mut Vec<(String, Var)>,
+) -> Result<Linear> {
+    use rand::Rng;
+    let bound = 1.0 / (width as f32).sqrt();
+    let w: Vec<f32> = (0..task.classes * width)
+        .map(|_| rng.random_range(-bound..bound))
+        .collect();
+    let weight = Var::from_tensor(&Tensor::from_vec(w, (task.classes, width), device)?)?;
+    let bias = Var::zeros(task.classes, DType::F32, device)?;
+    let linear = Linear {
+        weight: weight.as_tensor().clone(),
+        bias: Some(bias.as_tensor().clone()),
+    };
+    vars.push((format!("head.{}.weight", task.name), weight));
+    vars.push((format!("head.{}.bias", task.name), bias));
+    Ok(linear)
 }
 
-impl Head {
-    fn new(
-        task: &PatchTask,
-        width: usize,
-        rng: &mut rand::rngs::StdRng,
-        device: &Device,
-    ) -> Result<Self> {
-        use rand::Rng;
-        let bound = 1.0 / (width as f32).sqrt();
-        let w: Vec<f32> = (0..task.classes * width)
-            .map(|_| rng.random_range(-bound..bound))
-            .collect();
-        Ok(Head {
-            weight: Var::from_tensor(&Tensor::from_vec(w, (task.classes, width), device)?)?,
-            bias: Var::zeros(task.classes, DType::F32, device)?,
+/// Per head (patch tasks, then region tasks), what it reads and the classes it should give:
+/// the patch features themselves, or the regions' mean features.
+fn head_inputs(
+    batch: &[&PatchExample],
+    features: &Tensor,
+    tasks: &TowerTasks,
+) -> Result<Vec<(Tensor, Vec<u32>)>> {
+    let mut inputs: Vec<(Tensor, Vec<u32>)> = (0..tasks.patch.len())
+        .map(|t| {
+            let targets = batch.iter().flat_map(|e| e.labels[t].clone()).collect();
+            (features.clone(), targets)
         })
+        .collect();
+    let positions = features.dim(0)? / batch.len().max(1);
+    if let Some((pool, targets)) = region_pool(batch, positions, features.device())? {
+        let pooled = pool.matmul(features)?;
+        inputs.extend(targets.into_iter().map(|t| (pooled.clone(), t)));
     }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.matmul(&self.weight.as_tensor().t()?)?
-            .broadcast_add(self.bias.as_tensor())?)
-    }
+    Ok(inputs)
 }
 
 /// Labels of the wrong number or range would train silently wrong heads.
@@ -295,14 +298,11 @@ fn region_pool(
 }
 
 /// Each head's accuracy on `examples`, with the tower in inference mode.
-#[allow(clippy::too_many_arguments)]
 fn evaluate(
     model: &Llava,
     tasks: &TowerTasks,
-    heads: &[Head],
+    heads: &[Linear],
     examples: &[PatchExample],
-    positions: usize,
-    width: usize,
     pixels: &dyn Fn(&[&PatchExample]) -> Result<Tensor>,
 ) -> Result<Vec<TaskAccuracy>> {
     let n_patch = tasks.patch.len();
@@ -310,25 +310,14 @@ fn evaluate(
     let mut fg = vec![(0usize, 0usize); heads.len()];
     let all: Vec<&PatchExample> = examples.iter().collect();
     for chunk in all.chunks(32) {
-        let features = model
-            .vision_features(&pixels(chunk)?, Mode::Infer)?
-            .reshape((chunk.len() * positions, width))?;
-        let pooled = region_pool(chunk, positions, features.device())?;
-        for (t, head) in heads.iter().enumerate() {
-            let (input, truth): (&Tensor, Vec<u32>) = if t < n_patch {
-                (
-                    &features,
-                    chunk.iter().flat_map(|e| e.labels[t].clone()).collect(),
-                )
-            } else {
-                match &pooled {
-                    Some((pool, targets)) => {
-                        (&pool.matmul(&features)?, targets[t - n_patch].clone())
-                    }
-                    None => continue,
-                }
-            };
-            let predicted: Vec<u32> = head.forward(input)?.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        let features = model.vision_features(&pixels(chunk)?, Mode::Infer)?;
+        let features = features.flatten_to(1)?;
+        for (t, (head, (input, truth))) in heads
+            .iter()
+            .zip(head_inputs(chunk, &features, tasks)?)
+            .enumerate()
+        {
+            let predicted: Vec<u32> = head.forward(&input)?.argmax(D::Minus1)?.to_vec1::<u32>()?;
             for (&p, &y) in predicted.iter().zip(&truth) {
                 right[t].1 += 1;
                 right[t].0 += usize::from(p == y);

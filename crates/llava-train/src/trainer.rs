@@ -76,6 +76,16 @@ pub struct StepLog {
     pub elapsed_s: f64,
 }
 
+impl StepLog {
+    /// Appends this step as one line of `train_log.jsonl` and flushes, so a killed run keeps it.
+    pub fn append_to(&self, log: &mut std::fs::File, path: &Path) -> Result<()> {
+        let line = serde_json::to_string(self).map_err(|e| TrainError::Data(e.to_string()))?;
+        writeln!(log, "{line}")
+            .and_then(|_| log.flush())
+            .map_err(TrainError::io(path))
+    }
+}
+
 pub struct Trainer<'a> {
     pub model: Llava,
     pub config: TrainConfig,
@@ -157,11 +167,7 @@ impl Trainer<'_> {
                 tokens,
                 elapsed_s: elapsed_before + clock.elapsed().as_secs_f64(),
             };
-            let line =
-                serde_json::to_string(&entry).map_err(|e| TrainError::Data(e.to_string()))?;
-            writeln!(log, "{line}")
-                .and_then(|_| log.flush())
-                .map_err(TrainError::io(&log_path))?;
+            entry.append_to(&mut log, &log_path)?;
             on_step(&entry);
             if self.state.position >= order.len() {
                 self.state.epoch += 1;

@@ -2,7 +2,7 @@
 //! patch is red or blue. The tower must learn it, and everything outside the tower must come out
 //! bit-identical.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use image::{Rgb, RgbImage};
 use llava_model::init::{DemoShape, demo_config, write_random_checkpoint};
@@ -40,10 +40,9 @@ fn example(dir: &Path, i: usize, rng: &mut impl Rng) -> PatchExample {
     }
 }
 
-#[test]
-fn the_tower_learns_patch_labels_and_nothing_else_changes() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let init = tmp.path().join("init");
+/// A random checkpoint whose tower sees `GRID`×`GRID` patches, in `dir/init`.
+fn tiny_checkpoint(dir: &Path) -> PathBuf {
+    let init = dir.join("init");
     let shape = DemoShape {
         image_size: GRID * PATCH,
         patch_size: PATCH,
@@ -54,12 +53,14 @@ fn the_tower_learns_patch_labels_and_nothing_else_changes() {
         text_layers: 1,
         text_heads: 2,
     };
-    let config = demo_config(&shape, 300, 298, 299);
-    write_random_checkpoint(&config, &init, DType::F32, 3).expect("checkpoint");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let examples: Vec<PatchExample> = (0..40).map(|i| example(tmp.path(), i, &mut rng)).collect();
-    let (train, held_out) = examples.split_at(32);
-    let tasks = TowerTasks {
+    write_random_checkpoint(&demo_config(&shape, 300, 298, 299), &init, DType::F32, 3)
+        .expect("checkpoint");
+    init
+}
+
+/// Each patch: red or not; the top row: how many of its patches are red.
+fn tasks() -> TowerTasks {
+    TowerTasks {
         patch: vec![PatchTask {
             name: "red".into(),
             classes: 2,
@@ -70,7 +71,17 @@ fn the_tower_learns_patch_labels_and_nothing_else_changes() {
             classes: GRID + 1,
             background: false,
         }],
-    };
+    }
+}
+
+#[test]
+fn the_tower_learns_patch_labels_and_nothing_else_changes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let init = tiny_checkpoint(tmp.path());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let examples: Vec<PatchExample> = (0..40).map(|i| example(tmp.path(), i, &mut rng)).collect();
+    let (train, held_out) = examples.split_at(32);
+    let tasks = tasks();
     let out = tmp.path().join("tower");
     let checkpoint = Checkpoint::open(&init.to_string_lossy(), None).expect("open");
     let mut losses = Vec::new();
@@ -128,34 +139,11 @@ fn the_tower_learns_patch_labels_and_nothing_else_changes() {
 #[test]
 fn labels_that_do_not_fit_the_tower_are_refused_with_the_image_named() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let init = tmp.path().join("init");
-    let shape = DemoShape {
-        image_size: GRID * PATCH,
-        patch_size: PATCH,
-        vision_hidden: 32,
-        vision_layers: 2,
-        text_hidden: 32,
-        text_intermediate: 64,
-        text_layers: 1,
-        text_heads: 2,
-    };
-    write_random_checkpoint(&demo_config(&shape, 300, 298, 299), &init, DType::F32, 3)
-        .expect("checkpoint");
+    let init = tiny_checkpoint(tmp.path());
     let checkpoint = Checkpoint::open(&init.to_string_lossy(), None).expect("open");
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let good = example(tmp.path(), 0, &mut rng);
-    let tasks = TowerTasks {
-        patch: vec![PatchTask {
-            name: "red".into(),
-            classes: 2,
-            background: true,
-        }],
-        region: vec![PatchTask {
-            name: "reds in the top row".into(),
-            classes: GRID + 1,
-            background: false,
-        }],
-    };
+    let tasks = tasks();
     let config = TowerPretrainConfig {
         steps: 1,
         batch_size: 1,

@@ -261,11 +261,7 @@ pub fn run(c: TrainCommand) -> Result<()> {
         stats: DataStats::default(),
     };
     let total = trainer.total_steps();
-    let bar = ProgressBar::new(total).with_position(trainer.state.step);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} steps · {msg} · ETA {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let bar = steps_bar(total).with_position(trainer.state.step);
     let mut last = None;
     trainer.train(|log| {
         bar.set_position(log.step);
@@ -294,4 +290,14 @@ pub fn run(c: TrainCommand) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The progress bar of a training run: steps, a message (loss, lr, speed) and the ETA.
+pub(crate) fn steps_bar(total: u64) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps · {msg} · ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
 }

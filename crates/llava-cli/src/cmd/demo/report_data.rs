@@ -228,7 +228,8 @@ impl ReportBuilder {
                 .collect();
             let _ = writeln!(
                 m,
-                "Stage 0a's per-patch heads on the held-out pictures: {}.\n",
+                "Stage 0a's heads on the held-out pictures (colour and count per patch, shape and \
+                 order per object): {}.\n",
                 parts.join(", ")
             );
         }

@@ -324,7 +324,7 @@ pub fn stage0(plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Resul
         &extra,
     );
     train_stage(
-        "stage 0: tower + decoder pretraining (left-to-right captions)",
+        "stage 0: decoder pretraining (left-to-right captions)",
         &out,
         a,
         report,

@@ -3,11 +3,10 @@
 //! else it learns to tell, patch by patch, the colour of the object there and how many objects
 //! the picture holds, and object by object (from the mean of its patches) the shape and place
 //! from the left (the labels come from the world's ground truth, as a detector's come from COCO
-//! boxes). The heads are thrown away;
-//! the decoder, projector and every later stage see only the tower's features.
+//! boxes). The heads are thrown away; the decoder, projector and every later stage see only the
+//! tower's features. A run killed midway starts this step again (it is a few minutes long).
 
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use llava_demo::world::patches::{OBJECT_TASKS, PATCH_TASKS, dense_labels};
 use llava_demo::world::{self, WorldPaths};
 use llava_model::Checkpoint;
@@ -63,11 +62,7 @@ pub fn tower(plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Result
             region: OBJECT_TASKS.iter().map(task).collect(),
         };
         let checkpoint = Checkpoint::open(&layout.init().to_string_lossy(), None)?;
-        let bar = ProgressBar::new(plan.tower.steps);
-        bar.set_style(
-            ProgressStyle::with_template("{bar:30} {pos}/{len} steps · {msg} · ETA {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
+        let bar = crate::cmd::train::steps_bar(plan.tower.steps);
         eprintln!("llava-rs {command}");
         let accuracy = pretrain_tower(
             &checkpoint,
