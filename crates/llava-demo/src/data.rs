@@ -1,8 +1,7 @@
 //! The demo's datasets, as LLaVA record files and `llava eval` question files.
 //!
-//! - **Captions** (stages 0 and 1): one record per caption, a brief-description instruction
-//!   with `<image>`, answered by the caption, as the paper's stage-1 data is laid out.
-//! - **Left-to-right captions** (stage 0): every object of a picture, in order.
+//! - **Left-to-right captions** (stages 0 and 1): every object of a picture, in order, behind
+//!   a description instruction with `<image>`, laid out as the paper's stage-1 data.
 //! - **Text-only questions** (part of stage 2): a scene described in words, then questions about
 //!   it, as LLaVA-1.5 mixes text-only conversations into stage 2. They stand in for what the
 //!   paper's LLM (Vicuna) brings: reading a description and answering questions about it.
@@ -16,40 +15,13 @@ use llava_data::record::{IMAGE_PLACEHOLDER, LlavaRecord, Turn};
 use llava_eval::mc::{mc_prompt, option_letter};
 use llava_eval::vqa::vqa_prompt;
 use rand::rngs::StdRng;
-use rand::seq::IndexedRandom;
+use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 use crate::questions::probes;
 use crate::world::Scene;
 use crate::world::captions::order;
-
-/// One record per caption, each with a brief-description instruction drawn from
-/// `instructions` (llava-instruct's list).
-pub fn caption_records(
-    scenes: &[(Scene, Vec<String>)],
-    instructions: &[String],
-    seed: u64,
-) -> Vec<LlavaRecord> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut out = Vec::new();
-    for (s, caps) in scenes {
-        for (k, c) in caps.iter().enumerate() {
-            let instruction = instructions
-                .choose(&mut rng)
-                .map_or("Describe the image briefly.", String::as_str);
-            out.push(LlavaRecord {
-                id: json!(format!("{}_{k}", s.id)),
-                image: Some(s.file_name.clone()),
-                conversations: vec![
-                    Turn::human(format!("{IMAGE_PLACEHOLDER}\n{instruction}")),
-                    Turn::gpt(c.clone()),
-                ],
-            });
-        }
-    }
-    out
-}
 
 /// One record per scene whose answer is its left-to-right caption, behind a description
 /// instruction: stage 0's captioning target. Every word of it depends on the picture (which
@@ -80,6 +52,15 @@ pub fn order_caption_records(
         .collect()
 }
 
+/// A scene's probes in a random order. Were the kinds always asked colour first, the model
+/// would learn which answer the first turn takes instead of reading the question, and the
+/// benchmark, which asks each question as the first turn, would get a colour to every kind.
+fn shuffled_probes(scene: &Scene, rng: &mut StdRng) -> Vec<crate::questions::Probe> {
+    let mut ps = probes(scene, rng);
+    ps.shuffle(rng);
+    ps
+}
+
 /// One question as a short-answer or a multiple-choice prompt, with its answer.
 fn ask(p: &crate::questions::Probe, mc: bool) -> (String, String) {
     if mc {
@@ -99,7 +80,7 @@ pub fn text_probe_records(scenes: &[Scene], seed: u64, mc_share: f64) -> Vec<Lla
         .map(|s| {
             let description = order(s, &mut rng);
             let mut turns = Vec::new();
-            for p in probes(s, &mut rng) {
+            for p in shuffled_probes(s, &mut rng) {
                 let (q, a) = ask(&p, rng.random_bool(mc_share));
                 let q = if turns.is_empty() {
                     format!("The picture: {description}\n{q}")
@@ -125,7 +106,7 @@ pub fn probe_records(scenes: &[Scene], seed: u64, mc_share: f64) -> Vec<LlavaRec
         .iter()
         .map(|s| {
             let mut turns = Vec::new();
-            for p in probes(s, &mut rng) {
+            for p in shuffled_probes(s, &mut rng) {
                 let (q, a) = ask(&p, rng.random_bool(mc_share));
                 let q = if turns.is_empty() {
                     format!("{IMAGE_PLACEHOLDER}\n{q}")
@@ -184,17 +165,6 @@ mod tests {
     }
 
     #[test]
-    fn captions_become_instruction_records_with_the_image() {
-        let w = world();
-        let records = caption_records(&w, &["Say what you see.".to_string()], 1);
-        assert_eq!(records.len(), w.len() * 5);
-        let r = &records[7];
-        assert_eq!(r.image.as_deref(), Some(w[1].0.file_name.as_str()));
-        assert_eq!(r.conversations[0].value, "<image>\nSay what you see.");
-        assert_eq!(r.conversations[1].value, w[1].1[2]);
-    }
-
-    #[test]
     fn order_captions_name_every_object_left_to_right() {
         let w = world();
         let records = order_caption_records(&w, &["Tell me everything.".to_string()], 1);
@@ -248,6 +218,35 @@ mod tests {
             );
         }
         assert!(mc > 20 && short > 20, "both forms: {mc} mc, {short} short");
+    }
+
+    /// Which kind a probe question asks, from its wording.
+    fn kind_of(question: &str) -> &'static str {
+        if question.contains("left or to the right") {
+            "position"
+        } else if question.contains("How many") || question.contains("Count") {
+            "count"
+        } else if question.contains("colour") {
+            "colour"
+        } else {
+            "shape"
+        }
+    }
+
+    #[test]
+    fn every_kind_of_question_comes_first_in_some_record() {
+        let w = world();
+        let scenes: Vec<Scene> = w.iter().map(|(s, _)| s.clone()).collect();
+        for records in [
+            probe_records(&scenes, 4, 0.5),
+            text_probe_records(&scenes, 4, 0.5),
+        ] {
+            let first: std::collections::BTreeSet<&str> = records
+                .iter()
+                .map(|r| kind_of(&r.conversations[0].value))
+                .collect();
+            assert_eq!(first.len(), 4, "first questions only ask {first:?}");
+        }
     }
 
     #[test]
