@@ -4,12 +4,12 @@ Trains transformers' CLIPVisionModel, shaped as the demo's tower up to the layer
 layers, width 128, 64-px pictures in 8-px patches), on the same labels as
 `llava_demo::world::patches`: per patch the colour of the object there and the picture's object
 count, per object (mean of its patches) its shape and place from the left. Batches of 32 drawn at
-random, AdamW, 5% warmup then cosine, clip 1.0. Prints the loss, held-out accuracy per task
-(colour on object patches; count per patch; shape and order per object) and seconds every 200
-steps.
+random, the loss a sum over tasks (shape times --shape-weight), AdamW, 5% warmup then cosine,
+clip 1.0. Prints the loss, held-out accuracy per task (colour on object patches; count per
+patch; shape and order per object) and seconds every 200 steps.
 
     llava demo --out /tmp/demo --stop-after init
-    python tools/tower_pytorch.py --world /tmp/demo/world --steps 800 --lr 1e-3
+    python tools/tower_pytorch.py --world /tmp/demo/world --steps 800 --lr 1e-3 --shape-weight 3
     python tools/tower_pytorch.py --world /tmp/demo/world --steps 600 --init flat   # 0.02 everywhere
     python tools/tower_pytorch.py --world /tmp/demo/world --steps 600 --shape-per-patch
 
@@ -101,6 +101,7 @@ def main():
     ap.add_argument("--shape-per-patch", action="store_true", help="ask shape of every patch instead of each object")
     ap.add_argument("--train", type=int, default=6000, help="training scenes to load")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--shape-weight", type=float, default=1.0, help="factor on the shape task's loss (the demo uses 3)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -154,7 +155,8 @@ def main():
         idx = torch.randint(0, len(train[0]), (a.batch,))
         x, own, colour, count, shape = (t[idx] for t in train)
         out = outputs(x, own, shape)
-        loss = sum(nn.functional.cross_entropy(out[k][0].reshape(-1, out[k][0].shape[-1]), y.reshape(-1))
+        loss = sum((a.shape_weight if k == "shape" else 1.0)
+                   * nn.functional.cross_entropy(out[k][0].reshape(-1, out[k][0].shape[-1]), y.reshape(-1))
                    for k, y in targets(out, colour, count).items())
         opt.zero_grad()
         loss.backward()

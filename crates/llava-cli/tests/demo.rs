@@ -174,6 +174,13 @@ fn bad_plans_are_refused_with_a_message() {
                "stage0":{"steps":1,"batch_size":1,"lr":0.001},"stage1":{"steps":1,"batch_size":1,"lr":0.001},"stage2":{"steps":1,"batch_size":1,"lr":0.001}}"#,
             "image_size",
         ),
+        (
+            r#"{"seed":0,"train_scenes":10,"val_scenes":1,"test_scenes":2,"instruct_images":2,"bench_images":1,"vocab_size":512,
+               "model":{"image_size":64,"patch_size":8,"vision_hidden":128,"vision_layers":4,"text_hidden":192,"text_intermediate":512,"text_layers":3,"text_heads":3},
+               "tower_shape_weight":-1,
+               "stage0":{"steps":1,"batch_size":1,"lr":0.001},"stage1":{"steps":1,"batch_size":1,"lr":0.001},"stage2":{"steps":1,"batch_size":1,"lr":0.001}}"#,
+            "tower_shape_weight",
+        ),
     ];
     for (i, (text, needle)) in cases.iter().enumerate() {
         let plan = tmp.path().join(format!("plan{i}.json"));

@@ -5,7 +5,7 @@
 //! Linear heads read the features the projector will read (the tower's `vision_feature_layer`,
 //! after `vision_feature_select_strategy`): patch tasks classify each feature, region tasks
 //! classify the mean feature of a region's positions (an object's patches). The loss is the sum
-//! of the tasks' mean cross-entropies. Only the tower and the heads train; the heads are thrown
+//! of the tasks' mean cross-entropies, each times its weight. Only the tower and the heads train; the heads are thrown
 //! away, and the output is the input checkpoint with a trained tower.
 
 use std::path::{Path, PathBuf};
@@ -28,16 +28,24 @@ use crate::schedule::{Schedule, lr_at, warmup_steps};
 use crate::trainer::StepLog;
 
 /// One classification task over the tower's features.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PatchTask {
     pub name: String,
     pub classes: usize,
     /// Class 0 means "nothing here", so held-out accuracy is also given without those positions.
     pub background: bool,
+    /// The factor on this task's mean cross-entropy in the summed loss. A task that the others
+    /// outpace (shape, behind colour) can be weighted up.
+    #[serde(default = "one")]
+    pub weight: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// The tasks of a pretraining run.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct TowerTasks {
     /// One class per feature position.
     pub patch: Vec<PatchTask>,
@@ -148,8 +156,13 @@ pub fn pretrain_tower(
             .vision_features(&pixels(&batch)?, Mode::Train)?
             .reshape((batch.len() * positions, width))?;
         let mut loss = Tensor::zeros((), DType::F32, &device)?;
-        for (head, (input, targets)) in heads.iter().zip(head_inputs(&batch, &features, tasks)?) {
-            loss = (loss + cross_entropy(&head.forward(&input)?, &targets)?)?;
+        let weights = tasks.patch.iter().chain(&tasks.region).map(|t| t.weight);
+        for ((head, (input, targets)), weight) in heads
+            .iter()
+            .zip(head_inputs(&batch, &features, tasks)?)
+            .zip(weights)
+        {
+            loss = (loss + (cross_entropy(&head.forward(&input)?, &targets)? * weight)?)?;
         }
         let loss_value = loss.to_scalar::<f32>()? as f64;
         let mut grads: GradStore = loss.backward()?;

@@ -65,11 +65,13 @@ fn tasks() -> TowerTasks {
             name: "red".into(),
             classes: 2,
             background: true,
+            weight: 1.0,
         }],
         region: vec![PatchTask {
             name: "reds in the top row".into(),
             classes: GRID + 1,
             background: false,
+            weight: 2.0,
         }],
     }
 }
@@ -176,4 +178,47 @@ fn labels_that_do_not_fit_the_tower_are_refused_with_the_image_named() {
         let msg = err.to_string();
         assert!(msg.contains("0.png") && msg.contains(needle), "{msg}");
     }
+}
+
+#[test]
+fn each_task_counts_in_the_loss_by_its_weight() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let init = tiny_checkpoint(tmp.path());
+    let checkpoint = Checkpoint::open(&init.to_string_lossy(), None).expect("open");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let examples: Vec<PatchExample> = (0..4).map(|i| example(tmp.path(), i, &mut rng)).collect();
+    // The first step's loss, before any update: patch CE + weight × region CE.
+    let first_loss = |region_weight: f64| {
+        let mut tasks = tasks();
+        tasks.region[0].weight = region_weight;
+        let mut loss = None;
+        pretrain_tower(
+            &checkpoint,
+            &tmp.path().join(format!("w{region_weight}")),
+            &tasks,
+            &examples,
+            &examples,
+            &TowerPretrainConfig {
+                steps: 1,
+                batch_size: 4,
+                lr: 1e-3,
+                warmup_ratio: 0.0,
+                max_grad_norm: 1.0,
+                seed: 2,
+            },
+            |log| loss = Some(log.loss),
+        )
+        .expect("pretraining");
+        loss.expect("one step logged")
+    };
+    let (none, once, twice) = (first_loss(0.0), first_loss(1.0), first_loss(2.0));
+    let region = once - none;
+    assert!(
+        region > 0.1,
+        "the region task adds to the loss: {none} {once}"
+    );
+    assert!(
+        (twice - once - region).abs() < 1e-4,
+        "weight 2 adds the region loss twice: {none} {once} {twice}"
+    );
 }

@@ -174,6 +174,12 @@ fn validate(plan: &Plan) -> Result<()> {
             anyhow::bail!("plan: {name} needs at least one step and a batch of at least 1");
         }
     }
+    if !(plan.tower_shape_weight.is_finite() && plan.tower_shape_weight >= 0.0) {
+        anyhow::bail!(
+            "plan: tower_shape_weight must be a number of at least 0 (got {})",
+            plan.tower_shape_weight
+        );
+    }
     if m.text_heads == 0
         || !m.text_hidden.is_multiple_of(m.text_heads)
         || !m.vision_hidden.is_multiple_of(4)

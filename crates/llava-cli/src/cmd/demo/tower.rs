@@ -21,7 +21,7 @@ pub fn tower(plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Result
     let out = layout.tower();
     let accuracy_file = out.join("tower_accuracy.json");
     let command = format!(
-        "(in-process) dense tower pretraining: {} steps of {} pictures, lr {:e}, tasks {}",
+        "(in-process) dense tower pretraining: {} steps of {} pictures, lr {:e}, tasks {} (shape weighted {})",
         plan.tower.steps,
         plan.tower.batch_size,
         plan.tower.lr,
@@ -30,7 +30,8 @@ pub fn tower(plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Result
             .chain(&OBJECT_TASKS)
             .map(|(n, _)| *n)
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", "),
+        plan.tower_shape_weight
     );
     if !accuracy_file.exists() {
         if out.exists() {
@@ -56,6 +57,11 @@ pub fn tower(plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Result
             name: name.into(),
             classes,
             background: name == "colour",
+            weight: if name == "shape" {
+                plan.tower_shape_weight
+            } else {
+                1.0
+            },
         };
         let tasks = TowerTasks {
             patch: PATCH_TASKS.iter().map(task).collect(),
