@@ -19,7 +19,7 @@ use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-use crate::questions::probes;
+use crate::questions::{Probe, probes};
 use crate::world::Scene;
 use crate::world::captions::order;
 
@@ -55,14 +55,14 @@ pub fn order_caption_records(
 /// A scene's probes in a random order. Were the kinds always asked colour first, the model
 /// would learn which answer the first turn takes instead of reading the question, and the
 /// benchmark, which asks each question as the first turn, would get a colour to every kind.
-fn shuffled_probes(scene: &Scene, rng: &mut StdRng) -> Vec<crate::questions::Probe> {
+fn shuffled_probes(scene: &Scene, rng: &mut StdRng) -> Vec<Probe> {
     let mut ps = probes(scene, rng);
     ps.shuffle(rng);
     ps
 }
 
 /// One question as a short-answer or a multiple-choice prompt, with its answer.
-fn ask(p: &crate::questions::Probe, mc: bool) -> (String, String) {
+fn ask(p: &Probe, mc: bool) -> (String, String) {
     if mc {
         let letter = option_letter(p.answer_index).unwrap_or('A');
         (mc_prompt(&p.question, &p.options, None), letter.to_string())
@@ -208,7 +208,7 @@ mod tests {
             let count = r
                 .conversations
                 .chunks(2)
-                .find(|p| p[0].value.contains("How many") || p[0].value.contains("Count"))
+                .find(|p| kind_of(&p[0].value) == "count")
                 .expect("a count question");
             let n = s.objects.len();
             assert!(

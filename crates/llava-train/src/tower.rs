@@ -5,8 +5,9 @@
 //! Linear heads read the features the projector will read (the tower's `vision_feature_layer`,
 //! after `vision_feature_select_strategy`): patch tasks classify each feature, region tasks
 //! classify the mean feature of a region's positions (an object's patches). The loss is the sum
-//! of the tasks' mean cross-entropies, each times its weight. Only the tower and the heads train; the heads are thrown
-//! away, and the output is the input checkpoint with a trained tower.
+//! of the tasks' mean cross-entropies, each times its weight. Only the tower and the heads
+//! train; the heads are thrown away, and the output is the input checkpoint with a trained
+//! tower.
 
 use std::path::{Path, PathBuf};
 
