@@ -162,6 +162,20 @@ pub fn restore_optimizer(
         p.exp_avg_sq = saved
             .remove(&format!("exp_avg_sq.{}", p.name))
             .ok_or_else(|| missing("exp_avg_sq"))?;
+        let shape = p.var.as_tensor().shape();
+        for (what, t) in [("exp_avg", &p.exp_avg), ("exp_avg_sq", &p.exp_avg_sq)] {
+            if t.shape() != shape {
+                return Err(TrainError::Resume {
+                    path: path.clone(),
+                    message: format!(
+                        "has {what} of shape {:?} for `{}`, which is {:?}: was it saved for another model?",
+                        t.dims(),
+                        p.name,
+                        shape.dims()
+                    ),
+                });
+            }
+        }
     }
     optimizer.step = step;
     Ok(())
@@ -186,4 +200,31 @@ pub fn truncate_log(output: &Path, step: u64) -> Result<()> {
         .collect();
     write_atomic(&path, kept.as_bytes())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::optim::AdamWConfig;
+    use candle_core::{Tensor, Var};
+
+    #[test]
+    fn moments_of_another_shape_are_refused_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cpu = Device::Cpu;
+        let wrong = Tensor::zeros((3, 2), candle_core::DType::F32, &cpu).expect("zeros");
+        let saved = std::collections::HashMap::from([
+            ("exp_avg.w".to_string(), wrong.clone()),
+            ("exp_avg_sq.w".to_string(), wrong),
+        ]);
+        candle_core::safetensors::save(&saved, dir.path().join("optimizer.safetensors"))
+            .expect("save");
+        let var = Var::zeros((2, 3), candle_core::DType::F32, &cpu).expect("var");
+        let mut optimizer =
+            AdamW::new(vec![("w".into(), var)], AdamWConfig::default()).expect("optimizer");
+        let err = restore_optimizer(dir.path(), &mut optimizer, 1, &cpu)
+            .expect_err("a shape mismatch is an error")
+            .to_string();
+        assert!(err.contains("exp_avg of shape [3, 2] for `w`"), "{err}");
+    }
 }

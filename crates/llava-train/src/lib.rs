@@ -2,6 +2,7 @@
 //! with PyTorch's semantics, the training loop with the paper's freezing rules, and checkpoints
 //! with exact resume.
 
+pub mod adamw_cpu;
 pub mod checkpoint;
 pub mod clip;
 pub mod data;

@@ -13,7 +13,7 @@ use llava_model::{Llava, LlavaConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{TrainerState, save_checkpoint};
-use crate::clip::clip_grad_norm;
+use crate::clip::{clip_coefficient, global_grad_norm};
 use crate::data::{Batch, DataStats, Item, TrainDataset, group_by_modality_length};
 use crate::error::{Result, TrainError};
 use crate::optim::AdamW;
@@ -239,8 +239,9 @@ impl Trainer<'_> {
             }
         }
         let vars: Vec<&Var> = self.optimizer.params.iter().map(|p| &p.var).collect();
-        let grad_norm = clip_grad_norm(&mut grads, &vars, self.config.max_grad_norm)?;
-        self.optimizer.step(&grads, lr)?;
+        let grad_norm = global_grad_norm(&grads, &vars)?;
+        let scale = clip_coefficient(grad_norm, self.config.max_grad_norm);
+        self.optimizer.step(&grads, lr, scale)?;
         Ok((loss_sum, grad_norm, tokens))
     }
 

@@ -62,7 +62,7 @@ fn run(trainable: &'static [&'static str], steps: usize) -> Vec<f64> {
         let (loss, _) = causal_lm_loss(&logits, &labels).expect("loss");
         losses.push(loss.to_scalar::<f32>().expect("scalar") as f64);
         let grads = loss.backward().expect("backward");
-        opt.step(&grads, config.lr).expect("step");
+        opt.step(&grads, config.lr, 1.0).expect("step");
     }
     losses
 }
