@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::{LlamaConfig, Rope};
 use crate::error::{ModelError, Result};
-use crate::nn::{Linear, Mode, RmsNorm, rope, softmax_last_dim};
+use crate::nn::{Activation, Linear, Mode, RmsNorm, rope, softmax_last_dim};
 use crate::weights::WeightsView;
 
 /// Keys and values of every layer for the positions seen so far: `[batch, kv_heads, seq, head_dim]`.
@@ -129,7 +129,7 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
+        let gate = Activation::Silu.forward(&self.gate_proj.forward(x)?)?;
         self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
     }
 }

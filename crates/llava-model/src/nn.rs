@@ -6,7 +6,7 @@
 //! differentiate (our own fused f32 CPU kernels in [`crate::fused`], else the composite
 //! formula), `Mode::Infer` candle's fused kernel.
 
-use candle_core::{D, DType, Module, Tensor};
+use candle_core::{D, DType, Tensor};
 
 use crate::error::{ModelError, Result};
 use crate::fused;
@@ -187,9 +187,13 @@ impl Activation {
         Ok(match self {
             Self::Gelu => x.gelu_erf()?,
             Self::GeluTanh => x.gelu()?,
+            Self::QuickGelu | Self::Silu if fused::applies(&[x]) => {
+                let alpha = if *self == Self::Silu { 1.0 } else { 1.702 };
+                fused::sigmoid_gate(x, alpha)?
+            }
             // x·σ(1.702x), written out so that it has a backward pass.
             Self::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
-            Self::Silu => candle_nn::Activation::Silu.forward(x)?,
+            Self::Silu => x.silu()?,
             Self::Relu => x.relu()?,
         })
     }
