@@ -53,6 +53,17 @@ struct Moment {
     squared: bool,
 }
 
+impl Moment {
+    fn new(beta: f64, scale: f32, squared: bool) -> Self {
+        Self {
+            beta: beta as f32,
+            weight: (1.0 - beta) as f32,
+            scale,
+            squared,
+        }
+    }
+}
+
 impl InplaceOp2 for Moment {
     fn name(&self) -> &'static str {
         "adamw-moment"
@@ -157,24 +168,8 @@ pub fn update(
     s: &Step,
 ) -> Result<()> {
     let scale = s.grad_scale as f32;
-    exp_avg.inplace_op2(
-        grad,
-        &Moment {
-            beta: s.beta1 as f32,
-            weight: (1.0 - s.beta1) as f32,
-            scale,
-            squared: false,
-        },
-    )?;
-    exp_avg_sq.inplace_op2(
-        grad,
-        &Moment {
-            beta: s.beta2 as f32,
-            weight: (1.0 - s.beta2) as f32,
-            scale,
-            squared: true,
-        },
-    )?;
+    exp_avg.inplace_op2(grad, &Moment::new(s.beta1, scale, false))?;
+    exp_avg_sq.inplace_op2(grad, &Moment::new(s.beta2, scale, true))?;
     param.inplace_op3(
         exp_avg,
         exp_avg_sq,
