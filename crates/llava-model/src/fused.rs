@@ -26,7 +26,9 @@ pub fn applies(tensors: &[&Tensor]) -> bool {
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
-fn data<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> CResult<&'a [f32]> {
+/// The f32 elements a contiguous layout covers in a CPU storage; `op` names the caller in the
+/// error for any other layout.
+pub fn data<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> CResult<&'a [f32]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
         None => candle_core::bail!("{op}: input must be contiguous"),

@@ -9,6 +9,7 @@
 //! rewritten (candle may hand the same gradient tensor to two parameters).
 
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
+use llava_model::fused::data;
 use rayon::prelude::*;
 
 /// Elements handed to one rayon task.
@@ -17,13 +18,6 @@ const CHUNK: usize = 1 << 14;
 /// Whether the fast path can update these tensors: contiguous f32 on the CPU.
 pub fn applies(tensors: &[&Tensor]) -> bool {
     llava_model::fused::applies(tensors) && tensors.iter().all(|t| t.is_contiguous())
-}
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
-        None => candle_core::bail!("adamw: tensors must be contiguous"),
-    }
 }
 
 fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
@@ -71,7 +65,7 @@ impl InplaceOp2 for Moment {
 
     fn cpu_fwd(&self, m: &mut CpuStorage, lm: &Layout, g: &CpuStorage, lg: &Layout) -> Result<()> {
         let m = slice_mut(m, lm)?;
-        let g = slice(g, lg)?;
+        let g = data(g, lg, self.name())?;
         same_len(m.len(), g.len())?;
         let (beta, weight, scale) = (self.beta, self.weight, self.scale);
         m.par_chunks_mut(CHUNK)
@@ -123,7 +117,7 @@ impl InplaceOp3 for Update {
         lv: &Layout,
     ) -> Result<()> {
         let p = slice_mut(p, lp)?;
-        let (m, v) = (slice(m, lm)?, slice(v, lv)?);
+        let (m, v) = (data(m, lm, self.name())?, data(v, lv, self.name())?);
         same_len(p.len(), m.len())?;
         same_len(p.len(), v.len())?;
         p.par_chunks_mut(CHUNK)
@@ -188,7 +182,7 @@ pub fn sum_sq(t: &Tensor) -> Result<f64> {
     let candle_core::Storage::Cpu(cpu) = &*storage else {
         candle_core::bail!("sum_sq: tensor must be on the CPU");
     };
-    let x = slice(cpu, layout)?;
+    let x = data(cpu, layout, "sum_sq")?;
     Ok(x.par_chunks(CHUNK)
         .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
         .sum())

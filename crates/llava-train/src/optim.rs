@@ -6,6 +6,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
 
 use crate::adamw_cpu;
+use crate::clip::{clip_coefficient, global_grad_norm};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWConfig {
@@ -66,6 +67,15 @@ impl AdamW {
             config,
             step: 0,
         })
+    }
+
+    /// Clips to `max_norm` (0 = off) by the global norm as `clip_grad_norm_` does, then takes
+    /// one step; returns the norm before clipping, which training logs as `grad_norm`.
+    pub fn clip_and_step(&mut self, grads: &GradStore, lr: f64, max_norm: f64) -> Result<f64> {
+        let vars: Vec<&Var> = self.params.iter().map(|p| &p.var).collect();
+        let norm = global_grad_norm(grads, &vars)?;
+        self.step(grads, lr, clip_coefficient(norm, max_norm))?;
+        Ok(norm)
     }
 
     /// One update at learning rate `lr` (the schedule's value for this step), with every

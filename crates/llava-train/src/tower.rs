@@ -22,7 +22,6 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::write_model;
-use crate::clip::{clip_coefficient, global_grad_norm};
 use crate::error::{Result, TrainError};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::{Schedule, lr_at, warmup_steps};
@@ -167,11 +166,8 @@ pub fn pretrain_tower(
         }
         let loss_value = loss.to_scalar::<f32>()? as f64;
         let grads: GradStore = loss.backward()?;
-        let params: Vec<&Var> = optimizer.params.iter().map(|p| &p.var).collect();
-        let grad_norm = global_grad_norm(&grads, &params)?;
-        let scale = clip_coefficient(grad_norm, config.max_grad_norm);
         let lr = lr_at(Schedule::Cosine, config.lr, step, warmup, config.steps);
-        optimizer.step(&grads, lr, scale)?;
+        let grad_norm = optimizer.clip_and_step(&grads, lr, config.max_grad_norm)?;
         let entry = StepLog {
             step: step + 1,
             epoch: ((step + 1) as usize * config.batch_size) as f64 / train.len() as f64,

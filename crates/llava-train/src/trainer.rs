@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Tensor};
 use llava_model::language_model::KvCache;
 use llava_model::loss::causal_lm_loss_from_hidden;
 use llava_model::nn::Mode;
@@ -13,7 +13,6 @@ use llava_model::{Llava, LlavaConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{TrainerState, save_checkpoint};
-use crate::clip::{clip_coefficient, global_grad_norm};
 use crate::data::{Batch, DataStats, Item, TrainDataset, group_by_modality_length};
 use crate::error::{Result, TrainError};
 use crate::optim::AdamW;
@@ -238,10 +237,9 @@ impl Trainer<'_> {
                 }
             }
         }
-        let vars: Vec<&Var> = self.optimizer.params.iter().map(|p| &p.var).collect();
-        let grad_norm = global_grad_norm(&grads, &vars)?;
-        let scale = clip_coefficient(grad_norm, self.config.max_grad_norm);
-        self.optimizer.step(&grads, lr, scale)?;
+        let grad_norm = self
+            .optimizer
+            .clip_and_step(&grads, lr, self.config.max_grad_norm)?;
         Ok((loss_sum, grad_norm, tokens))
     }
 
