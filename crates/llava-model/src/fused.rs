@@ -457,40 +457,45 @@ fn map_chunks<const N: usize>(
     });
 }
 
-#[cfg(target_arch = "x86_64")]
 fn dispatch<const N: usize>(
     o: &mut [f32],
     ins: [&[f32]; N],
     f: impl Fn(&mut [f32], [&[f32]; N]) + Copy,
 ) {
+    simd(
+        #[inline(always)]
+        || f(o, ins),
+    )
+}
+
+/// Runs `f` compiled for AVX-512, else AVX2+FMA, whichever the CPU has: the kernels here are
+/// written as plain loops that the compiler vectorises once it may use those instructions.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
     #[target_feature(enable = "avx512f")]
-    fn avx512<const N: usize>(o: &mut [f32], i: [&[f32]; N], f: impl Fn(&mut [f32], [&[f32]; N])) {
-        f(o, i)
+    fn avx512<R>(f: impl FnOnce() -> R) -> R {
+        f()
     }
     #[target_feature(enable = "avx2,fma")]
-    fn avx2<const N: usize>(o: &mut [f32], i: [&[f32]; N], f: impl Fn(&mut [f32], [&[f32]; N])) {
-        f(o, i)
+    fn avx2<R>(f: impl FnOnce() -> R) -> R {
+        f()
     }
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has the feature the function is compiled for.
-        unsafe { avx512(o, ins, f) }
+        unsafe { avx512(f) }
     } else if std::arch::is_x86_feature_detected!("avx2")
         && std::arch::is_x86_feature_detected!("fma")
     {
         // SAFETY: as above.
-        unsafe { avx2(o, ins, f) }
+        unsafe { avx2(f) }
     } else {
-        f(o, ins)
+        f()
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn dispatch<const N: usize>(
-    o: &mut [f32],
-    ins: [&[f32]; N],
-    f: impl Fn(&mut [f32], [&[f32]; N]) + Copy,
-) {
-    f(o, ins)
+pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
+    f()
 }
 
 struct SigmoidGate {

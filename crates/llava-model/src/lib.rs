@@ -1,10 +1,12 @@
 //! The LLaVA model: CLIP vision tower → projector → LLaMA, on candle, with weights in the HF
 //! llava layout or the original liuhaotian layout. One model serves inference and training.
 
+pub mod amx;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod fused;
+pub mod gemv;
 pub mod generation;
 pub mod init;
 pub mod language_model;

@@ -8,8 +8,10 @@
 
 use candle_core::{D, DType, Tensor};
 
+use crate::amx;
 use crate::error::{ModelError, Result};
 use crate::fused;
+use crate::gemv;
 use crate::weights::WeightsView;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -42,7 +44,14 @@ impl Linear {
         let dims = x.dims();
         let in_dim = dims[dims.len() - 1];
         let lead: usize = dims[..dims.len() - 1].iter().product();
-        let y = x.reshape((lead, in_dim))?.matmul(&self.weight.t()?)?;
+        let x = x.reshape((lead, in_dim))?;
+        let y = if gemv::applies(&x, &self.weight) {
+            gemv::matmul_t(&x, &self.weight)?
+        } else if amx::applies(&x, &self.weight) {
+            amx::matmul_t(&x, &self.weight)?
+        } else {
+            x.matmul(&self.weight.t()?)?
+        };
         let y = match &self.bias {
             Some(b) if fused::applies(&[&y, b]) => fused::add_bias(&y, b)?,
             Some(b) => y.broadcast_add(b)?,
