@@ -23,36 +23,9 @@ from transformers import CLIPImageProcessor, LlavaForConditionalGeneration
 QUESTION = "Describe the picture."
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--image", required=True)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--prompt", default=None, help="rendered prompt text; default: the llava-1.5 template")
-    args = ap.parse_args()
-
-    torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype).eval()
-    cfg = model.config
-    tok = Tokenizer.from_file(f"{args.model}/tokenizer.json")
-    prompt = args.prompt or f"USER: <image>\n{QUESTION} ASSISTANT:"
-    n_img = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
-    if cfg.vision_feature_select_strategy == "full":
-        n_img += 1
-    ids = tok.encode(prompt.replace("<image>", "<image>" * n_img)).ids
-    input_ids = torch.tensor([ids])
-    try:
-        proc = CLIPImageProcessor.from_pretrained(args.model)
-    except Exception:  # transformers without torchvision: the PIL class
-        from transformers.models.clip.image_processing_clip import CLIPImageProcessor as Slow
-        proc = Slow.from_pretrained(args.model)
-    pixel_values = proc(images=Image.open(args.image).convert("RGB"), return_tensors="pt")["pixel_values"].to(dtype)
-
+def run(model, cfg, pixel_values, input_ids, args, dev, now):
     with torch.inference_mode():
-        t0 = time.perf_counter()
+        t0 = now()
         feats = model.get_image_features(pixel_values=pixel_values,
                                          vision_feature_layer=cfg.vision_feature_layer,
                                          vision_feature_select_strategy=cfg.vision_feature_select_strategy)
@@ -62,22 +35,62 @@ def main():
         if isinstance(feats, (list, tuple)):
             feats = torch.cat(list(feats), dim=0)
         feats = feats.reshape(-1, feats.shape[-1])
-        t1 = time.perf_counter()
+        t1 = now()
         embeds = model.get_input_embeddings()(input_ids.clamp(max=cfg.text_config.vocab_size - 1))
         mask = (input_ids == cfg.image_token_index).unsqueeze(-1).expand_as(embeds)
         embeds = embeds.masked_scatter(mask, feats.to(embeds.dtype))
         out = model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
         past = out.past_key_values
         nxt = out.logits[0, -1].argmax().item()
-        t2 = time.perf_counter()
+        t2 = now()
         generated = [nxt]
         for _ in range(args.max_new_tokens - 1):
-            out = model(input_ids=torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
+            out = model(input_ids=torch.tensor([[nxt]], device=dev), past_key_values=past, use_cache=True)
             past = out.past_key_values
             nxt = out.logits[0, -1].argmax().item()
             generated.append(nxt)
-        t3 = time.perf_counter()
+        t3 = now()
+    return t0, t1, t2, t3, generated
 
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--image", required=True)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--repeat", type=int, default=1, help="runs; the last is reported (GPU warm-up)")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--prompt", default=None, help="rendered prompt text; default: the llava-1.5 template")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    dev = torch.device(args.device)
+    model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(dev).eval()
+    cfg = model.config
+    tok = Tokenizer.from_file(f"{args.model}/tokenizer.json")
+    prompt = args.prompt or f"USER: <image>\n{QUESTION} ASSISTANT:"
+    n_img = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+    if cfg.vision_feature_select_strategy == "full":
+        n_img += 1
+    ids = tok.encode(prompt.replace("<image>", "<image>" * n_img)).ids
+    input_ids = torch.tensor([ids], device=dev)
+    try:
+        proc = CLIPImageProcessor.from_pretrained(args.model)
+    except Exception:  # transformers without torchvision: the PIL class
+        from transformers.models.clip.image_processing_clip import CLIPImageProcessor as Slow
+        proc = Slow.from_pretrained(args.model)
+    pixel_values = proc(images=Image.open(args.image).convert("RGB"), return_tensors="pt")["pixel_values"].to(dev, dtype)
+
+    def now():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    for _ in range(args.repeat):
+        t0, t1, t2, t3, generated = run(model, cfg, pixel_values, input_ids, args, dev, now)
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
     print(json.dumps({
         "peer": f"transformers {__import__('transformers').__version__} / torch {torch.__version__}",

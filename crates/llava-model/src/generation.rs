@@ -156,6 +156,10 @@ pub fn generate(
         Some(p) => Some(model.get_image_features(p, Mode::Infer)?),
         None => None,
     };
+    // A GPU queues work and returns: wait for it, or the time lands in the next phase.
+    if let Some(f) = &features {
+        f.device().synchronize()?;
+    }
     stats.vision_ms = clock.elapsed().as_secs_f64() * 1000.0;
 
     let clock = std::time::Instant::now();
@@ -167,6 +171,7 @@ pub fn generate(
         .forward(&embeds, None, &mut cache, Mode::Infer)?;
     let last = hidden.narrow(1, input_ids.len() - 1, 1)?;
     let mut logits = model.language_model.logits(&last)?.flatten_all()?;
+    logits.device().synchronize()?;
     stats.prefill_ms = clock.elapsed().as_secs_f64() * 1000.0;
 
     let clock = std::time::Instant::now();

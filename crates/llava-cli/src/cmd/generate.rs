@@ -30,6 +30,10 @@ pub struct GenerateCommand {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    /// Generate this many times first, unreported: for benchmarks, since a GPU's first run also
+    /// loads its kernels.
+    #[arg(long, default_value_t = 0)]
+    pub warmup: usize,
 }
 
 #[derive(Serialize)]
@@ -73,6 +77,16 @@ pub fn run(c: GenerateCommand) -> Result<()> {
     tracing::info!(template = %pipeline.template.describe(), "prompt: {prompt:?}");
     let input_ids = pipeline.encode(&prompt)?;
     let pixel_values = pipeline.pixel_values(&c.image)?;
+    for _ in 0..c.warmup {
+        pipeline.generate(
+            &input_ids,
+            pixel_values.as_ref(),
+            &c.sampling.params(),
+            c.sampling.max_new_tokens,
+            &c.sampling.stop,
+            |_| {},
+        )?;
+    }
     let stream = !c.json;
     let mut stdout = std::io::stdout();
     let out = pipeline.generate(

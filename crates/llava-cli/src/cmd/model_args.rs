@@ -50,7 +50,7 @@ impl ModelArgs {
             other => bail!("--dtype {other}: choose f32, bf16 or f16"),
         };
         let device = match self.cuda {
-            Some(i) => Device::new_cuda(i).context("--cuda")?,
+            Some(i) => cuda_device(i)?,
             None => Device::Cpu,
         };
         let image_aspect_ratio = match &self.image_aspect_ratio {
@@ -69,6 +69,34 @@ impl ModelArgs {
             image_aspect_ratio,
         };
         Pipeline::load(&opts).with_context(|| format!("loading {}", self.checkpoint.model))
+    }
+}
+
+/// CUDA device `i`. cudarc opens libcuda, libcublas and libcurand with dlopen and panics when
+/// one is missing, so a panic here becomes an error like any other (the hook is silenced
+/// meanwhile, so that no panic message is printed).
+fn cuda_device(i: usize) -> Result<Device> {
+    if !cfg!(feature = "cuda") {
+        bail!(
+            "--cuda {i}: this llava was built without CUDA (cargo build --release -p llava-cli --features cuda)"
+        );
+    }
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let device = std::panic::catch_unwind(|| Device::new_cuda(i));
+    std::panic::set_hook(hook);
+    match device {
+        Ok(device) => device.with_context(|| format!("--cuda {i}")),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("CUDA initialisation panicked");
+            // cudarc's message goes on to list every file name it tried.
+            let msg = msg.split(" - searched for").next().unwrap_or(msg);
+            bail!("--cuda {i}: {msg}; are the CUDA libraries on LD_LIBRARY_PATH?")
+        }
     }
 }
 
