@@ -18,7 +18,7 @@
 
 use std::sync::OnceLock;
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
@@ -49,9 +49,13 @@ pub fn applies(x: &Tensor, w: &Tensor) -> bool {
         && available()
 }
 
-/// `x Wᵀ` for bf16 `x: [m, k]`, `w: [n, k]`, giving bf16 `[m, n]`; see [`applies`].
-pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    Ok(x.apply_op2(w, AmxMatmul)?)
+/// `x Wᵀ (+ b)` for bf16 `x: [m, k]`, `w: [n, k]`, `b: [n]`, giving bf16 `[m, n]`; see
+/// [`applies`]. The bias joins the f32 sums before their one rounding, as in oneDNN's linear.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    Ok(match b {
+        Some(b) => x.apply_op3(w, b, AmxMatmul)?,
+        None => x.apply_op2(w, AmxMatmul)?,
+    })
 }
 
 /// The k extent of one tile product: 16 rows of 64 bytes, 32 bf16 each.
@@ -76,23 +80,7 @@ impl CustomOp2 for AmxMatmul {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, k) = xl.shape().dims2()?;
-        let (n, wk) = wl.shape().dims2()?;
-        if k != wk || !k.is_multiple_of(K_STEP) {
-            candle_core::bail!("amx-matmul: x is [{m}, {k}], the weight [{n}, {wk}]");
-        }
-        let (CpuStorage::BF16(x), CpuStorage::BF16(w)) = (xs, ws) else {
-            candle_core::bail!("amx-matmul: takes bf16 on both sides");
-        };
-        let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
-        else {
-            candle_core::bail!("amx-matmul: inputs must be contiguous");
-        };
-        if !available() {
-            candle_core::bail!("amx-matmul: this CPU or kernel offers no AMX-BF16");
-        }
-        let out = product(&x[x0..x1], &w[w0..w1], m, k, n);
-        Ok((CpuStorage::BF16(out), Shape::from((m, n))))
+        amx_linear(xs, xl, ws, wl, None)
     }
 
     /// Plain matmuls, as in [`crate::gemv`]: a trainable path keeps its gradient.
@@ -107,12 +95,83 @@ impl CustomOp2 for AmxMatmul {
     }
 }
 
+impl CustomOp3 for AmxMatmul {
+    fn name(&self) -> &'static str {
+        "amx-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        amx_linear(xs, xl, ws, wl, Some((bs, bl)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Ok((
+            Some(grad.matmul(w)?),
+            Some(grad.t()?.matmul(x)?),
+            Some(grad.sum(0)?),
+        ))
+    }
+}
+
+fn amx_linear(
+    xs: &CpuStorage,
+    xl: &Layout,
+    ws: &CpuStorage,
+    wl: &Layout,
+    bias: Option<(&CpuStorage, &Layout)>,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let (m, k) = xl.shape().dims2()?;
+    let (n, wk) = wl.shape().dims2()?;
+    if k != wk || !k.is_multiple_of(K_STEP) {
+        candle_core::bail!("amx-matmul: x is [{m}, {k}], the weight [{n}, {wk}]");
+    }
+    let (CpuStorage::BF16(x), CpuStorage::BF16(w)) = (xs, ws) else {
+        candle_core::bail!("amx-matmul: takes bf16 on both sides");
+    };
+    let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
+    else {
+        candle_core::bail!("amx-matmul: inputs must be contiguous");
+    };
+    if !available() {
+        candle_core::bail!("amx-matmul: this CPU or kernel offers no AMX-BF16");
+    }
+    let bias: Vec<f32> = match bias {
+        None => vec![0.0; n],
+        Some((CpuStorage::BF16(b), bl)) if bl.shape().dims() == [n] => {
+            match bl.contiguous_offsets() {
+                Some((b0, b1)) => b[b0..b1].iter().map(|v| v.to_f32()).collect(),
+                None => candle_core::bail!("amx-linear: the bias must be contiguous"),
+            }
+        }
+        Some((_, bl)) => {
+            candle_core::bail!("amx-linear: bias {:?} for {n} bf16 outputs", bl.dims())
+        }
+    };
+    let out = product(&x[x0..x1], &w[w0..w1], &bias, m, k, n);
+    Ok((CpuStorage::BF16(out), Shape::from((m, n))))
+}
+
 /// The output pointer shared by the tasks, each of which writes its own columns.
 struct Columns(*mut bf16);
 // SAFETY: tasks write disjoint column ranges of one buffer that outlives them.
 unsafe impl Sync for Columns {}
 
-fn product(x: &[bf16], w: &[bf16], m: usize, k: usize, n: usize) -> Vec<bf16> {
+fn product(x: &[bf16], w: &[bf16], bias: &[f32], m: usize, k: usize, n: usize) -> Vec<bf16> {
     let steps = k / K_STEP;
     let x_blocks = m.div_ceil(32);
     let xp = pack_pairs(x, m, k);
@@ -161,7 +220,8 @@ fn product(x: &[bf16], w: &[bf16], m: usize, k: usize, n: usize) -> Vec<bf16> {
                     for c in 0..width {
                         // SAFETY: i < m and wb * 32 + c < n; only this task writes these columns.
                         unsafe {
-                            *cols.0.add(i * n + wb * 32 + c) = bf16::from_f32(s[c * 32 + r]);
+                            *cols.0.add(i * n + wb * 32 + c) =
+                                bf16::from_f32(s[c * 32 + r] + bias[wb * 32 + c]);
                         }
                     }
                 }
@@ -340,10 +400,14 @@ mod tests {
             let x = bf16_tensor(m, k, 1.0);
             let w = bf16_tensor(n, k, 2.0);
             assert!(applies(&x, &w));
-            let ours = matmul_t(&x, &w).expect("amx");
+            let b = bf16_tensor(1, n, 3.0).squeeze(0).expect("bias");
+            let ours = linear(&x, &w, Some(&b)).expect("amx");
             assert_eq!((ours.dims(), ours.dtype()), (&[m, n][..], DType::BF16));
             let f = |t: &Tensor| t.to_dtype(DType::F32).expect("f32");
-            let exact = f(&x).matmul(&f(&w).t().expect("t")).expect("f32 product");
+            let exact = f(&x)
+                .matmul(&f(&w).t().expect("t"))
+                .and_then(|y| y.broadcast_add(&f(&b)))
+                .expect("f32 product");
             let diff = (f(&ours) - &exact)
                 .and_then(|d| d.abs())
                 .and_then(|d| d.flatten_all())

@@ -45,17 +45,20 @@ impl Linear {
         let in_dim = dims[dims.len() - 1];
         let lead: usize = dims[..dims.len() - 1].iter().product();
         let x = x.reshape((lead, in_dim))?;
-        let y = if gemv::applies(&x, &self.weight) {
-            gemv::matmul_t(&x, &self.weight)?
-        } else if amx::applies(&x, &self.weight) {
-            amx::matmul_t(&x, &self.weight)?
+        let bias_fits = |b: &Tensor| b.dtype() == DType::BF16 && b.is_contiguous();
+        let y = if amx::applies(&x, &self.weight) && self.bias.as_ref().is_none_or(bias_fits) {
+            amx::linear(&x, &self.weight, self.bias.as_ref())?
         } else {
-            x.matmul(&self.weight.t()?)?
-        };
-        let y = match &self.bias {
-            Some(b) if fused::applies(&[&y, b]) => fused::add_bias(&y, b)?,
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
+            let y = if gemv::applies(&x, &self.weight) {
+                gemv::matmul_t(&x, &self.weight)?
+            } else {
+                x.matmul(&self.weight.t()?)?
+            };
+            match &self.bias {
+                Some(b) if fused::applies(&[&y, b]) => fused::add_bias(&y, b)?,
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            }
         };
         let mut out_dims = dims.to_vec();
         out_dims[dims.len() - 1] = self.weight.dim(0)?;
