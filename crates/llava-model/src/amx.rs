@@ -23,7 +23,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::gemv;
+use crate::gemv::{self, contiguous};
 
 /// Whether this CPU has AMX-BF16 and the kernel granted the tile state. `LLAVA_NO_AMX=1` turns
 /// the path off, to compare against candle's own product.
@@ -68,6 +68,8 @@ const BLOCKS_PER_TASK: usize = 4;
 
 struct AmxMatmul;
 
+const OP: &str = "amx-matmul";
+
 impl CustomOp2 for AmxMatmul {
     fn name(&self) -> &'static str {
         "amx-matmul"
@@ -83,7 +85,6 @@ impl CustomOp2 for AmxMatmul {
         amx_linear(xs, xl, ws, wl, None)
     }
 
-    /// Plain matmuls, as in [`crate::gemv`]: a trainable path keeps its gradient.
     fn bwd(
         &self,
         x: &Tensor,
@@ -91,7 +92,7 @@ impl CustomOp2 for AmxMatmul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(w)?), Some(grad.t()?.matmul(x)?)))
+        gemv::backward(x, w, grad)
     }
 }
 
@@ -120,11 +121,8 @@ impl CustomOp3 for AmxMatmul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Ok((
-            Some(grad.matmul(w)?),
-            Some(grad.t()?.matmul(x)?),
-            Some(grad.sum(0)?),
-        ))
+        let (gx, gw) = gemv::backward(x, w, grad)?;
+        Ok((gx, gw, Some(grad.sum(0)?)))
     }
 }
 
@@ -138,31 +136,25 @@ fn amx_linear(
     let (m, k) = xl.shape().dims2()?;
     let (n, wk) = wl.shape().dims2()?;
     if k != wk || !k.is_multiple_of(K_STEP) {
-        candle_core::bail!("amx-matmul: x is [{m}, {k}], the weight [{n}, {wk}]");
+        candle_core::bail!("{OP}: x is [{m}, {k}], the weight [{n}, {wk}]");
     }
     let (CpuStorage::BF16(x), CpuStorage::BF16(w)) = (xs, ws) else {
-        candle_core::bail!("amx-matmul: takes bf16 on both sides");
+        candle_core::bail!("{OP}: takes bf16 on both sides");
     };
-    let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
-    else {
-        candle_core::bail!("amx-matmul: inputs must be contiguous");
-    };
+    let (x, w) = (contiguous(x, xl, OP)?, contiguous(w, wl, OP)?);
     if !available() {
-        candle_core::bail!("amx-matmul: this CPU or kernel offers no AMX-BF16");
+        candle_core::bail!("{OP}: this CPU or kernel offers no AMX-BF16");
     }
     let bias: Vec<f32> = match bias {
         None => vec![0.0; n],
         Some((CpuStorage::BF16(b), bl)) if bl.shape().dims() == [n] => {
-            match bl.contiguous_offsets() {
-                Some((b0, b1)) => b[b0..b1].iter().map(|v| v.to_f32()).collect(),
-                None => candle_core::bail!("amx-linear: the bias must be contiguous"),
-            }
+            contiguous(b, bl, OP)?.iter().map(|v| v.to_f32()).collect()
         }
         Some((_, bl)) => {
-            candle_core::bail!("amx-linear: bias {:?} for {n} bf16 outputs", bl.dims())
+            candle_core::bail!("{OP}: bias {:?} for {n} bf16 outputs", bl.dims())
         }
     };
-    let out = product(&x[x0..x1], &w[w0..w1], &bias, m, k, n);
+    let out = product(x, w, &bias, m, k, n);
     Ok((CpuStorage::BF16(out), Shape::from((m, n))))
 }
 

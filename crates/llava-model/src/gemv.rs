@@ -43,6 +43,8 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 struct RowsTimesWeight;
 
+const OP: &str = "rows-times-weight";
+
 impl CustomOp2 for RowsTimesWeight {
     fn name(&self) -> &'static str {
         "rows-times-weight"
@@ -58,24 +60,27 @@ impl CustomOp2 for RowsTimesWeight {
         let (m, k) = xl.shape().dims2()?;
         let (n, wk) = wl.shape().dims2()?;
         if k != wk {
-            candle_core::bail!("rows-times-weight: x is [{m}, {k}] but the weight is [{n}, {wk}]");
+            candle_core::bail!("{OP}: x is [{m}, {k}] but the weight is [{n}, {wk}]");
         }
         let storage = match (xs, ws) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
-                CpuStorage::F32(product(slice(x, xl)?, slice(w, wl)?, m, k, n, |v| v))
-            }
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(product(
+                contiguous(x, xl, OP)?,
+                contiguous(w, wl, OP)?,
+                m,
+                k,
+                n,
+                |v| v,
+            )),
             (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
-                let x: Vec<f32> = slice(x, xl)?.iter().map(|v| v.to_f32()).collect();
-                let y = product(&x, slice(w, wl)?, m, k, n, bf16::from_f32);
+                let x: Vec<f32> = contiguous(x, xl, OP)?.iter().map(|v| v.to_f32()).collect();
+                let y = product(&x, contiguous(w, wl, OP)?, m, k, n, bf16::from_f32);
                 CpuStorage::BF16(y)
             }
-            _ => candle_core::bail!("rows-times-weight: takes f32 or bf16 on both sides"),
+            _ => candle_core::bail!("{OP}: takes f32 or bf16 on both sides"),
         };
         Ok((storage, Shape::from((m, n))))
     }
 
-    /// Plain matmuls: the op exists for decoding speed, but a trainable path must not lose
-    /// its gradient if it ever meets one.
     fn bwd(
         &self,
         x: &Tensor,
@@ -83,14 +88,29 @@ impl CustomOp2 for RowsTimesWeight {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(w)?), Some(grad.t()?.matmul(x)?)))
+        backward(x, w, grad)
     }
 }
 
-fn slice<'a, T: WithDType>(s: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
+/// The gradients of `x Wᵀ` as plain matmuls. These ops exist for speed, but a trainable path
+/// must not lose its gradient if it ever meets one.
+pub(crate) fn backward(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    Ok((Some(grad.matmul(w)?), Some(grad.t()?.matmul(x)?)))
+}
+
+/// The elements a contiguous layout covers; `op` names the caller in the error otherwise.
+pub(crate) fn contiguous<'a, T: WithDType>(
+    s: &'a [T],
+    l: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s[a..b]),
-        None => candle_core::bail!("rows-times-weight: inputs must be contiguous"),
+        None => candle_core::bail!("{op}: inputs must be contiguous"),
     }
 }
 
