@@ -33,6 +33,7 @@ def main():
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -42,8 +43,10 @@ def main():
     proc = SlowCLIPImageProcessor.from_pretrained(args.model)
     pixels = proc(images=Image.open(args.image).convert("RGB"), return_tensors="pt")["pixel_values"]
     pixels = pixels.repeat(args.batch, 1, 1, 1)
+    dev = torch.device(args.device)
+    ids, labels, pixels = ids.to(dev), labels.to(dev), pixels.to(dev)
 
-    model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32)
+    model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32).to(dev)
     model.train()
     for name, p in model.named_parameters():
         p.requires_grad_("vision_tower" not in name)

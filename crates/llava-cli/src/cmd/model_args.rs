@@ -75,7 +75,7 @@ impl ModelArgs {
 /// CUDA device `i`. cudarc opens libcuda, libcublas and libcurand with dlopen and panics when
 /// one is missing, so a panic here becomes an error like any other (the hook is silenced
 /// meanwhile, so that no panic message is printed).
-fn cuda_device(i: usize) -> Result<Device> {
+pub fn cuda_device(i: usize) -> Result<Device> {
     if !cfg!(feature = "cuda") {
         bail!(
             "--cuda {i}: this llava was built without CUDA (cargo build --release -p llava-cli --features cuda)"

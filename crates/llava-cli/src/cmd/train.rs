@@ -105,6 +105,9 @@ pub struct TrainCommand {
     /// Stop at the first bad record instead of skipping it.
     #[arg(long)]
     pub strict: bool,
+    /// Train on this CUDA device (needs a build with `--features cuda`); the CPU otherwise.
+    #[arg(long)]
+    pub cuda: Option<usize>,
     /// `pad` (LLaVA-1.5) or `square`; default: what the checkpoint asks for.
     #[arg(long)]
     pub image_aspect_ratio: Option<String>,
@@ -178,7 +181,10 @@ pub fn run(c: TrainCommand) -> Result<()> {
 
     let checkpoint = Checkpoint::open(&model_source, c.checkpoint.vision_tower.as_deref())
         .with_context(|| format!("loading {model_source}"))?;
-    let device = Device::Cpu;
+    let device = match c.cuda {
+        Some(i) => super::model_args::cuda_device(i)?,
+        None => Device::Cpu,
+    };
     let mut weights = checkpoint.weights(DType::F32, &device)?;
     if let (Some(p), None) = (&c.projector, &c.resume) {
         weights
