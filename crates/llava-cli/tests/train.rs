@@ -221,6 +221,25 @@ fn pretrain_moves_only_the_projector() {
     );
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
+    // Resuming with a setting that fixes the data order is refused, naming it and both values.
+    let resume = out_dir.to_string_lossy().to_string();
+    let changed = train(
+        &data,
+        &out_dir,
+        &[
+            "--stage",
+            "pretrain",
+            "--max-steps",
+            "4",
+            "--batch-size",
+            "2",
+            "--resume",
+            resume.as_str(),
+        ],
+    );
+    assert_eq!(changed.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&changed.stderr);
+    assert!(err.contains("--batch-size was 4, now 2"), "{err}");
 }
 
 #[test]

@@ -124,6 +124,49 @@ pub fn write_model(
     Ok(tensors)
 }
 
+/// The settings a resumed run must keep, because the data order or the set of trained tensors
+/// follows from them: one line per difference, naming the flag and both values.
+pub fn resume_conflicts(saved: &TrainConfig, now: &TrainConfig) -> Vec<String> {
+    let mut conflicts = Vec::new();
+    let mut check = |flag: &str, was: String, is: String| {
+        if was != is {
+            conflicts.push(format!("{flag} was {was}, now {is}"));
+        }
+    };
+    check(
+        "--stage",
+        format!("{:?}", saved.stage),
+        format!("{:?}", now.stage),
+    );
+    check(
+        "--batch-size",
+        saved.batch_size.to_string(),
+        now.batch_size.to_string(),
+    );
+    check(
+        "--grad-accum",
+        saved.grad_accum.to_string(),
+        now.grad_accum.to_string(),
+    );
+    check("--seed", saved.seed.to_string(), now.seed.to_string());
+    check(
+        "shuffling (--no-shuffle)",
+        saved.shuffle.to_string(),
+        now.shuffle.to_string(),
+    );
+    check(
+        "--group-by-modality-length",
+        saved.group_by_modality_length.to_string(),
+        now.group_by_modality_length.to_string(),
+    );
+    check(
+        "--unfreeze-vision",
+        saved.unfreeze_vision.to_string(),
+        now.unfreeze_vision.to_string(),
+    );
+    conflicts
+}
+
 /// Reads a checkpoint's trainer state.
 pub fn read_state(dir: &Path) -> Result<(TrainerState, TrainConfig)> {
     let path = dir.join("trainer_state.json");

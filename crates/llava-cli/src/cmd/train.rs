@@ -12,7 +12,9 @@ use llava_data::tokenizer::Tokenizer;
 use llava_model::pipeline::image_processor;
 use llava_model::weights::hf_llava_name;
 use llava_model::{Checkpoint, DType, Device, Llava};
-use llava_train::checkpoint::{TrainerState, read_state, restore_optimizer, truncate_log};
+use llava_train::checkpoint::{
+    TrainerState, read_state, restore_optimizer, resume_conflicts, truncate_log,
+};
 use llava_train::data::{DataStats, TrainDataset};
 use llava_train::optim::{AdamW, AdamWConfig};
 use llava_train::trainer::{Stage, TrainConfig, Trainer};
@@ -156,8 +158,16 @@ pub fn run(c: TrainCommand) -> Result<()> {
     // A resumed run starts from the checkpoint's weights and state.
     let (model_source, state) = match &c.resume {
         Some(dir) => {
-            let (state, _) =
+            let (state, saved) =
                 read_state(dir).with_context(|| format!("--resume {}", dir.display()))?;
+            let conflicts = resume_conflicts(&saved, &config);
+            if !conflicts.is_empty() {
+                bail!(
+                    "--resume {}: an exact continuation needs the run's settings: {}",
+                    dir.display(),
+                    conflicts.join("; ")
+                );
+            }
             (dir.to_string_lossy().to_string(), state)
         }
         None => {
