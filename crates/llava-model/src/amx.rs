@@ -23,7 +23,8 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::gemv::{self, contiguous};
+use crate::fused::contiguous;
+use crate::gemv;
 
 /// Whether this CPU has AMX-BF16 and the kernel granted the tile state. `LLAVA_NO_AMX=1` turns
 /// the path off, to compare against candle's own product.
@@ -72,7 +73,7 @@ const OP: &str = "amx-matmul";
 
 impl CustomOp2 for AmxMatmul {
     fn name(&self) -> &'static str {
-        "amx-matmul"
+        OP
     }
 
     fn cpu_fwd(

@@ -11,7 +11,9 @@
 //! Only f32 on the CPU takes this path ([`applies`]); other dtypes and devices keep the
 //! composite formulas in [`crate::nn`].
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType,
+};
 use rayon::prelude::*;
 
 type CResult<T> = candle_core::Result<T>;
@@ -29,8 +31,14 @@ pub fn applies(tensors: &[&Tensor]) -> bool {
 /// The f32 elements a contiguous layout covers in a CPU storage; `op` names the caller in the
 /// error for any other layout.
 pub fn data<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> CResult<&'a [f32]> {
+    contiguous(s.as_slice::<f32>()?, l, op)
+}
+
+/// The elements of any dtype that a contiguous layout covers; `op` names the caller in the error
+/// for any other layout.
+pub fn contiguous<'a, T: WithDType>(s: &'a [T], l: &Layout, op: &str) -> CResult<&'a [T]> {
     match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
+        Some((a, b)) => Ok(&s[a..b]),
         None => candle_core::bail!("{op}: input must be contiguous"),
     }
 }

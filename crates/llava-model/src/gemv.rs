@@ -7,12 +7,12 @@
 //! f32 as they are read. Sums are f32 and a bf16 output is rounded once at the end, as
 //! transformers' CPU bf16 linear does.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::fused::simd;
+use crate::fused::{contiguous, simd};
 
 /// Rows of `x` up to which one pass over the weight beats a GEMM.
 pub const MAX_ROWS: usize = 4;
@@ -47,7 +47,7 @@ const OP: &str = "rows-times-weight";
 
 impl CustomOp2 for RowsTimesWeight {
     fn name(&self) -> &'static str {
-        "rows-times-weight"
+        OP
     }
 
     fn cpu_fwd(
@@ -100,18 +100,6 @@ pub(crate) fn backward(
     grad: &Tensor,
 ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
     Ok((Some(grad.matmul(w)?), Some(grad.t()?.matmul(x)?)))
-}
-
-/// The elements a contiguous layout covers; `op` names the caller in the error otherwise.
-pub(crate) fn contiguous<'a, T: WithDType>(
-    s: &'a [T],
-    l: &Layout,
-    op: &str,
-) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s[a..b]),
-        None => candle_core::bail!("{op}: inputs must be contiguous"),
-    }
 }
 
 /// A weight element widened to f32 as it is read.

@@ -127,42 +127,25 @@ pub fn write_model(
 /// The settings a resumed run must keep, because the data order or the set of trained tensors
 /// follows from them: one line per difference, naming the flag and both values.
 pub fn resume_conflicts(saved: &TrainConfig, now: &TrainConfig) -> Vec<String> {
-    let mut conflicts = Vec::new();
-    let mut check = |flag: &str, was: String, is: String| {
+    fn differ<T: PartialEq + std::fmt::Debug>(out: &mut Vec<String>, flag: &str, was: T, is: T) {
         if was != is {
-            conflicts.push(format!("{flag} was {was}, now {is}"));
+            out.push(format!("{flag} was {was:?}, now {is:?}"));
         }
-    };
-    check(
-        "--stage",
-        format!("{:?}", saved.stage),
-        format!("{:?}", now.stage),
-    );
-    check(
-        "--batch-size",
-        saved.batch_size.to_string(),
-        now.batch_size.to_string(),
-    );
-    check(
-        "--grad-accum",
-        saved.grad_accum.to_string(),
-        now.grad_accum.to_string(),
-    );
-    check("--seed", saved.seed.to_string(), now.seed.to_string());
-    check(
-        "shuffling (--no-shuffle)",
-        saved.shuffle.to_string(),
-        now.shuffle.to_string(),
-    );
-    check(
-        "--group-by-modality-length",
-        saved.group_by_modality_length.to_string(),
-        now.group_by_modality_length.to_string(),
-    );
-    check(
+    }
+    let mut conflicts = Vec::new();
+    let c = &mut conflicts;
+    differ(c, "--stage", saved.stage, now.stage);
+    differ(c, "--batch-size", saved.batch_size, now.batch_size);
+    differ(c, "--grad-accum", saved.grad_accum, now.grad_accum);
+    differ(c, "--seed", saved.seed, now.seed);
+    differ(c, "shuffling (--no-shuffle)", saved.shuffle, now.shuffle);
+    let (was, is) = (saved.group_by_modality_length, now.group_by_modality_length);
+    differ(c, "--group-by-modality-length", was, is);
+    differ(
+        c,
         "--unfreeze-vision",
-        saved.unfreeze_vision.to_string(),
-        now.unfreeze_vision.to_string(),
+        saved.unfreeze_vision,
+        now.unfreeze_vision,
     );
     conflicts
 }
