@@ -21,13 +21,15 @@ pub const MAX_ROWS: usize = 4;
 /// the 256-row key/value projections of grouped-query attention over the threads.
 const ROWS_PER_TASK: usize = 16;
 
-/// Whether [`matmul_t`] takes this product: CPU, f32 or bf16 on both sides, `x` of
-/// `[m ≤ MAX_ROWS, k]` and `w` of `[n, k]`, both contiguous.
+/// Whether [`matmul_t`] takes this product: CPU, f32 or bf16 on both sides or f32 activations
+/// with bf16 weights, `x` of `[m ≤ MAX_ROWS, k]` and `w` of `[n, k]`, both contiguous.
 pub fn applies(x: &Tensor, w: &Tensor) -> bool {
     x.device().is_cpu()
         && w.device().is_cpu()
-        && x.dtype() == w.dtype()
-        && matches!(x.dtype(), DType::F32 | DType::BF16)
+        && matches!(
+            (x.dtype(), w.dtype()),
+            (DType::F32, DType::F32) | (DType::BF16, DType::BF16) | (DType::F32, DType::BF16)
+        )
         && x.rank() == 2
         && w.rank() == 2
         && x.dims()[0] <= MAX_ROWS
@@ -71,12 +73,20 @@ impl CustomOp2 for RowsTimesWeight {
                 n,
                 |v| v,
             )),
+            (CpuStorage::F32(x), CpuStorage::BF16(w)) => CpuStorage::F32(product(
+                contiguous(x, xl, OP)?,
+                contiguous(w, wl, OP)?,
+                m,
+                k,
+                n,
+                |v| v,
+            )),
             (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
                 let x: Vec<f32> = contiguous(x, xl, OP)?.iter().map(|v| v.to_f32()).collect();
                 let y = product(&x, contiguous(w, wl, OP)?, m, k, n, bf16::from_f32);
                 CpuStorage::BF16(y)
             }
-            _ => candle_core::bail!("{OP}: takes f32 or bf16 on both sides"),
+            _ => candle_core::bail!("{OP}: takes f32 or bf16 on both sides, or f32 with bf16"),
         };
         Ok((storage, Shape::from((m, n))))
     }
@@ -99,7 +109,9 @@ pub(crate) fn backward(
     w: &Tensor,
     grad: &Tensor,
 ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-    Ok((Some(grad.matmul(w)?), Some(grad.t()?.matmul(x)?)))
+    // bf16 weights meet f32 activations (`weights::activation_dtype`): the gradients are f32.
+    let w = w.to_dtype(grad.dtype())?;
+    Ok((Some(grad.matmul(&w)?), Some(grad.t()?.matmul(x)?)))
 }
 
 /// A weight element widened to f32 as it is read.
@@ -282,6 +294,19 @@ mod tests {
         // One bf16 rounding either way at most: 2⁻⁸ relative.
         assert!(max_rel(&ours, &rounded) <= 1.0 / 256.0);
         assert!(max_rel(&ours, &exact) <= 1.0 / 256.0);
+    }
+
+    #[test]
+    fn f32_activations_read_bf16_weights_exactly() {
+        let x = tensor(3, 300, 7);
+        let w = tensor(50, 300, 8).to_dtype(DType::BF16).expect("bf16");
+        assert!(applies(&x, &w));
+        let ours = matmul_t(&x, &w).expect("product");
+        assert_eq!(ours.dtype(), DType::F32);
+        // The same product with the weight widened first: only the order of the sums differs.
+        let wide = w.to_dtype(DType::F32).expect("f32");
+        let reference = x.matmul(&wide.t().expect("t")).expect("matmul");
+        assert!(max_rel(&ours, &reference) < 1e-5);
     }
 
     #[test]

@@ -218,6 +218,8 @@ impl LlamaModel {
         Ok(self
             .embed_tokens
             .index_select(&idx, 0)?
+            // Into the activation dtype, which the norms' scales carry.
+            .to_dtype(self.norm.weight.dtype())?
             .reshape((b, s, self.config.hidden_size))?)
     }
 

@@ -32,7 +32,7 @@ impl Linear {
     pub fn load(w: &WeightsView, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = w.get("weight", &[out_dim, in_dim])?;
         let bias = if bias {
-            Some(w.get("bias", &[out_dim])?)
+            Some(w.get_elementwise("bias", &[out_dim])?)
         } else {
             None
         };
@@ -45,14 +45,14 @@ impl Linear {
         let in_dim = dims[dims.len() - 1];
         let lead: usize = dims[..dims.len() - 1].iter().product();
         let x = x.reshape((lead, in_dim))?;
-        let bias_fits = |b: &Tensor| b.dtype() == DType::BF16 && b.is_contiguous();
-        let y = if amx::applies(&x, &self.weight) && self.bias.as_ref().is_none_or(bias_fits) {
+        let y = if amx::applies(&x, &self.weight, self.bias.as_ref()) {
             amx::linear(&x, &self.weight, self.bias.as_ref())?
         } else {
             let y = if gemv::applies(&x, &self.weight) {
                 gemv::matmul_t(&x, &self.weight)?
             } else {
-                x.matmul(&self.weight.t()?)?
+                // bf16 weights under f32 activations without AMX: widen the weight.
+                x.matmul(&self.weight.to_dtype(x.dtype())?.t()?)?
             };
             match &self.bias {
                 Some(b) if fused::applies(&[&y, b]) => fused::add_bias(&y, b)?,
@@ -76,7 +76,7 @@ pub struct RmsNorm {
 impl RmsNorm {
     pub fn load(w: &WeightsView, dim: usize, eps: f64) -> Result<Self> {
         Ok(Self {
-            weight: w.get("weight", &[dim])?,
+            weight: w.get_elementwise("weight", &[dim])?,
             eps,
         })
     }
@@ -113,8 +113,8 @@ pub struct LayerNorm {
 impl LayerNorm {
     pub fn load(w: &WeightsView, dim: usize, eps: f64) -> Result<Self> {
         Ok(Self {
-            weight: w.get("weight", &[dim])?,
-            bias: w.get("bias", &[dim])?,
+            weight: w.get_elementwise("weight", &[dim])?,
+            bias: w.get_elementwise("bias", &[dim])?,
             eps,
         })
     }

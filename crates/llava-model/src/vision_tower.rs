@@ -92,7 +92,8 @@ impl ClipEncoderLayer {
 #[derive(Debug, Clone)]
 pub struct ClipVisionTower {
     /// Conv2d(3, hidden, patch, stride=patch, bias=False) weight, flattened to a matmul.
-    patch_embedding: Tensor,
+    /// The patch convolution as a bias-free linear layer over flattened patches.
+    patch_embedding: Linear,
     class_embedding: Tensor,
     position_embedding: Tensor,
     pre_layrnorm: LayerNorm,
@@ -109,9 +110,12 @@ impl ClipVisionTower {
             .map(|i| ClipEncoderLayer::load(&w.pp(format!("encoder.layers.{i}")), c))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            patch_embedding: patch.reshape((h, ch * p * p))?,
-            class_embedding: w.get("embeddings.class_embedding", &[h])?,
-            position_embedding: w.get(
+            patch_embedding: Linear {
+                weight: patch.reshape((h, ch * p * p))?,
+                bias: None,
+            },
+            class_embedding: w.get_elementwise("embeddings.class_embedding", &[h])?,
+            position_embedding: w.get_elementwise(
                 "embeddings.position_embedding.weight",
                 &[c.num_patches() + 1, h],
             )?,
@@ -135,13 +139,13 @@ impl ClipVisionTower {
         // [b, ch, g, p, g, p] -> [b, g, g, ch, p, p]: each row is one patch, flattened like the
         // conv kernel, so the convolution is a single matmul.
         let patches = pixel_values
-            .to_dtype(self.patch_embedding.dtype())?
+            .to_dtype(self.class_embedding.dtype())?
             .reshape((b, ch, g, p, g, p))?
             .permute((0, 2, 4, 1, 3, 5))?
             .reshape((b * g * g, ch * p * p))?;
         let patch_embeds =
-            patches
-                .matmul(&self.patch_embedding.t()?)?
+            self.patch_embedding
+                .forward(&patches)?
                 .reshape((b, g * g, c.hidden_size))?;
         let cls = self
             .class_embedding

@@ -282,6 +282,30 @@ impl<'a> WeightsView<'a> {
     pub fn device(&self) -> &Device {
         &self.weights.device
     }
+    /// The dtype that activations flow in between the products; see [`activation_dtype`].
+    pub fn activation_dtype(&self) -> DType {
+        activation_dtype(self.weights.dtype, &self.weights.device)
+    }
+    /// A tensor that meets activations elementwise (a norm's scale, a bias, an added
+    /// embedding), loaded in the activation dtype.
+    pub fn get_elementwise(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        Ok(self.get(name, shape)?.to_dtype(self.activation_dtype())?)
+    }
+}
+
+/// The dtype that activations flow in, for weights of `weights` dtype on `device`.
+///
+/// bf16 weights on the CPU keep their activations in f32: the products take bf16 inputs with
+/// f32 sums (AMX, or the GEMV widening the weight as it reads it), and everything between them
+/// (norms, softmax, activations, the residual stream, the KV cache) runs in f32, where the CPU
+/// kernels are vectorised. CPUs have no bf16 arithmetic outside those products, so computing
+/// the rest in bf16 would only add conversions. On a GPU the weights' dtype is used throughout.
+pub fn activation_dtype(weights: DType, device: &Device) -> DType {
+    if weights == DType::BF16 && device.is_cpu() {
+        DType::F32
+    } else {
+        weights
+    }
 }
 
 /// The safetensors files of a directory: those an index names, else `model.safetensors`, else
