@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::attention;
 use crate::config::{LlamaConfig, Rope};
 use crate::error::{ModelError, Result};
 use crate::nn::{Activation, Linear, Mode, RmsNorm, rope, softmax_last_dim};
@@ -61,7 +62,7 @@ impl Attention {
         &self,
         x: &Tensor,
         (cos, sin): (&Tensor, &Tensor),
-        mask: Option<&Tensor>,
+        bias: &AttentionBias,
         cache: &mut Option<(Tensor, Tensor)>,
         mode: Mode,
     ) -> Result<Tensor> {
@@ -91,13 +92,22 @@ impl Attention {
         };
         *cache = Some((k.clone(), v.clone()));
         let t = k.dim(2)?;
+        let q = (q.contiguous()? * (d as f64).powf(-0.5))?;
+        if mode == Mode::Infer && attention::applies(&q, &k, &v) {
+            // The kernel applies the causal mask itself; the bias only for padding.
+            let padding = bias.full.as_ref().filter(|_| bias.padded);
+            let out = attention::attention(&q, &k, &v, padding, true)?;
+            return self
+                .o_proj
+                .forward(&out.transpose(1, 2)?.reshape((b, s, nh * d))?);
+        }
         // Grouped-query attention without copying K/V: the n_rep query heads that share a KV
         // head are stacked along the sequence axis (head h reads KV head h / n_rep, as HF's
         // repeat_kv does).
         let n_rep = nh / nkv;
-        let q = (q.contiguous()? * (d as f64).powf(-0.5))?.reshape((b, nkv, n_rep * s, d))?;
+        let q = q.reshape((b, nkv, n_rep * s, d))?;
         let scores = q.matmul(&k.t()?)?.reshape((b, nh, s, t))?;
-        let scores = match mask {
+        let scores = match &bias.full {
             Some(m) => scores.to_dtype(DType::F32)?.broadcast_add(m)?,
             None => scores,
         };
@@ -277,9 +287,7 @@ impl LlamaModel {
         let mut x = embeds.clone();
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let h = layer.input_layernorm.forward(&x, mode)?;
-            let h = layer
-                .self_attn
-                .forward(&h, (&cos, &sin), bias.as_ref(), kv, mode)?;
+            let h = layer.self_attn.forward(&h, (&cos, &sin), &bias, kv, mode)?;
             let x1 = (x + h)?;
             let h = layer
                 .mlp
@@ -294,16 +302,23 @@ impl LlamaModel {
     }
 }
 
-/// The additive attention bias `[batch, 1, seq, past+seq]` in f32: 0 where a query may look,
-/// a large negative number where the key is in its future or is padding. `None` when nothing
-/// is masked (a single new token without padding).
+/// What the decoder's attention must mask.
+struct AttentionBias {
+    /// The additive bias `[batch, 1, seq, past+seq]` in f32: 0 where a query may look, a large
+    /// negative number where the key is in its future or is padding. `None` when nothing is
+    /// masked (a single new token without padding).
+    full: Option<Tensor>,
+    /// Whether some key is padding, beyond the causal mask.
+    padded: bool,
+}
+
 fn attention_bias(
     b: usize,
     s: usize,
     past: usize,
     mask: Option<&Tensor>,
     dev: &Device,
-) -> Result<Option<Tensor>> {
+) -> Result<AttentionBias> {
     // Finite, so that a row that masks everything (a padding query) stays NaN-free.
     const NEG: f32 = -1e30;
     let t = past + s;
@@ -315,7 +330,10 @@ fn attention_bias(
         .as_ref()
         .is_some_and(|p| p.iter().flatten().any(|&v| v == 0));
     if s == 1 && !has_padding {
-        return Ok(None);
+        return Ok(AttentionBias {
+            full: None,
+            padded: false,
+        });
     }
     let mut data = vec![0f32; b * s * t];
     for bi in 0..b {
@@ -329,5 +347,8 @@ fn attention_bias(
             }
         }
     }
-    Ok(Some(Tensor::from_vec(data, (b, 1, s, t), dev)?))
+    Ok(AttentionBias {
+        full: Some(Tensor::from_vec(data, (b, 1, s, t), dev)?),
+        padded: has_padding,
+    })
 }

@@ -2,6 +2,7 @@
 //! llava layout or the original liuhaotian layout. One model serves inference and training.
 
 pub mod amx;
+pub mod attention;
 pub mod checkpoint;
 pub mod config;
 pub mod error;

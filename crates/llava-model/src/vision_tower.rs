@@ -7,6 +7,7 @@
 
 use candle_core::{D, Tensor};
 
+use crate::attention;
 use crate::config::ClipVisionConfig;
 use crate::error::{ModelError, Result};
 use crate::nn::{Activation, LayerNorm, Linear, Mode, softmax_last_dim};
@@ -46,9 +47,13 @@ impl ClipAttention {
         let q = split((self.q_proj.forward(x)? * scale)?)?;
         let k = split(self.k_proj.forward(x)?)?;
         let v = split(self.v_proj.forward(x)?)?;
-        let scores = q.matmul(&k.t()?)?;
-        let probs = softmax_last_dim(&scores, mode)?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
+        let out = if mode == Mode::Infer && attention::applies(&q, &k, &v) {
+            attention::attention(&q, &k, &v, None, false)?
+        } else {
+            let scores = q.matmul(&k.t()?)?;
+            softmax_last_dim(&scores, mode)?.matmul(&v)?
+        };
+        let out = out.transpose(1, 2)?.reshape((b, s, h))?;
         self.out_proj.forward(&out)
     }
 }
