@@ -370,30 +370,8 @@ fn reference(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, causal: 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fused::tests::{max_diff, random};
     use candle_core::Device;
-
-    fn random(shape: &[usize], seed: u64) -> Tensor {
-        let n: usize = shape.iter().product();
-        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        let data: Vec<f32> = (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state % 2000) as f32 / 1000.0 - 1.0
-            })
-            .collect();
-        Tensor::from_vec(data, shape, &Device::Cpu).expect("tensor")
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .and_then(|d| d.abs())
-            .and_then(|d| d.flatten_all())
-            .and_then(|d| d.max(0))
-            .and_then(|d| d.to_scalar::<f32>())
-            .expect("diff")
-    }
 
     #[test]
     fn agrees_with_the_three_products() {

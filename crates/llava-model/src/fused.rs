@@ -763,11 +763,11 @@ impl CustomOp1 for ColumnSum {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{D, Device, Var};
 
-    fn random(shape: &[usize], seed: u64) -> Tensor {
+    pub(crate) fn random(shape: &[usize], seed: u64) -> Tensor {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let n: usize = shape.iter().product();
@@ -775,7 +775,7 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .and_then(|d| d.abs())
             .and_then(|d| d.flatten_all())
