@@ -126,6 +126,40 @@ fn truncated_safetensors() {
 }
 
 #[test]
+fn truncated_pytorch_bin_shard() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/original-layout");
+    let dir = tmp.path().join("model");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    for entry in std::fs::read_dir(fixture.join("model-bin")).expect("fixture") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy");
+    }
+    let shard = dir.join("pytorch_model-00002-of-00002.bin");
+    let bytes = std::fs::read(&shard).expect("read");
+    std::fs::write(&shard, &bytes[..bytes.len() / 2]).expect("write");
+    let out = llava(&[
+        "generate",
+        "--model",
+        &dir.to_string_lossy(),
+        "--vision-tower",
+        &fixture.join("clip-bin").to_string_lossy(),
+        "--image",
+        &image().to_string_lossy(),
+        "--prompt",
+        "Hi",
+    ]);
+    assert_clean_failure(
+        &out,
+        &[
+            "pytorch_model-00002-of-00002.bin",
+            "not a readable PyTorch checkpoint",
+        ],
+    );
+}
+
+#[test]
 fn garbage_safetensors() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = scratch_model(&tmp);

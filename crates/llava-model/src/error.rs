@@ -21,6 +21,10 @@ pub enum ModelError {
     Config { path: PathBuf, message: String },
     #[error("{path}: not a valid safetensors file (truncated or corrupt?): {message}")]
     Safetensors { path: PathBuf, message: String },
+    #[error(
+        "{path}: not a readable PyTorch checkpoint (truncated, corrupt, or saved by torch < 1.6?): {message}"
+    )]
+    Pytorch { path: PathBuf, message: String },
     #[error("weight `{name}` is missing from the checkpoint in {dir}")]
     MissingTensor { name: String, dir: PathBuf },
     #[error("weight `{name}` has shape {got:?}, but the config implies {expected:?}")]

@@ -16,6 +16,7 @@ pub mod loss;
 pub mod nn;
 pub mod pipeline;
 pub mod projector;
+pub mod pytorch_file;
 pub mod safetensors_file;
 pub mod save;
 pub mod vision_tower;

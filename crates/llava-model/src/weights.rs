@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::error::{ModelError, Result};
+use crate::pytorch_file::PytorchFile;
 use crate::safetensors_file::SafetensorsFile;
 
 /// Maps a stored tensor name to its canonical name, or `None` to ignore the tensor.
@@ -19,7 +20,38 @@ pub type Renamer = fn(&str) -> Option<String>;
 struct Source {
     dir: PathBuf,
     /// One entry per shard, so that an error can name the shard at fault.
-    shards: Vec<SafetensorsFile>,
+    shards: Vec<Shard>,
+}
+
+/// One weight file: safetensors, or a PyTorch `.bin` as the original LLaVA releases ship.
+enum Shard {
+    Safetensors(SafetensorsFile),
+    Pytorch(PytorchFile),
+}
+
+impl Shard {
+    /// Opens `path` by its extension: `.safetensors`, else a PyTorch checkpoint.
+    fn open(path: &Path) -> Result<Self> {
+        Ok(if path.extension().is_some_and(|x| x == "safetensors") {
+            Self::Safetensors(SafetensorsFile::open(path)?)
+        } else {
+            Self::Pytorch(PytorchFile::open(path)?)
+        })
+    }
+
+    fn names(&self) -> Vec<&str> {
+        match self {
+            Self::Safetensors(f) => f.names().collect(),
+            Self::Pytorch(f) => f.names().collect(),
+        }
+    }
+
+    fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
+        match self {
+            Self::Safetensors(f) => f.load(name, device),
+            Self::Pytorch(f) => f.load(name, device),
+        }
+    }
 }
 
 /// Canonical name → where it is stored.
@@ -126,14 +158,15 @@ impl Weights {
         &self.device
     }
 
-    /// Adds the safetensors files of a checkpoint directory, renaming each tensor.
+    /// Adds the weight files of a checkpoint directory (safetensors, else PyTorch `.bin`),
+    /// renaming each tensor.
     pub fn add_dir(&mut self, dir: &Path, rename: Renamer) -> Result<()> {
-        let files = safetensors_files(dir)?;
+        let files = weight_files(dir)?;
         self.add_files(dir, files, rename)
     }
 
-    /// Adds one safetensors file (e.g. a stage-1 `projector.safetensors`); its tensors replace
-    /// any of the same canonical name added before.
+    /// Adds one weight file (e.g. a stage-1 `projector.safetensors`, or the original's
+    /// `mm_projector.bin`); its tensors replace any of the same canonical name added before.
     pub fn add_file(&mut self, path: &Path, rename: Renamer) -> Result<()> {
         let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         self.add_files(&dir, vec![path.to_path_buf()], rename)
@@ -143,7 +176,7 @@ impl Weights {
         let source = self.sources.len();
         let mut shards = Vec::with_capacity(files.len());
         for (shard, path) in files.into_iter().enumerate() {
-            let st = SafetensorsFile::open(&path)?;
+            let st = Shard::open(&path)?;
             for stored in st.names() {
                 if let Some(canonical) = rename(stored) {
                     self.index.insert(
@@ -308,69 +341,78 @@ pub fn activation_dtype(weights: DType, device: &Device) -> DType {
     }
 }
 
-/// The safetensors files of a directory: those an index names, else `model.safetensors`, else
-/// every `*.safetensors` file.
-fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let index = dir.join("model.safetensors.index.json");
-    if index.is_file() {
-        let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
-            path: index.clone(),
+/// The weight files of a directory. safetensors first: those its index names, else
+/// `model.safetensors`, else every `*.safetensors` file. Then the same for PyTorch `.bin`
+/// (`pytorch_model.bin.index.json`, `pytorch_model.bin`, every `*.bin`), the format of the
+/// original LLaVA releases.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    for (index, single, extension) in [
+        (
+            "model.safetensors.index.json",
+            "model.safetensors",
+            "safetensors",
+        ),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin", "bin"),
+    ] {
+        let index = dir.join(index);
+        if index.is_file() {
+            return indexed_files(dir, &index);
+        }
+        let single = dir.join(single);
+        if single.is_file() {
+            return Ok(vec![single]);
+        }
+        let entries = std::fs::read_dir(dir).map_err(|source| ModelError::Io {
+            path: dir.to_path_buf(),
             source,
         })?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| ModelError::Json {
-                path: index.clone(),
-                source,
-            })?;
-        let map = json
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| ModelError::config(&index, "has no `weight_map` object"))?;
-        let mut files = BTreeSet::new();
-        for file in map.values() {
-            let file = file.as_str().ok_or_else(|| {
-                ModelError::config(&index, "`weight_map` values must be file names")
-            })?;
-            files.insert(file.to_string());
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == extension))
+            .collect();
+        if !paths.is_empty() {
+            paths.sort();
+            return Ok(paths);
         }
-        let mut paths = Vec::new();
-        for f in files {
-            let p = dir.join(&f);
-            if !p.is_file() {
-                return Err(ModelError::config(
-                    &index,
-                    format!("names shard `{f}`, which is missing"),
-                ));
-            }
-            paths.push(p);
-        }
-        return Ok(paths);
     }
-    let single = dir.join("model.safetensors");
-    if single.is_file() {
-        return Ok(vec![single]);
-    }
-    let entries = std::fs::read_dir(dir).map_err(|source| ModelError::Io {
-        path: dir.to_path_buf(),
+    Err(ModelError::config(
+        dir,
+        "no weights found (*.safetensors or PyTorch *.bin)",
+    ))
+}
+
+/// The shards a `*.index.json` names in its `weight_map`, each checked to exist.
+fn indexed_files(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|source| ModelError::Io {
+        path: index.to_path_buf(),
         source,
     })?;
-    let mut paths: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    paths.sort();
-    if paths.is_empty() {
-        let has_bin = dir.join("pytorch_model.bin").is_file()
-            || dir.join("pytorch_model.bin.index.json").is_file();
-        let hint = if has_bin {
-            " (only PyTorch .bin weights were found: convert them to safetensors first)"
-        } else {
-            ""
-        };
-        return Err(ModelError::config(
-            dir,
-            format!("no *.safetensors weights found{hint}"),
-        ));
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|source| ModelError::Json {
+            path: index.to_path_buf(),
+            source,
+        })?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| ModelError::config(index, "has no `weight_map` object"))?;
+    let mut files = BTreeSet::new();
+    for file in map.values() {
+        let file = file
+            .as_str()
+            .ok_or_else(|| ModelError::config(index, "`weight_map` values must be file names"))?;
+        files.insert(file.to_string());
+    }
+    let mut paths = Vec::new();
+    for f in files {
+        let p = dir.join(&f);
+        if !p.is_file() {
+            return Err(ModelError::config(
+                index,
+                format!("names shard `{f}`, which is missing"),
+            ));
+        }
+        paths.push(p);
     }
     Ok(paths)
 }

@@ -246,8 +246,23 @@ fn text_only_prompt_matches_transformers() {
 
 #[test]
 fn original_layout_matches_transformers() {
+    check_original_layout("model", "clip");
+}
+
+/// The same checkpoint as PyTorch `.bin` files, the format the original releases ship in: the
+/// model in two shards with `pytorch_model.bin.index.json`, the CLIP tower as one
+/// `pytorch_model.bin` (`tools/make_bin_fixtures.py`).
+#[test]
+fn original_layout_from_pytorch_bin_files_matches_transformers() {
+    check_original_layout("model-bin", "clip-bin");
+}
+
+fn check_original_layout(model: &str, clip: &str) {
     let c = case("original-layout");
-    let p = c.pipeline();
+    let mut opts = PipelineOptions::new(c.dir.join(model).to_string_lossy());
+    opts.image_aspect_ratio = Some(c.aspect());
+    opts.vision_tower = Some(c.dir.join(clip));
+    let p = Pipeline::load(&opts).expect("pipeline loads");
     let prompt = p
         .render(&[Message::user(c.str("question"), 1)])
         .expect("renders");
