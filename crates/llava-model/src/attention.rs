@@ -14,7 +14,7 @@ use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::fused::{exp, simd};
+use crate::fused::{simd, softmax_in_place};
 
 /// Query rows per task.
 const ROWS_PER_TASK: usize = 32;
@@ -176,23 +176,7 @@ fn block_attention<const NV: usize>(rows: &Rows, out: &mut [f32]) {
                         *x += m;
                     }
                 }
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                for x in row.iter_mut() {
-                    let e = *x - max;
-                    *x = if e < -87.0 { 0.0 } else { exp(e) };
-                }
-                let mut lanes = [0f32; 16];
-                let (chunks, tail) = row.as_chunks::<16>();
-                for chunk in chunks {
-                    for (l, x) in lanes.iter_mut().zip(chunk) {
-                        *l += x;
-                    }
-                }
-                let inv = 1.0 / (lanes.iter().sum::<f32>() + tail.iter().sum::<f32>());
-                for x in row.iter_mut() {
-                    let p = *x * inv;
-                    *x = if p < f32::MIN_POSITIVE { 0.0 } else { p };
-                }
+                softmax_in_place(row);
             }
         },
     );

@@ -367,32 +367,11 @@ impl CustomOp1 for Softmax {
         let d = last_dim(l);
         let mut y = vec![0f32; x.len()];
         par_rows(&mut y, d, |i, out| {
-            // Vectorised: the exp is the branch-free polynomial, and the sum runs in 16 lanes.
             simd(
                 #[inline(always)]
                 || {
-                    let row = &x[i * d..(i + 1) * d];
-                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    // Masked scores (a large negative) give exact zeros: `exp` stops at e⁻⁸⁷,
-                    // which the division would take into denormals, and a GEMM over
-                    // denormal probabilities runs several times slower.
-                    for (o, &v) in out.iter_mut().zip(row) {
-                        let t = v - max;
-                        *o = if t < -87.0 { 0.0 } else { exp(t) };
-                    }
-                    let mut lanes = [0f32; 16];
-                    let chunks = out.chunks_exact(16);
-                    let tail: f32 = chunks.remainder().iter().sum();
-                    for c in chunks {
-                        for (l, v) in lanes.iter_mut().zip(c) {
-                            *l += v;
-                        }
-                    }
-                    let inv = 1.0 / (lanes.iter().sum::<f32>() + tail);
-                    for o in out.iter_mut() {
-                        let p = *o * inv;
-                        *o = if p < f32::MIN_POSITIVE { 0.0 } else { p };
-                    }
+                    out.copy_from_slice(&x[i * d..(i + 1) * d]);
+                    softmax_in_place(out);
                 },
             )
         });
@@ -401,6 +380,43 @@ impl CustomOp1 for Softmax {
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
         Ok(Some(y.apply_op2(&grad.contiguous()?, SoftmaxBackward)?))
+    }
+}
+
+/// Softmax of one row, in place; inlined into loops that [`simd`] compiles, where every pass
+/// vectorises: the maximum and the sum run in 16 lanes, the exp is the branch-free polynomial.
+///
+/// Masked scores (a large negative) give exact zeros: `exp` stops at e⁻⁸⁷, which the division
+/// would take into denormals, and a GEMM over denormal probabilities runs several times slower.
+#[inline(always)]
+pub(crate) fn softmax_in_place(row: &mut [f32]) {
+    let (chunks, tail) = row.as_chunks::<16>();
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            // A select rather than `f32::max`, whose NaN rule keeps the loop scalar.
+            *l = if v > *l { v } else { *l };
+        }
+    }
+    let max = lanes
+        .iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    for x in row.iter_mut() {
+        let t = *x - max;
+        *x = if t < -87.0 { 0.0 } else { exp(t) };
+    }
+    let (chunks, tail) = row.as_chunks::<16>();
+    let mut lanes = [0f32; 16];
+    for c in chunks {
+        for (l, v) in lanes.iter_mut().zip(c) {
+            *l += v;
+        }
+    }
+    let inv = 1.0 / (lanes.iter().sum::<f32>() + tail.iter().sum::<f32>());
+    for x in row.iter_mut() {
+        let p = *x * inv;
+        *x = if p < f32::MIN_POSITIVE { 0.0 } else { p };
     }
 }
 
