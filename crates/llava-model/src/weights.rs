@@ -369,6 +369,8 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let mut paths: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == extension))
+            // HF's Trainer pickles its arguments beside the weights.
+            .filter(|p| p.file_name().is_none_or(|f| f != "training_args.bin"))
             .collect();
         if !paths.is_empty() {
             paths.sort();
