@@ -5,6 +5,12 @@ checkpoints (liuhaotian/llava-v1.5-*) and OpenAI's CLIP ship on the hub:
       (pytorch_model-0000N-of-00002.bin) with pytorch_model.bin.index.json;
   tests/fixtures/models/original-layout/clip-bin: clip/ as one pytorch_model.bin.
 
+And a projector in the original's own file format, the `mm_projector.bin` that its stage-1 runs
+write and its pretrained-projector releases ship (`model.mm_projector.0.*`, `.2.*`):
+
+  tests/fixtures/models/llava15-default/mm_projector.bin: that model's projector, every value
+      halved (exact in binary), so that a run that loads it differs from one that does not.
+
 The tensors are those of the safetensors fixture, so the test checks the .bin checkpoint against
 the same transformers outputs (expected.json / expected.safetensors). Run by hand:
 
@@ -47,6 +53,20 @@ def convert(src: Path, dst: Path, shards: int) -> None:
     (dst / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def original_projector(src: Path, dst: Path) -> None:
+    tensors = load_file(src / "model.safetensors")
+    index = {"linear_1": 0, "linear_2": 2}
+    out = {}
+    for name, t in tensors.items():
+        if name.startswith("multi_modal_projector."):
+            _, linear, kind = name.split(".")
+            out[f"model.mm_projector.{index[linear]}.{kind}"] = t * 0.5
+    torch.save(out, dst)
+
+
 convert(ROOT / "model", ROOT / "model-bin", shards=2)
+original_projector(
+    ROOT.parent / "llava15-default/model", ROOT.parent / "llava15-default/mm_projector.bin"
+)
 convert(ROOT / "clip", ROOT / "clip-bin", shards=1)
-print("wrote", ROOT / "model-bin", "and", ROOT / "clip-bin")
+print("wrote", ROOT / "model-bin", ROOT / "clip-bin", "and llava15-default/mm_projector.bin")

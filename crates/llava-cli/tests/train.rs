@@ -384,6 +384,45 @@ fn stage2_starts_from_the_stage1_projector() {
     );
 }
 
+/// The original LLaVA's stage-1 output and projector releases: `mm_projector.bin` (a PyTorch
+/// pickle, `model.mm_projector.0.*` / `.2.*`). The fixture holds the base model's projector
+/// halved (`tools/make_bin_fixtures.py`); the same values as a safetensors projector in our
+/// naming must give the same first loss, and both must differ from the base model's own.
+#[test]
+fn projector_loads_the_original_mm_projector_bin() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = write_dataset(tmp.path());
+    let halved: HashMap<String, Tensor> = weights(&base_model())
+        .into_iter()
+        .filter(|(name, _)| name.starts_with("multi_modal_projector."))
+        .map(|(name, t)| (name, (t * 0.5).expect("halve")))
+        .collect();
+    assert_eq!(halved.len(), 4, "two linears' weights and biases");
+    let ours = tmp.path().join("halved.safetensors");
+    candle_core::safetensors::save(&halved, &ours).expect("save");
+    let step1 = |out: &str, extra: &[&str]| -> f64 {
+        let dir = tmp.path().join(out);
+        let mut args = vec![
+            "--stage",
+            "finetune",
+            "--batch-size",
+            "8",
+            "--max-steps",
+            "1",
+            "--no-shuffle",
+        ];
+        args.extend_from_slice(extra);
+        ok(&train(&data, &dir, &args));
+        losses(&dir)[0].1
+    };
+    let original = fixtures().join("llava15-default/mm_projector.bin");
+    let from_bin = step1("bin", &["--projector", &original.to_string_lossy()]);
+    let from_ours = step1("ours", &["--projector", &ours.to_string_lossy()]);
+    let from_base = step1("base", &[]);
+    assert_eq!(from_bin, from_ours, "the same projector in either format");
+    assert_ne!(from_bin, from_base, "and not the base model's own");
+}
+
 #[test]
 fn unfreeze_vision_trains_the_tower() {
     let tmp = tempfile::tempdir().expect("tmp");

@@ -474,6 +474,18 @@ pub fn original_llava_name(stored: &str) -> Option<String> {
     Some(stored.to_string())
 }
 
+/// A projector file given on its own (`llava train --projector`): ours or llava-hf's
+/// (`multi_modal_projector.*`), or the original's `mm_projector.bin` (`model.mm_projector.N.*`).
+/// Anything else in the file is ignored, so it cannot replace other weights.
+pub fn projector_file_name(stored: &str) -> Option<String> {
+    let name = if stored.starts_with("model.mm_projector.") {
+        original_llava_name(stored)?
+    } else {
+        hf_llava_name(stored)?
+    };
+    name.starts_with("multi_modal_projector.").then_some(name)
+}
+
 /// A separate CLIP checkpoint (`CLIPVisionModel` or the full `CLIPModel`): keep the vision part.
 pub fn clip_vision_name(stored: &str) -> Option<String> {
     stored
@@ -565,5 +577,28 @@ mod tests {
             clip_vision_name("text_model.embeddings.token_embedding.weight"),
             None
         );
+    }
+
+    #[test]
+    fn projector_files_of_either_layout_map_to_the_projector_only() {
+        for (stored, canonical) in [
+            (
+                "model.mm_projector.2.weight",
+                "multi_modal_projector.linear_2.weight",
+            ),
+            (
+                "multi_modal_projector.linear_1.bias",
+                "multi_modal_projector.linear_1.bias",
+            ),
+            (
+                "model.multi_modal_projector.linear_2.bias",
+                "multi_modal_projector.linear_2.bias",
+            ),
+        ] {
+            assert_eq!(projector_file_name(stored).as_deref(), Some(canonical));
+        }
+        for other in ["model.layers.0.mlp.up_proj.weight", "lm_head.weight"] {
+            assert_eq!(projector_file_name(other), None, "{other}");
+        }
     }
 }

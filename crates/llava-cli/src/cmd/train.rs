@@ -10,7 +10,7 @@ use llava_data::record::read_dataset;
 use llava_data::sample::SampleOptions;
 use llava_data::tokenizer::Tokenizer;
 use llava_model::pipeline::image_processor;
-use llava_model::weights::hf_llava_name;
+use llava_model::weights::projector_file_name;
 use llava_model::{Checkpoint, DType, Device, Llava};
 use llava_train::checkpoint::{
     TrainerState, read_state, restore_optimizer, resume_conflicts, truncate_log,
@@ -49,7 +49,8 @@ pub struct TrainCommand {
     pub image_folder: Option<PathBuf>,
     #[arg(long)]
     pub output: PathBuf,
-    /// Stage-1 projector weights (projector.safetensors) for a stage-2 run.
+    /// Stage-1 projector weights for a stage-2 run: our projector.safetensors, or the original
+    /// LLaVA's mm_projector.bin.
     #[arg(long)]
     pub projector: Option<PathBuf>,
     /// Continue a run from one of its checkpoints (a checkpoint-N folder or the output folder).
@@ -198,7 +199,7 @@ pub fn run(c: TrainCommand) -> Result<()> {
     let mut weights = checkpoint.weights(DType::F32, &device)?;
     if let (Some(p), None) = (&c.projector, &c.resume) {
         weights
-            .add_file(p, hf_llava_name)
+            .add_file(p, projector_file_name)
             .with_context(|| format!("--projector {}", p.display()))?;
     }
     let unfreeze = c.unfreeze_vision;
