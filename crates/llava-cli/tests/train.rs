@@ -71,6 +71,24 @@ fn train(data: &Path, output: &Path, extra: &[&str]) -> Output {
         .expect("runs")
 }
 
+/// The loss of one unshuffled stage-2 step of 8 samples from `model`, logged under `output`.
+fn first_finetune_loss(model: &Path, data: &Path, output: &Path, extra: &[&str]) -> f64 {
+    let mut args = vec![
+        "--stage",
+        "finetune",
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "1",
+        "--no-shuffle",
+    ];
+    args.extend_from_slice(extra);
+    ok(&train_command(model, data, output, &args)
+        .output()
+        .expect("runs"));
+    losses(output)[0].1
+}
+
 fn ok(out: &Output) {
     assert!(
         out.status.success(),
@@ -336,44 +354,19 @@ fn stage2_starts_from_the_stage1_projector() {
             "--no-shuffle",
         ],
     ));
-    let step1 = |out: &str, extra: &[&str]| -> f64 {
-        let dir = tmp.path().join(out);
-        let mut args = vec![
-            "--stage",
-            "finetune",
-            "--batch-size",
-            "8",
-            "--max-steps",
-            "1",
-            "--no-shuffle",
-        ];
-        args.extend_from_slice(extra);
-        ok(&train(&data, &dir, &args));
-        losses(&dir)[0].1
+    let base = base_model();
+    let step1 = |model: &Path, out: &str, extra: &[&str]| {
+        first_finetune_loss(model, &data, &tmp.path().join(out), extra)
     };
     let projector = stage1.join("projector.safetensors");
     let with_projector = step1(
+        &base,
         "with-projector",
         &["--projector", &projector.to_string_lossy()],
     );
-    let from_base = step1("from-base", &[]);
+    let from_base = step1(&base, "from-base", &[]);
     // The same starting weights as continuing from the whole stage-1 checkpoint.
-    let from_stage1 = {
-        let dir = tmp.path().join("from-stage1");
-        let args = [
-            "--stage",
-            "finetune",
-            "--batch-size",
-            "8",
-            "--max-steps",
-            "1",
-            "--no-shuffle",
-        ];
-        ok(&train_command(&stage1, &data, &dir, &args)
-            .output()
-            .expect("runs"));
-        losses(&dir)[0].1
-    };
+    let from_stage1 = step1(&stage1, "from-stage1", &[]);
     assert_eq!(
         with_projector, from_stage1,
         "--projector loads the stage-1 projector"
@@ -400,20 +393,8 @@ fn projector_loads_the_original_mm_projector_bin() {
     assert_eq!(halved.len(), 4, "two linears' weights and biases");
     let ours = tmp.path().join("halved.safetensors");
     candle_core::safetensors::save(&halved, &ours).expect("save");
-    let step1 = |out: &str, extra: &[&str]| -> f64 {
-        let dir = tmp.path().join(out);
-        let mut args = vec![
-            "--stage",
-            "finetune",
-            "--batch-size",
-            "8",
-            "--max-steps",
-            "1",
-            "--no-shuffle",
-        ];
-        args.extend_from_slice(extra);
-        ok(&train(&data, &dir, &args));
-        losses(&dir)[0].1
+    let step1 = |out: &str, extra: &[&str]| {
+        first_finetune_loss(&base_model(), &data, &tmp.path().join(out), extra)
     };
     let original = fixtures().join("llava15-default/mm_projector.bin");
     let from_bin = step1("bin", &["--projector", &original.to_string_lossy()]);
