@@ -38,18 +38,12 @@ pub fn available() -> bool {
 /// Whether [`linear`] takes this product: on the CPU, f32 `x: [m, k]` with `m > gemv::MAX_ROWS`,
 /// bf16 `w: [n, k]`, `k` a multiple of 32, both contiguous, and no bias or a contiguous f32 one.
 pub fn applies(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> bool {
-    x.device().is_cpu()
-        && w.device().is_cpu()
+    gemv::contiguous_cpu_product(x, w)
         && x.dtype() == DType::F32
         && w.dtype() == DType::BF16
         && b.is_none_or(|b| b.dtype() == DType::F32 && b.is_contiguous() && b.rank() == 1)
-        && x.rank() == 2
-        && w.rank() == 2
         && x.dims()[0] > gemv::MAX_ROWS
-        && x.dims()[1] == w.dims()[1]
         && x.dims()[1].is_multiple_of(K_STEP)
-        && x.is_contiguous()
-        && w.is_contiguous()
         && available()
 }
 
@@ -73,6 +67,7 @@ const BLOCKS_PER_TASK: usize = 4;
 struct AmxMatmul;
 
 const OP: &str = "amx-matmul";
+const OP_BIAS: &str = "amx-linear";
 
 impl CustomOp2 for AmxMatmul {
     fn name(&self) -> &'static str {
@@ -102,7 +97,7 @@ impl CustomOp2 for AmxMatmul {
 
 impl CustomOp3 for AmxMatmul {
     fn name(&self) -> &'static str {
-        "amx-linear"
+        OP_BIAS
     }
 
     fn cpu_fwd(
@@ -172,15 +167,6 @@ fn product(x: &[f32], w: &[bf16], bias: &[f32], m: usize, k: usize, n: usize) ->
     let x_blocks = m.div_ceil(32);
     let xp = pack_pairs(x, m, k);
     let w_blocks = n.div_ceil(32);
-    // The last weight block reads 32 rows: copy it, zero-padded, when n runs short of that.
-    let tail: Vec<bf16> = if !n.is_multiple_of(32) {
-        let mut t = vec![bf16::ZERO; 32 * k];
-        let r0 = (w_blocks - 1) * 32;
-        t[..(n - r0) * k].copy_from_slice(&w[r0 * k..n * k]);
-        t
-    } else {
-        Vec::new()
-    };
     // Not zeroed first: the tasks write every element (zeroing cost 5% of the vision tower).
     let mut out = Vec::<f32>::with_capacity(m * n);
     let cols = Columns(out.as_mut_ptr());
@@ -196,11 +182,11 @@ fn product(x: &[f32], w: &[bf16], bias: &[f32], m: usize, k: usize, n: usize) ->
             while s0 < steps {
                 let chunk = K_CHUNK.min(steps - s0);
                 for (b, &wb) in task.iter().enumerate() {
-                    let rows = if !tail.is_empty() && wb == w_blocks - 1 {
-                        &tail[..]
-                    } else {
-                        &w[wb * 32 * k..(wb + 1) * 32 * k]
-                    };
+                    let rows = &w[wb * 32 * k..n.min((wb + 1) * 32) * k];
+                    if rows.len() < 32 * k {
+                        // The last block runs short of 32 rows: the rest of its tiles are zeros.
+                        tiles.fill(bf16::ZERO);
+                    }
                     for (r, row) in rows.chunks_exact(k).enumerate() {
                         for s in 0..chunk {
                             let from = (s0 + s) * K_STEP;

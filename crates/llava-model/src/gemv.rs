@@ -24,15 +24,21 @@ const ROWS_PER_TASK: usize = 16;
 /// Whether [`matmul_t`] takes this product: CPU, f32 or bf16 on both sides or f32 activations
 /// with bf16 weights, `x` of `[m ≤ MAX_ROWS, k]` and `w` of `[n, k]`, both contiguous.
 pub fn applies(x: &Tensor, w: &Tensor) -> bool {
-    x.device().is_cpu()
-        && w.device().is_cpu()
+    contiguous_cpu_product(x, w)
         && matches!(
             (x.dtype(), w.dtype()),
             (DType::F32, DType::F32) | (DType::BF16, DType::BF16) | (DType::F32, DType::BF16)
         )
+        && x.dims()[0] <= MAX_ROWS
+}
+
+/// What every CPU `x Wᵀ` kernel here needs: `x: [m, k]` and `w: [n, k]`, both contiguous on the
+/// CPU.
+pub(crate) fn contiguous_cpu_product(x: &Tensor, w: &Tensor) -> bool {
+    x.device().is_cpu()
+        && w.device().is_cpu()
         && x.rank() == 2
         && w.rank() == 2
-        && x.dims()[0] <= MAX_ROWS
         && x.dims()[1] == w.dims()[1]
         && x.is_contiguous()
         && w.is_contiguous()
