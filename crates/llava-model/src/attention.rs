@@ -10,11 +10,11 @@
 //! The numbers are those of the three-step path: f32 sums, the softmax of
 //! [`crate::fused::softmax_last_dim`] (the same `exp`, exact zeros for masked keys).
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Layout, Storage, Tensor};
 use rayon::prelude::*;
 
-use crate::error::Result;
-use crate::fused::{simd, softmax_in_place};
+use crate::error::{ModelError, Result};
+use crate::fused::{self, simd, softmax_in_place};
 
 /// Query rows per task.
 const ROWS_PER_TASK: usize = 32;
@@ -60,12 +60,26 @@ pub fn attention(
 ) -> Result<Tensor> {
     let (b, nh, s, d) = q.dims4()?;
     let (_, nkv, t, _) = k.dims4()?;
-    let values = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1::<f32>()?) };
     let bias = match bias {
-        Some(m) => Some(values(&m.broadcast_as((b, 1, s, t))?.squeeze(1)?)?),
+        Some(m) => Some(
+            m.broadcast_as((b, 1, s, t))?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        ),
         None => None,
     };
-    let (q, k, v) = (values(q)?, values(k)?, values(v)?);
+    // Read in place: `contiguous` copies only a strided tensor.
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let ((qs, ql), (ks, kl), (vs, vl)) = (
+        q.storage_and_layout(),
+        k.storage_and_layout(),
+        v.storage_and_layout(),
+    );
+    let (q, k, v) = (
+        cpu_values(&qs, ql)?,
+        cpu_values(&ks, kl)?,
+        cpu_values(&vs, vl)?,
+    );
     // Keys transposed in panels of KEYS per kv head, `[b][kv head][t / KEYS][d][KEYS]`, so
     // that the score product runs along the keys; the padding keys are zeros.
     let tp = t.div_ceil(KEYS) * KEYS;
@@ -118,6 +132,16 @@ pub fn attention(
         (b, nh, s, d),
         &candle_core::Device::Cpu,
     )?)
+}
+
+/// The f32 values of a contiguous CPU tensor's storage.
+fn cpu_values<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
+    match storage {
+        Storage::Cpu(s) => Ok(fused::data(s, layout, "fused-attention")?),
+        _ => Err(ModelError::Input(
+            "fused attention takes CPU tensors".into(),
+        )),
+    }
 }
 
 /// One task's operands: its query rows, their head's transposed keys and values, and their
