@@ -36,10 +36,7 @@ impl PytorchFile {
         }
         let tensors = PthTensors::new(path, None).map_err(|e| bad(path, e))?;
         if tensors.tensor_infos().is_empty() {
-            return Err(ModelError::Pytorch {
-                path: path.to_path_buf(),
-                message: "it holds no state dict of tensors".into(),
-            });
+            return Err(bad(path, "it holds no state dict of tensors"));
         }
         Ok(Self {
             path: path.to_path_buf(),
@@ -57,43 +54,34 @@ impl PytorchFile {
 
     /// Reads one tensor in its stored dtype.
     pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
-        let info = self
-            .tensors
-            .tensor_infos()
-            .get(name)
-            .ok_or_else(|| ModelError::Pytorch {
-                path: self.path.clone(),
-                message: format!("no tensor `{name}`"),
-            })?;
+        let missing = || bad(&self.path, format!("no tensor `{name}`"));
+        let info = self.tensors.tensor_infos().get(name).ok_or_else(missing)?;
         if !matches!(
             info.dtype,
             DType::F32 | DType::F16 | DType::BF16 | DType::F64
         ) {
-            return Err(ModelError::Pytorch {
-                path: self.path.clone(),
-                message: format!(
+            return Err(bad(
+                &self.path,
+                format!(
                     "tensor `{name}` has dtype {:?}; weights must be F32, F16, BF16 or F64",
                     info.dtype
                 ),
-            });
+            ));
         }
         let tensor = self
             .tensors
             .get(name)
             .map_err(|e| bad(&self.path, e))?
-            .ok_or_else(|| ModelError::Pytorch {
-                path: self.path.clone(),
-                message: format!("no tensor `{name}`"),
-            })?;
+            .ok_or_else(missing)?;
         // A transposed (Fortran-order) storage comes back as a strided view.
         Ok(tensor.contiguous()?.to_device(device)?)
     }
 }
 
-fn bad(path: &Path, e: candle_core::Error) -> ModelError {
+fn bad(path: &Path, message: impl ToString) -> ModelError {
     ModelError::Pytorch {
         path: path.to_path_buf(),
-        message: e.to_string(),
+        message: message.to_string(),
     }
 }
 
