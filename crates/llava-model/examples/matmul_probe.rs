@@ -1,5 +1,6 @@
-//! Times candle's CPU f32 matmul in the shapes LLaVA prefill and decode use, with the weight
-//! as stored (`x · Wᵀ` through a transposed view) and pre-transposed to a contiguous `Wᵀ`.
+//! Times candle's CPU f32 matmul in the shapes LLaVA's vision tower, prefill and decode use,
+//! with the weight as stored (`x · Wᵀ` through a transposed view), as `(W · xᵀ)ᵀ`, and
+//! pre-transposed to a contiguous `Wᵀ`.
 //! `cargo run --release -p llava-model --example matmul_probe`
 use candle_core::{Device, Tensor};
 
@@ -25,7 +26,15 @@ fn time(
 
 fn main() -> candle_core::Result<()> {
     let dev = Device::Cpu;
-    for (m, k, n) in [(617, 2048, 5632), (1, 2048, 5632), (577, 1024, 4096)] {
+    for (m, k, n) in [
+        (577, 1024, 1024),
+        (577, 1024, 4096),
+        (577, 4096, 1024),
+        (617, 2048, 2048),
+        (617, 2048, 5632),
+        (617, 5632, 2048),
+        (1, 2048, 5632),
+    ] {
         let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
         let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
         let wt = w.t()?.contiguous()?;
@@ -36,6 +45,13 @@ fn main() -> candle_core::Result<()> {
             flops,
             reps,
             || x.matmul(&w.t()?),
+        )?;
+        let xt = x.t()?;
+        time(
+            &format!("([{n}x{k}]·[{m}x{k}]ᵀ)ᵀ"),
+            flops,
+            reps,
+            || w.matmul(&xt)?.t()?.contiguous(),
         )?;
         time(
             &format!("[{m}x{k}]·[{k}x{n}] contiguous"),
