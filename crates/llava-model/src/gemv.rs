@@ -121,7 +121,7 @@ pub(crate) fn backward(
 }
 
 /// A weight element widened to f32 as it is read.
-trait Widen: Copy + Send + Sync {
+pub(crate) trait Widen: Copy + Send + Sync {
     fn widen(self) -> f32;
 }
 
@@ -129,6 +129,13 @@ impl Widen for f32 {
     #[inline(always)]
     fn widen(self) -> f32 {
         self
+    }
+}
+
+impl Widen for half::f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
     }
 }
 

@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod fused;
+pub mod gemm_layout;
 pub mod gemv;
 pub mod generation;
 pub mod init;

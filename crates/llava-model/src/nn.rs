@@ -31,6 +31,24 @@ pub struct Linear {
 impl Linear {
     pub fn load(w: &WeightsView, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = w.get("weight", &[out_dim, in_dim])?;
+        Self::with_weight(w, weight, out_dim, bias)
+    }
+
+    /// As [`Linear::load`], for a layer that only ever multiplies many rows at once (the vision
+    /// tower's patches, the projector's features): where it only serves inference, its weight
+    /// is read into [`crate::gemm_layout`]. The decoder's layers keep the stored layout, which
+    /// the decode GEMV streams.
+    pub fn load_for_rows(
+        w: &WeightsView,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let weight = w.get_linear("weight", &[out_dim, in_dim])?;
+        Self::with_weight(w, weight, out_dim, bias)
+    }
+
+    fn with_weight(w: &WeightsView, weight: Tensor, out_dim: usize, bias: bool) -> Result<Self> {
         let bias = if bias {
             Some(w.get_elementwise("bias", &[out_dim])?)
         } else {
@@ -51,7 +69,8 @@ impl Linear {
             let y = if gemv::applies(&x, &self.weight) {
                 gemv::matmul_t(&x, &self.weight)?
             } else {
-                // bf16 weights under f32 activations without AMX: widen the weight.
+                // bf16 weights under f32 activations without AMX: widen the weight. An f32
+                // weight in `gemm_layout` makes `.t()` the contiguous `Wᵀ` gemm runs fastest on.
                 x.matmul(&self.weight.to_dtype(x.dtype())?.t()?)?
             };
             match &self.bias {

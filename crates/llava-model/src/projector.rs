@@ -25,7 +25,7 @@ impl MultiModalProjector {
         let linears = (0..c.depth)
             .map(|i| {
                 let input = if i == 0 { in_dim } else { out_dim };
-                Linear::load(&w.pp(format!("linear_{}", i + 1)), input, out_dim, c.bias)
+                Linear::load_for_rows(&w.pp(format!("linear_{}", i + 1)), input, out_dim, c.bias)
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {

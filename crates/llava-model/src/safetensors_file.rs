@@ -14,6 +14,7 @@ use candle_core::{Device, Tensor, WithDType};
 use serde::Deserialize;
 
 use crate::error::{ModelError, Result};
+use crate::gemv::Widen;
 
 /// Headers are JSON; anything near this size is not a real header.
 const MAX_HEADER: u64 = 100 << 20;
@@ -133,6 +134,42 @@ impl SafetensorsFile {
                 "tensor `{name}` has dtype {other}; weights must be F32, F16, BF16 or F64"
             ))),
         }
+    }
+
+    /// A rank-2 F32, F16 or BF16 tensor in [`crate::gemm_layout`] (f32, transposed block by
+    /// block as it is read); `None` for any other tensor, which the caller loads as stored.
+    pub fn load_transposed(&self, name: &str) -> Result<Option<Tensor>> {
+        let Some(entry) = self.entries.get(name) else {
+            return Ok(None);
+        };
+        let &[n, k] = entry.shape.as_slice() else {
+            return Ok(None);
+        };
+        let offset = self.data_start + entry.data_offsets[0];
+        match entry.dtype.as_str() {
+            "F32" => self.read_transposed::<f32>(offset, n, k).map(Some),
+            "F16" => self.read_transposed::<half::f16>(offset, n, k).map(Some),
+            "BF16" => self.read_transposed::<half::bf16>(offset, n, k).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    fn read_transposed<T: Widen + Default + bytemuck::Pod>(
+        &self,
+        offset: u64,
+        n: usize,
+        k: usize,
+    ) -> Result<Tensor> {
+        let row_bytes = (k * std::mem::size_of::<T>()) as u64;
+        crate::gemm_layout::from_row_blocks(n, k, |first, block: &mut [T]| {
+            let at = offset + first as u64 * row_bytes;
+            read_at(&self.file, bytemuck::cast_slice_mut(block), at).map_err(|source| {
+                ModelError::Io {
+                    path: self.path.clone(),
+                    source,
+                }
+            })
+        })
     }
 
     fn read_typed<T: WithDType + bytemuck::Pod>(

@@ -27,10 +27,10 @@ impl ClipAttention {
     fn load(w: &WeightsView, c: &ClipVisionConfig) -> Result<Self> {
         let h = c.hidden_size;
         Ok(Self {
-            q_proj: Linear::load(&w.pp("q_proj"), h, h, true)?,
-            k_proj: Linear::load(&w.pp("k_proj"), h, h, true)?,
-            v_proj: Linear::load(&w.pp("v_proj"), h, h, true)?,
-            out_proj: Linear::load(&w.pp("out_proj"), h, h, true)?,
+            q_proj: Linear::load_for_rows(&w.pp("q_proj"), h, h, true)?,
+            k_proj: Linear::load_for_rows(&w.pp("k_proj"), h, h, true)?,
+            v_proj: Linear::load_for_rows(&w.pp("v_proj"), h, h, true)?,
+            out_proj: Linear::load_for_rows(&w.pp("out_proj"), h, h, true)?,
             num_heads: c.num_attention_heads,
             head_dim: c.head_dim(),
         })
@@ -74,8 +74,8 @@ impl ClipEncoderLayer {
         Ok(Self {
             self_attn: ClipAttention::load(&w.pp("self_attn"), c)?,
             layer_norm1: LayerNorm::load(&w.pp("layer_norm1"), c.hidden_size, eps)?,
-            fc1: Linear::load(&w.pp("mlp.fc1"), c.hidden_size, c.intermediate_size, true)?,
-            fc2: Linear::load(&w.pp("mlp.fc2"), c.intermediate_size, c.hidden_size, true)?,
+            fc1: Linear::load_for_rows(&w.pp("mlp.fc1"), c.hidden_size, c.intermediate_size, true)?,
+            fc2: Linear::load_for_rows(&w.pp("mlp.fc2"), c.intermediate_size, c.hidden_size, true)?,
             act: Activation::from_name(&c.hidden_act)?,
             layer_norm2: LayerNorm::load(&w.pp("layer_norm2"), c.hidden_size, eps)?,
         })

@@ -52,6 +52,14 @@ impl Shard {
             Self::Pytorch(f) => f.load(name, device),
         }
     }
+
+    /// The tensor in [`crate::gemm_layout`], where the format can read it that way.
+    fn load_transposed(&self, name: &str) -> Result<Option<Tensor>> {
+        match self {
+            Self::Safetensors(f) => f.load_transposed(name),
+            Self::Pytorch(_) => Ok(None),
+        }
+    }
 }
 
 /// Canonical name → where it is stored.
@@ -215,13 +223,7 @@ impl Weights {
                 .make(name, shape, self.dtype, &self.device)?,
             None => self.get_unchecked(name)?,
         };
-        if t.dims() != shape {
-            return Err(ModelError::WrongShape {
-                name: name.to_string(),
-                expected: shape.to_vec(),
-                got: t.dims().to_vec(),
-            });
-        }
+        check_shape(name, &t, shape)?;
         match &self.trainable {
             Some(tr) if (tr.select)(name) => {
                 let var = Var::from_tensor(&t)?;
@@ -231,6 +233,24 @@ impl Weights {
             }
             _ => Ok(t),
         }
+    }
+
+    /// A linear layer's `[out, in]` weight. Where it only serves inference (not trainable, not
+    /// random) and the CPU computes in f32, it is read into [`crate::gemm_layout`], the layout
+    /// the CPU products run fastest from. Only safetensors shards of F32, F16 or BF16 are read
+    /// that way; anything else keeps the stored layout, which every product also takes.
+    pub fn get_linear(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let inference_only = self.trainable.is_none() && self.random.is_none();
+        if inference_only
+            && crate::gemm_layout::applies(self.dtype, &self.device)
+            && let Some(loc) = self.index.get(name)
+            && let Some(t) =
+                self.sources[loc.source].shards[loc.shard].load_transposed(&loc.stored)?
+        {
+            check_shape(name, &t, shape)?;
+            return Ok(t);
+        }
+        self.get(name, shape)
     }
 
     /// A tensor exactly as stored (its file dtype, no conversion): what a checkpoint writer
@@ -289,6 +309,17 @@ impl RandomInit {
     }
 }
 
+fn check_shape(name: &str, t: &Tensor, shape: &[usize]) -> Result<()> {
+    if t.dims() != shape {
+        return Err(ModelError::WrongShape {
+            name: name.to_string(),
+            expected: shape.to_vec(),
+            got: t.dims().to_vec(),
+        });
+    }
+    Ok(())
+}
+
 /// `Weights` under a module path, e.g. `language_model.layers.3`.
 #[derive(Clone)]
 pub struct WeightsView<'a> {
@@ -318,6 +349,11 @@ impl<'a> WeightsView<'a> {
     /// The dtype that activations flow in between the products; see [`activation_dtype`].
     pub fn activation_dtype(&self) -> DType {
         activation_dtype(self.weights.dtype, &self.weights.device)
+    }
+    /// A linear layer's `[out, in]` weight; see [`Weights::get_linear`].
+    pub fn get_linear(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.weights
+            .get_linear(&format!("{}.{name}", self.prefix), shape)
     }
     /// A tensor that meets activations elementwise (a norm's scale, a bias, an added
     /// embedding), loaded in the activation dtype.
@@ -496,6 +532,52 @@ pub fn clip_vision_name(stored: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A safetensors file holding `w` (`[5, 70]`, distinct integers below 256 in each row) in
+    /// f32 and in bf16.
+    fn linear_file(dir: &Path) -> (PathBuf, Tensor) {
+        let values: Vec<f32> = (0..350).map(|i| ((i * 7) % 251) as f32).collect();
+        let w = Tensor::from_vec(values, (5, 70), &Device::Cpu).expect("w");
+        let tensors = std::collections::HashMap::from([
+            ("f32.weight".to_string(), w.clone()),
+            (
+                "bf16.weight".to_string(),
+                w.to_dtype(DType::BF16).expect("bf16"),
+            ),
+        ]);
+        std::fs::create_dir_all(dir).expect("dir");
+        let path = dir.join("model.safetensors");
+        candle_core::safetensors::save(&tensors, &path).expect("save");
+        (path, w)
+    }
+
+    #[test]
+    fn inference_weights_are_read_into_the_gemm_layout_and_trainable_ones_are_not() {
+        let dir = std::env::temp_dir().join(format!("llava-layout-{}", std::process::id()));
+        let (path, w) = linear_file(&dir);
+        let same = |name: &str| Some(name.to_string());
+        let mut inference = Weights::new(DType::F32, Device::Cpu);
+        inference.add_file(&path, same).expect("add");
+        let mut training = Weights::new(DType::F32, Device::Cpu);
+        training.add_file(&path, same).expect("add");
+        training.set_trainable(|_| true);
+        for name in ["f32.weight", "bf16.weight"] {
+            let t = inference.get_linear(name, &[5, 70]).expect("linear");
+            // Integers below 256 are exact in bf16, so both files hold the same values.
+            assert_eq!(
+                t.to_vec2::<f32>().expect("t"),
+                w.to_vec2::<f32>().expect("w")
+            );
+            assert!(crate::gemm_layout::is_transposed(&t), "{name}");
+            let t = training.get_linear(name, &[5, 70]).expect("linear");
+            assert!(t.is_contiguous(), "{name}");
+        }
+        let err = inference
+            .get_linear("f32.weight", &[70, 5])
+            .expect_err("shape");
+        assert!(err.to_string().contains("f32.weight"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
 
     #[test]
     fn every_hf_naming_maps_to_one_canonical_name() {

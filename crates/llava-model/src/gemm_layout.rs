@@ -1,0 +1,157 @@
+//! The layout f32 linear weights of the vision tower and projector take for CPU inference:
+//! `Wᵀ`, stored row-major.
+//!
+//! Checkpoints store a linear weight as `W: [out, in]`, and `x·Wᵀ` hands candle's CPU matmul (the
+//! `gemm` crate) a transposed view of it, which gemm repacks on every call. From a contiguous
+//! `Wᵀ` the same product runs up to 1.5× faster in the vision tower's shapes (BENCHMARKS.md).
+//! So the layers that only ever multiply many rows at once (`Linear::load_for_rows`: the
+//! vision tower's patches, the projector's features) are transposed once, as they are read from
+//! the checkpoint, and kept as an `[out, in]` view of that storage: every shape stays as in the
+//! checkpoint, and `w.t()` is the contiguous `Wᵀ` gemm wants.
+//!
+//! The decoder keeps the stored layout: decoding multiplies one row at a time, and the GEMV
+//! ([`crate::gemv`]) streams the rows of `W` as stored faster than a kernel over `Wᵀ` did.
+//! Trainable weights keep it too, since the optimizer updates them and the checkpoint writer
+//! saves them.
+//!
+//! The transposition happens block by block as the file is read ([`from_row_blocks`]), so no
+//! full-size copy in the stored order is ever made, and for an f16 or bf16 checkpoint it is the
+//! same single pass that widens the values to f32.
+
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
+
+use crate::error::Result;
+use crate::gemv::Widen;
+
+/// Rows of `W` read per block: enough to keep the scattered writes a few cache lines long
+/// (64 floats) per row of `Wᵀ`, few enough that the block stays in L2.
+const ROWS_PER_BLOCK: usize = 64;
+/// Values per row that a block's scatter widens and transposes at a time.
+const TILE: usize = 16;
+
+/// Whether weights computed in `dtype` on `device` take the transposed layout for inference.
+/// Only f32 on the CPU: bf16 runs on AMX tiles or the GEMV, which read `W` as stored, and GPU
+/// BLAS takes either layout at full speed.
+/// `LLAVA_NO_GEMM_LAYOUT=1` keeps the stored layout, to compare the two.
+pub fn applies(dtype: DType, device: &Device) -> bool {
+    dtype == DType::F32 && device.is_cpu() && std::env::var_os("LLAVA_NO_GEMM_LAYOUT").is_none()
+}
+
+/// `W: [n, k]` as `Wᵀ` in f32, read `ROWS_PER_BLOCK` rows at a time by `read(first_row, block)`
+/// (the block holds whole rows, `k` values each) and scattered into place, widened to f32.
+/// Blocks are read and scattered in parallel. Returns a `[n, k]` view of the `[k, n]` storage.
+pub(crate) fn from_row_blocks<T: Widen + Default>(
+    n: usize,
+    k: usize,
+    read: impl Fn(usize, &mut [T]) -> Result<()> + Sync,
+) -> Result<Tensor> {
+    let mut wt = vec![0f32; k * n];
+    let out = Columns(wt.as_mut_ptr());
+    // Each thread takes a contiguous run of blocks, with one block buffer for all of them.
+    let blocks = n.div_ceil(ROWS_PER_BLOCK);
+    let per_thread = blocks.div_ceil(rayon::current_num_threads().max(1));
+    (0..blocks)
+        .step_by(per_thread.max(1))
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .try_for_each(|first| {
+            let mut block = vec![T::default(); ROWS_PER_BLOCK * k];
+            let mut tile = [[0f32; ROWS_PER_BLOCK]; TILE];
+            for b in first..(first + per_thread).min(blocks) {
+                let j0 = b * ROWS_PER_BLOCK;
+                let rows = (n - j0).min(ROWS_PER_BLOCK);
+                let block = &mut block[..rows * k];
+                read(j0, block)?;
+                // TILE values from each row, widened, then written out as TILE rows of `Wᵀ`.
+                for l0 in (0..k).step_by(TILE) {
+                    let width = (k - l0).min(TILE);
+                    for (j, v) in block.chunks_exact(k).enumerate() {
+                        for (t, x) in v[l0..l0 + width].iter().enumerate() {
+                            tile[t][j] = x.widen();
+                        }
+                    }
+                    for (t, values) in tile.iter().enumerate().take(width) {
+                        // SAFETY: row `l0 + t < k` of `Wᵀ`, columns `j0..j0 + rows ≤ n`: inside
+                        // `wt`, which outlives the loop. Each block writes only its own
+                        // columns, so no two threads write the same element.
+                        let dst = out.at((l0 + t) * n + j0);
+                        if rows == ROWS_PER_BLOCK {
+                            // A fixed-size copy, which compiles to vector moves.
+                            unsafe { dst.cast::<[f32; ROWS_PER_BLOCK]>().write_unaligned(*values) };
+                        } else {
+                            unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), dst, rows) };
+                        }
+                    }
+                }
+            }
+            Ok::<(), crate::error::ModelError>(())
+        })?;
+    Ok(Tensor::from_vec(wt, (k, n), &Device::Cpu)?.t()?)
+}
+
+/// `Wᵀ`'s storage, shared by the parallel blocks of [`from_row_blocks`], each of which writes
+/// its own columns.
+struct Columns(*mut f32);
+
+impl Columns {
+    /// A method rather than a field read, so that closures capture the whole `Sync` wrapper.
+    fn at(&self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+// SAFETY: the blocks write disjoint elements, and nothing reads the storage until all are done.
+unsafe impl Sync for Columns {}
+unsafe impl Send for Columns {}
+
+/// Whether `w` is stored as [`from_row_blocks`] leaves it (`w.t()` contiguous, `w` itself not).
+pub fn is_transposed(w: &Tensor) -> bool {
+    w.rank() == 2 && !w.is_contiguous() && w.t().is_ok_and(|t| t.is_contiguous())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::bf16;
+
+    #[test]
+    fn transposes_block_by_block_and_keeps_values_and_shape() {
+        // Ragged against the block and the task size, with a bf16 source widened on the way.
+        let (n, k) = (ROWS_PER_BLOCK * 2 + 5, 71);
+        let w: Vec<f32> = (0..n * k).map(|i| (i % 251) as f32 - 125.0).collect();
+        let stored: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let reads = std::sync::Mutex::new(Vec::new());
+        let t = from_row_blocks(n, k, |j0, block: &mut [bf16]| {
+            reads.lock().expect("lock").push(j0);
+            block.copy_from_slice(&stored[j0 * k..j0 * k + block.len()]);
+            Ok(())
+        })
+        .expect("transposed");
+        let mut reads = reads.into_inner().expect("lock");
+        reads.sort();
+        assert_eq!(reads, vec![0, ROWS_PER_BLOCK, 2 * ROWS_PER_BLOCK]);
+        assert_eq!(t.dims(), &[n, k]);
+        assert!(is_transposed(&t));
+        let expected = Tensor::from_vec(w, (n, k), &Device::Cpu).expect("w");
+        assert!(!is_transposed(&expected));
+        assert_eq!(
+            t.to_vec2::<f32>().expect("t"),
+            expected.to_vec2::<f32>().expect("w")
+        );
+    }
+
+    #[test]
+    fn a_read_error_stops_the_load() {
+        let r = from_row_blocks(10, 4, |_, _: &mut [f32]| {
+            Err(crate::error::ModelError::Input("truncated".into()))
+        });
+        assert!(r.is_err_and(|e| e.to_string().contains("truncated")));
+    }
+
+    #[test]
+    fn only_f32_on_the_cpu() {
+        assert!(applies(DType::F32, &Device::Cpu));
+        assert!(!applies(DType::BF16, &Device::Cpu));
+        assert!(!applies(DType::F16, &Device::Cpu));
+    }
+}
