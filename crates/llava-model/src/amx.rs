@@ -25,7 +25,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::fused::{contiguous, simd};
+use crate::fused::{DisjointWrites, contiguous, simd};
 use crate::gemv;
 
 /// Whether this CPU has AMX-BF16 and the kernel granted the tile state. `LLAVA_NO_AMX=1` turns
@@ -157,11 +157,6 @@ fn amx_linear(
     Ok((CpuStorage::F32(out), Shape::from((m, n))))
 }
 
-/// The output pointer shared by the tasks, each of which writes its own columns.
-struct Columns(*mut f32);
-// SAFETY: tasks write disjoint column ranges of one buffer that outlives them.
-unsafe impl Sync for Columns {}
-
 fn product(x: &[f32], w: &[bf16], bias: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     let steps = k / K_STEP;
     let x_blocks = m.div_ceil(32);
@@ -169,10 +164,9 @@ fn product(x: &[f32], w: &[bf16], bias: &[f32], m: usize, k: usize, n: usize) ->
     let w_blocks = n.div_ceil(32);
     // Not zeroed first: the tasks write every element (zeroing cost 5% of the vision tower).
     let mut out = Vec::<f32>::with_capacity(m * n);
-    let cols = Columns(out.as_mut_ptr());
+    let cols = DisjointWrites::new(out.as_mut_ptr());
     let blocks: Vec<usize> = (0..w_blocks).collect();
     blocks.par_chunks(BLOCKS_PER_TASK).for_each(|task| {
-        let cols = &cols;
         // Sums for this task's blocks: [block][x block][32 weight rows][32 x rows] f32.
         let mut sums = vec![0f32; task.len() * x_blocks * 1024];
         // One block's k-chunk of weights in tile order: [k step][32 rows][32 values].
@@ -212,7 +206,7 @@ fn product(x: &[f32], w: &[bf16], bias: &[f32], m: usize, k: usize, n: usize) ->
                     for c in 0..width {
                         // SAFETY: i < m and wb * 32 + c < n; only this task writes these columns.
                         unsafe {
-                            *cols.0.add(i * n + wb * 32 + c) = s[c * 32 + r] + bias[wb * 32 + c];
+                            *cols.at(i * n + wb * 32 + c) = s[c * 32 + r] + bias[wb * 32 + c];
                         }
                     }
                 }

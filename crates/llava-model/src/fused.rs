@@ -28,6 +28,27 @@ pub fn applies(tensors: &[&Tensor]) -> bool {
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
+/// An f32 output buffer that parallel tasks write through, each to its own elements (the AMX
+/// product's column blocks, the transposing loader's columns), where the elements of one task
+/// are not one contiguous slice that `par_chunks_mut` could hand out.
+pub(crate) struct DisjointWrites(*mut f32);
+
+// SAFETY: the tasks write disjoint elements of one buffer that outlives them, and nothing reads
+// it until all are done.
+unsafe impl Sync for DisjointWrites {}
+
+impl DisjointWrites {
+    /// `buffer`: the start of the output (possibly capacity not yet initialised).
+    pub(crate) fn new(buffer: *mut f32) -> Self {
+        Self(buffer)
+    }
+
+    /// A method rather than a field read, so that closures capture the whole `Sync` wrapper.
+    pub(crate) fn at(&self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
 /// The f32 elements a contiguous layout covers in a CPU storage; `op` names the caller in the
 /// error for any other layout.
 pub fn data<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> CResult<&'a [f32]> {

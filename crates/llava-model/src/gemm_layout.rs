@@ -22,6 +22,7 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
+use crate::fused::DisjointWrites;
 use crate::gemv::Widen;
 
 /// Rows of `W` read per block: enough to keep the scattered writes a few cache lines long
@@ -47,7 +48,7 @@ pub(crate) fn from_row_blocks<T: Widen + Default>(
     read: impl Fn(usize, &mut [T]) -> Result<()> + Sync,
 ) -> Result<Tensor> {
     let mut wt = vec![0f32; k * n];
-    let out = Columns(wt.as_mut_ptr());
+    let out = DisjointWrites::new(wt.as_mut_ptr());
     // Each thread takes a contiguous run of blocks, with one block buffer for all of them.
     let blocks = n.div_ceil(ROWS_PER_BLOCK);
     let per_thread = blocks.div_ceil(rayon::current_num_threads().max(1));
@@ -89,20 +90,6 @@ pub(crate) fn from_row_blocks<T: Widen + Default>(
         })?;
     Ok(Tensor::from_vec(wt, (k, n), &Device::Cpu)?.t()?)
 }
-
-/// `Wᵀ`'s storage, shared by the parallel blocks of [`from_row_blocks`], each of which writes
-/// its own columns.
-struct Columns(*mut f32);
-
-impl Columns {
-    /// A method rather than a field read, so that closures capture the whole `Sync` wrapper.
-    fn at(&self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
-}
-// SAFETY: the blocks write disjoint elements, and nothing reads the storage until all are done.
-unsafe impl Sync for Columns {}
-unsafe impl Send for Columns {}
 
 /// Whether `w` is stored as [`from_row_blocks`] leaves it (`w.t()` contiguous, `w` itself not).
 pub fn is_transposed(w: &Tensor) -> bool {
