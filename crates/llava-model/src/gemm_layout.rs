@@ -53,9 +53,8 @@ pub(crate) fn from_row_blocks<T: Widen + Default>(
     let blocks = n.div_ceil(ROWS_PER_BLOCK);
     let per_thread = blocks.div_ceil(rayon::current_num_threads().max(1));
     (0..blocks)
-        .step_by(per_thread.max(1))
-        .collect::<Vec<_>>()
         .into_par_iter()
+        .step_by(per_thread.max(1))
         .try_for_each(|first| {
             let mut block = vec![T::default(); ROWS_PER_BLOCK * k];
             let mut tile = [[0f32; ROWS_PER_BLOCK]; TILE];

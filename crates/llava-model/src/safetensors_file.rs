@@ -162,13 +162,7 @@ impl SafetensorsFile {
     ) -> Result<Tensor> {
         let row_bytes = (k * std::mem::size_of::<T>()) as u64;
         crate::gemm_layout::from_row_blocks(n, k, |first, block: &mut [T]| {
-            let at = offset + first as u64 * row_bytes;
-            read_at(&self.file, bytemuck::cast_slice_mut(block), at).map_err(|source| {
-                ModelError::Io {
-                    path: self.path.clone(),
-                    source,
-                }
-            })
+            self.read_values(block, offset + first as u64 * row_bytes)
         })
     }
 
@@ -180,14 +174,19 @@ impl SafetensorsFile {
     ) -> Result<Tensor> {
         let numel: usize = entry.shape.iter().product();
         let mut data = vec![T::zeroed(); numel];
-        // safetensors stores little-endian data, the byte order of every platform candle runs on.
-        read_at(&self.file, bytemuck::cast_slice_mut(&mut data), offset).map_err(|source| {
+        self.read_values(&mut data, offset)?;
+        Ok(Tensor::from_vec(data, entry.shape.as_slice(), device)?)
+    }
+
+    /// Fills `values` from the file at byte `offset`. safetensors stores little-endian data,
+    /// the byte order of every platform candle runs on.
+    fn read_values<T: bytemuck::Pod>(&self, values: &mut [T], offset: u64) -> Result<()> {
+        read_at(&self.file, bytemuck::cast_slice_mut(values), offset).map_err(|source| {
             ModelError::Io {
                 path: self.path.clone(),
                 source,
             }
-        })?;
-        Ok(Tensor::from_vec(data, entry.shape.as_slice(), device)?)
+        })
     }
 }
 
