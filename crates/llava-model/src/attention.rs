@@ -26,7 +26,7 @@ const KEYS: usize = 32;
 /// Whether [`attention`] takes these operands: f32 on the CPU, `q: [b, heads, s, d]`,
 /// `k`, `v`: `[b, kv_heads, t, d]` with `heads` a multiple of `kv_heads`, `s > 1` (a single
 /// decoded query is a product of one row, which the GEMM already does well), a head size that
-/// is a multiple of 16 up to 128, and a CPU with AVX-512.
+/// is a multiple of 16 up to 128, and a CPU with AVX-512 or AVX2+FMA.
 pub fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
     let (Ok((b, nh, s, d)), Ok((kb, nkv, t, kd))) = (q.dims4(), k.dims4()) else {
         return false;
@@ -220,11 +220,14 @@ fn block_attention<const NV: usize>(rows: &Rows, out: &mut [f32]) {
     }
 }
 
-/// Whether this CPU runs the kernels below.
+/// Whether this CPU runs the kernels below: AVX-512, or AVX2 with FMA (AMD Zen 2/3 and
+/// older Intel parts, where the three-product path was the only one).
 fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
+        kernel::avx512()
+            || (std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma"))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -232,12 +235,17 @@ fn available() -> bool {
     }
 }
 
-/// The two products in AVX-512, their sums in registers: plain loops left them in memory.
+/// The two products in AVX-512 or AVX2, their sums in registers: plain loops left them in
+/// memory.
 #[cfg(target_arch = "x86_64")]
 mod kernel {
     use std::arch::x86_64::*;
 
     use super::{KEYS, ROW_GROUP};
+
+    pub fn avx512() -> bool {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
 
     /// `acc[r][j] = Σ_l q[r][l] · panel[l][j]` for a panel of `d` × 32 keys.
     pub fn scores(
@@ -247,8 +255,14 @@ mod kernel {
         acc: &mut [[f32; KEYS]; ROW_GROUP],
     ) {
         assert!(panel.len() >= d * KEYS && d <= 128);
-        // SAFETY: `available()` checked AVX-512F before any task ran.
-        unsafe { scores_avx512(q, panel, d, acc) }
+        // SAFETY: `available()` checked AVX-512F, or else AVX2 and FMA, before any task ran.
+        unsafe {
+            if avx512() {
+                scores_avx512(q, panel, d, acc)
+            } else {
+                scores_avx2(q, panel, d, acc)
+            }
+        }
     }
 
     // `l` indexes the panel and all four query rows together.
@@ -291,7 +305,13 @@ mod kernel {
         let keys = p.iter().map(|p| p.len()).max().unwrap_or(0);
         assert!(NV <= 8 && v.len() >= keys * NV * 16);
         // SAFETY: as in `scores`.
-        unsafe { weighted_values_avx512::<NV>(p, v, keys, acc) }
+        unsafe {
+            if avx512() {
+                weighted_values_avx512::<NV>(p, v, keys, acc)
+            } else {
+                weighted_values_avx2::<NV>(p, v, keys, acc)
+            }
+        }
     }
 
     #[target_feature(enable = "avx512f")]
@@ -319,6 +339,75 @@ mod kernel {
             for (c, &sum) in sums.iter().enumerate() {
                 // SAFETY: 16·NV ≤ 128 values per row of acc.
                 unsafe { _mm512_storeu_ps(acc.as_mut_ptr().add(c * 16), sum) };
+            }
+        }
+    }
+
+    /// [`scores_avx512`] in 8-wide vectors: 16 keys at a time, so that the eight sums, two
+    /// key vectors and the broadcast fit AVX2's sixteen registers.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn scores_avx2(
+        q: &[[f32; 128]; ROW_GROUP],
+        panel: &[f32],
+        d: usize,
+        acc: &mut [[f32; KEYS]; ROW_GROUP],
+    ) {
+        for half in 0..KEYS / 16 {
+            let mut sums = [_mm256_setzero_ps(); 2 * ROW_GROUP];
+            for l in 0..d {
+                // SAFETY: l < d, and the panel holds d rows of KEYS = 32 values (asserted).
+                let (k0, k1) = unsafe {
+                    let at = panel.as_ptr().add(l * KEYS + half * 16);
+                    (_mm256_loadu_ps(at), _mm256_loadu_ps(at.add(8)))
+                };
+                for r in 0..ROW_GROUP {
+                    let x = _mm256_set1_ps(q[r][l]);
+                    sums[2 * r] = _mm256_fmadd_ps(x, k0, sums[2 * r]);
+                    sums[2 * r + 1] = _mm256_fmadd_ps(x, k1, sums[2 * r + 1]);
+                }
+            }
+            for r in 0..ROW_GROUP {
+                // SAFETY: each row of acc holds 32 values; half * 16 + 16 <= 32.
+                unsafe {
+                    let at = acc[r].as_mut_ptr().add(half * 16);
+                    _mm256_storeu_ps(at, sums[2 * r]);
+                    _mm256_storeu_ps(at.add(8), sums[2 * r + 1]);
+                }
+            }
+        }
+    }
+
+    /// [`weighted_values_avx512`] in 8-wide vectors, 16 columns of the values at a time: all
+    /// 128 columns of four rows would need 64 registers.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn weighted_values_avx2<const NV: usize>(
+        p: &[&[f32]; ROW_GROUP],
+        v: &[f32],
+        keys: usize,
+        acc: &mut [[f32; 128]; ROW_GROUP],
+    ) {
+        for c in 0..NV {
+            let mut sums = [[_mm256_setzero_ps(); 2]; ROW_GROUP];
+            for j in 0..keys {
+                // SAFETY: j < keys and v holds keys rows of 16·NV values (asserted).
+                let (v0, v1) = unsafe {
+                    let at = v.as_ptr().add((j * NV + c) * 16);
+                    (_mm256_loadu_ps(at), _mm256_loadu_ps(at.add(8)))
+                };
+                for r in 0..ROW_GROUP {
+                    let w = _mm256_set1_ps(p[r].get(j).copied().unwrap_or(0.0));
+                    sums[r][0] = _mm256_fmadd_ps(w, v0, sums[r][0]);
+                    sums[r][1] = _mm256_fmadd_ps(w, v1, sums[r][1]);
+                }
+            }
+            for (acc, sums) in acc.iter_mut().zip(&sums) {
+                // SAFETY: 16·NV ≤ 128 values per row of acc.
+                unsafe {
+                    let at = acc.as_mut_ptr().add(c * 16);
+                    _mm256_storeu_ps(at, sums[0]);
+                    _mm256_storeu_ps(at.add(8), sums[1]);
+                }
             }
         }
     }
@@ -384,7 +473,7 @@ mod tests {
     #[test]
     fn agrees_with_the_three_products() {
         if !available() {
-            eprintln!("skipped: no AVX-512 on this machine");
+            eprintln!("skipped: neither AVX-512 nor AVX2 on this machine");
             return;
         }
         // Causal prefill with GQA and a cache of earlier positions; a block that ends
@@ -409,10 +498,64 @@ mod tests {
         }
     }
 
+    /// The AVX2 kernels against plain sums, on any machine that has AVX2 (one with AVX-512
+    /// runs the other kernels in `agrees_with_the_three_products`).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_kernels_agree_with_plain_sums() {
+        if !(std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma"))
+        {
+            eprintln!("skipped: no AVX2 on this machine");
+            return;
+        }
+        let d = 48;
+        let value = |i: usize| ((i * 37 % 101) as f32 - 50.0) / 25.0;
+        let mut q = [[0f32; 128]; ROW_GROUP];
+        for (r, row) in q.iter_mut().enumerate() {
+            for (l, x) in row.iter_mut().enumerate().take(d) {
+                *x = value(r * 131 + l);
+            }
+        }
+        let panel: Vec<f32> = (0..d * KEYS).map(|i| value(i + 7)).collect();
+        let mut acc = [[0f32; KEYS]; ROW_GROUP];
+        // SAFETY: AVX2 and FMA checked above.
+        unsafe { kernel::scores_avx2(&q, &panel, d, &mut acc) };
+        for r in 0..ROW_GROUP {
+            for j in 0..KEYS {
+                let want: f32 = (0..d).map(|l| q[r][l] * panel[l * KEYS + j]).sum();
+                assert!((acc[r][j] - want).abs() < 1e-4, "score {r} {j}");
+            }
+        }
+        // Rows that see 5, 40, 0 and 33 keys of 40.
+        const NV: usize = 3;
+        let keys = 40;
+        let v: Vec<f32> = (0..keys * NV * 16).map(|i| value(i + 3)).collect();
+        let probs: Vec<Vec<f32>> = [5, 40, 0, 33]
+            .iter()
+            .enumerate()
+            .map(|(r, &n)| (0..n).map(|j| value(r * 17 + j) / 4.0).collect())
+            .collect();
+        let p = [&probs[0][..], &probs[1][..], &probs[2][..], &probs[3][..]];
+        let mut out = [[0f32; 128]; ROW_GROUP];
+        // SAFETY: as above.
+        unsafe { kernel::weighted_values_avx2::<NV>(&p, &v, keys, &mut out) };
+        for r in 0..ROW_GROUP {
+            for c in 0..NV * 16 {
+                let want: f32 = p[r]
+                    .iter()
+                    .enumerate()
+                    .map(|(j, w)| w * v[j * NV * 16 + c])
+                    .sum();
+                assert!((out[r][c] - want).abs() < 1e-4, "value {r} {c}");
+            }
+        }
+    }
+
     #[test]
     fn padding_bias_masks_keys() {
         if !available() {
-            eprintln!("skipped: no AVX-512 on this machine");
+            eprintln!("skipped: neither AVX-512 nor AVX2 on this machine");
             return;
         }
         let (b, nh, s, d) = (2, 2, 6, 16);

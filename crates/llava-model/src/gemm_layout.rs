@@ -32,11 +32,48 @@ const ROWS_PER_BLOCK: usize = 64;
 const TILE: usize = 16;
 
 /// Whether weights computed in `dtype` on `device` take the transposed layout for inference.
-/// Only f32 on the CPU: bf16 runs on AMX tiles or the GEMV, which read `W` as stored, and GPU
-/// BLAS takes either layout at full speed.
+/// f32 on the CPU, and bf16 on a CPU without AMX: there nothing multiplies bf16 many rows at a
+/// time, and widening these layers' weights once at load (0.6 GB more for CLIP ViT-L) beat
+/// widening them on every call (BENCHMARKS.md). With AMX, bf16 runs on its tiles, which read
+/// `W` as stored; GPU BLAS takes either layout at full speed.
 /// `LLAVA_NO_GEMM_LAYOUT=1` keeps the stored layout, to compare the two.
 pub fn applies(dtype: DType, device: &Device) -> bool {
-    dtype == DType::F32 && device.is_cpu() && std::env::var_os("LLAVA_NO_GEMM_LAYOUT").is_none()
+    let widened = match dtype {
+        DType::F32 => true,
+        DType::BF16 => !crate::amx::available(),
+        _ => false,
+    };
+    widened && device.is_cpu() && std::env::var_os("LLAVA_NO_GEMM_LAYOUT").is_none()
+}
+
+/// A contiguous bf16 or f16 CPU weight `w: [n, k]` widened to f32 in this layout, in parallel:
+/// for products over many rows whose weights stay narrow in memory (the decoder's, which the
+/// GEMV reads narrow when decoding) on a CPU with no kernel that multiplies them narrow.
+/// candle's `to_dtype` widened them on one thread, which cost a third of a bf16 prefill
+/// without AMX (BENCHMARKS.md). `None` for any other tensor.
+pub fn widened(w: &Tensor) -> Result<Option<Tensor>> {
+    fn from<T: Widen + Default + candle_core::WithDType>(w: &Tensor) -> Result<Tensor> {
+        let (n, k) = w.dims2()?;
+        let (storage, layout) = w.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            return Err(crate::error::ModelError::Input(
+                "gemm_layout::widened takes CPU tensors".into(),
+            ));
+        };
+        let values = crate::fused::contiguous(cpu.as_slice::<T>()?, layout, "widen")?;
+        from_row_blocks(n, k, |j0, block: &mut [T]| {
+            block.copy_from_slice(&values[j0 * k..j0 * k + block.len()]);
+            Ok(())
+        })
+    }
+    if w.rank() != 2 || !w.is_contiguous() || !w.device().is_cpu() {
+        return Ok(None);
+    }
+    Ok(match w.dtype() {
+        DType::BF16 => Some(from::<half::bf16>(w)?),
+        DType::F16 => Some(from::<half::f16>(w)?),
+        _ => None,
+    })
 }
 
 /// `W: [n, k]` as `Wᵀ` in f32, read `ROWS_PER_BLOCK` rows at a time by `read(first_row, block)`
@@ -90,6 +127,25 @@ pub(crate) fn from_row_blocks<T: Widen + Default>(
     Ok(Tensor::from_vec(wt, (k, n), &Device::Cpu)?.t()?)
 }
 
+/// An F32 or F16 value of the file, widened through bf16 (round to nearest even, as candle's
+/// `to_dtype` rounds): what the weight is when a bf16 compute dtype loads it.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(transparent)]
+pub(crate) struct ViaBf16<T>(T);
+
+// SAFETY: a transparent wrapper of a Pod value is itself plain old data.
+unsafe impl bytemuck::Zeroable for ViaBf16<f32> {}
+unsafe impl bytemuck::Pod for ViaBf16<f32> {}
+unsafe impl bytemuck::Zeroable for ViaBf16<half::f16> {}
+unsafe impl bytemuck::Pod for ViaBf16<half::f16> {}
+
+impl<T: Widen> Widen for ViaBf16<T> {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        half::bf16::from_f32(self.0.widen()).to_f32()
+    }
+}
+
 /// Whether `w` is stored as [`from_row_blocks`] leaves it (`w.t()` contiguous, `w` itself not).
 pub fn is_transposed(w: &Tensor) -> bool {
     w.rank() == 2 && !w.is_contiguous() && w.t().is_ok_and(|t| t.is_contiguous())
@@ -127,6 +183,28 @@ mod tests {
     }
 
     #[test]
+    fn widens_a_narrow_weight_into_the_layout() {
+        let (n, k) = (ROWS_PER_BLOCK + 3, 40);
+        let w: Vec<f32> = (0..n * k).map(|i| (i % 97) as f32 - 48.0).collect();
+        let w = Tensor::from_vec(w, (n, k), &Device::Cpu).expect("w");
+        for dtype in [DType::BF16, DType::F16] {
+            let narrow = w.to_dtype(dtype).expect("narrow");
+            let wide = widened(&narrow).expect("widened").expect("applies");
+            assert!(is_transposed(&wide));
+            assert_eq!(
+                wide.to_vec2::<f32>().expect("wide"),
+                w.to_vec2::<f32>().expect("w")
+            );
+        }
+        assert!(widened(&w).expect("f32").is_none());
+        assert!(widened(&narrow_t(&w)).expect("strided").is_none());
+    }
+
+    fn narrow_t(w: &Tensor) -> Tensor {
+        w.to_dtype(DType::BF16).and_then(|w| w.t()).expect("t")
+    }
+
+    #[test]
     fn a_read_error_stops_the_load() {
         let r = from_row_blocks(10, 4, |_, _: &mut [f32]| {
             Err(crate::error::ModelError::Input("truncated".into()))
@@ -135,9 +213,9 @@ mod tests {
     }
 
     #[test]
-    fn only_f32_on_the_cpu() {
+    fn f32_on_the_cpu_and_bf16_without_amx() {
         assert!(applies(DType::F32, &Device::Cpu));
-        assert!(!applies(DType::BF16, &Device::Cpu));
+        assert_eq!(applies(DType::BF16, &Device::Cpu), !crate::amx::available());
         assert!(!applies(DType::F16, &Device::Cpu));
     }
 }

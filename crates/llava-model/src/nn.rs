@@ -11,6 +11,7 @@ use candle_core::{D, DType, Tensor};
 use crate::amx;
 use crate::error::{ModelError, Result};
 use crate::fused;
+use crate::gemm_layout;
 use crate::gemv;
 use crate::weights::WeightsView;
 
@@ -68,9 +69,16 @@ impl Linear {
         } else {
             let y = if gemv::applies(&x, &self.weight) {
                 gemv::matmul_t(&x, &self.weight)?
+            } else if x.dtype() == DType::F32
+                && !self.weight.is_variable()
+                && let Some(w) = gemm_layout::widened(&self.weight)?
+            {
+                // bf16 weights under f32 activations without AMX (the decoder's, in prefill):
+                // widened in parallel into the layout gemm runs fastest on. A trainable weight
+                // takes the path below, which keeps its gradient.
+                x.matmul(&w.t()?)?
             } else {
-                // bf16 weights under f32 activations without AMX: widen the weight. An f32
-                // weight in `gemm_layout` makes `.t()` the contiguous `Wᵀ` gemm runs fastest on.
+                // An f32 weight in `gemm_layout` makes `.t()` the contiguous `Wᵀ` gemm wants.
                 x.matmul(&self.weight.to_dtype(x.dtype())?.t()?)?
             };
             match &self.bias {

@@ -14,6 +14,7 @@ use candle_core::{Device, Tensor, WithDType};
 use serde::Deserialize;
 
 use crate::error::{ModelError, Result};
+use crate::gemm_layout::ViaBf16;
 use crate::gemv::Widen;
 
 /// Headers are JSON; anything near this size is not a real header.
@@ -138,7 +139,8 @@ impl SafetensorsFile {
 
     /// A rank-2 F32, F16 or BF16 tensor in [`crate::gemm_layout`] (f32, transposed block by
     /// block as it is read); `None` for any other tensor, which the caller loads as stored.
-    pub fn load_transposed(&self, name: &str) -> Result<Option<Tensor>> {
+    /// `via_bf16` rounds F32 and F16 values to bf16 on the way, as a bf16 compute dtype would.
+    pub fn load_transposed(&self, name: &str, via_bf16: bool) -> Result<Option<Tensor>> {
         let Some(entry) = self.entries.get(name) else {
             return Ok(None);
         };
@@ -146,10 +148,14 @@ impl SafetensorsFile {
             return Ok(None);
         };
         let offset = self.data_start + entry.data_offsets[0];
-        match entry.dtype.as_str() {
-            "F32" => self.read_transposed::<f32>(offset, n, k).map(Some),
-            "F16" => self.read_transposed::<half::f16>(offset, n, k).map(Some),
-            "BF16" => self.read_transposed::<half::bf16>(offset, n, k).map(Some),
+        match (entry.dtype.as_str(), via_bf16) {
+            ("F32", false) => self.read_transposed::<f32>(offset, n, k).map(Some),
+            ("F32", true) => self.read_transposed::<ViaBf16<f32>>(offset, n, k).map(Some),
+            ("F16", false) => self.read_transposed::<half::f16>(offset, n, k).map(Some),
+            ("F16", true) => self
+                .read_transposed::<ViaBf16<half::f16>>(offset, n, k)
+                .map(Some),
+            ("BF16", _) => self.read_transposed::<half::bf16>(offset, n, k).map(Some),
             _ => Ok(None),
         }
     }

@@ -54,9 +54,9 @@ impl Shard {
     }
 
     /// The tensor in [`crate::gemm_layout`], where the format can read it that way.
-    fn load_transposed(&self, name: &str) -> Result<Option<Tensor>> {
+    fn load_transposed(&self, name: &str, via_bf16: bool) -> Result<Option<Tensor>> {
         match self {
-            Self::Safetensors(f) => f.load_transposed(name),
+            Self::Safetensors(f) => f.load_transposed(name, via_bf16),
             Self::Pytorch(_) => Ok(None),
         }
     }
@@ -236,7 +236,8 @@ impl Weights {
     }
 
     /// A linear layer's `[out, in]` weight. Where it only serves inference (not trainable, not
-    /// random) and the CPU computes in f32, it is read into [`crate::gemm_layout`], the layout
+    /// random) and the CPU computes in f32 (or bf16 without AMX, the values rounded through
+    /// bf16), it is read into [`crate::gemm_layout`], the layout
     /// the CPU products run fastest from. Only safetensors shards of F32, F16 or BF16 are read
     /// that way; anything else keeps the stored layout, which every product also takes.
     pub fn get_linear(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
@@ -244,8 +245,8 @@ impl Weights {
         if inference_only
             && crate::gemm_layout::applies(self.dtype, &self.device)
             && let Some(loc) = self.index.get(name)
-            && let Some(t) =
-                self.sources[loc.source].shards[loc.shard].load_transposed(&loc.stored)?
+            && let Some(t) = self.sources[loc.source].shards[loc.shard]
+                .load_transposed(&loc.stored, self.dtype == DType::BF16)?
         {
             check_shape(name, &t, shape)?;
             return Ok(t);
@@ -576,6 +577,36 @@ mod tests {
             .get_linear("f32.weight", &[70, 5])
             .expect_err("shape");
         assert!(err.to_string().contains("f32.weight"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn a_bf16_compute_dtype_rounds_f32_weights_in_either_layout() {
+        let dir = std::env::temp_dir().join(format!("llava-bf16-layout-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        // Values that bf16 cannot hold, so that a missed rounding shows.
+        let values: Vec<f32> = (0..350).map(|i| 1.0 + i as f32 * 1.7e-3).collect();
+        let w = Tensor::from_vec(values, (5, 70), &Device::Cpu).expect("w");
+        let path = dir.join("model.safetensors");
+        let tensors = std::collections::HashMap::from([("w.weight".to_string(), w.clone())]);
+        candle_core::safetensors::save(&tensors, &path).expect("save");
+        let mut weights = Weights::new(DType::BF16, Device::Cpu);
+        weights
+            .add_file(&path, |n: &str| Some(n.to_string()))
+            .expect("add");
+        let t = weights.get_linear("w.weight", &[5, 70]).expect("linear");
+        // Without AMX the tower's weights are widened once at load; with it they stay bf16.
+        assert_eq!(
+            crate::gemm_layout::is_transposed(&t),
+            !crate::amx::available()
+        );
+        let rounded = w.to_dtype(DType::BF16).and_then(|w| w.to_dtype(DType::F32));
+        assert_eq!(
+            t.to_dtype(DType::F32)
+                .and_then(|t| t.to_vec2::<f32>())
+                .expect("t"),
+            rounded.and_then(|w| w.to_vec2::<f32>()).expect("w")
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 
