@@ -74,8 +74,8 @@ impl Linear {
                 && let Some(w) = gemm_layout::widened(&self.weight)?
             {
                 // bf16 weights under f32 activations without AMX (the decoder's, in prefill):
-                // widened in parallel into the layout gemm runs fastest on. A trainable weight
-                // takes the path below, which keeps its gradient.
+                // widened in parallel into `gemm_layout`. A trainable weight takes the path
+                // below, which keeps its gradient.
                 x.matmul(&w.t()?)?
             } else {
                 // An f32 weight in `gemm_layout` makes `.t()` the contiguous `Wᵀ` gemm wants.
