@@ -237,9 +237,9 @@ impl Weights {
 
     /// A linear layer's `[out, in]` weight. Where it only serves inference (not trainable, not
     /// random) and the CPU computes in f32 (or bf16 without AMX, the values rounded through
-    /// bf16), it is read into [`crate::gemm_layout`], the layout
-    /// the CPU products run fastest from. Only safetensors shards of F32, F16 or BF16 are read
-    /// that way; anything else keeps the stored layout, which every product also takes.
+    /// bf16), it is read into [`crate::gemm_layout`], the layout the CPU products run fastest
+    /// from. Only safetensors shards of F32, F16 or BF16 are read that way; anything else keeps
+    /// the stored layout, which every product also takes.
     pub fn get_linear(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let inference_only = self.trainable.is_none() && self.random.is_none();
         if inference_only
@@ -534,21 +534,25 @@ pub fn clip_vision_name(stored: &str) -> Option<String> {
 mod tests {
     use super::*;
 
+    /// `dir/model.safetensors` holding `tensors`.
+    fn safetensors_file(dir: &Path, tensors: &[(&str, Tensor)]) -> PathBuf {
+        let tensors: std::collections::HashMap<String, Tensor> = tensors
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.clone()))
+            .collect();
+        std::fs::create_dir_all(dir).expect("dir");
+        let path = dir.join("model.safetensors");
+        candle_core::safetensors::save(&tensors, &path).expect("save");
+        path
+    }
+
     /// A safetensors file holding `w` (`[5, 70]`, distinct integers below 256 in each row) in
     /// f32 and in bf16.
     fn linear_file(dir: &Path) -> (PathBuf, Tensor) {
         let values: Vec<f32> = (0..350).map(|i| ((i * 7) % 251) as f32).collect();
         let w = Tensor::from_vec(values, (5, 70), &Device::Cpu).expect("w");
-        let tensors = std::collections::HashMap::from([
-            ("f32.weight".to_string(), w.clone()),
-            (
-                "bf16.weight".to_string(),
-                w.to_dtype(DType::BF16).expect("bf16"),
-            ),
-        ]);
-        std::fs::create_dir_all(dir).expect("dir");
-        let path = dir.join("model.safetensors");
-        candle_core::safetensors::save(&tensors, &path).expect("save");
+        let bf16 = w.to_dtype(DType::BF16).expect("bf16");
+        let path = safetensors_file(dir, &[("f32.weight", w.clone()), ("bf16.weight", bf16)]);
         (path, w)
     }
 
@@ -583,13 +587,10 @@ mod tests {
     #[test]
     fn a_bf16_compute_dtype_rounds_f32_weights_in_either_layout() {
         let dir = std::env::temp_dir().join(format!("llava-bf16-layout-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
         // Values that bf16 cannot hold, so that a missed rounding shows.
         let values: Vec<f32> = (0..350).map(|i| 1.0 + i as f32 * 1.7e-3).collect();
         let w = Tensor::from_vec(values, (5, 70), &Device::Cpu).expect("w");
-        let path = dir.join("model.safetensors");
-        let tensors = std::collections::HashMap::from([("w.weight".to_string(), w.clone())]);
-        candle_core::safetensors::save(&tensors, &path).expect("save");
+        let path = safetensors_file(&dir, &[("w.weight", w.clone())]);
         let mut weights = Weights::new(DType::BF16, Device::Cpu);
         weights
             .add_file(&path, |n: &str| Some(n.to_string()))
