@@ -99,7 +99,24 @@ fn quick_demo_runs_every_stage_and_resumes() {
     );
     assert_eq!(report["samples"].as_array().unwrap().len(), 3);
 
-    // Every question kind was asked and scored, before and after stage 2, in both forms.
+    // Every question kind was asked and scored, before and after stage 2, in both forms, and
+    // of the final model with the scene in words.
+    let forms: Vec<(&str, &str)> = report["accuracy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["model"].as_str().unwrap(), r["form"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        forms,
+        [
+            ("before stage 2", "short"),
+            ("before stage 2", "mc"),
+            ("after stage 2", "short"),
+            ("after stage 2", "mc"),
+            ("after stage 2", "words"),
+        ]
+    );
     for row in report["accuracy"].as_array().unwrap() {
         let cats = row["summary"]["categories"].as_object().unwrap();
         for kind in ["colour", "shape", "count", "position"] {
@@ -123,6 +140,7 @@ fn quick_demo_runs_every_stage_and_resumes() {
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     for needle in [
         "| colour |",
+        "in words, after",
         "| count |",
         "stage0/loss.png",
         "stage0_tower/loss.png",

@@ -125,22 +125,45 @@ pub fn probe_records(scenes: &[Scene], seed: u64, mc_share: f64) -> Vec<LlavaRec
         .collect()
 }
 
-/// The benchmark: (short-answer lines, multiple-choice lines), one probe per kind per scene.
-pub fn benchmark(scenes: &[Scene], seed: u64) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
+/// The benchmark's question files, one probe per kind per scene, with shared ids.
+pub struct Benchmark {
+    /// Short-answer lines, with the picture.
+    pub short: Vec<serde_json::Value>,
+    /// The same questions as multiple choice, with the picture.
+    pub mc: Vec<serde_json::Value>,
+    /// The same short-answer questions with the scene written out in words, as the text-only
+    /// stage-2 records give it, and no picture. It separates the decoder's part from the
+    /// tower's: a model that cannot find "the square" in a sentence listing the objects will
+    /// not find it among image patches either.
+    pub in_words: Vec<serde_json::Value>,
+}
+
+/// The benchmark of `scenes`.
+pub fn benchmark(scenes: &[Scene], seed: u64) -> Benchmark {
     let mut rng = StdRng::seed_from_u64(seed);
-    let (mut vqa, mut mc) = (Vec::new(), Vec::new());
+    // Its own stream, so that adding the words form left the pictures' questions unchanged.
+    let mut words_rng = StdRng::seed_from_u64(seed ^ 0x3077);
+    let mut b = Benchmark {
+        short: Vec::new(),
+        mc: Vec::new(),
+        in_words: Vec::new(),
+    };
     for s in scenes {
+        let description = order(s, &mut words_rng);
         for p in probes(s, &mut rng) {
             let id = format!("{}_{}", s.id, p.kind.name());
-            vqa.push(
+            b.short.push(
                 json!({"question_id": id, "image": s.file_name, "question": p.question,
                             "answer": p.answer, "category": p.kind.name()}),
             );
-            mc.push(json!({"question_id": id, "image": s.file_name, "question": p.question,
+            b.mc.push(json!({"question_id": id, "image": s.file_name, "question": p.question,
                            "options": p.options, "answer": p.answer_index, "category": p.kind.name()}));
+            b.in_words.push(json!({"question_id": id,
+                "question": format!("The picture: {description}\n{}", p.question),
+                "answer": p.answer, "category": p.kind.name()}));
         }
     }
-    (vqa, mc)
+    b
 }
 
 /// JSON Lines text.
@@ -253,12 +276,32 @@ mod tests {
     fn benchmark_forms_share_ids_and_answers() {
         let w = world();
         let scenes: Vec<Scene> = w.iter().map(|(s, _)| s.clone()).collect();
-        let (short, mc) = benchmark(&scenes, 3);
-        assert_eq!(short.len(), mc.len());
-        for (a, b) in short.iter().zip(&mc) {
+        let bench = benchmark(&scenes, 3);
+        assert_eq!(bench.short.len(), bench.mc.len());
+        assert_eq!(bench.short.len(), bench.in_words.len());
+        for ((a, b), w) in bench.short.iter().zip(&bench.mc).zip(&bench.in_words) {
             assert_eq!(a["question_id"], b["question_id"]);
             let i = b["answer"].as_u64().unwrap() as usize;
             assert_eq!(b["options"][i], a["answer"]);
+            // The words form asks the same question of the same scene, without the picture.
+            assert_eq!(w["question_id"], a["question_id"]);
+            assert_eq!(w["answer"], a["answer"]);
+            assert!(w.get("image").is_none(), "{w}");
+            let q = w["question"].as_str().unwrap();
+            let (scene, question) = q.split_once('\n').unwrap();
+            assert_eq!(question, a["question"].as_str().unwrap());
+            let id: u64 = a["question_id"]
+                .as_str()
+                .unwrap()
+                .split('_')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            let s = scenes.iter().find(|s| s.id == id).unwrap();
+            for o in &s.objects {
+                assert!(scene.contains(&o.name()), "{scene} lacks {}", o.name());
+            }
         }
     }
 }

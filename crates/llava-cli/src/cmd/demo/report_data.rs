@@ -148,33 +148,37 @@ impl ReportBuilder {
         let _ = writeln!(
             m,
             "Short answer = exact match after normalisation; MC = multiple choice (chance in brackets). \
-             *Before* is the model after stage 1, *after* the final model.\n"
+             *Before* is the model after stage 1, *after* the final model. *In words* asks the \
+             final model the short-answer questions with the scene written out as a sentence \
+             and no picture: what its decoder does when seeing is not the problem.\n"
         );
         let _ = writeln!(
             m,
-            "| kind | short, before | short, after | MC, before | MC, after (chance) |"
+            "| kind | short, before | short, after | MC, before | MC, after (chance) | in words, after |"
         );
-        let _ = writeln!(m, "|---|---|---|---|---|");
+        let _ = writeln!(m, "|---|---|---|---|---|---|");
         let (b, a) = ("before stage 2", "after stage 2");
         for k in Kind::ALL {
             let name = k.name();
             let _ = writeln!(
                 m,
-                "| {name} | {} | {} | {} | {} ({:.0}%) |",
+                "| {name} | {} | {} | {} | {} ({:.0}%) | {} |",
                 pct(self.accuracy_of(b, "short", Some(name))),
                 pct(self.accuracy_of(a, "short", Some(name))),
                 pct(self.accuracy_of(b, "mc", Some(name))),
                 pct(self.accuracy_of(a, "mc", Some(name))),
-                k.chance() * 100.0
+                k.chance() * 100.0,
+                pct(self.accuracy_of(a, "words", Some(name))),
             );
         }
         let _ = writeln!(
             m,
-            "| **overall** | {} | {} | {} | {} |\n",
+            "| **overall** | {} | {} | {} | {} | {} |\n",
             pct(self.accuracy_of(b, "short", None)),
             pct(self.accuracy_of(a, "short", None)),
             pct(self.accuracy_of(b, "mc", None)),
             pct(self.accuracy_of(a, "mc", None)),
+            pct(self.accuracy_of(a, "words", None)),
         );
         if let Some(j) = &self.judge {
             let _ = writeln!(m, "## LLaVA-Bench-style judged answers\n");

@@ -134,9 +134,10 @@ pub fn instruct(plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Res
     stage2.extend(text.iter().cloned());
     write_records(&data.join("stage2.json"), &stage2)?;
     let test_scenes: Vec<_> = test.iter().map(|(s, _)| s.clone()).collect();
-    let (vqa, mc) = benchmark(&test_scenes, plan.seed ^ 0x7e57);
-    write(&data.join("bench_short.jsonl"), &jsonl(&vqa))?;
-    write(&data.join("bench_mc.jsonl"), &jsonl(&mc))?;
+    let bench = benchmark(&test_scenes, plan.seed ^ 0x7e57);
+    write(&data.join("bench_short.jsonl"), &jsonl(&bench.short))?;
+    write(&data.join("bench_mc.jsonl"), &jsonl(&bench.mc))?;
+    write(&data.join("bench_words.jsonl"), &jsonl(&bench.in_words))?;
     report.datasets = vec![
         (
             "left-to-right captions (stages 0 and 1)".into(),
@@ -145,7 +146,7 @@ pub fn instruct(plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Res
         ("text-only question records (stage 2)".into(), text.len()),
         ("teacher instruction data".into(), instruct.len()),
         ("short-answer / multiple-choice probes".into(), probes.len()),
-        ("benchmark questions (per form)".into(), vqa.len()),
+        ("benchmark questions (per form)".into(), bench.short.len()),
     ];
     eprintln!(
         "{} left-to-right captions (stages 0 and 1), {} instruction records + {} probe records + {} text question records (stage 2), {} benchmark questions",
@@ -153,7 +154,7 @@ pub fn instruct(plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Res
         instruct.len(),
         probes.len(),
         text.len(),
-        vqa.len()
+        bench.short.len()
     );
     Ok(())
 }
@@ -402,39 +403,61 @@ pub fn eval(_plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Result
     let dir = layout.eval();
     std::fs::create_dir_all(&dir)?;
     stage0_captions(layout, report)?;
-    for (model_name, tag, model) in [
-        ("before stage 2", "stage1", layout.stage(1)),
-        ("after stage 2", "stage2", layout.stage(2)),
-    ] {
-        for (form, file) in [("short", "bench_short.jsonl"), ("mc", "bench_mc.jsonl")] {
-            let questions = layout.data().join(file);
-            let answers = dir.join(format!("{tag}_{form}_answers.jsonl"));
-            let sub = if form == "short" { "vqa" } else { "mc" };
-            run_args(&args(&[
-                "eval",
-                sub,
-                "--model",
-                &s(&model),
-                "--questions",
-                &s(&questions),
-                "--image-folder",
-                &s(&layout.images()),
-                "--out",
-                &s(&answers),
-                "--max-new-tokens",
-                "8",
-                "--json",
-            ]))?;
-            let found = llava_eval::jsonl::read_answers(&answers)?;
-            let summary = if form == "short" {
-                let qs = llava_eval::vqa::read_vqa_questions(&questions)?;
-                llava_eval::vqa::score_vqa(&qs, &found).0
-            } else {
-                let qs = llava_eval::mc::read_mc_questions(&questions)?;
-                llava_eval::mc::score_answers(&qs, &found).0
-            };
-            report.add_accuracy(model_name, form, &summary);
-        }
+    let (before, after) = (layout.stage(1), layout.stage(2));
+    // The words form goes to the final model only: before stage 2 the model only captions.
+    let runs = [
+        (
+            "before stage 2",
+            "stage1",
+            &before,
+            "short",
+            "bench_short.jsonl",
+        ),
+        ("before stage 2", "stage1", &before, "mc", "bench_mc.jsonl"),
+        (
+            "after stage 2",
+            "stage2",
+            &after,
+            "short",
+            "bench_short.jsonl",
+        ),
+        ("after stage 2", "stage2", &after, "mc", "bench_mc.jsonl"),
+        (
+            "after stage 2",
+            "stage2",
+            &after,
+            "words",
+            "bench_words.jsonl",
+        ),
+    ];
+    for (model_name, tag, model, form, file) in runs {
+        let questions = layout.data().join(file);
+        let answers = dir.join(format!("{tag}_{form}_answers.jsonl"));
+        let sub = if form == "mc" { "mc" } else { "vqa" };
+        run_args(&args(&[
+            "eval",
+            sub,
+            "--model",
+            &s(model),
+            "--questions",
+            &s(&questions),
+            "--image-folder",
+            &s(&layout.images()),
+            "--out",
+            &s(&answers),
+            "--max-new-tokens",
+            "8",
+            "--json",
+        ]))?;
+        let found = llava_eval::jsonl::read_answers(&answers)?;
+        let summary = if form == "mc" {
+            let qs = llava_eval::mc::read_mc_questions(&questions)?;
+            llava_eval::mc::score_answers(&qs, &found).0
+        } else {
+            let qs = llava_eval::vqa::read_vqa_questions(&questions)?;
+            llava_eval::vqa::score_vqa(&qs, &found).0
+        };
+        report.add_accuracy(model_name, form, &summary);
     }
     judge(layout, report)?;
     sample_chats(layout, report)
