@@ -71,6 +71,11 @@ fn ask(p: &Probe, mc: bool) -> (String, String) {
     }
 }
 
+/// A question about a scene given in words instead of a picture.
+fn in_words(description: &str, question: &str) -> String {
+    format!("The picture: {description}\n{question}")
+}
+
 /// One text-only record per scene: the scene in words (its left-to-right caption), then every
 /// kind of probe about it.
 pub fn text_probe_records(scenes: &[Scene], seed: u64, mc_share: f64) -> Vec<LlavaRecord> {
@@ -83,7 +88,7 @@ pub fn text_probe_records(scenes: &[Scene], seed: u64, mc_share: f64) -> Vec<Lla
             for p in shuffled_probes(s, &mut rng) {
                 let (q, a) = ask(&p, rng.random_bool(mc_share));
                 let q = if turns.is_empty() {
-                    format!("The picture: {description}\n{q}")
+                    in_words(&description, &q)
                 } else {
                     q
                 };
@@ -159,7 +164,7 @@ pub fn benchmark(scenes: &[Scene], seed: u64) -> Benchmark {
             b.mc.push(json!({"question_id": id, "image": s.file_name, "question": p.question,
                            "options": p.options, "answer": p.answer_index, "category": p.kind.name()}));
             b.in_words.push(json!({"question_id": id,
-                "question": format!("The picture: {description}\n{}", p.question),
+                "question": in_words(&description, &p.question),
                 "answer": p.answer, "category": p.kind.name()}));
         }
     }
