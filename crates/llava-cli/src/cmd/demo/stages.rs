@@ -403,61 +403,50 @@ pub fn eval(_plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Result
     let dir = layout.eval();
     std::fs::create_dir_all(&dir)?;
     stage0_captions(layout, report)?;
-    let (before, after) = (layout.stage(1), layout.stage(2));
-    // The words form goes to the final model only: before stage 2 the model only captions.
-    let runs = [
+    for (model_name, tag, model, forms) in [
         (
             "before stage 2",
             "stage1",
-            &before,
-            "short",
-            "bench_short.jsonl",
+            layout.stage(1),
+            &["short", "mc"][..],
         ),
-        ("before stage 2", "stage1", &before, "mc", "bench_mc.jsonl"),
+        // The words form goes to the final model only: before stage 2 the model only captions.
         (
             "after stage 2",
             "stage2",
-            &after,
-            "short",
-            "bench_short.jsonl",
+            layout.stage(2),
+            &["short", "mc", "words"][..],
         ),
-        ("after stage 2", "stage2", &after, "mc", "bench_mc.jsonl"),
-        (
-            "after stage 2",
-            "stage2",
-            &after,
-            "words",
-            "bench_words.jsonl",
-        ),
-    ];
-    for (model_name, tag, model, form, file) in runs {
-        let questions = layout.data().join(file);
-        let answers = dir.join(format!("{tag}_{form}_answers.jsonl"));
-        let sub = if form == "mc" { "mc" } else { "vqa" };
-        run_args(&args(&[
-            "eval",
-            sub,
-            "--model",
-            &s(model),
-            "--questions",
-            &s(&questions),
-            "--image-folder",
-            &s(&layout.images()),
-            "--out",
-            &s(&answers),
-            "--max-new-tokens",
-            "8",
-            "--json",
-        ]))?;
-        let found = llava_eval::jsonl::read_answers(&answers)?;
-        let summary = if form == "mc" {
-            let qs = llava_eval::mc::read_mc_questions(&questions)?;
-            llava_eval::mc::score_answers(&qs, &found).0
-        } else {
-            let qs = llava_eval::vqa::read_vqa_questions(&questions)?;
-            llava_eval::vqa::score_vqa(&qs, &found).0
-        };
-        report.add_accuracy(model_name, form, &summary);
+    ] {
+        for &form in forms {
+            let questions = layout.data().join(format!("bench_{form}.jsonl"));
+            let answers = dir.join(format!("{tag}_{form}_answers.jsonl"));
+            let sub = if form == "mc" { "mc" } else { "vqa" };
+            run_args(&args(&[
+                "eval",
+                sub,
+                "--model",
+                &s(&model),
+                "--questions",
+                &s(&questions),
+                "--image-folder",
+                &s(&layout.images()),
+                "--out",
+                &s(&answers),
+                "--max-new-tokens",
+                "8",
+                "--json",
+            ]))?;
+            let found = llava_eval::jsonl::read_answers(&answers)?;
+            let summary = if form == "mc" {
+                let qs = llava_eval::mc::read_mc_questions(&questions)?;
+                llava_eval::mc::score_answers(&qs, &found).0
+            } else {
+                let qs = llava_eval::vqa::read_vqa_questions(&questions)?;
+                llava_eval::vqa::score_vqa(&qs, &found).0
+            };
+            report.add_accuracy(model_name, form, &summary);
+        }
     }
     judge(layout, report)?;
     sample_chats(layout, report)
