@@ -270,3 +270,58 @@ fn unknown_template_and_dtype() {
     ]);
     assert_clean_failure(&out, &["--dtype f8"]);
 }
+
+fn v0_fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/original-v0/model")
+}
+
+fn v0_clip() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/original-layout/clip")
+}
+
+/// A v0 config (`mm_use_im_start_end`) whose tokenizer lacks `<im_start>`/`<im_end>`.
+#[test]
+fn im_start_end_without_the_tokens() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("model");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    for entry in std::fs::read_dir(v0_fixture()).expect("fixture") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy");
+    }
+    let base_tokenizer = v0_clip().join("../model/tokenizer.json");
+    std::fs::copy(base_tokenizer, dir.join("tokenizer.json")).expect("copy");
+    let out = llava(&[
+        "generate",
+        "--model",
+        &dir.to_string_lossy(),
+        "--vision-tower",
+        &v0_clip().to_string_lossy(),
+        "--image",
+        &image().to_string_lossy(),
+        "--prompt",
+        "Hi",
+    ]);
+    assert_clean_failure(&out, &["config.json", "mm_use_im_start_end", "<im_start>"]);
+}
+
+/// The original trains the new tokens' input embeddings in stage 1 under
+/// `mm_use_im_start_end`; our stage 1 would not, so it says so instead of training otherwise.
+#[test]
+fn stage_one_with_im_start_end_is_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = llava(&[
+        "train",
+        "--stage",
+        "pretrain",
+        "--model",
+        &v0_fixture().to_string_lossy(),
+        "--vision-tower",
+        &v0_clip().to_string_lossy(),
+        "--data",
+        &tmp.path().join("data.json").to_string_lossy(),
+        "--output",
+        &tmp.path().join("out").to_string_lossy(),
+    ]);
+    assert_clean_failure(&out, &["stage 1", "mm_use_im_start_end", "not supported"]);
+}

@@ -24,13 +24,23 @@ pub enum ImageTokens {
     /// The vocabulary has no image token (the original layout): the prompt is tokenised in
     /// chunks around `<image>`, as the original `tokenizer_image_token` does, and `n` copies of
     /// `id` (a sentinel outside the vocabulary) go between them.
-    Split { id: u32 },
+    Split {
+        id: u32,
+        /// LLaVA v0's `mm_use_im_start_end`: each `<image>` is first written
+        /// `<im_start><image><im_end>`, as the original does to the text before tokenising,
+        /// so the image positions sit between those two added tokens.
+        im_start_end: bool,
+    },
 }
+
+/// The added tokens around an image under `mm_use_im_start_end`.
+pub const IM_START: &str = "<im_start>";
+pub const IM_END: &str = "<im_end>";
 
 impl ImageTokens {
     pub fn id(&self) -> u32 {
         match self {
-            ImageTokens::Expand { id } | ImageTokens::Split { id } => *id,
+            ImageTokens::Expand { id } | ImageTokens::Split { id, .. } => *id,
         }
     }
 }
@@ -110,10 +120,15 @@ impl Tokenizer {
 
     /// The image-token convention for this vocabulary; `fallback_id` is the model's
     /// `image_token_index`, used as the sentinel when the vocabulary has no `<image>`.
-    pub fn image_tokens(&self, fallback_id: u32) -> ImageTokens {
+    /// `im_start_end` (the original layout's `mm_use_im_start_end`) applies to the sentinel
+    /// convention, the only one the original layout has.
+    pub fn image_tokens(&self, fallback_id: u32, im_start_end: bool) -> ImageTokens {
         match self.inner.token_to_id(IMAGE_PLACEHOLDER) {
             Some(id) => ImageTokens::Expand { id },
-            None => ImageTokens::Split { id: fallback_id },
+            None => ImageTokens::Split {
+                id: fallback_id,
+                im_start_end,
+            },
         }
     }
 
@@ -142,7 +157,17 @@ impl Tokenizer {
                     text.replace(IMAGE_PLACEHOLDER, &IMAGE_PLACEHOLDER.repeat(n_image_tokens));
                 self.encode(&expanded, add_special_tokens)
             }
-            ImageTokens::Split { id } => {
+            ImageTokens::Split { id, im_start_end } => {
+                let wrapped;
+                let text = if im_start_end {
+                    wrapped = text.replace(
+                        IMAGE_PLACEHOLDER,
+                        &format!("{IM_START}{IMAGE_PLACEHOLDER}{IM_END}"),
+                    );
+                    &wrapped
+                } else {
+                    text
+                };
                 let mut ids = Vec::new();
                 for (i, chunk) in text.split(IMAGE_PLACEHOLDER).enumerate() {
                     if i > 0 {

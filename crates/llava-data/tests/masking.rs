@@ -117,7 +117,7 @@ fn check(tokenizer: &Tokenizer, image_tokens: ImageTokens) {
 #[test]
 fn supervised_tokens_are_exactly_the_answers_with_image_token() {
     let tokenizer = Tokenizer::from_dir(&fixture("llava15-default")).expect("tokenizer");
-    let image_tokens = tokenizer.image_tokens(600);
+    let image_tokens = tokenizer.image_tokens(600, false);
     assert!(matches!(image_tokens, ImageTokens::Expand { id: 600 }));
     check(&tokenizer, image_tokens);
 }
@@ -125,9 +125,46 @@ fn supervised_tokens_are_exactly_the_answers_with_image_token() {
 #[test]
 fn supervised_tokens_are_exactly_the_answers_without_image_token() {
     let tokenizer = Tokenizer::from_dir(&fixture("original-layout")).expect("tokenizer");
-    let image_tokens = tokenizer.image_tokens(600);
-    assert!(matches!(image_tokens, ImageTokens::Split { id: 600 }));
+    let image_tokens = tokenizer.image_tokens(600, false);
+    assert!(matches!(image_tokens, ImageTokens::Split { id: 600, .. }));
     check(&tokenizer, image_tokens);
+}
+
+/// LLaVA v0 (`mm_use_im_start_end`): every run of image positions sits between `<im_start>`
+/// and `<im_end>`, neither of them supervised, and the answers are unchanged.
+#[test]
+fn image_positions_sit_between_im_start_and_im_end() {
+    let tokenizer = Tokenizer::from_dir(&fixture("original-v0")).expect("tokenizer");
+    let image_tokens = tokenizer.image_tokens(603, true);
+    assert!(matches!(
+        image_tokens,
+        ImageTokens::Split {
+            id: 603,
+            im_start_end: true
+        }
+    ));
+    check(&tokenizer, image_tokens);
+    let start = tokenizer.token_to_id("<im_start>").expect("<im_start>");
+    let end = tokenizer.token_to_id("<im_end>").expect("<im_end>");
+    for name in ConvTemplate::NAMES {
+        let opts = SampleOptions {
+            template: ConvTemplate::from_name(name).expect("template"),
+            image_tokens,
+            image_seq_len: 25,
+            max_length: 2048,
+            keep_image_position: false,
+        };
+        let s = tokenize_record(&tokenizer, &record(true), &opts).expect("tokenizes");
+        let first = s
+            .input_ids
+            .iter()
+            .position(|&t| t == 603)
+            .expect("image positions");
+        assert_eq!(s.input_ids[first - 1], start, "{name}");
+        assert_eq!(s.input_ids[first + 25], end, "{name}");
+        assert_eq!(s.labels[first - 1], IGNORE_INDEX, "{name}");
+        assert_eq!(s.labels[first + 25], IGNORE_INDEX, "{name}");
+    }
 }
 
 #[test]
@@ -135,7 +172,7 @@ fn llava_v1_answers_end_with_eos_and_bos_appears_once() {
     let tokenizer = Tokenizer::from_dir(&fixture("llava15-default")).expect("tokenizer");
     let opts = SampleOptions {
         template: ConvTemplate::LlavaV1,
-        image_tokens: tokenizer.image_tokens(600),
+        image_tokens: tokenizer.image_tokens(600, false),
         image_seq_len: 25,
         max_length: 2048,
         keep_image_position: false,
@@ -163,7 +200,7 @@ fn truncation_is_reported() {
     let tokenizer = Tokenizer::from_dir(&fixture("llava15-default")).expect("tokenizer");
     let opts = SampleOptions {
         template: ConvTemplate::LlavaV1,
-        image_tokens: tokenizer.image_tokens(600),
+        image_tokens: tokenizer.image_tokens(600, false),
         image_seq_len: 25,
         max_length: 40,
         keep_image_position: false,

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
+use llava_data::tokenizer::{IM_END, IM_START, ImageTokens, Tokenizer};
 use serde_json::Value;
 
 use crate::config::{ClipVisionConfig, FeatureLayer, LlamaConfig, LlavaConfig, SelectStrategy};
@@ -75,6 +76,49 @@ impl Checkpoint {
 
     pub fn load_model(&self, dtype: DType, device: &Device) -> Result<Llava> {
         Llava::load(&self.config, &self.weights(dtype, device)?)
+    }
+
+    /// How `<image>` becomes image positions with this checkpoint's tokenizer, checked against
+    /// the config: an `<image>` token must be `image_token_index`, and under
+    /// `mm_use_im_start_end` the tokenizer must have `<im_start>` and `<im_end>` with
+    /// embedding rows.
+    pub fn image_tokens(&self, tokenizer: &Tokenizer) -> Result<ImageTokens> {
+        let config = &self.config;
+        let image_tokens =
+            tokenizer.image_tokens(config.image_token_index, config.mm_use_im_start_end);
+        let bad = |m: String| ModelError::config(self.dir.join("config.json"), m);
+        if let ImageTokens::Expand { id } = image_tokens
+            && id != config.image_token_index
+        {
+            return Err(bad(format!(
+                "image_token_index is {} but the tokenizer's <image> token is {id}",
+                config.image_token_index
+            )));
+        }
+        if config.mm_use_im_start_end {
+            if let ImageTokens::Expand { .. } = image_tokens {
+                return Err(bad(
+                    "mm_use_im_start_end is a setting of the original layout, whose tokenizer has no <image> token; this one has".into(),
+                ));
+            }
+            let rows = config.text_config.vocab_size;
+            for token in [IM_START, IM_END] {
+                match tokenizer.token_to_id(token) {
+                    None => {
+                        return Err(bad(format!(
+                            "mm_use_im_start_end is true but tokenizer.json has no {token} token"
+                        )));
+                    }
+                    Some(id) if id as usize >= rows => {
+                        return Err(bad(format!(
+                            "mm_use_im_start_end: the tokenizer's {token} is id {id}, but vocab_size is {rows}"
+                        )));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        Ok(image_tokens)
     }
 
     /// The directory holding `preprocessor_config.json`: the CLIP directory in the original layout.
@@ -169,11 +213,6 @@ fn original_config(
             source,
         })?;
     text_config.model_type = "llama".into();
-    if json.get("mm_use_im_start_end").and_then(Value::as_bool) == Some(true) {
-        return Err(bad(
-            "mm_use_im_start_end = true (LLaVA v0 image start/end tokens) is not supported".into(),
-        ));
-    }
     let vision_tower_dir = match vision_tower {
         Some(p) => p.to_path_buf(),
         None => {
@@ -246,6 +285,10 @@ fn original_config(
             .get("image_aspect_ratio")
             .and_then(Value::as_str)
             .map(String::from),
+        mm_use_im_start_end: json
+            .get("mm_use_im_start_end")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
         model_type: "llava".into(),
         architectures: None,
     };

@@ -230,6 +230,10 @@ pub struct LlavaConfig {
     /// The original layout's `image_aspect_ratio` (`pad` for 1.5): the default preprocessing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_aspect_ratio: Option<String>,
+    /// Not an HF field: the original layout's `mm_use_im_start_end` (LLaVA v0), under which
+    /// every `<image>` is written `<im_start><image><im_end>` before it is tokenised.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mm_use_im_start_end: bool,
     #[serde(default = "llava_type")]
     pub model_type: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -445,6 +449,21 @@ mod tests {
             }
         );
         assert_eq!(c.image_seq_len(), 50);
+    }
+
+    /// A fine-tuned v0 checkpoint is saved in the HF layout; the flag must survive that, and an
+    /// HF config must not grow it.
+    #[test]
+    fn mm_use_im_start_end_is_kept_only_when_set() {
+        let json = r#"{"vision_config": {}, "text_config": {}}"#;
+        let mut c: LlavaConfig = serde_json::from_str(json).expect("parses");
+        assert!(!c.mm_use_im_start_end);
+        let saved = serde_json::to_value(&c).expect("serialises");
+        assert!(saved.get("mm_use_im_start_end").is_none());
+        c.mm_use_im_start_end = true;
+        let saved = serde_json::to_string(&c).expect("serialises");
+        let back: LlavaConfig = serde_json::from_str(&saved).expect("parses");
+        assert!(back.mm_use_im_start_end);
     }
 
     #[test]

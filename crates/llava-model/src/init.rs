@@ -134,6 +134,7 @@ fn llava_config(vision: ClipVisionConfig, text: LlamaConfig, image_token: u32) -
         multimodal_projector_bias: true,
         projector_depth: None,
         image_aspect_ratio: None,
+        mm_use_im_start_end: false,
         model_type: "llava".into(),
         architectures: None,
     }

@@ -73,18 +73,7 @@ impl Pipeline {
             ConvTemplate::LlavaV1,
         )?;
         let image_processor = image_processor(&checkpoint, opts.image_aspect_ratio)?;
-        let image_tokens = tokenizer.image_tokens(checkpoint.config.image_token_index);
-        if let ImageTokens::Expand { id } = image_tokens
-            && id != checkpoint.config.image_token_index
-        {
-            return Err(ModelError::config(
-                checkpoint.dir.join("config.json"),
-                format!(
-                    "image_token_index is {} but the tokenizer's <image> token is {id}",
-                    checkpoint.config.image_token_index
-                ),
-            ));
-        }
+        let image_tokens = checkpoint.image_tokens(&tokenizer)?;
         let mut eos_token_ids = checkpoint.config.text_config.eos_ids();
         if let Some(id) = tokenizer
             .eos_token_id

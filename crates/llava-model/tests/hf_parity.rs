@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use llava_data::conversation::Message;
 use llava_data::image::ImageAspectRatio;
+use llava_data::tokenizer::ImageTokens;
 use llava_model::generation::{Sampler, SamplingParams, generate};
 use llava_model::language_model::KvCache;
 use llava_model::nn::Mode;
@@ -63,6 +64,26 @@ impl Case {
             opts.vision_tower = Some(self.dir.join("clip"));
         }
         Pipeline::load(&opts).expect("pipeline loads")
+    }
+}
+
+impl Case {
+    /// The original's ids with the -200 marker expanded to our sentinel, once per image position.
+    fn original_ids(&self, p: &Pipeline) -> Vec<u32> {
+        let marked: Vec<i64> =
+            serde_json::from_value(self.expected["input_ids"].clone()).expect("ids");
+        let n = self.expected["num_image_tokens"].as_u64().expect("n") as usize;
+        let sentinel = p.model.config.image_token_index;
+        marked
+            .iter()
+            .flat_map(|&i| {
+                if i == -200 {
+                    vec![sentinel; n]
+                } else {
+                    vec![i as u32]
+                }
+            })
+            .collect()
     }
 }
 
@@ -268,21 +289,11 @@ fn check_original_layout(model: &str, clip: &str) {
         .expect("renders");
     assert_eq!(prompt, c.str("prompt"), "llava_v1 prompt");
     let ids = p.encode(&prompt).expect("encodes");
-    // The fixture marks the image with the original's -200; ours repeats the sentinel id.
-    let marker: Vec<i64> = serde_json::from_value(c.expected["input_ids"].clone()).expect("ids");
-    let n = c.expected["num_image_tokens"].as_u64().expect("n") as usize;
-    let sentinel = p.model.config.image_token_index;
-    let want: Vec<u32> = marker
-        .iter()
-        .flat_map(|&i| {
-            if i == -200 {
-                vec![sentinel; n]
-            } else {
-                vec![i as u32]
-            }
-        })
-        .collect();
-    assert_eq!(ids, want, "chunk-wise tokenisation around <image>");
+    assert_eq!(
+        ids,
+        c.original_ids(&p),
+        "chunk-wise tokenisation around <image>"
+    );
 
     let pixels = p
         .pixel_values(&[c.image()])
@@ -295,6 +306,63 @@ fn check_original_layout(model: &str, clip: &str) {
         &c.tensors["last_logits"],
     );
     assert_eq!(greedy(&p, &ids, Some(&pixels), 20), c.ids("greedy_tokens"));
+}
+
+/// A LLaVA v0 release (`mm_use_im_start_end`, `tools/make_v0_fixture.py`): the image sits
+/// between `<im_start>` and `<im_end>`, the projector is the default single `linear`, and the
+/// image is resized and cropped (no `image_aspect_ratio`).
+#[test]
+fn original_v0_with_im_start_end_matches_the_original() {
+    let c = case("original-v0");
+    let mut opts = PipelineOptions::new(c.dir.join("model").to_string_lossy());
+    opts.vision_tower = Some(c.dir.join(c.str("clip_dir")));
+    opts.template = Some(c.str("conv_template").into());
+    let p = Pipeline::load(&opts).expect("pipeline loads");
+    assert_eq!(p.model.config.projector().depth, 1, "v0's linear projector");
+    let prompt = p
+        .render(&[Message::user(c.str("question"), 1)])
+        .expect("renders");
+    // The original writes the start/end tokens into the question; we add them when tokenising.
+    assert_eq!(
+        prompt.replace("<image>", "<im_start><image><im_end>"),
+        c.str("prompt"),
+        "llava_v0 prompt"
+    );
+    let ids = p.encode(&prompt).expect("encodes");
+    assert_eq!(
+        ids,
+        c.original_ids(&p),
+        "<im_start>, image positions, <im_end>"
+    );
+
+    let pixels = p
+        .pixel_values(&[c.image()])
+        .expect("pixels")
+        .expect("image");
+    assert_close("pixel_values", &pixels, &c.tensors["pixel_values"]);
+    let logits = last_logits(&p, &ids, Some(&pixels));
+    assert_close("last_logits", &logits, &c.tensors["last_logits"]);
+    assert_eq!(greedy(&p, &ids, Some(&pixels), 20), c.ids("greedy_tokens"));
+
+    // Without the two tokens the logits are not the original's: the check above can fail.
+    let bare = p
+        .tokenizer
+        .encode_prompt(
+            &prompt,
+            ImageTokens::Split {
+                id: p.model.config.image_token_index,
+                im_start_end: false,
+            },
+            p.model.config.image_seq_len(),
+        )
+        .expect("encodes");
+    let start = p.tokenizer.token_to_id("<im_start>").expect("<im_start>");
+    assert!(ids.contains(&start) && !bare.contains(&start));
+    let d = max_abs_diff(
+        &last_logits(&p, &bare, Some(&pixels)),
+        &c.tensors["last_logits"],
+    );
+    assert!(d > 1e-2, "the start/end tokens change the logits ({d:e})");
 }
 
 #[test]

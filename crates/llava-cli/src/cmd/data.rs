@@ -84,7 +84,7 @@ fn preview(p: PreviewArgs) -> Result<()> {
     };
     let opts = SampleOptions {
         template,
-        image_tokens: tokenizer.image_tokens(checkpoint.config.image_token_index),
+        image_tokens: checkpoint.image_tokens(&tokenizer)?,
         image_seq_len: checkpoint.config.image_seq_len(),
         max_length: p.max_length,
         keep_image_position: p.keep_image_position,

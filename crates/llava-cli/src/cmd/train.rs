@@ -192,6 +192,12 @@ pub fn run(c: TrainCommand) -> Result<()> {
 
     let checkpoint = Checkpoint::open(&model_source, c.checkpoint.vision_tower.as_deref())
         .with_context(|| format!("loading {model_source}"))?;
+    if stage == Stage::Pretrain && checkpoint.config.mm_use_im_start_end {
+        bail!(
+            "{}: stage 1 with mm_use_im_start_end (LLaVA v0) is not supported: the original also trains the input embeddings of <im_start>/<im_end> there, and this trainer keeps them frozen",
+            model_source
+        );
+    }
     let device = match c.cuda {
         Some(i) => super::model_args::cuda_device(i)?,
         None => Device::Cpu,
@@ -241,7 +247,7 @@ pub fn run(c: TrainCommand) -> Result<()> {
         image_processor: image_processor(&checkpoint, aspect)?,
         sample: SampleOptions {
             template,
-            image_tokens: tokenizer.image_tokens(checkpoint.config.image_token_index),
+            image_tokens: checkpoint.image_tokens(&tokenizer)?,
             image_seq_len: checkpoint.config.image_seq_len(),
             max_length: c.max_length,
             keep_image_position: c.keep_image_position,
