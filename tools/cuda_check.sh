@@ -60,7 +60,7 @@ FAILS=0
 check() {
     local name=$1 dir=$2 pre=$3
     local get="import json,sys; e=json.load(open('$dir/expected.json')); v=e.get(sys.argv[1]); print('' if v is None else len(v) if isinstance(v, list) else v)"
-    local question n image aspect clip
+    local question n image aspect clip template
     question=$($PY -c "$get" "${pre}question")
     n=$($PY -c "$get" "${pre}greedy_tokens")
     [ -z "$question" ] || [ -z "$n" ] && return
@@ -73,6 +73,8 @@ check() {
     fi
     clip=$($PY -c "$get" clip_dir)
     [ -n "$clip" ] && args+=(--vision-tower "$dir/$clip")
+    template=$($PY -c "$get" conv_template)
+    [ -n "$template" ] && args+=(--template "$template")
     echo "== $name: $BIN $(printf '%q ' "${args[@]}")--dtype f32 [--cuda $DEV]"
     "$BIN" "${args[@]}" --dtype f32 >"$TMP/cpu.json" 2>"$TMP/cpu.err"
     echo "   cpu rc $?: $(cat "$TMP/cpu.json" "$TMP/cpu.err")"
