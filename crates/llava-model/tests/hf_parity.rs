@@ -294,7 +294,12 @@ fn check_original_layout(model: &str, clip: &str) {
         c.original_ids(&p),
         "chunk-wise tokenisation around <image>"
     );
+    check_image_run(&c, &p, &ids);
+}
 
+/// Pixels, last-position logits and 20 greedy tokens of an original-layout case, from `ids`;
+/// returns the pixels.
+fn check_image_run(c: &Case, p: &Pipeline, ids: &[u32]) -> Tensor {
     let pixels = p
         .pixel_values(&[c.image()])
         .expect("pixels")
@@ -302,10 +307,11 @@ fn check_original_layout(model: &str, clip: &str) {
     assert_close("pixel_values", &pixels, &c.tensors["pixel_values"]);
     assert_close(
         "last_logits",
-        &last_logits(&p, &ids, Some(&pixels)),
+        &last_logits(p, ids, Some(&pixels)),
         &c.tensors["last_logits"],
     );
-    assert_eq!(greedy(&p, &ids, Some(&pixels), 20), c.ids("greedy_tokens"));
+    assert_eq!(greedy(p, ids, Some(&pixels), 20), c.ids("greedy_tokens"));
+    pixels
 }
 
 /// A LLaVA v0 release (`mm_use_im_start_end`, `tools/make_v0_fixture.py`): the image sits
@@ -334,15 +340,7 @@ fn original_v0_with_im_start_end_matches_the_original() {
         c.original_ids(&p),
         "<im_start>, image positions, <im_end>"
     );
-
-    let pixels = p
-        .pixel_values(&[c.image()])
-        .expect("pixels")
-        .expect("image");
-    assert_close("pixel_values", &pixels, &c.tensors["pixel_values"]);
-    let logits = last_logits(&p, &ids, Some(&pixels));
-    assert_close("last_logits", &logits, &c.tensors["last_logits"]);
-    assert_eq!(greedy(&p, &ids, Some(&pixels), 20), c.ids("greedy_tokens"));
+    let pixels = check_image_run(&c, &p, &ids);
 
     // Without the two tokens the logits are not the original's: the check above can fail.
     let bare = p
