@@ -14,9 +14,14 @@ fn image() -> PathBuf {
 
 /// A scratch copy of the tiny fixture checkpoint that a test may break.
 fn scratch_model(tmp: &tempfile::TempDir) -> PathBuf {
+    scratch_copy(tmp, &fixture_model())
+}
+
+/// A scratch copy of the checkpoint directory `from`, as `tmp/model`.
+fn scratch_copy(tmp: &tempfile::TempDir, from: &Path) -> PathBuf {
     let dir = tmp.path().join("model");
     std::fs::create_dir_all(&dir).expect("mkdir");
-    for entry in std::fs::read_dir(fixture_model()).expect("fixture") {
+    for entry in std::fs::read_dir(from).expect("fixture") {
         let entry = entry.expect("entry");
         std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy");
     }
@@ -128,14 +133,8 @@ fn truncated_safetensors() {
 #[test]
 fn truncated_pytorch_bin_shard() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let fixture =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/original-layout");
-    let dir = tmp.path().join("model");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    for entry in std::fs::read_dir(fixture.join("model-bin")).expect("fixture") {
-        let entry = entry.expect("entry");
-        std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy");
-    }
+    let fixture = original_layout();
+    let dir = scratch_copy(&tmp, &fixture.join("model-bin"));
     let shard = dir.join("pytorch_model-00002-of-00002.bin");
     let bytes = std::fs::read(&shard).expect("read");
     std::fs::write(&shard, &bytes[..bytes.len() / 2]).expect("write");
@@ -275,21 +274,21 @@ fn v0_fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/original-v0/model")
 }
 
+/// The original-layout fixture, whose CLIP tower the v0 fixture shares.
+fn original_layout() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/original-layout")
+}
+
 fn v0_clip() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/original-layout/clip")
+    original_layout().join("clip")
 }
 
 /// A v0 config (`mm_use_im_start_end`) whose tokenizer lacks `<im_start>`/`<im_end>`.
 #[test]
 fn im_start_end_without_the_tokens() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let dir = tmp.path().join("model");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    for entry in std::fs::read_dir(v0_fixture()).expect("fixture") {
-        let entry = entry.expect("entry");
-        std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy");
-    }
-    let base_tokenizer = v0_clip().join("../model/tokenizer.json");
+    let dir = scratch_copy(&tmp, &v0_fixture());
+    let base_tokenizer = original_layout().join("model/tokenizer.json");
     std::fs::copy(base_tokenizer, dir.join("tokenizer.json")).expect("copy");
     let out = llava(&[
         "generate",
