@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::attention;
 use crate::config::{LlamaConfig, Rope};
+use crate::cuda_kernels;
 use crate::error::{ModelError, Result};
 use crate::nn::{Activation, Linear, Mode, RmsNorm, rope, softmax_last_dim};
 use crate::weights::WeightsView;
@@ -95,7 +96,7 @@ impl Attention {
         let q = (q.contiguous()? * (d as f64).powf(-0.5))?;
         if mode == Mode::Infer && attention::applies(&q, &k, &v) {
             // The kernel applies the causal mask itself; the bias only for padding.
-            let padding = bias.full.as_ref().filter(|_| bias.padded);
+            let padding = bias.full.as_ref().filter(|_| bias.keys.is_some());
             let out = attention::attention(&q, &k, &v, padding, true)?;
             return self
                 .o_proj
@@ -107,11 +108,20 @@ impl Attention {
         let n_rep = nh / nkv;
         let q = q.reshape((b, nkv, n_rep * s, d))?;
         let scores = q.matmul(&k.t()?)?.reshape((b, nh, s, t))?;
-        let scores = match &bias.full {
-            Some(m) => scores.to_dtype(DType::F32)?.broadcast_add(m)?,
-            None => scores,
+        let probs = if mode == Mode::Infer && cuda_kernels::applies(&[&scores]) {
+            // The mask comes from positions inside the kernel.
+            let mask = cuda_kernels::Mask {
+                past: t - s,
+                keys: bias.keys.as_ref(),
+            };
+            cuda_kernels::softmax_last_dim(&scores, Some(mask))?
+        } else {
+            let scores = match &bias.full {
+                Some(m) => scores.to_dtype(DType::F32)?.broadcast_add(m)?,
+                None => scores,
+            };
+            softmax_last_dim(&scores, mode)?.to_dtype(v.dtype())?
         };
-        let probs = softmax_last_dim(&scores, mode)?.to_dtype(v.dtype())?;
         let out = probs
             .reshape((b, nkv, n_rep * s, t))?
             .matmul(&v)?
@@ -198,6 +208,7 @@ impl LlamaModel {
             Linear::load(lm_head, c.hidden_size, c.vocab_size, false)?
         };
         let rope = c.rope().map_err(ModelError::Input)?;
+        cuda_kernels::prepare(embed_tokens.device())?;
         Ok(Self {
             embed_tokens,
             layers,
@@ -281,7 +292,9 @@ impl LlamaModel {
             )?),
             (None, None) => None,
         };
-        let bias = attention_bias(b, s, past, full_mask.as_ref(), self.device())?;
+        // The CUDA softmax masks from positions and needs no bias tensor.
+        let on_gpu = mode == Mode::Infer && self.device().is_cuda();
+        let bias = attention_bias(b, s, past, full_mask.as_ref(), !on_gpu, self.device())?;
         cache.mask = full_mask;
         let (cos, sin) = self.rotary(past, s, embeds.dtype())?;
         let mut x = embeds.clone();
@@ -306,10 +319,11 @@ impl LlamaModel {
 struct AttentionBias {
     /// The additive bias `[batch, 1, seq, past+seq]` in f32: 0 where a query may look, a large
     /// negative number where the key is in its future or is padding. `None` when nothing is
-    /// masked (a single new token without padding).
+    /// masked (a single new token without padding), and on the GPU, whose softmax masks from
+    /// positions.
     full: Option<Tensor>,
-    /// Whether some key is padding, beyond the causal mask.
-    padded: bool,
+    /// The key mask `[batch, past+seq]` (u8, 0 = padding) when some key is padding.
+    keys: Option<Tensor>,
 }
 
 fn attention_bias(
@@ -317,6 +331,7 @@ fn attention_bias(
     s: usize,
     past: usize,
     mask: Option<&Tensor>,
+    with_full: bool,
     dev: &Device,
 ) -> Result<AttentionBias> {
     // Finite, so that a row that masks everything (a padding query) stays NaN-free.
@@ -329,11 +344,9 @@ fn attention_bias(
     let has_padding = pad
         .as_ref()
         .is_some_and(|p| p.iter().flatten().any(|&v| v == 0));
-    if s == 1 && !has_padding {
-        return Ok(AttentionBias {
-            full: None,
-            padded: false,
-        });
+    let keys = mask.filter(|_| has_padding).cloned();
+    if !with_full || (s == 1 && !has_padding) {
+        return Ok(AttentionBias { full: None, keys });
     }
     let mut data = vec![0f32; b * s * t];
     for bi in 0..b {
@@ -349,6 +362,6 @@ fn attention_bias(
     }
     Ok(AttentionBias {
         full: Some(Tensor::from_vec(data, (b, 1, s, t), dev)?),
-        padded: has_padding,
+        keys,
     })
 }

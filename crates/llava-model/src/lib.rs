@@ -5,6 +5,7 @@ pub mod amx;
 pub mod attention;
 pub mod checkpoint;
 pub mod config;
+pub mod cuda_kernels;
 pub mod error;
 pub mod fused;
 pub mod gemm_layout;

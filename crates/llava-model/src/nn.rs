@@ -9,6 +9,7 @@
 use candle_core::{D, DType, Tensor};
 
 use crate::amx;
+use crate::cuda_kernels;
 use crate::error::{ModelError, Result};
 use crate::fused;
 use crate::gemm_layout;
@@ -83,6 +84,10 @@ impl Linear {
             };
             match &self.bias {
                 Some(b) if fused::applies(&[&y, b]) => fused::add_bias(&y, b)?,
+                // Neither carries a gradient: a trainable layer takes broadcast_add.
+                Some(b) if cuda_kernels::applies(&[&y, b]) && !b.is_variable() && !y.track_op() => {
+                    cuda_kernels::add_bias(&y, b)?
+                }
                 Some(b) => y.broadcast_add(b)?,
                 None => y,
             }
@@ -175,6 +180,10 @@ impl LayerNorm {
 
 /// Softmax over the last dim, computed in f32 as transformers' attention does.
 pub fn softmax_last_dim(x: &Tensor, mode: Mode) -> Result<Tensor> {
+    if mode == Mode::Infer && cuda_kernels::applies(&[x]) {
+        // f32 sums inside, in and out in x's dtype: no widened copy.
+        return cuda_kernels::softmax_last_dim(x, None);
+    }
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
     // Ours on the CPU in both modes: its exp vectorises, where candle's calls libm per value.

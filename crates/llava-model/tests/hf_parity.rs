@@ -21,6 +21,16 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models")
 }
 
+/// The CPU, or with `LLAVA_TEST_CUDA=N` (a `--features cuda` build) GPU `N`: the same checks
+/// then hold the CUDA kernels to transformers (`tools/cuda_check.sh`).
+fn device() -> Device {
+    match std::env::var("LLAVA_TEST_CUDA") {
+        Ok(n) => Device::new_cuda(n.parse().expect("LLAVA_TEST_CUDA is a GPU ordinal"))
+            .expect("the CUDA device opens"),
+        Err(_) => Device::Cpu,
+    }
+}
+
 struct Case {
     dir: PathBuf,
     expected: Value,
@@ -31,7 +41,7 @@ fn case(name: &str) -> Case {
     let dir = fixtures().join(name);
     let text = std::fs::read_to_string(dir.join("expected.json")).expect("expected.json");
     let expected: Value = serde_json::from_str(&text).expect("valid json");
-    let tensors = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)
+    let tensors = candle_core::safetensors::load(dir.join("expected.safetensors"), &device())
         .expect("tensors");
     Case {
         dir,
@@ -58,6 +68,7 @@ impl Case {
     }
     fn pipeline(&self) -> Pipeline {
         let mut opts = PipelineOptions::new(self.dir.join("model").to_string_lossy());
+        opts.device = device();
         opts.image_aspect_ratio = Some(self.aspect());
         // The original layout names a hub CLIP (`mm_vision_tower`); the fixture ships it beside.
         if self.dir.join("clip").is_dir() {
@@ -226,7 +237,7 @@ fn padded_batch_matches_transformers() {
         .pixel_values(&[c.image(), c.image()])
         .expect("pixels")
         .expect("images");
-    let mask = Tensor::new(mask, &Device::Cpu).expect("mask tensor");
+    let mask = Tensor::new(mask, &device()).expect("mask tensor");
     let mut cache = KvCache::new();
     let hidden = p
         .model
@@ -281,6 +292,7 @@ fn original_layout_from_pytorch_bin_files_matches_transformers() {
 fn check_original_layout(model: &str, clip: &str) {
     let c = case("original-layout");
     let mut opts = PipelineOptions::new(c.dir.join(model).to_string_lossy());
+    opts.device = device();
     opts.image_aspect_ratio = Some(c.aspect());
     opts.vision_tower = Some(c.dir.join(clip));
     let p = Pipeline::load(&opts).expect("pipeline loads");
@@ -321,6 +333,7 @@ fn check_image_run(c: &Case, p: &Pipeline, ids: &[u32]) -> Tensor {
 fn original_v0_with_im_start_end_matches_the_original() {
     let c = case("original-v0");
     let mut opts = PipelineOptions::new(c.dir.join("model").to_string_lossy());
+    opts.device = device();
     opts.vision_tower = Some(c.dir.join(c.str("clip_dir")));
     opts.template = Some(c.str("conv_template").into());
     let p = Pipeline::load(&opts).expect("pipeline loads");
