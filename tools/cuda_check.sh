@@ -17,6 +17,12 @@
 #   CUDA_ROOT=/tmp/cuda13 CUDA_PATH=/tmp/cuda13 CUDA_HOME=/tmp/cuda13 PATH=/tmp/cuda13/bin:$PATH \
 #   CUDA_COMPUTE_CAP=90 LIBRARY_PATH=/tmp/cuda13/lib-static CARGO_TARGET_DIR=target-cuda \
 #   cargo build --release -p llava-cli --features cuda
+#
+# The Rust tests hold the GPU to the same oracles (built with the same variables; run from
+# crates/llava-model on the GPU machine): the CUDA kernels against candle's ops, and hf_parity
+# (logits, padded batch, greedy tokens against transformers) on device 0:
+#   cargo test --release -p llava-model --features cuda --lib --test hf_parity --no-run
+#   .../deps/llava_model-* cuda_kernels;  LLAVA_TEST_CUDA=0 .../deps/hf_parity-*
 set -u
 BIN=${LLAVA_BIN:-target-cuda/release/llava}
 DEV=${CUDA_DEVICE:-0}
