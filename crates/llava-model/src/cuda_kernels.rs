@@ -357,25 +357,19 @@ mod tests {
             .unwrap()
     }
 
+    fn values(x: &Tensor) -> Vec<f32> {
+        let x = x.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+        x.to_vec1().unwrap()
+    }
+
     /// Largest difference and number of differing values.
     fn compare(a: &Tensor, b: &Tensor) -> (f32, usize) {
-        let a: Vec<f32> = a
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let b: Vec<f32> = b
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        a.iter().zip(&b).fold((0f32, 0), |(m, n), (x, y)| {
-            ((x - y).abs().max(m), n + usize::from(x != y))
-        })
+        values(a)
+            .iter()
+            .zip(&values(b))
+            .fold((0f32, 0), |(m, n), (x, y)| {
+                ((x - y).abs().max(m), n + usize::from(x != y))
+            })
     }
 
     #[test]
@@ -383,9 +377,7 @@ mod tests {
         let dev = Device::new_cuda(0).expect("a GPU");
         let (b, h, s, past) = (2, 3, 37, 16);
         let t = past + s;
-        let scores = (Tensor::randn(0f32, 3.0, (b, h, s, t), &dev).unwrap())
-            .contiguous()
-            .unwrap();
+        let scores = Tensor::randn(0f32, 3.0, (b, h, s, t), &dev).unwrap();
         // Batch 1 has its first five keys padded.
         let keep: Vec<u8> = (0..b * t).map(|i| u8::from(i < t || i % t >= 5)).collect();
         let keys = Tensor::from_vec(keep.clone(), (b, t), &dev).unwrap();

@@ -84,8 +84,8 @@ impl Linear {
             };
             match &self.bias {
                 Some(b) if fused::applies(&[&y, b]) => fused::add_bias(&y, b)?,
-                // Neither carries a gradient: a trainable layer takes broadcast_add.
-                Some(b) if cuda_kernels::applies(&[&y, b]) && !b.is_variable() && !y.track_op() => {
+                // The kernel has no backward: where a gradient flows, broadcast_add.
+                Some(b) if cuda_kernels::applies(&[&y, b]) && !b.track_op() && !y.track_op() => {
                     cuda_kernels::add_bias(&y, b)?
                 }
                 Some(b) => y.broadcast_add(b)?,
