@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use llava_data::conversation::ConvTemplate;
 use llava_data::record::{LlavaRecord, Turn};
 use llava_data::sample::{IGNORE_INDEX, SampleOptions, record_messages, tokenize_record};
-use llava_data::tokenizer::{ImageTokens, Tokenizer};
+use llava_data::tokenizer::{IM_END, IM_START, ImageTokens, Tokenizer};
 
 fn fixture(case: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -144,8 +144,8 @@ fn image_positions_sit_between_im_start_and_im_end() {
         }
     ));
     check(&tokenizer, image_tokens);
-    let start = tokenizer.token_to_id("<im_start>").expect("<im_start>");
-    let end = tokenizer.token_to_id("<im_end>").expect("<im_end>");
+    let start = tokenizer.token_to_id(IM_START).expect("<im_start>");
+    let end = tokenizer.token_to_id(IM_END).expect("<im_end>");
     for name in ConvTemplate::NAMES {
         let opts = SampleOptions {
             template: ConvTemplate::from_name(name).expect("template"),

@@ -165,7 +165,7 @@ mod imp {
             None => None,
         };
         let op = Softmax {
-            mask: mask.map(|m| m.past),
+            past: mask.map(|m| m.past),
             keys: keys.as_ref(),
             heads,
         };
@@ -174,7 +174,7 @@ mod imp {
 
     struct Softmax<'a> {
         /// `Some(past)` for the decoder's causal mask.
-        mask: Option<usize>,
+        past: Option<usize>,
         keys: Option<&'a Tensor>,
         heads: usize,
     }
@@ -214,7 +214,7 @@ mod imp {
             let dims = layout.dims();
             let t = dims.last().copied().unwrap_or(1).max(1);
             let rows = layout.shape().elem_count() / t;
-            let s = match self.mask {
+            let s = match self.past {
                 Some(_) if dims.len() == 4 => dims[2],
                 _ => 1,
             };
@@ -252,8 +252,8 @@ mod imp {
                 t as i32,
                 s as i32,
                 self.heads as i32,
-                self.mask.unwrap_or(0) as i32,
-                self.mask.is_some() as i32
+                self.past.unwrap_or(0) as i32,
+                self.past.is_some() as i32
             );
             // SAFETY: the arguments match the kernel's signature; x and y hold rows * t values.
             unsafe { b.launch(cfg) }.w()?;

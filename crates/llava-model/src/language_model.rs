@@ -108,8 +108,7 @@ impl Attention {
         let n_rep = nh / nkv;
         let q = q.reshape((b, nkv, n_rep * s, d))?;
         let scores = q.matmul(&k.t()?)?.reshape((b, nh, s, t))?;
-        let probs = if mode == Mode::Infer && cuda_kernels::applies(&[&scores]) {
-            // The mask comes from positions inside the kernel.
+        let probs = if bias.by_position {
             let mask = cuda_kernels::Mask {
                 past: t - s,
                 keys: bias.keys.as_ref(),
@@ -292,9 +291,10 @@ impl LlamaModel {
             )?),
             (None, None) => None,
         };
-        // The CUDA softmax masks from positions and needs no bias tensor.
-        let on_gpu = mode == Mode::Infer && self.device().is_cuda();
-        let bias = attention_bias(b, s, past, full_mask.as_ref(), !on_gpu, self.device())?;
+        // The CUDA softmax masks from positions and needs no bias tensor. The scores have the
+        // activations' device and dtype, so this is the test the softmax itself would make.
+        let by_position = mode == Mode::Infer && cuda_kernels::applies(&[embeds]);
+        let bias = attention_bias(b, s, past, full_mask.as_ref(), by_position, self.device())?;
         cache.mask = full_mask;
         let (cos, sin) = self.rotary(past, s, embeds.dtype())?;
         let mut x = embeds.clone();
@@ -324,6 +324,8 @@ struct AttentionBias {
     full: Option<Tensor>,
     /// The key mask `[batch, past+seq]` (u8, 0 = padding) when some key is padding.
     keys: Option<Tensor>,
+    /// The CUDA softmax ([`cuda_kernels::softmax_last_dim`]) masks: `full` is never built.
+    by_position: bool,
 }
 
 fn attention_bias(
@@ -331,7 +333,7 @@ fn attention_bias(
     s: usize,
     past: usize,
     mask: Option<&Tensor>,
-    with_full: bool,
+    by_position: bool,
     dev: &Device,
 ) -> Result<AttentionBias> {
     // Finite, so that a row that masks everything (a padding query) stays NaN-free.
@@ -345,8 +347,12 @@ fn attention_bias(
         .as_ref()
         .is_some_and(|p| p.iter().flatten().any(|&v| v == 0));
     let keys = mask.filter(|_| has_padding).cloned();
-    if !with_full || (s == 1 && !has_padding) {
-        return Ok(AttentionBias { full: None, keys });
+    if by_position || (s == 1 && !has_padding) {
+        return Ok(AttentionBias {
+            full: None,
+            keys,
+            by_position,
+        });
     }
     let mut data = vec![0f32; b * s * t];
     for bi in 0..b {
@@ -363,5 +369,6 @@ fn attention_bias(
     Ok(AttentionBias {
         full: Some(Tensor::from_vec(data, (b, 1, s, t), dev)?),
         keys,
+        by_position,
     })
 }

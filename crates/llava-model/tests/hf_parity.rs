@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use llava_data::conversation::Message;
 use llava_data::image::ImageAspectRatio;
@@ -23,12 +24,23 @@ fn fixtures() -> PathBuf {
 
 /// The CPU, or with `LLAVA_TEST_CUDA=N` (a `--features cuda` build) GPU `N`: the same checks
 /// then hold the CUDA kernels to transformers (`tools/cuda_check.sh`).
+/// Opened once, so that every test and fixture tensor shares one CUDA context.
 fn device() -> Device {
-    match std::env::var("LLAVA_TEST_CUDA") {
-        Ok(n) => Device::new_cuda(n.parse().expect("LLAVA_TEST_CUDA is a GPU ordinal"))
-            .expect("the CUDA device opens"),
-        Err(_) => Device::Cpu,
-    }
+    static DEVICE: OnceLock<Device> = OnceLock::new();
+    DEVICE
+        .get_or_init(|| match std::env::var("LLAVA_TEST_CUDA") {
+            Ok(n) => Device::new_cuda(n.parse().expect("LLAVA_TEST_CUDA is a GPU ordinal"))
+                .expect("the CUDA device opens"),
+            Err(_) => Device::Cpu,
+        })
+        .clone()
+}
+
+/// Options for the checkpoint at `model`, on the test device.
+fn options(model: &Path) -> PipelineOptions {
+    let mut opts = PipelineOptions::new(model.to_string_lossy());
+    opts.device = device();
+    opts
 }
 
 struct Case {
@@ -67,8 +79,7 @@ impl Case {
         fixtures().join("images").join(self.str("image"))
     }
     fn pipeline(&self) -> Pipeline {
-        let mut opts = PipelineOptions::new(self.dir.join("model").to_string_lossy());
-        opts.device = device();
+        let mut opts = options(&self.dir.join("model"));
         opts.image_aspect_ratio = Some(self.aspect());
         // The original layout names a hub CLIP (`mm_vision_tower`); the fixture ships it beside.
         if self.dir.join("clip").is_dir() {
@@ -291,8 +302,7 @@ fn original_layout_from_pytorch_bin_files_matches_transformers() {
 
 fn check_original_layout(model: &str, clip: &str) {
     let c = case("original-layout");
-    let mut opts = PipelineOptions::new(c.dir.join(model).to_string_lossy());
-    opts.device = device();
+    let mut opts = options(&c.dir.join(model));
     opts.image_aspect_ratio = Some(c.aspect());
     opts.vision_tower = Some(c.dir.join(clip));
     let p = Pipeline::load(&opts).expect("pipeline loads");
@@ -332,8 +342,7 @@ fn check_image_run(c: &Case, p: &Pipeline, ids: &[u32]) -> Tensor {
 #[test]
 fn original_v0_with_im_start_end_matches_the_original() {
     let c = case("original-v0");
-    let mut opts = PipelineOptions::new(c.dir.join("model").to_string_lossy());
-    opts.device = device();
+    let mut opts = options(&c.dir.join("model"));
     opts.vision_tower = Some(c.dir.join(c.str("clip_dir")));
     opts.template = Some(c.str("conv_template").into());
     let p = Pipeline::load(&opts).expect("pipeline loads");
