@@ -3,14 +3,18 @@
 //! Each question goes through exactly the calls `llava generate` makes (one user message with
 //! the image, [`Pipeline::render`], [`Pipeline::encode`], [`Pipeline::pixel_values`],
 //! [`Pipeline::generate`]), so an answer here is the text `llava generate` prints for the same
-//! question and settings. Runs resume: ids already in the answers file are skipped, and each
-//! answer is one flushed line.
+//! question and settings. One difference in how: the questions share a [`PromptCache`], so
+//! the next question about the same image runs neither the vision tower nor the prompt's shared
+//! beginning again (LLaVA-Bench asks two to five questions per image). On the CPU this changes
+//! no bit of the logits ([`llava_model::prompt_cache`]). Runs resume: ids already in the
+//! answers file are skipped, and each answer is one flushed line.
 
 use std::path::{Path, PathBuf};
 
 use llava_data::conversation::Message;
 use llava_model::generation::SamplingParams;
-use llava_model::pipeline::Pipeline;
+use llava_model::pipeline::{Generation, Pipeline};
+use llava_model::prompt_cache::PromptCache;
 
 use crate::append::{AppendSink, read_appendable};
 use crate::error::EvalError;
@@ -42,6 +46,8 @@ pub struct AnswerReport {
     pub missing_image: usize,
     /// Skipped: the image could not be read or the model refused the input (logged).
     pub failed: usize,
+    /// Prompt tokens (image included) shared with the question before, and so not run again.
+    pub reused_tokens: usize,
 }
 
 impl AnswerReport {
@@ -59,6 +65,12 @@ impl AnswerReport {
         if self.failed > 0 {
             s.push_str(&format!("; {} failed (see the log)", self.failed));
         }
+        if self.reused_tokens > 0 {
+            s.push_str(&format!(
+                "; {} prompt tokens shared with the question before were not run again",
+                self.reused_tokens
+            ));
+        }
         s
     }
 }
@@ -75,20 +87,22 @@ pub fn question_input(q: &Question, image_folder: &Path) -> (String, Vec<PathBuf
     (text, images)
 }
 
-/// Answers one question the way `llava generate` does; returns the rendered prompt and
-/// the generated text.
+/// Answers one question the way `llava generate` does, going on from what `cache` holds of
+/// the prompt; returns the rendered prompt and the generation.
 pub fn answer_one(
     pipeline: &Pipeline,
+    cache: &mut PromptCache,
     text: &str,
     images: &[PathBuf],
     sampling: &SamplingParams,
     max_new_tokens: usize,
     stop: &[String],
-) -> Result<(String, String), llava_model::ModelError> {
+) -> Result<(String, Generation), llava_model::ModelError> {
     let prompt = pipeline.render(&[Message::user(text, images.len())])?;
     let input_ids = pipeline.encode(&prompt)?;
     let pixel_values = pipeline.pixel_values(images)?;
-    let out = pipeline.generate(
+    let out = pipeline.generate_with_cache(
+        cache,
         &input_ids,
         pixel_values.as_ref(),
         sampling,
@@ -96,7 +110,7 @@ pub fn answer_one(
         stop,
         |_| {},
     )?;
-    Ok((prompt, out.text))
+    Ok((prompt, out))
 }
 
 /// Answers every question not yet in `cfg.out`. `progress(done, total)` is called after each
@@ -141,6 +155,7 @@ pub fn answer_question_list(
     }
     let mut sink = AppendSink::open(&cfg.out, &existing)?;
     let total = todo.len();
+    let mut cache = PromptCache::new();
     for (i, q) in todo.into_iter().enumerate() {
         let (text, images) = question_input(q, &cfg.image_folder);
         if let Some(missing) = images.iter().find(|p| !p.is_file()) {
@@ -151,6 +166,7 @@ pub fn answer_question_list(
         }
         match answer_one(
             pipeline,
+            &mut cache,
             &text,
             &images,
             &cfg.sampling,
@@ -158,11 +174,12 @@ pub fn answer_question_list(
             &cfg.stop,
         ) {
             Ok((_prompt, answer)) => {
+                report.reused_tokens += answer.stats.cached_tokens;
                 let line = Answer {
                     question_id: q.question_id.clone(),
                     // The question as asked, as the original answer files store it.
                     prompt: text,
-                    text: answer,
+                    text: answer.text,
                     answer_id: Some(format!("{}:{}", cfg.model_id, q.question_id)),
                     model_id: Some(cfg.model_id.clone()),
                     metadata: serde_json::json!({

@@ -10,6 +10,10 @@ use llava_eval::answer::{AnswerConfig, answer_one, answer_questions};
 use llava_eval::jsonl::read_answers;
 use llava_model::generation::SamplingParams;
 use llava_model::pipeline::{Pipeline, PipelineOptions};
+use llava_model::prompt_cache::PromptCache;
+
+/// A second question about the fixture's image.
+const FOLLOW_UP: &str = "How many animals are there?";
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models")
@@ -62,6 +66,8 @@ fn answers_match_generate_and_resume() {
         serde_json::json!({"question_id": 2, "image": "missing.png", "text": question, "category": "conv"}),
         serde_json::json!({"question_id": 3, "image": "", "text": "Write a short sentence about a red ball.", "category": "detail"}),
         serde_json::json!({"question_id": 4, "image": image, "text": format!("<image>\n{question}"), "category": "conv"}),
+        // The same image again: its prompt's beginning, image included, comes from the cache.
+        serde_json::json!({"question_id": 5, "image": image, "text": FOLLOW_UP, "category": "conv"}),
     ];
     std::fs::write(
         &qpath,
@@ -80,14 +86,16 @@ fn answers_match_generate_and_resume() {
     };
     let mut calls = Vec::new();
     let report = answer_questions(&p, &cfg, |d, t| calls.push((d, t))).unwrap();
-    assert_eq!(report.questions, 4);
-    assert_eq!(report.answered, 3);
+    assert_eq!(report.questions, 5);
+    assert_eq!(report.answered, 4);
     assert_eq!(report.missing_image, 1);
     assert_eq!(report.failed, 0);
-    assert_eq!(calls.last(), Some(&(4, 4)));
+    assert_eq!(calls.last(), Some(&(5, 5)));
+    // Question 5 reused at least question 4's image span (25 tokens) and the text before it.
+    assert!(report.reused_tokens > 25, "{report:?}");
 
     let answers = read_answers(&cfg.out).unwrap();
-    assert_eq!(answers.len(), 3);
+    assert_eq!(answers.len(), 4);
     let a1 = &answers[&QuestionId::Int(1)];
     assert_eq!(a1.text, direct.text);
     assert_eq!(a1.prompt, question);
@@ -95,21 +103,35 @@ fn answers_match_generate_and_resume() {
     // A literal <image> in the question gives the same answer as none.
     assert_eq!(answers[&QuestionId::Int(4)].text, direct.text);
     // Text-only: same as the generate calls without an image.
-    let (_, text_only) = answer_one(
-        &p,
-        "Write a short sentence about a red ball.",
-        &[],
-        &greedy(),
-        20,
-        &[],
-    )
-    .unwrap();
-    assert_eq!(answers[&QuestionId::Int(3)].text, text_only);
+    let fresh = |text: &str, images: &[PathBuf]| {
+        let (_, out) = answer_one(
+            &p,
+            &mut PromptCache::new(),
+            text,
+            images,
+            &greedy(),
+            20,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(out.stats.cached_tokens, 0);
+        out.text
+    };
+    assert_eq!(
+        answers[&QuestionId::Int(3)].text,
+        fresh("Write a short sentence about a red ball.", &[])
+    );
+    // The cached answer is the one a fresh run gives.
+    let image_path = fixtures().join("images").join(image);
+    assert_eq!(
+        answers[&QuestionId::Int(5)].text,
+        fresh(FOLLOW_UP, &[image_path])
+    );
 
     // Resume: nothing new is answered; the missing image is tried again and still skipped.
     let again = answer_questions(&p, &cfg, |_, _| {}).unwrap();
-    assert_eq!(again.already_done, 3);
+    assert_eq!(again.already_done, 4);
     assert_eq!(again.answered, 0);
     assert_eq!(again.missing_image, 1);
-    assert_eq!(read_answers(&cfg.out).unwrap().len(), 3);
+    assert_eq!(read_answers(&cfg.out).unwrap().len(), 4);
 }

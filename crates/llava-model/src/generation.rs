@@ -8,9 +8,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::error::{ModelError, Result};
-use crate::language_model::KvCache;
 use crate::llava::Llava;
 use crate::nn::Mode;
+use crate::prompt_cache::PromptCache;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -113,6 +113,9 @@ pub fn argmax(v: &[f32]) -> u32 {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GenerationStats {
     pub prompt_tokens: usize,
+    /// Leading prompt tokens whose keys and values were kept from an earlier turn, and so
+    /// were not prefilled again.
+    pub cached_tokens: usize,
     pub vision_ms: f64,
     pub prefill_ms: f64,
     pub decode_ms: f64,
@@ -141,18 +144,97 @@ pub fn generate(
     sampler: &mut Sampler,
     max_new_tokens: usize,
     eos: &[u32],
+    on_token: impl FnMut(u32) -> ControlFlow<()>,
+) -> Result<(Vec<u32>, GenerationStats)> {
+    let mut cache = PromptCache::new();
+    generate_with_cache(
+        model,
+        &mut cache,
+        input_ids,
+        pixel_values,
+        sampler,
+        max_new_tokens,
+        eos,
+        on_token,
+    )
+}
+
+/// As [`generate`], going on from whatever beginning of the prompt `cache` holds (a
+/// conversation's earlier turns): only the rest is prefilled, and only the images not in the
+/// cached part go through the vision tower. Afterwards the cache holds this prompt and reply.
+/// On an error it is emptied, since a forward pass may have stopped half-way through it.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_with_cache(
+    model: &Llava,
+    cache: &mut PromptCache,
+    input_ids: &[u32],
+    pixel_values: Option<&Tensor>,
+    sampler: &mut Sampler,
+    max_new_tokens: usize,
+    eos: &[u32],
+    on_token: impl FnMut(u32) -> ControlFlow<()>,
+) -> Result<(Vec<u32>, GenerationStats)> {
+    if input_ids.is_empty() {
+        return Err(ModelError::Input("the prompt has no tokens".into()));
+    }
+    if max_new_tokens == 0 {
+        let stats = GenerationStats {
+            prompt_tokens: input_ids.len(),
+            ..Default::default()
+        };
+        return Ok((Vec::new(), stats));
+    }
+    let result = run(
+        model,
+        cache,
+        input_ids,
+        pixel_values,
+        sampler,
+        max_new_tokens,
+        eos,
+        on_token,
+    );
+    if result.is_err() {
+        cache.clear();
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    model: &Llava,
+    cache: &mut PromptCache,
+    input_ids: &[u32],
+    pixel_values: Option<&Tensor>,
+    sampler: &mut Sampler,
+    max_new_tokens: usize,
+    eos: &[u32],
     mut on_token: impl FnMut(u32) -> ControlFlow<()>,
 ) -> Result<(Vec<u32>, GenerationStats)> {
+    // The new tokens are always more than the decoding GEMV takes, so that they go through the
+    // same products as in a prefill of the whole prompt: on the CPU the logits are then bit for
+    // bit those of a fresh run (tests/prompt_cache.rs).
+    let reuse = cache.reuse(
+        input_ids,
+        pixel_values,
+        (model.config.image_token_index, model.config.image_seq_len()),
+        crate::gemv::MAX_ROWS + 1,
+    )?;
     let mut stats = GenerationStats {
         prompt_tokens: input_ids.len(),
+        cached_tokens: reuse.tokens,
         ..Default::default()
     };
     let mut tokens = Vec::new();
-    if max_new_tokens == 0 {
-        return Ok((tokens, stats));
-    }
     let clock = std::time::Instant::now();
-    let features = match pixel_values {
+    // Only the images after the cached part.
+    let new_pixels = match pixel_values {
+        Some(p) if p.dim(0)? > reuse.images => {
+            Some(p.narrow(0, reuse.images, p.dim(0)? - reuse.images)?)
+        }
+        _ => None,
+    };
+    let features = match &new_pixels {
         Some(p) => Some(model.get_image_features(p, Mode::Infer)?),
         None => None,
     };
@@ -163,13 +245,12 @@ pub fn generate(
     stats.vision_ms = clock.elapsed().as_secs_f64() * 1000.0;
 
     let clock = std::time::Instant::now();
-    let mut cache = KvCache::new();
-    let ids = [input_ids.to_vec()];
-    let embeds = model.embed(&ids, features.as_ref())?;
+    let new_ids = [input_ids[reuse.tokens..].to_vec()];
+    let embeds = model.embed(&new_ids, features.as_ref())?;
     let hidden = model
         .language_model
-        .forward(&embeds, None, &mut cache, Mode::Infer)?;
-    let last = hidden.narrow(1, input_ids.len() - 1, 1)?;
+        .forward(&embeds, None, &mut cache.kv, Mode::Infer)?;
+    let last = hidden.narrow(1, new_ids[0].len() - 1, 1)?;
     let mut logits = model.language_model.logits(&last)?.flatten_all()?;
     logits.device().synchronize()?;
     stats.prefill_ms = clock.elapsed().as_secs_f64() * 1000.0;
@@ -185,11 +266,13 @@ pub fn generate(
         let embeds = model.language_model.embed(&[vec![next]])?;
         let hidden = model
             .language_model
-            .forward(&embeds, None, &mut cache, Mode::Infer)?;
+            .forward(&embeds, None, &mut cache.kv, Mode::Infer)?;
         logits = model.language_model.logits(&hidden)?.flatten_all()?;
     }
     stats.decode_ms = clock.elapsed().as_secs_f64() * 1000.0;
     stats.generated = tokens.len();
+    // Every token but the last went through the model.
+    cache.record(input_ids, pixel_values, &tokens[..tokens.len() - 1])?;
     Ok((tokens, stats))
 }
 

@@ -30,6 +30,26 @@ impl KvCache {
             .map(|(k, _)| k.dim(2).unwrap_or(0))
             .unwrap_or(0)
     }
+
+    /// Forgets every position from `len` on, so that a prompt which shares only the first `len`
+    /// tokens with what is cached can go on from there.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len >= self.seq_len() {
+            return Ok(());
+        }
+        if len == 0 {
+            *self = Self::default();
+            return Ok(());
+        }
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.narrow(2, 0, len)?;
+            *v = v.narrow(2, 0, len)?;
+        }
+        if let Some(m) = &mut self.mask {
+            *m = m.narrow(1, 0, len)?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -18,6 +18,7 @@ pub mod loss;
 pub mod nn;
 pub mod pipeline;
 pub mod projector;
+pub mod prompt_cache;
 pub mod pytorch_file;
 pub mod safetensors_file;
 pub mod save;

@@ -13,8 +13,9 @@ use llava_data::tokenizer::{ImageTokens, StreamDecoder, Tokenizer};
 
 use crate::checkpoint::{Checkpoint, Layout};
 use crate::error::{ModelError, Result};
-use crate::generation::{GenerationStats, Sampler, SamplingParams, generate};
+use crate::generation::{GenerationStats, Sampler, SamplingParams, generate_with_cache};
 use crate::llava::Llava;
+use crate::prompt_cache::PromptCache;
 
 #[derive(Debug, Clone)]
 pub struct PipelineOptions {
@@ -132,6 +133,31 @@ impl Pipeline {
         params: &SamplingParams,
         max_new_tokens: usize,
         extra_stop: &[String],
+        on_text: impl FnMut(&str),
+    ) -> Result<Generation> {
+        self.generate_with_cache(
+            &mut PromptCache::new(),
+            input_ids,
+            pixel_values,
+            params,
+            max_new_tokens,
+            extra_stop,
+            on_text,
+        )
+    }
+
+    /// As [`Pipeline::generate`], going on from what `cache` holds of the prompt: a chat keeps
+    /// one cache for the conversation, so that each turn prefills only its new tokens
+    /// ([`crate::prompt_cache`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn generate_with_cache(
+        &self,
+        cache: &mut PromptCache,
+        input_ids: &[u32],
+        pixel_values: Option<&Tensor>,
+        params: &SamplingParams,
+        max_new_tokens: usize,
+        extra_stop: &[String],
         mut on_text: impl FnMut(&str),
     ) -> Result<Generation> {
         let n_images = pixel_values.map(|p| p.dim(0)).transpose()?.unwrap_or(0);
@@ -166,8 +192,9 @@ impl Pipeline {
         let mut emitted = 0;
         let mut stopped = false;
         let mut decode_error = None;
-        let (token_ids, stats) = generate(
+        let (token_ids, stats) = generate_with_cache(
             &self.model,
+            cache,
             input_ids,
             pixel_values,
             &mut sampler,

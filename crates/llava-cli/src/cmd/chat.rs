@@ -1,11 +1,16 @@
 //! `llava chat`: multi-turn chat on stdin/stdout. `/image PATH` switches the image (and starts a
 //! new conversation about it), `/reset` forgets the conversation, `/exit` or EOF quits.
+//!
+//! Each turn renders the whole conversation, as the checkpoint's template wants it, and one
+//! [`PromptCache`] keeps the conversation's keys and values: a follow-up question prefills only
+//! its own tokens, and the image goes through the vision tower once.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
 use anyhow::Result;
 use llava_data::conversation::Message;
+use llava_model::prompt_cache::PromptCache;
 
 use super::model_args::{ModelArgs, SamplingArgs};
 
@@ -21,6 +26,9 @@ pub struct ChatCommand {
     pub system: Option<String>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    /// After each reply, print its timings and how much of the prompt was reused to stderr.
+    #[arg(long)]
+    pub timings: bool,
 }
 
 pub fn run(c: ChatCommand) -> Result<()> {
@@ -34,6 +42,7 @@ pub fn run(c: ChatCommand) -> Result<()> {
         None => None,
     };
     let mut history: Vec<Message> = c.system.iter().map(Message::system).collect();
+    let mut cache = PromptCache::new();
     let stdin = std::io::stdin();
     let mut stdout = std::io::stdout();
     let interactive = std::io::IsTerminal::is_terminal(&stdin);
@@ -58,6 +67,7 @@ pub fn run(c: ChatCommand) -> Result<()> {
         }
         if input == "/reset" {
             history.retain(|m| m.role == llava_data::conversation::Role::System);
+            cache.clear();
             continue;
         }
         if let Some(path) = input.strip_prefix("/image") {
@@ -68,6 +78,7 @@ pub fn run(c: ChatCommand) -> Result<()> {
                     pixels = p;
                     image = Some(path);
                     history.retain(|m| m.role == llava_data::conversation::Role::System);
+                    cache.clear();
                     eprintln!(
                         "(image: {})",
                         image
@@ -96,7 +107,8 @@ pub fn run(c: ChatCommand) -> Result<()> {
         if interactive {
             eprint!("ASSISTANT: ");
         }
-        let result = pipeline.generate(
+        let result = pipeline.generate_with_cache(
+            &mut cache,
             &ids,
             turn_pixels,
             &c.sampling.params(),
@@ -109,7 +121,21 @@ pub fn run(c: ChatCommand) -> Result<()> {
         );
         println!();
         match result {
-            Ok(out) => history.push(Message::assistant(out.text.trim())),
+            Ok(out) => {
+                if c.timings {
+                    let s = &out.stats;
+                    eprintln!(
+                        "({} prompt tokens, {} reused; vision {:.0} ms, prefill {:.0} ms, {} tokens at {:.2} tok/s)",
+                        s.prompt_tokens,
+                        s.cached_tokens,
+                        s.vision_ms,
+                        s.prefill_ms,
+                        s.generated,
+                        s.decode_tok_s()
+                    );
+                }
+                history.push(Message::assistant(out.text.trim()))
+            }
             Err(e) => {
                 // e.g. the context is full: say so and let the user /reset.
                 eprintln!("error: {e}");
