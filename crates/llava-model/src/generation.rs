@@ -172,108 +172,86 @@ pub fn generate_with_cache(
     sampler: &mut Sampler,
     max_new_tokens: usize,
     eos: &[u32],
-    on_token: impl FnMut(u32) -> ControlFlow<()>,
+    mut on_token: impl FnMut(u32) -> ControlFlow<()>,
 ) -> Result<(Vec<u32>, GenerationStats)> {
     if input_ids.is_empty() {
         return Err(ModelError::Input("the prompt has no tokens".into()));
     }
-    if max_new_tokens == 0 {
-        let stats = GenerationStats {
-            prompt_tokens: input_ids.len(),
-            ..Default::default()
-        };
-        return Ok((Vec::new(), stats));
-    }
-    let result = run(
-        model,
-        cache,
-        input_ids,
-        pixel_values,
-        sampler,
-        max_new_tokens,
-        eos,
-        on_token,
-    );
-    if result.is_err() {
-        cache.clear();
-    }
-    result
-}
-
-#[allow(clippy::too_many_arguments)]
-fn run(
-    model: &Llava,
-    cache: &mut PromptCache,
-    input_ids: &[u32],
-    pixel_values: Option<&Tensor>,
-    sampler: &mut Sampler,
-    max_new_tokens: usize,
-    eos: &[u32],
-    mut on_token: impl FnMut(u32) -> ControlFlow<()>,
-) -> Result<(Vec<u32>, GenerationStats)> {
-    // The new tokens are always more than the decoding GEMV takes, so that they go through the
-    // same products as in a prefill of the whole prompt: on the CPU the logits are then bit for
-    // bit those of a fresh run (tests/prompt_cache.rs).
-    let reuse = cache.reuse(
-        input_ids,
-        pixel_values,
-        (model.config.image_token_index, model.config.image_seq_len()),
-        crate::gemv::MAX_ROWS + 1,
-    )?;
     let mut stats = GenerationStats {
         prompt_tokens: input_ids.len(),
-        cached_tokens: reuse.tokens,
         ..Default::default()
     };
-    let mut tokens = Vec::new();
-    let clock = std::time::Instant::now();
-    // Only the images after the cached part.
-    let new_pixels = match pixel_values {
-        Some(p) if p.dim(0)? > reuse.images => {
-            Some(p.narrow(0, reuse.images, p.dim(0)? - reuse.images)?)
-        }
-        _ => None,
-    };
-    let features = match &new_pixels {
-        Some(p) => Some(model.get_image_features(p, Mode::Infer)?),
-        None => None,
-    };
-    // A GPU queues work and returns: wait for it, or the time lands in the next phase.
-    if let Some(f) = &features {
-        f.device().synchronize()?;
+    if max_new_tokens == 0 {
+        return Ok((Vec::new(), stats));
     }
-    stats.vision_ms = clock.elapsed().as_secs_f64() * 1000.0;
-
-    let clock = std::time::Instant::now();
-    let new_ids = [input_ids[reuse.tokens..].to_vec()];
-    let embeds = model.embed(&new_ids, features.as_ref())?;
-    let hidden = model
-        .language_model
-        .forward(&embeds, None, &mut cache.kv, Mode::Infer)?;
-    let last = hidden.narrow(1, new_ids[0].len() - 1, 1)?;
-    let mut logits = model.language_model.logits(&last)?.flatten_all()?;
-    logits.device().synchronize()?;
-    stats.prefill_ms = clock.elapsed().as_secs_f64() * 1000.0;
-
-    let clock = std::time::Instant::now();
-    loop {
-        let next = sampler.sample(&logits)?;
-        tokens.push(next);
-        let flow = on_token(next);
-        if flow.is_break() || eos.contains(&next) || tokens.len() >= max_new_tokens {
-            break;
+    let mut run = || -> Result<Vec<u32>> {
+        // The new tokens are always more than the decoding GEMV takes, so that they go through
+        // the same products as in a prefill of the whole prompt: on the CPU the logits are then
+        // bit for bit those of a fresh run (tests/prompt_cache.rs).
+        let reuse = cache.reuse(
+            input_ids,
+            pixel_values,
+            (model.config.image_token_index, model.config.image_seq_len()),
+            crate::gemv::MAX_ROWS + 1,
+        )?;
+        stats.cached_tokens = reuse.tokens;
+        let clock = std::time::Instant::now();
+        // Only the images after the cached part.
+        let new_pixels = match pixel_values {
+            Some(p) if p.dim(0)? > reuse.images => {
+                Some(p.narrow(0, reuse.images, p.dim(0)? - reuse.images)?)
+            }
+            _ => None,
+        };
+        let features = match &new_pixels {
+            Some(p) => Some(model.get_image_features(p, Mode::Infer)?),
+            None => None,
+        };
+        // A GPU queues work and returns: wait for it, or the time lands in the next phase.
+        if let Some(f) = &features {
+            f.device().synchronize()?;
         }
-        let embeds = model.language_model.embed(&[vec![next]])?;
+        stats.vision_ms = clock.elapsed().as_secs_f64() * 1000.0;
+
+        let clock = std::time::Instant::now();
+        let new_ids = [input_ids[reuse.tokens..].to_vec()];
+        let embeds = model.embed(&new_ids, features.as_ref())?;
         let hidden = model
             .language_model
             .forward(&embeds, None, &mut cache.kv, Mode::Infer)?;
-        logits = model.language_model.logits(&hidden)?.flatten_all()?;
+        let last = hidden.narrow(1, new_ids[0].len() - 1, 1)?;
+        let mut logits = model.language_model.logits(&last)?.flatten_all()?;
+        logits.device().synchronize()?;
+        stats.prefill_ms = clock.elapsed().as_secs_f64() * 1000.0;
+
+        let clock = std::time::Instant::now();
+        let mut tokens = Vec::new();
+        loop {
+            let next = sampler.sample(&logits)?;
+            tokens.push(next);
+            let flow = on_token(next);
+            if flow.is_break() || eos.contains(&next) || tokens.len() >= max_new_tokens {
+                break;
+            }
+            let embeds = model.language_model.embed(&[vec![next]])?;
+            let hidden = model
+                .language_model
+                .forward(&embeds, None, &mut cache.kv, Mode::Infer)?;
+            logits = model.language_model.logits(&hidden)?.flatten_all()?;
+        }
+        stats.decode_ms = clock.elapsed().as_secs_f64() * 1000.0;
+        stats.generated = tokens.len();
+        // Every token but the last went through the model.
+        cache.record(input_ids, pixel_values, &tokens[..tokens.len() - 1])?;
+        Ok(tokens)
+    };
+    match run() {
+        Ok(tokens) => Ok((tokens, stats)),
+        Err(e) => {
+            cache.clear();
+            Err(e)
+        }
     }
-    stats.decode_ms = clock.elapsed().as_secs_f64() * 1000.0;
-    stats.generated = tokens.len();
-    // Every token but the last went through the model.
-    cache.record(input_ids, pixel_values, &tokens[..tokens.len() - 1])?;
-    Ok((tokens, stats))
 }
 
 #[cfg(test)]

@@ -87,24 +87,23 @@ fn a_prompt_split_over_the_cache_gives_the_whole_prompts_logits() {
         .language_model
         .embed(&[ids[split..].to_vec()])
         .expect("embed");
-    let hidden = p
-        .model
-        .language_model
-        .forward(&rest, None, &mut kv, Mode::Infer)
-        .expect("rest");
+    // The rest over the cache: the largest difference from the whole prompt's logits.
+    let rest_diff = |kv: &mut KvCache| {
+        let hidden = p
+            .model
+            .language_model
+            .forward(&rest, None, kv, Mode::Infer)
+            .expect("rest");
+        max_abs_diff(&last_logits(&hidden), &want)
+    };
     // Six new tokens take the prefill's products (more rows than the decoding GEMV takes), and
     // every kernel computes a row the same way whatever rows run beside it: no bit differs.
-    let diff = max_abs_diff(&last_logits(&hidden), &want);
+    let diff = rest_diff(&mut kv);
     assert_eq!(diff, 0.0, "logits differ by {diff}");
     // Cut back to the split and run the rest again: the same logits, so truncation forgets
     // exactly the positions after it.
     kv.truncate(split).expect("truncate");
-    let hidden = p
-        .model
-        .language_model
-        .forward(&rest, None, &mut kv, Mode::Infer)
-        .expect("rest again");
-    let again = max_abs_diff(&last_logits(&hidden), &want);
+    let again = rest_diff(&mut kv);
     assert_eq!(again, 0.0, "after truncate, logits differ by {again}");
 }
 

@@ -614,13 +614,22 @@ fn sample_chats(layout: &Layout, report: &mut ReportBuilder) -> Result<()> {
         let pixels = pipeline.pixel_values(std::slice::from_ref(&image))?;
         let mut messages = Vec::new();
         let mut turns = Vec::new();
+        // As `llava chat` does: each turn prefills only what the conversation adds.
+        let mut cache = llava_model::prompt_cache::PromptCache::new();
         for q in questions {
             let images = usize::from(messages.is_empty());
             messages.push(llava_data::conversation::Message::user(q, images));
             let prompt = pipeline.render(&messages)?;
             let ids = pipeline.encode(&prompt)?;
-            let out =
-                pipeline.generate(&ids, pixels.as_ref(), &Default::default(), 160, &[], |_| {})?;
+            let out = pipeline.generate_with_cache(
+                &mut cache,
+                &ids,
+                pixels.as_ref(),
+                &Default::default(),
+                160,
+                &[],
+                |_| {},
+            )?;
             let answer = out.text.trim().to_string();
             messages.push(llava_data::conversation::Message::assistant(answer.clone()));
             turns.push((q.to_string(), answer));
