@@ -41,9 +41,12 @@ impl KvCache {
             *self = Self::default();
             return Ok(());
         }
+        // Copied out rather than kept as views, so that the memory of the forgotten positions is
+        // freed now, not only when the next forward pass appends to the cache: the next
+        // question's vision tower would otherwise run beside it.
         for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.narrow(2, 0, len)?;
-            *v = v.narrow(2, 0, len)?;
+            *k = k.narrow(2, 0, len)?.contiguous()?;
+            *v = v.narrow(2, 0, len)?.contiguous()?;
         }
         if let Some(m) = &mut self.mask {
             *m = m.narrow(1, 0, len)?;
