@@ -14,7 +14,8 @@
 //! image that questions share, as in `llava eval answer`) give the logits of a fresh run bit for
 //! bit, since the new tokens always take the prefill's products. Positions that decoding
 //! computed one at a time (a chat's earlier reply) went through the GEMV instead, and agree with
-//! a fresh prefill of them to rounding (tests/prompt_cache.rs checks both).
+//! a fresh prefill of them to rounding (tests/prompt_cache.rs checks the first to the bit, the
+//! second by the tokens a chat generates).
 
 use candle_core::{DType, Tensor};
 
