@@ -127,7 +127,7 @@ fn chat_keeps_history_and_switches_images() {
         .arg(&model)
         .arg("--image")
         .arg(&image)
-        .args(["--max-new-tokens", "4"])
+        .args(["--max-new-tokens", "4", "--timings"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -160,6 +160,24 @@ fn chat_keeps_history_and_switches_images() {
         stderr.contains("file.png"),
         "bad image reported, chat continues: {stderr}"
     );
+    // --timings: a follow-up reuses the conversation so far and skips the vision tower; a new
+    // image starts from nothing.
+    let reused: Vec<usize> = stderr
+        .lines()
+        .filter_map(|l| {
+            l.split(" reused;")
+                .next()?
+                .rsplit(", ")
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(reused.len(), 4, "a timings line per reply: {stderr}");
+    assert_eq!(reused[0], 0, "{stderr}");
+    assert!(reused[1] > 25, "the first prompt, image included: {stderr}");
+    assert_eq!(reused[2], 0, "a new image starts over: {stderr}");
+    assert!(reused[3] > 25, "{stderr}");
 }
 
 #[test]
