@@ -212,7 +212,17 @@ fn original_config(
             path: config_path.clone(),
             source,
         })?;
-    text_config.model_type = "llama".into();
+    // The original code's `LlavaMistralForCausalLM` is Mistral's decoder, sliding window
+    // included; `llava_llama` (and the v0 releases' `llava`) is LLaMA's.
+    text_config.model_type = match json.get("model_type").and_then(Value::as_str) {
+        Some("llava_mistral" | "mistral") => "mistral".into(),
+        None | Some("llava_llama" | "llava" | "llama") => "llama".into(),
+        Some(other) => {
+            return Err(bad(format!(
+                "model_type `{other}` is not supported (llava_llama, llava_mistral)"
+            )));
+        }
+    };
     let vision_tower_dir = match vision_tower {
         Some(p) => p.to_path_buf(),
         None => {
@@ -318,6 +328,28 @@ mod tests {
         assert_eq!(parse_projector_type("mlp3x_gelu"), Some(3));
         assert_eq!(parse_projector_type("identity"), None);
         assert_eq!(parse_projector_type("mlpx_gelu"), None);
+    }
+
+    /// The original layout names its decoder in `model_type`; a Mistral one keeps its window.
+    #[test]
+    fn original_model_type_picks_the_decoder() {
+        let clip = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/models/original-layout/clip");
+        let config = |model_type: &str| {
+            let json = serde_json::json!({
+                "model_type": model_type, "sliding_window": 4096,
+                "mm_vision_tower": "clip", "mm_projector_type": "mlp2x_gelu",
+            });
+            original_config(Path::new("/ckpt"), &json, Some(&clip)).map(|(c, _)| c)
+        };
+        let mistral = config("llava_mistral").expect("llava_mistral");
+        assert_eq!(mistral.text_config.attention_window(), Some(4096));
+        let llama = config("llava_llama").expect("llava_llama");
+        assert_eq!(llama.text_config.attention_window(), None);
+        let e = config("llava_mpt")
+            .expect_err("MPT is not a LLaMA")
+            .to_string();
+        assert!(e.contains("llava_mpt") && e.contains("/ckpt"), "{e}");
     }
 
     #[test]

@@ -138,6 +138,10 @@ pub struct LlamaConfig {
     pub attention_bias: bool,
     #[serde(default)]
     pub mlp_bias: bool,
+    /// Mistral's sliding-window attention (BakLLaVA): a query sees only the last
+    /// `sliding_window` positions, itself included. LLaMA configs have no such field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
     #[serde(default)]
     pub tie_word_embeddings: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -191,6 +195,11 @@ impl LlamaConfig {
             theta,
             linear_factor,
         })
+    }
+    /// The attention window, where this decoder has one: transformers reads `sliding_window`
+    /// for Mistral only, so a LLaMA config that carries the key attends to everything.
+    pub fn attention_window(&self) -> Option<usize> {
+        self.sliding_window.filter(|_| self.model_type == "mistral")
     }
     pub fn eos_ids(&self) -> Vec<u32> {
         self.eos_token_id
@@ -300,7 +309,7 @@ impl LlavaConfig {
             "llama" | "mistral" | "vicuna" | "llava_llama"
         ) {
             return Err(format!(
-                "text_config.model_type `{}` is not supported (supported: llama)",
+                "text_config.model_type `{}` is not supported (supported: llama, mistral)",
                 t.model_type
             ));
         }
@@ -322,6 +331,9 @@ impl LlavaConfig {
             return Err("text_config head_dim must be even for rotary embeddings".into());
         }
         t.rope().map_err(|e| format!("text_config: {e}"))?;
+        if t.attention_window() == Some(0) {
+            return Err("text_config.sliding_window is 0: no position could see any".into());
+        }
         if !matches!(
             self.projector_hidden_act.as_str(),
             "gelu" | "gelu_new" | "gelu_pytorch_tanh" | "relu" | "silu" | "quick_gelu"
@@ -464,6 +476,27 @@ mod tests {
         let saved = serde_json::to_string(&c).expect("serialises");
         let back: LlavaConfig = serde_json::from_str(&saved).expect("parses");
         assert!(back.mm_use_im_start_end);
+    }
+
+    /// transformers applies `sliding_window` in Mistral's mask and ignores it in LLaMA's.
+    #[test]
+    fn sliding_window_is_mistrals_only() {
+        let parse = |text: &str| -> LlavaConfig {
+            serde_json::from_str(&format!(
+                r#"{{"vision_config": {{}}, "text_config": {text}}}"#
+            ))
+            .expect("parses")
+        };
+        let mistral = parse(r#"{"model_type": "mistral", "sliding_window": 4096}"#);
+        mistral.validate().expect("valid");
+        assert_eq!(mistral.text_config.attention_window(), Some(4096));
+        let llama = parse(r#"{"model_type": "llama", "sliding_window": 4096}"#);
+        assert_eq!(llama.text_config.attention_window(), None);
+        assert_eq!(parse("{}").text_config.attention_window(), None);
+        let e = parse(r#"{"model_type": "mistral", "sliding_window": 0}"#)
+            .validate()
+            .expect_err("an empty window");
+        assert!(e.contains("sliding_window"), "{e}");
     }
 
     #[test]

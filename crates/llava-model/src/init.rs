@@ -64,6 +64,7 @@ fn llama(
         }),
         attention_bias: false,
         mlp_bias: false,
+        sliding_window: None,
         tie_word_embeddings: false,
         bos_token_id: Some(1),
         eos_token_id: Some(TokenIds::One(2)),

@@ -118,9 +118,9 @@ impl Attention {
         let t = k.dim(2)?;
         let q = (q.contiguous()? * (d as f64).powf(-0.5))?;
         if mode == Mode::Infer && attention::applies(&q, &k, &v) {
-            // The kernel applies the causal mask itself; the bias only for padding.
-            let padding = bias.full.as_ref().filter(|_| bias.keys.is_some());
-            let out = attention::attention(&q, &k, &v, padding, true)?;
+            // The kernel applies the causal mask itself; the bias only for padding or a window.
+            let extra = bias.full.as_ref().filter(|_| bias.beyond_causal);
+            let out = attention::attention(&q, &k, &v, extra, true)?;
             return self
                 .o_proj
                 .forward(&out.transpose(1, 2)?.reshape((b, s, nh * d))?);
@@ -317,7 +317,13 @@ impl LlamaModel {
         // The CUDA softmax masks from positions and needs no bias tensor. The scores have the
         // activations' device and dtype, so this is the test the softmax itself would make.
         let by_position = mode == Mode::Infer && cuda_kernels::applies(&[embeds]);
-        let bias = attention_bias(b, s, past, full_mask.as_ref(), by_position, self.device())?;
+        let bias = attention_bias(
+            (b, s, past),
+            full_mask.as_ref(),
+            self.config.attention_window(),
+            by_position,
+            self.device(),
+        )?;
         cache.mask = full_mask;
         let (cos, sin) = self.rotary(past, s, embeds.dtype())?;
         let mut x = embeds.clone();
@@ -341,21 +347,24 @@ impl LlamaModel {
 /// What the decoder's attention must mask.
 struct AttentionBias {
     /// The additive bias `[batch, 1, seq, past+seq]` in f32: 0 where a query may look, a large
-    /// negative number where the key is in its future or is padding. `None` when nothing is
-    /// masked (a single new token without padding), and on the GPU, whose softmax masks from
-    /// positions.
+    /// negative number where the key is in its future, is padding, or has left the window.
+    /// `None` when nothing is masked (a single new token without padding or window), and
+    /// when the GPU softmax masks from positions (`by_position`).
     full: Option<Tensor>,
     /// The key mask `[batch, past+seq]` (u8, 0 = padding) when some key is padding.
     keys: Option<Tensor>,
+    /// `full` masks more than the causal triangle: padding, or keys before a query's window.
+    beyond_causal: bool,
     /// The CUDA softmax ([`cuda_kernels::softmax_last_dim`]) masks: `full` is never built.
     by_position: bool,
 }
 
+/// `window`: the decoder's sliding window (Mistral), where query `p` sees keys `p - window + 1
+/// ..= p`. Only a sequence longer than the window is cut by it.
 fn attention_bias(
-    b: usize,
-    s: usize,
-    past: usize,
+    (b, s, past): (usize, usize, usize),
     mask: Option<&Tensor>,
+    window: Option<usize>,
     by_position: bool,
     dev: &Device,
 ) -> Result<AttentionBias> {
@@ -370,10 +379,15 @@ fn attention_bias(
         .as_ref()
         .is_some_and(|p| p.iter().flatten().any(|&v| v == 0));
     let keys = mask.filter(|_| has_padding).cloned();
-    if by_position || (s == 1 && !has_padding) {
+    let window = window.filter(|&w| t > w);
+    // The CUDA softmax knows no window; a windowed sequence takes the bias instead.
+    let by_position = by_position && window.is_none();
+    let beyond_causal = has_padding || window.is_some();
+    if by_position || (s == 1 && !beyond_causal) {
         return Ok(AttentionBias {
             full: None,
             keys,
+            beyond_causal,
             by_position,
         });
     }
@@ -383,7 +397,8 @@ fn attention_bias(
             for j in 0..t {
                 let future = j > past + i;
                 let padded = pad.as_ref().is_some_and(|p| p[bi][j] == 0);
-                if future || padded {
+                let left_window = window.is_some_and(|w| j + w <= past + i);
+                if future || padded || left_window {
                     data[(bi * s + i) * t + j] = NEG;
                 }
             }
@@ -392,6 +407,7 @@ fn attention_bias(
     Ok(AttentionBias {
         full: Some(Tensor::from_vec(data, (b, 1, s, t), dev)?),
         keys,
+        beyond_causal,
         by_position,
     })
 }

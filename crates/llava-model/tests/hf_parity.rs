@@ -236,6 +236,61 @@ fn llava15_legacy_names_bf16_weights_match_transformers() {
     check_hf_case("llava15-legacy-bf16");
 }
 
+/// BakLLaVA's decoder: Mistral's layers with a sliding attention window, here 16 positions
+/// against a 38-token prompt, so the window cuts the prefill and every decoded token.
+#[test]
+fn mistral_sliding_window_matches_transformers() {
+    check_hf_case("mistral-sliding-window");
+    // The prompt's last 8 tokens run over the cached rest, as a chat's follow-up does: the
+    // window is then counted from positions past the cache.
+    let c = case("mistral-sliding-window");
+    let p = c.pipeline();
+    let ids = c.ids("input_ids");
+    let split = ids.len() - 8;
+    let mut cache = KvCache::new();
+    let pixels = &c.tensors["pixel_values"];
+    let forward = |ids: &[u32], pixels: Option<&Tensor>, cache: &mut KvCache| {
+        p.model
+            .forward(&[ids.to_vec()], pixels, None, cache, Mode::Infer)
+            .expect("forward")
+    };
+    forward(&ids[..split], Some(pixels), &mut cache);
+    let hidden = forward(&ids[split..], None, &mut cache);
+    let last = p
+        .model
+        .language_model
+        .logits(&hidden.narrow(1, 7, 1).expect("last"))
+        .expect("logits")
+        .flatten_all()
+        .expect("flatten");
+    assert_close("mistral split prompt", &last, &c.tensors["last_logits"]);
+}
+
+/// The window in the three-product attention that training (and the GPU) runs, where the
+/// inference kernel is not used: every prompt position's logits.
+#[test]
+fn mistral_sliding_window_in_train_mode_matches_transformers() {
+    let c = case("mistral-sliding-window");
+    let p = c.pipeline();
+    let ids = c.ids("input_ids");
+    let hidden = p
+        .model
+        .forward(
+            std::slice::from_ref(&ids),
+            Some(&c.tensors["pixel_values"]),
+            None,
+            &mut KvCache::new(),
+            Mode::Train,
+        )
+        .expect("train mode");
+    let logits = p.model.language_model.logits(&hidden).expect("logits");
+    assert_close(
+        "mistral train-mode prompt_logits",
+        &logits.squeeze(0).expect("squeeze"),
+        &c.tensors["prompt_logits"],
+    );
+}
+
 #[test]
 fn padded_batch_matches_transformers() {
     let c = case("llava15-default");
