@@ -240,7 +240,7 @@ def make_image_processor():
 
 def make_config(vocab_size: int, image_id: int, pad_id: int, kv_heads: int, strategy: str,
                 feature_layer, rope_scaling=None, text_model: str = "llama",
-                sliding_window: int | None = None) -> LlavaConfig:
+                sliding_window: int | None = None, tie: bool = False) -> LlavaConfig:
     vision = CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
         image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, hidden_act="quick_gelu", layer_norm_eps=1e-5,
@@ -248,11 +248,12 @@ def make_config(vocab_size: int, image_id: int, pad_id: int, kv_heads: int, stra
     )
     rope = {"rope_type": "default", "rope_theta": 10000.0}
     if rope_scaling is not None:
-        rope = {"rope_type": rope_scaling["type"], "factor": rope_scaling["factor"], "rope_theta": 10000.0}
+        rope = {"rope_type": rope_scaling["type"], "factor": rope_scaling["factor"], "rope_theta": 10000.0,
+                **{k: v for k, v in rope_scaling.items() if k not in ("type", "factor")}}
     text_args = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
-        rms_norm_eps=1e-5, rope_parameters=rope, tie_word_embeddings=False, hidden_act="silu",
+        rms_norm_eps=1e-5, rope_parameters=rope, tie_word_embeddings=tie, hidden_act="silu",
         bos_token_id=1, eos_token_id=2, pad_token_id=pad_id,
     )
     if text_model == "mistral":  # BakLLaVA's decoder: LLaMA's layers, a sliding attention window
@@ -263,14 +264,16 @@ def make_config(vocab_size: int, image_id: int, pad_id: int, kv_heads: int, stra
     return LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=image_id, image_seq_length=n_tokens,
         projector_hidden_act="gelu", vision_feature_select_strategy=strategy,
-        vision_feature_layer=feature_layer, tie_word_embeddings=False,
+        vision_feature_layer=feature_layer, tie_word_embeddings=tie,
     )
 
 
 @torch.no_grad()
-def init_weights(model: torch.nn.Module, seed: int) -> None:
+def init_weights(model: torch.nn.Module, seed: int, tied: bool = False) -> None:
     """Overwrite every parameter deterministically, with larger scales than HF's init so that
-    logits have clear margins and the model depends on its context (not only the last token)."""
+    logits have clear margins and the model depends on its context (not only the last token).
+    With tied embeddings the last token's own row dominates its logits (greedy repeats it), so
+    the layers' output projections are scaled up to outweigh it."""
     g = torch.Generator().manual_seed(seed)
     for name, p in sorted(model.named_parameters()):
         r = torch.randn(p.shape, generator=g, dtype=torch.float32)
@@ -287,7 +290,11 @@ def init_weights(model: torch.nn.Module, seed: int) -> None:
             v = 0.1 * r
         else:
             fan_in = int(np.prod(p.shape[1:]))
-            gain = 4.0 if "lm_head" in lname else 1.0
+            gain = 1.0
+            if "lm_head" in lname:
+                gain = 4.0
+            elif tied and ("o_proj" in lname or "down_proj" in lname):
+                gain = 8.0
             v = gain * r / np.sqrt(fan_in)
         p.copy_(v.to(p.dtype))
 
@@ -407,6 +414,14 @@ HF_CASES = {
                                    rope_scaling=None, image="shapes", aspect="none", shard=None,
                                    legacy_bf16=False, text_model="mistral", sliding_window=16,
                                    question="Where is the circle?"),
+    # Llama 3.1/3.2's rope scaling, which a LLaVA trained on Llama-3.2-1B/3B inherits, with
+    # their tied embeddings and one KV head. With head_dim 16 and 128 original positions the
+    # 8 frequencies fall in all three bands: kept, blended, divided by the factor.
+    "llama3-rope-tied": dict(seed=5000, kv_heads=1, strategy="default", feature_layer=-2,
+                             rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 128},
+                             image="texture", aspect="none", shard=None, legacy_bf16=False, tie=True,
+                             question="What colour is the square in the middle?"),
 }
 
 NAMING = {
@@ -418,6 +433,7 @@ NAMING = {
     "llava15-legacy-bf16": "llava-hf hub style: language_model.model.*, language_model.lm_head.weight, "
                            "vision_tower.vision_model.*, multi_modal_projector.*",
     "mistral-sliding-window": "as transformers 5.24 save_pretrained writes it (as llava15-default)",
+    "llama3-rope-tied": "as transformers 5.24 save_pretrained writes it, without lm_head (tied to embed_tokens)",
 }
 FILE_STYLE = {
     "llava15-default": "transformers 5.24 files: config.json (dtype, text_config.rope_parameters), "
@@ -429,6 +445,8 @@ FILE_STYLE = {
                            "with torch_dtype bfloat16 and text_config.rope_theta + rope_scaling null",
     "mistral-sliding-window": "transformers 5.24 files; text_config model_type mistral with sliding_window "
                               "(llava-hf/bakLlava-v1-hf's decoder)",
+    "llama3-rope-tied": "transformers 5.24 files; text_config.rope_parameters of rope_type llama3, "
+                        "tie_word_embeddings true",
 }
 
 BATCH_QUESTIONS = ["How many animals are there?", "What is the colour of the background in this picture?"]
@@ -548,7 +566,8 @@ def run_hf_case(name: str, spec: dict, vocab: dict, merges: list, images: dict, 
     ids = inputs["input_ids"]
     n_img = int((ids == image_id).sum())
 
-    text_model = dict(text_model=spec.get("text_model", "llama"), sliding_window=spec.get("sliding_window"))
+    text_model = dict(text_model=spec.get("text_model", "llama"), sliding_window=spec.get("sliding_window"),
+                      tie=spec.get("tie", False))
     cfg = make_config(vocab_size, image_id, pad_id, spec["kv_heads"], spec["strategy"], spec["feature_layer"],
                       spec["rope_scaling"], **text_model)
     assert n_img == cfg.image_seq_length, (n_img, cfg.image_seq_length)
@@ -558,7 +577,7 @@ def run_hf_case(name: str, spec: dict, vocab: dict, merges: list, images: dict, 
         seed = spec["seed"] + attempt
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(cfg).eval()
-        init_weights(model, seed)
+        init_weights(model, seed, tied=spec.get("tie", False))
         if spec["legacy_bf16"]:
             round_to_bf16(model)
         tokens, margins, step_logits = greedy(
@@ -602,12 +621,16 @@ def run_hf_case(name: str, spec: dict, vocab: dict, merges: list, images: dict, 
     assert torch.allclose(last_logits, step_logits[0], atol=1e-5)
     if spec["rope_scaling"] is not None:  # the scaling must matter for these logits
         plain = LlavaForConditionalGeneration(make_config(vocab_size, image_id, pad_id, spec["kv_heads"],
-                                                          spec["strategy"], spec["feature_layer"])).eval()
+                                                          spec["strategy"], spec["feature_layer"],
+                                                          tie=spec.get("tie", False))).eval()
         plain.load_state_dict(model.state_dict())
         with torch.no_grad():
             d = float((plain(**inputs, use_cache=False).logits[0, -1] - last_logits).abs().max())
         assert d > 1e-2, f"rope scaling has no visible effect ({d})"
-        print(f"  rope linear scaling changes last_logits by {d:.3f}")
+        print(f"  rope {spec['rope_scaling']['type']} scaling changes last_logits by {d:.3f}")
+    if spec.get("tie"):  # the checkpoint must really rely on the tie
+        assert "lm_head.weight" not in model.state_dict() or model.lm_head.weight is \
+            model.model.language_model.embed_tokens.weight, "lm_head is not tied"
     if spec.get("sliding_window") is not None:  # so must the window, and for every decoded token
         assert spec["sliding_window"] < ids.shape[1], "the window must be shorter than the prompt"
         unwindowed = LlavaForConditionalGeneration(make_config(

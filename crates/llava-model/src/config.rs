@@ -78,7 +78,7 @@ impl ClipVisionConfig {
 }
 
 /// `rope_scaling` (transformers 4.x) or `rope_parameters` (5.x).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RopeParameters {
     #[serde(default, alias = "type", skip_serializing_if = "Option::is_none")]
     pub rope_type: Option<String>,
@@ -86,6 +86,13 @@ pub struct RopeParameters {
     pub factor: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_theta: Option<f64>,
+    /// `llama3` (Llama 3.1 and 3.2): the band between these wavelength factors is blended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub low_freq_factor: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub high_freq_factor: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_max_position_embeddings: Option<usize>,
 }
 
 /// `eos_token_id` is an int in LLaMA configs and a list in some newer ones.
@@ -154,12 +161,60 @@ pub struct LlamaConfig {
     pub model_type: String,
 }
 
-/// How positions are rescaled before the rotary embedding.
+/// The rotary embedding's base and how its frequencies are rescaled for longer contexts.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rope {
     pub theta: f64,
-    /// Linear position interpolation: positions are divided by this.
-    pub linear_factor: f64,
+    pub scaling: RopeScaling,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Linear position interpolation: every frequency is divided by the factor.
+    Linear(f64),
+    /// Llama 3.1's: wavelengths longer than `original / low_freq_factor` are divided by
+    /// `factor`, shorter than `original / high_freq_factor` kept, and the band between blended.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
+}
+
+impl Rope {
+    /// The inverse frequency of each pair of a head's dimensions, in f32 in transformers'
+    /// order of operations, since the positions multiply any rounding.
+    pub fn inv_freq(&self, head_dim: usize) -> Vec<f32> {
+        (0..head_dim / 2)
+            .map(|i| {
+                let f = 1.0 / (self.theta as f32).powf((2 * i) as f32 / head_dim as f32);
+                match self.scaling {
+                    RopeScaling::None => f,
+                    RopeScaling::Linear(factor) => f / factor as f32,
+                    RopeScaling::Llama3 {
+                        factor,
+                        low_freq_factor: low,
+                        high_freq_factor: high,
+                        original_max_position_embeddings: original,
+                    } => {
+                        let (factor, low, high) = (factor as f32, low as f32, high as f32);
+                        let original = original as f32;
+                        let wavelen = 2.0 * std::f32::consts::PI / f;
+                        if wavelen < original / high {
+                            f
+                        } else if wavelen > original / low {
+                            f / factor
+                        } else {
+                            let smooth = (original / wavelen - low) / (high - low);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    }
+                }
+            })
+            .collect()
+    }
 }
 
 impl LlamaConfig {
@@ -180,21 +235,42 @@ impl LlamaConfig {
         let kind = params
             .and_then(|p| p.rope_type.clone())
             .unwrap_or_else(|| "default".into());
-        let linear_factor = match kind.as_str() {
-            "default" => 1.0,
-            "linear" => params
-                .and_then(|p| p.factor)
-                .ok_or("rope scaling `linear` needs a `factor`")?,
+        let need = |field: &str, value: Option<f64>| {
+            value.ok_or_else(|| format!("rope scaling `{kind}` needs `{field}`"))
+        };
+        let scaling = match kind.as_str() {
+            "default" => RopeScaling::None,
+            "linear" => RopeScaling::Linear(need("factor", params.and_then(|p| p.factor))?),
+            "llama3" => RopeScaling::Llama3 {
+                factor: need("factor", params.and_then(|p| p.factor))?,
+                low_freq_factor: need("low_freq_factor", params.and_then(|p| p.low_freq_factor))?,
+                high_freq_factor: need(
+                    "high_freq_factor",
+                    params.and_then(|p| p.high_freq_factor),
+                )?,
+                // transformers falls back to the config's own context.
+                original_max_position_embeddings: params
+                    .and_then(|p| p.original_max_position_embeddings)
+                    .unwrap_or(self.max_position_embeddings),
+            },
             other => {
                 return Err(format!(
-                    "rope scaling type `{other}` is not supported (supported: default, linear)"
+                    "rope scaling type `{other}` is not supported (supported: default, linear, llama3)"
                 ));
             }
         };
-        Ok(Rope {
-            theta,
-            linear_factor,
-        })
+        if let RopeScaling::Llama3 {
+            low_freq_factor,
+            high_freq_factor,
+            ..
+        } = scaling
+            && !(high_freq_factor > low_freq_factor && low_freq_factor > 0.0)
+        {
+            return Err(format!(
+                "rope scaling `llama3` needs 0 < low_freq_factor < high_freq_factor, got {low_freq_factor} and {high_freq_factor}"
+            ));
+        }
+        Ok(Rope { theta, scaling })
     }
     /// The attention window, where this decoder has one: transformers reads `sliding_window`
     /// for Mistral only, so a LLaMA config that carries the key attends to everything.
@@ -276,6 +352,21 @@ impl LlavaConfig {
     pub fn validate(&self) -> Result<(), String> {
         let v = &self.vision_config;
         let t = &self.text_config;
+        // LLaVA-NeXT and later tile the image (anyres) and add weights this model lacks: run
+        // as LLaVA-1.5 they would give plausible but wrong answers, so they are refused.
+        if self.model_type != "llava" {
+            return Err(format!(
+                "model_type `{}` is not supported (supported: llava, the LLaVA-1.5 architecture; \
+                 LLaVA-NeXT/1.6 anyres tiling is not implemented)",
+                self.model_type
+            ));
+        }
+        if v.model_type != "clip_vision_model" {
+            return Err(format!(
+                "vision_config.model_type `{}` is not supported (supported: clip_vision_model)",
+                v.model_type
+            ));
+        }
         if v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size) {
             return Err(format!(
                 "vision_config.image_size {} is not a multiple of patch_size {}",
@@ -439,7 +530,7 @@ mod tests {
             c.text_config.rope().expect("rope"),
             Rope {
                 theta: 10000.0,
-                linear_factor: 1.0
+                scaling: RopeScaling::None
             }
         );
     }
@@ -457,7 +548,7 @@ mod tests {
             c.text_config.rope().expect("rope"),
             Rope {
                 theta: 500000.0,
-                linear_factor: 2.0
+                scaling: RopeScaling::Linear(2.0)
             }
         );
         assert_eq!(c.image_seq_len(), 50);
@@ -497,6 +588,59 @@ mod tests {
             .validate()
             .expect_err("an empty window");
         assert!(e.contains("sliding_window"), "{e}");
+    }
+
+    /// Llama 3.1's `rope_scaling` as its config.json writes it, and what an incomplete one says.
+    #[test]
+    fn llama3_rope_scaling_is_read_and_checked() {
+        let text = |scaling: &str| -> Result<Rope, String> {
+            let json = format!(
+                r#"{{"max_position_embeddings": 131072, "rope_theta": 500000.0, "rope_scaling": {scaling}}}"#
+            );
+            serde_json::from_str::<LlamaConfig>(&json)
+                .expect("parses")
+                .rope()
+        };
+        let rope = text(
+            r#"{"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192, "rope_type": "llama3"}"#,
+        )
+        .expect("llama 3.1");
+        assert_eq!(
+            rope.scaling,
+            RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192
+            }
+        );
+        let inv = rope.inv_freq(128);
+        // The fastest frequency is kept, the slowest divided by the factor.
+        assert_eq!(inv[0], 1.0);
+        let slowest = 1.0 / 500000f32.powf(126.0 / 128.0);
+        assert!((inv[63] - slowest / 8.0).abs() <= 1e-6 * slowest);
+        let e = text(r#"{"factor": 8.0, "high_freq_factor": 4.0, "rope_type": "llama3"}"#)
+            .expect_err("incomplete");
+        assert!(e.contains("low_freq_factor"), "{e}");
+        let e = text(
+            r#"{"factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0, "rope_type": "llama3"}"#,
+        )
+        .expect_err("an empty band");
+        assert!(e.contains("low_freq_factor < high_freq_factor"), "{e}");
+    }
+
+    /// A LLaVA-NeXT or SigLIP checkpoint would load and answer wrongly if it were not refused.
+    #[test]
+    fn other_llava_architectures_are_refused_by_name() {
+        let parse = |json: &str| serde_json::from_str::<LlavaConfig>(json).expect("parses");
+        let next = parse(r#"{"model_type": "llava_next", "vision_config": {}, "text_config": {}}"#);
+        let e = next.validate().expect_err("anyres");
+        assert!(e.contains("llava_next") && e.contains("anyres"), "{e}");
+        let siglip =
+            parse(r#"{"vision_config": {"model_type": "siglip_vision_model"}, "text_config": {}}"#);
+        let e = siglip.validate().expect_err("siglip");
+        assert!(e.contains("siglip_vision_model"), "{e}");
     }
 
     #[test]

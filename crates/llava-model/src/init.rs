@@ -59,8 +59,8 @@ fn llama(
         rope_scaling: None,
         rope_parameters: Some(RopeParameters {
             rope_type: Some("default".into()),
-            factor: None,
             rope_theta: Some(10000.0),
+            ..Default::default()
         }),
         attention_bias: false,
         mlp_bias: false,

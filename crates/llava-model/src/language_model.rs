@@ -269,13 +269,7 @@ impl LlamaModel {
     /// cos/sin for positions `offset..offset+len`, computed in f32 as transformers does.
     fn rotary(&self, offset: usize, len: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
         let d = self.head_dim;
-        let inv_freq: Vec<f32> = (0..d / 2)
-            .map(|i| {
-                1.0 / (self.rope.theta as f32).powf((2 * i) as f32 / d as f32)
-                    / self.rope.linear_factor as f32
-            })
-            .collect();
-        let inv_freq = Tensor::from_vec(inv_freq, (1, d / 2), self.device())?;
+        let inv_freq = Tensor::from_vec(self.rope.inv_freq(d), (1, d / 2), self.device())?;
         let pos: Vec<f32> = (offset..offset + len).map(|p| p as f32).collect();
         let pos = Tensor::from_vec(pos, (len, 1), self.device())?;
         let freqs = pos.broadcast_mul(&inv_freq)?;

@@ -266,6 +266,13 @@ fn mistral_sliding_window_matches_transformers() {
     assert_close("mistral split prompt", &last, &c.tensors["last_logits"]);
 }
 
+/// Llama 3.1/3.2's rope scaling (all three frequency bands), tied embeddings with no
+/// `lm_head` in the file, and a single KV head.
+#[test]
+fn llama3_rope_tied_embeddings_match_transformers() {
+    check_hf_case("llama3-rope-tied");
+}
+
 /// The window in the three-product attention that training (and the GPU) runs, where the
 /// inference kernel is not used: every prompt position's logits.
 #[test]
