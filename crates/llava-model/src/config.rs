@@ -147,8 +147,13 @@ pub struct LlamaConfig {
     pub mlp_bias: bool,
     /// Mistral's sliding-window attention (BakLLaVA): a query sees only the last
     /// `sliding_window` positions, itself included. LLaMA configs have no such field.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sliding_window: Option<usize>,
+    /// Absent (outer `None`) and `null` differ: transformers' Mistral default is 4096.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub sliding_window: Option<Option<usize>>,
     #[serde(default)]
     pub tie_word_embeddings: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -275,7 +280,10 @@ impl LlamaConfig {
     /// The attention window, where this decoder has one: transformers reads `sliding_window`
     /// for Mistral only, so a LLaMA config that carries the key attends to everything.
     pub fn attention_window(&self) -> Option<usize> {
-        self.sliding_window.filter(|_| self.model_type == "mistral")
+        const MISTRAL_DEFAULT: Option<usize> = Some(4096);
+        (self.model_type == "mistral")
+            .then(|| self.sliding_window.unwrap_or(MISTRAL_DEFAULT))
+            .flatten()
     }
     pub fn eos_ids(&self) -> Vec<u32> {
         self.eos_token_id
@@ -489,6 +497,16 @@ fn gelu() -> String {
 fn silu() -> String {
     "silu".into()
 }
+/// A key that is present, `null` included, as `Some`; with `#[serde(default)]` an absent one
+/// stays `None`.
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::deserialize(d).map(Some)
+}
+
 fn llama_type() -> String {
     "llama".into()
 }
@@ -584,6 +602,13 @@ mod tests {
         let llama = parse(r#"{"model_type": "llama", "sliding_window": 4096}"#);
         assert_eq!(llama.text_config.attention_window(), None);
         assert_eq!(parse("{}").text_config.attention_window(), None);
+        // Mistral-7B-v0.2 and later write null; a config without the key takes 4096.
+        let null = parse(r#"{"model_type": "mistral", "sliding_window": null}"#);
+        assert_eq!(null.text_config.attention_window(), None);
+        let absent = parse(r#"{"model_type": "mistral"}"#);
+        assert_eq!(absent.text_config.attention_window(), Some(4096));
+        let saved = serde_json::to_value(&null.text_config).expect("serialises");
+        assert!(saved["sliding_window"].is_null() && saved.get("sliding_window").is_some());
         let e = parse(r#"{"model_type": "mistral", "sliding_window": 0}"#)
             .validate()
             .expect_err("an empty window");
