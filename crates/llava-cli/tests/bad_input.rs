@@ -170,6 +170,96 @@ fn garbage_safetensors() {
     assert_clean_failure(&generate(&dir, &image(), "Hi"), &["model.safetensors"]);
 }
 
+/// Rewrites a scratch `model.safetensors`: `edit` gets its header (JSON) and data bytes.
+fn edit_safetensors(dir: &Path, edit: impl FnOnce(&mut serde_json::Value, &mut Vec<u8>)) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).expect("read");
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).expect("header");
+    let mut data = bytes[8 + n..].to_vec();
+    edit(&mut header, &mut data);
+    let header = serde_json::to_vec(&header).expect("json");
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend(header);
+    out.extend(data);
+    std::fs::write(&path, out).expect("write");
+}
+
+/// Two tensors pointing at the same bytes would load the wrong numbers without an error.
+#[test]
+fn safetensors_header_with_shared_bytes() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = scratch_model(&tmp);
+    edit_safetensors(&dir, |header, _| {
+        let lm_head = header["language_model.lm_head.weight"]["data_offsets"].clone();
+        header["language_model.model.embed_tokens.weight"]["data_offsets"] = lm_head;
+    });
+    assert_clean_failure(
+        &generate(&dir, &image(), "Hi"),
+        &["model.safetensors", "the header is damaged"],
+    );
+}
+
+/// NaN weights made greedy decoding answer token 0 as if nothing were wrong.
+#[test]
+fn nan_weights_are_reported() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = scratch_model(&tmp);
+    edit_safetensors(&dir, |header, data| {
+        let span = &header["language_model.model.layers.0.input_layernorm.weight"]["data_offsets"];
+        let (begin, end) = (
+            span[0].as_u64().expect("begin"),
+            span[1].as_u64().expect("end"),
+        );
+        for value in data[begin as usize..end as usize].chunks_exact_mut(4) {
+            value.copy_from_slice(&f32::NAN.to_le_bytes());
+        }
+    });
+    assert_clean_failure(&generate(&dir, &image(), "Hi"), &["NaN logits"]);
+}
+
+/// A tokenizer that disagrees with the config's vocabulary must not be embedded silently.
+#[test]
+fn token_id_outside_the_vocabulary() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = scratch_model(&tmp);
+    let path = dir.join("tokenizer.json");
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+    tok["post_processor"]["special_tokens"]["<s>"]["ids"] = serde_json::json!([5000]);
+    std::fs::write(&path, tok.to_string()).expect("write");
+    assert_clean_failure(
+        &generate(&dir, &image(), "Hi"),
+        &["token id 5000", "vocab_size"],
+    );
+}
+
+#[test]
+fn empty_stop_string_and_infinite_temperature() {
+    let model = fixture_model();
+    let run = |flag: &str, value: &str| {
+        llava(&[
+            "generate",
+            "--model",
+            &model.to_string_lossy(),
+            "--image",
+            &image().to_string_lossy(),
+            "--prompt",
+            "Hi",
+            flag,
+            value,
+        ])
+    };
+    let out = run("--stop", "");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("stop string cannot be empty"), "{stderr}");
+    assert_clean_failure(
+        &run("--temperature", "inf"),
+        &["temperature must be finite"],
+    );
+}
+
 #[test]
 fn missing_shard_named_by_index() {
     let tmp = tempfile::tempdir().expect("tmp");

@@ -214,6 +214,18 @@ fn init_writes_a_loadable_checkpoint() {
         .expect("runs");
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("tiny-1b"));
+    // A second init over the written checkpoint is refused and leaves it loadable.
+    let again = llava()
+        .args(["init", "--shape", "test", "--seed", "1", "--out"])
+        .arg(&dir)
+        .output()
+        .expect("runs");
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("not an empty directory"));
+    assert_eq!(
+        generate_json(&dir.to_string_lossy(), 3, &[])["token_ids"],
+        json["token_ids"]
+    );
 }
 
 #[test]

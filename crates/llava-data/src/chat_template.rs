@@ -18,6 +18,10 @@ pub enum TemplateError {
     Render { path: PathBuf, message: String },
 }
 
+/// Template instructions one rendering may run: real chat templates take a few hundred per
+/// message, and this many take seconds.
+const TEMPLATE_FUEL: u64 = 50_000_000;
+
 /// A Jinja chat template and where it came from (for error messages).
 #[derive(Debug, Clone)]
 pub struct ChatTemplate {
@@ -65,14 +69,26 @@ impl ChatTemplate {
                 path: path.clone(),
                 message: e.to_string(),
             })?;
-            if let Some(template) = json
-                .as_ref()
-                .and_then(|j| template_from_json(j.get("chat_template")?))
-            {
-                return Ok(Some(Self {
-                    source: path,
-                    template,
-                }));
+            let Some(json) = json else { continue };
+            let bad = |message: &str| TemplateError::Load {
+                path: path.clone(),
+                message: message.into(),
+            };
+            match json.get("chat_template") {
+                Some(value) => {
+                    let template = template_from_json(value).ok_or_else(|| {
+                        bad("`chat_template` is neither a string nor a list of {name, template}")
+                    })?;
+                    return Ok(Some(Self {
+                        source: path,
+                        template,
+                    }));
+                }
+                // The file exists for its template alone.
+                None if name == "chat_template.json" => {
+                    return Err(bad("has no `chat_template` key"));
+                }
+                None => {}
             }
         }
         Ok(None)
@@ -92,6 +108,8 @@ impl ChatTemplate {
             message: e.to_string(),
         };
         let mut env = Environment::new();
+        // A template that loops for ever (or for hours) fails instead of hanging the caller.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         // transformers compiles chat templates with trim_blocks and lstrip_blocks.
@@ -208,6 +226,37 @@ mod tests {
         };
         let e = t.render(&[], "", "", true).expect_err("raises");
         assert!(e.to_string().contains("only user turns"), "{e}");
+    }
+
+    #[test]
+    fn a_template_that_runs_for_ever_fails() {
+        let t = ChatTemplate {
+            source: "slow.jinja".into(),
+            template: "{% for i in range(10000) %}{% for j in range(10000) %}{% for k in range(10) %}{% endfor %}{% endfor %}{% endfor %}".into(),
+        };
+        let e = t.render(&[], "", "", true).expect_err("out of fuel");
+        assert!(e.to_string().contains("slow.jinja"), "{e}");
+    }
+
+    /// A `chat_template` of the wrong type is an error, not a silent fall-back to a built-in
+    /// template.
+    #[test]
+    fn a_malformed_chat_template_key_is_named() {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            r#"{"chat_template": 5}"#,
+        )
+        .expect("write");
+        let e = ChatTemplate::find(dir.path()).expect_err("not a template");
+        assert!(
+            e.to_string().contains("tokenizer_config.json")
+                && e.to_string().contains("chat_template"),
+            "{e}"
+        );
+        std::fs::write(dir.path().join("chat_template.json"), r#"{"foo": "bar"}"#).expect("write");
+        let e = ChatTemplate::find(dir.path()).expect_err("no key");
+        assert!(e.to_string().contains("chat_template.json"), "{e}");
     }
 
     #[test]

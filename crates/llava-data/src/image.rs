@@ -28,6 +28,9 @@ pub use process::{
 };
 pub use resample::{ResampleFilter, resize_pil};
 
+/// PIL raises `DecompressionBombError` above twice its `MAX_IMAGE_PIXELS` (89,478,485).
+pub const MAX_PIXELS: u64 = 2 * 89_478_485;
+
 /// Everything that can go wrong between a file (or bytes) and pixel values.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -47,6 +50,15 @@ pub enum ImageError {
         name: String,
         #[source]
         source: ::image::ImageError,
+    },
+    /// More pixels than PIL decodes (its decompression-bomb limit, which transformers inherits).
+    #[error(
+        "image {name} is {width}x{height} pixels, more than the {MAX_PIXELS} that PIL opens (a decompression bomb?)"
+    )]
+    TooLarge {
+        name: String,
+        width: u32,
+        height: u32,
     },
     /// A zero-sized image or a zero-sized target cannot be resampled.
     #[error("{what}: empty size {width}x{height}")]

@@ -264,6 +264,26 @@ impl LlamaConfig {
                 ));
             }
         };
+        // Each of these would put NaN or infinity into every rotary angle.
+        if !(theta.is_finite() && theta > 0.0) {
+            return Err(format!("rope_theta must be a positive number, got {theta}"));
+        }
+        let factor = match scaling {
+            RopeScaling::None => 1.0,
+            RopeScaling::Linear(f) | RopeScaling::Llama3 { factor: f, .. } => f,
+        };
+        if !(factor.is_finite() && factor > 0.0) {
+            return Err(format!(
+                "rope scaling `{kind}` needs a positive `factor`, got {factor}"
+            ));
+        }
+        if let RopeScaling::Llama3 {
+            original_max_position_embeddings: 0,
+            ..
+        } = scaling
+        {
+            return Err("rope scaling `llama3` needs original_max_position_embeddings > 0".into());
+        }
         if let RopeScaling::Llama3 {
             low_freq_factor,
             high_freq_factor,
@@ -395,6 +415,11 @@ impl LlavaConfig {
                 v.hidden_act
             ));
         }
+        if self.vision_feature_layer.layers().is_empty() {
+            return Err(
+                "vision_feature_layer is an empty list: no vision features to project".into(),
+            );
+        }
         let n_layers = v.num_hidden_layers as i64;
         for l in self.vision_feature_layer.layers() {
             if l < -(n_layers + 1) || l > n_layers {
@@ -418,10 +443,12 @@ impl LlavaConfig {
                 t.hidden_act
             ));
         }
-        if t.num_attention_heads == 0
-            || t.num_kv_heads() == 0
-            || !t.num_attention_heads.is_multiple_of(t.num_kv_heads())
-        {
+        if t.num_attention_heads == 0 || t.num_kv_heads() == 0 {
+            return Err(
+                "text_config.num_attention_heads and num_key_value_heads must be at least 1".into(),
+            );
+        }
+        if !t.num_attention_heads.is_multiple_of(t.num_kv_heads()) {
             return Err(
                 "text_config.num_attention_heads is not a multiple of num_key_value_heads".into(),
             );
@@ -430,6 +457,16 @@ impl LlavaConfig {
             return Err("text_config head_dim must be even for rotary embeddings".into());
         }
         t.rope().map_err(|e| format!("text_config: {e}"))?;
+        for (field, eps) in [
+            ("text_config.rms_norm_eps", t.rms_norm_eps),
+            ("vision_config.layer_norm_eps", v.layer_norm_eps),
+        ] {
+            if !(eps.is_finite() && eps >= 0.0) {
+                return Err(format!(
+                    "{field} must be a number >= 0, got {eps} (a norm would divide by a negative variance)"
+                ));
+            }
+        }
         if t.attention_window() == Some(0) {
             return Err("text_config.sliding_window is 0: no position could see any".into());
         }
@@ -653,6 +690,15 @@ mod tests {
         )
         .expect_err("an empty band");
         assert!(e.contains("low_freq_factor < high_freq_factor"), "{e}");
+        for bad in [
+            r#"{"factor": 0.0, "rope_type": "linear"}"#,
+            r#"{"factor": -8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "rope_type": "llama3"}"#,
+        ] {
+            let e = text(bad).expect_err("a factor that is not positive");
+            assert!(e.contains("positive `factor`"), "{bad}: {e}");
+        }
+        let e = text(r#"{"rope_theta": 0.0, "rope_type": "default"}"#).expect_err("theta 0");
+        assert!(e.contains("rope_theta"), "{e}");
     }
 
     /// A LLaVA-NeXT or SigLIP checkpoint would load and answer wrongly if it were not refused.
@@ -674,6 +720,10 @@ mod tests {
         let c: LlavaConfig = serde_json::from_str(json).expect("parses");
         let e = c.validate().expect_err("yarn is unsupported");
         assert!(e.contains("yarn"), "{e}");
+        let json = r#"{"vision_config": {"layer_norm_eps": -10.0}, "text_config": {}}"#;
+        let c: LlavaConfig = serde_json::from_str(json).expect("parses");
+        let e = c.validate().expect_err("a negative eps");
+        assert!(e.contains("vision_config.layer_norm_eps"), "{e}");
         let json = r#"{"vision_config": {}, "text_config": {}, "vision_feature_layer": -20}"#;
         let c: LlavaConfig = serde_json::from_str(json).expect("parses");
         assert!(

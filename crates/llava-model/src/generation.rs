@@ -41,10 +41,14 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Self> {
-        let valid = params.temperature >= 0.0 && params.top_p > 0.0 && params.top_p <= 1.0;
+        // An infinite temperature would sample uniformly over the vocabulary.
+        let valid = params.temperature.is_finite()
+            && params.temperature >= 0.0
+            && params.top_p > 0.0
+            && params.top_p <= 1.0;
         if !valid {
             return Err(ModelError::Input(format!(
-                "temperature must be >= 0 and top_p in (0, 1]; got temperature {} and top_p {}",
+                "temperature must be finite and >= 0, and top_p in (0, 1]; got temperature {} and top_p {}",
                 params.temperature, params.top_p
             )));
         }
@@ -57,6 +61,13 @@ impl Sampler {
         let logits: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
         if logits.is_empty() {
             return Err(ModelError::Input("empty logits".into()));
+        }
+        // NaN compares false with everything, so greedy would answer token 0 and sampling
+        // nonsense: a broken weight or config value must not pass for an answer.
+        if logits.iter().any(|l| l.is_nan()) {
+            return Err(ModelError::Input(
+                "the model computed NaN logits: a weight in the checkpoint or a config value (an eps, rope_theta, a rope factor) is not finite or out of range".into(),
+            ));
         }
         if self.params.temperature == 0.0 {
             return Ok(argmax(&logits));
@@ -313,5 +324,26 @@ mod tests {
             })
             .is_err()
         );
+        assert!(
+            Sampler::new(SamplingParams {
+                temperature: f64::INFINITY,
+                ..Default::default()
+            })
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn nan_logits_are_an_error_not_token_zero() {
+        let logits = Tensor::new(&[f32::NAN, 1.0, 2.0], &candle_core::Device::Cpu).expect("tensor");
+        for temperature in [0.0, 0.7] {
+            let mut s = Sampler::new(SamplingParams {
+                temperature,
+                ..Default::default()
+            })
+            .expect("sampler");
+            let e = s.sample(&logits).expect_err("NaN").to_string();
+            assert!(e.contains("NaN"), "{e}");
+        }
     }
 }

@@ -70,8 +70,20 @@ impl Llava {
     /// Input embeddings with `image_features` (`[n_images, seq, hidden]`, in order) placed at the
     /// image-token positions of `input_ids`.
     pub fn embed(&self, input_ids: &[Vec<u32>], image_features: Option<&Tensor>) -> Result<Tensor> {
-        let text = self.language_model.embed(input_ids)?;
         let image_token = self.config.image_token_index;
+        // The decoder embeds ids past its vocabulary as row 0 (the image placeholder may lie
+        // there), so any other such id means the tokenizer and the config disagree.
+        let vocab = self.config.text_config.vocab_size;
+        if let Some(&id) = input_ids
+            .iter()
+            .flatten()
+            .find(|&&i| i != image_token && i as usize >= vocab)
+        {
+            return Err(ModelError::Input(format!(
+                "token id {id} is outside the vocabulary (text_config.vocab_size = {vocab}): the tokenizer and config.json disagree"
+            )));
+        }
+        let text = self.language_model.embed(input_ids)?;
         let positions: usize = input_ids
             .iter()
             .flatten()

@@ -99,6 +99,7 @@ impl SafetensorsFile {
             }
             entries.insert(name, entry);
         }
+        check_layout(&entries, data_len).map_err(bad)?;
         Ok(Self {
             path: path.to_path_buf(),
             file,
@@ -194,6 +195,43 @@ impl SafetensorsFile {
             }
         })
     }
+}
+
+/// The tensors must tile the data exactly, as the safetensors format requires: overlapping or
+/// shared bytes (or a key written twice, whose first bytes are then nobody's) mean a damaged
+/// header, and reading through it would load the wrong numbers without an error.
+fn check_layout(
+    entries: &HashMap<String, Entry>,
+    data_len: u64,
+) -> std::result::Result<(), String> {
+    let mut spans: Vec<(u64, u64, &str)> = entries
+        .iter()
+        .map(|(name, e)| (e.data_offsets[0], e.data_offsets[1], name.as_str()))
+        .collect();
+    spans.sort_unstable();
+    let mut covered = 0;
+    let mut previous = None;
+    for (begin, end, name) in spans {
+        if begin < covered {
+            let other = previous.unwrap_or("?");
+            return Err(format!(
+                "tensors `{other}` and `{name}` share bytes (the header is damaged)"
+            ));
+        }
+        if begin > covered {
+            return Err(format!(
+                "bytes {covered}..{begin} of the data belong to no tensor (the header is damaged, or names a tensor twice)"
+            ));
+        }
+        covered = end;
+        previous = Some(name);
+    }
+    if covered != data_len {
+        return Err(format!(
+            "the tensors end at byte {covered} of the data, but the file holds {data_len}"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(unix)]

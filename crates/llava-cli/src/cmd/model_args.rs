@@ -119,8 +119,16 @@ pub struct SamplingArgs {
     #[arg(long)]
     pub ignore_eos: bool,
     /// Extra text at which to stop (repeatable).
-    #[arg(long = "stop")]
+    #[arg(long = "stop", value_parser = non_empty_stop)]
     pub stop: Vec<String>,
+}
+
+/// An empty stop string would match before the first token.
+fn non_empty_stop(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("a stop string cannot be empty".into());
+    }
+    Ok(s.to_string())
 }
 
 impl SamplingArgs {

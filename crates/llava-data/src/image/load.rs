@@ -69,6 +69,15 @@ pub fn decode_image(bytes: &[u8], name: &str, opts: &LoadOptions) -> Result<RgbI
         });
     }
     let mut decoder = reader.into_decoder().map_err(decode_err)?;
+    // Checked from the header, before a tiny compressed file can ask for gigabytes.
+    let (width, height) = decoder.dimensions();
+    if u64::from(width) * u64::from(height) > super::MAX_PIXELS {
+        return Err(ImageError::TooLarge {
+            name: name.to_string(),
+            width,
+            height,
+        });
+    }
     // A broken EXIF block should not make a decodable image unreadable: treat it as upright.
     let orientation = if opts.apply_exif_orientation {
         decoder
@@ -163,5 +172,50 @@ mod tests {
         assert_eq!(composite_on_white([10, 20, 30, 0]), [255, 255, 255]);
         // Half-transparent black over white is mid grey.
         assert_eq!(composite_on_white([0, 0, 0, 128]), [127, 127, 127]);
+    }
+
+    /// A PNG whose header claims 20000×20000 pixels (with almost no pixel data): refused from the
+    /// header, before anything is allocated for it.
+    #[test]
+    fn a_decompression_bomb_is_refused_from_its_header() {
+        fn crc32(bytes: &[u8]) -> u32 {
+            let mut c = !0u32;
+            for &b in bytes {
+                c ^= u32::from(b);
+                for _ in 0..8 {
+                    c = if c & 1 == 1 {
+                        0xEDB8_8320 ^ (c >> 1)
+                    } else {
+                        c >> 1
+                    };
+                }
+            }
+            !c
+        }
+        let chunk = |kind: &[u8], data: &[u8]| {
+            let mut out = (data.len() as u32).to_be_bytes().to_vec();
+            let body = [kind, data].concat();
+            out.extend(&body);
+            out.extend(crc32(&body).to_be_bytes());
+            out
+        };
+        let side = 20_000u32;
+        let ihdr = [
+            &side.to_be_bytes()[..],
+            &side.to_be_bytes(),
+            &[8, 2, 0, 0, 0],
+        ]
+        .concat();
+        let png = [
+            &b"\x89PNG\r\n\x1a\n"[..],
+            &chunk(b"IHDR", &ihdr),
+            // An empty zlib stream: the decoder opens once it sees image data.
+            &chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]),
+            &chunk(b"IEND", &[]),
+        ]
+        .concat();
+        let e = decode_image(&png, "bomb.png", &LoadOptions::default()).expect_err("too large");
+        assert!(matches!(e, ImageError::TooLarge { .. }), "{e}");
+        assert!(e.to_string().contains("20000x20000"), "{e}");
     }
 }
