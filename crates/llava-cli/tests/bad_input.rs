@@ -234,6 +234,29 @@ fn token_id_outside_the_vocabulary() {
     );
 }
 
+/// A config smaller than its weights runs a truncated model; transformers warns about the
+/// unused weights, and so does llava.
+#[test]
+fn weights_the_config_does_not_use_are_reported() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = scratch_model(&tmp);
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+    config["text_config"]["num_hidden_layers"] = serde_json::json!(2);
+    std::fs::write(&path, config.to_string()).expect("write");
+    let out = generate(&dir, &image(), "Hi");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("not used by the model") && stderr.contains("language_model.layers.2."),
+        "{stderr}"
+    );
+    // The unchanged checkpoint uses every weight it has (CLIP's post-layernorm aside).
+    let out = generate(&fixture_model(), &image(), "Hi");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("not used"));
+}
+
 #[test]
 fn empty_stop_string_and_infinite_temperature() {
     let model = fixture_model();

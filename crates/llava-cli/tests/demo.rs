@@ -34,6 +34,8 @@ fn quick_demo_runs_every_stage_and_resumes() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "demo failed:\n{stderr}");
+    // Each stage loads every weight it was handed.
+    assert!(!stderr.contains("not used by the model"), "{stderr}");
 
     for f in [
         "report.md",

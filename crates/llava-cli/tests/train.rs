@@ -90,11 +90,10 @@ fn first_finetune_loss(model: &Path, data: &Path, output: &Path, extra: &[&str])
 }
 
 fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // Every weight a training run loads is one it uses, whatever it starts from.
+    assert!(!stderr.contains("not used by the model"), "{stderr}");
 }
 
 /// Canonical name → tensor of a checkpoint directory's single safetensors file.

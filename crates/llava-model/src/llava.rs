@@ -24,10 +24,11 @@ impl Llava {
     pub fn load(config: &LlavaConfig, weights: &Weights) -> Result<Self> {
         config.validate().map_err(ModelError::Input)?;
         let layers = config.vision_feature_layer.layers();
+        let vision_layers = layers_needed(&config.vision_config, &layers);
         let vision_tower = ClipVisionTower::load(
             &weights.pp("vision_tower"),
             &config.vision_config,
-            layers_needed(&config.vision_config, &layers),
+            vision_layers,
         )?;
         let multi_modal_projector = MultiModalProjector::load(
             &weights.pp("multi_modal_projector"),
@@ -40,6 +41,15 @@ impl Llava {
             &weights.pp("lm_head"),
             &config.text_config,
         )?;
+        let leftovers = unexpected_unused(config, vision_layers, weights.unused());
+        if let Some(first) = leftovers.first() {
+            // transformers warns about such weights too; here they usually mean a config.json
+            // that describes a smaller model than the files hold.
+            tracing::warn!(
+                "{} tensors in the checkpoint are not used by the model config.json describes (the first is `{first}`): is the config smaller than the weights?",
+                leftovers.len()
+            );
+        }
         Ok(Self {
             vision_tower,
             multi_modal_projector,
@@ -164,4 +174,28 @@ fn check_rectangular(ids: &[Vec<u32>]) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Unread checkpoint tensors that LLaVA leaves unread on purpose are dropped: CLIP's
+/// post-layernorm and the vision layers past the deepest feature layer (which are never run),
+/// and the buffers older checkpoints saved (`rotary_emb.inv_freq`, `position_ids`).
+fn unexpected_unused<'a>(
+    config: &LlavaConfig,
+    vision_layers: usize,
+    unused: Vec<&'a str>,
+) -> Vec<&'a str> {
+    let skipped_layer = |name: &str| {
+        name.strip_prefix("vision_tower.encoder.layers.")
+            .and_then(|rest| rest.split('.').next()?.parse::<usize>().ok())
+            .is_some_and(|i| (vision_layers..config.vision_config.num_hidden_layers).contains(&i))
+    };
+    unused
+        .into_iter()
+        .filter(|name| {
+            !(name.starts_with("vision_tower.post_layernorm.")
+                || name.ends_with("rotary_emb.inv_freq")
+                || name.ends_with("position_ids")
+                || skipped_layer(name))
+        })
+        .collect()
 }

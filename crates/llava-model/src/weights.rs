@@ -79,6 +79,8 @@ pub struct Weights {
     random: Option<std::cell::RefCell<RandomInit>>,
     /// Which canonical names become trainable `Var`s, and the vars made so far.
     trainable: Option<Trainable>,
+    /// Canonical names read so far, so that a checkpoint's leftovers can be reported.
+    used: std::cell::RefCell<std::collections::HashSet<String>>,
 }
 
 /// Trainable weights are loaded as candle `Var`s, which autograd tracks; everything else stays a
@@ -106,6 +108,7 @@ impl Weights {
             device,
             random: None,
             trainable: None,
+            used: Default::default(),
         }
     }
 
@@ -249,6 +252,7 @@ impl Weights {
                 .load_transposed(&loc.stored, self.dtype == DType::BF16)?
         {
             check_shape(name, &t, shape)?;
+            self.used.borrow_mut().insert(name.to_string());
             return Ok(t);
         }
         self.get(name, shape)
@@ -268,7 +272,21 @@ impl Weights {
                     .map(|s| s.dir.clone())
                     .unwrap_or_default(),
             })?;
+        self.used.borrow_mut().insert(name.to_string());
         self.sources[loc.source].shards[loc.shard].load(&loc.stored, &self.device)
+    }
+
+    /// Canonical names in the files that nothing has read, sorted.
+    pub fn unused(&self) -> Vec<&str> {
+        let used = self.used.borrow();
+        let mut names: Vec<&str> = self
+            .index
+            .keys()
+            .filter(|n| !used.contains(n.as_str()))
+            .map(String::as_str)
+            .collect();
+        names.sort_unstable();
+        names
     }
 
     pub fn get_unchecked(&self, name: &str) -> Result<Tensor> {
