@@ -234,6 +234,22 @@ fn token_id_outside_the_vocabulary() {
     );
 }
 
+/// A processor whose crop the tower cannot take is named when the checkpoint loads.
+#[test]
+fn crop_size_that_the_tower_cannot_take() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = scratch_model(&tmp);
+    let path = dir.join("processor_config.json");
+    let mut processor: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+    processor["image_processor"]["crop_size"] = serde_json::json!({"height": 60, "width": 60});
+    std::fs::write(&path, processor.to_string()).expect("write");
+    assert_clean_failure(
+        &generate(&dir, &image(), "Hi"),
+        &["processor_config.json", "crop_size", "60x60"],
+    );
+}
+
 /// A config smaller than its weights runs a truncated model; transformers warns about the
 /// unused weights, and so does llava.
 #[test]

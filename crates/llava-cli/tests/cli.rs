@@ -117,6 +117,33 @@ fn reduced_precision_runs_and_mostly_agrees() {
     }
 }
 
+/// `/image` without a path, and a line that is not UTF-8, are reported or tolerated; neither
+/// ends the chat.
+#[test]
+fn chat_survives_a_bare_image_command_and_a_non_utf8_line() {
+    let mut child = llava()
+        .args(["chat", "--model"])
+        .arg(fixtures().join("llava15-default/model"))
+        .args(["--max-new-tokens", "2"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawns");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"/image\nhi \xff there\nand again?\n/exit\n")
+        .expect("write");
+    let out = child.wait_with_output().expect("waits");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("/image needs a path"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().count(), 2, "two replies: {stdout:?}");
+}
+
 #[test]
 fn chat_keeps_history_and_switches_images() {
     let model = fixtures().join("llava15-default/model");

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use llava_data::conversation::{ConvTemplate, Message};
-use llava_data::image::{ImageAspectRatio, ImageProcessor, PixelValues, PreprocessorConfig};
+use llava_data::image::{
+    ImageAspectRatio, ImageProcessor, PixelValues, PreprocessorConfig, ResizeSize,
+};
 use llava_data::prompt::PromptTemplate;
 use llava_data::tokenizer::{ImageTokens, StreamDecoder, Tokenizer};
 
@@ -296,6 +298,26 @@ pub fn image_processor(
         }
     };
     let config = PreprocessorConfig::from_json_str(&json.to_string(), &path.display().to_string())?;
+    // A fixed output size that the tower cannot take would fail only at the first image, with a
+    // message about tensor shapes.
+    let side = checkpoint.config.vision_config.image_size as u32;
+    let fixed = if config.do_center_crop {
+        Some(("crop_size", config.crop_size.height, config.crop_size.width))
+    } else if let (true, ResizeSize::Exact { height, width }) = (config.do_resize, config.size) {
+        Some(("size", height, width))
+    } else {
+        None
+    };
+    if let Some((field, height, width)) = fixed
+        && (height, width) != (side, side)
+    {
+        return Err(ModelError::config(
+            &path,
+            format!(
+                "`{field}` makes {height}x{width} images, but the vision tower takes {side}x{side} (vision_config.image_size)"
+            ),
+        ));
+    }
     let from_checkpoint = match &checkpoint.layout {
         Layout::Original { .. } => match checkpoint.config.image_aspect_ratio.as_deref() {
             Some(a) => a.parse()?,

@@ -49,15 +49,18 @@ pub fn run(c: ChatCommand) -> Result<()> {
     if interactive {
         eprintln!("llava chat — /image PATH to switch image, /reset to start over, /exit to quit");
     }
-    let mut line = String::new();
+    let mut raw = Vec::new();
     loop {
         if interactive {
             eprint!("USER: ");
         }
-        line.clear();
-        if stdin.lock().read_line(&mut line)? == 0 {
+        raw.clear();
+        if stdin.lock().read_until(b'\n', &mut raw)? == 0 {
             break;
         }
+        // A line that is not UTF-8 (a pasted binary, a wrong terminal encoding) keeps the chat
+        // going, with U+FFFD where the bytes were, instead of ending it.
+        let line = String::from_utf8_lossy(&raw);
         let input = line.trim();
         if input.is_empty() {
             continue;
@@ -71,6 +74,10 @@ pub fn run(c: ChatCommand) -> Result<()> {
             continue;
         }
         if let Some(path) = input.strip_prefix("/image") {
+            if path.trim().is_empty() {
+                eprintln!("error: /image needs a path: /image PATH");
+                continue;
+            }
             let path = PathBuf::from(path.trim());
             // A bad image is reported and the chat goes on with the previous one.
             match pipeline.pixel_values(std::slice::from_ref(&path)) {
@@ -138,7 +145,7 @@ pub fn run(c: ChatCommand) -> Result<()> {
             }
             Err(e) => {
                 // e.g. the context is full: say so and let the user /reset.
-                eprintln!("error: {e}");
+                eprintln!("error: {e} (/reset starts a new conversation)");
                 history.pop();
             }
         }

@@ -54,7 +54,14 @@ struct JsonOutput {
 pub fn run(c: GenerateCommand) -> Result<()> {
     for image in &c.image {
         if !image.is_file() {
-            bail!("--image {}: no such file", image.display());
+            let what = if image.is_dir() {
+                "is a directory, not an image file"
+            } else if image.exists() {
+                "is not a regular file"
+            } else {
+                "no such file"
+            };
+            bail!("--image {}: {what}", image.display());
         }
     }
     let mut pipeline = c.model.load()?;
