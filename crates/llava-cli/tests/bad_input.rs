@@ -108,6 +108,22 @@ fn malformed_config() {
     assert_clean_failure(&generate(&dir, &image(), "Hi"), &["config.json", "JSON"]);
 }
 
+/// Valid JSON with a value of the wrong type: the message names the field's path.
+#[test]
+fn config_field_of_the_wrong_type() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = scratch_model(&tmp);
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+    config["text_config"]["hidden_size"] = serde_json::json!("64");
+    std::fs::write(&path, config.to_string()).expect("write");
+    assert_clean_failure(
+        &generate(&dir, &image(), "Hi"),
+        &["config.json", "field `text_config.hidden_size`"],
+    );
+}
+
 #[test]
 fn unsupported_config_value() {
     let tmp = tempfile::tempdir().expect("tmp");

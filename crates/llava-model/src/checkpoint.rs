@@ -36,11 +36,7 @@ impl Checkpoint {
         let config_path = dir.join("config.json");
         let json = read_json(&config_path)?;
         let (config, layout) = if json.get("vision_config").is_some() {
-            let config: LlavaConfig =
-                serde_json::from_value(json).map_err(|source| ModelError::Json {
-                    path: config_path.clone(),
-                    source,
-                })?;
+            let config: LlavaConfig = typed(json, &config_path)?;
             (config, Layout::Hf)
         } else if json.get("mm_vision_tower").is_some() || json.get("mm_projector_type").is_some() {
             let (config, vision_tower_dir) = original_config(&dir, &json, vision_tower)?;
@@ -207,11 +203,7 @@ fn original_config(
 ) -> Result<(LlavaConfig, PathBuf)> {
     let config_path = dir.join("config.json");
     let bad = |m: String| ModelError::config(&config_path, m);
-    let mut text_config: LlamaConfig =
-        serde_json::from_value(json.clone()).map_err(|source| ModelError::Json {
-            path: config_path.clone(),
-            source,
-        })?;
+    let mut text_config: LlamaConfig = typed(json.clone(), &config_path)?;
     // The original code's `LlavaMistralForCausalLM` is Mistral's decoder, sliding window
     // included; `llava_llama` (and the v0 releases' `llava`) is LLaMA's.
     text_config.model_type = match json.get("model_type").and_then(Value::as_str) {
@@ -250,11 +242,7 @@ fn original_config(
     let clip = read_json(&clip_path)?;
     // A full CLIPModel config nests the tower; a CLIPVisionModel config is the tower.
     let vision_json = clip.get("vision_config").cloned().unwrap_or(clip);
-    let vision_config: ClipVisionConfig =
-        serde_json::from_value(vision_json).map_err(|source| ModelError::Json {
-            path: clip_path,
-            source,
-        })?;
+    let vision_config: ClipVisionConfig = typed(vision_json, &clip_path)?;
     let layer = json
         .get("mm_vision_select_layer")
         .and_then(Value::as_i64)
@@ -303,6 +291,20 @@ fn original_config(
         architectures: None,
     };
     Ok((config, vision_tower_dir))
+}
+
+/// A config struct from parsed JSON; a value of the wrong type is reported with its field's
+/// path (`text_config.hidden_size`), which serde alone leaves out.
+fn typed<T: serde::de::DeserializeOwned>(json: Value, path: &Path) -> Result<T> {
+    serde_path_to_error::deserialize(json).map_err(|e| {
+        let field = e.path().to_string();
+        let message = if field == "." {
+            e.inner().to_string()
+        } else {
+            format!("field `{field}`: {}", e.inner())
+        };
+        ModelError::config(path, message)
+    })
 }
 
 /// `linear` → 1, `mlp2x_gelu` → 2, `mlpNx_gelu` → N.
