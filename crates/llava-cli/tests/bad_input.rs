@@ -469,3 +469,34 @@ fn stage_one_with_im_start_end_is_refused() {
     ]);
     assert_clean_failure(&out, &["stage 1", "mm_use_im_start_end", "not supported"]);
 }
+
+/// In the original layout the tower's fields live in the CLIP directory's config, and the
+/// message names that file.
+#[test]
+fn original_layout_tower_config_is_the_one_named() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model = scratch_copy(&tmp, &original_layout().join("model"));
+    let clip = tmp.path().join("clip");
+    std::fs::create_dir_all(&clip).expect("mkdir");
+    for entry in std::fs::read_dir(original_layout().join("clip")).expect("clip") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), clip.join(entry.file_name())).expect("copy");
+    }
+    let path = clip.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+    config["patch_size"] = serde_json::json!(7);
+    std::fs::write(&path, config.to_string()).expect("write");
+    let out = llava(&[
+        "generate",
+        "--model",
+        &model.to_string_lossy(),
+        "--vision-tower",
+        &clip.to_string_lossy(),
+        "--image",
+        &image().to_string_lossy(),
+        "--prompt",
+        "Hi",
+    ]);
+    assert_clean_failure(&out, &["clip/config.json", "patch_size 7"]);
+}

@@ -47,9 +47,18 @@ impl Checkpoint {
                 "is not a LLaVA config: it has neither `vision_config` (HF layout) nor `mm_vision_tower` (original layout)",
             ));
         };
-        config
-            .validate()
-            .map_err(|m| ModelError::config(&config_path, m))?;
+        config.validate().map_err(|m| match &layout {
+            // The original layout's tower fields come from the CLIP directory's config, and
+            // its feature layer from `mm_vision_select_layer`.
+            Layout::Original { vision_tower_dir } if m.starts_with("vision_config.") => {
+                ModelError::config(&vision_tower_dir.join("config.json"), m)
+            }
+            Layout::Original { .. } => ModelError::config(
+                &config_path,
+                m.replace("vision_feature_layer", "mm_vision_select_layer"),
+            ),
+            Layout::Hf => ModelError::config(&config_path, m),
+        })?;
         Ok(Self {
             dir,
             config,
