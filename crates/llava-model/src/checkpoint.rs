@@ -51,7 +51,7 @@ impl Checkpoint {
             // The original layout's tower fields come from the CLIP directory's config, and
             // its feature layer from `mm_vision_select_layer`.
             Layout::Original { vision_tower_dir } if m.starts_with("vision_config.") => {
-                ModelError::config(&vision_tower_dir.join("config.json"), m)
+                ModelError::config(vision_tower_dir.join("config.json"), m)
             }
             Layout::Original { .. } => ModelError::config(
                 &config_path,
