@@ -19,13 +19,17 @@ fn scratch_model(tmp: &tempfile::TempDir) -> PathBuf {
 
 /// A scratch copy of the checkpoint directory `from`, as `tmp/model`.
 fn scratch_copy(tmp: &tempfile::TempDir, from: &Path) -> PathBuf {
-    let dir = tmp.path().join("model");
-    std::fs::create_dir_all(&dir).expect("mkdir");
+    copy_dir(from, &tmp.path().join("model"))
+}
+
+/// Copies the files of `from` into a new directory `to`.
+fn copy_dir(from: &Path, to: &Path) -> PathBuf {
+    std::fs::create_dir_all(to).expect("mkdir");
     for entry in std::fs::read_dir(from).expect("fixture") {
         let entry = entry.expect("entry");
-        std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy");
+        std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
     }
-    dir
+    to.to_path_buf()
 }
 
 fn llava(args: &[&str]) -> Output {
@@ -113,11 +117,9 @@ fn malformed_config() {
 fn config_field_of_the_wrong_type() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = scratch_model(&tmp);
-    let path = dir.join("config.json");
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
-    config["text_config"]["hidden_size"] = serde_json::json!("64");
-    std::fs::write(&path, config.to_string()).expect("write");
+    edit_json(&dir.join("config.json"), |config| {
+        config["text_config"]["hidden_size"] = serde_json::json!("64");
+    });
     assert_clean_failure(
         &generate(&dir, &image(), "Hi"),
         &["config.json", "field `text_config.hidden_size`"],
@@ -186,6 +188,14 @@ fn garbage_safetensors() {
     assert_clean_failure(&generate(&dir, &image(), "Hi"), &["model.safetensors"]);
 }
 
+/// Rewrites a scratch JSON file through `edit`.
+fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("read")).expect("json");
+    edit(&mut json);
+    std::fs::write(path, json.to_string()).expect("write");
+}
+
 /// Rewrites a scratch `model.safetensors`: `edit` gets its header (JSON) and data bytes.
 fn edit_safetensors(dir: &Path, edit: impl FnOnce(&mut serde_json::Value, &mut Vec<u8>)) {
     let path = dir.join("model.safetensors");
@@ -239,11 +249,9 @@ fn nan_weights_are_reported() {
 fn token_id_outside_the_vocabulary() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = scratch_model(&tmp);
-    let path = dir.join("tokenizer.json");
-    let mut tok: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
-    tok["post_processor"]["special_tokens"]["<s>"]["ids"] = serde_json::json!([5000]);
-    std::fs::write(&path, tok.to_string()).expect("write");
+    edit_json(&dir.join("tokenizer.json"), |tok| {
+        tok["post_processor"]["special_tokens"]["<s>"]["ids"] = serde_json::json!([5000]);
+    });
     assert_clean_failure(
         &generate(&dir, &image(), "Hi"),
         &["token id 5000", "vocab_size"],
@@ -255,11 +263,9 @@ fn token_id_outside_the_vocabulary() {
 fn crop_size_that_the_tower_cannot_take() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = scratch_model(&tmp);
-    let path = dir.join("processor_config.json");
-    let mut processor: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
-    processor["image_processor"]["crop_size"] = serde_json::json!({"height": 60, "width": 60});
-    std::fs::write(&path, processor.to_string()).expect("write");
+    edit_json(&dir.join("processor_config.json"), |processor| {
+        processor["image_processor"]["crop_size"] = serde_json::json!({"height": 60, "width": 60});
+    });
     assert_clean_failure(
         &generate(&dir, &image(), "Hi"),
         &["processor_config.json", "crop_size", "60x60"],
@@ -272,11 +278,9 @@ fn crop_size_that_the_tower_cannot_take() {
 fn weights_the_config_does_not_use_are_reported() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = scratch_model(&tmp);
-    let path = dir.join("config.json");
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
-    config["text_config"]["num_hidden_layers"] = serde_json::json!(2);
-    std::fs::write(&path, config.to_string()).expect("write");
+    edit_json(&dir.join("config.json"), |config| {
+        config["text_config"]["num_hidden_layers"] = serde_json::json!(2);
+    });
     let out = generate(&dir, &image(), "Hi");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -320,12 +324,7 @@ fn missing_shard_named_by_index() {
     let tmp = tempfile::tempdir().expect("tmp");
     let src = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/models/llava15-full-gqa-sharded/model");
-    let dir = tmp.path().join("model");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    for entry in std::fs::read_dir(src).expect("fixture") {
-        let entry = entry.expect("entry");
-        std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy");
-    }
+    let dir = scratch_copy(&tmp, &src);
     std::fs::remove_file(dir.join("model-00002-of-00005.safetensors")).expect("rm");
     assert_clean_failure(
         &generate(&dir, &image(), "Hi"),
@@ -476,17 +475,10 @@ fn stage_one_with_im_start_end_is_refused() {
 fn original_layout_tower_config_is_the_one_named() {
     let tmp = tempfile::tempdir().expect("tmp");
     let model = scratch_copy(&tmp, &original_layout().join("model"));
-    let clip = tmp.path().join("clip");
-    std::fs::create_dir_all(&clip).expect("mkdir");
-    for entry in std::fs::read_dir(original_layout().join("clip")).expect("clip") {
-        let entry = entry.expect("entry");
-        std::fs::copy(entry.path(), clip.join(entry.file_name())).expect("copy");
-    }
-    let path = clip.join("config.json");
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
-    config["patch_size"] = serde_json::json!(7);
-    std::fs::write(&path, config.to_string()).expect("write");
+    let clip = copy_dir(&original_layout().join("clip"), &tmp.path().join("clip"));
+    edit_json(&clip.join("config.json"), |config| {
+        config["patch_size"] = serde_json::json!(7);
+    });
     let out = llava(&[
         "generate",
         "--model",
