@@ -278,22 +278,22 @@ impl LlamaConfig {
             ));
         }
         if let RopeScaling::Llama3 {
-            original_max_position_embeddings: 0,
-            ..
-        } = scaling
-        {
-            return Err("rope scaling `llama3` needs original_max_position_embeddings > 0".into());
-        }
-        if let RopeScaling::Llama3 {
             low_freq_factor,
             high_freq_factor,
+            original_max_position_embeddings,
             ..
         } = scaling
-            && !(high_freq_factor > low_freq_factor && low_freq_factor > 0.0)
         {
-            return Err(format!(
-                "rope scaling `llama3` needs 0 < low_freq_factor < high_freq_factor, got {low_freq_factor} and {high_freq_factor}"
-            ));
+            if original_max_position_embeddings == 0 {
+                return Err(
+                    "rope scaling `llama3` needs original_max_position_embeddings > 0".into(),
+                );
+            }
+            if !(high_freq_factor > low_freq_factor && low_freq_factor > 0.0) {
+                return Err(format!(
+                    "rope scaling `llama3` needs 0 < low_freq_factor < high_freq_factor, got {low_freq_factor} and {high_freq_factor}"
+                ));
+            }
         }
         Ok(Rope { theta, scaling })
     }

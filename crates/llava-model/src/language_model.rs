@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::attention;
-use crate::config::{LlamaConfig, Rope};
+use crate::config::LlamaConfig;
 use crate::cuda_kernels;
 use crate::error::{ModelError, Result};
 use crate::nn::{Activation, Linear, Mode, RmsNorm, rope, softmax_last_dim};
@@ -209,8 +209,9 @@ pub struct LlamaModel {
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     pub lm_head: Linear,
-    rope: Rope,
-    head_dim: usize,
+    /// The rotary embedding's inverse frequencies `[1, head_dim / 2]` (f32), fixed by the
+    /// config, so made once and not at every decoded token.
+    inv_freq: Tensor,
     pub config: LlamaConfig,
 }
 
@@ -229,15 +230,16 @@ impl LlamaModel {
         } else {
             Linear::load(lm_head, c.hidden_size, c.vocab_size, false)?
         };
-        let rope = c.rope().map_err(ModelError::Input)?;
+        let half = c.head_dim() / 2;
+        let inv_freq = c.rope().map_err(ModelError::Input)?.inv_freq(c.head_dim());
+        let inv_freq = Tensor::from_vec(inv_freq, (1, half), embed_tokens.device())?;
         cuda_kernels::prepare(embed_tokens.device())?;
         Ok(Self {
             embed_tokens,
             layers,
             norm: RmsNorm::load(&w.pp("norm"), c.hidden_size, c.rms_norm_eps)?,
             lm_head,
-            rope,
-            head_dim: c.head_dim(),
+            inv_freq,
             config: c.clone(),
         })
     }
@@ -268,11 +270,9 @@ impl LlamaModel {
 
     /// cos/sin for positions `offset..offset+len`, computed in f32 as transformers does.
     fn rotary(&self, offset: usize, len: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
-        let d = self.head_dim;
-        let inv_freq = Tensor::from_vec(self.rope.inv_freq(d), (1, d / 2), self.device())?;
         let pos: Vec<f32> = (offset..offset + len).map(|p| p as f32).collect();
         let pos = Tensor::from_vec(pos, (len, 1), self.device())?;
-        let freqs = pos.broadcast_mul(&inv_freq)?;
+        let freqs = pos.broadcast_mul(&self.inv_freq)?;
         Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
     }
 
