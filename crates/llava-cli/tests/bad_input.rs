@@ -126,6 +126,20 @@ fn config_field_of_the_wrong_type() {
     );
 }
 
+/// `generation_config.json` holds the stop ids; a broken one is named, not skipped.
+#[test]
+fn generation_config_stop_ids_of_the_wrong_type() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = scratch_model(&tmp);
+    edit_json(&dir.join("generation_config.json"), |config| {
+        config["eos_token_id"] = serde_json::json!("</s>");
+    });
+    assert_clean_failure(
+        &generate(&dir, &image(), "Hi"),
+        &["generation_config.json", "field `eos_token_id`"],
+    );
+}
+
 #[test]
 fn unsupported_config_value() {
     let tmp = tempfile::tempdir().expect("tmp");

@@ -62,6 +62,46 @@ fn generate_json_reports_transformers_greedy_tokens() {
     assert!(json["text"].is_string());
 }
 
+/// transformers' `generate` stops at the ids in `generation_config.json` (Llama 3 chat models
+/// list `<|eot_id|>` there): here the fourth greedy token, which then ends the reply and, as in
+/// transformers, is the last of its ids.
+#[test]
+fn generation_config_eos_ids_stop_generation() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    for entry in std::fs::read_dir(fixtures().join("llava15-default/model")).expect("fixture") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).expect("copy");
+    }
+    let greedy: Vec<u64> =
+        serde_json::from_value(expected("llava15-default")["greedy_tokens"].clone()).expect("ids");
+    // The first occurrence must be the fourth token, or the stop would come earlier.
+    assert_eq!(greedy.iter().position(|&t| t == greedy[3]), Some(3));
+    let write = |eos: serde_json::Value| {
+        let config =
+            serde_json::json!({"bos_token_id": 1, "eos_token_id": eos, "pad_token_id": 601});
+        std::fs::write(
+            tmp.path().join("generation_config.json"),
+            config.to_string(),
+        )
+        .expect("write");
+    };
+    let model = tmp.path().to_string_lossy().to_string();
+    write(serde_json::json!([greedy[3], 2]));
+    let json = generate_json(&model, 20, &[]);
+    assert_eq!(json["token_ids"], serde_json::json!(greedy[..4]));
+    // A single id, as LLaMA 2 checkpoints write it.
+    write(serde_json::json!(greedy[3]));
+    assert_eq!(
+        generate_json(&model, 20, &[])["token_ids"],
+        serde_json::json!(greedy[..4])
+    );
+    // `--ignore-eos` still runs on.
+    assert_eq!(
+        generate_json(&model, 20, &["--ignore-eos"])["token_ids"],
+        serde_json::json!(greedy)
+    );
+}
+
 #[test]
 fn hub_id_resolves_from_the_local_cache() {
     let cache = tempfile::tempdir().expect("tmp");

@@ -7,7 +7,9 @@ use candle_core::{DType, Device};
 use llava_data::tokenizer::{IM_END, IM_START, ImageTokens, Tokenizer};
 use serde_json::Value;
 
-use crate::config::{ClipVisionConfig, FeatureLayer, LlamaConfig, LlavaConfig, SelectStrategy};
+use crate::config::{
+    ClipVisionConfig, FeatureLayer, GenerationConfig, LlamaConfig, LlavaConfig, SelectStrategy,
+};
 use crate::error::{ModelError, Result};
 use crate::llava::Llava;
 use crate::weights::{Weights, clip_vision_name, hf_llava_name, original_llava_name};
@@ -124,6 +126,20 @@ impl Checkpoint {
             }
         }
         Ok(image_tokens)
+    }
+
+    /// The ids at which generation stops. As in transformers, `generation_config.json` comes
+    /// first, then the model's config. Where `generation_config.json` names no
+    /// `eos_token_id`, transformers would not stop at all; the config's is taken instead.
+    pub fn eos_token_ids(&self) -> Result<Vec<u32>> {
+        let path = self.dir.join("generation_config.json");
+        if path.is_file() {
+            let generation: GenerationConfig = typed(read_json(&path)?, &path)?;
+            if let Some(ids) = generation.eos_token_id {
+                return Ok(ids.ids());
+            }
+        }
+        Ok(self.config.text_config.eos_ids())
     }
 
     /// The directory holding `preprocessor_config.json`: the CLIP directory in the original layout.

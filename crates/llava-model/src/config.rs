@@ -97,7 +97,7 @@ pub struct RopeParameters {
 
 /// `eos_token_id` is an int in LLaMA configs and a list in some newer ones.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a token id or a list of token ids")]
 pub enum TokenIds {
     One(u32),
     Many(Vec<u32>),
@@ -110,6 +110,15 @@ impl TokenIds {
             TokenIds::Many(v) => v.clone(),
         }
     }
+}
+
+/// `generation_config.json`, which transformers' `generate` reads before the model's config.
+/// Only its stop tokens are taken: Llama 3 chat models list `<|eot_id|>` there and nowhere
+/// else. Sampling comes from the command line, as in the original LLaVA's scripts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GenerationConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<TokenIds>,
 }
 
 /// The LLaMA/Vicuna language model (`LlamaConfig`).

@@ -77,7 +77,7 @@ impl Pipeline {
         )?;
         let image_processor = image_processor(&checkpoint, opts.image_aspect_ratio)?;
         let image_tokens = checkpoint.image_tokens(&tokenizer)?;
-        let mut eos_token_ids = checkpoint.config.text_config.eos_ids();
+        let mut eos_token_ids = checkpoint.eos_token_ids()?;
         if let Some(id) = tokenizer
             .eos_token_id
             .filter(|id| !eos_token_ids.contains(id))
