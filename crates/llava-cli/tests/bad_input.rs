@@ -349,6 +349,32 @@ fn missing_shard_named_by_index() {
     );
 }
 
+/// An index entry pointing at the wrong shard is the index's fault, and is named as such.
+#[test]
+fn index_maps_a_tensor_to_the_wrong_shard() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models/llava15-full-gqa-sharded/model");
+    let dir = scratch_copy(&tmp, &src);
+    let name = "model.language_model.layers.0.mlp.up_proj.weight";
+    edit_json(&dir.join("model.safetensors.index.json"), |index| {
+        assert!(
+            index["weight_map"][name].is_string(),
+            "the fixture stores {name}"
+        );
+        index["weight_map"][name] = serde_json::json!("model-00005-of-00005.safetensors");
+    });
+    assert_clean_failure(
+        &generate(&dir, &image(), "Hi"),
+        &[
+            "model.safetensors.index.json",
+            name,
+            "model-00005-of-00005.safetensors",
+            "does not hold it",
+        ],
+    );
+}
+
 #[test]
 fn tensor_of_wrong_shape() {
     let tmp = tempfile::tempdir().expect("tmp");

@@ -172,8 +172,12 @@ impl Weights {
     /// Adds the weight files of a checkpoint directory (safetensors, else PyTorch `.bin`),
     /// renaming each tensor.
     pub fn add_dir(&mut self, dir: &Path, rename: Renamer) -> Result<()> {
-        let files = weight_files(dir)?;
-        self.add_files(dir, files, rename)
+        let WeightFiles { paths, index } = weight_files(dir)?;
+        self.add_files(dir, paths, rename)?;
+        match (index, self.sources.last()) {
+            (Some(index), Some(source)) => index.check(&source.shards),
+            _ => Ok(()),
+        }
     }
 
     /// Adds one weight file (e.g. a stage-1 `projector.safetensors`, or the original's
@@ -396,11 +400,50 @@ pub fn activation_dtype(weights: DType, device: &Device) -> DType {
     }
 }
 
+/// The weight files of a directory, and the index that named them, if any.
+struct WeightFiles {
+    paths: Vec<PathBuf>,
+    index: Option<ShardIndex>,
+}
+
+/// A `*.index.json`: which shard holds each stored tensor name.
+struct ShardIndex {
+    path: PathBuf,
+    /// The shards it names, in the order of [`WeightFiles::paths`].
+    files: Vec<String>,
+    weight_map: Vec<(String, String)>,
+}
+
+impl ShardIndex {
+    /// Every tensor must be in the shard the index names: a wrong entry is the index's fault,
+    /// and would otherwise surface as a "missing" weight that names no file.
+    fn check(&self, shards: &[Shard]) -> Result<()> {
+        let held: HashMap<&str, std::collections::HashSet<&str>> = self
+            .files
+            .iter()
+            .zip(shards)
+            .map(|(f, s)| (f.as_str(), s.names().into_iter().collect()))
+            .collect();
+        for (name, file) in &self.weight_map {
+            if !held
+                .get(file.as_str())
+                .is_some_and(|names| names.contains(name.as_str()))
+            {
+                return Err(ModelError::config(
+                    &self.path,
+                    format!("maps `{name}` to `{file}`, which does not hold it"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The weight files of a directory. safetensors first: those its index names, else
 /// `model.safetensors`, else every `*.safetensors` file. Then the same for PyTorch `.bin`
 /// (`pytorch_model.bin.index.json`, `pytorch_model.bin`, every `*.bin`), the format of the
 /// original LLaVA releases.
-fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+fn weight_files(dir: &Path) -> Result<WeightFiles> {
     for (index, single, extension) in [
         (
             "model.safetensors.index.json",
@@ -415,7 +458,10 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         }
         let single = dir.join(single);
         if single.is_file() {
-            return Ok(vec![single]);
+            return Ok(WeightFiles {
+                paths: vec![single],
+                index: None,
+            });
         }
         let entries = std::fs::read_dir(dir).map_err(|source| ModelError::Io {
             path: dir.to_path_buf(),
@@ -429,7 +475,7 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
             .collect();
         if !paths.is_empty() {
             paths.sort();
-            return Ok(paths);
+            return Ok(WeightFiles { paths, index: None });
         }
     }
     Err(ModelError::config(
@@ -439,7 +485,7 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// The shards a `*.index.json` names in its `weight_map`, each checked to exist.
-fn indexed_files(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
+fn indexed_files(dir: &Path, index: &Path) -> Result<WeightFiles> {
     let text = std::fs::read_to_string(index).map_err(|source| ModelError::Io {
         path: index.to_path_buf(),
         source,
@@ -454,15 +500,17 @@ fn indexed_files(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
         .and_then(|m| m.as_object())
         .ok_or_else(|| ModelError::config(index, "has no `weight_map` object"))?;
     let mut files = BTreeSet::new();
-    for file in map.values() {
+    let mut weight_map = Vec::with_capacity(map.len());
+    for (name, file) in map {
         let file = file
             .as_str()
             .ok_or_else(|| ModelError::config(index, "`weight_map` values must be file names"))?;
         files.insert(file.to_string());
+        weight_map.push((name.clone(), file.to_string()));
     }
     let mut paths = Vec::new();
-    for f in files {
-        let p = dir.join(&f);
+    for f in &files {
+        let p = dir.join(f);
         if !p.is_file() {
             return Err(ModelError::config(
                 index,
@@ -471,7 +519,14 @@ fn indexed_files(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
         }
         paths.push(p);
     }
-    Ok(paths)
+    Ok(WeightFiles {
+        paths,
+        index: Some(ShardIndex {
+            path: index.to_path_buf(),
+            files: files.into_iter().collect(),
+            weight_map,
+        }),
+    })
 }
 
 /// HF llava layout, any transformers version: strips `model.` (4.52+), `vision_model.` and the
