@@ -80,7 +80,7 @@ fn main() -> std::process::ExitCode {
 
 /// The error and its causes on one line, as `{:#}` writes them, but without a cause that an
 /// earlier message already quotes (our error types name their source in their own text).
-fn one_line(e: &anyhow::Error) -> String {
+pub(crate) fn one_line(e: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in e.chain() {
         let text = cause.to_string();

@@ -3,6 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod common;
+
 fn fixture_model() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/llava15-default/model")
 }
@@ -71,6 +73,49 @@ fn fixture_generates() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// An image URL that answers 404, answers with something that is not an image, or does not
+/// answer: each is named, with the URL.
+#[test]
+fn image_url_that_fails() {
+    let missing = format!(
+        "{}/gone.png",
+        common::serve("404 Not Found", b"no".to_vec())
+    );
+    assert_clean_failure(
+        &llava_image_url(&missing),
+        &[missing.as_str(), "404 Not Found"],
+    );
+    let html = format!(
+        "{}/page",
+        common::serve("200 OK", b"<html></html>".to_vec())
+    );
+    assert_clean_failure(&llava_image_url(&html), &[html.as_str()]);
+    // A port that was free a moment ago: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let refused = format!("http://127.0.0.1:{port}/a.png");
+    assert_clean_failure(
+        &llava_image_url(&refused),
+        &["cannot download", refused.as_str()],
+    );
+}
+
+fn llava_image_url(url: &str) -> Output {
+    llava(&[
+        "generate",
+        "--model",
+        &fixture_model().to_string_lossy(),
+        "--image",
+        url,
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "2",
+    ])
 }
 
 #[test]

@@ -5,6 +5,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+mod common;
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models")
 }
@@ -145,6 +147,32 @@ fn hub_id_resolves_from_the_local_cache() {
     );
 }
 
+/// The original LLaVA's flags (`--model-path`, `--image-file`, `--query`) with an image URL:
+/// the same greedy tokens as transformers gives for the file.
+#[test]
+fn image_url_and_the_original_flag_names() {
+    let png = std::fs::read(fixtures().join("images/shapes_64x48.png")).expect("png");
+    let url = format!("{}/shapes.png", common::serve("200 OK", png));
+    let out = llava()
+        .args(["generate", "--model-path"])
+        .arg(fixtures().join("llava15-default/model"))
+        .args(["--image-file", &url])
+        .args(["--query", "What shapes can you see in the image?"])
+        .args(["--max-new-tokens", "20", "--json"])
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        json["token_ids"],
+        expected("llava15-default")["greedy_tokens"]
+    );
+}
+
 #[test]
 fn reduced_precision_runs_and_mostly_agrees() {
     let model = fixtures().join("llava15-default/model");
@@ -245,6 +273,42 @@ fn chat_keeps_history_and_switches_images() {
     assert!(reused[1] > 25, "the first prompt, image included: {stderr}");
     assert_eq!(reused[2], 0, "a new image starts over: {stderr}");
     assert!(reused[3] > 25, "{stderr}");
+}
+
+/// `/image URL` in a chat gives the same reply as `/image PATH` for the same picture.
+#[test]
+fn chat_takes_an_image_url() {
+    let path = fixtures().join("images/tall_40x60.png");
+    let url = format!(
+        "{}/tall.png",
+        common::serve("200 OK", std::fs::read(&path).expect("png"))
+    );
+    let chat = |image: &str| {
+        let mut child = llava()
+            .args(["chat", "--model"])
+            .arg(fixtures().join("llava15-default/model"))
+            .args(["--max-new-tokens", "6"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawns");
+        let script = format!("/image {image}\nWhat is in the picture?\n/exit\n");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(script.as_bytes())
+            .expect("write");
+        let out = child.wait_with_output().expect("waits");
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{stderr}");
+        assert!(stderr.contains(&format!("(image: {image})")), "{stderr}");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let from_file = chat(&path.to_string_lossy());
+    assert!(!from_file.trim().is_empty(), "a reply");
+    assert_eq!(chat(&url), from_file);
 }
 
 #[test]

@@ -6,21 +6,22 @@
 //! its own tokens, and the image goes through the vision tower once.
 
 use std::io::{BufRead, Write};
-use std::path::PathBuf;
 
 use anyhow::Result;
 use llava_data::conversation::Message;
 use llava_model::prompt_cache::PromptCache;
 
+use super::image_source::{self, ImageSource};
 use super::model_args::{ModelArgs, SamplingArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct ChatCommand {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// The image to talk about (optional; `/image PATH` sets or changes it).
-    #[arg(long)]
-    pub image: Option<PathBuf>,
+    /// The image to talk about, a file or http(s) URL (optional; `/image PATH` sets or changes
+    /// it). Alias: --image-file.
+    #[arg(long, alias = "image-file", value_parser = ImageSource::parse)]
+    pub image: Option<ImageSource>,
     /// System prompt for named templates that have one.
     #[arg(long)]
     pub system: Option<String>,
@@ -36,11 +37,10 @@ pub fn run(c: ChatCommand) -> Result<()> {
     if c.sampling.ignore_eos {
         pipeline.eos_token_ids.clear();
     }
-    let mut image = c.image.clone();
-    let mut pixels = match &image {
-        Some(p) => pipeline.pixel_values(std::slice::from_ref(p))?,
-        None => None,
-    };
+    if let Some(image) = &c.image {
+        image.check()?;
+    }
+    let mut pixels = image_source::pixel_values(&pipeline, c.image.as_slice())?;
     let mut history: Vec<Message> = c.system.iter().map(Message::system).collect();
     let mut cache = PromptCache::new();
     let stdin = std::io::stdin();
@@ -78,23 +78,19 @@ pub fn run(c: ChatCommand) -> Result<()> {
                 eprintln!("error: /image needs a path: /image PATH");
                 continue;
             }
-            let path = PathBuf::from(path.trim());
             // A bad image is reported and the chat goes on with the previous one.
-            match pipeline.pixel_values(std::slice::from_ref(&path)) {
-                Ok(p) => {
+            let image = ImageSource::parse(path.trim()).map_err(anyhow::Error::msg);
+            match image.and_then(|image| {
+                let p = image_source::pixel_values(&pipeline, std::slice::from_ref(&image))?;
+                Ok((image, p))
+            }) {
+                Ok((image, p)) => {
                     pixels = p;
-                    image = Some(path);
                     history.retain(|m| m.role == llava_data::conversation::Role::System);
                     cache.clear();
-                    eprintln!(
-                        "(image: {})",
-                        image
-                            .as_ref()
-                            .map(|p| p.display().to_string())
-                            .unwrap_or_default()
-                    );
+                    eprintln!("(image: {image})");
                 }
-                Err(e) => eprintln!("error: {e}"),
+                Err(e) => eprintln!("error: {}", crate::one_line(&e)),
             }
             continue;
         }

@@ -1,23 +1,24 @@
 //! `llava generate`: one prompt (with an optional image) in, the model's answer out.
 
 use std::io::Write;
-use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use llava_data::conversation::Message;
 use serde::Serialize;
 
+use super::image_source::{self, ImageSource};
 use super::model_args::{ModelArgs, SamplingArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct GenerateCommand {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Image file (png, jpeg, gif, webp, bmp). Repeat for several images, in prompt order.
-    #[arg(long)]
-    pub image: Vec<PathBuf>,
-    /// The user's question; the checkpoint's chat template is applied.
-    #[arg(long)]
+    /// Image file (png, jpeg, gif, webp, bmp) or http(s) URL. Repeat for several images, in
+    /// prompt order. Alias: --image-file.
+    #[arg(long, alias = "image-file", value_parser = ImageSource::parse)]
+    pub image: Vec<ImageSource>,
+    /// The user's question; the checkpoint's chat template is applied. Alias: --query.
+    #[arg(long, alias = "query")]
     pub prompt: String,
     /// Take --prompt verbatim (no template); `<image>` marks where each image goes.
     #[arg(long)]
@@ -53,16 +54,7 @@ struct JsonOutput {
 
 pub fn run(c: GenerateCommand) -> Result<()> {
     for image in &c.image {
-        if !image.is_file() {
-            let what = if image.is_dir() {
-                "is a directory, not an image file"
-            } else if image.exists() {
-                "is not a regular file"
-            } else {
-                "no such file"
-            };
-            bail!("--image {}: {what}", image.display());
-        }
+        image.check()?;
     }
     let mut pipeline = c.model.load()?;
     if c.sampling.ignore_eos {
@@ -83,7 +75,7 @@ pub fn run(c: GenerateCommand) -> Result<()> {
     };
     tracing::info!(template = %pipeline.template.describe(), "prompt: {prompt:?}");
     let input_ids = pipeline.encode(&prompt)?;
-    let pixel_values = pipeline.pixel_values(&c.image)?;
+    let pixel_values = image_source::pixel_values(&pipeline, &c.image)?;
     for _ in 0..c.warmup {
         pipeline.generate(
             &input_ids,

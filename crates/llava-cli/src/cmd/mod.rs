@@ -5,6 +5,7 @@ pub mod data;
 pub mod demo;
 pub mod eval;
 pub mod generate;
+pub mod image_source;
 pub mod init;
 pub mod instruct;
 pub mod model_args;

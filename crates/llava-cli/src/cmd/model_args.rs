@@ -13,8 +13,8 @@ use llava_model::{DType, Device};
 #[derive(clap::Args, Debug, Clone)]
 pub struct CheckpointArgs {
     /// Checkpoint directory (HF llava layout or original LLaVA layout), or a hub id already in
-    /// the local Hugging Face cache.
-    #[arg(long)]
+    /// the local Hugging Face cache. Alias: --model-path.
+    #[arg(long, alias = "model-path")]
     pub model: String,
     /// CLIP directory for original-layout checkpoints whose `mm_vision_tower` is not local.
     #[arg(long)]
