@@ -10,4 +10,5 @@ pub mod image;
 pub mod prompt;
 pub mod record;
 pub mod sample;
+pub mod sentencepiece;
 pub mod tokenizer;

@@ -53,21 +53,39 @@ pub struct Tokenizer {
 }
 
 impl Tokenizer {
-    /// Loads `dir/tokenizer.json`, with special-token strings from `tokenizer_config.json`.
+    /// Loads `dir/tokenizer.json`, else converts `dir/tokenizer.model`, with special-token
+    /// strings from `tokenizer_config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self, TokenizerError> {
         let path = dir.join("tokenizer.json");
-        if !path.is_file() {
+        let sentencepiece = dir.join("tokenizer.model");
+        let config = read_optional_json(&dir.join("tokenizer_config.json"))?;
+        let inner = if path.is_file() {
+            tokenizers::Tokenizer::from_file(&path).map_err(|e| TokenizerError::Load {
+                path: path.clone(),
+                message: e.to_string(),
+            })?
+        } else if sentencepiece.is_file() {
+            // The original LLaVA releases: a SentencePiece model, no tokenizer.json.
+            let added = read_optional_json(&dir.join("added_tokens.json"))?;
+            let json = crate::sentencepiece::tokenizer_json(
+                &sentencepiece,
+                config.as_ref(),
+                added.as_ref(),
+            )?;
+            json.to_string()
+                .parse::<tokenizers::Tokenizer>()
+                .map_err(|e| TokenizerError::Load {
+                    path: sentencepiece.clone(),
+                    message: format!("cannot be converted: {e}"),
+                })?
+        } else {
             return Err(TokenizerError::Load {
                 path,
-                message: "missing (a tokenizer.json is required; slow-tokenizer-only checkpoints must be converted)"
-                    .into(),
+                message:
+                    "missing, and there is no tokenizer.model (SentencePiece) beside it either"
+                        .into(),
             });
-        }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| TokenizerError::Load {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        let config = read_optional_json(&dir.join("tokenizer_config.json"))?;
+        };
         let special = |key: &str, fallback: &str| -> Option<String> {
             let from_config = config
                 .as_ref()
