@@ -46,7 +46,9 @@ const USER_DEFINED: i32 = 4;
 const BPE: i32 = 2;
 
 /// The `tokenizer.json` (as JSON) for the SentencePiece model at `path`, configured by the
-/// checkpoint's `tokenizer_config.json` and legacy `added_tokens.json`, where present.
+/// checkpoint's `tokenizer_config.json` and legacy `added_tokens.json`, where present. The
+/// latter holds a v0 release's `<im_patch>`, `<im_start>` and `<im_end>`: transformers 4.x,
+/// which the original LLaVA ran on, read it; transformers 5 no longer does.
 pub fn tokenizer_json(
     path: &Path,
     config: Option<&Value>,

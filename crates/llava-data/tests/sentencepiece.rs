@@ -94,3 +94,45 @@ fn neither_tokenizer_file_is_a_clear_error() {
         "{msg}"
     );
 }
+
+/// A v0 release's `added_tokens.json` (`<im_patch>`, `<im_start>`, `<im_end>`), which the
+/// original LLaVA's transformers 4.x read; transformers 5 ignores the file.
+#[test]
+fn added_tokens_json_extends_the_vocabulary() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = fixture().join("variants/legacy-false");
+    for f in ["tokenizer.model", "tokenizer_config.json"] {
+        std::fs::copy(dir.join(f), tmp.path().join(f)).expect("copy");
+    }
+    std::fs::write(
+        tmp.path().join("added_tokens.json"),
+        r#"{"<im_patch>": 400, "<im_start>": 401, "<im_end>": 402}"#,
+    )
+    .expect("write");
+    let tok = Tokenizer::from_dir(tmp.path()).expect("converts");
+    for (token, id) in [("<im_patch>", 400), ("<im_start>", 401), ("<im_end>", 402)] {
+        assert_eq!(tok.token_to_id(token), Some(id), "{token}");
+    }
+    let plain = Tokenizer::from_dir(&dir).expect("converts");
+    let question = plain.encode("\nWhat", false).expect("encodes");
+    let ids = tok
+        .encode("<im_start><im_end>\nWhat", false)
+        .expect("encodes");
+    assert_eq!(ids[..2], [401, 402]);
+    // `legacy` false: only the very start gets a `▁`, not the text after an added token (as
+    // transformers does after `<image>` in the fixture's added-image-token variant).
+    assert_eq!(plain.id_to_token(question[0]).as_deref(), Some("▁"));
+    assert_eq!(ids[2..], question[1..]);
+
+    // Ids that leave a gap after the vocabulary cannot be numbered by the tokenizers crate.
+    std::fs::write(
+        tmp.path().join("added_tokens.json"),
+        r#"{"<im_patch>": 401}"#,
+    )
+    .expect("write");
+    let e = Tokenizer::from_dir(tmp.path()).err().expect("refused");
+    assert!(
+        e.to_string().contains("<im_patch>") && e.to_string().contains("401"),
+        "{e}"
+    );
+}
