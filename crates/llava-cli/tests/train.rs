@@ -195,6 +195,51 @@ fn finetune_overfits_and_generate_answers_verbatim() {
     }
 }
 
+/// A base whose tokenizer is a SentencePiece `tokenizer.model` only (as Vicuna ships it) trains,
+/// and the checkpoint it writes carries that tokenizer, so it loads on its own.
+#[test]
+fn a_sentencepiece_only_base_trains_and_its_checkpoint_loads() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let base = tmp.path().join("base");
+    std::fs::create_dir(&base).expect("mkdir");
+    for entry in std::fs::read_dir(base_model()).expect("fixture") {
+        let entry = entry.expect("entry");
+        if entry.file_name() != "tokenizer.json" {
+            std::fs::copy(entry.path(), base.join(entry.file_name())).expect("copy");
+        }
+    }
+    let sentencepiece = fixtures().join("../tokenizers/sentencepiece/variants/legacy-false");
+    for f in ["tokenizer.model", "tokenizer_config.json"] {
+        std::fs::copy(sentencepiece.join(f), base.join(f)).expect("copy");
+    }
+    let data = write_dataset(tmp.path());
+    let out_dir = tmp.path().join("out");
+    ok(&train_command(
+        &base,
+        &data,
+        &out_dir,
+        &["--stage", "pretrain", "--max-steps", "1"],
+    )
+    .output()
+    .expect("runs"));
+    assert!(out_dir.join("tokenizer.model").is_file());
+    assert!(!out_dir.join("tokenizer.json").exists());
+    let out = Command::new(env!("CARGO_BIN_EXE_llava"))
+        .args(["generate", "--model"])
+        .arg(&out_dir)
+        .arg("--image")
+        .arg(fixtures().join("images/shapes_64x48.png"))
+        .args([
+            "--prompt",
+            "What is in the picture?",
+            "--max-new-tokens",
+            "2",
+        ])
+        .output()
+        .expect("runs");
+    ok(&out);
+}
+
 #[test]
 fn pretrain_moves_only_the_projector() {
     let tmp = tempfile::tempdir().expect("tmp");

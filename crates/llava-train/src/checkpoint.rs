@@ -31,8 +31,11 @@ struct StateFile {
 }
 
 /// The files besides the weights that make a checkpoint directory usable on its own.
-const SIDE_FILES: [&str; 8] = [
+const SIDE_FILES: [&str; 10] = [
     "tokenizer.json",
+    // A base with a SentencePiece tokenizer only (Vicuna, the original releases).
+    "tokenizer.model",
+    "added_tokens.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "chat_template.jinja",
