@@ -118,6 +118,78 @@ fn llava_image_url(url: &str) -> Output {
     ])
 }
 
+fn lora_release(tmp: &tempfile::TempDir) -> PathBuf {
+    copy_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/models/original-lora/lora"),
+        &tmp.path().join("lora"),
+    )
+}
+
+fn generate_over_base(release: &Path, base: &Path) -> Output {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models");
+    llava(&[
+        "generate",
+        "--model",
+        &release.to_string_lossy(),
+        "--model-base",
+        &base.to_string_lossy(),
+        "--vision-tower",
+        &fixtures.join("original-layout/clip").to_string_lossy(),
+        "--image",
+        &image().to_string_lossy(),
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "2",
+    ])
+}
+
+/// A LoRA release is not a whole model: without `--model-base`, or with parts missing or of a
+/// kind that cannot be merged as `scale·B·A`, it is named, never half-loaded.
+#[test]
+fn lora_release_that_cannot_load() {
+    let base = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models/original-lora/base");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let lora = lora_release(&tmp);
+    let clip = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models/original-layout/clip");
+    let alone = llava(&[
+        "generate",
+        "--model",
+        &lora.to_string_lossy(),
+        "--vision-tower",
+        &clip.to_string_lossy(),
+        "--image",
+        &image().to_string_lossy(),
+        "--prompt",
+        "Hi",
+    ]);
+    assert_clean_failure(&alone, &["LoRA release", "--model-base"]);
+    // --model-base over a complete HF checkpoint.
+    assert_clean_failure(
+        &generate_over_base(&fixture_model(), &base),
+        &["--model-base", "HF-layout"],
+    );
+    // DoRA adapters are not plain LoRA.
+    edit_json(&lora.join("adapter_config.json"), |c| {
+        c["use_dora"] = serde_json::json!(true)
+    });
+    assert_clean_failure(
+        &generate_over_base(&lora, &base),
+        &["adapter_config.json", "use_dora"],
+    );
+    edit_json(&lora.join("adapter_config.json"), |c| {
+        c["use_dora"] = serde_json::json!(false)
+    });
+    std::fs::remove_file(lora.join("non_lora_trainables.bin")).expect("rm");
+    assert_clean_failure(
+        &generate_over_base(&lora, &base),
+        &["non_lora_trainables.bin"],
+    );
+}
+
 #[test]
 fn missing_model_directory() {
     let out = generate(Path::new("/nonexistent/llava"), &image(), "Hi");

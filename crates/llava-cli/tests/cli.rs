@@ -173,6 +173,52 @@ fn image_url_and_the_original_flag_names() {
     );
 }
 
+/// `generate` over `--model-base`, for the two kinds of release the original publishes that way
+/// (`tools/make_lora_fixture.py`): LoRA adapters give the merged model's greedy tokens; the same
+/// projector as a stage-1 `mm_projector` file, with no adapters, gives the base model's.
+#[test]
+fn releases_over_a_model_base_match_transformers() {
+    let case = fixtures().join("original-lora");
+    let want = expected("original-lora");
+    let run = |release: &Path| {
+        let out = llava()
+            .args(["generate", "--model"])
+            .arg(release)
+            .arg("--model-base")
+            .arg(case.join("base"))
+            .arg("--vision-tower")
+            .arg(fixtures().join("original-layout/clip"))
+            .arg("--image")
+            .arg(fixtures().join("images/shapes_64x48.png"))
+            .args(["--prompt", want["question"].as_str().expect("question")])
+            .args(["--max-new-tokens", "20", "--ignore-eos", "--json"])
+            .output()
+            .expect("runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(!stderr.contains("not used by the model"), "{stderr}");
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        json["token_ids"].clone()
+    };
+    assert_eq!(run(&case.join("lora")), want["greedy_tokens"]);
+
+    let tmp = tempfile::tempdir().expect("tmp");
+    std::fs::copy(
+        case.join("lora/config.json"),
+        tmp.path().join("config.json"),
+    )
+    .expect("copy");
+    let trained =
+        candle_core::pickle::read_all(case.join("lora/non_lora_trainables.bin")).expect("bin");
+    let projector: std::collections::HashMap<String, candle_core::Tensor> = trained
+        .into_iter()
+        .map(|(k, v)| (k.replace("base_model.model.", ""), v))
+        .collect();
+    candle_core::safetensors::save(&projector, tmp.path().join("mm_projector.safetensors"))
+        .expect("save");
+    assert_eq!(run(tmp.path()), want["greedy_tokens_without_adapters"]);
+}
+
 #[test]
 fn reduced_precision_runs_and_mostly_agrees() {
     let model = fixtures().join("llava15-default/model");

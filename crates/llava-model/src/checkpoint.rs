@@ -20,7 +20,12 @@ pub enum Layout {
     Hf,
     /// The original `LlavaLlamaForCausalLM` (`liuhaotian/*`), with the CLIP tower in its own
     /// directory.
-    Original { vision_tower_dir: PathBuf },
+    Original {
+        vision_tower_dir: PathBuf,
+        /// `--model-base`: the language model a LoRA or projector-only release was trained
+        /// from, whose weights and tokenizer it is loaded over.
+        model_base: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -34,15 +39,46 @@ impl Checkpoint {
     /// `model` is a directory or a hub id (`org/name`) present in the local HF cache.
     /// `vision_tower` overrides where the original layout's CLIP tower is found.
     pub fn open(model: &str, vision_tower: Option<&Path>) -> Result<Self> {
+        Self::open_with_base(model, vision_tower, None)
+    }
+
+    /// As [`Checkpoint::open`], for the original's releases that hold only what training
+    /// changed: LoRA adapters (`adapter_config.json`, the projector in
+    /// `non_lora_trainables.bin`) or a stage-1 `mm_projector.bin`. `model_base` (a directory or
+    /// hub id) is the language model they were trained from, as the original's `--model-base`.
+    pub fn open_with_base(
+        model: &str,
+        vision_tower: Option<&Path>,
+        model_base: Option<&str>,
+    ) -> Result<Self> {
         let dir = resolve_model_dir(model)?;
         let config_path = dir.join("config.json");
         let json = read_json(&config_path)?;
         let (config, layout) = if json.get("vision_config").is_some() {
+            if model_base.is_some() {
+                return Err(ModelError::config(
+                    &dir,
+                    "is a complete HF-layout checkpoint; --model-base is for the original layout's LoRA and projector-only releases",
+                ));
+            }
             let config: LlavaConfig = typed(json, &config_path)?;
             (config, Layout::Hf)
         } else if json.get("mm_vision_tower").is_some() || json.get("mm_projector_type").is_some() {
             let (config, vision_tower_dir) = original_config(&dir, &json, vision_tower)?;
-            (config, Layout::Original { vision_tower_dir })
+            let model_base = match model_base {
+                Some(base) => Some(resolve_model_dir(base)?),
+                None => {
+                    check_complete(&dir, &json)?;
+                    None
+                }
+            };
+            (
+                config,
+                Layout::Original {
+                    vision_tower_dir,
+                    model_base,
+                },
+            )
         } else {
             return Err(ModelError::config(
                 &config_path,
@@ -52,7 +88,9 @@ impl Checkpoint {
         config.validate().map_err(|m| match &layout {
             // The original layout's tower fields come from the CLIP directory's config, and
             // its feature layer from `mm_vision_select_layer`.
-            Layout::Original { vision_tower_dir } if m.starts_with("vision_config.") => {
+            Layout::Original {
+                vision_tower_dir, ..
+            } if m.starts_with("vision_config.") => {
                 ModelError::config(vision_tower_dir.join("config.json"), m)
             }
             Layout::Original { .. } => ModelError::config(
@@ -73,12 +111,60 @@ impl Checkpoint {
         let mut w = Weights::new(dtype, device.clone());
         match &self.layout {
             Layout::Hf => w.add_dir(&self.dir, hf_llava_name)?,
-            Layout::Original { vision_tower_dir } => {
+            Layout::Original {
+                vision_tower_dir,
+                model_base,
+            } => {
                 w.add_dir(vision_tower_dir, clip_vision_name)?;
-                w.add_dir(&self.dir, original_llava_name)?;
+                match model_base {
+                    None => w.add_dir(&self.dir, original_llava_name)?,
+                    Some(base) => {
+                        w.add_dir(base, original_llava_name)?;
+                        self.add_release_over_base(&mut w)?;
+                    }
+                }
             }
         }
         Ok(w)
+    }
+
+    /// What the original's model builder loads over `--model-base`: for a LoRA release the
+    /// non-LoRA weights (the projector), then the merged adapters; else `mm_projector.bin`.
+    fn add_release_over_base(&self, w: &mut Weights) -> Result<()> {
+        if self.dir.join("adapter_config.json").is_file() {
+            let extra = self.dir.join("non_lora_trainables.bin");
+            if !extra.is_file() {
+                return Err(ModelError::config(
+                    &self.dir,
+                    "is a LoRA release but has no non_lora_trainables.bin (its projector)",
+                ));
+            }
+            w.add_file(&extra, crate::lora::non_lora_name)?;
+            return w.add_lora(&self.dir, original_llava_name);
+        }
+        let projector = ["mm_projector.safetensors", "mm_projector.bin"]
+            .iter()
+            .map(|f| self.dir.join(f))
+            .find(|p| p.is_file())
+            .ok_or_else(|| {
+                ModelError::config(
+                    &self.dir,
+                    "has neither adapter_config.json (a LoRA release) nor mm_projector.bin (a projector-only release) to load over --model-base",
+                )
+            })?;
+        w.add_file(&projector, original_llava_name)
+    }
+
+    /// Where the tokenizer is: the base's, for a release loaded over `--model-base` (as the
+    /// original's model builder does), else the checkpoint's own.
+    pub fn tokenizer_dir(&self) -> &Path {
+        match &self.layout {
+            Layout::Original {
+                model_base: Some(base),
+                ..
+            } => base,
+            _ => &self.dir,
+        }
     }
 
     pub fn load_model(&self, dtype: DType, device: &Device) -> Result<Llava> {
@@ -145,11 +231,9 @@ impl Checkpoint {
     /// The directory holding `preprocessor_config.json`: the CLIP directory in the original layout.
     pub fn preprocessor_dir(&self) -> &Path {
         match &self.layout {
-            Layout::Original { vision_tower_dir }
-                if !self.dir.join("preprocessor_config.json").is_file() =>
-            {
-                vision_tower_dir
-            }
+            Layout::Original {
+                vision_tower_dir, ..
+            } if !self.dir.join("preprocessor_config.json").is_file() => vision_tower_dir,
             _ => &self.dir,
         }
     }
@@ -218,6 +302,41 @@ fn hub_cache_snapshot(id: &str) -> Option<PathBuf> {
         .collect();
     dirs.sort();
     if dirs.len() == 1 { dirs.pop() } else { None }
+}
+
+/// An original-layout directory without `--model-base` must hold the whole model: a LoRA or
+/// projector-only release says what it lacks, and what the original's `--model-base` wants.
+fn check_complete(dir: &Path, json: &Value) -> Result<()> {
+    let what = if dir.join("adapter_config.json").is_file() {
+        "a LoRA release (adapter_config.json)"
+    } else if ["mm_projector.bin", "mm_projector.safetensors"]
+        .iter()
+        .any(|f| dir.join(f).is_file())
+        && !std::fs::read_dir(dir)
+            .map_err(|source| ModelError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?
+            .filter_map(|e| e.ok())
+            .any(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                name.starts_with("pytorch_model") || name.starts_with("model")
+            })
+    {
+        "a projector-only release (mm_projector.bin)"
+    } else {
+        return Ok(());
+    };
+    let base = json
+        .get("_name_or_path")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .map(|n| format!(" (its config names `{n}`)"))
+        .unwrap_or_default();
+    Err(ModelError::config(
+        dir,
+        format!("is {what}: pass --model-base DIR, the language model it was trained from{base}"),
+    ))
 }
 
 /// Translates a liuhaotian `config.json` (flat LLaMA fields + `mm_*`) into an HF `LlavaConfig`.
@@ -320,7 +439,7 @@ fn original_config(
 
 /// A config struct from parsed JSON; a value of the wrong type is reported with its field's
 /// path (`text_config.hidden_size`), which serde alone leaves out.
-fn typed<T: serde::de::DeserializeOwned>(json: Value, path: &Path) -> Result<T> {
+pub(crate) fn typed<T: serde::de::DeserializeOwned>(json: Value, path: &Path) -> Result<T> {
     serde_path_to_error::deserialize(json).map_err(|e| {
         let field = e.path().to_string();
         let message = if field == "." {

@@ -14,6 +14,7 @@ pub mod generation;
 pub mod init;
 pub mod language_model;
 pub mod llava;
+pub mod lora;
 pub mod loss;
 pub mod nn;
 pub mod pipeline;

@@ -25,6 +25,8 @@ pub struct PipelineOptions {
     pub model: String,
     /// The original layout's CLIP directory, when `mm_vision_tower` does not resolve.
     pub vision_tower: Option<PathBuf>,
+    /// The language model a LoRA or projector-only release is loaded over.
+    pub model_base: Option<String>,
     pub dtype: DType,
     pub device: Device,
     /// A named template instead of the checkpoint's chat template.
@@ -38,6 +40,7 @@ impl PipelineOptions {
         Self {
             model: model.into(),
             vision_tower: None,
+            model_base: None,
             dtype: DType::F32,
             device: Device::Cpu,
             template: None,
@@ -67,8 +70,12 @@ pub struct Generation {
 
 impl Pipeline {
     pub fn load(opts: &PipelineOptions) -> Result<Self> {
-        let checkpoint = Checkpoint::open(&opts.model, opts.vision_tower.as_deref())?;
-        let tokenizer = Tokenizer::from_dir(&checkpoint.dir)?;
+        let checkpoint = Checkpoint::open_with_base(
+            &opts.model,
+            opts.vision_tower.as_deref(),
+            opts.model_base.as_deref(),
+        )?;
+        let tokenizer = Tokenizer::from_dir(checkpoint.tokenizer_dir())?;
         // The original layout has no chat template and was trained with llava_v1.
         let template = PromptTemplate::select(
             &checkpoint.dir,

@@ -81,6 +81,16 @@ pub struct Weights {
     trainable: Option<Trainable>,
     /// Canonical names read so far, so that a checkpoint's leftovers can be reported.
     used: std::cell::RefCell<std::collections::HashSet<String>>,
+    /// LoRA deltas to merge into a weight as it is read, by the weight's canonical name.
+    lora: HashMap<String, LoraDelta>,
+}
+
+/// One adapted weight's `B` and `A`, in an adapter file added as a source.
+struct LoraDelta {
+    source: usize,
+    a: String,
+    b: String,
+    scale: f64,
 }
 
 /// Trainable weights are loaded as candle `Var`s, which autograd tracks; everything else stays a
@@ -109,6 +119,7 @@ impl Weights {
             random: None,
             trainable: None,
             used: Default::default(),
+            lora: HashMap::new(),
         }
     }
 
@@ -213,6 +224,59 @@ impl Weights {
         Ok(())
     }
 
+    /// Adds a peft LoRA adapter directory: each weight it adapts is merged as it is read.
+    /// `rename` maps the base model's stored names (the adapted module plus `.weight`), so the
+    /// base must have been added first.
+    pub fn add_lora(&mut self, dir: &Path, rename: Renamer) -> Result<()> {
+        let adapter = crate::lora::Adapter::read(dir)?;
+        let shard = Shard::open(&adapter.weights)?;
+        let modules = crate::lora::pair_modules(shard.names())
+            .map_err(|m| ModelError::config(&adapter.weights, m))?;
+        let source = self.sources.len();
+        for (module, a, b) in modules {
+            let target = rename(&format!("{module}.weight"))
+                .filter(|t| self.index.contains_key(t))
+                .ok_or_else(|| {
+                    ModelError::config(
+                        &adapter.weights,
+                        format!("adapts `{module}`, which the base model has no weight for"),
+                    )
+                })?;
+            let delta = LoraDelta {
+                source,
+                a,
+                b,
+                scale: adapter.scale,
+            };
+            self.lora.insert(target, delta);
+        }
+        self.sources.push(Source {
+            dir: dir.to_path_buf(),
+            shards: vec![shard],
+        });
+        Ok(())
+    }
+
+    /// `W + scale · B·A`, summed in f32 and rounded once to `W`'s dtype.
+    fn merge_lora(&self, name: &str, w: Tensor, delta: &LoraDelta) -> Result<Tensor> {
+        let shard = &self.sources[delta.source].shards[0];
+        let a = shard.load(&delta.a, &self.device)?.to_dtype(DType::F32)?;
+        let b = shard.load(&delta.b, &self.device)?.to_dtype(DType::F32)?;
+        let (out, inp) = w.dims2()?;
+        let rank = a.dim(0)?;
+        for (t, label, want) in [(&a, &delta.a, [rank, inp]), (&b, &delta.b, [out, rank])] {
+            if t.dims() != want {
+                return Err(ModelError::WrongShape {
+                    name: format!("{label} (adapting {name})"),
+                    expected: want.to_vec(),
+                    got: t.dims().to_vec(),
+                });
+            }
+        }
+        let merged = (w.to_dtype(DType::F32)? + (b.matmul(&a)? * delta.scale)?)?;
+        Ok(merged.to_dtype(w.dtype())?)
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }
@@ -251,6 +315,7 @@ impl Weights {
         let inference_only = self.trainable.is_none() && self.random.is_none();
         if inference_only
             && crate::gemm_layout::applies(self.dtype, &self.device)
+            && !self.lora.contains_key(name)
             && let Some(loc) = self.index.get(name)
             && let Some(t) = self.sources[loc.source].shards[loc.shard]
                 .load_transposed(&loc.stored, self.dtype == DType::BF16)?
@@ -277,7 +342,11 @@ impl Weights {
                     .unwrap_or_default(),
             })?;
         self.used.borrow_mut().insert(name.to_string());
-        self.sources[loc.source].shards[loc.shard].load(&loc.stored, &self.device)
+        let t = self.sources[loc.source].shards[loc.shard].load(&loc.stored, &self.device)?;
+        match self.lora.get(name) {
+            Some(delta) => self.merge_lora(name, t, delta),
+            None => Ok(t),
+        }
     }
 
     /// Canonical names in the files that nothing has read, sorted.

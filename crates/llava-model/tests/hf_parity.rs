@@ -381,6 +381,26 @@ fn check_original_layout(model: &str, clip: &str) {
     check_image_run(&c, &p, &ids);
 }
 
+/// A LoRA release (`tools/make_lora_fixture.py`) over `--model-base`: the base LLaMA's weights
+/// and tokenizer, the projector from `non_lora_trainables.bin`, and peft adapters merged as
+/// `merge_and_unload` merges them, against transformers on the merged model.
+#[test]
+fn original_lora_release_over_its_base_matches_the_merged_model() {
+    let c = case("original-lora");
+    let mut opts = options(&c.dir.join("lora"));
+    opts.model_base = Some(c.dir.join("base").to_string_lossy().into());
+    opts.vision_tower = Some(fixtures().join(c.str("clip_dir")));
+    opts.image_aspect_ratio = Some(c.aspect());
+    let p = Pipeline::load(&opts).expect("pipeline loads");
+    let prompt = p
+        .render(&[Message::user(c.str("question"), 1)])
+        .expect("renders");
+    assert_eq!(prompt, c.str("prompt"), "llava_v1 prompt");
+    let ids = p.encode(&prompt).expect("encodes");
+    assert_eq!(ids, c.original_ids(&p), "the base's tokenizer");
+    check_image_run(&c, &p, &ids);
+}
+
 /// Pixels, last-position logits and 20 greedy tokens of an original-layout case, from `ids`;
 /// returns the pixels.
 fn check_image_run(c: &Case, p: &Pipeline, ids: &[u32]) -> Tensor {

@@ -25,6 +25,11 @@ pub struct CheckpointArgs {
 pub struct ModelArgs {
     #[command(flatten)]
     pub checkpoint: CheckpointArgs,
+    /// The language model (directory or hub id) that an original-layout LoRA release
+    /// (adapter_config.json) or projector-only release (mm_projector.bin) was trained from;
+    /// its weights and tokenizer are loaded, with the release over them.
+    #[arg(long)]
+    pub model_base: Option<String>,
     /// Compute dtype: f32 (exact reference), bf16 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
@@ -63,6 +68,7 @@ impl ModelArgs {
         let opts = PipelineOptions {
             model: self.checkpoint.model.clone(),
             vision_tower: self.checkpoint.vision_tower.clone(),
+            model_base: self.model_base.clone(),
             dtype,
             device,
             template: self.template.clone(),
