@@ -147,7 +147,8 @@ fn hub_id_resolves_from_the_local_cache() {
     );
 }
 
-/// The original LLaVA's flags (`--model-path`, `--image-file`, `--query`) with an image URL:
+/// The original LLaVA's flags (`--model-path`, `--image-file`, `--query`, and `run_llava.py`'s
+/// `--max_new_tokens`, `--top_p`) with an image URL:
 /// the same greedy tokens as transformers gives for the file.
 #[test]
 fn image_url_and_the_original_flag_names() {
@@ -158,7 +159,7 @@ fn image_url_and_the_original_flag_names() {
         .arg(fixtures().join("llava15-default/model"))
         .args(["--image-file", &url])
         .args(["--query", "What shapes can you see in the image?"])
-        .args(["--max-new-tokens", "20", "--json"])
+        .args(["--max_new_tokens", "20", "--top_p", "1.0", "--json"])
         .output()
         .expect("runs");
     assert!(

@@ -108,16 +108,17 @@ pub fn cuda_device(i: usize) -> Result<Device> {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct SamplingArgs {
-    /// Maximum number of new tokens.
-    #[arg(long, default_value_t = 512)]
+    /// Maximum number of new tokens. (The underscore spellings of these flags are the
+    /// original's `run_llava.py`'s.)
+    #[arg(long, alias = "max_new_tokens", default_value_t = 512)]
     pub max_new_tokens: usize,
     /// 0 = greedy.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, alias = "top_p", default_value_t = 1.0)]
     pub top_p: f64,
     /// 0 = off.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, alias = "top_k", default_value_t = 0)]
     pub top_k: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
