@@ -23,24 +23,28 @@ fn expected(case: &str) -> serde_json::Value {
 
 fn generate_json(model: &str, max_new_tokens: usize, extra: &[&str]) -> serde_json::Value {
     let image = fixtures().join("images/shapes_64x48.png");
-    let out = llava()
-        .args(["generate", "--model", model, "--image"])
-        .arg(&image)
-        .args([
-            "--prompt",
-            "What shapes can you see in the image?",
-            "--json",
-            "--max-new-tokens",
-        ])
-        .arg(max_new_tokens.to_string())
-        .args(extra)
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    json_of(
+        llava()
+            .args(["generate", "--model", model, "--image"])
+            .arg(&image)
+            .args([
+                "--prompt",
+                "What shapes can you see in the image?",
+                "--json",
+                "--max-new-tokens",
+            ])
+            .arg(max_new_tokens.to_string())
+            .args(extra),
+    )
+}
+
+/// Runs a `--json` command that must succeed, with every weight it loads used, and parses its
+/// one JSON object.
+fn json_of(command: &mut Command) -> serde_json::Value {
+    let out = command.output().expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("not used by the model"), "{stderr}");
     serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
 }
 
@@ -122,25 +126,19 @@ fn hub_id_resolves_from_the_local_cache() {
     )
     .expect("ref");
     let image = fixtures().join("images/shapes_64x48.png");
-    let out = llava()
-        .env("HF_HUB_CACHE", cache.path())
-        .args(["generate", "--model", "tiny-org/tiny-llava", "--image"])
-        .arg(&image)
-        .args([
-            "--prompt",
-            "What shapes can you see in the image?",
-            "--max-new-tokens",
-            "20",
-            "--json",
-        ])
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let json = json_of(
+        llava()
+            .env("HF_HUB_CACHE", cache.path())
+            .args(["generate", "--model", "tiny-org/tiny-llava", "--image"])
+            .arg(&image)
+            .args([
+                "--prompt",
+                "What shapes can you see in the image?",
+                "--max-new-tokens",
+                "20",
+                "--json",
+            ]),
     );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(
         json["token_ids"],
         expected("llava15-default")["greedy_tokens"]
@@ -154,20 +152,14 @@ fn hub_id_resolves_from_the_local_cache() {
 fn image_url_and_the_original_flag_names() {
     let png = std::fs::read(fixtures().join("images/shapes_64x48.png")).expect("png");
     let url = format!("{}/shapes.png", common::serve("200 OK", png));
-    let out = llava()
-        .args(["generate", "--model-path"])
-        .arg(fixtures().join("llava15-default/model"))
-        .args(["--image-file", &url])
-        .args(["--query", "What shapes can you see in the image?"])
-        .args(["--max_new_tokens", "20", "--top_p", "1.0", "--json"])
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let json = json_of(
+        llava()
+            .args(["generate", "--model-path"])
+            .arg(fixtures().join("llava15-default/model"))
+            .args(["--image-file", &url])
+            .args(["--query", "What shapes can you see in the image?"])
+            .args(["--max_new_tokens", "20", "--top_p", "1.0", "--json"]),
     );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(
         json["token_ids"],
         expected("llava15-default")["greedy_tokens"]
@@ -182,24 +174,20 @@ fn releases_over_a_model_base_match_transformers() {
     let case = fixtures().join("original-lora");
     let want = expected("original-lora");
     let run = |release: &Path| {
-        let out = llava()
-            .args(["generate", "--model"])
-            .arg(release)
-            .arg("--model-base")
-            .arg(case.join("base"))
-            .arg("--vision-tower")
-            .arg(fixtures().join("original-layout/clip"))
-            .arg("--image")
-            .arg(fixtures().join("images/shapes_64x48.png"))
-            .args(["--prompt", want["question"].as_str().expect("question")])
-            .args(["--max-new-tokens", "20", "--ignore-eos", "--json"])
-            .output()
-            .expect("runs");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{stderr}");
-        assert!(!stderr.contains("not used by the model"), "{stderr}");
-        let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-        json["token_ids"].clone()
+        json_of(
+            llava()
+                .args(["generate", "--model"])
+                .arg(release)
+                .arg("--model-base")
+                .arg(case.join("base"))
+                .arg("--vision-tower")
+                .arg(fixtures().join("original-layout/clip"))
+                .arg("--image")
+                .arg(fixtures().join("images/shapes_64x48.png"))
+                .args(["--prompt", want["question"].as_str().expect("question")])
+                .args(["--max-new-tokens", "20", "--ignore-eos", "--json"]),
+        )["token_ids"]
+            .clone()
     };
     assert_eq!(run(&case.join("lora")), want["greedy_tokens"]);
 

@@ -365,8 +365,14 @@ fn original_layout_from_pytorch_bin_files_matches_transformers() {
 fn check_original_layout(model: &str, clip: &str) {
     let c = case("original-layout");
     let mut opts = options(&c.dir.join(model));
-    opts.image_aspect_ratio = Some(c.aspect());
     opts.vision_tower = Some(c.dir.join(clip));
+    check_original_case(&c, opts);
+}
+
+/// An original-layout case end to end: the llava_v1 prompt, its chunk-wise tokenisation around
+/// `<image>`, then [`check_image_run`].
+fn check_original_case(c: &Case, mut opts: PipelineOptions) {
+    opts.image_aspect_ratio = Some(c.aspect());
     let p = Pipeline::load(&opts).expect("pipeline loads");
     let prompt = p
         .render(&[Message::user(c.str("question"), 1)])
@@ -378,7 +384,7 @@ fn check_original_layout(model: &str, clip: &str) {
         c.original_ids(&p),
         "chunk-wise tokenisation around <image>"
     );
-    check_image_run(&c, &p, &ids);
+    check_image_run(c, &p, &ids);
 }
 
 /// A LoRA release (`tools/make_lora_fixture.py`) over `--model-base`: the base LLaMA's weights
@@ -390,15 +396,7 @@ fn original_lora_release_over_its_base_matches_the_merged_model() {
     let mut opts = options(&c.dir.join("lora"));
     opts.model_base = Some(c.dir.join("base").to_string_lossy().into());
     opts.vision_tower = Some(fixtures().join(c.str("clip_dir")));
-    opts.image_aspect_ratio = Some(c.aspect());
-    let p = Pipeline::load(&opts).expect("pipeline loads");
-    let prompt = p
-        .render(&[Message::user(c.str("question"), 1)])
-        .expect("renders");
-    assert_eq!(prompt, c.str("prompt"), "llava_v1 prompt");
-    let ids = p.encode(&prompt).expect("encodes");
-    assert_eq!(ids, c.original_ids(&p), "the base's tokenizer");
-    check_image_run(&c, &p, &ids);
+    check_original_case(&c, opts);
 }
 
 /// Pixels, last-position logits and 20 greedy tokens of an original-layout case, from `ids`;
