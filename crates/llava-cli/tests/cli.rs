@@ -48,6 +48,26 @@ fn json_of(command: &mut Command) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
 }
 
+/// `llava chat` on the tiny fixture checkpoint with `args`, fed `script` on stdin.
+fn chat(args: &[&str], script: &[u8]) -> std::process::Output {
+    let mut child = llava()
+        .args(["chat", "--model"])
+        .arg(fixtures().join("llava15-default/model"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawns");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(script)
+        .expect("write");
+    child.wait_with_output().expect("waits")
+}
+
 #[test]
 fn generate_json_reports_transformers_greedy_tokens() {
     let model = fixtures().join("llava15-default/model");
@@ -224,22 +244,10 @@ fn reduced_precision_runs_and_mostly_agrees() {
 /// ends the chat.
 #[test]
 fn chat_survives_a_bare_image_command_and_a_non_utf8_line() {
-    let mut child = llava()
-        .args(["chat", "--model"])
-        .arg(fixtures().join("llava15-default/model"))
-        .args(["--max-new-tokens", "2"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawns");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"/image\nhi \xff there\nand again?\n/exit\n")
-        .expect("write");
-    let out = child.wait_with_output().expect("waits");
+    let out = chat(
+        &["--max-new-tokens", "2"],
+        b"/image\nhi \xff there\nand again?\n/exit\n",
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("/image needs a path"), "{stderr}");
@@ -249,31 +257,22 @@ fn chat_survives_a_bare_image_command_and_a_non_utf8_line() {
 
 #[test]
 fn chat_keeps_history_and_switches_images() {
-    let model = fixtures().join("llava15-default/model");
     let image = fixtures().join("images/shapes_64x48.png");
     let other = fixtures().join("images/tall_40x60.png");
-    let mut child = llava()
-        .args(["chat", "--model"])
-        .arg(&model)
-        .arg("--image")
-        .arg(&image)
-        .args(["--max-new-tokens", "4", "--timings"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawns");
     let script = format!(
         "What shapes can you see in the image?\nAnd the colours?\n/image {}\nWhat is here?\n/image /no/such/file.png\nStill there?\n/exit\n",
         other.display()
     );
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(script.as_bytes())
-        .expect("write");
-    let out = child.wait_with_output().expect("waits");
+    let out = chat(
+        &[
+            "--image",
+            &image.to_string_lossy(),
+            "--max-new-tokens",
+            "4",
+            "--timings",
+        ],
+        script.as_bytes(),
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -318,32 +317,17 @@ fn chat_takes_an_image_url() {
         "{}/tall.png",
         common::serve("200 OK", std::fs::read(&path).expect("png"))
     );
-    let chat = |image: &str| {
-        let mut child = llava()
-            .args(["chat", "--model"])
-            .arg(fixtures().join("llava15-default/model"))
-            .args(["--max-new-tokens", "6"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawns");
+    let chat_about = |image: &str| {
         let script = format!("/image {image}\nWhat is in the picture?\n/exit\n");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(script.as_bytes())
-            .expect("write");
-        let out = child.wait_with_output().expect("waits");
+        let out = chat(&["--max-new-tokens", "6"], script.as_bytes());
         let stderr = String::from_utf8_lossy(&out.stderr).to_string();
         assert!(out.status.success(), "{stderr}");
         assert!(stderr.contains(&format!("(image: {image})")), "{stderr}");
         String::from_utf8_lossy(&out.stdout).to_string()
     };
-    let from_file = chat(&path.to_string_lossy());
+    let from_file = chat_about(&path.to_string_lossy());
     assert!(!from_file.trim().is_empty(), "a reply");
-    assert_eq!(chat(&url), from_file);
+    assert_eq!(chat_about(&url), from_file);
 }
 
 #[test]
