@@ -167,6 +167,10 @@ fn lora_release_that_cannot_load() {
         "Hi",
     ]);
     assert_clean_failure(&alone, &["LoRA release", "--model-base"]);
+    assert_clean_failure(
+        &generate_over_base(&lora, Path::new("/no/such/vicuna")),
+        &["--model-base /no/such/vicuna"],
+    );
     // --model-base over a complete HF checkpoint.
     assert_clean_failure(
         &generate_over_base(&fixture_model(), &base),
