@@ -17,6 +17,8 @@ This writes tests/fixtures/models/original-lora/:
 - lora/: config.json (the original-layout one), adapter_config.json and adapter_model.bin from
   peft (r 4, alpha 8, all seven linear layers of every decoder layer, seeded non-zero A and B),
   and non_lora_trainables.bin with a new seeded projector under the names LLaVA's trainer saves;
+- projector-only/: config.json and the same projector as `mm_projector.bin`, the form of a
+  stage-1 (pretrain) release; over base/ it is the model without the adapters;
 - expected.json / expected.safetensors: the merged model's prompt ids, last logits and 20 greedy
   tokens, computed with transformers as the original-layout case is (the CLIP tower is
   original-layout/clip). The script checks that the adapters and the projector both change the
@@ -111,6 +113,11 @@ def attempt(seed, lcfg, llm, old_projector, ocfg, base_dir, lora_dir) -> bool:
                      for k, v in old_projector.items()}
     torch.save({"base_model.model." + k: v for k, v in new_projector.items()},
                lora_dir / "non_lora_trainables.bin")
+    # The same projector as a stage-1 release: config + mm_projector.bin, as pretrain saves it.
+    projector_dir = OUT / "projector-only"
+    projector_dir.mkdir(exist_ok=True)
+    shutil.copy(SRC / "model" / "config.json", projector_dir / "config.json")
+    torch.save(new_projector, projector_dir / "mm_projector.bin")
 
     # --- what the original builder gets: merge_and_unload over the base
     merged = peft_model.merge_and_unload()

@@ -155,18 +155,26 @@ fn lora_release_that_cannot_load() {
     let lora = lora_release(&tmp);
     let clip = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/models/original-layout/clip");
-    let alone = llava(&[
-        "generate",
-        "--model",
-        &lora.to_string_lossy(),
-        "--vision-tower",
-        &clip.to_string_lossy(),
-        "--image",
-        &image().to_string_lossy(),
-        "--prompt",
-        "Hi",
-    ]);
-    assert_clean_failure(&alone, &["LoRA release", "--model-base"]);
+    let alone = |release: &Path| {
+        llava(&[
+            "generate",
+            "--model",
+            &release.to_string_lossy(),
+            "--vision-tower",
+            &clip.to_string_lossy(),
+            "--image",
+            &image().to_string_lossy(),
+            "--prompt",
+            "Hi",
+        ])
+    };
+    assert_clean_failure(&alone(&lora), &["LoRA release", "--model-base"]);
+    let projector_only = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models/original-lora/projector-only");
+    assert_clean_failure(
+        &alone(&projector_only),
+        &["projector-only release", "--model-base"],
+    );
     assert_clean_failure(
         &generate_over_base(&lora, Path::new("/no/such/vicuna")),
         &["--model-base /no/such/vicuna"],

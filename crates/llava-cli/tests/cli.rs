@@ -187,8 +187,9 @@ fn image_url_and_the_original_flag_names() {
 }
 
 /// `generate` over `--model-base`, for the two kinds of release the original publishes that way
-/// (`tools/make_lora_fixture.py`): LoRA adapters give the merged model's greedy tokens; the same
-/// projector as a stage-1 `mm_projector` file, with no adapters, gives the base model's.
+/// (`tools/make_lora_fixture.py`): LoRA adapters (as `.bin` or `.safetensors`) give the merged
+/// model's greedy tokens; the same projector as a stage-1 `mm_projector.bin`, with no adapters,
+/// gives the base model's.
 #[test]
 fn releases_over_a_model_base_match_transformers() {
     let case = fixtures().join("original-lora");
@@ -210,22 +211,27 @@ fn releases_over_a_model_base_match_transformers() {
             .clone()
     };
     assert_eq!(run(&case.join("lora")), want["greedy_tokens"]);
+    assert_eq!(
+        run(&case.join("projector-only")),
+        want["greedy_tokens_without_adapters"]
+    );
 
+    // Newer peft saves the adapters as adapter_model.safetensors.
     let tmp = tempfile::tempdir().expect("tmp");
-    std::fs::copy(
-        case.join("lora/config.json"),
-        tmp.path().join("config.json"),
-    )
-    .expect("copy");
-    let trained =
-        candle_core::pickle::read_all(case.join("lora/non_lora_trainables.bin")).expect("bin");
-    let projector: std::collections::HashMap<String, candle_core::Tensor> = trained
+    for f in [
+        "config.json",
+        "adapter_config.json",
+        "non_lora_trainables.bin",
+    ] {
+        std::fs::copy(case.join("lora").join(f), tmp.path().join(f)).expect("copy");
+    }
+    let adapters = candle_core::pickle::read_all(case.join("lora/adapter_model.bin"))
+        .expect("bin")
         .into_iter()
-        .map(|(k, v)| (k.replace("base_model.model.", ""), v))
-        .collect();
-    candle_core::safetensors::save(&projector, tmp.path().join("mm_projector.safetensors"))
+        .collect::<std::collections::HashMap<_, _>>();
+    candle_core::safetensors::save(&adapters, tmp.path().join("adapter_model.safetensors"))
         .expect("save");
-    assert_eq!(run(tmp.path()), want["greedy_tokens_without_adapters"]);
+    assert_eq!(run(tmp.path()), want["greedy_tokens"]);
 }
 
 #[test]

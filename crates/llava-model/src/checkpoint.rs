@@ -66,9 +66,10 @@ impl Checkpoint {
         } else if json.get("mm_vision_tower").is_some() || json.get("mm_projector_type").is_some() {
             let (config, vision_tower_dir) = original_config(&dir, &json, vision_tower)?;
             let model_base = match model_base {
-                Some(base) => Some(resolve_model_dir(base).map_err(|e| {
-                    ModelError::Input(format!("--model-base {base}: {e}"))
-                })?),
+                Some(base) => Some(
+                    resolve_model_dir(base)
+                        .map_err(|e| ModelError::Input(format!("--model-base {base}: {e}")))?,
+                ),
                 None => {
                     check_complete(&dir, &json)?;
                     None
