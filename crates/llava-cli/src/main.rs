@@ -48,6 +48,8 @@ enum Command {
     Generate(cmd::generate::GenerateCommand),
     /// Write a random-weight checkpoint of a named shape (for benchmarks and tests).
     Init(cmd::init::InitCommand),
+    /// Merge an original LoRA release into its base: one checkpoint that needs no --model-base.
+    MergeLora(cmd::merge_lora::MergeLoraCommand),
     /// Generate GPT-assisted multimodal instruction data with a text-only teacher.
     Instruct(Box<cmd::instruct::InstructCommand>),
     /// Evaluate as the paper does: LLaVA-Bench with an LLM judge, multiple-choice accuracy.
@@ -110,6 +112,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Generate(c) => cmd::generate::run(c),
         Command::Train(c) => cmd::train::run(*c),
         Command::Init(c) => cmd::init::run(c),
+        Command::MergeLora(c) => cmd::merge_lora::run(c),
         Command::Instruct(c) => cmd::instruct::run(*c),
         Command::Eval(c) => cmd::eval::run(*c),
         Command::Teacher(c) => cmd::teacher::run(c),

@@ -234,6 +234,58 @@ fn releases_over_a_model_base_match_transformers() {
     assert_eq!(run(tmp.path()), want["greedy_tokens"]);
 }
 
+/// `llava merge-lora` writes one original-layout checkpoint from a LoRA release and its base;
+/// it then loads on its own and gives the merged model's greedy tokens.
+#[test]
+fn merge_lora_writes_a_checkpoint_that_needs_no_base() {
+    let case = fixtures().join("original-lora");
+    let clip = fixtures().join("original-layout/clip");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let merged = tmp.path().join("merged");
+    let merge = |release: &Path| {
+        llava()
+            .args(["merge-lora", "--model"])
+            .arg(release)
+            .arg("--model-base")
+            .arg(case.join("base"))
+            .arg("--vision-tower")
+            .arg(&clip)
+            .arg("--save-model-path")
+            .arg(&merged)
+            .output()
+            .expect("runs")
+    };
+    let out = merge(&case.join("lora"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!merged.join("adapter_config.json").exists());
+    let want = expected("original-lora");
+    let json = json_of(
+        llava()
+            .args(["generate", "--model"])
+            .arg(&merged)
+            .arg("--vision-tower")
+            .arg(&clip)
+            .arg("--image")
+            .arg(fixtures().join("images/shapes_64x48.png"))
+            .args(["--prompt", want["question"].as_str().expect("question")])
+            .args(["--max-new-tokens", "20", "--ignore-eos", "--json"]),
+    );
+    assert_eq!(json["token_ids"], want["greedy_tokens"]);
+    // The merged checkpoint is not written over, and a release without adapters is refused.
+    let again = merge(&case.join("lora"));
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    std::fs::remove_dir_all(&merged).expect("rm");
+    let nothing = merge(&case.join("projector-only"));
+    assert_eq!(nothing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&nothing.stderr).contains("nothing to merge"));
+    assert!(!merged.exists());
+}
+
 #[test]
 fn reduced_precision_runs_and_mostly_agrees() {
     let model = fixtures().join("llava15-default/model");

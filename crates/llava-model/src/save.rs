@@ -39,8 +39,22 @@ pub fn write_config(dir: &Path, config: &LlavaConfig) -> Result<()> {
 }
 
 /// Writes canonical-named tensors as shards of at most `max_shard_bytes` (a single
-/// `model.safetensors` when everything fits in one).
+/// `model.safetensors` when everything fits in one), under llava-hf's hub names.
 pub fn write_safetensors(
+    dir: &Path,
+    tensors: &[(String, Tensor)],
+    max_shard_bytes: usize,
+) -> Result<()> {
+    let named: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| (hub_name(n), t.clone()))
+        .collect();
+    write_shards(dir, &named, max_shard_bytes)
+}
+
+/// Writes tensors under the names given as shards of at most `max_shard_bytes`, with
+/// `model.safetensors.index.json` when there is more than one.
+pub fn write_shards(
     dir: &Path,
     tensors: &[(String, Tensor)],
     max_shard_bytes: usize,
@@ -56,7 +70,7 @@ pub fn write_safetensors(
         }
         size += bytes;
         if let Some(last) = shards.last_mut() {
-            last.push((hub_name(name), t));
+            last.push((name.clone(), t));
         }
     }
     let metadata = Some(std::collections::HashMap::from([(

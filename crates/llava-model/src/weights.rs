@@ -629,6 +629,28 @@ pub fn hub_name(canonical: &str) -> String {
     canonical.to_string()
 }
 
+/// The original layout's stored name of a canonical language-model or projector weight (the
+/// inverse of [`original_llava_name`]); `None` for the vision tower, which the original keeps in
+/// its own CLIP checkpoint. `projector_depth` 1 is v1's bare `linear`.
+pub fn original_name(canonical: &str, projector_depth: usize) -> Option<String> {
+    if let Some(rest) = canonical.strip_prefix("multi_modal_projector.linear_") {
+        let (k, leaf) = rest.split_once('.')?;
+        let k: usize = k.parse().ok().filter(|&k| k >= 1)?;
+        return Some(if projector_depth == 1 {
+            format!("model.mm_projector.{leaf}")
+        } else {
+            format!("model.mm_projector.{}.{leaf}", 2 * (k - 1))
+        });
+    }
+    if canonical.starts_with("vision_tower.") {
+        return None;
+    }
+    Some(match canonical.strip_prefix("language_model.") {
+        Some(rest) => format!("model.{rest}"),
+        None => canonical.to_string(),
+    })
+}
+
 /// The original liuhaotian layout: a LLaMA checkpoint with `model.mm_projector.*` inside.
 /// `mm_projector` is an `nn.Sequential`: linears sit at even indices (0, 2, …) between GELUs, or
 /// it is a bare `nn.Linear` for v1's `linear` projector.
@@ -801,6 +823,24 @@ mod tests {
                 Some(canonical)
             );
         }
+    }
+
+    /// `llava merge-lora` writes original names that read back as the same canonical ones.
+    #[test]
+    fn original_names_round_trip() {
+        for (stored, depth) in [
+            ("model.mm_projector.0.weight", 2),
+            ("model.mm_projector.2.bias", 2),
+            ("model.mm_projector.4.weight", 3),
+            ("model.mm_projector.weight", 1),
+            ("model.layers.3.mlp.down_proj.weight", 2),
+            ("model.embed_tokens.weight", 2),
+            ("lm_head.weight", 2),
+        ] {
+            let canonical = original_llava_name(stored).expect("canonical");
+            assert_eq!(original_name(&canonical, depth).as_deref(), Some(stored));
+        }
+        assert_eq!(original_name("vision_tower.post_layernorm.weight", 2), None);
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod generate;
 pub mod image_source;
 pub mod init;
 pub mod instruct;
+pub mod merge_lora;
 pub mod model_args;
 pub mod teacher;
 pub mod teacher_args;
