@@ -8,9 +8,14 @@
 
 use crate::record::IMAGE_PLACEHOLDER;
 
-/// The Vicuna v1 system prompt used by `llava_v1` and `llava_v0`.
+/// The system prompt of `llava_v1` and `llava_v0`: Vicuna's, reworded to say "human".
 pub const VICUNA_SYSTEM: &str = "A chat between a curious human and an artificial intelligence assistant. \
 The assistant gives helpful, detailed, and polite answers to the human's questions.";
+
+/// Vicuna v1.1's own system prompt, which says "user": `vicuna_v1`'s, with which LLaVA-1.5 was
+/// fine-tuned (`--version v1`) and evaluated (`--conv-mode vicuna_v1`).
+pub const VICUNA_V1_SYSTEM: &str = "A chat between a curious user and an artificial intelligence assistant. \
+The assistant gives helpful, detailed, and polite answers to the user's questions.";
 
 /// The LLaVA LLaMA-2 system prompt.
 pub const LLAMA_2_SYSTEM: &str = "You are a helpful language and vision assistant. You are able to understand \
@@ -77,6 +82,9 @@ pub struct Segment {
 pub enum ConvTemplate {
     /// Vicuna v1: `{system} USER: {q} ASSISTANT: {a}</s>USER: …`
     LlavaV1,
+    /// The same format with Vicuna's own system prompt ([`VICUNA_V1_SYSTEM`]): the original's
+    /// `vicuna_v1` and `v1`, LLaVA-1.5's training and evaluation template.
+    VicunaV1,
     /// Vicuna v0: `{system}###Human: {q}###Assistant: {a}###…`
     LlavaV0,
     /// LLaMA-2 chat: `[INST] <<SYS>>…<</SYS>>\n\n{q} [/INST] {a} </s><s>[INST] …`
@@ -88,12 +96,23 @@ pub enum ConvTemplate {
 }
 
 impl ConvTemplate {
-    pub const NAMES: [&'static str; 5] = ["llava_v1", "llava_v0", "llama_2", "chatml", "plain"];
+    pub const NAMES: [&'static str; 6] = [
+        "llava_v1",
+        "vicuna_v1",
+        "llava_v0",
+        "llama_2",
+        "chatml",
+        "plain",
+    ];
 
+    /// A template by our name or the original's `--conv-mode` name. The original's `v0` and
+    /// `default` (Vicuna v0 with a worked example conversation) are not built in, and are not
+    /// taken as `llava_v0`, which has no example.
     pub fn from_name(name: &str) -> Option<Self> {
         Some(match name {
-            "llava_v1" | "vicuna_v1" | "v1" => Self::LlavaV1,
-            "llava_v0" | "vicuna_v0" | "v0" => Self::LlavaV0,
+            "llava_v1" => Self::LlavaV1,
+            "vicuna_v1" | "v1" => Self::VicunaV1,
+            "llava_v0" => Self::LlavaV0,
             "llama_2" | "llava_llama_2" => Self::Llama2,
             "chatml" | "chatml_direct" => Self::Chatml,
             "plain" => Self::Plain,
@@ -104,6 +123,7 @@ impl ConvTemplate {
     pub fn name(&self) -> &'static str {
         match self {
             Self::LlavaV1 => "llava_v1",
+            Self::VicunaV1 => "vicuna_v1",
             Self::LlavaV0 => "llava_v0",
             Self::Llama2 => "llama_2",
             Self::Chatml => "chatml",
@@ -114,6 +134,7 @@ impl ConvTemplate {
     fn default_system(&self) -> &'static str {
         match self {
             Self::LlavaV1 | Self::LlavaV0 => VICUNA_SYSTEM,
+            Self::VicunaV1 => VICUNA_V1_SYSTEM,
             Self::Llama2 => LLAMA_2_SYSTEM,
             Self::Chatml => "Answer the questions.",
             Self::Plain => "",
@@ -147,7 +168,7 @@ impl ConvTemplate {
             });
         };
         match self {
-            Self::LlavaV1 => {
+            Self::LlavaV1 | Self::VicunaV1 => {
                 prompt.push_str(system);
                 prompt.push(' ');
                 for m in &turns {
@@ -286,6 +307,22 @@ mod tests {
         );
         let q = ConvTemplate::LlavaV1.render(&[Message::user("Hi", 1)], "</s>", true);
         assert_eq!(q, format!("{VICUNA_SYSTEM} USER: <image>\nHi ASSISTANT:"));
+    }
+
+    /// The original's `vicuna_v1` (and `v1`) is `llava_v1`'s format with the prompt that says
+    /// "user"; its `v0` (with a worked example) is not `llava_v0`.
+    #[test]
+    fn vicuna_v1_is_llava_v1_with_vicunas_system_prompt() {
+        for name in ["vicuna_v1", "v1"] {
+            let t = ConvTemplate::from_name(name).expect("known");
+            let s = t.render(&two_turns(), "</s>", false);
+            let llava = ConvTemplate::LlavaV1.render(&two_turns(), "</s>", false);
+            assert_eq!(s, llava.replacen(VICUNA_SYSTEM, VICUNA_V1_SYSTEM, 1));
+            assert!(s.starts_with("A chat between a curious user"), "{s}");
+        }
+        for name in ["v0", "default", "vicuna_v0"] {
+            assert_eq!(ConvTemplate::from_name(name), None, "{name}");
+        }
     }
 
     #[test]

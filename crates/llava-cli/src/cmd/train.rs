@@ -96,8 +96,9 @@ pub struct TrainCommand {
     pub save_steps: Option<u64>,
     #[arg(long, default_value_t = 2048)]
     pub max_length: usize,
-    /// Default: plain for pretrain, llava_v1 for finetune.
-    #[arg(long, alias = "conv-mode")]
+    /// Default: plain for pretrain, llava_v1 for finetune. LLaVA-1.5's own fine-tuning used
+    /// vicuna_v1 (the original's `--version v1`). Aliases: --conv-mode, --version.
+    #[arg(long, aliases = ["conv-mode", "version"])]
     pub template: Option<String>,
     /// Keep <image> where each record has it instead of moving it to the front.
     #[arg(long)]
