@@ -120,6 +120,22 @@ impl ConvTemplate {
         })
     }
 
+    /// [`Self::from_name`], or a message that says why not and what to choose.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        Self::from_name(name).ok_or_else(|| {
+            let why = match name {
+                "v0" | "default" | "vicuna_v0" => {
+                    "the original's Vicuna v0 template, with its worked example conversation, is not built in (llava_v0 is the LLaVA v0 releases' template, without one); "
+                }
+                _ => "",
+            };
+            format!(
+                "unknown template: {why}choose one of {}",
+                Self::NAMES.join(", ")
+            )
+        })
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Self::LlavaV1 => "llava_v1",
@@ -321,8 +337,14 @@ mod tests {
             assert!(s.starts_with("A chat between a curious user"), "{s}");
         }
         for name in ["v0", "default", "vicuna_v0"] {
-            assert_eq!(ConvTemplate::from_name(name), None, "{name}");
+            let e = ConvTemplate::parse(name).expect_err(name);
+            assert!(
+                e.contains("worked example") && e.contains("llava_v0"),
+                "{e}"
+            );
         }
+        let e = ConvTemplate::parse("llava_v9").expect_err("unknown");
+        assert!(e.contains("choose one of llava_v1, vicuna_v1"), "{e}");
     }
 
     #[test]

@@ -21,14 +21,11 @@ impl PromptTemplate {
         fallback: ConvTemplate,
     ) -> Result<Self, TemplateError> {
         if let Some(name) = name {
-            return ConvTemplate::from_name(name)
+            return ConvTemplate::parse(name)
                 .map(Self::Named)
-                .ok_or_else(|| TemplateError::Load {
+                .map_err(|message| TemplateError::Load {
                     path: name.into(),
-                    message: format!(
-                        "unknown template; choose one of {}",
-                        ConvTemplate::NAMES.join(", ")
-                    ),
+                    message,
                 });
         }
         Ok(match ChatTemplate::find(dir)? {

@@ -63,13 +63,8 @@ pub fn run(c: DataCommand) -> Result<()> {
 }
 
 fn preview(p: PreviewArgs) -> Result<()> {
-    let Some(template) = ConvTemplate::from_name(&p.template) else {
-        bail!(
-            "--template {}: choose one of {}",
-            p.template,
-            ConvTemplate::NAMES.join(", ")
-        );
-    };
+    let template = ConvTemplate::parse(&p.template)
+        .map_err(|m| anyhow::anyhow!("--template {}: {m}", p.template))?;
     let checkpoint = Checkpoint::open(&p.checkpoint.model, p.checkpoint.vision_tower.as_deref())
         .with_context(|| format!("loading {}", p.checkpoint.model))?;
     let tokenizer = Tokenizer::from_dir(&checkpoint.dir)?;

@@ -127,12 +127,9 @@ pub fn run(c: TrainCommand) -> Result<()> {
         Stage::Finetune => (2e-5, 128, ConvTemplate::LlavaV1),
     };
     let template = match &c.template {
-        Some(name) => ConvTemplate::from_name(name).with_context(|| {
-            format!(
-                "--template {name}: choose one of {}",
-                ConvTemplate::NAMES.join(", ")
-            )
-        })?,
+        Some(name) => {
+            ConvTemplate::parse(name).map_err(|m| anyhow::anyhow!("--template {name}: {m}"))?
+        }
         None => default_template,
     };
     let config = TrainConfig {
