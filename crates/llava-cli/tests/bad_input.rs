@@ -179,6 +179,10 @@ fn lora_release_that_cannot_load() {
         &generate_over_base(&lora, Path::new("/no/such/vicuna")),
         &["--model-base /no/such/vicuna"],
     );
+    assert_clean_failure(
+        &generate_over_base(&lora, &fixture_model()),
+        &["--model-base is an HF-layout LLaVA checkpoint"],
+    );
     // --model-base over a complete HF checkpoint.
     assert_clean_failure(
         &generate_over_base(&fixture_model(), &base),

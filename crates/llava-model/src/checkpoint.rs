@@ -66,10 +66,22 @@ impl Checkpoint {
         } else if json.get("mm_vision_tower").is_some() || json.get("mm_projector_type").is_some() {
             let (config, vision_tower_dir) = original_config(&dir, &json, vision_tower)?;
             let model_base = match model_base {
-                Some(base) => Some(
-                    resolve_model_dir(base)
-                        .map_err(|e| ModelError::Input(format!("--model-base {base}: {e}")))?,
-                ),
+                Some(base) => {
+                    let base_dir = resolve_model_dir(base)
+                        .map_err(|e| ModelError::Input(format!("--model-base {base}: {e}")))?;
+                    // The original builder loads the base as its own LLaVA class: a plain
+                    // LLaMA (Vicuna) or an original-layout LLaVA, never llava-hf's layout.
+                    if read_json(&base_dir.join("config.json"))?
+                        .get("vision_config")
+                        .is_some()
+                    {
+                        return Err(ModelError::config(
+                            &base_dir,
+                            "--model-base is an HF-layout LLaVA checkpoint; the base of an original release is the language model it was trained from (e.g. lmsys/vicuna-7b-v1.5)",
+                        ));
+                    }
+                    Some(base_dir)
+                }
                 None => {
                     check_complete(&dir, &json)?;
                     None
