@@ -35,18 +35,7 @@ pub fn run(c: InitCommand) -> Result<()> {
         "f16" => DType::F16,
         other => bail!("--dtype {other}: choose f32, bf16 or f16"),
     };
-    // Writing over a checkpoint would leave a mix of its files and these (an old shard
-    // index would even win over the new weights).
-    let occupied = match std::fs::read_dir(&c.out) {
-        Ok(mut entries) => entries.next().is_some(),
-        Err(e) => e.kind() != std::io::ErrorKind::NotFound,
-    };
-    if occupied {
-        bail!(
-            "--out {}: already exists and is not an empty directory; llava init writes only to a new one",
-            c.out.display()
-        );
-    }
+    super::require_new_out(&c.out, "llava init")?;
     write_random_checkpoint(&config, &c.out, dtype, c.seed)
         .with_context(|| format!("writing {}", c.out.display()))?;
     eprintln!(

@@ -40,16 +40,7 @@ const TOKENIZER_FILES: [&str; 6] = [
 const MAX_SHARD_BYTES: usize = 5 << 30;
 
 pub fn run(c: MergeLoraCommand) -> Result<()> {
-    let occupied = match std::fs::read_dir(&c.out) {
-        Ok(mut entries) => entries.next().is_some(),
-        Err(e) => e.kind() != std::io::ErrorKind::NotFound,
-    };
-    if occupied {
-        bail!(
-            "--out {}: already exists and is not an empty directory; the merge writes only to a new one",
-            c.out.display()
-        );
-    }
+    super::require_new_out(&c.out, "llava merge-lora")?;
     let checkpoint = Checkpoint::open_with_base(
         &c.checkpoint.model,
         c.checkpoint.vision_tower.as_deref(),
