@@ -63,7 +63,10 @@ pub fn run(c: MergeLoraCommand) -> Result<()> {
         }
     }
 
-    let partial = c.out.with_extension("partial");
+    // `OUT.partial` beside it (not `with_extension`, which would cut `llava-v1.5-7b` at the dot).
+    let mut partial_name = c.out.file_name().unwrap_or_default().to_os_string();
+    partial_name.push(".partial");
+    let partial = c.out.with_file_name(partial_name);
     if partial.exists() {
         std::fs::remove_dir_all(&partial)
             .with_context(|| format!("removing the leftover {}", partial.display()))?;
