@@ -14,7 +14,7 @@ use std::path::Path;
 use prost::Message;
 use serde_json::{Value, json};
 
-use crate::tokenizer::TokenizerError;
+use crate::tokenizer::{TokenizerError, config_token};
 
 /// The parts of `sentencepiece_model.proto` that the conversion reads; prost skips the rest.
 #[derive(Clone, PartialEq, Message)]
@@ -90,12 +90,7 @@ pub fn tokenizer_json(
     let setting = |key: &str| config.and_then(|c| c.get(key));
     let flag = |key: &str, default: bool| setting(key).and_then(Value::as_bool).unwrap_or(default);
     let token = |key: &str, default: &str| -> Option<String> {
-        match setting(key) {
-            None => Some(default.to_string()),
-            Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(v) => v.get("content").and_then(Value::as_str).map(String::from),
-        }
+        config_token(config, key).unwrap_or_else(|| Some(default.to_string()))
     };
 
     // Added tokens, by id: the model's control (special) and user-defined pieces, the special

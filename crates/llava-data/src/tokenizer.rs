@@ -87,16 +87,9 @@ impl Tokenizer {
             });
         };
         let special = |key: &str, fallback: &str| -> Option<String> {
-            let from_config = config
-                .as_ref()
-                .and_then(|c| c.get(key))
-                .and_then(|v| match v {
-                    Value::String(s) => Some(s.clone()),
-                    // Older configs store `{"content": "</s>", ...}` objects.
-                    Value::Object(o) => o.get("content").and_then(Value::as_str).map(String::from),
-                    _ => None,
-                });
-            from_config.or_else(|| inner.token_to_id(fallback).map(|_| fallback.to_string()))
+            config_token(config.as_ref(), key)
+                .flatten()
+                .or_else(|| inner.token_to_id(fallback).map(|_| fallback.to_string()))
         };
         let bos_token = special("bos_token", "<s>");
         let eos_token = special("eos_token", "</s>");
@@ -236,6 +229,17 @@ impl<'a> StreamDecoder<'a> {
     pub fn text(&self) -> Result<String, TokenizerError> {
         self.tokenizer.decode(&self.ids, true)
     }
+}
+
+/// A special token named in `tokenizer_config.json` (`bos_token`, …): `None` when the key is
+/// absent, `Some(None)` when it is `null`, else its text, given as a string or, in older
+/// configs, as a `{"content": "</s>", ...}` object.
+pub(crate) fn config_token(config: Option<&Value>, key: &str) -> Option<Option<String>> {
+    let v = config?.get(key)?;
+    Some(match v {
+        Value::String(s) => Some(s.clone()),
+        v => v.get("content").and_then(Value::as_str).map(String::from),
+    })
 }
 
 pub(crate) fn read_optional_json(path: &Path) -> Result<Option<Value>, TokenizerError> {
