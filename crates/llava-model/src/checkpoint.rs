@@ -324,20 +324,13 @@ fn hub_cache_snapshot(id: &str) -> Option<PathBuf> {
 fn check_complete(dir: &Path, json: &Value) -> Result<()> {
     let what = if dir.join("adapter_config.json").is_file() {
         "a LoRA release (adapter_config.json)"
-    } else if ["mm_projector.bin", "mm_projector.safetensors"]
-        .iter()
-        .any(|f| dir.join(f).is_file())
-        && !std::fs::read_dir(dir)
-            .map_err(|source| ModelError::Io {
-                path: dir.to_path_buf(),
-                source,
-            })?
-            .filter_map(|e| e.ok())
-            .any(|e| {
-                let name = e.file_name().to_string_lossy().to_string();
-                name.starts_with("pytorch_model") || name.starts_with("model")
-            })
-    {
+    } else if crate::weights::weight_file_paths(dir).is_ok_and(|paths| {
+        // The only weights the loader would find are the projector's.
+        !paths.is_empty()
+            && paths
+                .iter()
+                .all(|p| p.file_stem().is_some_and(|stem| stem == "mm_projector"))
+    }) {
         "a projector-only release (mm_projector.bin)"
     } else {
         return Ok(());

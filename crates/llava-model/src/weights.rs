@@ -508,6 +508,11 @@ impl ShardIndex {
     }
 }
 
+/// The weight files [`Weights::add_dir`] would read from `dir`.
+pub(crate) fn weight_file_paths(dir: &Path) -> Result<Vec<PathBuf>> {
+    Ok(weight_files(dir)?.paths)
+}
+
 /// The weight files of a directory. safetensors first: those its index names, else
 /// `model.safetensors`, else every `*.safetensors` file. Then the same for PyTorch `.bin`
 /// (`pytorch_model.bin.index.json`, `pytorch_model.bin`, every `*.bin`), the format of the
