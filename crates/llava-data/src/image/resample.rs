@@ -2,7 +2,8 @@
 //!
 //! Why our own: CLIP checkpoints were trained on PIL-resized pixels, and transformers' slow
 //! processor resizes with PIL. Pillow computes the filter weights in f64, quantises them to
-//! 22-bit fixed point, runs a horizontal pass to a clipped uint8 buffer and then a vertical pass.
+//! 22-bit fixed point, and runs a horizontal and a vertical pass through a clipped uint8 buffer,
+//! in the order Pillow 13 picks.
 //! Reproducing those exact steps makes the output identical to the last uint8; generic resizers
 //! (fast_image_resize included) round differently and land within ±1 level (see the tests).
 
@@ -233,58 +234,81 @@ pub fn resize_pil(
     );
     let horiz = precompute_coeffs(in_w, out_w, filter);
     let vert = precompute_coeffs(in_h, out_h, filter);
-
-    // Horizontal pass, only over the rows the vertical pass reads (as ImagingResampleInner).
-    let (rows_first, rows_end) = if out_w != in_w {
-        let first = vert.bounds[0].0;
-        let (last_min, last_n) = vert.bounds[out_h - 1];
-        (first, last_min + last_n)
-    } else {
-        (0, in_h)
-    };
-    let src_raw = src.as_raw();
-    let tmp: std::borrow::Cow<[u8]> = if out_w != in_w {
-        let mut tmp = vec![0u8; (rows_end - rows_first) * out_w * 3];
-        for (yy, out_row) in tmp.chunks_exact_mut(out_w * 3).enumerate() {
-            let row = &src_raw[(yy + rows_first) * in_w * 3..][..in_w * 3];
-            for (xx, px) in out_row.chunks_exact_mut(3).enumerate() {
-                let (xmin, n) = horiz.bounds[xx];
-                let k = &horiz.weights[xx * horiz.ksize..][..n];
-                let mut ss = [1i32 << (PRECISION_BITS - 1); 3];
-                for (x, &kx) in k.iter().enumerate() {
-                    let p = &row[(xmin + x) * 3..][..3];
-                    ss[0] = ss[0].wrapping_add(i32::from(p[0]).wrapping_mul(kx));
-                    ss[1] = ss[1].wrapping_add(i32::from(p[1]).wrapping_mul(kx));
-                    ss[2] = ss[2].wrapping_add(i32::from(p[2]).wrapping_mul(kx));
-                }
-                px.copy_from_slice(&ss.map(clip8));
+    let src = src.as_raw();
+    // Pillow 13 runs the vertical pass first when the height shrinks by more than twice as
+    // many pixels as the width does (ImagingResampleInner's `horizontal_first`). The order
+    // changes the intermediate uint8 rounding, so it is followed exactly.
+    let horizontal_first =
+        !(in_h > out_h && (in_h - out_h) as i64 > (in_w as i64 - out_w as i64) * 2);
+    let data = if horizontal_first {
+        if out_w == in_w {
+            vertical(src, in_w, 0, &vert, out_h)
+        } else {
+            // Only over the rows the vertical pass reads.
+            let first = vert.bounds[0].0;
+            let (last_min, last_n) = vert.bounds[out_h - 1];
+            let tmp = horizontal(src, in_w, first..last_min + last_n, &horiz, out_w);
+            if out_h == in_h {
+                tmp
+            } else {
+                vertical(&tmp, out_w, first, &vert, out_h)
             }
         }
-        tmp.into()
     } else {
-        src_raw.as_slice().into()
+        let tmp = vertical(src, in_w, 0, &vert, out_h);
+        if out_w == in_w {
+            tmp
+        } else {
+            horizontal(&tmp, in_w, 0..out_h, &horiz, out_w)
+        }
     };
+    Ok(::image::RgbImage::from_raw(width, height, data)
+        .expect("passes produce width*height*3 bytes"))
+}
 
-    if out_h == in_h {
-        let data = tmp.into_owned();
-        return Ok(::image::RgbImage::from_raw(width, height, data)
-            .expect("horizontal pass produced width*height*3 bytes"));
+/// Pillow's `ResampleHorizontal_8bpc` over rows `rows` of an `in_w`-wide RGB buffer.
+fn horizontal(
+    src: &[u8],
+    in_w: usize,
+    rows: std::ops::Range<usize>,
+    c: &Coeffs,
+    out_w: usize,
+) -> Vec<u8> {
+    let mut out = vec![0u8; rows.len() * out_w * 3];
+    for (yy, out_row) in out.chunks_exact_mut(out_w * 3).enumerate() {
+        let row = &src[(yy + rows.start) * in_w * 3..][..in_w * 3];
+        for (xx, px) in out_row.chunks_exact_mut(3).enumerate() {
+            let (xmin, n) = c.bounds[xx];
+            let k = &c.weights[xx * c.ksize..][..n];
+            let mut ss = [1i32 << (PRECISION_BITS - 1); 3];
+            for (x, &kx) in k.iter().enumerate() {
+                let p = &row[(xmin + x) * 3..][..3];
+                ss[0] = ss[0].wrapping_add(i32::from(p[0]).wrapping_mul(kx));
+                ss[1] = ss[1].wrapping_add(i32::from(p[1]).wrapping_mul(kx));
+                ss[2] = ss[2].wrapping_add(i32::from(p[2]).wrapping_mul(kx));
+            }
+            px.copy_from_slice(&ss.map(clip8));
+        }
     }
-    // Vertical pass; the bounds are shifted by the rows the horizontal pass skipped.
-    let row_len = out_w * 3;
+    out
+}
+
+/// Pillow's `ResampleVertical_8bpc` of a `width`-wide RGB buffer whose first row is source row
+/// `offset` (the rows a horizontal pass skipped).
+fn vertical(src: &[u8], width: usize, offset: usize, c: &Coeffs, out_h: usize) -> Vec<u8> {
+    let row_len = width * 3;
     let mut out = vec![0u8; out_h * row_len];
     for (yy, out_row) in out.chunks_exact_mut(row_len).enumerate() {
-        let (ymin, n) = vert.bounds[yy];
-        let ymin = ymin - rows_first;
-        let k = &vert.weights[yy * vert.ksize..][..n];
+        let (ymin, n) = c.bounds[yy];
+        let ymin = ymin - offset;
+        let k = &c.weights[yy * c.ksize..][..n];
         for (i, o) in out_row.iter_mut().enumerate() {
             let mut ss = 1i32 << (PRECISION_BITS - 1);
             for (y, &ky) in k.iter().enumerate() {
-                ss = ss.wrapping_add(i32::from(tmp[(ymin + y) * row_len + i]).wrapping_mul(ky));
+                ss = ss.wrapping_add(i32::from(src[(ymin + y) * row_len + i]).wrapping_mul(ky));
             }
             *o = clip8(ss);
         }
     }
-    Ok(::image::RgbImage::from_raw(width, height, out)
-        .expect("vertical pass produced width*height*3 bytes"))
+    out
 }
