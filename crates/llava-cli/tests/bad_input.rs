@@ -665,3 +665,102 @@ fn original_layout_tower_config_is_the_one_named() {
     ]);
     assert_clean_failure(&out, &["clip/config.json", "patch_size 7"]);
 }
+
+fn next_fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/llava-next/model")
+}
+
+/// What a LLaVA-NeXT checkpoint can get wrong, and what cannot be asked of one, each named.
+#[test]
+fn llava_next_checkpoint_that_cannot_run() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let fresh = |name: &str| copy_dir(&next_fixture(), &tmp.path().join(name));
+
+    // The CLS position has no place on the grid, in transformers either.
+    let full = fresh("full");
+    edit_json(&full.join("config.json"), |c| {
+        c["vision_feature_select_strategy"] = serde_json::json!("full");
+    });
+    assert_clean_failure(
+        &generate(&full, &image(), "Hi"),
+        &[
+            "config.json",
+            "vision_feature_select_strategy",
+            "llava_next",
+        ],
+    );
+
+    // The processor tiling for one grid and the model unpadding for another.
+    let grids = fresh("grids");
+    edit_json(&grids.join("processor_config.json"), |c| {
+        c["image_processor"]["image_grid_pinpoints"] = serde_json::json!([[30, 60]]);
+    });
+    assert_clean_failure(
+        &generate(&grids, &image(), "Hi"),
+        &["processor_config.json", "image_grid_pinpoints"],
+    );
+    let off_grid = fresh("off-grid");
+    edit_json(&off_grid.join("config.json"), |c| {
+        c["image_grid_pinpoints"] = serde_json::json!([[30, 45]]);
+    });
+    assert_clean_failure(
+        &generate(&off_grid, &image(), "Hi"),
+        &["image_grid_pinpoints", "30x45"],
+    );
+
+    // No end-of-row vector in the weights.
+    let newline = fresh("newline");
+    edit_safetensors(&newline, |header, _| {
+        let entry = header
+            .as_object_mut()
+            .expect("object")
+            .remove("image_newline")
+            .expect("image_newline");
+        header["image_newline_renamed"] = entry;
+    });
+    assert_clean_failure(&generate(&newline, &image(), "Hi"), &["image_newline"]);
+
+    // Pad-to-square is LLaVA-1.5's, and the prompt needs one <image> per image.
+    let model = next_fixture();
+    let model = model.to_string_lossy();
+    let img = image();
+    let img = img.to_string_lossy();
+    let out = llava(&[
+        "generate",
+        "--model",
+        &model,
+        "--image",
+        &img,
+        "--prompt",
+        "Hi",
+        "--image-aspect-ratio",
+        "pad",
+    ]);
+    assert_clean_failure(&out, &["--image-aspect-ratio pad", "LLaVA-NeXT"]);
+    let out = llava(&[
+        "generate",
+        "--model",
+        &model,
+        "--image",
+        &img,
+        "--raw",
+        "--prompt",
+        "<image><image>Hi",
+    ]);
+    assert_clean_failure(&out, &["2 <image> placeholder(s) but 1 image(s)"]);
+
+    // Training builds every sample with one image length, which tiling does not give.
+    std::fs::write(tmp.path().join("data.json"), "[]").expect("write");
+    let out = llava(&[
+        "train",
+        "--stage",
+        "finetune",
+        "--model",
+        &model,
+        "--data",
+        &tmp.path().join("data.json").to_string_lossy(),
+        "--output",
+        &tmp.path().join("out").to_string_lossy(),
+    ]);
+    assert_clean_failure(&out, &["LLaVA-NeXT", "cannot be trained"]);
+}

@@ -186,6 +186,39 @@ fn image_url_and_the_original_flag_names() {
     );
 }
 
+/// A LLaVA-NeXT checkpoint (llava-hf's 1.6 layout, `tools/make_next_fixture.py`) with three
+/// images of three shapes, each tiled by its own grid: transformers' greedy tokens.
+#[test]
+fn llava_next_with_three_images_matches_transformers() {
+    let want = expected("llava-next");
+    let mut command = llava();
+    command
+        .args(["generate", "--model"])
+        .arg(fixtures().join("llava-next/model"));
+    for image in want["images"].as_array().expect("images") {
+        command.arg("--image").arg(
+            fixtures()
+                .join("images")
+                .join(image["image"].as_str().expect("name")),
+        );
+    }
+    let json = json_of(command.args([
+        "--prompt",
+        want["multi"]["question"].as_str().expect("question"),
+        "--max-new-tokens",
+        "20",
+        "--ignore-eos",
+        "--json",
+    ]));
+    assert_eq!(json["token_ids"], want["multi"]["greedy_tokens"]);
+    assert_eq!(
+        json["prompt_tokens"].as_u64(),
+        want["multi"]["input_ids"]
+            .as_array()
+            .map(|a| a.len() as u64)
+    );
+}
+
 /// `generate` over `--model-base`, for the two kinds of release the original publishes that way
 /// (`tools/make_lora_fixture.py`): LoRA adapters (as `.bin` or `.safetensors`) give the merged
 /// model's greedy tokens; the same projector as a stage-1 `mm_projector.bin`, with no adapters,

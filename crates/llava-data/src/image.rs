@@ -12,6 +12,7 @@
 //! The result is plain CHW `f32` data ([`PixelValues`]); `llava-model` turns it into a tensor.
 //! Parity is checked against tensors recorded from transformers by `tools/make_image_fixtures.py`.
 
+mod anyres;
 mod config;
 mod load;
 mod process;
@@ -20,6 +21,7 @@ mod resample;
 use std::path::PathBuf;
 
 pub use ::image::RgbImage;
+pub use anyres::{ProcessedImage, anyres_tiles, patch_output_size, select_best_resolution};
 pub use config::{CropSize, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PreprocessorConfig, ResizeSize};
 pub use load::{AlphaMode, LoadOptions, decode_image, load_image, load_image_with};
 pub use process::{
@@ -88,7 +90,11 @@ pub enum ImageError {
         field: &'static str,
         reason: String,
     },
-    /// `image_aspect_ratio` names a mode we do not implement (e.g. LLaVA-1.6 `anyres`).
-    #[error("unsupported image_aspect_ratio {0:?} (supported: \"square\", \"pad\")")]
+    /// `image_aspect_ratio` names a mode we do not implement (e.g. the original LLaVA-1.6
+    /// layout's `anyres`; transformers' `llava_next` checkpoints tile through
+    /// [`ImageProcessor::anyres`]).
+    #[error(
+        "unsupported image_aspect_ratio {0:?} (supported: \"square\", \"pad\"; LLaVA-1.6 anyres tiling is supported for the HF llava_next layout only)"
+    )]
     UnsupportedAspectRatio(String),
 }

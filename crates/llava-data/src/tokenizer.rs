@@ -143,18 +143,28 @@ impl Tokenizer {
         }
     }
 
-    /// Tokenises a rendered prompt, with every `<image>` becoming `n_image_tokens` image ids.
+    /// Tokenises a rendered prompt with one `<image>` per image: the i-th becomes
+    /// `image_token_counts[i]` image ids (all the same in LLaVA-1.5, by image size in
+    /// LLaVA-NeXT). A prompt with more or fewer placeholders than images is an error.
     pub fn encode_prompt(
         &self,
         prompt: &str,
         image: ImageTokens,
-        n_image_tokens: usize,
+        image_token_counts: &[usize],
     ) -> Result<Vec<u32>, TokenizerError> {
-        self.encode_with_images(prompt, image, n_image_tokens, true)
+        let placeholders = prompt.matches(IMAGE_PLACEHOLDER).count();
+        if placeholders != image_token_counts.len() {
+            return Err(TokenizerError::Encode(format!(
+                "the prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {} image(s) were given: put one {IMAGE_PLACEHOLDER} in the prompt per image",
+                image_token_counts.len()
+            )));
+        }
+        self.encode_expanding(prompt, image, |i| image_token_counts[i], true)
     }
 
-    /// [`Self::encode_prompt`] for a piece of a longer sequence: `add_special_tokens` is false
-    /// for every piece but the first, so BOS appears once.
+    /// Tokenises a piece of a longer sequence, with every `<image>` becoming `n_image_tokens`
+    /// image ids: `add_special_tokens` is false for every piece but the first, so BOS appears
+    /// once.
     pub fn encode_with_images(
         &self,
         text: &str,
@@ -162,10 +172,26 @@ impl Tokenizer {
         n_image_tokens: usize,
         add_special_tokens: bool,
     ) -> Result<Vec<u32>, TokenizerError> {
+        self.encode_expanding(text, image, |_| n_image_tokens, add_special_tokens)
+    }
+
+    /// The `i`-th `<image>` of `text` becomes `count(i)` image ids.
+    fn encode_expanding(
+        &self,
+        text: &str,
+        image: ImageTokens,
+        count: impl Fn(usize) -> usize,
+        add_special_tokens: bool,
+    ) -> Result<Vec<u32>, TokenizerError> {
         match image {
             ImageTokens::Expand { .. } => {
-                let expanded =
-                    text.replace(IMAGE_PLACEHOLDER, &IMAGE_PLACEHOLDER.repeat(n_image_tokens));
+                let mut expanded = String::with_capacity(text.len());
+                for (i, chunk) in text.split(IMAGE_PLACEHOLDER).enumerate() {
+                    if i > 0 {
+                        expanded.push_str(&IMAGE_PLACEHOLDER.repeat(count(i - 1)));
+                    }
+                    expanded.push_str(chunk);
+                }
                 self.encode(&expanded, add_special_tokens)
             }
             ImageTokens::Split { id, im_start_end } => {
@@ -182,7 +208,7 @@ impl Tokenizer {
                 let mut ids = Vec::new();
                 for (i, chunk) in text.split(IMAGE_PLACEHOLDER).enumerate() {
                     if i > 0 {
-                        ids.extend(std::iter::repeat_n(id, n_image_tokens));
+                        ids.extend(std::iter::repeat_n(id, count(i - 1)));
                     }
                     // Only the first chunk carries BOS, as in the original `tokenizer_image_token`.
                     ids.extend(self.encode(chunk, add_special_tokens && i == 0)?);

@@ -92,6 +92,7 @@ fn cases(m: &Value) -> Vec<Case> {
                         apply_exif_orientation: true,
                         alpha,
                     },
+                    anyres: None,
                 },
                 shape: [shape[0], shape[1], shape[2]],
                 f32_rel: c["f32"].as_str().unwrap().to_string(),

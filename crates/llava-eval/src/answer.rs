@@ -99,8 +99,8 @@ pub fn answer_one(
     stop: &[String],
 ) -> Result<(String, Generation), llava_model::ModelError> {
     let prompt = pipeline.render(&[Message::user(text, images.len())])?;
-    let input_ids = pipeline.encode(&prompt)?;
     let pixel_values = pipeline.pixel_values(images)?;
+    let input_ids = pipeline.encode(&prompt, pixel_values.as_ref())?;
     let out = pipeline.generate_with_cache(
         cache,
         &input_ids,

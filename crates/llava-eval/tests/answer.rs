@@ -49,10 +49,10 @@ fn answers_match_generate_and_resume() {
         .render(&[llava_data::conversation::Message::user(question, 1)])
         .unwrap();
     assert_eq!(prompt, expected["prompt"].as_str().unwrap());
-    let ids = p.encode(&prompt).unwrap();
     let pixels = p
         .pixel_values(&[fixtures().join("images").join(image)])
         .unwrap();
+    let ids = p.encode(&prompt, pixels.as_ref()).unwrap();
     let direct = p
         .generate(&ids, pixels.as_ref(), &greedy(), 20, &[], |_| {})
         .unwrap();

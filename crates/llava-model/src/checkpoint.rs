@@ -439,6 +439,7 @@ fn original_config(
             .get("mm_use_im_start_end")
             .and_then(Value::as_bool)
             .unwrap_or(false),
+        image_grid_pinpoints: None,
         model_type: "llava".into(),
         architectures: None,
     };

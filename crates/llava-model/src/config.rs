@@ -5,6 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::anyres::AnyRes;
+
 /// `vision_feature_layer`: one hidden-state index, or several whose features are concatenated.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -356,11 +358,19 @@ pub struct LlavaConfig {
     /// every `<image>` is written `<im_start><image><im_end>` before it is tokenised.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub mm_use_im_start_end: bool,
+    /// LLaVA-NeXT's grid resolutions, `(height, width)` (see [`crate::anyres`]); absent in
+    /// LLaVA-1.5 configs, and in a `llava_next` config transformers' default applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_grid_pinpoints: Option<Vec<[u32; 2]>>,
     #[serde(default = "llava_type")]
     pub model_type: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub architectures: Option<Vec<String>>,
 }
+
+/// `LlavaNextConfig`'s default `image_grid_pinpoints`, llava-v1.6's own.
+pub const LLAVA_NEXT_PINPOINTS: [[u32; 2]; 5] =
+    [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]];
 
 impl LlavaConfig {
     pub fn projector(&self) -> ProjectorConfig {
@@ -376,7 +386,47 @@ impl LlavaConfig {
         self.vision_config.hidden_size * self.vision_feature_layer.layers().len()
     }
 
-    /// How many embedding positions one image occupies in the language model's input.
+    /// LLaVA-NeXT (`llava_next`): images are tiled and their features packed by
+    /// [`crate::anyres`].
+    pub fn is_next(&self) -> bool {
+        self.model_type == "llava_next"
+    }
+
+    /// The grid geometry of a LLaVA-NeXT checkpoint; `None` for LLaVA-1.5.
+    pub fn anyres(&self) -> Option<AnyRes<'_>> {
+        self.is_next().then(|| AnyRes {
+            pinpoints: self
+                .image_grid_pinpoints
+                .as_deref()
+                .unwrap_or(&LLAVA_NEXT_PINPOINTS),
+            tile: self.vision_config.image_size,
+            side: self.vision_config.image_size / self.vision_config.patch_size,
+        })
+    }
+
+    /// Positions in the prompt of an image of `(height, width)`: the same for every image in
+    /// LLaVA-1.5, by size in LLaVA-NeXT.
+    pub fn image_token_count(&self, image_size: (u32, u32)) -> crate::error::Result<usize> {
+        match self.anyres() {
+            Some(anyres) => anyres.token_count(image_size),
+            None => Ok(self.image_seq_len()),
+        }
+    }
+
+    /// [`Self::image_seq_len`] where every image must take the same positions: the training
+    /// data's sequences are built that way, which LLaVA-NeXT's tiling does not fit.
+    pub fn fixed_image_seq_len(&self) -> Result<usize, String> {
+        if self.is_next() {
+            return Err(
+                "LLaVA-NeXT (llava_next) checkpoints cannot be trained here yet: an image's token count depends on its size (anyres tiling)"
+                    .into(),
+            );
+        }
+        Ok(self.image_seq_len())
+    }
+
+    /// How many embedding positions one image occupies in the language model's input
+    /// (LLaVA-1.5; LLaVA-NeXT's base tile).
     pub fn image_seq_len(&self) -> usize {
         let n = self.vision_config.num_patches();
         match self.vision_feature_select_strategy {
@@ -391,12 +441,36 @@ impl LlavaConfig {
         let t = &self.text_config;
         // LLaVA-NeXT and later tile the image (anyres) and add weights this model lacks: run
         // as LLaVA-1.5 they would give plausible but wrong answers, so they are refused.
-        if self.model_type != "llava" {
+        if !matches!(self.model_type.as_str(), "llava" | "llava_next") {
             return Err(format!(
-                "model_type `{}` is not supported (supported: llava, the LLaVA-1.5 architecture; \
-                 LLaVA-NeXT/1.6 anyres tiling is not implemented)",
+                "model_type `{}` is not supported (supported: llava, the LLaVA-1.5 architecture, \
+                 and llava_next, LLaVA-NeXT/1.6)",
                 self.model_type
             ));
+        }
+        if let Some(anyres) = self.anyres() {
+            if self.vision_feature_select_strategy != SelectStrategy::Default {
+                // transformers cannot lay the CLS position out on the grid either.
+                return Err(
+                    "vision_feature_select_strategy `full` is not supported for llava_next: \
+                     the CLS position does not fit the grid of patches"
+                        .into(),
+                );
+            }
+            if anyres.pinpoints.is_empty() {
+                return Err("image_grid_pinpoints is empty".into());
+            }
+            if let Some([h, w]) = anyres.pinpoints.iter().find(|[h, w]| {
+                *h == 0
+                    || *w == 0
+                    || !(*h as usize).is_multiple_of(anyres.tile)
+                    || !(*w as usize).is_multiple_of(anyres.tile)
+            }) {
+                return Err(format!(
+                    "image_grid_pinpoints has {h}x{w}, which is not a grid of whole {0}x{0} tiles (vision_config.image_size)",
+                    anyres.tile
+                ));
+            }
         }
         if v.model_type != "clip_vision_model" {
             return Err(format!(
@@ -714,9 +788,18 @@ mod tests {
     #[test]
     fn other_llava_architectures_are_refused_by_name() {
         let parse = |json: &str| serde_json::from_str::<LlavaConfig>(json).expect("parses");
+        let next = parse(
+            r#"{"model_type": "llava_next", "vision_feature_select_strategy": "full", "vision_config": {}, "text_config": {}}"#,
+        );
+        let e = next.validate().expect_err("full with anyres");
+        assert!(e.contains("full") && e.contains("llava_next"), "{e}");
+        let next = parse(
+            r#"{"model_type": "llava_next", "image_grid_pinpoints": [[224, 448], [300, 224]], "vision_config": {}, "text_config": {}}"#,
+        );
+        let e = next.validate().expect_err("pinpoints off the tile grid");
+        assert!(e.contains("300x224") && e.contains("image_size"), "{e}");
         let next = parse(r#"{"model_type": "llava_next", "vision_config": {}, "text_config": {}}"#);
-        let e = next.validate().expect_err("anyres");
-        assert!(e.contains("llava_next") && e.contains("anyres"), "{e}");
+        assert_eq!(next.anyres().map(|a| a.pinpoints.len()), Some(5));
         let siglip =
             parse(r#"{"vision_config": {"model_type": "siglip_vision_model"}, "text_config": {}}"#);
         let e = siglip.validate().expect_err("siglip");

@@ -8,6 +8,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::error::{ModelError, Result};
+use crate::image_inputs::ImageInputs;
 use crate::llava::Llava;
 use crate::nn::Mode;
 use crate::prompt_cache::PromptCache;
@@ -151,7 +152,7 @@ impl GenerationStats {
 pub fn generate(
     model: &Llava,
     input_ids: &[u32],
-    pixel_values: Option<&Tensor>,
+    images: Option<&ImageInputs>,
     sampler: &mut Sampler,
     max_new_tokens: usize,
     eos: &[u32],
@@ -162,7 +163,7 @@ pub fn generate(
         model,
         &mut cache,
         input_ids,
-        pixel_values,
+        images,
         sampler,
         max_new_tokens,
         eos,
@@ -179,7 +180,7 @@ pub fn generate_with_cache(
     model: &Llava,
     cache: &mut PromptCache,
     input_ids: &[u32],
-    pixel_values: Option<&Tensor>,
+    images: Option<&ImageInputs>,
     sampler: &mut Sampler,
     max_new_tokens: usize,
     eos: &[u32],
@@ -199,24 +200,24 @@ pub fn generate_with_cache(
         // The new tokens are always more than the decoding GEMV takes, so that they go through
         // the same products as in a prefill of the whole prompt: on the CPU the logits are then
         // bit for bit those of a fresh run (tests/prompt_cache.rs).
+        let spans = match images {
+            Some(images) => model.image_token_counts(images)?,
+            None => Vec::new(),
+        };
         let reuse = cache.reuse(
             input_ids,
-            pixel_values,
-            (model.config.image_token_index, model.config.image_seq_len()),
+            images,
+            (model.config.image_token_index, &spans),
             crate::gemv::MAX_ROWS + 1,
         )?;
         stats.cached_tokens = reuse.tokens;
         let clock = std::time::Instant::now();
         // Only the images after the cached part.
-        let new_pixels = match pixel_values {
-            Some(p) if p.dim(0)? > reuse.images => {
-                Some(p.narrow(0, reuse.images, p.dim(0)? - reuse.images)?)
+        let features = match images {
+            Some(images) if images.len() > reuse.images => {
+                Some(model.image_features(&images.skip(reuse.images), Mode::Infer)?)
             }
             _ => None,
-        };
-        let features = match &new_pixels {
-            Some(p) => Some(model.get_image_features(p, Mode::Infer)?),
-            None => None,
         };
         // A GPU queues work and returns: wait for it, or the time lands in the next phase.
         if let Some(f) = &features {
@@ -253,7 +254,7 @@ pub fn generate_with_cache(
         stats.decode_ms = clock.elapsed().as_secs_f64() * 1000.0;
         stats.generated = tokens.len();
         // Every token but the last went through the model.
-        cache.record(input_ids, pixel_values, &tokens[..tokens.len() - 1])?;
+        cache.record(input_ids, images, &tokens[..tokens.len() - 1])?;
         Ok(tokens)
     };
     match run() {

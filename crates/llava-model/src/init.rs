@@ -136,6 +136,7 @@ fn llava_config(vision: ClipVisionConfig, text: LlamaConfig, image_token: u32) -
         projector_depth: None,
         image_aspect_ratio: None,
         mm_use_im_start_end: false,
+        image_grid_pinpoints: None,
         model_type: "llava".into(),
         architectures: None,
     }

@@ -2,6 +2,7 @@
 //! llava layout or the original liuhaotian layout. One model serves inference and training.
 
 pub mod amx;
+pub mod anyres;
 pub mod attention;
 pub mod checkpoint;
 pub mod config;
@@ -11,6 +12,7 @@ pub mod fused;
 pub mod gemm_layout;
 pub mod gemv;
 pub mod generation;
+pub mod image_inputs;
 pub mod init;
 pub mod language_model;
 pub mod llava;

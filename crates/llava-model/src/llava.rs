@@ -5,6 +5,7 @@ use candle_core::{D, Tensor};
 
 use crate::config::{LlavaConfig, SelectStrategy};
 use crate::error::{ModelError, Result};
+use crate::image_inputs::ImageInputs;
 use crate::language_model::{KvCache, LlamaModel};
 use crate::nn::Mode;
 use crate::projector::MultiModalProjector;
@@ -16,6 +17,8 @@ pub struct Llava {
     pub vision_tower: ClipVisionTower,
     pub multi_modal_projector: MultiModalProjector,
     pub language_model: LlamaModel,
+    /// LLaVA-NeXT's learned end-of-row vector (see [`crate::anyres`]); `None` for LLaVA-1.5.
+    pub image_newline: Option<Tensor>,
     pub config: LlavaConfig,
 }
 
@@ -41,6 +44,10 @@ impl Llava {
             &weights.pp("lm_head"),
             &config.text_config,
         )?;
+        let image_newline = match config.is_next() {
+            true => Some(weights.get("image_newline", &[config.text_config.hidden_size])?),
+            false => None,
+        };
         let leftovers = unexpected_unused(config, vision_layers, weights.unused());
         if let Some(first) = leftovers.first() {
             // transformers warns about such weights too; here they usually mean a config.json
@@ -54,11 +61,39 @@ impl Llava {
             vision_tower,
             multi_modal_projector,
             language_model,
+            image_newline,
             config: config.clone(),
         })
     }
 
-    /// `pixel_values` `[n_images, 3, H, W]` → projected features `[n_images, image_seq_len, hidden]`.
+    /// The prompt positions each image takes (see [`LlavaConfig::image_token_count`]).
+    pub fn image_token_counts(&self, images: &ImageInputs) -> Result<Vec<usize>> {
+        images
+            .image_sizes
+            .iter()
+            .map(|&size| self.config.image_token_count(size))
+            .collect()
+    }
+
+    /// The features of every image, in order, as `[positions, hidden]`: what goes in at the
+    /// image-token positions of the prompt. One pass of the vision tower takes all the tiles.
+    pub fn image_features(&self, images: &ImageInputs, mode: Mode) -> Result<Tensor> {
+        let features = self.get_image_features(&images.all_tiles()?, mode)?;
+        let (Some(anyres), Some(newline)) = (self.config.anyres(), &self.image_newline) else {
+            return Ok(features.flatten_to(1)?);
+        };
+        let mut packed = Vec::with_capacity(images.len());
+        let mut first = 0;
+        for (pixels, &size) in images.pixel_values.iter().zip(&images.image_sizes) {
+            let tiles = pixels.dim(0)?;
+            packed.push(anyres.pack(&features.narrow(0, first, tiles)?, size, newline)?);
+            first += tiles;
+        }
+        Ok(Tensor::cat(&packed, 0)?)
+    }
+
+    /// `pixel_values` `[n_tiles, 3, H, W]` → projected features `[n_tiles, image_seq_len, hidden]`
+    /// (an image is one tile in LLaVA-1.5).
     pub fn get_image_features(&self, pixel_values: &Tensor, mode: Mode) -> Result<Tensor> {
         self.multi_modal_projector
             .forward(&self.vision_features(pixel_values, mode)?)
@@ -155,6 +190,12 @@ impl Llava {
     ) -> Result<Tensor> {
         check_rectangular(input_ids)?;
         let features = match pixel_values {
+            // A tensor cannot say which tiles make up which image, nor how large it was.
+            Some(_) if self.config.is_next() => {
+                return Err(ModelError::Input(
+                    "a LLaVA-NeXT (llava_next) model takes its images as ImageInputs, through Llava::image_features: it cannot be trained here yet".into(),
+                ));
+            }
             Some(p) => Some(self.get_image_features(p, mode)?),
             None => None,
         };

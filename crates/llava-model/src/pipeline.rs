@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use llava_data::conversation::{ConvTemplate, Message};
 use llava_data::image::{
-    ImageAspectRatio, ImageProcessor, PixelValues, PreprocessorConfig, ResizeSize,
+    ImageAspectRatio, ImageProcessor, PixelValues, PreprocessorConfig, ProcessedImage, ResizeSize,
 };
 use llava_data::prompt::PromptTemplate;
 use llava_data::tokenizer::{ImageTokens, StreamDecoder, Tokenizer};
@@ -16,6 +16,7 @@ use llava_data::tokenizer::{ImageTokens, StreamDecoder, Tokenizer};
 use crate::checkpoint::{Checkpoint, Layout};
 use crate::error::{ModelError, Result};
 use crate::generation::{GenerationStats, Sampler, SamplingParams, generate_with_cache};
+use crate::image_inputs::ImageInputs;
 use crate::llava::Llava;
 use crate::prompt_cache::PromptCache;
 
@@ -111,25 +112,33 @@ impl Pipeline {
         Ok(self.template.render(messages, &bos, &eos, true)?)
     }
 
-    /// Token ids of a rendered prompt, each `<image>` expanded to the tower's token count.
-    pub fn encode(&self, prompt: &str) -> Result<Vec<u32>> {
-        Ok(self.tokenizer.encode_prompt(
-            prompt,
-            self.image_tokens,
-            self.model.config.image_seq_len(),
-        )?)
+    /// Token ids of a rendered prompt, with one `<image>` per image in `images`, each
+    /// expanded to as many image positions as that image takes.
+    pub fn encode(&self, prompt: &str, images: Option<&ImageInputs>) -> Result<Vec<u32>> {
+        let counts = match images {
+            Some(images) => self.model.image_token_counts(images)?,
+            None => Vec::new(),
+        };
+        Ok(self
+            .tokenizer
+            .encode_prompt(prompt, self.image_tokens, &counts)?)
     }
 
-    /// Loads and preprocesses images into a `[n, 3, H, W]` tensor.
-    pub fn pixel_values(&self, images: &[PathBuf]) -> Result<Option<Tensor>> {
+    /// Loads and preprocesses image files, in order; `None` for no image.
+    pub fn pixel_values(&self, images: &[PathBuf]) -> Result<Option<ImageInputs>> {
+        let processed = images
+            .iter()
+            .map(|p| self.image_processor.process_path(p))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        self.image_inputs(&processed)
+    }
+
+    /// Preprocessed images as the model takes them, on the pipeline's device.
+    pub fn image_inputs(&self, images: &[ProcessedImage]) -> Result<Option<ImageInputs>> {
         if images.is_empty() {
             return Ok(None);
         }
-        let pixels = images
-            .iter()
-            .map(|p| self.image_processor.preprocess_path(p))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        Ok(Some(pixel_tensor(&pixels, &self.device)?))
+        Ok(Some(ImageInputs::new(images, &self.device)?))
     }
 
     /// Generates a reply to `input_ids`, streaming text through `on_text`. Generation stops at
@@ -138,7 +147,7 @@ impl Pipeline {
     pub fn generate(
         &self,
         input_ids: &[u32],
-        pixel_values: Option<&Tensor>,
+        images: Option<&ImageInputs>,
         params: &SamplingParams,
         max_new_tokens: usize,
         extra_stop: &[String],
@@ -147,7 +156,7 @@ impl Pipeline {
         self.generate_with_cache(
             &mut PromptCache::new(),
             input_ids,
-            pixel_values,
+            images,
             params,
             max_new_tokens,
             extra_stop,
@@ -163,14 +172,17 @@ impl Pipeline {
         &self,
         cache: &mut PromptCache,
         input_ids: &[u32],
-        pixel_values: Option<&Tensor>,
+        images: Option<&ImageInputs>,
         params: &SamplingParams,
         max_new_tokens: usize,
         extra_stop: &[String],
         mut on_text: impl FnMut(&str),
     ) -> Result<Generation> {
-        let n_images = pixel_values.map(|p| p.dim(0)).transpose()?.unwrap_or(0);
-        let expected = n_images * self.model.config.image_seq_len();
+        let n_images = images.map(ImageInputs::len).unwrap_or(0);
+        let expected: usize = match images {
+            Some(images) => self.model.image_token_counts(images)?.iter().sum(),
+            None => 0,
+        };
         let found = input_ids
             .iter()
             .filter(|&&i| i == self.image_tokens.id())
@@ -205,7 +217,7 @@ impl Pipeline {
             &self.model,
             cache,
             input_ids,
-            pixel_values,
+            images,
             &mut sampler,
             max_new_tokens,
             &self.eos_token_ids,
@@ -325,6 +337,14 @@ pub fn image_processor(
             ),
         ));
     }
+    if let Some(anyres) = checkpoint.config.anyres() {
+        if aspect == Some(ImageAspectRatio::Pad) {
+            return Err(ModelError::Input(
+                "--image-aspect-ratio pad is LLaVA-1.5's: this LLaVA-NeXT checkpoint tiles its images (anyres) instead".into(),
+            ));
+        }
+        return next_image_processor(config, anyres.pinpoints, &json, &path);
+    }
     let from_checkpoint = match &checkpoint.layout {
         Layout::Original { .. } => match checkpoint.config.image_aspect_ratio.as_deref() {
             Some(a) => a.parse()?,
@@ -339,6 +359,29 @@ pub fn image_processor(
         config,
         aspect.unwrap_or(from_checkpoint),
     ))
+}
+
+/// LLaVA-NeXT's processor tiles by the model's `image_grid_pinpoints`. Its `do_pad` pads the
+/// batch's tile counts, not the image, so it never means pad-to-square here.
+fn next_image_processor(
+    config: PreprocessorConfig,
+    pinpoints: &[[u32; 2]],
+    json: &serde_json::Value,
+    path: &Path,
+) -> Result<ImageProcessor> {
+    if let Some(own) = json.get("image_grid_pinpoints") {
+        let same =
+            serde_json::from_value::<Vec<[u32; 2]>>(own.clone()).is_ok_and(|own| own == pinpoints);
+        if !same {
+            return Err(ModelError::config(
+                path,
+                "`image_grid_pinpoints` differs from config.json's: the images would be tiled for one grid and unpadded for another",
+            ));
+        }
+    }
+    let mut processor = ImageProcessor::new(config, ImageAspectRatio::Square);
+    processor.anyres = Some(pinpoints.to_vec());
+    Ok(processor)
 }
 
 fn read_processor_json(dir: &Path) -> Result<Option<(serde_json::Value, PathBuf)>> {

@@ -20,6 +20,7 @@
 use candle_core::{DType, Tensor};
 
 use crate::error::Result;
+use crate::image_inputs::ImageInputs;
 use crate::language_model::KvCache;
 
 #[derive(Debug, Clone, Default)]
@@ -27,7 +28,7 @@ pub struct PromptCache {
     pub(crate) kv: KvCache,
     /// The ids whose keys and values `kv` holds, in order.
     ids: Vec<u32>,
-    /// The pixel values (`[3, H, W]`) of each image whose span `ids` holds, in order.
+    /// The pixel values (`[tiles, 3, H, W]`) of each image whose span `ids` holds, in order.
     images: Vec<Tensor>,
 }
 
@@ -61,13 +62,13 @@ impl PromptCache {
 
     /// Keeps the longest beginning of `ids` that the cache holds, and forgets the rest. At least
     /// the last `rerun` tokens (and never fewer than one, whose position gives the next
-    /// token's logits) are left to run. `pixel_values` (`[n, 3, H, W]`) are the prompt's
-    /// images, in the order of their spans of `image_seq_len` placeholder ids `image_token`.
+    /// token's logits) are left to run. `images` are the prompt's images, in the order of
+    /// their spans of placeholder ids `image_token`, whose lengths `spans` gives.
     pub(crate) fn reuse(
         &mut self,
         ids: &[u32],
-        pixel_values: Option<&Tensor>,
-        (image_token, image_seq_len): (u32, usize),
+        images: Option<&ImageInputs>,
+        (image_token, spans): (u32, &[usize]),
         rerun: usize,
     ) -> Result<Reuse> {
         let mut keep = self
@@ -77,7 +78,7 @@ impl PromptCache {
             .take_while(|(a, b)| a == b)
             .count()
             .min(ids.len().saturating_sub(rerun.max(1)));
-        let mut images = 0;
+        let mut n_images = 0;
         let mut p = 0;
         while p < keep {
             if ids[p] != image_token {
@@ -85,26 +86,28 @@ impl PromptCache {
                 continue;
             }
             // An image is kept whole, and only if it is the same picture.
-            let same = p + image_seq_len <= keep
-                && match (self.images.get(images), pixel_values) {
-                    (Some(cached), Some(new)) if images < new.dim(0)? => {
-                        same_pixels(cached, &new.get(images)?)?
-                    }
+            let span = spans.get(n_images).copied().unwrap_or(0);
+            let same = p + span <= keep
+                && match (
+                    self.images.get(n_images),
+                    images.and_then(|i| i.pixel_values.get(n_images)),
+                ) {
+                    (Some(cached), Some(new)) => same_pixels(cached, new)?,
                     _ => false,
                 };
             if !same {
                 keep = p;
                 break;
             }
-            images += 1;
-            p += image_seq_len.max(1);
+            n_images += 1;
+            p += span.max(1);
         }
         self.kv.truncate(keep)?;
         self.ids.truncate(keep);
-        self.images.truncate(images);
+        self.images.truncate(n_images);
         Ok(Reuse {
             tokens: keep,
-            images,
+            images: n_images,
         })
     }
 
@@ -113,18 +116,13 @@ impl PromptCache {
     pub(crate) fn record(
         &mut self,
         prompt: &[u32],
-        pixel_values: Option<&Tensor>,
+        images: Option<&ImageInputs>,
         fed: &[u32],
     ) -> Result<()> {
         self.ids.clear();
         self.ids.extend_from_slice(prompt);
         self.ids.extend_from_slice(fed);
-        self.images.clear();
-        if let Some(p) = pixel_values {
-            for i in 0..p.dim(0)? {
-                self.images.push(p.get(i)?);
-            }
-        }
+        self.images = images.map(|i| i.pixel_values.clone()).unwrap_or_default();
         Ok(())
     }
 }
@@ -143,14 +141,17 @@ mod tests {
     use candle_core::Device;
 
     const IMG: u32 = 99;
-    /// Image placeholder id and span length in these tests.
-    const SPAN: (u32, usize) = (IMG, 2);
+    /// Image placeholder id and the span lengths of the images in these tests.
+    const SPAN: (u32, &[usize]) = (IMG, &[2, 2]);
 
-    fn pixels(values: &[f32]) -> Tensor {
-        Tensor::from_vec(values.to_vec(), (values.len(), 1, 1, 1), &Device::Cpu).expect("pixels")
+    /// One-pixel, one-tile images.
+    fn pixels(values: &[f32]) -> ImageInputs {
+        let t = Tensor::from_vec(values.to_vec(), (values.len(), 1, 1, 1), &Device::Cpu)
+            .expect("pixels");
+        ImageInputs::from_tensor(&t).expect("images")
     }
 
-    fn cached(ids: &[u32], images: &Tensor) -> PromptCache {
+    fn cached(ids: &[u32], images: &ImageInputs) -> PromptCache {
         let mut c = PromptCache::new();
         c.record(ids, Some(images), &[]).expect("record");
         c

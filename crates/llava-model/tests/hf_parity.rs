@@ -10,6 +10,7 @@ use llava_data::conversation::Message;
 use llava_data::image::ImageAspectRatio;
 use llava_data::tokenizer::ImageTokens;
 use llava_model::generation::{Sampler, SamplingParams, generate};
+use llava_model::image_inputs::ImageInputs;
 use llava_model::language_model::KvCache;
 use llava_model::nn::Mode;
 use llava_model::pipeline::{Pipeline, PipelineOptions};
@@ -109,6 +110,11 @@ impl Case {
     }
 }
 
+/// The case's image, preprocessed by the pipeline.
+fn one_image(c: &Case, p: &Pipeline) -> Option<ImageInputs> {
+    p.pixel_values(&[c.image()]).expect("pixels")
+}
+
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
     let a: Vec<f32> = a.flatten_all().and_then(|t| t.to_vec1()).expect("a");
@@ -128,7 +134,8 @@ fn assert_close(name: &str, got: &Tensor, want: &Tensor) {
 fn greedy(p: &Pipeline, ids: &[u32], pixels: Option<&Tensor>, n: usize) -> Vec<u32> {
     let mut sampler = Sampler::new(SamplingParams::default()).expect("sampler");
     // EOS is not special here, as in the fixture's manual greedy loop.
-    let (tokens, _) = generate(&p.model, ids, pixels, &mut sampler, n, &[], |_| {
+    let images = pixels.map(|t| ImageInputs::from_tensor(t).expect("images"));
+    let (tokens, _) = generate(&p.model, ids, images.as_ref(), &mut sampler, n, &[], |_| {
         std::ops::ControlFlow::Continue(())
     })
     .expect("generates");
@@ -164,13 +171,13 @@ fn check_hf_case(name: &str) {
         .render(&[Message::user(c.str("question"), 1)])
         .expect("renders");
     assert_eq!(prompt, c.str("prompt"), "{name}: chat template");
-    let ids = p.encode(&prompt).expect("encodes");
-    assert_eq!(ids, c.ids("input_ids"), "{name}: input ids");
-
-    let pixels = p
+    let images = p
         .pixel_values(&[c.image()])
         .expect("pixels")
         .expect("one image");
+    let ids = p.encode(&prompt, Some(&images)).expect("encodes");
+    assert_eq!(ids, c.ids("input_ids"), "{name}: input ids");
+    let pixels = images.all_tiles().expect("pixel values");
     assert_close(
         &format!("{name}: pixel_values"),
         &pixels,
@@ -309,7 +316,9 @@ fn padded_batch_matches_transformers() {
     let pixels = p
         .pixel_values(&[c.image(), c.image()])
         .expect("pixels")
-        .expect("images");
+        .expect("images")
+        .all_tiles()
+        .expect("pixel values");
     let mask = Tensor::new(mask, &device()).expect("mask tensor");
     let mut cache = KvCache::new();
     let hidden = p
@@ -339,7 +348,7 @@ fn text_only_prompt_matches_transformers() {
         .render(&[Message::user(c.str("text_only_question"), 0)])
         .expect("renders");
     assert_eq!(prompt, c.str("text_only_prompt"));
-    let ids = p.encode(&prompt).expect("encodes");
+    let ids = p.encode(&prompt, None).expect("encodes");
     assert_eq!(ids, c.ids("text_only_input_ids"));
     assert_close(
         "text_only_last_logits",
@@ -378,7 +387,9 @@ fn check_original_case(c: &Case, mut opts: PipelineOptions) {
         .render(&[Message::user(c.str("question"), 1)])
         .expect("renders");
     assert_eq!(prompt, c.str("prompt"), "llava_v1 prompt");
-    let ids = p.encode(&prompt).expect("encodes");
+    let ids = p
+        .encode(&prompt, one_image(c, &p).as_ref())
+        .expect("encodes");
     assert_eq!(
         ids,
         c.original_ids(&p),
@@ -402,10 +413,10 @@ fn original_lora_release_over_its_base_matches_the_merged_model() {
 /// Pixels, last-position logits and 20 greedy tokens of an original-layout case, from `ids`;
 /// returns the pixels.
 fn check_image_run(c: &Case, p: &Pipeline, ids: &[u32]) -> Tensor {
-    let pixels = p
-        .pixel_values(&[c.image()])
-        .expect("pixels")
-        .expect("image");
+    let pixels = one_image(c, p)
+        .expect("image")
+        .all_tiles()
+        .expect("pixel values");
     assert_close("pixel_values", &pixels, &c.tensors["pixel_values"]);
     assert_close(
         "last_logits",
@@ -436,7 +447,9 @@ fn original_v0_with_im_start_end_matches_the_original() {
         c.str("prompt"),
         "llava_v0 prompt"
     );
-    let ids = p.encode(&prompt).expect("encodes");
+    let ids = p
+        .encode(&prompt, one_image(&c, &p).as_ref())
+        .expect("encodes");
     assert_eq!(
         ids,
         c.original_ids(&p),
@@ -453,7 +466,7 @@ fn original_v0_with_im_start_end_matches_the_original() {
                 id: p.model.config.image_token_index,
                 im_start_end: false,
             },
-            p.model.config.image_seq_len(),
+            &[p.model.config.image_seq_len()],
         )
         .expect("encodes");
     let start = p.tokenizer.token_to_id("<im_start>").expect("<im_start>");
@@ -470,7 +483,7 @@ fn kv_cache_decoding_matches_full_recompute() {
     let c = case("llava15-full-gqa-sharded");
     let p = c.pipeline();
     let ids = c.ids("input_ids");
-    let pixels = p.pixel_values(&[c.image()]).expect("pixels");
+    let pixels = one_image(&c, &p).map(|i| i.all_tiles().expect("pixel values"));
     let tokens = greedy(&p, &ids, pixels.as_ref(), 5);
     // Recompute the whole sequence without a cache: the logits at each generated position
     // must pick the same tokens.

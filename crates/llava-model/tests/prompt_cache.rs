@@ -8,6 +8,7 @@ use candle_core::Tensor;
 use llava_data::conversation::Message;
 use llava_data::image::ImageAspectRatio;
 use llava_model::generation::SamplingParams;
+use llava_model::image_inputs::ImageInputs;
 use llava_model::language_model::KvCache;
 use llava_model::nn::Mode;
 use llava_model::pipeline::{Pipeline, PipelineOptions};
@@ -23,7 +24,7 @@ fn pipeline() -> Pipeline {
     Pipeline::load(&opts).expect("fixture loads")
 }
 
-fn pixels(p: &Pipeline, image: &str) -> Tensor {
+fn pixels(p: &Pipeline, image: &str) -> ImageInputs {
     p.pixel_values(&[fixtures().join("images").join(image)])
         .expect("image")
         .expect("one image")
@@ -47,8 +48,9 @@ fn a_prompt_split_over_the_cache_gives_the_whole_prompts_logits() {
     let prompt = p
         .render(&[Message::user("What shapes can you see in the image?", 1)])
         .expect("render");
-    let ids = p.encode(&prompt).expect("encode");
-    let px = pixels(&p, "shapes_64x48.png");
+    let images = pixels(&p, "shapes_64x48.png");
+    let ids = p.encode(&prompt, Some(&images)).expect("encode");
+    let px = images.all_tiles().expect("pixel values");
     let last_logits = |hidden: &Tensor| {
         let s = hidden.dim(1).expect("seq");
         p.model
@@ -113,9 +115,9 @@ fn a_follow_up_turn_reuses_the_first_and_answers_as_a_fresh_run_does() {
     let p = pipeline();
     let px = pixels(&p, "shapes_64x48.png");
     let mut cache = PromptCache::new();
-    let turn = |cache: &mut PromptCache, history: &[Message], px: &Tensor| {
+    let turn = |cache: &mut PromptCache, history: &[Message], px: &ImageInputs| {
         let ids = p
-            .encode(&p.render(history).expect("render"))
+            .encode(&p.render(history).expect("render"), Some(px))
             .expect("encode");
         let cached = p
             .generate_with_cache(cache, &ids, Some(px), &greedy(), 12, &[], |_| {})
@@ -176,6 +178,7 @@ fn an_error_empties_the_cache() {
         .encode(
             &p.render(&[Message::user("What shapes can you see?", 1)])
                 .expect("render"),
+            Some(&px),
         )
         .expect("encode");
     p.generate_with_cache(&mut cache, &ids, Some(&px), &greedy(), 4, &[], |_| {})

@@ -101,12 +101,12 @@ pub fn run(c: ChatCommand) -> Result<()> {
         let n_images = if first_user && pixels.is_some() { 1 } else { 0 };
         history.push(Message::user(input, n_images));
         let prompt = pipeline.render(&history)?;
-        let ids = pipeline.encode(&prompt)?;
         let turn_pixels = if history.iter().any(|m| m.images > 0) {
             pixels.as_ref()
         } else {
             None
         };
+        let ids = pipeline.encode(&prompt, turn_pixels)?;
         if interactive {
             eprint!("ASSISTANT: ");
         }

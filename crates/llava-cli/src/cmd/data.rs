@@ -80,7 +80,10 @@ fn preview(p: PreviewArgs) -> Result<()> {
     let opts = SampleOptions {
         template,
         image_tokens: checkpoint.image_tokens(&tokenizer)?,
-        image_seq_len: checkpoint.config.image_seq_len(),
+        image_seq_len: checkpoint
+            .config
+            .fixed_image_seq_len()
+            .map_err(anyhow::Error::msg)?,
         max_length: p.max_length,
         keep_image_position: p.keep_image_position,
     };

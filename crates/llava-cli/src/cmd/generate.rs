@@ -74,8 +74,8 @@ pub fn run(c: GenerateCommand) -> Result<()> {
         pipeline.render(&messages)?
     };
     tracing::info!(template = %pipeline.template.describe(), "prompt: {prompt:?}");
-    let input_ids = pipeline.encode(&prompt)?;
     let pixel_values = image_source::pixel_values(&pipeline, &c.image)?;
+    let input_ids = pipeline.encode(&prompt, pixel_values.as_ref())?;
     for _ in 0..c.warmup {
         pipeline.generate(
             &input_ids,

@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use llava_data::image::{ImageProcessor, PixelValues};
-use llava_model::Tensor;
-use llava_model::pipeline::{Pipeline, pixel_tensor};
+use llava_data::image::{ImageProcessor, ProcessedImage};
+use llava_model::image_inputs::ImageInputs;
+use llava_model::pipeline::Pipeline;
 
 /// A download is cut off past this size, before it can fill memory: no photo is this large.
 const MAX_IMAGE_BYTES: u64 = 256 << 20;
@@ -58,10 +58,10 @@ impl ImageSource {
     }
 
     /// Reads (or downloads) the image and preprocesses it for the checkpoint's vision tower.
-    pub fn preprocess(&self, processor: &ImageProcessor) -> Result<PixelValues> {
+    pub fn process(&self, processor: &ImageProcessor) -> Result<ProcessedImage> {
         Ok(match self {
-            Self::File(path) => processor.preprocess_path(path)?,
-            Self::Url(url) => processor.preprocess_bytes(&fetch(url)?, url)?,
+            Self::File(path) => processor.process_path(path)?,
+            Self::Url(url) => processor.process_bytes(&fetch(url)?, url)?,
         })
     }
 }
@@ -75,16 +75,13 @@ impl fmt::Display for ImageSource {
     }
 }
 
-/// The `[n, 3, H, W]` pixels of `images`, in order; `None` for no image.
-pub fn pixel_values(pipeline: &Pipeline, images: &[ImageSource]) -> Result<Option<Tensor>> {
-    if images.is_empty() {
-        return Ok(None);
-    }
-    let pixels = images
+/// The preprocessed `images`, in order; `None` for no image.
+pub fn pixel_values(pipeline: &Pipeline, images: &[ImageSource]) -> Result<Option<ImageInputs>> {
+    let processed = images
         .iter()
-        .map(|image| image.preprocess(&pipeline.image_processor))
+        .map(|image| image.process(&pipeline.image_processor))
         .collect::<Result<Vec<_>>>()?;
-    Ok(Some(pixel_tensor(&pixels, &pipeline.device)?))
+    Ok(pipeline.image_inputs(&processed)?)
 }
 
 fn fetch(url: &str) -> Result<Vec<u8>> {

@@ -8,6 +8,7 @@ use ::image::{Rgb, RgbImage};
 use serde::{Deserialize, Serialize};
 
 use super::ImageError;
+use super::anyres::{ProcessedImage, anyres_tiles};
 use super::config::{PreprocessorConfig, ResizeSize};
 use super::load::{LoadOptions, load_image_with};
 use super::resample::resize_pil;
@@ -222,6 +223,9 @@ pub struct ImageProcessor {
     pub config: PreprocessorConfig,
     pub aspect: ImageAspectRatio,
     pub load: LoadOptions,
+    /// LLaVA-NeXT's `image_grid_pinpoints` (`(height, width)`): when set, [`Self::process`]
+    /// tiles the image ([`anyres_tiles`]) and `aspect` is not used.
+    pub anyres: Option<Vec<[u32; 2]>>,
 }
 
 impl ImageProcessor {
@@ -230,7 +234,29 @@ impl ImageProcessor {
             config,
             aspect,
             load: LoadOptions::default(),
+            anyres: None,
         }
+    }
+
+    /// The image as the model takes it: one tile, or LLaVA-NeXT's tiles with anyres.
+    pub fn process(&self, img: &RgbImage) -> Result<ProcessedImage, ImageError> {
+        match &self.anyres {
+            Some(pinpoints) => anyres_tiles(img, &self.config, pinpoints),
+            None => Ok(ProcessedImage {
+                tiles: vec![self.preprocess(img)?],
+                image_size: (img.height(), img.width()),
+            }),
+        }
+    }
+
+    /// Loads a file and [`Self::process`]es it.
+    pub fn process_path(&self, path: impl AsRef<Path>) -> Result<ProcessedImage, ImageError> {
+        self.process(&load_image_with(path, &self.load)?)
+    }
+
+    /// Decodes bytes and [`Self::process`]es them; `name` labels errors.
+    pub fn process_bytes(&self, bytes: &[u8], name: &str) -> Result<ProcessedImage, ImageError> {
+        self.process(&super::load::decode_image(bytes, name, &self.load)?)
     }
 
     /// Preprocesses an already-decoded RGB image.

@@ -620,7 +620,7 @@ fn sample_chats(layout: &Layout, report: &mut ReportBuilder) -> Result<()> {
             let images = usize::from(messages.is_empty());
             messages.push(llava_data::conversation::Message::user(q, images));
             let prompt = pipeline.render(&messages)?;
-            let ids = pipeline.encode(&prompt)?;
+            let ids = pipeline.encode(&prompt, pixels.as_ref())?;
             let out = pipeline.generate_with_cache(
                 &mut cache,
                 &ids,

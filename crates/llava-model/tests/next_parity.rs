@@ -1,0 +1,245 @@
+//! LLaVA-NeXT (`llava_next`, anyres) against transformers, on the tiny checkpoint that
+//! `tools/make_next_fixture.py` makes: each image's tiles, its token count, the packed image
+//! features, the prompt ids, the last logits (≤1e-4 in f32) and 20 greedy tokens, for a prompt
+//! with three images of different shapes and for a prompt with one.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use llava_data::conversation::Message;
+use llava_model::generation::{Sampler, SamplingParams, generate};
+use llava_model::image_inputs::ImageInputs;
+use llava_model::language_model::KvCache;
+use llava_model::nn::Mode;
+use llava_model::pipeline::{Pipeline, PipelineOptions};
+use llava_model::prompt_cache::PromptCache;
+use llava_model::{Device, Tensor};
+use serde_json::Value;
+
+const TOL: f32 = 1e-4;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models")
+}
+
+struct Case {
+    expected: Value,
+    tensors: HashMap<String, Tensor>,
+    pipeline: Pipeline,
+}
+
+fn case() -> Case {
+    let dir = fixtures().join("llava-next");
+    let text = std::fs::read_to_string(dir.join("expected.json")).expect("expected.json");
+    let tensors = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)
+        .expect("tensors");
+    let opts = PipelineOptions::new(dir.join("model").to_string_lossy());
+    Case {
+        expected: serde_json::from_str(&text).expect("json"),
+        tensors,
+        pipeline: Pipeline::load(&opts).expect("the llava_next fixture loads"),
+    }
+}
+
+impl Case {
+    fn images(&self) -> Vec<&Value> {
+        self.expected["images"]
+            .as_array()
+            .expect("images")
+            .iter()
+            .collect()
+    }
+
+    fn image_paths(&self, n: usize) -> Vec<PathBuf> {
+        self.images()
+            .iter()
+            .take(n)
+            .map(|i| {
+                fixtures()
+                    .join("images")
+                    .join(i["image"].as_str().expect("name"))
+            })
+            .collect()
+    }
+
+    fn ids(&self, prompt: &str, key: &str) -> Vec<u32> {
+        serde_json::from_value(self.expected[prompt][key].clone()).expect("ids")
+    }
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a - b)
+        .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+        .expect("difference")
+}
+
+fn assert_close(name: &str, got: &Tensor, want: &Tensor) {
+    let d = max_abs_diff(got, want);
+    eprintln!("{name}: max abs diff {d:e}");
+    assert!(d <= TOL, "{name}: max abs diff {d:e} > {TOL:e}");
+}
+
+fn last_logits(p: &Pipeline, ids: &[u32], images: &ImageInputs) -> Tensor {
+    let features = p
+        .model
+        .image_features(images, Mode::Infer)
+        .expect("features");
+    let embeds = p
+        .model
+        .embed(&[ids.to_vec()], Some(&features))
+        .expect("embed");
+    let hidden = p
+        .model
+        .language_model
+        .forward(&embeds, None, &mut KvCache::new(), Mode::Infer)
+        .expect("forward");
+    let last = hidden.narrow(1, ids.len() - 1, 1).expect("last");
+    p.model
+        .language_model
+        .logits(&last)
+        .expect("logits")
+        .flatten_all()
+        .expect("flat")
+}
+
+fn greedy(p: &Pipeline, ids: &[u32], images: &ImageInputs) -> Vec<u32> {
+    let mut sampler = Sampler::new(SamplingParams::default()).expect("sampler");
+    generate(&p.model, ids, Some(images), &mut sampler, 20, &[], |_| {
+        std::ops::ControlFlow::Continue(())
+    })
+    .expect("generates")
+    .0
+}
+
+#[test]
+fn tiles_and_token_counts_match_the_processor() {
+    let c = case();
+    let p = &c.pipeline;
+    let paths = c.image_paths(3);
+    for (i, (image, path)) in c.images().iter().zip(&paths).enumerate() {
+        let processed = p.image_processor.process_path(path).expect("processes");
+        let size: [u32; 2] = serde_json::from_value(image["image_size"].clone()).expect("size");
+        assert_eq!(processed.image_size, (size[0], size[1]), "image {i}: size");
+        let images = p.image_inputs(&[processed]).expect("inputs").expect("one");
+        assert_close(
+            &format!("image {i}: tiles"),
+            &images.pixel_values[0],
+            &c.tensors[&format!("pixel_values_{i}")],
+        );
+        assert_eq!(
+            p.model.image_token_counts(&images).expect("counts"),
+            vec![image["image_tokens"].as_u64().expect("count") as usize],
+            "image {i}: token count"
+        );
+    }
+}
+
+#[test]
+fn three_images_of_three_shapes_match_transformers() {
+    let c = case();
+    let p = &c.pipeline;
+    let prompt = p
+        .render(&[Message::user(
+            c.expected["multi"]["question"].as_str().expect("q"),
+            3,
+        )])
+        .expect("renders");
+    assert_eq!(
+        prompt,
+        c.expected["multi"]["prompt"].as_str().expect("prompt")
+    );
+    let images = p
+        .pixel_values(&c.image_paths(3))
+        .expect("images")
+        .expect("three");
+    let ids = p.encode(&prompt, Some(&images)).expect("encodes");
+    assert_eq!(ids, c.ids("multi", "input_ids"), "input ids");
+
+    // Features from the recorded tiles isolate the model from preprocessing.
+    let recorded = ImageInputs {
+        pixel_values: (0..3)
+            .map(|i| c.tensors[&format!("pixel_values_{i}")].clone())
+            .collect(),
+        image_sizes: images.image_sizes.clone(),
+    };
+    let features = p
+        .model
+        .image_features(&recorded, Mode::Infer)
+        .expect("features");
+    assert_close("image_features", &features, &c.tensors["image_features"]);
+    assert_close(
+        "multi: last_logits",
+        &last_logits(p, &ids, &images),
+        &c.tensors["multi_last_logits"],
+    );
+    assert_eq!(
+        greedy(p, &ids, &images),
+        c.ids("multi", "greedy_tokens"),
+        "greedy tokens"
+    );
+}
+
+#[test]
+fn one_image_matches_transformers() {
+    let c = case();
+    let p = &c.pipeline;
+    let prompt = p
+        .render(&[Message::user(
+            c.expected["single"]["question"].as_str().expect("q"),
+            1,
+        )])
+        .expect("renders");
+    assert_eq!(prompt, c.expected["single"]["prompt"].as_str().expect("p"));
+    let images = p
+        .pixel_values(&c.image_paths(1))
+        .expect("image")
+        .expect("one");
+    let ids = p.encode(&prompt, Some(&images)).expect("encodes");
+    assert_eq!(ids, c.ids("single", "input_ids"));
+    assert_close(
+        "single: last_logits",
+        &last_logits(p, &ids, &images),
+        &c.tensors["single_last_logits"],
+    );
+    assert_eq!(greedy(p, &ids, &images), c.ids("single", "greedy_tokens"));
+}
+
+/// A chat's second turn keeps the first turn's images, whatever their lengths, and answers
+/// as a fresh run of the whole conversation does.
+#[test]
+fn a_follow_up_turn_reuses_images_of_different_lengths() {
+    let c = case();
+    let p = &c.pipeline;
+    let images = p
+        .pixel_values(&c.image_paths(3))
+        .expect("images")
+        .expect("three");
+    let mut cache = PromptCache::new();
+    let params = SamplingParams::default();
+    let mut history = vec![Message::user("What is shown in the image?", 3)];
+    let ids = p
+        .encode(&p.render(&history).expect("render"), Some(&images))
+        .expect("encode");
+    let first = p
+        .generate_with_cache(&mut cache, &ids, Some(&images), &params, 8, &[], |_| {})
+        .expect("first turn");
+    history.push(Message::assistant(first.text.trim()));
+    history.push(Message::user("And the colours?", 0));
+    let ids2 = p
+        .encode(&p.render(&history).expect("render"), Some(&images))
+        .expect("encode");
+    let cached = p
+        .generate_with_cache(&mut cache, &ids2, Some(&images), &params, 8, &[], |_| {})
+        .expect("second turn");
+    assert!(
+        cached.stats.cached_tokens >= ids.len(),
+        "{} of the first prompt's {} tokens reused",
+        cached.stats.cached_tokens,
+        ids.len()
+    );
+    let fresh = p
+        .generate(&ids2, Some(&images), &params, 8, &[], |_| {})
+        .expect("fresh");
+    assert_eq!(cached.token_ids, fresh.token_ids);
+}
