@@ -17,18 +17,20 @@ import time
 import torch
 from PIL import Image
 from tokenizers import Tokenizer
-from transformers import CLIPImageProcessor, LlavaForConditionalGeneration
+from transformers import (AutoConfig, CLIPImageProcessor, LlavaForConditionalGeneration,
+                          LlavaNextForConditionalGeneration)
 
 # With the `llava init` character-level tokenizer the whole prompt is 41 text tokens + 576 image tokens.
 QUESTION = "Describe the picture."
 
 
-def run(model, cfg, pixel_values, input_ids, args, dev, now):
+def run(model, cfg, pixel_values, input_ids, args, dev, now, image_kwargs):
     with torch.inference_mode():
         t0 = now()
         feats = model.get_image_features(pixel_values=pixel_values,
                                          vision_feature_layer=cfg.vision_feature_layer,
-                                         vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+                                         vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                                         **image_kwargs)
         # transformers 5 returns a model output whose pooler_output is a list, one per image.
         if hasattr(feats, "pooler_output"):
             feats = feats.pooler_output
@@ -68,21 +70,38 @@ def main():
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     dev = torch.device(args.device)
-    model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(dev).eval()
+    # LLaVA-NeXT (tools/make_next_bench.py) tiles the image; its token count depends on its size.
+    next_ = AutoConfig.from_pretrained(args.model).model_type == "llava_next"
+    cls = LlavaNextForConditionalGeneration if next_ else LlavaForConditionalGeneration
+    model = cls.from_pretrained(args.model, dtype=dtype).to(dev).eval()
     cfg = model.config
     tok = Tokenizer.from_file(f"{args.model}/tokenizer.json")
     prompt = args.prompt or f"USER: <image>\n{QUESTION} ASSISTANT:"
     n_img = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
     if cfg.vision_feature_select_strategy == "full":
         n_img += 1
+    image = Image.open(args.image).convert("RGB")
+    image_kwargs = {}
+    if next_:
+        from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+        proc = LlavaNextImageProcessorPil.from_pretrained(args.model)
+        out = proc(images=image, return_tensors="pt")
+        pixel_values = out["pixel_values"].to(dev, dtype)
+        image_kwargs = {"image_sizes": out["image_sizes"]}
+        counter = LlavaNextProcessor.__new__(LlavaNextProcessor)
+        counter.image_processor, counter.patch_size = proc, cfg.vision_config.patch_size
+        counter.num_additional_image_tokens = 1
+        side = cfg.vision_config.image_size
+        n_img = counter._get_number_of_features(image.height, image.width, side, side) - 1
     ids = tok.encode(prompt.replace("<image>", "<image>" * n_img)).ids
     input_ids = torch.tensor([ids], device=dev)
-    try:
-        proc = CLIPImageProcessor.from_pretrained(args.model)
-    except Exception:  # transformers without torchvision: the PIL class
-        from transformers.models.clip.image_processing_clip import CLIPImageProcessor as Slow
-        proc = Slow.from_pretrained(args.model)
-    pixel_values = proc(images=Image.open(args.image).convert("RGB"), return_tensors="pt")["pixel_values"].to(dev, dtype)
+    if not next_:
+        try:
+            proc = CLIPImageProcessor.from_pretrained(args.model)
+        except Exception:  # transformers without torchvision: the PIL class
+            from transformers.models.clip.image_processing_clip import CLIPImageProcessor as Slow
+            proc = Slow.from_pretrained(args.model)
+        pixel_values = proc(images=image, return_tensors="pt")["pixel_values"].to(dev, dtype)
 
     def now():
         if dev.type == "cuda":
@@ -90,7 +109,7 @@ def main():
         return time.perf_counter()
 
     for _ in range(args.repeat):
-        t0, t1, t2, t3, generated = run(model, cfg, pixel_values, input_ids, args, dev, now)
+        t0, t1, t2, t3, generated = run(model, cfg, pixel_values, input_ids, args, dev, now, image_kwargs)
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
     print(json.dumps({
         "peer": f"transformers {__import__('transformers').__version__} / torch {torch.__version__}",

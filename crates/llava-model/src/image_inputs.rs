@@ -5,7 +5,7 @@
 //! images travel as one tensor of tiles per image together with their original sizes.
 
 use candle_core::{Device, Tensor};
-use llava_data::image::ProcessedImage;
+use llava_data::image::{PixelValues, ProcessedImage};
 
 use crate::error::{ModelError, Result};
 
@@ -22,27 +22,7 @@ impl ImageInputs {
     pub fn new(images: &[ProcessedImage], device: &Device) -> Result<Self> {
         let pixel_values = images
             .iter()
-            .map(|image| {
-                let first = image
-                    .tiles
-                    .first()
-                    .ok_or_else(|| ModelError::Input("an image without tiles".into()))?;
-                let [c, h, w] = first.shape();
-                let mut data = Vec::with_capacity(image.tiles.len() * c * h * w);
-                for tile in &image.tiles {
-                    if tile.shape() != [c, h, w] {
-                        return Err(ModelError::Input(
-                            "an image's tiles were preprocessed to different sizes".into(),
-                        ));
-                    }
-                    data.extend_from_slice(&tile.data);
-                }
-                Ok(Tensor::from_vec(
-                    data,
-                    (image.tiles.len(), c, h, w),
-                    device,
-                )?)
-            })
+            .map(|image| pixel_tensor(&image.tiles, device))
             .collect::<Result<_>>()?;
         Ok(Self {
             pixel_values,
@@ -81,4 +61,22 @@ impl ImageInputs {
     pub fn all_tiles(&self) -> Result<Tensor> {
         Ok(Tensor::cat(&self.pixel_values, 0)?)
     }
+}
+
+/// Stacks preprocessed images (or one image's tiles) into `[n, c, h, w]`.
+pub fn pixel_tensor(pixels: &[PixelValues], device: &Device) -> Result<Tensor> {
+    let first = pixels
+        .first()
+        .ok_or_else(|| ModelError::Input("no images".into()))?;
+    let [c, h, w] = first.shape();
+    let mut data = Vec::with_capacity(pixels.len() * c * h * w);
+    for p in pixels {
+        if p.shape() != [c, h, w] {
+            return Err(ModelError::Input(
+                "images preprocessed to different sizes".into(),
+            ));
+        }
+        data.extend_from_slice(&p.data);
+    }
+    Ok(Tensor::from_vec(data, (pixels.len(), c, h, w), device)?)
 }

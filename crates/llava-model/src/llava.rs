@@ -112,8 +112,8 @@ impl Llava {
         })
     }
 
-    /// Input embeddings with `image_features` (`[n_images, seq, hidden]`, in order) placed at the
-    /// image-token positions of `input_ids`.
+    /// Input embeddings with `image_features` (`[.., hidden]`, one row per image position, in
+    /// order) placed at the image-token positions of `input_ids`.
     pub fn embed(&self, input_ids: &[Vec<u32>], image_features: Option<&Tensor>) -> Result<Tensor> {
         let image_token = self.config.image_token_index;
         // The decoder embeds ids past its vocabulary as row 0 (the image placeholder may lie

@@ -5,10 +5,10 @@
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use llava_data::conversation::{ConvTemplate, Message};
 use llava_data::image::{
-    ImageAspectRatio, ImageProcessor, PixelValues, PreprocessorConfig, ProcessedImage, ResizeSize,
+    ImageAspectRatio, ImageProcessor, PreprocessorConfig, ProcessedImage, ResizeSize,
 };
 use llava_data::prompt::PromptTemplate;
 use llava_data::tokenizer::{ImageTokens, StreamDecoder, Tokenizer};
@@ -17,6 +17,7 @@ use crate::checkpoint::{Checkpoint, Layout};
 use crate::error::{ModelError, Result};
 use crate::generation::{GenerationStats, Sampler, SamplingParams, generate_with_cache};
 use crate::image_inputs::ImageInputs;
+pub use crate::image_inputs::pixel_tensor;
 use crate::llava::Llava;
 use crate::prompt_cache::PromptCache;
 
@@ -266,24 +267,6 @@ impl Pipeline {
             stats,
         })
     }
-}
-
-/// Stacks preprocessed images into `[n, c, h, w]`.
-pub fn pixel_tensor(pixels: &[PixelValues], device: &Device) -> Result<Tensor> {
-    let first = pixels
-        .first()
-        .ok_or_else(|| ModelError::Input("no images".into()))?;
-    let [c, h, w] = first.shape();
-    let mut data = Vec::with_capacity(pixels.len() * c * h * w);
-    for p in pixels {
-        if p.shape() != [c, h, w] {
-            return Err(ModelError::Input(
-                "images preprocessed to different sizes".into(),
-            ));
-        }
-        data.extend_from_slice(&p.data);
-    }
-    Ok(Tensor::from_vec(data, (pixels.len(), c, h, w), device)?)
 }
 
 /// The longest prefix of `text` that cannot be the start of a stop string.
