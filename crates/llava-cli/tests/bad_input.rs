@@ -749,6 +749,40 @@ fn llava_next_checkpoint_that_cannot_run() {
     ]);
     assert_clean_failure(&out, &["2 <image> placeholder(s) but 1 image(s)"]);
 
+    // The original layout's LLaVA-1.6: only spatial_unpad merging, and pinpoints as pairs.
+    let original = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models/llava-next-original");
+    let clip = original.join("clip");
+    let flat = copy_dir(&original.join("model"), &tmp.path().join("flat"));
+    edit_json(&flat.join("config.json"), |c| {
+        c["mm_patch_merge_type"] = serde_json::json!("flat");
+    });
+    let run_original = |dir: &Path| {
+        llava(&[
+            "generate",
+            "--model",
+            &dir.to_string_lossy(),
+            "--vision-tower",
+            &clip.to_string_lossy(),
+            "--image",
+            &image().to_string_lossy(),
+            "--prompt",
+            "Hi",
+        ])
+    };
+    assert_clean_failure(
+        &run_original(&flat),
+        &["config.json", "mm_patch_merge_type `flat`", "spatial_unpad"],
+    );
+    let text_pinpoints = copy_dir(&original.join("model"), &tmp.path().join("text-pinpoints"));
+    edit_json(&text_pinpoints.join("config.json"), |c| {
+        c["image_grid_pinpoints"] = serde_json::json!("(1x1),...,(6x6)");
+    });
+    assert_clean_failure(
+        &run_original(&text_pinpoints),
+        &["config.json", "image_grid_pinpoints", "[width, height]"],
+    );
+
     // Training builds every sample with one image length, which tiling does not give.
     std::fs::write(tmp.path().join("data.json"), "[]").expect("write");
     let out = llava(&[

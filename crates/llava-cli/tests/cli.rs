@@ -219,6 +219,36 @@ fn llava_next_with_three_images_matches_transformers() {
     );
 }
 
+/// The original layout's LLaVA-1.6 (`tools/make_next_original_fixture.py`) with its CLIP tower
+/// beside it and two images: the original's greedy tokens.
+#[test]
+fn original_layout_llava_1_6_matches_the_original() {
+    let case = fixtures().join("llava-next-original");
+    let want = expected("llava-next-original");
+    let mut command = llava();
+    command
+        .args(["generate", "--model"])
+        .arg(case.join("model"))
+        .arg("--vision-tower")
+        .arg(case.join("clip"));
+    for image in want["images"].as_array().expect("images") {
+        command.arg("--image").arg(
+            fixtures()
+                .join("images")
+                .join(image.as_str().expect("name")),
+        );
+    }
+    let json = json_of(command.args([
+        "--prompt",
+        want["question"].as_str().expect("question"),
+        "--max-new-tokens",
+        "20",
+        "--ignore-eos",
+        "--json",
+    ]));
+    assert_eq!(json["token_ids"], want["greedy_tokens"]);
+}
+
 /// `generate` over `--model-base`, for the two kinds of release the original publishes that way
 /// (`tools/make_lora_fixture.py`): LoRA adapters (as `.bin` or `.safetensors`) give the merged
 /// model's greedy tokens; the same projector as a stage-1 `mm_projector.bin`, with no adapters,

@@ -90,11 +90,10 @@ pub enum ImageError {
         field: &'static str,
         reason: String,
     },
-    /// `image_aspect_ratio` names a mode we do not implement (e.g. the original LLaVA-1.6
-    /// layout's `anyres`; transformers' `llava_next` checkpoints tile through
-    /// [`ImageProcessor::anyres`]).
+    /// `image_aspect_ratio` names a mode we do not implement. LLaVA-1.6's `anyres` is not a
+    /// mode of this processor: checkpoints that ask for it tile through [`ImageProcessor::anyres`].
     #[error(
-        "unsupported image_aspect_ratio {0:?} (supported: \"square\", \"pad\"; LLaVA-1.6 anyres tiling is supported for the HF llava_next layout only)"
+        "unsupported image_aspect_ratio {0:?} (supported: \"square\", \"pad\"; LLaVA-1.6's anyres tiling comes with its checkpoint's config)"
     )]
     UnsupportedAspectRatio(String),
 }

@@ -23,6 +23,9 @@ pub struct AnyRes<'a> {
     pub tile: usize,
     /// Patches along a tile's side (`image_size / patch_size`).
     pub side: usize,
+    /// The original LLaVA-1.6 truncates `original * scale` when it unpads; transformers rounds
+    /// it to 7 decimals first, which absorbs float error (36.99999999 is 37 there, 36 here).
+    pub truncate: bool,
 }
 
 impl AnyRes<'_> {
@@ -40,8 +43,11 @@ impl AnyRes<'_> {
         let (rows, cols) = self.grid(image_size)?;
         let (height, width) = (rows * self.side, cols * self.side);
         let (oh, ow) = (f64::from(image_size.0), f64::from(image_size.1));
-        // `int(round(x, 7))`: the rounding absorbs float error before the truncation.
-        let trunc7 = |x: f64| ((x * 1e7).round() / 1e7) as usize;
+        // `int(round(x, 7))` in transformers, `int(x)` in the original.
+        let trunc7 = |x: f64| match self.truncate {
+            true => x as usize,
+            false => ((x * 1e7).round() / 1e7) as usize,
+        };
         Ok(if ow / oh > width as f64 / height as f64 {
             let kept = trunc7(oh * (width as f64 / ow)).min(height);
             let pad = (height - kept) / 2;
@@ -115,6 +121,7 @@ mod tests {
         pinpoints: &PINPOINTS,
         tile: 30,
         side: 5,
+        truncate: false,
     };
 
     #[test]
@@ -128,8 +135,18 @@ mod tests {
             pinpoints: &[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
             tile: 336,
             side: 24,
+            truncate: false,
         };
         assert_eq!(real.token_count((480, 640)).unwrap(), 2340);
+        // 110x352 on the 1x2 grid: 110 * (48 / 352) is 14.999999999999998 in f64. transformers
+        // rounds it to 15 and keeps 16 of the 24 patch rows (4 cut on each side); the original
+        // LLaVA-1.6 truncates it to 14 and keeps 14.
+        assert_eq!(real.token_count((110, 352)).unwrap(), 1360);
+        let original = AnyRes {
+            truncate: true,
+            ..real
+        };
+        assert_eq!(original.token_count((110, 352)).unwrap(), 1262);
     }
 
     #[test]

@@ -422,6 +422,12 @@ fn original_config(
         ))
     })?;
     let image_token_index = text_config.vocab_size as u32;
+    let aspect = json.get("image_aspect_ratio").and_then(Value::as_str);
+    let anyres = aspect == Some("anyres");
+    let image_grid_pinpoints = match anyres {
+        true => Some(original_pinpoints(json).map_err(bad)?),
+        false => None,
+    };
     let config = LlavaConfig {
         vision_config,
         text_config,
@@ -431,19 +437,40 @@ fn original_config(
         vision_feature_layer: FeatureLayer::Single(layer),
         multimodal_projector_bias: true,
         projector_depth: Some(depth),
-        image_aspect_ratio: json
-            .get("image_aspect_ratio")
-            .and_then(Value::as_str)
-            .map(String::from),
+        // LLaVA-1.6 tiles instead (see `image_grid_pinpoints`).
+        image_aspect_ratio: aspect.filter(|_| !anyres).map(String::from),
         mm_use_im_start_end: json
             .get("mm_use_im_start_end")
             .and_then(Value::as_bool)
             .unwrap_or(false),
-        image_grid_pinpoints: None,
-        model_type: "llava".into(),
+        image_grid_pinpoints,
+        original_unpad: anyres,
+        model_type: if anyres { "llava_next" } else { "llava" }.into(),
         architectures: None,
     };
     Ok((config, vision_tower_dir))
+}
+
+/// The original LLaVA-1.6's grid: `image_grid_pinpoints` as `(width, height)` pairs, turned into
+/// the `(height, width)` of transformers' configs, and only with `spatial_unpad` merging, the
+/// one its releases use.
+fn original_pinpoints(json: &Value) -> std::result::Result<Vec<[u32; 2]>, String> {
+    match json.get("mm_patch_merge_type").and_then(Value::as_str) {
+        Some("spatial_unpad") => {}
+        other => {
+            return Err(format!(
+                "image_aspect_ratio `anyres` with mm_patch_merge_type `{}` is not supported (spatial_unpad, as the LLaVA-1.6 releases)",
+                other.unwrap_or("flat")
+            ));
+        }
+    }
+    let pinpoints = json
+        .get("image_grid_pinpoints")
+        .cloned()
+        .map(serde_json::from_value::<Vec<[u32; 2]>>)
+        .and_then(|parsed| parsed.ok())
+        .ok_or("`image_grid_pinpoints` must be a list of [width, height] pairs for anyres")?;
+    Ok(pinpoints.into_iter().map(|[w, h]| [h, w]).collect())
 }
 
 /// A config struct from parsed JSON; a value of the wrong type is reported with its field's

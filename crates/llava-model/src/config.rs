@@ -362,6 +362,10 @@ pub struct LlavaConfig {
     /// LLaVA-1.5 configs, and in a `llava_next` config transformers' default applies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_grid_pinpoints: Option<Vec<[u32; 2]>>,
+    /// Not an HF field: the original layout's LLaVA-1.6, whose unpadding truncates where
+    /// transformers rounds first (see [`AnyRes::truncate`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub original_unpad: bool,
     #[serde(default = "llava_type")]
     pub model_type: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -401,6 +405,7 @@ impl LlavaConfig {
                 .unwrap_or(&LLAVA_NEXT_PINPOINTS),
             tile: self.vision_config.image_size,
             side: self.vision_config.image_size / self.vision_config.patch_size,
+            truncate: self.original_unpad,
         })
     }
 

@@ -137,6 +137,7 @@ fn llava_config(vision: ClipVisionConfig, text: LlamaConfig, image_token: u32) -
         image_aspect_ratio: None,
         mm_use_im_start_end: false,
         image_grid_pinpoints: None,
+        original_unpad: false,
         model_type: "llava".into(),
         architectures: None,
     }

@@ -650,6 +650,9 @@ pub fn original_name(canonical: &str, projector_depth: usize) -> Option<String> 
     if canonical.starts_with("vision_tower.") {
         return None;
     }
+    if canonical == "image_newline" {
+        return Some("model.image_newline".into());
+    }
     Some(match canonical.strip_prefix("language_model.") {
         Some(rest) => format!("model.{rest}"),
         None => canonical.to_string(),
@@ -673,6 +676,10 @@ pub fn original_llava_name(stored: &str) -> Option<String> {
     }
     if stored.starts_with("model.vision_tower.") {
         return None;
+    }
+    // LLaVA-1.6's end-of-row vector belongs to the LLaVA model, not to the LLaMA inside it.
+    if stored == "model.image_newline" {
+        return Some("image_newline".into());
     }
     if let Some(rest) = stored.strip_prefix("model.") {
         return Some(format!("language_model.{rest}"));
@@ -840,12 +847,17 @@ mod tests {
             ("model.mm_projector.weight", 1),
             ("model.layers.3.mlp.down_proj.weight", 2),
             ("model.embed_tokens.weight", 2),
+            ("model.image_newline", 2),
             ("lm_head.weight", 2),
         ] {
             let canonical = original_llava_name(stored).expect("canonical");
             assert_eq!(original_name(&canonical, depth).as_deref(), Some(stored));
         }
         assert_eq!(original_name("vision_tower.post_layernorm.weight", 2), None);
+        assert_eq!(
+            original_llava_name("model.image_newline").as_deref(),
+            Some("image_newline")
+        );
     }
 
     #[test]

@@ -243,3 +243,55 @@ fn a_follow_up_turn_reuses_images_of_different_lengths() {
         .expect("fresh");
     assert_eq!(cached.token_ids, fresh.token_ids);
 }
+
+/// The original layout's LLaVA-1.6 (`tools/make_next_original_fixture.py`): `(width, height)`
+/// grid pinpoints, `model.image_newline`, the CLIP tower beside it, llava_v1 and the chunk-wise
+/// tokenisation around each `<image>`, against the original's computation.
+#[test]
+fn original_layout_llava_1_6_matches_the_original() {
+    let dir = fixtures().join("llava-next-original");
+    let text = std::fs::read_to_string(dir.join("expected.json")).expect("expected.json");
+    let expected: Value = serde_json::from_str(&text).expect("json");
+    let tensors = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)
+        .expect("tensors");
+    let mut opts = PipelineOptions::new(dir.join("model").to_string_lossy());
+    opts.vision_tower = Some(dir.join("clip"));
+    let p = Pipeline::load(&opts).expect("the original-layout 1.6 fixture loads");
+    let paths: Vec<PathBuf> = expected["images"]
+        .as_array()
+        .expect("images")
+        .iter()
+        .map(|n| fixtures().join("images").join(n.as_str().expect("name")))
+        .collect();
+    let prompt = p
+        .render(&[Message::user(
+            expected["question"].as_str().expect("q"),
+            paths.len(),
+        )])
+        .expect("renders");
+    assert_eq!(prompt, expected["prompt"].as_str().expect("prompt"));
+    let images = p.pixel_values(&paths).expect("images").expect("two");
+    let counts: Vec<usize> = serde_json::from_value(expected["image_tokens"].clone()).expect("n");
+    assert_eq!(p.model.image_token_counts(&images).expect("counts"), counts);
+    // The original's ids, with each -200 marker standing for its image's positions.
+    let mut counts_left = counts.iter();
+    let want: Vec<u32> = expected["input_ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .flat_map(|i| match i.as_i64().expect("id") {
+            -200 => vec![p.model.config.image_token_index; *counts_left.next().expect("image")],
+            id => vec![id as u32],
+        })
+        .collect();
+    let ids = p.encode(&prompt, Some(&images)).expect("encodes");
+    assert_eq!(ids, want, "chunk-wise tokenisation around each <image>");
+    assert_close(
+        "original 1.6: last_logits",
+        &last_logits(&p, &ids, &images),
+        &tensors["last_logits"],
+    );
+    let greedy_want: Vec<u32> =
+        serde_json::from_value(expected["greedy_tokens"].clone()).expect("tokens");
+    assert_eq!(greedy(&p, &ids, &images), greedy_want);
+}
