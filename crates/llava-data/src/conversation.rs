@@ -89,19 +89,28 @@ pub enum ConvTemplate {
     LlavaV0,
     /// LLaMA-2 chat: `[INST] <<SYS>>…<</SYS>>\n\n{q} [/INST] {a} </s><s>[INST] …`
     Llama2,
+    /// The original's `mistral_instruct` (LLaVA-1.6 Mistral): LLaMA-2's `[INST] {q} [/INST] {a} </s>`
+    /// with no system prompt and nothing between turns.
+    MistralInstruct,
     /// ChatML: `<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n`
     Chatml,
+    /// The original's `chatml_direct` (LLaVA-1.6 34B): ChatML's tags joined with no newline
+    /// between turns, `<|im_end|><|im_start|>user\n{q}<|im_end|><|im_start|>assistant\n`, as
+    /// its MPT separator style renders them.
+    ChatmlDirect,
     /// Stage-1 pretraining: the image, then the caption and `</s>`. No roles, no system.
     Plain,
 }
 
 impl ConvTemplate {
-    pub const NAMES: [&'static str; 6] = [
+    pub const NAMES: [&'static str; 8] = [
         "llava_v1",
         "vicuna_v1",
         "llava_v0",
         "llama_2",
+        "mistral_instruct",
         "chatml",
+        "chatml_direct",
         "plain",
     ];
 
@@ -114,7 +123,9 @@ impl ConvTemplate {
             "vicuna_v1" | "v1" => Self::VicunaV1,
             "llava_v0" => Self::LlavaV0,
             "llama_2" | "llava_llama_2" => Self::Llama2,
-            "chatml" | "chatml_direct" => Self::Chatml,
+            "mistral_instruct" => Self::MistralInstruct,
+            "chatml" => Self::Chatml,
+            "chatml_direct" => Self::ChatmlDirect,
             "plain" => Self::Plain,
             _ => return None,
         })
@@ -142,7 +153,9 @@ impl ConvTemplate {
             Self::VicunaV1 => "vicuna_v1",
             Self::LlavaV0 => "llava_v0",
             Self::Llama2 => "llama_2",
+            Self::MistralInstruct => "mistral_instruct",
             Self::Chatml => "chatml",
+            Self::ChatmlDirect => "chatml_direct",
             Self::Plain => "plain",
         }
     }
@@ -152,8 +165,8 @@ impl ConvTemplate {
             Self::LlavaV1 | Self::LlavaV0 => VICUNA_SYSTEM,
             Self::VicunaV1 => VICUNA_V1_SYSTEM,
             Self::Llama2 => LLAMA_2_SYSTEM,
-            Self::Chatml => "Answer the questions.",
-            Self::Plain => "",
+            Self::Chatml | Self::ChatmlDirect => "Answer the questions.",
+            Self::MistralInstruct | Self::Plain => "",
         }
     }
 
@@ -218,7 +231,9 @@ impl ConvTemplate {
                     prompt.push_str("Assistant:");
                 }
             }
-            Self::Llama2 => {
+            Self::Llama2 | Self::MistralInstruct => {
+                // LLaMA-2 opens each later turn with BOS; Mistral's template does not.
+                let turn_bos = if *self == Self::Llama2 { "<s>" } else { "" };
                 let mut first = true;
                 for m in &turns {
                     match m.role {
@@ -230,7 +245,7 @@ impl ConvTemplate {
                                 ));
                             } else {
                                 // BOS is added by the tokenizer for the first turn only.
-                                let bos = if first { "" } else { "<s>" };
+                                let bos = if first { "" } else { turn_bos };
                                 prompt.push_str(&format!("{bos}[INST] {text} [/INST]"));
                             }
                             first = false;
@@ -250,6 +265,24 @@ impl ConvTemplate {
                         _ => {
                             prompt.push_str("<|im_start|>assistant\n");
                             answer(&mut prompt, format!("{}<|im_end|>\n", m.text), &mut out);
+                        }
+                    }
+                }
+                if add_generation_prompt {
+                    prompt.push_str("<|im_start|>assistant\n");
+                }
+            }
+            Self::ChatmlDirect => {
+                prompt.push_str(&format!("<|im_start|>system\n{system}<|im_end|>"));
+                for m in &turns {
+                    match m.role {
+                        Role::User => prompt.push_str(&format!(
+                            "<|im_start|>user\n{}<|im_end|>",
+                            m.text_with_images()
+                        )),
+                        _ => {
+                            prompt.push_str("<|im_start|>assistant\n");
+                            answer(&mut prompt, format!("{}<|im_end|>", m.text), &mut out);
                         }
                     }
                 }
@@ -293,7 +326,7 @@ impl ConvTemplate {
     pub fn stop_strings(&self) -> &'static [&'static str] {
         match self {
             Self::LlavaV0 => &["###"],
-            Self::Chatml => &["<|im_end|>"],
+            Self::Chatml | Self::ChatmlDirect => &["<|im_end|>"],
             _ => &[],
         }
     }
@@ -383,6 +416,24 @@ mod tests {
         assert_eq!(
             ConvTemplate::Llama2.render(&m, "</s>", false),
             format!("[INST] <<SYS>>\n{LLAMA_2_SYSTEM}\n<</SYS>>\n\n<image>\nQ [/INST] A </s>")
+        );
+        // The original's renderings of its LLaVA-1.6 templates (conversation.py's LLAMA_2 style
+        // with sep "", and MPT style).
+        assert_eq!(
+            ConvTemplate::MistralInstruct.render(&two_turns(), "</s>", false),
+            "[INST] <image>\nWhat is this? [/INST] A cat. </s>[INST] What colour? [/INST] Black. </s>"
+        );
+        assert_eq!(
+            ConvTemplate::MistralInstruct.render(&[Message::user("Q", 1)], "</s>", true),
+            "[INST] <image>\nQ [/INST]"
+        );
+        assert_eq!(
+            ConvTemplate::ChatmlDirect.render(&[Message::user("Q", 1)], "</s>", true),
+            "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nQ<|im_end|><|im_start|>assistant\n"
+        );
+        assert_eq!(
+            ConvTemplate::ChatmlDirect.render(&m, "</s>", false),
+            "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nQ<|im_end|><|im_start|>assistant\nA<|im_end|>"
         );
         assert_eq!(
             ConvTemplate::Chatml.render(&[Message::user("Q", 0)], "</s>", true),

@@ -33,8 +33,8 @@ pub struct ModelArgs {
     /// Compute dtype: f32 (exact reference), bf16 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// A named template (llava_v1, vicuna_v1, llava_v0, llama_2, chatml, plain) instead of the
-    /// checkpoint's chat template. Alias: --conv-mode.
+    /// A named template (llava_v1, vicuna_v1, llava_v0, llama_2, mistral_instruct, chatml,
+    /// chatml_direct, plain) instead of the checkpoint's chat template. Alias: --conv-mode.
     #[arg(long, alias = "conv-mode")]
     pub template: Option<String>,
     /// `pad` pastes the image on a mean-coloured square first (LLaVA-1.5); `square` does not.
