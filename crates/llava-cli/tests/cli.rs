@@ -249,6 +249,53 @@ fn original_layout_llava_1_6_matches_the_original() {
     assert_eq!(json["token_ids"], want["greedy_tokens"]);
 }
 
+/// With no chat template, an original LLaVA-1.6 release gets the template the original's CLI
+/// picks for it: `mistral_instruct` for the Mistral decoder (the 34B's ChatML tokenizer gets
+/// `chatml_direct` the same way), `llava_v1` otherwise.
+#[test]
+fn original_llava_1_6_releases_get_their_templates() {
+    let case = fixtures().join("llava-next-original");
+    let tmp = tempfile::tempdir().expect("tmp");
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(case.join("model").join(f), tmp.path().join(f)).expect("copy");
+    }
+    let prompt_of = |model: &Path| {
+        let out = llava()
+            .env("RUST_LOG", "info")
+            .args(["generate", "--model"])
+            .arg(model)
+            .arg("--vision-tower")
+            .arg(case.join("clip"))
+            .arg("--image")
+            .arg(fixtures().join("images/small_24x20.png"))
+            .args(["--prompt", "Q", "--max-new-tokens", "1"])
+            .output()
+            .expect("runs");
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{stderr}");
+        stderr
+    };
+    assert!(prompt_of(&case.join("model")).contains("named template llava_v1"));
+    let config = tmp.path().join("config.json");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        text.replace("\"llava_llama\"", "\"llava_mistral\""),
+    )
+    .expect("write");
+    let log = prompt_of(tmp.path());
+    assert!(log.contains("named template mistral_instruct"), "{log}");
+    assert!(
+        log.contains(r#"prompt: "[INST] <image>\nQ [/INST]""#),
+        "{log}"
+    );
+}
+
 /// `generate` over `--model-base`, for the two kinds of release the original publishes that way
 /// (`tools/make_lora_fixture.py`): LoRA adapters (as `.bin` or `.safetensors`) give the merged
 /// model's greedy tokens; the same projector as a stage-1 `mm_projector.bin`, with no adapters,

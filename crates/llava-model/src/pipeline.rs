@@ -78,11 +78,10 @@ impl Pipeline {
             opts.model_base.as_deref(),
         )?;
         let tokenizer = Tokenizer::from_dir(checkpoint.tokenizer_dir())?;
-        // The original layout has no chat template and was trained with llava_v1.
         let template = PromptTemplate::select(
             &checkpoint.dir,
             opts.template.as_deref(),
-            ConvTemplate::LlavaV1,
+            original_template(&checkpoint, &tokenizer),
         )?;
         let image_processor = image_processor(&checkpoint, opts.image_aspect_ratio)?;
         let image_tokens = checkpoint.image_tokens(&tokenizer)?;
@@ -266,6 +265,23 @@ impl Pipeline {
             token_ids,
             stats,
         })
+    }
+}
+
+/// The template an original-layout checkpoint (which has no chat template) was trained with:
+/// llava_v1, except for LLaVA-1.6's Mistral and 34B (ChatML-tokenizer) releases, which the
+/// original's CLI runs with `mistral_instruct` and `chatml_direct`.
+fn original_template(checkpoint: &Checkpoint, tokenizer: &Tokenizer) -> ConvTemplate {
+    let config = &checkpoint.config;
+    if !config.is_next() {
+        return ConvTemplate::LlavaV1;
+    }
+    if config.text_config.model_type == "mistral" {
+        ConvTemplate::MistralInstruct
+    } else if tokenizer.token_to_id("<|im_start|>").is_some() {
+        ConvTemplate::ChatmlDirect
+    } else {
+        ConvTemplate::LlavaV1
     }
 }
 
