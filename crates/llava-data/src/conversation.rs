@@ -254,35 +254,21 @@ impl ConvTemplate {
                     }
                 }
             }
-            Self::Chatml => {
-                prompt.push_str(&format!("<|im_start|>system\n{system}<|im_end|>\n"));
+            Self::Chatml | Self::ChatmlDirect => {
+                // ChatML ends each turn with a newline; the original's chatml_direct does not.
+                let end = if *self == Self::Chatml {
+                    "<|im_end|>\n"
+                } else {
+                    "<|im_end|>"
+                };
+                prompt.push_str(&format!("<|im_start|>system\n{system}{end}"));
                 for m in &turns {
                     match m.role {
-                        Role::User => prompt.push_str(&format!(
-                            "<|im_start|>user\n{}<|im_end|>\n",
-                            m.text_with_images()
-                        )),
+                        Role::User => prompt
+                            .push_str(&format!("<|im_start|>user\n{}{end}", m.text_with_images())),
                         _ => {
                             prompt.push_str("<|im_start|>assistant\n");
-                            answer(&mut prompt, format!("{}<|im_end|>\n", m.text), &mut out);
-                        }
-                    }
-                }
-                if add_generation_prompt {
-                    prompt.push_str("<|im_start|>assistant\n");
-                }
-            }
-            Self::ChatmlDirect => {
-                prompt.push_str(&format!("<|im_start|>system\n{system}<|im_end|>"));
-                for m in &turns {
-                    match m.role {
-                        Role::User => prompt.push_str(&format!(
-                            "<|im_start|>user\n{}<|im_end|>",
-                            m.text_with_images()
-                        )),
-                        _ => {
-                            prompt.push_str("<|im_start|>assistant\n");
-                            answer(&mut prompt, format!("{}<|im_end|>", m.text), &mut out);
+                            answer(&mut prompt, format!("{}{end}", m.text), &mut out);
                         }
                     }
                 }
