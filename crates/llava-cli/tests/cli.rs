@@ -296,6 +296,41 @@ fn original_llava_1_6_releases_get_their_templates() {
     );
 }
 
+/// A release over `--model-base` stops at the ids of the base's `generation_config.json`, the
+/// file the original reads when it loads the model from the base.
+#[test]
+fn a_release_stops_at_its_bases_generation_config_ids() {
+    let case = fixtures().join("original-lora");
+    let want = expected("original-lora");
+    let greedy: Vec<u64> = serde_json::from_value(want["greedy_tokens"].clone()).expect("ids");
+    // The first occurrence must be the fourth token, or the stop would come earlier.
+    assert_eq!(greedy.iter().position(|&t| t == greedy[3]), Some(3));
+    let tmp = tempfile::tempdir().expect("tmp");
+    for entry in std::fs::read_dir(case.join("base")).expect("base") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).expect("copy");
+    }
+    std::fs::write(
+        tmp.path().join("generation_config.json"),
+        serde_json::json!({"bos_token_id": 1, "eos_token_id": [greedy[3], 2]}).to_string(),
+    )
+    .expect("write");
+    let json = json_of(
+        llava()
+            .args(["generate", "--model"])
+            .arg(case.join("lora"))
+            .arg("--model-base")
+            .arg(tmp.path())
+            .arg("--vision-tower")
+            .arg(fixtures().join("original-layout/clip"))
+            .arg("--image")
+            .arg(fixtures().join("images/shapes_64x48.png"))
+            .args(["--prompt", want["question"].as_str().expect("question")])
+            .args(["--max-new-tokens", "20", "--json"]),
+    );
+    assert_eq!(json["token_ids"], serde_json::json!(greedy[..4]));
+}
+
 /// `generate` over `--model-base`, for the two kinds of release the original publishes that way
 /// (`tools/make_lora_fixture.py`): LoRA adapters (as `.bin` or `.safetensors`) give the merged
 /// model's greedy tokens; the same projector as a stage-1 `mm_projector.bin`, with no adapters,

@@ -233,7 +233,8 @@ impl Checkpoint {
     /// first, then the model's config. Where `generation_config.json` names no
     /// `eos_token_id`, transformers would not stop at all; the config's is taken instead.
     pub fn eos_token_ids(&self) -> Result<Vec<u32>> {
-        let path = self.dir.join("generation_config.json");
+        // A release over --model-base takes the base's, as the original loads its model from there.
+        let path = self.tokenizer_dir().join("generation_config.json");
         if path.is_file() {
             let generation: GenerationConfig = typed(read_json(&path)?, &path)?;
             if let Some(ids) = generation.eos_token_id {
