@@ -189,6 +189,23 @@ pub fn generate_with_cache(
     if input_ids.is_empty() {
         return Err(ModelError::Input("the prompt has no tokens".into()));
     }
+    // Each image's span of placeholder ids: checked against the prompt here, and what the
+    // cache compares with the cached prompt's.
+    let spans = match images {
+        Some(images) => model.image_token_counts(images)?,
+        None => Vec::new(),
+    };
+    let expected: usize = spans.iter().sum();
+    let found = input_ids
+        .iter()
+        .filter(|&&i| i == model.config.image_token_index)
+        .count();
+    if found != expected {
+        return Err(ModelError::Input(format!(
+            "the prompt has {found} image tokens but {} image(s) need {expected}: put one <image> in the prompt per image",
+            spans.len()
+        )));
+    }
     let mut stats = GenerationStats {
         prompt_tokens: input_ids.len(),
         ..Default::default()
@@ -200,10 +217,6 @@ pub fn generate_with_cache(
         // The new tokens are always more than the decoding GEMV takes, so that they go through
         // the same products as in a prefill of the whole prompt: on the CPU the logits are then
         // bit for bit those of a fresh run (tests/prompt_cache.rs).
-        let spans = match images {
-            Some(images) => model.image_token_counts(images)?,
-            None => Vec::new(),
-        };
         let reuse = cache.reuse(
             input_ids,
             images,
