@@ -17,7 +17,7 @@ use ::image::{Rgb, RgbImage};
 
 use super::ImageError;
 use super::config::{PreprocessorConfig, ResizeSize};
-use super::process::{ImageAspectRatio, PixelValues, preprocess};
+use super::process::{ImageAspectRatio, PixelValues, check_not_empty, preprocess};
 use super::resample::resize_pil;
 
 /// One image, ready for the vision tower: its tiles (a single one without anyres) and the size
@@ -73,14 +73,8 @@ pub fn anyres_tiles(
     cfg: &PreprocessorConfig,
     pinpoints: &[[u32; 2]],
 ) -> Result<ProcessedImage, ImageError> {
+    check_not_empty(img)?;
     let (w, h) = img.dimensions();
-    if w == 0 || h == 0 {
-        return Err(ImageError::EmptySize {
-            what: "input image",
-            width: w,
-            height: h,
-        });
-    }
     let best = select_best_resolution((h, w), pinpoints).ok_or(ImageError::EmptySize {
         what: "image_grid_pinpoints",
         width: 0,

@@ -165,13 +165,7 @@ pub fn resize_and_crop(
     cfg: &PreprocessorConfig,
     aspect: ImageAspectRatio,
 ) -> Result<RgbImage, ImageError> {
-    if img.width() == 0 || img.height() == 0 {
-        return Err(ImageError::EmptySize {
-            what: "input image",
-            width: img.width(),
-            height: img.height(),
-        });
-    }
+    check_not_empty(img)?;
     // Borrow until a step makes a new image: inputs can be large photos.
     let mut img = match aspect {
         ImageAspectRatio::Pad => Cow::Owned(expand_to_square(img, cfg.pad_color())),
@@ -185,6 +179,18 @@ pub fn resize_and_crop(
         img = Cow::Owned(center_crop(&img, cfg.crop_size.width, cfg.crop_size.height));
     }
     Ok(img.into_owned())
+}
+
+/// A decoded image with no pixels cannot be resized or tiled.
+pub(super) fn check_not_empty(img: &RgbImage) -> Result<(), ImageError> {
+    if img.width() == 0 || img.height() == 0 {
+        return Err(ImageError::EmptySize {
+            what: "input image",
+            width: img.width(),
+            height: img.height(),
+        });
+    }
+    Ok(())
 }
 
 /// Rescale then normalise, with numpy's dtypes: `(u8 as f64 * factor) as f32`, then
