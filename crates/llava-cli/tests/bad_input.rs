@@ -5,6 +5,8 @@ use std::process::{Command, Output};
 
 mod common;
 
+use common::copy_dir;
+
 fn fixture_model() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/llava15-default/model")
 }
@@ -24,16 +26,6 @@ fn scratch_copy(tmp: &tempfile::TempDir, from: &Path) -> PathBuf {
     copy_dir(from, &tmp.path().join("model"))
 }
 
-/// Copies the files of `from` into a new directory `to`.
-fn copy_dir(from: &Path, to: &Path) -> PathBuf {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for entry in std::fs::read_dir(from).expect("fixture") {
-        let entry = entry.expect("entry");
-        std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
-    }
-    to.to_path_buf()
-}
-
 fn llava(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_llava"))
         .args(args)
@@ -42,17 +34,25 @@ fn llava(args: &[&str]) -> Output {
 }
 
 fn generate(model: &Path, image: &Path, prompt: &str) -> Output {
-    llava(&[
+    generate_with(model, image, prompt, &[])
+}
+
+/// [`generate`] with `extra` flags after the usual ones.
+fn generate_with(model: &Path, image: &Path, prompt: &str, extra: &[&str]) -> Output {
+    let (model, image) = (model.to_string_lossy(), image.to_string_lossy());
+    let mut args = vec![
         "generate",
         "--model",
-        &model.to_string_lossy(),
+        &model,
         "--image",
-        &image.to_string_lossy(),
+        &image,
         "--prompt",
         prompt,
         "--max-new-tokens",
         "2",
-    ])
+    ];
+    args.extend_from_slice(extra);
+    llava(&args)
 }
 
 /// Fails cleanly (exit 1, no panic) with a message containing every `needles`.
@@ -721,32 +721,14 @@ fn llava_next_checkpoint_that_cannot_run() {
     assert_clean_failure(&generate(&newline, &image(), "Hi"), &["image_newline"]);
 
     // Pad-to-square is LLaVA-1.5's, and the prompt needs one <image> per image.
-    let model = next_fixture();
-    let model = model.to_string_lossy();
-    let img = image();
-    let img = img.to_string_lossy();
-    let out = llava(&[
-        "generate",
-        "--model",
-        &model,
-        "--image",
-        &img,
-        "--prompt",
+    let out = generate_with(
+        &next_fixture(),
+        &image(),
         "Hi",
-        "--image-aspect-ratio",
-        "pad",
-    ]);
+        &["--image-aspect-ratio", "pad"],
+    );
     assert_clean_failure(&out, &["--image-aspect-ratio pad", "LLaVA-NeXT"]);
-    let out = llava(&[
-        "generate",
-        "--model",
-        &model,
-        "--image",
-        &img,
-        "--raw",
-        "--prompt",
-        "<image><image>Hi",
-    ]);
+    let out = generate_with(&next_fixture(), &image(), "<image><image>Hi", &["--raw"]);
     assert_clean_failure(&out, &["2 <image> placeholder(s) but 1 image(s)"]);
 
     // The original layout's LLaVA-1.6: only spatial_unpad merging, and pinpoints as pairs.
@@ -757,19 +739,8 @@ fn llava_next_checkpoint_that_cannot_run() {
     edit_json(&flat.join("config.json"), |c| {
         c["mm_patch_merge_type"] = serde_json::json!("flat");
     });
-    let run_original = |dir: &Path| {
-        llava(&[
-            "generate",
-            "--model",
-            &dir.to_string_lossy(),
-            "--vision-tower",
-            &clip.to_string_lossy(),
-            "--image",
-            &image().to_string_lossy(),
-            "--prompt",
-            "Hi",
-        ])
-    };
+    let clip = clip.to_string_lossy();
+    let run_original = |dir: &Path| generate_with(dir, &image(), "Hi", &["--vision-tower", &clip]);
     assert_clean_failure(
         &run_original(&flat),
         &["config.json", "mm_patch_merge_type `flat`", "spatial_unpad"],
@@ -790,7 +761,7 @@ fn llava_next_checkpoint_that_cannot_run() {
         "--stage",
         "finetune",
         "--model",
-        &model,
+        &next_fixture().to_string_lossy(),
         "--data",
         &tmp.path().join("data.json").to_string_lossy(),
         "--output",

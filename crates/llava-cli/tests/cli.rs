@@ -94,10 +94,7 @@ fn generate_json_reports_transformers_greedy_tokens() {
 #[test]
 fn generation_config_eos_ids_stop_generation() {
     let tmp = tempfile::tempdir().expect("tmp");
-    for entry in std::fs::read_dir(fixtures().join("llava15-default/model")).expect("fixture") {
-        let entry = entry.expect("entry");
-        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).expect("copy");
-    }
+    common::copy_dir(&fixtures().join("llava15-default/model"), tmp.path());
     let greedy: Vec<u64> =
         serde_json::from_value(expected("llava15-default")["greedy_tokens"].clone()).expect("ids");
     // The first occurrence must be the fourth token, or the stop would come earlier.
@@ -134,11 +131,7 @@ fn hub_id_resolves_from_the_local_cache() {
     let snapshot = cache
         .path()
         .join("models--tiny-org--tiny-llava/snapshots/0123abcd");
-    std::fs::create_dir_all(&snapshot).expect("mkdir");
-    for entry in std::fs::read_dir(fixtures().join("llava15-default/model")).expect("fixture") {
-        let entry = entry.expect("entry");
-        std::fs::copy(entry.path(), snapshot.join(entry.file_name())).expect("copy");
-    }
+    common::copy_dir(&fixtures().join("llava15-default/model"), &snapshot);
     std::fs::create_dir_all(cache.path().join("models--tiny-org--tiny-llava/refs")).expect("mkdir");
     std::fs::write(
         cache.path().join("models--tiny-org--tiny-llava/refs/main"),
@@ -256,14 +249,7 @@ fn original_layout_llava_1_6_matches_the_original() {
 fn original_llava_1_6_releases_get_their_templates() {
     let case = fixtures().join("llava-next-original");
     let tmp = tempfile::tempdir().expect("tmp");
-    for f in [
-        "config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ] {
-        std::fs::copy(case.join("model").join(f), tmp.path().join(f)).expect("copy");
-    }
+    common::copy_dir(&case.join("model"), tmp.path());
     let prompt_of = |model: &Path| {
         let out = llava()
             .env("RUST_LOG", "info")
@@ -306,10 +292,7 @@ fn a_release_stops_at_its_bases_generation_config_ids() {
     // The first occurrence must be the fourth token, or the stop would come earlier.
     assert_eq!(greedy.iter().position(|&t| t == greedy[3]), Some(3));
     let tmp = tempfile::tempdir().expect("tmp");
-    for entry in std::fs::read_dir(case.join("base")).expect("base") {
-        let entry = entry.expect("entry");
-        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).expect("copy");
-    }
+    common::copy_dir(&case.join("base"), tmp.path());
     std::fs::write(
         tmp.path().join("generation_config.json"),
         serde_json::json!({"bos_token_id": 1, "eos_token_id": [greedy[3], 2]}).to_string(),

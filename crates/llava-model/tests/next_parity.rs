@@ -135,27 +135,44 @@ fn tiles_and_token_counts_match_the_processor() {
     }
 }
 
-#[test]
-fn three_images_of_three_shapes_match_transformers() {
-    let c = case();
+/// The recorded prompt `key` ("multi" or "single", with its first `n_images` images): prompt
+/// text, input ids, last logits and 20 greedy tokens against transformers. Returns the images.
+fn check_prompt(c: &Case, key: &str, n_images: usize) -> ImageInputs {
     let p = &c.pipeline;
     let prompt = p
         .render(&[Message::user(
-            c.expected["multi"]["question"].as_str().expect("q"),
-            3,
+            c.expected[key]["question"].as_str().expect("q"),
+            n_images,
         )])
         .expect("renders");
     assert_eq!(
         prompt,
-        c.expected["multi"]["prompt"].as_str().expect("prompt")
+        c.expected[key]["prompt"].as_str().expect("prompt"),
+        "{key}: prompt"
     );
     let images = p
-        .pixel_values(&c.image_paths(3))
+        .pixel_values(&c.image_paths(n_images))
         .expect("images")
-        .expect("three");
+        .expect("at least one");
     let ids = p.encode(&prompt, Some(&images)).expect("encodes");
-    assert_eq!(ids, c.ids("multi", "input_ids"), "input ids");
+    assert_eq!(ids, c.ids(key, "input_ids"), "{key}: input ids");
+    assert_close(
+        &format!("{key}: last_logits"),
+        &last_logits(p, &ids, &images),
+        &c.tensors[&format!("{key}_last_logits")],
+    );
+    assert_eq!(
+        greedy(p, &ids, &images),
+        c.ids(key, "greedy_tokens"),
+        "{key}: greedy tokens"
+    );
+    images
+}
 
+#[test]
+fn three_images_of_three_shapes_match_transformers() {
+    let c = case();
+    let images = check_prompt(&c, "multi", 3);
     // Features from the recorded tiles isolate the model from preprocessing.
     let recorded = ImageInputs {
         pixel_values: (0..3)
@@ -163,46 +180,17 @@ fn three_images_of_three_shapes_match_transformers() {
             .collect(),
         image_sizes: images.image_sizes.clone(),
     };
-    let features = p
+    let features = c
+        .pipeline
         .model
         .image_features(&recorded, Mode::Infer)
         .expect("features");
     assert_close("image_features", &features, &c.tensors["image_features"]);
-    assert_close(
-        "multi: last_logits",
-        &last_logits(p, &ids, &images),
-        &c.tensors["multi_last_logits"],
-    );
-    assert_eq!(
-        greedy(p, &ids, &images),
-        c.ids("multi", "greedy_tokens"),
-        "greedy tokens"
-    );
 }
 
 #[test]
 fn one_image_matches_transformers() {
-    let c = case();
-    let p = &c.pipeline;
-    let prompt = p
-        .render(&[Message::user(
-            c.expected["single"]["question"].as_str().expect("q"),
-            1,
-        )])
-        .expect("renders");
-    assert_eq!(prompt, c.expected["single"]["prompt"].as_str().expect("p"));
-    let images = p
-        .pixel_values(&c.image_paths(1))
-        .expect("image")
-        .expect("one");
-    let ids = p.encode(&prompt, Some(&images)).expect("encodes");
-    assert_eq!(ids, c.ids("single", "input_ids"));
-    assert_close(
-        "single: last_logits",
-        &last_logits(p, &ids, &images),
-        &c.tensors["single_last_logits"],
-    );
-    assert_eq!(greedy(p, &ids, &images), c.ids("single", "greedy_tokens"));
+    check_prompt(&case(), "single", 1);
 }
 
 /// A chat's second turn keeps the first turn's images, whatever their lengths, and answers

@@ -1,7 +1,9 @@
-//! A one-route HTTP server on localhost, for `--image URL` tests.
+//! Helpers the CLI tests share: a one-route HTTP server on localhost, for `--image URL` tests,
+//! and scratch copies of fixture checkpoints.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
+use std::path::{Path, PathBuf};
 
 /// Serves `body` with `status` (e.g. "200 OK") to every request, on a thread for the rest of
 /// the test process, and returns the base URL (`http://127.0.0.1:PORT`).
@@ -26,4 +28,14 @@ pub fn serve(status: &'static str, body: Vec<u8>) -> String {
         }
     });
     url
+}
+
+/// Copies the files of `from` into the directory `to`, made if need be.
+pub fn copy_dir(from: &Path, to: &Path) -> PathBuf {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("fixture") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
+    }
+    to.to_path_buf()
 }
