@@ -769,3 +769,33 @@ fn llava_next_checkpoint_that_cannot_run() {
     ]);
     assert_clean_failure(&out, &["LLaVA-NeXT", "cannot be trained"]);
 }
+
+#[test]
+fn answering_with_a_batch_of_zero() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let questions = tmp.path().join("q.jsonl");
+    std::fs::write(
+        &questions,
+        "{\"question_id\": 1, \"image\": \"\", \"text\": \"Hi\"}\n",
+    )
+    .expect("write");
+    let out = llava(&[
+        "eval",
+        "answer",
+        "--model",
+        &fixture_model().to_string_lossy(),
+        "--questions",
+        &questions.to_string_lossy(),
+        "--out",
+        &tmp.path().join("a.jsonl").to_string_lossy(),
+        "--batch-size",
+        "0",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--batch-size") && stderr.contains("0"),
+        "{stderr}"
+    );
+    assert!(!tmp.path().join("a.jsonl").exists(), "nothing is written");
+}

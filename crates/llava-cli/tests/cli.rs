@@ -632,7 +632,7 @@ fn data_preview_shows_the_mask() {
 }
 
 #[test]
-fn eval_vqa_answers_as_generate_does_and_scores_exact_match() {
+fn eval_vqa_answers_in_a_batch_as_generate_does_and_scores_exact_match() {
     let tmp = tempfile::tempdir().expect("tmp");
     let model = fixtures().join("llava15-default/model");
     let images = fixtures().join("images");
@@ -663,8 +663,10 @@ fn eval_vqa_answers_as_generate_does_and_scores_exact_match() {
     let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
     std::fs::write(&questions, text).expect("write");
     let answers = tmp.path().join("answers.jsonl");
+    // Both questions in one batch: the batched answer is `llava generate`'s.
     let out = llava()
-        .args(["eval", "vqa", "--json", "--max-new-tokens", "6", "--model"])
+        .args(["eval", "vqa", "--json", "--batch-size", "2"])
+        .args(["--max-new-tokens", "6", "--model"])
         .arg(&model)
         .arg("--questions")
         .arg(&questions)

@@ -6,13 +6,21 @@
 //! question and settings. One difference in how: the questions share a [`PromptCache`], so
 //! the next question about the same image runs neither the vision tower nor the prompt's shared
 //! beginning again (LLaVA-Bench asks two to five questions per image). On the CPU this changes
-//! no bit of the logits ([`llava_model::prompt_cache`]). Runs resume: ids already in the
-//! answers file are skipped, and each answer is one flushed line.
+//! no bit of the logits ([`llava_model::prompt_cache`]).
+//!
+//! With `batch_size` N > 1, N questions are generated together instead
+//! ([`Pipeline::generate_batch`]), without the cache: each answer is the one asked alone, up to
+//! rounding. A batch that fails (one prompt too long for the context) is asked again one
+//! question at a time, so that only the bad question fails.
+//!
+//! Runs resume: ids already in the answers file are skipped, and each answer is one flushed
+//! line, written as soon as its batch ends.
 
 use std::path::{Path, PathBuf};
 
 use llava_data::conversation::Message;
-use llava_model::generation::SamplingParams;
+use llava_model::generation::{BatchPrompt, SamplingParams};
+use llava_model::image_inputs::ImageInputs;
 use llava_model::pipeline::{Generation, Pipeline};
 use llava_model::prompt_cache::PromptCache;
 
@@ -34,6 +42,9 @@ pub struct AnswerConfig {
     pub stop: Vec<String>,
     /// Answer at most this many new questions.
     pub limit: Option<usize>,
+    /// Questions generated together ([`Pipeline::generate_batch`]); 1 answers one at a time,
+    /// sharing a [`PromptCache`] between questions instead.
+    pub batch_size: usize,
 }
 
 /// What a run did.
@@ -87,6 +98,29 @@ pub fn question_input(q: &Question, image_folder: &Path) -> (String, Vec<PathBuf
     (text, images)
 }
 
+/// A question's prompt as `llava generate` builds it: rendered, its images preprocessed, and
+/// encoded.
+pub struct PreparedQuestion {
+    pub prompt: String,
+    pub input_ids: Vec<u32>,
+    pub images: Option<ImageInputs>,
+}
+
+pub fn prepare_question(
+    pipeline: &Pipeline,
+    text: &str,
+    images: &[PathBuf],
+) -> Result<PreparedQuestion, llava_model::ModelError> {
+    let prompt = pipeline.render(&[Message::user(text, images.len())])?;
+    let images = pipeline.pixel_values(images)?;
+    let input_ids = pipeline.encode(&prompt, images.as_ref())?;
+    Ok(PreparedQuestion {
+        prompt,
+        input_ids,
+        images,
+    })
+}
+
 /// Answers one question the way `llava generate` does, going on from what `cache` holds of
 /// the prompt; returns the rendered prompt and the generation.
 pub fn answer_one(
@@ -98,19 +132,17 @@ pub fn answer_one(
     max_new_tokens: usize,
     stop: &[String],
 ) -> Result<(String, Generation), llava_model::ModelError> {
-    let prompt = pipeline.render(&[Message::user(text, images.len())])?;
-    let pixel_values = pipeline.pixel_values(images)?;
-    let input_ids = pipeline.encode(&prompt, pixel_values.as_ref())?;
+    let q = prepare_question(pipeline, text, images)?;
     let out = pipeline.generate_with_cache(
         cache,
-        &input_ids,
-        pixel_values.as_ref(),
+        &q.input_ids,
+        q.images.as_ref(),
         sampling,
         max_new_tokens,
         stop,
         |_| {},
     )?;
-    Ok((prompt, out))
+    Ok((q.prompt, out))
 }
 
 /// Answers every question not yet in `cfg.out`. `progress(done, total)` is called after each
@@ -156,49 +188,101 @@ pub fn answer_question_list(
     let mut sink = AppendSink::open(&cfg.out, &existing)?;
     let total = todo.len();
     let mut cache = PromptCache::new();
-    for (i, q) in todo.into_iter().enumerate() {
-        let (text, images) = question_input(q, &cfg.image_folder);
-        if let Some(missing) = images.iter().find(|p| !p.is_file()) {
-            tracing::warn!(id = %q.question_id, image = %missing.display(), "image not found, skipped");
-            report.missing_image += 1;
-            progress(i + 1, total);
-            continue;
-        }
-        match answer_one(
-            pipeline,
-            &mut cache,
-            &text,
-            &images,
-            &cfg.sampling,
-            cfg.max_new_tokens,
-            &cfg.stop,
-        ) {
-            Ok((_prompt, answer)) => {
-                report.reused_tokens += answer.stats.cached_tokens;
-                let line = Answer {
-                    question_id: q.question_id.clone(),
-                    // The question as asked, as the original answer files store it.
-                    prompt: text,
-                    text: answer.text,
-                    answer_id: Some(format!("{}:{}", cfg.model_id, q.question_id)),
-                    model_id: Some(cfg.model_id.clone()),
-                    metadata: serde_json::json!({
-                        "temperature": cfg.sampling.temperature,
-                        "top_p": cfg.sampling.top_p,
-                        "top_k": cfg.sampling.top_k,
-                        "seed": cfg.sampling.seed,
-                        "max_new_tokens": cfg.max_new_tokens,
-                    }),
-                };
-                sink.write(&line)?;
-                report.answered += 1;
+    let mut done = 0;
+    for chunk in todo.chunks(cfg.batch_size.max(1)) {
+        // The questions of this chunk that can be asked, prepared.
+        let mut ready = Vec::new();
+        for q in chunk {
+            let (text, images) = question_input(q, &cfg.image_folder);
+            if let Some(missing) = images.iter().find(|p| !p.is_file()) {
+                tracing::warn!(id = %q.question_id, image = %missing.display(), "image not found, skipped");
+                report.missing_image += 1;
+                continue;
             }
-            Err(e) => {
-                tracing::warn!(id = %q.question_id, error = %e, "question failed, skipped");
-                report.failed += 1;
+            if chunk.len() == 1 {
+                ready.push((q, text, images, None));
+                continue;
+            }
+            match prepare_question(pipeline, &text, &images) {
+                Ok(prepared) => ready.push((q, text, images, Some(prepared))),
+                Err(e) => {
+                    tracing::warn!(id = %q.question_id, error = %e, "question failed, skipped");
+                    report.failed += 1;
+                }
             }
         }
-        progress(i + 1, total);
+        let prepared: Vec<BatchPrompt> = ready
+            .iter()
+            .filter_map(|(_, _, _, p)| p.as_ref())
+            .map(|p| BatchPrompt {
+                input_ids: &p.input_ids,
+                images: p.images.as_ref(),
+            })
+            .collect();
+        let batch = match prepared.len() {
+            0 => None,
+            _ => match pipeline.generate_batch(
+                &prepared,
+                &cfg.sampling,
+                cfg.max_new_tokens,
+                &cfg.stop,
+            ) {
+                Ok(answers) => Some(answers),
+                Err(e) => {
+                    // Asked one by one, a question the model refuses fails alone.
+                    tracing::warn!(error = %e, "a batch failed; answering its questions one by one");
+                    None
+                }
+            },
+        };
+        let mut batch = batch.map(Vec::into_iter);
+        for (q, text, images, _) in ready {
+            let answer = match batch.as_mut().and_then(Iterator::next) {
+                Some(answer) => Ok(answer),
+                None => answer_one(
+                    pipeline,
+                    &mut cache,
+                    &text,
+                    &images,
+                    &cfg.sampling,
+                    cfg.max_new_tokens,
+                    &cfg.stop,
+                )
+                .map(|(_prompt, answer)| answer),
+            };
+            match answer {
+                Ok(answer) => {
+                    report.reused_tokens += answer.stats.cached_tokens;
+                    sink.write(&answer_line(q, text, answer.text, cfg))?;
+                    report.answered += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(id = %q.question_id, error = %e, "question failed, skipped");
+                    report.failed += 1;
+                }
+            }
+        }
+        done += chunk.len();
+        progress(done, total);
     }
     Ok(report)
+}
+
+/// The answers-file line for question `q`.
+fn answer_line(q: &Question, prompt: String, text: String, cfg: &AnswerConfig) -> Answer {
+    Answer {
+        question_id: q.question_id.clone(),
+        // The question as asked, as the original answer files store it.
+        prompt,
+        text,
+        answer_id: Some(format!("{}:{}", cfg.model_id, q.question_id)),
+        model_id: Some(cfg.model_id.clone()),
+        metadata: serde_json::json!({
+            "temperature": cfg.sampling.temperature,
+            "top_p": cfg.sampling.top_p,
+            "top_k": cfg.sampling.top_k,
+            "seed": cfg.sampling.seed,
+            "max_new_tokens": cfg.max_new_tokens,
+        }),
+    }
 }

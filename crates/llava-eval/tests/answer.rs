@@ -83,6 +83,7 @@ fn answers_match_generate_and_resume() {
         max_new_tokens: 20,
         stop: Vec::new(),
         limit: None,
+        batch_size: 1,
     };
     let mut calls = Vec::new();
     let report = answer_questions(&p, &cfg, |d, t| calls.push((d, t))).unwrap();
@@ -135,4 +136,77 @@ fn answers_match_generate_and_resume() {
     assert_eq!(again.answered, 0);
     assert_eq!(again.missing_image, 1);
     assert_eq!(read_answers(&cfg.out).unwrap().len(), 4);
+}
+
+/// With `batch_size` 3 the questions are generated three at a time, and every answer is the
+/// one they get one at a time. A question whose image cannot be read fails alone; a prompt
+/// longer than the context fails its batch, whose other questions are then answered one by one.
+#[test]
+fn batched_answers_match_one_at_a_time() {
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("llava15-default/expected.json")).unwrap(),
+    )
+    .unwrap();
+    let question = expected["question"].as_str().unwrap();
+    let image = expected["image"].as_str().unwrap();
+    let p = pipeline();
+    let dir = tempfile::tempdir().unwrap();
+    let qpath = dir.path().join("q.jsonl");
+    let too_long = "tell me more about it ".repeat(80);
+    let lines = [
+        serde_json::json!({"question_id": 1, "image": image, "text": question}),
+        serde_json::json!({"question_id": 2, "image": "missing.png", "text": question}),
+        serde_json::json!({"question_id": 3, "image": "", "text": "Write a short sentence about a red ball."}),
+        serde_json::json!({"question_id": 4, "image": "../../images/not_an_image.png", "text": question}),
+        serde_json::json!({"question_id": 5, "image": image, "text": FOLLOW_UP}),
+        serde_json::json!({"question_id": 6, "image": "", "text": "What is a kite?"}),
+        serde_json::json!({"question_id": 7, "image": image, "text": too_long}),
+        serde_json::json!({"question_id": 8, "image": image, "text": "Is it a photo?"}),
+    ];
+    std::fs::write(
+        &qpath,
+        lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    )
+    .unwrap();
+    let cfg = |name: &str, batch_size: usize| AnswerConfig {
+        questions: qpath.clone(),
+        image_folder: fixtures().join("images"),
+        out: dir.path().join(name),
+        model_id: "tiny".into(),
+        sampling: greedy(),
+        max_new_tokens: 12,
+        stop: Vec::new(),
+        limit: None,
+        batch_size,
+    };
+    let one = cfg("one.jsonl", 1);
+    let three = cfg("three.jsonl", 3);
+    let a = answer_questions(&p, &one, |_, _| {}).unwrap();
+    let mut calls = Vec::new();
+    let b = answer_questions(&p, &three, |d, t| calls.push((d, t))).unwrap();
+    for r in [&a, &b] {
+        assert_eq!((r.answered, r.missing_image, r.failed), (5, 1, 2), "{r:?}");
+    }
+    assert_eq!(calls, [(3, 8), (6, 8), (8, 8)], "progress after each batch");
+    let (a, b) = (
+        read_answers(&one.out).unwrap(),
+        read_answers(&three.out).unwrap(),
+    );
+    assert_eq!(a.len(), 5);
+    for id in [1, 3, 5, 6, 8] {
+        let id = QuestionId::Int(id);
+        assert!(!a[&id].text.is_empty(), "{id:?}");
+        assert_eq!(
+            a[&id].text, b[&id].text,
+            "question {id:?}, batched and alone"
+        );
+    }
+
+    // Resume after the batched run: the failed questions are tried again and nothing doubles.
+    let again = answer_questions(&p, &three, |_, _| {}).unwrap();
+    assert_eq!(
+        (again.already_done, again.answered, again.failed),
+        (5, 0, 2)
+    );
+    assert_eq!(read_answers(&three.out).unwrap().len(), 5);
 }

@@ -9,6 +9,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::error::{ModelError, Result};
 use crate::image_inputs::ImageInputs;
+use crate::language_model::KvCache;
 use crate::llava::Llava;
 use crate::nn::Mode;
 use crate::prompt_cache::PromptCache;
@@ -132,12 +133,14 @@ pub struct GenerationStats {
     pub prefill_ms: f64,
     pub decode_ms: f64,
     pub generated: usize,
+    /// Prompts generated together: 0 or 1 for one prompt.
+    pub rows: usize,
 }
 
 impl GenerationStats {
     pub fn decode_tok_s(&self) -> f64 {
-        // The first token comes out of prefill; decode speed counts the steps after it.
-        let steps = self.generated.saturating_sub(1);
+        // Each row's first token comes out of prefill; decode speed counts the tokens after.
+        let steps = self.generated.saturating_sub(self.rows.max(1));
         if self.decode_ms > 0.0 {
             steps as f64 / (self.decode_ms / 1000.0)
         } else {
@@ -186,26 +189,8 @@ pub fn generate_with_cache(
     eos: &[u32],
     mut on_token: impl FnMut(u32) -> ControlFlow<()>,
 ) -> Result<(Vec<u32>, GenerationStats)> {
-    if input_ids.is_empty() {
-        return Err(ModelError::Input("the prompt has no tokens".into()));
-    }
-    // Each image's span of placeholder ids: checked against the prompt here, and what the
-    // cache compares with the cached prompt's.
-    let spans = match images {
-        Some(images) => model.image_token_counts(images)?,
-        None => Vec::new(),
-    };
-    let expected: usize = spans.iter().sum();
-    let found = input_ids
-        .iter()
-        .filter(|&&i| i == model.config.image_token_index)
-        .count();
-    if found != expected {
-        return Err(ModelError::Input(format!(
-            "the prompt has {found} image tokens but {} image(s) need {expected}: put one <image> in the prompt per image",
-            spans.len()
-        )));
-    }
+    // Each image's span of placeholder ids: what the cache compares with the cached prompt's.
+    let spans = image_spans(model, input_ids, images)?;
     let mut stats = GenerationStats {
         prompt_tokens: input_ids.len(),
         ..Default::default()
@@ -277,6 +262,192 @@ pub fn generate_with_cache(
             Err(e)
         }
     }
+}
+
+/// Each image's count of placeholder positions, once the prompt is checked to be non-empty and
+/// to hold exactly that many image tokens.
+fn image_spans(
+    model: &Llava,
+    input_ids: &[u32],
+    images: Option<&ImageInputs>,
+) -> Result<Vec<usize>> {
+    if input_ids.is_empty() {
+        return Err(ModelError::Input("the prompt has no tokens".into()));
+    }
+    let spans = match images {
+        Some(images) => model.image_token_counts(images)?,
+        None => Vec::new(),
+    };
+    let expected: usize = spans.iter().sum();
+    let found = input_ids
+        .iter()
+        .filter(|&&i| i == model.config.image_token_index)
+        .count();
+    if found != expected {
+        return Err(ModelError::Input(format!(
+            "the prompt has {found} image tokens but {} image(s) need {expected}: put one <image> in the prompt per image",
+            spans.len()
+        )));
+    }
+    Ok(spans)
+}
+
+/// One prompt of a batch.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchPrompt<'a> {
+    pub input_ids: &'a [u32],
+    pub images: Option<&'a ImageInputs>,
+}
+
+/// A left-padded batch after prefill: what [`generate_batch`] decodes from.
+pub struct PrefilledBatch {
+    /// The prompts' keys and values, with each row's padding.
+    pub cache: KvCache,
+    /// Each row's logits at its last prompt position, `[rows, vocab]`.
+    pub logits: Tensor,
+    pub vision_ms: f64,
+    pub prefill_ms: f64,
+}
+
+/// Runs several prompts through the model together, as transformers' `generate` does a
+/// left-padded batch: padded on the left to one length, masked, and each numbered from its first
+/// real token, so that each row's logits are those of the prompt alone up to rounding. All the
+/// images go through the vision tower in one pass.
+pub fn prefill_batch(model: &Llava, prompts: &[BatchPrompt]) -> Result<PrefilledBatch> {
+    if prompts.is_empty() {
+        return Err(ModelError::Input(
+            "a batch needs at least one prompt".into(),
+        ));
+    }
+    for p in prompts {
+        image_spans(model, p.input_ids, p.images)?;
+    }
+    let clock = std::time::Instant::now();
+    let mut all_images = ImageInputs {
+        pixel_values: Vec::new(),
+        image_sizes: Vec::new(),
+    };
+    for images in prompts.iter().filter_map(|p| p.images) {
+        all_images
+            .pixel_values
+            .extend(images.pixel_values.iter().cloned());
+        all_images.image_sizes.extend(&images.image_sizes);
+    }
+    let features = match all_images.is_empty() {
+        true => None,
+        false => Some(model.image_features(&all_images, Mode::Infer)?),
+    };
+    if let Some(f) = &features {
+        f.device().synchronize()?;
+    }
+    let vision_ms = clock.elapsed().as_secs_f64() * 1000.0;
+
+    let clock = std::time::Instant::now();
+    let len = prompts.iter().map(|p| p.input_ids.len()).max().unwrap_or(0);
+    // Any id but the image placeholder: padding is masked, so its embedding is never seen.
+    let pad_id = u32::from(model.config.image_token_index == 0);
+    let left_pad: Vec<usize> = prompts.iter().map(|p| len - p.input_ids.len()).collect();
+    let rows: Vec<Vec<u32>> = prompts
+        .iter()
+        .zip(&left_pad)
+        .map(|(p, &pad)| [vec![pad_id; pad], p.input_ids.to_vec()].concat())
+        .collect();
+    let mask: Vec<u8> = left_pad
+        .iter()
+        .flat_map(|&pad| (0..len).map(move |j| u8::from(j >= pad)))
+        .collect();
+    let mask = Tensor::from_vec(mask, (prompts.len(), len), model.language_model.device())?;
+    let mut cache = KvCache::left_padded(left_pad);
+    let embeds = model.embed(&rows, features.as_ref())?;
+    let hidden = model
+        .language_model
+        .forward(&embeds, Some(&mask), &mut cache, Mode::Infer)?;
+    let logits = model
+        .language_model
+        .logits(&hidden.narrow(1, len - 1, 1)?)?
+        .squeeze(1)?;
+    logits.device().synchronize()?;
+    Ok(PrefilledBatch {
+        cache,
+        logits,
+        vision_ms,
+        prefill_ms: clock.elapsed().as_secs_f64() * 1000.0,
+    })
+}
+
+/// Generates for several prompts together ([`prefill_batch`]); each decoding step runs every
+/// unfinished row at once, which reads the weights once for all of them.
+///
+/// Row `r` samples with `samplers[r]` and stops as [`generate`] does; `on_token(r, id)` sees
+/// its ids. A finished row leaves the batch. Returns each row's ids; the stats are the
+/// batch's, with `generated` summed over the rows.
+pub fn generate_batch(
+    model: &Llava,
+    prompts: &[BatchPrompt],
+    samplers: &mut [Sampler],
+    max_new_tokens: usize,
+    eos: &[u32],
+    mut on_token: impl FnMut(usize, u32) -> ControlFlow<()>,
+) -> Result<(Vec<Vec<u32>>, GenerationStats)> {
+    if samplers.len() != prompts.len() {
+        return Err(ModelError::Input(format!(
+            "a batch needs one sampler per prompt; got {} prompt(s) and {} sampler(s)",
+            prompts.len(),
+            samplers.len()
+        )));
+    }
+    let mut stats = GenerationStats {
+        prompt_tokens: prompts.iter().map(|p| p.input_ids.len()).sum(),
+        rows: prompts.len(),
+        ..Default::default()
+    };
+    let mut outputs = vec![Vec::new(); prompts.len()];
+    if max_new_tokens == 0 {
+        for p in prompts {
+            image_spans(model, p.input_ids, p.images)?;
+        }
+        return Ok((outputs, stats));
+    }
+    let PrefilledBatch {
+        mut cache,
+        mut logits,
+        vision_ms,
+        prefill_ms,
+    } = prefill_batch(model, prompts)?;
+    stats.vision_ms = vision_ms;
+    stats.prefill_ms = prefill_ms;
+
+    let clock = std::time::Instant::now();
+    // The original row of each row still in the batch.
+    let mut active: Vec<usize> = (0..prompts.len()).collect();
+    loop {
+        let mut keep = Vec::new();
+        let mut next = Vec::new();
+        for (i, &row) in active.iter().enumerate() {
+            let id = samplers[row].sample(&logits.get(i)?)?;
+            outputs[row].push(id);
+            let flow = on_token(row, id);
+            if !(flow.is_break() || eos.contains(&id) || outputs[row].len() >= max_new_tokens) {
+                keep.push(i);
+                next.push(vec![id]);
+            }
+        }
+        if keep.is_empty() {
+            break;
+        }
+        if keep.len() < active.len() {
+            cache.keep_rows(&keep)?;
+            active = keep.iter().map(|&i| active[i]).collect();
+        }
+        let embeds = model.language_model.embed(&next)?;
+        let hidden = model
+            .language_model
+            .forward(&embeds, None, &mut cache, Mode::Infer)?;
+        logits = model.language_model.logits(&hidden)?.squeeze(1)?;
+    }
+    stats.decode_ms = clock.elapsed().as_secs_f64() * 1000.0;
+    stats.generated = outputs.iter().map(Vec::len).sum();
+    Ok((outputs, stats))
 }
 
 #[cfg(test)]

@@ -16,11 +16,26 @@ pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     /// The attention mask over cached positions (1 = real token), kept for padded batches.
     mask: Option<Tensor>,
+    /// Each row's padding slots at the left of a batch that is generated together; empty when
+    /// nothing is padded on the left. Row `r`'s slot `j` holds position `j - left_pad[r]`:
+    /// transformers' generate numbers positions from the attention mask the same way, so a
+    /// padded row sees the rotary angles it would see alone. (Rotary scores depend only on
+    /// the distance between positions, so numbering from the first slot instead would change
+    /// the logits by rounding only; the batch tests cannot tell the two apart.)
+    left_pad: Vec<usize>,
 }
 
 impl KvCache {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty cache for a batch whose row `r` starts with `left_pad[r]` padding slots.
+    pub fn left_padded(left_pad: Vec<usize>) -> Self {
+        Self {
+            left_pad,
+            ..Self::default()
+        }
     }
 
     pub fn seq_len(&self) -> usize {
@@ -51,6 +66,47 @@ impl KvCache {
         if let Some(m) = &mut self.mask {
             *m = m.narrow(1, 0, len)?;
         }
+        Ok(())
+    }
+
+    /// Keeps only the batch rows `rows` (in that order), as a batch whose finished rows stop
+    /// being computed. Leading slots that are padding in every kept row are dropped too.
+    pub fn keep_rows(&mut self, rows: &[usize]) -> Result<()> {
+        let batch = self.left_pad.len();
+        if rows.is_empty() || rows.iter().any(|&r| r >= batch) {
+            return Err(ModelError::Input(format!(
+                "rows {rows:?} are not rows of a left-padded batch of {batch}"
+            )));
+        }
+        let drop = rows.iter().map(|&r| self.left_pad[r]).min().unwrap_or(0);
+        let Some(device) = self
+            .layers
+            .iter()
+            .flatten()
+            .next()
+            .map(|(k, _)| k.device().clone())
+        else {
+            return Err(ModelError::Input("the cache is empty".into()));
+        };
+        let t = self.seq_len();
+        let index = Tensor::from_vec(
+            rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            rows.len(),
+            &device,
+        )?;
+        let keep = |x: &Tensor, dim: usize| -> Result<Tensor> {
+            Ok(x.index_select(&index, 0)?
+                .narrow(dim, drop, t - drop)?
+                .contiguous()?)
+        };
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = keep(k, 2)?;
+            *v = keep(v, 2)?;
+        }
+        if let Some(m) = &mut self.mask {
+            *m = keep(m, 1)?;
+        }
+        self.left_pad = rows.iter().map(|&r| self.left_pad[r] - drop).collect();
         Ok(())
     }
 }
@@ -268,10 +324,27 @@ impl LlamaModel {
             .reshape((b, s, self.config.hidden_size))?)
     }
 
-    /// cos/sin for positions `offset..offset+len`, computed in f32 as transformers does.
-    fn rotary(&self, offset: usize, len: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
-        let pos: Vec<f32> = (offset..offset + len).map(|p| p as f32).collect();
-        let pos = Tensor::from_vec(pos, (len, 1), self.device())?;
+    /// cos/sin for slots `past..past+len`, computed in f32 as transformers does: `[len, d/2]`
+    /// at positions equal to the slots, or `[batch, len, d/2]` for a left-padded batch (padding
+    /// slots take position 0, as in transformers).
+    fn rotary(
+        &self,
+        past: usize,
+        len: usize,
+        left_pad: &[usize],
+        dtype: DType,
+    ) -> Result<(Tensor, Tensor)> {
+        let slots = past..past + len;
+        let (pos, shape): (Vec<f32>, Vec<usize>) = if left_pad.is_empty() {
+            (slots.map(|p| p as f32).collect(), vec![len, 1])
+        } else {
+            let pos = left_pad
+                .iter()
+                .flat_map(|&pad| slots.clone().map(move |j| j.saturating_sub(pad) as f32))
+                .collect();
+            (pos, vec![left_pad.len(), len, 1])
+        };
+        let pos = Tensor::from_vec(pos, shape, self.device())?;
         let freqs = pos.broadcast_mul(&self.inv_freq)?;
         Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
     }
@@ -294,6 +367,12 @@ impl LlamaModel {
                 "the sequence ({} tokens) is longer than the model's context (max_position_embeddings = {})",
                 past + s,
                 self.config.max_position_embeddings
+            )));
+        }
+        if !cache.left_pad.is_empty() && (cache.left_pad.len() != b || mode == Mode::Train) {
+            return Err(ModelError::Input(format!(
+                "a left-padded cache of {} rows takes inference batches of that size, not {b} rows in {mode:?} mode",
+                cache.left_pad.len()
             )));
         }
         if cache.layers.len() != self.layers.len() {
@@ -319,7 +398,7 @@ impl LlamaModel {
             self.device(),
         )?;
         cache.mask = full_mask;
-        let (cos, sin) = self.rotary(past, s, embeds.dtype())?;
+        let (cos, sin) = self.rotary(past, s, &cache.left_pad, embeds.dtype())?;
         let mut x = embeds.clone();
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let h = layer.input_layernorm.forward(&x, mode)?;

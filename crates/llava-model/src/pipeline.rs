@@ -2,7 +2,6 @@
 //! together, with the steps from a conversation to generated text. `llava generate`, `llava
 //! chat` and `llava eval answer` all go through here, so they produce the same text.
 
-use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
@@ -11,15 +10,18 @@ use llava_data::image::{
     ImageAspectRatio, ImageProcessor, PreprocessorConfig, ProcessedImage, ResizeSize,
 };
 use llava_data::prompt::PromptTemplate;
-use llava_data::tokenizer::{ImageTokens, StreamDecoder, Tokenizer};
+use llava_data::tokenizer::{ImageTokens, Tokenizer};
 
 use crate::checkpoint::{Checkpoint, Layout};
 use crate::error::{ModelError, Result};
-use crate::generation::{GenerationStats, Sampler, SamplingParams, generate_with_cache};
+use crate::generation::{
+    BatchPrompt, GenerationStats, Sampler, SamplingParams, generate_batch, generate_with_cache,
+};
 use crate::image_inputs::ImageInputs;
 pub use crate::image_inputs::pixel_tensor;
 use crate::llava::Llava;
 use crate::prompt_cache::PromptCache;
+use crate::reply_text::ReplyText;
 
 #[derive(Debug, Clone)]
 pub struct PipelineOptions {
@@ -178,27 +180,10 @@ impl Pipeline {
         extra_stop: &[String],
         mut on_text: impl FnMut(&str),
     ) -> Result<Generation> {
-        let max_pos = self.model.config.text_config.max_position_embeddings;
-        if input_ids.len() >= max_pos {
-            return Err(ModelError::Input(format!(
-                "the prompt is {} tokens, but the model's context is {max_pos} (max_position_embeddings)",
-                input_ids.len()
-            )));
-        }
-        let max_new_tokens = max_new_tokens.min(max_pos - input_ids.len());
-        let stops: Vec<String> = self
-            .template
-            .stop_strings()
-            .iter()
-            .map(|s| s.to_string())
-            .chain(extra_stop.iter().cloned())
-            .collect();
+        let max_new_tokens = self.max_new_tokens(input_ids.len(), max_new_tokens)?;
+        let stops = self.stop_strings(extra_stop);
         let mut sampler = Sampler::new(params.clone())?;
-        let mut decoder = StreamDecoder::new(&self.tokenizer);
-        let mut text = String::new();
-        let mut emitted = 0;
-        let mut stopped = false;
-        let mut decode_error = None;
+        let mut reply = ReplyText::new(&self.tokenizer, &stops);
         let (token_ids, stats) = generate_with_cache(
             &self.model,
             cache,
@@ -207,50 +192,77 @@ impl Pipeline {
             &mut sampler,
             max_new_tokens,
             &self.eos_token_ids,
-            |id| {
-                match decoder.push(id) {
-                    Ok(piece) => text.push_str(&piece),
-                    Err(e) => {
-                        decode_error = Some(e);
-                        return ControlFlow::Break(());
-                    }
-                }
-                if let Some(cut) = stops.iter().filter_map(|s| text.find(s.as_str())).min() {
-                    text.truncate(cut);
-                    stopped = true;
-                }
-                // Hold back a tail that could still grow into a stop string.
-                let safe = if stopped {
-                    text.len()
-                } else {
-                    safe_prefix_len(&text, &stops)
-                };
-                if safe > emitted {
-                    on_text(&text[emitted..safe]);
-                    emitted = safe;
-                }
-                if stopped {
-                    ControlFlow::Break(())
-                } else {
-                    ControlFlow::Continue(())
-                }
-            },
+            |id| reply.push(id, &mut on_text),
         )?;
-        if let Some(e) = decode_error {
-            return Err(e.into());
-        }
-        if !stopped {
-            // Bytes held back as an incomplete character are final now: decode them lossily.
-            text = decoder.text()?;
-        }
-        if let Some(rest) = text.get(emitted..).filter(|r| !r.is_empty()) {
-            on_text(rest);
-        }
         Ok(Generation {
-            text,
+            text: reply.finish(&mut on_text)?,
             token_ids,
             stats,
         })
+    }
+
+    /// Generates replies to several prompts together ([`generate_batch`]): each reply is the
+    /// one [`Pipeline::generate`] gives for its prompt alone, up to rounding, and each stops as
+    /// it would alone. Faster than one by one wherever decoding is bound by reading the
+    /// weights, as on a CPU or a GPU at small batch. Each generation carries the batch's stats.
+    pub fn generate_batch(
+        &self,
+        prompts: &[BatchPrompt],
+        params: &SamplingParams,
+        max_new_tokens: usize,
+        extra_stop: &[String],
+    ) -> Result<Vec<Generation>> {
+        let longest = prompts.iter().map(|p| p.input_ids.len()).max().unwrap_or(0);
+        let max_new_tokens = self.max_new_tokens(longest, max_new_tokens)?;
+        let stops = self.stop_strings(extra_stop);
+        let mut samplers = prompts
+            .iter()
+            .map(|_| Sampler::new(params.clone()))
+            .collect::<Result<Vec<_>>>()?;
+        let mut replies: Vec<ReplyText> = prompts
+            .iter()
+            .map(|_| ReplyText::new(&self.tokenizer, &stops))
+            .collect();
+        let (token_ids, stats) = generate_batch(
+            &self.model,
+            prompts,
+            &mut samplers,
+            max_new_tokens,
+            &self.eos_token_ids,
+            |row, id| replies[row].push(id, &mut |_| {}),
+        )?;
+        replies
+            .into_iter()
+            .zip(token_ids)
+            .map(|(reply, token_ids)| {
+                Ok(Generation {
+                    text: reply.finish(&mut |_| {})?,
+                    token_ids,
+                    stats: stats.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// `max_new_tokens`, cut to what the context leaves after a prompt of `prompt_len`.
+    fn max_new_tokens(&self, prompt_len: usize, max_new_tokens: usize) -> Result<usize> {
+        let max_pos = self.model.config.text_config.max_position_embeddings;
+        if prompt_len >= max_pos {
+            return Err(ModelError::Input(format!(
+                "the prompt is {prompt_len} tokens, but the model's context is {max_pos} (max_position_embeddings)"
+            )));
+        }
+        Ok(max_new_tokens.min(max_pos - prompt_len))
+    }
+
+    /// The template's stop strings and the caller's.
+    fn stop_strings(&self, extra_stop: &[String]) -> Vec<String> {
+        self.template
+            .stop_strings()
+            .iter()
+            .map(|s| s.to_string())
+            .chain(extra_stop.iter().cloned())
+            .collect()
     }
 }
 
@@ -269,19 +281,6 @@ fn original_template(checkpoint: &Checkpoint, tokenizer: &Tokenizer) -> ConvTemp
     } else {
         ConvTemplate::LlavaV1
     }
-}
-
-/// The longest prefix of `text` that cannot be the start of a stop string.
-fn safe_prefix_len(text: &str, stops: &[String]) -> usize {
-    let mut safe = text.len();
-    for stop in stops {
-        for (i, _) in text.char_indices().rev().take(stop.len()) {
-            if stop.starts_with(&text[i..]) {
-                safe = safe.min(i);
-            }
-        }
-    }
-    safe
 }
 
 /// The checkpoint's preprocessing: `preprocessor_config.json` (the CLIP directory's in the
@@ -381,17 +380,4 @@ fn read_processor_json(dir: &Path) -> Result<Option<(serde_json::Value, PathBuf)
         return Ok(Some((inner.clone(), proc)));
     }
     Ok(None)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn holds_back_possible_stop_prefixes() {
-        let stops = vec!["###".to_string()];
-        assert_eq!(safe_prefix_len("hello ##", &stops), 6);
-        assert_eq!(safe_prefix_len("hello", &stops), 5);
-        assert_eq!(safe_prefix_len("a#b", &stops), 3);
-    }
 }

@@ -117,6 +117,11 @@ struct AnswerArgs {
     /// Answer at most N new questions.
     #[arg(long, value_name = "N")]
     limit: Option<usize>,
+    /// Generate N questions together (left-padded, as transformers batches). Decoding reads the
+    /// weights once per step for all N; 1 answers one at a time and reuses a shared prompt
+    /// beginning (the same image) from the question before instead.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    batch_size: u16,
 }
 
 /// Loads the checkpoint and answers `questions` (all of `a.questions` when `None`).
@@ -152,6 +157,7 @@ fn answer(
         max_new_tokens: a.sampling.max_new_tokens,
         stop: a.sampling.stop.clone(),
         limit: a.limit,
+        batch_size: a.batch_size.into(),
     };
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
