@@ -25,11 +25,12 @@ answer() { # $1: batch size, $2: extra flags
   rm -f "$work/a$1.jsonl"
   /usr/bin/time -v -o "$work/time$1.txt" env RAYON_NUM_THREADS=2 $llava eval answer --model "$ckpt" \
     --questions "$work/q.jsonl" --image-folder $images --out "$work/a$1.jsonl" \
-    --max-new-tokens 32 --ignore-eos --batch-size "$1" ${2:-} 2> /dev/null
+    --max-new-tokens 32 --ignore-eos --batch-size "$1" 2> "$work/log$1.txt"
 }
-answer 1 "--limit 0"; echo "llava-rs: loading alone (--limit 0): $(wall "$work/time1.txt")"
-answer 1; echo "llava-rs --batch-size 1: wall $(wall "$work/time1.txt"), peak RSS $(peak "$work/time1.txt")"
-answer 4; echo "llava-rs --batch-size 4: wall $(wall "$work/time4.txt"), peak RSS $(peak "$work/time4.txt")"
+# The time after the questions' count is the answering alone, without loading.
+answering() { grep -o "in [0-9.]* s" "$work/log$1.txt"; }
+answer 1; echo "llava-rs --batch-size 1: answering $(answering 1), wall $(wall "$work/time1.txt"), peak RSS $(peak "$work/time1.txt")"
+answer 4; echo "llava-rs --batch-size 4: answering $(answering 4), wall $(wall "$work/time4.txt"), peak RSS $(peak "$work/time4.txt")"
 if cmp -s <(jq -c '[.question_id,.text]' "$work/a1.jsonl") <(jq -c '[.question_id,.text]' "$work/a4.jsonl"); then
   echo "llava-rs: the batched answers are the one-at-a-time answers"
 else

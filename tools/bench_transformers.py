@@ -65,6 +65,9 @@ def main():
     ap.add_argument("--repeat", type=int, default=1, help="runs; the last is reported (GPU warm-up)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--prompt", default=None, help="rendered prompt text; default: the llava-1.5 template")
+    ap.add_argument("--int8", action="store_true",
+                    help="the language model's linear layers in int8 (torch dynamic quantization, "
+                         "the CPU peer of --load-8bit); lm_head stays float")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -75,6 +78,9 @@ def main():
     cls = LlavaNextForConditionalGeneration if next_ else LlavaForConditionalGeneration
     model = cls.from_pretrained(args.model, dtype=dtype).to(dev).eval()
     cfg = model.config
+    if args.int8:
+        lm = model.model.language_model
+        torch.ao.quantization.quantize_dynamic(lm, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
     tok = Tokenizer.from_file(f"{args.model}/tokenizer.json")
     prompt = args.prompt or f"USER: <image>\n{QUESTION} ASSISTANT:"
     n_img = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
@@ -113,7 +119,7 @@ def main():
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
     print(json.dumps({
         "peer": f"transformers {__import__('transformers').__version__} / torch {torch.__version__}",
-        "dtype": args.dtype, "threads": args.threads,
+        "dtype": args.dtype + (" + int8 linears" if args.int8 else ""), "threads": args.threads,
         "prompt_tokens": len(ids),
         "vision_ms": (t1 - t0) * 1000, "prefill_ms": (t2 - t1) * 1000,
         "decode_tok_s": (len(generated) - 1) / (t3 - t2),

@@ -426,6 +426,31 @@ fn reduced_precision_runs_and_mostly_agrees() {
     }
 }
 
+/// The original's `--load-8bit` / `--load-4bit` (and their underscore spellings): 8 bits keep
+/// every greedy choice of transformers' f32 run on this fixture, 4 bits its first three
+/// (`crates/llava-model/tests/quantized.rs` measures the logits).
+#[test]
+fn eight_and_four_bit_decoders_run() {
+    let model = fixtures().join("llava15-default/model");
+    let want = expected("llava15-default")["greedy_tokens"].clone();
+    let want = want.as_array().expect("ids");
+    for (flag, agree) in [("--load-8bit", 20), ("--load_8bit", 20), ("--load-4bit", 3)] {
+        let json = generate_json(&model.to_string_lossy(), 20, &[flag]);
+        let got = json["token_ids"].as_array().expect("ids");
+        assert_eq!(got.len(), 20, "{flag}");
+        assert_eq!(got[..agree], want[..agree], "{flag}");
+    }
+    let out = llava()
+        .args(["generate", "--model"])
+        .arg(&model)
+        .args(["--prompt", "Hi", "--load-8bit", "--load-4bit"])
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("cannot be used with"), "{stderr}");
+}
+
 /// `/image` without a path, and a line that is not UTF-8, are reported or tolerated; neither
 /// ends the chat.
 #[test]

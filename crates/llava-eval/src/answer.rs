@@ -252,6 +252,15 @@ pub fn answer_question_list(
             };
             match answer {
                 Ok(answer) => {
+                    let st = &answer.stats;
+                    tracing::info!(
+                        id = %q.question_id,
+                        rows = st.rows.max(1),
+                        vision_ms = st.vision_ms as u64,
+                        prefill_ms = st.prefill_ms as u64,
+                        decode_ms = st.decode_ms as u64,
+                        "answered"
+                    );
                     report.reused_tokens += answer.stats.cached_tokens;
                     sink.write(&answer_line(q, text, answer.text, cfg))?;
                     report.answered += 1;

@@ -12,6 +12,7 @@ use crate::config::{
 };
 use crate::error::{ModelError, Result};
 use crate::llava::Llava;
+use crate::quantized::Quantize;
 use crate::weights::{Weights, clip_vision_name, hf_llava_name, original_llava_name};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,7 +184,25 @@ impl Checkpoint {
     }
 
     pub fn load_model(&self, dtype: DType, device: &Device) -> Result<Llava> {
-        Llava::load(&self.config, &self.weights(dtype, device)?)
+        self.load_model_quantized(dtype, device, None)
+    }
+
+    /// As [`Checkpoint::load_model`], with the decoder's linear layers quantized as they are
+    /// read ([`crate::quantized`]), which candle's kernels run on the CPU.
+    pub fn load_model_quantized(
+        &self,
+        dtype: DType,
+        device: &Device,
+        quantize: Option<Quantize>,
+    ) -> Result<Llava> {
+        if quantize.is_some() && !device.is_cpu() {
+            return Err(ModelError::Input(
+                "8- and 4-bit weights (--load-8bit, --load-4bit) run on the CPU only here; on a GPU use --dtype bf16 or f16".into(),
+            ));
+        }
+        let mut weights = self.weights(dtype, device)?;
+        weights.set_quantize(quantize);
+        Llava::load(&self.config, &weights)
     }
 
     /// How `<image>` becomes image positions with this checkpoint's tokenizer, checked against

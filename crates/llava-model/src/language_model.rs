@@ -8,6 +8,7 @@ use crate::config::LlamaConfig;
 use crate::cuda_kernels;
 use crate::error::{ModelError, Result};
 use crate::nn::{Activation, Linear, Mode, RmsNorm, rope, softmax_last_dim};
+use crate::quantized::Projection;
 use crate::weights::WeightsView;
 
 /// Keys and values of every layer for the positions seen so far: `[batch, kv_heads, seq, head_dim]`.
@@ -113,10 +114,10 @@ impl KvCache {
 
 #[derive(Debug, Clone)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: Projection,
+    k_proj: Projection,
+    v_proj: Projection,
+    o_proj: Projection,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -128,10 +129,10 @@ impl Attention {
         let (nh, nkv) = (c.num_attention_heads, c.num_kv_heads());
         let bias = c.attention_bias;
         Ok(Self {
-            q_proj: Linear::load(&w.pp("q_proj"), h, nh * d, bias)?,
-            k_proj: Linear::load(&w.pp("k_proj"), h, nkv * d, bias)?,
-            v_proj: Linear::load(&w.pp("v_proj"), h, nkv * d, bias)?,
-            o_proj: Linear::load(&w.pp("o_proj"), nh * d, h, bias)?,
+            q_proj: Projection::load(&w.pp("q_proj"), h, nh * d, bias)?,
+            k_proj: Projection::load(&w.pp("k_proj"), h, nkv * d, bias)?,
+            v_proj: Projection::load(&w.pp("v_proj"), h, nkv * d, bias)?,
+            o_proj: Projection::load(&w.pp("o_proj"), nh * d, h, bias)?,
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: d,
@@ -211,18 +212,18 @@ impl Attention {
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: Projection,
+    up_proj: Projection,
+    down_proj: Projection,
 }
 
 impl Mlp {
     fn load(w: &WeightsView, c: &LlamaConfig) -> Result<Self> {
         let (h, i, bias) = (c.hidden_size, c.intermediate_size, c.mlp_bias);
         Ok(Self {
-            gate_proj: Linear::load(&w.pp("gate_proj"), h, i, bias)?,
-            up_proj: Linear::load(&w.pp("up_proj"), h, i, bias)?,
-            down_proj: Linear::load(&w.pp("down_proj"), i, h, bias)?,
+            gate_proj: Projection::load(&w.pp("gate_proj"), h, i, bias)?,
+            up_proj: Projection::load(&w.pp("up_proj"), h, i, bias)?,
+            down_proj: Projection::load(&w.pp("down_proj"), i, h, bias)?,
         })
     }
 

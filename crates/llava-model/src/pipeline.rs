@@ -21,6 +21,7 @@ use crate::image_inputs::ImageInputs;
 pub use crate::image_inputs::pixel_tensor;
 use crate::llava::Llava;
 use crate::prompt_cache::PromptCache;
+use crate::quantized::Quantize;
 use crate::reply_text::ReplyText;
 
 #[derive(Debug, Clone)]
@@ -37,6 +38,8 @@ pub struct PipelineOptions {
     pub template: Option<String>,
     /// Overrides the checkpoint's aspect-ratio handling.
     pub image_aspect_ratio: Option<ImageAspectRatio>,
+    /// Loads the decoder's linear layers in 8 or 4 bits (CPU only).
+    pub quantize: Option<Quantize>,
 }
 
 impl PipelineOptions {
@@ -49,6 +52,7 @@ impl PipelineOptions {
             device: Device::Cpu,
             template: None,
             image_aspect_ratio: None,
+            quantize: None,
         }
     }
 }
@@ -94,7 +98,7 @@ impl Pipeline {
         {
             eos_token_ids.push(id);
         }
-        let model = checkpoint.load_model(opts.dtype, &opts.device)?;
+        let model = checkpoint.load_model_quantized(opts.dtype, &opts.device, opts.quantize)?;
         Ok(Self {
             checkpoint,
             model,

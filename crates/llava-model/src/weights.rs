@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use crate::error::{ModelError, Result};
 use crate::pytorch_file::PytorchFile;
+use crate::quantized::Quantize;
 use crate::safetensors_file::SafetensorsFile;
 
 /// Maps a stored tensor name to its canonical name, or `None` to ignore the tensor.
@@ -83,6 +84,8 @@ pub struct Weights {
     used: std::cell::RefCell<std::collections::HashSet<String>>,
     /// LoRA deltas to merge into a weight as it is read, by the weight's canonical name.
     lora: HashMap<String, LoraDelta>,
+    /// The decoder's projections are quantized as they are read (`--load-8bit`/`--load-4bit`).
+    quantize: Option<Quantize>,
 }
 
 /// One adapted weight's `B` and `A`, in an adapter file added as a source.
@@ -120,7 +123,14 @@ impl Weights {
             trainable: None,
             used: Default::default(),
             lora: HashMap::new(),
+            quantize: None,
         }
+    }
+
+    /// Loads the decoder's linear layers quantized ([`crate::quantized`]), for inference on
+    /// the CPU.
+    pub fn set_quantize(&mut self, quantize: Option<Quantize>) {
+        self.quantize = quantize;
     }
 
     /// Makes every weight whose canonical name satisfies `select` a trainable `Var`.
@@ -434,6 +444,9 @@ impl<'a> WeightsView<'a> {
     }
     pub fn dtype(&self) -> DType {
         self.weights.dtype
+    }
+    pub fn quantize(&self) -> Option<Quantize> {
+        self.weights.quantize
     }
     pub fn device(&self) -> &Device {
         &self.weights.device

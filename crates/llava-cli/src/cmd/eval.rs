@@ -168,13 +168,18 @@ fn answer(
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     };
+    let clock = std::time::Instant::now();
     let report = match questions {
         Some(qs) => answer_question_list(&pipeline, &qs, &cfg, progress),
         None => answer_questions(&pipeline, &cfg, progress),
     }
     .context("answering failed")?;
     bar.finish_and_clear();
-    eprintln!("{}", report.describe());
+    eprintln!(
+        "{} (in {:.1} s)",
+        report.describe(),
+        clock.elapsed().as_secs_f64()
+    );
     if report.failed > 0 {
         bail!("{} questions failed; rerun to retry them", report.failed);
     }

@@ -6,6 +6,7 @@ use anyhow::{Context, Result, bail};
 use llava_data::image::ImageAspectRatio;
 use llava_model::generation::SamplingParams;
 use llava_model::pipeline::{Pipeline, PipelineOptions};
+use llava_model::quantized::Quantize;
 use llava_model::{DType, Device};
 
 /// Which checkpoint: the two flags every checkpoint-reading subcommand takes (`generate`,
@@ -44,6 +45,14 @@ pub struct ModelArgs {
     /// Run on this CUDA device (needs a build with `--features cuda`).
     #[arg(long)]
     pub cuda: Option<usize>,
+    /// The language model's linear layers in 8 bits (ggml Q8_0), as the original's flag asks;
+    /// CPU only. The vision tower, projector and lm_head keep --dtype.
+    #[arg(long, alias = "load_8bit", conflicts_with = "load_4bit")]
+    pub load_8bit: bool,
+    /// The language model's linear layers in 4 bits (ggml Q4_K), as the original's flag asks;
+    /// CPU only.
+    #[arg(long, alias = "load_4bit")]
+    pub load_4bit: bool,
 }
 
 impl ModelArgs {
@@ -73,6 +82,11 @@ impl ModelArgs {
             device,
             template: self.template.clone(),
             image_aspect_ratio,
+            quantize: match (self.load_8bit, self.load_4bit) {
+                (true, _) => Some(Quantize::Bits8),
+                (_, true) => Some(Quantize::Bits4),
+                _ => None,
+            },
         };
         Pipeline::load(&opts).with_context(|| format!("loading {}", self.checkpoint.model))
     }
