@@ -23,6 +23,7 @@ pub mod pipeline;
 pub mod projector;
 pub mod prompt_cache;
 pub mod pytorch_file;
+pub mod q8;
 pub mod quantized;
 pub mod reply_text;
 pub mod safetensors_file;

@@ -5,7 +5,8 @@
 //! multiplied by candle's quantized CPU kernels, which read 4 to 8 times fewer bytes than f32
 //! per decoded token: decoding is bound by reading the weights, so it speeds up about as much,
 //! and a 7B model fits in 4–8 GB.
-//! - 8-bit: `Q8_0`, blocks of 32 weights with one f16 scale.
+//! - 8-bit: blocks of 32 int8 weights with one f32 scale ([`crate::q8`]; ggml's `Q8_0` with a
+//!   wider scale), multiplied by our own decoding GEMV.
 //! - 4-bit: `Q4_K`, super-blocks of 256 with 6-bit scales and minimums; a layer whose input
 //!   width is not a multiple of 256 (only toy shapes) takes `Q4_0`, blocks of 32.
 //!
@@ -18,7 +19,9 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
 
 use crate::error::{ModelError, Result};
+use crate::gemv;
 use crate::nn::Linear;
+use crate::q8::Q8Weight;
 use crate::weights::WeightsView;
 
 /// Which quantization the decoder's linear layers are loaded with.
@@ -45,17 +48,19 @@ impl Quantize {
 /// `nn.Linear` with its weight in a block format.
 #[derive(Debug, Clone)]
 pub struct QLinear {
-    weight: QMatMul,
+    weight: Blocks,
     bias: Option<Tensor>,
     out_dim: usize,
-    format: GgmlDType,
 }
 
-/// Rows above which a `Q8_0` product widens its weight to f32 and runs the dense GEMM: candle's
-/// `Q8_0` kernel multiplies row by row, and a 617-token prefill of a 1.1B decoder took 64 s
-/// through it against 14 s in f32 (BENCHMARKS.md). Widening costs one pass over the weight.
-/// `Q4_K` has a blocked kernel that is as fast as the f32 GEMM, and keeps it.
-const Q8_0_DENSE_ROWS: usize = 16;
+#[derive(Debug, Clone)]
+enum Blocks {
+    /// 8 bits: our GEMV ([`crate::q8`]) for decoding, the f32 GEMM for prefill.
+    Q8(Q8Weight),
+    /// 4 bits: candle's kernels, whose blocked `Q4_K` product is as fast as the f32 GEMM in
+    /// prefill (BENCHMARKS.md).
+    Candle(QMatMul),
+}
 
 impl QLinear {
     /// Quantizes `weight` (`[out, in]`, any float dtype, on the CPU).
@@ -66,12 +71,19 @@ impl QLinear {
                 "a linear layer of input width {in_dim} cannot be quantized: the width must be a multiple of 32"
             ))
         })?;
-        let q = QTensor::quantize(&weight.to_dtype(DType::F32)?, format)?;
+        let weight = weight.to_dtype(DType::F32)?;
+        let weight = match format {
+            GgmlDType::Q8_0 => Blocks::Q8(Q8Weight::quantize(
+                &weight.flatten_all()?.to_vec1::<f32>()?,
+                out_dim,
+                in_dim,
+            )),
+            _ => Blocks::Candle(QMatMul::from_qtensor(QTensor::quantize(&weight, format)?)?),
+        };
         Ok(Self {
-            weight: QMatMul::from_qtensor(q)?,
+            weight,
             bias,
             out_dim,
-            format,
         })
     }
 
@@ -79,26 +91,32 @@ impl QLinear {
         let dims = x.dims();
         let in_dim = dims[dims.len() - 1];
         let lead: usize = dims[..dims.len() - 1].iter().product();
-        // The kernels take f32 rows (quantized on the fly to 8 bits for the integer dot products).
         let x2 = x.reshape((lead, in_dim))?.to_dtype(DType::F32)?;
-        let y = match (self.format, &self.weight) {
-            (GgmlDType::Q8_0, QMatMul::QTensor(q)) if lead > Q8_0_DENSE_ROWS => Linear {
-                weight: q.dequantize(x.device())?,
+        let y = match &self.weight {
+            Blocks::Q8(q) if lead <= gemv::MAX_ROWS => {
+                let rows = x2.flatten_all()?.to_vec1::<f32>()?;
+                let y = Tensor::from_vec(q.matmul_t(&rows, lead), (lead, q.n), x.device())?;
+                add_bias(y, &self.bias)?
+            }
+            Blocks::Q8(q) => Linear {
+                weight: Tensor::from_vec(q.dequantize(), (q.n, q.k), x.device())?,
                 bias: self.bias.clone(),
             }
             .forward(&x2)?,
-            _ => {
-                let y = self.weight.forward(&x2)?;
-                match &self.bias {
-                    Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
-                    None => y,
-                }
-            }
+            // The kernels take f32 rows (quantized on the fly for the integer dot products).
+            Blocks::Candle(w) => add_bias(w.forward(&x2)?, &self.bias)?,
         };
         let mut out_dims = dims.to_vec();
         out_dims[dims.len() - 1] = self.out_dim;
         Ok(y.to_dtype(x.dtype())?.reshape(out_dims)?)
     }
+}
+
+fn add_bias(y: Tensor, bias: &Option<Tensor>) -> Result<Tensor> {
+    Ok(match bias {
+        Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
+        None => y,
+    })
 }
 
 /// A decoder projection: dense, or quantized when the weights are loaded with a [`Quantize`].
@@ -171,7 +189,7 @@ mod tests {
     #[test]
     fn quantized_products_stay_close_to_f32() {
         // Uniform weights: 8 bits keep ~0.5% of the signal's size as error, 4 bits ~8%.
-        for rows in [1, 7, 40] {
+        for rows in [1, 3, 7, 40] {
             let e8 = relative_error(Quantize::Bits8, 512, rows);
             let e4k = relative_error(Quantize::Bits4, 512, rows);
             let e40 = relative_error(Quantize::Bits4, 96, rows);

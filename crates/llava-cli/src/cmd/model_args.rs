@@ -45,7 +45,7 @@ pub struct ModelArgs {
     /// Run on this CUDA device (needs a build with `--features cuda`).
     #[arg(long)]
     pub cuda: Option<usize>,
-    /// The language model's linear layers in 8 bits (ggml Q8_0), as the original's flag asks;
+    /// The language model's linear layers in 8 bits (int8 blocks of 32 with one scale), as the original's flag asks;
     /// CPU only. The vision tower, projector and lm_head keep --dtype.
     #[arg(long, alias = "load_8bit", conflicts_with = "load_4bit")]
     pub load_8bit: bool,
