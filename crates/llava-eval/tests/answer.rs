@@ -25,6 +25,12 @@ fn pipeline() -> Pipeline {
     Pipeline::load(&opts).unwrap()
 }
 
+/// What `tools/make_model_fixtures.py` recorded for the fixture.
+fn expected() -> serde_json::Value {
+    let path = fixtures().join("llava15-default/expected.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 fn greedy() -> SamplingParams {
     SamplingParams {
         temperature: 0.0,
@@ -36,10 +42,7 @@ fn greedy() -> SamplingParams {
 
 #[test]
 fn answers_match_generate_and_resume() {
-    let expected: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("llava15-default/expected.json")).unwrap(),
-    )
-    .unwrap();
+    let expected = expected();
     let question = expected["question"].as_str().unwrap();
     let image = expected["image"].as_str().unwrap();
     let p = pipeline();
@@ -143,10 +146,7 @@ fn answers_match_generate_and_resume() {
 /// longer than the context fails its batch, whose other questions are then answered one by one.
 #[test]
 fn batched_answers_match_one_at_a_time() {
-    let expected: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("llava15-default/expected.json")).unwrap(),
-    )
-    .unwrap();
+    let expected = expected();
     let question = expected["question"].as_str().unwrap();
     let image = expected["image"].as_str().unwrap();
     let p = pipeline();

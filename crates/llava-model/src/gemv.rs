@@ -192,6 +192,12 @@ fn product<W: Widen, O: Send + Copy + Default>(
                 },
             )
         });
+    by_row_to_outputs(by_row, m, n)
+}
+
+/// Products computed weight-row-major (`[n, m]`, so that each parallel task writes one piece)
+/// laid out as `x Wᵀ`'s `[m, n]`.
+pub(crate) fn by_row_to_outputs<O: Copy + Default>(by_row: Vec<O>, m: usize, n: usize) -> Vec<O> {
     if m == 1 {
         return by_row;
     }

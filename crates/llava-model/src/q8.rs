@@ -11,6 +11,7 @@
 use rayon::prelude::*;
 
 use crate::fused::simd;
+use crate::gemv;
 
 /// Values per scale.
 pub const BLOCK: usize = 32;
@@ -97,16 +98,7 @@ impl Q8Weight {
                     },
                 )
             });
-        if m == 1 {
-            return by_row;
-        }
-        let mut out = vec![0f32; m * n];
-        for (j, row) in by_row.chunks_exact(m).enumerate() {
-            for (i, v) in row.iter().enumerate() {
-                out[i * n + j] = *v;
-            }
-        }
-        out
+        gemv::by_row_to_outputs(by_row, m, n)
     }
 }
 
