@@ -1,10 +1,10 @@
 //! 8- and 4-bit decoder weights: the original LLaVA's `--load-8bit` and `--load-4bit`.
 //!
 //! The original quantizes the language model's linear layers with bitsandbytes (int8 and NF4),
-//! which runs on NVIDIA GPUs only. Here the same layers are stored in ggml's block formats and
-//! multiplied by candle's quantized CPU kernels, which read 4 to 8 times fewer bytes than f32
-//! per decoded token: decoding is bound by reading the weights, so it speeds up about as much,
-//! and a 7B model fits in 4–8 GB.
+//! which runs on NVIDIA GPUs only. Here the same layers are stored in blocks of 8- or 4-bit
+//! values with per-block scales, which a decoded token reads 3.6 to 7 times fewer bytes of than
+//! f32: decoding is bound by reading the weights, so it speeds up (1.8–1.9× on the dev box,
+//! BENCHMARKS.md), and a 7B decoder fits in about 4–7 GB.
 //! - 8-bit: blocks of 32 int8 weights with one f32 scale ([`crate::q8`]; ggml's `Q8_0` with a
 //!   wider scale), multiplied by our own decoding GEMV.
 //! - 4-bit: `Q4_K`, super-blocks of 256 with 6-bit scales and minimums; a layer whose input
