@@ -4,14 +4,8 @@
 # same both ways (tools/bench_batch.py). Random-weight tiny-1b checkpoint, greedy, 32 new
 # tokens each (EOS ignored), CPU, 2 threads, f32.
 #   tools/bench_batch.sh [CHECKPOINT_DIR] [PYTHON]
-set -euo pipefail
-cd "$(dirname "$0")/.."
-ckpt=${1:-/tmp/llava-tiny-1b}
-py=${2:-/work/venv/bin/python}
+source "$(dirname "$0")/bench_cpu_setup.sh" "$@"
 images=tests/fixtures/models/images
-cargo build --release -p llava-cli
-llava=target/release/llava
-[ -f "$ckpt/config.json" ] || $llava init --shape tiny-1b --out "$ckpt"
 work=$(mktemp -d)
 cat > "$work/q.jsonl" <<'Q'
 {"question_id": 1, "image": "shapes_64x48.png", "text": "What is it?"}
@@ -19,7 +13,6 @@ cat > "$work/q.jsonl" <<'Q'
 {"question_id": 3, "image": "wide_96x28.png", "text": "Which colours can you see, and where are they?"}
 {"question_id": 4, "image": "texture_45x45.png", "text": "Is there a pattern?"}
 Q
-peak() { grep "Maximum resident" "$1" | awk '{printf "%.2f GB", $6/1024/1024}'; }
 wall() { grep "Elapsed (wall" "$1" | awk '{print $NF}'; }
 answer() { # $1: batch size, $2: extra flags
   rm -f "$work/a$1.jsonl"

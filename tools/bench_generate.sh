@@ -3,15 +3,8 @@
 # tiny-1b checkpoint (CLIP ViT-L/14-336 + TinyLlama-1.1B shape), same prompt (1 image + 41 text
 # tokens = 617), 32 new tokens (EOS ignored), greedy, CPU, 2 threads, f32 and bf16.
 #   tools/bench_generate.sh [CHECKPOINT_DIR] [PYTHON]
-set -euo pipefail
-cd "$(dirname "$0")/.."
-ckpt=${1:-/tmp/llava-tiny-1b}
-py=${2:-/work/venv/bin/python}
+source "$(dirname "$0")/bench_cpu_setup.sh" "$@"
 img=tests/fixtures/models/images/shapes_64x48.png
-cargo build --release -p llava-cli
-llava=target/release/llava
-[ -f "$ckpt/config.json" ] || $llava init --shape tiny-1b --out "$ckpt"
-peak() { grep "Maximum resident" "$1" | awk '{printf "%.2f GB", $6/1024/1024}'; }
 for dtype in f32 bf16; do
   /usr/bin/time -v -o /tmp/bench_rs_time.txt env RAYON_NUM_THREADS=2 $llava generate --model "$ckpt" --image $img \
     --prompt "Describe the picture." --max-new-tokens 32 --ignore-eos --dtype $dtype --json > /tmp/bench_rs.json

@@ -5,15 +5,8 @@
 # tiny-1b checkpoint and prompt as tools/bench_generate.sh (617 tokens), 32 new tokens, greedy,
 # EOS ignored, CPU, 2 threads.
 #   tools/bench_quantized.sh [CHECKPOINT_DIR] [PYTHON]
-set -euo pipefail
-cd "$(dirname "$0")/.."
-ckpt=${1:-/tmp/llava-tiny-1b}
-py=${2:-/work/venv/bin/python}
+source "$(dirname "$0")/bench_cpu_setup.sh" "$@"
 img=tests/fixtures/models/images/shapes_64x48.png
-cargo build --release -p llava-cli
-llava=target/release/llava
-[ -f "$ckpt/config.json" ] || $llava init --shape tiny-1b --out "$ckpt"
-peak() { grep "Maximum resident" "$1" | awk '{printf "%.2f GB", $6/1024/1024}'; }
 for flag in "" --load-8bit --load-4bit; do
   /usr/bin/time -v -o /tmp/bench_q_time.txt env RAYON_NUM_THREADS=2 $llava generate --model "$ckpt" --image $img \
     --prompt "Describe the picture." --max-new-tokens 32 --ignore-eos $flag --json > /tmp/bench_q.json
