@@ -278,9 +278,9 @@ fn unsupported_config_value() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = scratch_model(&tmp);
     let text = std::fs::read_to_string(dir.join("config.json")).expect("read");
-    let text = text.replace("\"rope_type\": \"default\"", "\"rope_type\": \"yarn\"");
+    let text = text.replace("\"rope_type\": \"default\"", "\"rope_type\": \"longrope\"");
     std::fs::write(dir.join("config.json"), text).expect("write");
-    assert_clean_failure(&generate(&dir, &image(), "Hi"), &["config.json", "yarn"]);
+    assert_clean_failure(&generate(&dir, &image(), "Hi"), &["config.json", "longrope"]);
 }
 
 #[test]

@@ -6,6 +6,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::anyres::AnyRes;
+use crate::rope::yarn_mscale;
+pub use crate::rope::{Rope, RopeScaling};
 
 /// `vision_feature_layer`: one hidden-state index, or several whose features are concatenated.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -95,6 +97,20 @@ pub struct RopeParameters {
     pub high_freq_factor: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub original_max_position_embeddings: Option<usize>,
+    /// `yarn`: the ramp's ends, in turns of a wavelength within the original context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta_fast: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta_slow: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncate: Option<bool>,
+    /// `yarn`: the factor on cos and sin, or how to derive it from `factor`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_factor: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mscale: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mscale_all_dim: Option<f64>,
 }
 
 /// `eos_token_id` is an int in LLaMA configs and a list in some newer ones.
@@ -152,6 +168,9 @@ pub struct LlamaConfig {
     pub rope_scaling: Option<RopeParameters>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_parameters: Option<RopeParameters>,
+    /// Some configs (Phi-3's) give it beside the rope parameters; transformers then prefers it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_max_position_embeddings: Option<usize>,
     #[serde(default)]
     pub attention_bias: bool,
     #[serde(default)]
@@ -177,62 +196,6 @@ pub struct LlamaConfig {
     pub model_type: String,
 }
 
-/// The rotary embedding's base and how its frequencies are rescaled for longer contexts.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Rope {
-    pub theta: f64,
-    pub scaling: RopeScaling,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum RopeScaling {
-    None,
-    /// Linear position interpolation: every frequency is divided by the factor.
-    Linear(f64),
-    /// Llama 3.1's: wavelengths longer than `original / low_freq_factor` are divided by
-    /// `factor`, shorter than `original / high_freq_factor` kept, and the band between blended.
-    Llama3 {
-        factor: f64,
-        low_freq_factor: f64,
-        high_freq_factor: f64,
-        original_max_position_embeddings: usize,
-    },
-}
-
-impl Rope {
-    /// The inverse frequency of each pair of a head's dimensions, in f32 in transformers'
-    /// order of operations, since the positions multiply any rounding.
-    pub fn inv_freq(&self, head_dim: usize) -> Vec<f32> {
-        (0..head_dim / 2)
-            .map(|i| {
-                let f = 1.0 / (self.theta as f32).powf((2 * i) as f32 / head_dim as f32);
-                match self.scaling {
-                    RopeScaling::None => f,
-                    RopeScaling::Linear(factor) => f / factor as f32,
-                    RopeScaling::Llama3 {
-                        factor,
-                        low_freq_factor: low,
-                        high_freq_factor: high,
-                        original_max_position_embeddings: original,
-                    } => {
-                        let (factor, low, high) = (factor as f32, low as f32, high as f32);
-                        let original = original as f32;
-                        let wavelen = 2.0 * std::f32::consts::PI / f;
-                        if wavelen < original / high {
-                            f
-                        } else if wavelen > original / low {
-                            f / factor
-                        } else {
-                            let smooth = (original / wavelen - low) / (high - low);
-                            (1.0 - smooth) * f / factor + smooth * f
-                        }
-                    }
-                }
-            })
-            .collect()
-    }
-}
-
 impl LlamaConfig {
     pub fn num_kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
@@ -254,24 +217,66 @@ impl LlamaConfig {
         let need = |field: &str, value: Option<f64>| {
             value.ok_or_else(|| format!("rope scaling `{kind}` needs `{field}`"))
         };
+        let factor = params.and_then(|p| p.factor);
+        // transformers prefers the config's own key, then the rope parameters', then the
+        // config's context.
+        let original = self
+            .original_max_position_embeddings
+            .or(params.and_then(|p| p.original_max_position_embeddings))
+            .unwrap_or(self.max_position_embeddings);
         let scaling = match kind.as_str() {
             "default" => RopeScaling::None,
-            "linear" => RopeScaling::Linear(need("factor", params.and_then(|p| p.factor))?),
+            "linear" => RopeScaling::Linear(need("factor", factor)?),
             "llama3" => RopeScaling::Llama3 {
-                factor: need("factor", params.and_then(|p| p.factor))?,
+                factor: need("factor", factor)?,
                 low_freq_factor: need("low_freq_factor", params.and_then(|p| p.low_freq_factor))?,
                 high_freq_factor: need(
                     "high_freq_factor",
                     params.and_then(|p| p.high_freq_factor),
                 )?,
-                // transformers falls back to the config's own context.
-                original_max_position_embeddings: params
-                    .and_then(|p| p.original_max_position_embeddings)
-                    .unwrap_or(self.max_position_embeddings),
+                original_max_position_embeddings: original,
             },
+            "dynamic" => RopeScaling::Dynamic {
+                factor: need("factor", factor)?,
+                max_position_embeddings: self.max_position_embeddings,
+            },
+            "yarn" => {
+                if original == 0 {
+                    return Err(
+                        "rope scaling `yarn` needs original_max_position_embeddings > 0".into(),
+                    );
+                }
+                // DeepSeek-style configs leave the factor to the two context lengths.
+                let factor =
+                    factor.unwrap_or(self.max_position_embeddings as f64 / original as f64);
+                let p = params.cloned().unwrap_or_default();
+                // Zero counts as absent, as in transformers.
+                let given = |v: Option<f64>| v.filter(|&v| v != 0.0);
+                let attention_factor =
+                    match (p.attention_factor, given(p.mscale), given(p.mscale_all_dim)) {
+                        (Some(a), _, _) => a,
+                        (None, Some(m), Some(all)) => {
+                            yarn_mscale(factor, m) / yarn_mscale(factor, all)
+                        }
+                        _ => yarn_mscale(factor, 1.0),
+                    };
+                if !(attention_factor.is_finite() && attention_factor > 0.0) {
+                    return Err(format!(
+                        "rope scaling `yarn` needs a positive attention_factor, got {attention_factor}"
+                    ));
+                }
+                RopeScaling::Yarn {
+                    factor,
+                    original_max_position_embeddings: original,
+                    beta_fast: given(p.beta_fast).unwrap_or(32.0),
+                    beta_slow: given(p.beta_slow).unwrap_or(1.0),
+                    truncate: p.truncate.unwrap_or(true),
+                    attention_factor,
+                }
+            }
             other => {
                 return Err(format!(
-                    "rope scaling type `{other}` is not supported (supported: default, linear, llama3)"
+                    "rope scaling type `{other}` is not supported (supported: default, linear, llama3, dynamic, yarn)"
                 ));
             }
         };
@@ -281,11 +286,24 @@ impl LlamaConfig {
         }
         let factor = match scaling {
             RopeScaling::None => 1.0,
-            RopeScaling::Linear(f) | RopeScaling::Llama3 { factor: f, .. } => f,
+            RopeScaling::Linear(f)
+            | RopeScaling::Llama3 { factor: f, .. }
+            | RopeScaling::Dynamic { factor: f, .. }
+            | RopeScaling::Yarn { factor: f, .. } => f,
         };
         if !(factor.is_finite() && factor > 0.0) {
             return Err(format!(
                 "rope scaling `{kind}` needs a positive `factor`, got {factor}"
+            ));
+        }
+        // Below 1 these would shrink the context they exist to stretch.
+        if matches!(
+            scaling,
+            RopeScaling::Dynamic { .. } | RopeScaling::Yarn { .. }
+        ) && factor < 1.0
+        {
+            return Err(format!(
+                "rope scaling `{kind}` needs factor >= 1, got {factor}"
             ));
         }
         if let RopeScaling::Llama3 {
@@ -307,6 +325,18 @@ impl LlamaConfig {
             }
         }
         Ok(Rope { theta, scaling })
+    }
+    /// The longest sequence the decoder runs: `max_position_embeddings`, or with dynamic NTK
+    /// rope that times its factor, the length the scaling is made for. (transformers itself
+    /// stops nowhere.)
+    pub fn context_len(&self) -> usize {
+        match self.rope().map(|r| r.scaling) {
+            Ok(RopeScaling::Dynamic {
+                factor,
+                max_position_embeddings,
+            }) => (max_position_embeddings as f64 * factor) as usize,
+            _ => self.max_position_embeddings,
+        }
     }
     /// The attention window, where this decoder has one: transformers reads `sliding_window`
     /// for Mistral only, so a LLaMA config that carries the key attends to everything.
@@ -789,6 +819,82 @@ mod tests {
         assert!(e.contains("rope_theta"), "{e}");
     }
 
+    /// Dynamic NTK and YaRN as transformers 4.x and 5.x configs write them, with the defaults
+    /// transformers fills in and what it would compute from a bad value refused.
+    #[test]
+    fn dynamic_and_yarn_rope_scaling_are_read_and_checked() {
+        let config = |extra: &str| -> LlamaConfig {
+            serde_json::from_str(&format!(r#"{{"max_position_embeddings": 4096{extra}}}"#))
+                .expect("parses")
+        };
+        let dynamic = config(r#", "rope_scaling": {"type": "dynamic", "factor": 2.0}"#);
+        assert_eq!(
+            dynamic.rope().expect("dynamic").scaling,
+            RopeScaling::Dynamic {
+                factor: 2.0,
+                max_position_embeddings: 4096
+            }
+        );
+        // The context grows by the factor only with dynamic scaling.
+        assert_eq!(dynamic.context_len(), 8192);
+        let yarn = config(
+            r#", "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6,
+                "original_max_position_embeddings": 1024}"#,
+        );
+        let rope = yarn.rope().expect("yarn");
+        assert_eq!(rope.theta, 1e6);
+        assert_eq!(
+            rope.scaling,
+            RopeScaling::Yarn {
+                factor: 4.0,
+                original_max_position_embeddings: 1024,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                truncate: true,
+                attention_factor: 0.1 * 4f64.ln() + 1.0,
+            }
+        );
+        assert_eq!(yarn.context_len(), 4096);
+        // No factor: the ratio of the contexts. mscale / mscale_all_dim: their quotient.
+        let deepseek = config(
+            r#", "original_max_position_embeddings": 512, "rope_scaling": {"type": "yarn",
+                "mscale": 2.0, "mscale_all_dim": 1.0, "beta_fast": 16, "truncate": false}"#,
+        );
+        let RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings,
+            beta_fast,
+            truncate,
+            attention_factor,
+            ..
+        } = deepseek.rope().expect("yarn").scaling
+        else {
+            panic!("not yarn");
+        };
+        assert_eq!((factor, original_max_position_embeddings), (8.0, 512));
+        assert_eq!((beta_fast, truncate), (16.0, false));
+        let m = |s: f64| 0.1 * s * 8f64.ln() + 1.0;
+        assert!((attention_factor - m(2.0) / m(1.0)).abs() < 1e-12);
+        for (bad, says) in [
+            (r#", "rope_scaling": {"type": "dynamic"}"#, "needs `factor`"),
+            (
+                r#", "rope_scaling": {"type": "dynamic", "factor": 0.5}"#,
+                "factor >= 1",
+            ),
+            (
+                r#", "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 0}"#,
+                "original_max_position_embeddings > 0",
+            ),
+            (
+                r#", "rope_scaling": {"type": "yarn", "factor": 4.0, "attention_factor": -1.0}"#,
+                "positive attention_factor",
+            ),
+        ] {
+            let e = config(bad).rope().expect_err(bad);
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
     /// A LLaVA-NeXT or SigLIP checkpoint would load and answer wrongly if it were not refused.
     #[test]
     fn other_llava_architectures_are_refused_by_name() {
@@ -813,10 +919,10 @@ mod tests {
 
     #[test]
     fn unsupported_values_are_named() {
-        let json = r#"{"vision_config": {}, "text_config": {"rope_scaling": {"type": "yarn", "factor": 4.0}}}"#;
+        let json = r#"{"vision_config": {}, "text_config": {"rope_scaling": {"type": "longrope", "factor": 4.0}}}"#;
         let c: LlavaConfig = serde_json::from_str(json).expect("parses");
-        let e = c.validate().expect_err("yarn is unsupported");
-        assert!(e.contains("yarn"), "{e}");
+        let e = c.validate().expect_err("longrope is unsupported");
+        assert!(e.contains("longrope") && e.contains("yarn"), "{e}");
         let json = r#"{"vision_config": {"layer_norm_eps": -10.0}, "text_config": {}}"#;
         let c: LlavaConfig = serde_json::from_str(json).expect("parses");
         let e = c.validate().expect_err("a negative eps");

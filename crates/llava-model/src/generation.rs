@@ -198,6 +198,14 @@ pub fn generate_with_cache(
     if max_new_tokens == 0 {
         return Ok((Vec::new(), stats));
     }
+    // Dynamic NTK rope rotates each key by frequencies set by the longest sequence of its
+    // pass: keys cached past the trained context, or reused by a prompt longer than it, are
+    // not those a fresh run of this prompt computes.
+    if let Some(stable) = model.language_model.rope().stable_len()
+        && (cache.kv.seq_len() > stable || input_ids.len() > stable)
+    {
+        cache.clear();
+    }
     let mut run = || -> Result<Vec<u32>> {
         // The new tokens are always more than the decoding GEMV takes, so that they go through
         // the same products as in a prefill of the whole prompt: on the CPU the logits are then

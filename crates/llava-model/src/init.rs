@@ -62,6 +62,7 @@ fn llama(
             rope_theta: Some(10000.0),
             ..Default::default()
         }),
+        original_max_position_embeddings: None,
         attention_bias: false,
         mlp_bias: false,
         sliding_window: None,

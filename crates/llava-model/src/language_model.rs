@@ -9,6 +9,7 @@ use crate::cuda_kernels;
 use crate::error::{ModelError, Result};
 use crate::nn::{Activation, Linear, Mode, RmsNorm, rope, softmax_last_dim};
 use crate::quantized::Projection;
+use crate::rope::Rope;
 use crate::weights::WeightsView;
 
 /// Keys and values of every layer for the positions seen so far: `[batch, kv_heads, seq, head_dim]`.
@@ -266,9 +267,10 @@ pub struct LlamaModel {
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     pub lm_head: Linear,
-    /// The rotary embedding's inverse frequencies `[1, head_dim / 2]` (f32), fixed by the
-    /// config, so made once and not at every decoded token.
+    /// The rotary embedding's inverse frequencies `[1, head_dim / 2]` (f32) within the trained
+    /// context, made once and not at every decoded token.
     inv_freq: Tensor,
+    rope: Rope,
     pub config: LlamaConfig,
 }
 
@@ -288,8 +290,12 @@ impl LlamaModel {
             Linear::load(lm_head, c.hidden_size, c.vocab_size, false)?
         };
         let half = c.head_dim() / 2;
-        let inv_freq = c.rope().map_err(ModelError::Input)?.inv_freq(c.head_dim());
-        let inv_freq = Tensor::from_vec(inv_freq, (1, half), embed_tokens.device())?;
+        let rope = c.rope().map_err(ModelError::Input)?;
+        let inv_freq = Tensor::from_vec(
+            rope.inv_freq(c.head_dim()),
+            (1, half),
+            embed_tokens.device(),
+        )?;
         cuda_kernels::prepare(embed_tokens.device())?;
         Ok(Self {
             embed_tokens,
@@ -297,12 +303,17 @@ impl LlamaModel {
             norm: RmsNorm::load(&w.pp("norm"), c.hidden_size, c.rms_norm_eps)?,
             lm_head,
             inv_freq,
+            rope,
             config: c.clone(),
         })
     }
 
     pub fn device(&self) -> &Device {
         self.embed_tokens.device()
+    }
+
+    pub fn rope(&self) -> &Rope {
+        &self.rope
     }
 
     /// Word embeddings for `ids` (`[batch, seq]`); ids outside the vocabulary (image
@@ -327,7 +338,8 @@ impl LlamaModel {
 
     /// cos/sin for slots `past..past+len`, computed in f32 as transformers does: `[len, d/2]`
     /// at positions equal to the slots, or `[batch, len, d/2]` for a left-padded batch (padding
-    /// slots take position 0, as in transformers).
+    /// slots take position 0, as in transformers). With dynamic NTK rope the frequencies
+    /// depend on this pass's furthest position, as transformers recomputes them per pass.
     fn rotary(
         &self,
         past: usize,
@@ -345,9 +357,22 @@ impl LlamaModel {
                 .collect();
             (pos, vec![left_pad.len(), len, 1])
         };
+        let seq_len = past + len - left_pad.iter().copied().min().unwrap_or(0);
+        let head_dim = self.config.head_dim();
+        let inv_freq = match self.rope.inv_freq_for(head_dim, seq_len) {
+            Some(f) => Tensor::from_vec(f, (1, head_dim / 2), self.device())?,
+            None => self.inv_freq.clone(),
+        };
         let pos = Tensor::from_vec(pos, shape, self.device())?;
-        let freqs = pos.broadcast_mul(&self.inv_freq)?;
-        Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+        let freqs = pos.broadcast_mul(&inv_freq)?;
+        let (cos, sin) = (freqs.cos()?, freqs.sin()?);
+        let a = self.rope.attention_factor();
+        let (cos, sin) = if a == 1.0 {
+            (cos, sin)
+        } else {
+            (cos.affine(a, 0.0)?, sin.affine(a, 0.0)?)
+        };
+        Ok((cos.to_dtype(dtype)?, sin.to_dtype(dtype)?))
     }
 
     /// Runs the decoder over `embeds` (`[batch, seq, hidden]`) after the cached positions.
@@ -363,11 +388,16 @@ impl LlamaModel {
     ) -> Result<Tensor> {
         let (b, s, _) = embeds.dims3()?;
         let past = cache.seq_len();
-        if past + s > self.config.max_position_embeddings {
+        if past + s > self.config.context_len() {
             return Err(ModelError::Input(format!(
-                "the sequence ({} tokens) is longer than the model's context (max_position_embeddings = {})",
+                "the sequence ({} tokens) is longer than the model's context ({} tokens: max_position_embeddings{})",
                 past + s,
-                self.config.max_position_embeddings
+                self.config.context_len(),
+                if self.rope.stable_len().is_some() {
+                    " times the dynamic rope factor"
+                } else {
+                    ""
+                }
             )));
         }
         if !cache.left_pad.is_empty() && (cache.left_pad.len() != b || mode == Mode::Train) {

@@ -26,6 +26,7 @@ pub mod pytorch_file;
 pub mod q8;
 pub mod quantized;
 pub mod reply_text;
+pub mod rope;
 pub mod safetensors_file;
 pub mod save;
 pub mod vision_tower;

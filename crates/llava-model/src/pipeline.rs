@@ -250,10 +250,15 @@ impl Pipeline {
 
     /// `max_new_tokens`, cut to what the context leaves after a prompt of `prompt_len`.
     fn max_new_tokens(&self, prompt_len: usize, max_new_tokens: usize) -> Result<usize> {
-        let max_pos = self.model.config.text_config.max_position_embeddings;
+        let max_pos = self.model.config.text_config.context_len();
         if prompt_len >= max_pos {
             return Err(ModelError::Input(format!(
-                "the prompt is {prompt_len} tokens, but the model's context is {max_pos} (max_position_embeddings)"
+                "the prompt is {prompt_len} tokens, but the model's context is {max_pos} (max_position_embeddings{})",
+                if max_pos == self.model.config.text_config.max_position_embeddings {
+                    ""
+                } else {
+                    " times the dynamic rope factor"
+                }
             )));
         }
         Ok(max_new_tokens.min(max_pos - prompt_len))
