@@ -386,22 +386,23 @@ pub fn prefill_batch(model: &Llava, prompts: &[BatchPrompt]) -> Result<Prefilled
 /// Generates for several prompts together ([`prefill_batch`]); each decoding step runs every
 /// unfinished row at once, which reads the weights once for all of them.
 ///
-/// Row `r` samples with `samplers[r]` and stops as [`generate`] does; `on_token(r, id)` sees
-/// its ids. A finished row leaves the batch. Returns each row's ids; the stats are the
+/// Row `r` samples with `samplers[r]` and stops as [`generate`] does, at the latest after
+/// `max_new_tokens[r]` tokens; `on_token(r, id)` sees its ids. A finished row leaves the batch. Returns each row's ids; the stats are the
 /// batch's, with `generated` summed over the rows.
 pub fn generate_batch(
     model: &Llava,
     prompts: &[BatchPrompt],
     samplers: &mut [Sampler],
-    max_new_tokens: usize,
+    max_new_tokens: &[usize],
     eos: &[u32],
     mut on_token: impl FnMut(usize, u32) -> ControlFlow<()>,
 ) -> Result<(Vec<Vec<u32>>, GenerationStats)> {
-    if samplers.len() != prompts.len() {
+    if samplers.len() != prompts.len() || max_new_tokens.len() != prompts.len() {
         return Err(ModelError::Input(format!(
-            "a batch needs one sampler per prompt; got {} prompt(s) and {} sampler(s)",
+            "a batch needs one sampler and one max_new_tokens per prompt; got {} prompt(s), {} sampler(s) and {} limit(s)",
             prompts.len(),
-            samplers.len()
+            samplers.len(),
+            max_new_tokens.len()
         )));
     }
     let mut stats = GenerationStats {
@@ -410,7 +411,7 @@ pub fn generate_batch(
         ..Default::default()
     };
     let mut outputs = vec![Vec::new(); prompts.len()];
-    if max_new_tokens == 0 {
+    if max_new_tokens.iter().all(|&n| n == 0) {
         for p in prompts {
             image_spans(model, p.input_ids, p.images)?;
         }
@@ -432,10 +433,15 @@ pub fn generate_batch(
         let mut keep = Vec::new();
         let mut next = Vec::new();
         for (i, &row) in active.iter().enumerate() {
+            // Only at the first step: a row with nothing to generate leaves at once.
+            if max_new_tokens[row] == 0 {
+                continue;
+            }
             let id = samplers[row].sample(&logits.get(i)?)?;
             outputs[row].push(id);
             let flow = on_token(row, id);
-            if !(flow.is_break() || eos.contains(&id) || outputs[row].len() >= max_new_tokens) {
+            if !(flow.is_break() || eos.contains(&id) || outputs[row].len() >= max_new_tokens[row])
+            {
                 keep.push(i);
                 next.push(vec![id]);
             }

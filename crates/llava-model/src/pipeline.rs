@@ -216,8 +216,12 @@ impl Pipeline {
         max_new_tokens: usize,
         extra_stop: &[String],
     ) -> Result<Vec<Generation>> {
-        let longest = prompts.iter().map(|p| p.input_ids.len()).max().unwrap_or(0);
-        let max_new_tokens = self.max_new_tokens(longest, max_new_tokens)?;
+        // Each row as far as its own length allows: positions count from a row's first token,
+        // so a shorter prompt beside a longer one loses nothing to the padding.
+        let max_new_tokens = prompts
+            .iter()
+            .map(|p| self.max_new_tokens(p.input_ids.len(), max_new_tokens))
+            .collect::<Result<Vec<_>>>()?;
         let stops = self.stop_strings(extra_stop);
         let mut samplers = prompts
             .iter()
@@ -231,7 +235,7 @@ impl Pipeline {
             &self.model,
             prompts,
             &mut samplers,
-            max_new_tokens,
+            &max_new_tokens,
             &self.eos_token_ids,
             |row, id| replies[row].push(id, &mut |_| {}),
         )?;

@@ -195,3 +195,58 @@ fn sampled_rows_match_their_runs_alone() {
         batch[1].text
     );
 }
+
+/// Positions count from each row's first real token, so a short prompt beside one that nearly
+/// fills the context generates as far as it would alone; only the long row is cut short.
+#[test]
+fn a_row_beside_a_prompt_near_the_context_generates_as_far_as_alone() {
+    let c = case("llava15-default");
+    let context = c.pipeline.model.config.text_config.max_position_embeddings;
+    let short = &c.rows[0];
+    // Text-only ids repeated to three positions short of the context.
+    let long: Vec<u32> = c.rows[1]
+        .input_ids
+        .iter()
+        .copied()
+        .cycle()
+        .take(context - 3)
+        .collect();
+    let prompts = [
+        BatchPrompt {
+            input_ids: &short.input_ids,
+            images: short.images.as_ref(),
+        },
+        BatchPrompt {
+            input_ids: &long,
+            images: None,
+        },
+    ];
+    let greedy = SamplingParams::default();
+    let n = 12;
+    let batch = c
+        .pipeline
+        .generate_batch(&prompts, &greedy, n, &[])
+        .expect("batch");
+    let alone = c
+        .pipeline
+        .generate(
+            &short.input_ids,
+            short.images.as_ref(),
+            &greedy,
+            n,
+            &[],
+            |_| {},
+        )
+        .expect("short alone");
+    assert!(
+        alone.token_ids.len() > 3,
+        "the short row's reply ends early"
+    );
+    assert_eq!(batch[0].token_ids, alone.token_ids, "the short row");
+    let long_alone = c
+        .pipeline
+        .generate(&long, None, &greedy, n, &[], |_| {})
+        .expect("long alone");
+    assert!(long_alone.token_ids.len() <= 3);
+    assert_eq!(batch[1].token_ids, long_alone.token_ids, "the long row");
+}
