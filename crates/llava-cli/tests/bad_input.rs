@@ -280,7 +280,10 @@ fn unsupported_config_value() {
     let text = std::fs::read_to_string(dir.join("config.json")).expect("read");
     let text = text.replace("\"rope_type\": \"default\"", "\"rope_type\": \"longrope\"");
     std::fs::write(dir.join("config.json"), text).expect("write");
-    assert_clean_failure(&generate(&dir, &image(), "Hi"), &["config.json", "longrope"]);
+    assert_clean_failure(
+        &generate(&dir, &image(), "Hi"),
+        &["config.json", "longrope"],
+    );
 }
 
 #[test]

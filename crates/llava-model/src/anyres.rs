@@ -40,7 +40,15 @@ impl AnyRes<'_> {
     /// The patch rows and columns of the grid that show the image, not the padding around it
     /// (transformers' `unpad_image`).
     pub fn unpadded(&self, image_size: (u32, u32)) -> Result<(Range<usize>, Range<usize>)> {
-        let (rows, cols) = self.grid(image_size)?;
+        Ok(self.unpadded_in(self.grid(image_size)?, image_size))
+    }
+
+    /// [`AnyRes::unpadded`] for the image's grid `(rows, cols)`, already chosen.
+    fn unpadded_in(
+        &self,
+        (rows, cols): (usize, usize),
+        image_size: (u32, u32),
+    ) -> (Range<usize>, Range<usize>) {
         let (height, width) = (rows * self.side, cols * self.side);
         let (oh, ow) = (f64::from(image_size.0), f64::from(image_size.1));
         // `int(round(x, 7))` in transformers, `int(x)` in the original.
@@ -48,7 +56,7 @@ impl AnyRes<'_> {
             true => x as usize,
             false => ((x * 1e7).round() / 1e7) as usize,
         };
-        Ok(if ow / oh > width as f64 / height as f64 {
+        if ow / oh > width as f64 / height as f64 {
             let kept = trunc7(oh * (width as f64 / ow)).min(height);
             let pad = (height - kept) / 2;
             (pad..height - pad, 0..width)
@@ -56,7 +64,7 @@ impl AnyRes<'_> {
             let kept = trunc7(ow * (height as f64 / oh)).min(width);
             let pad = (width - kept) / 2;
             (0..height, pad..width - pad)
-        })
+        }
     }
 
     /// How many positions an image of `(height, width)` takes in the prompt: the base tile's
@@ -93,7 +101,7 @@ impl AnyRes<'_> {
             .permute((4, 0, 2, 1, 3))?
             .contiguous()?
             .reshape((hidden, rows * side, cols * side))?;
-        let (keep_rows, keep_cols) = self.unpadded(image_size)?;
+        let (keep_rows, keep_cols) = self.unpadded_in((rows, cols), image_size);
         let grid = grid.narrow(1, keep_rows.start, keep_rows.len())?.narrow(
             2,
             keep_cols.start,
