@@ -286,6 +286,21 @@ fn unsupported_config_value() {
     );
 }
 
+/// A tokenizer.json cut off inside its decoder: the tokenizers crate itself panics on that
+/// (it `expect`s the decoder to parse), so it must be caught before.
+#[test]
+fn truncated_tokenizer_json() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = scratch_model(&tmp);
+    let text = std::fs::read_to_string(dir.join("tokenizer.json")).expect("read");
+    let decoder = text.find("\"decoder\"").expect("the fixture's tokenizer has a decoder");
+    std::fs::write(dir.join("tokenizer.json"), &text[..decoder + 20]).expect("write");
+    assert_clean_failure(
+        &generate(&dir, &image(), "Hi"),
+        &["tokenizer.json", "not valid JSON"],
+    );
+}
+
 #[test]
 fn truncated_safetensors() {
     let tmp = tempfile::tempdir().expect("tmp");

@@ -45,6 +45,22 @@ impl ImageTokens {
     }
 }
 
+/// Reads a `tokenizer.json`. The tokenizers crate panics on some malformed JSON (its decoder
+/// reader `expect`s a parse), so the syntax is checked first, and a panic on a well-formed but
+/// unreadable file becomes an error too.
+fn read_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer, TokenizerError> {
+    let load = |message: String| TokenizerError::Load {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| load(e.to_string()))?;
+    serde_json::from_str::<serde::de::IgnoredAny>(&text)
+        .map_err(|e| load(format!("is not valid JSON: {e}")))?;
+    std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>())
+        .map_err(|_| load("is not a tokenizer that the tokenizers library can read".into()))?
+        .map_err(|e| load(e.to_string()))
+}
+
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     pub bos_token: Option<String>,
@@ -60,10 +76,7 @@ impl Tokenizer {
         let sentencepiece = dir.join("tokenizer.model");
         let config = read_optional_json(&dir.join("tokenizer_config.json"))?;
         let inner = if path.is_file() {
-            tokenizers::Tokenizer::from_file(&path).map_err(|e| TokenizerError::Load {
-                path: path.clone(),
-                message: e.to_string(),
-            })?
+            read_tokenizer_json(&path)?
         } else if sentencepiece.is_file() {
             // The original LLaVA releases: a SentencePiece model, no tokenizer.json.
             let added = read_optional_json(&dir.join("added_tokens.json"))?;

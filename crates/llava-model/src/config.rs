@@ -483,6 +483,19 @@ impl LlavaConfig {
                 self.model_type
             ));
         }
+        if v.model_type != "clip_vision_model" {
+            return Err(format!(
+                "vision_config.model_type `{}` is not supported (supported: clip_vision_model)",
+                v.model_type
+            ));
+        }
+        // Before `anyres()`, which divides by the patch size.
+        if v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size) {
+            return Err(format!(
+                "vision_config.image_size {} is not a multiple of patch_size {}",
+                v.image_size, v.patch_size
+            ));
+        }
         if let Some(anyres) = self.anyres() {
             if self.vision_feature_select_strategy != SelectStrategy::Default {
                 // transformers cannot lay the CLS position out on the grid either.
@@ -506,18 +519,6 @@ impl LlavaConfig {
                     anyres.tile
                 ));
             }
-        }
-        if v.model_type != "clip_vision_model" {
-            return Err(format!(
-                "vision_config.model_type `{}` is not supported (supported: clip_vision_model)",
-                v.model_type
-            ));
-        }
-        if v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size) {
-            return Err(format!(
-                "vision_config.image_size {} is not a multiple of patch_size {}",
-                v.image_size, v.patch_size
-            ));
         }
         if v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) {
             return Err(
@@ -893,6 +894,16 @@ mod tests {
             let e = config(bad).rope().expect_err(bad);
             assert!(e.contains(says), "{bad}: {e}");
         }
+    }
+
+    /// LLaVA-NeXT's grid is worked out from the patch size, so a zero one must be refused
+    /// before it (it once divided by zero).
+    #[test]
+    fn a_zero_patch_size_is_refused_for_llava_next_too() {
+        let json = r#"{"model_type": "llava_next", "vision_config": {"patch_size": 0}, "text_config": {}}"#;
+        let c: LlavaConfig = serde_json::from_str(json).expect("parses");
+        let e = c.validate().expect_err("patch size 0");
+        assert!(e.contains("patch_size 0"), "{e}");
     }
 
     /// A LLaVA-NeXT or SigLIP checkpoint would load and answer wrongly if it were not refused.

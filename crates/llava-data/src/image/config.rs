@@ -13,6 +13,11 @@ pub const OPENAI_CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
 /// transformers' `OPENAI_CLIP_STD`.
 pub const OPENAI_CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
 
+/// The largest side a resize or crop may ask for. Vision towers take a few hundred pixels; a
+/// config asking for more than this is corrupt, and honouring it would try to allocate
+/// gigabytes for a single image.
+pub const MAX_SIDE: u32 = 16384;
+
 /// The `size` field: how the resize target is derived from the input size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResizeSize {
@@ -141,6 +146,20 @@ impl PreprocessorConfig {
             return Err(bad(
                 "image_std",
                 format!("{v} is not a finite non-zero number"),
+            ));
+        }
+        let sides: &[(&'static str, u32)] = match self.size {
+            ResizeSize::ShortestEdge { shortest_edge, .. } => &[("size", shortest_edge)],
+            ResizeSize::Exact { height, width } => &[("size", height), ("size", width)],
+        };
+        let crop = [
+            ("crop_size", self.crop_size.height),
+            ("crop_size", self.crop_size.width),
+        ];
+        if let Some((field, side)) = sides.iter().chain(&crop).find(|(_, v)| *v > MAX_SIDE) {
+            return Err(bad(
+                field,
+                format!("{side} px is larger than any vision tower takes (at most {MAX_SIDE})"),
             ));
         }
         if let ResizeSize::ShortestEdge {
