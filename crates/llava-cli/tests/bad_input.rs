@@ -293,7 +293,9 @@ fn truncated_tokenizer_json() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = scratch_model(&tmp);
     let text = std::fs::read_to_string(dir.join("tokenizer.json")).expect("read");
-    let decoder = text.find("\"decoder\"").expect("the fixture's tokenizer has a decoder");
+    let decoder = text
+        .find("\"decoder\"")
+        .expect("the fixture's tokenizer has a decoder");
     std::fs::write(dir.join("tokenizer.json"), &text[..decoder + 20]).expect("write");
     assert_clean_failure(
         &generate(&dir, &image(), "Hi"),

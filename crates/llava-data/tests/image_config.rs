@@ -146,7 +146,10 @@ fn bad_configs_are_typed_errors_naming_file_and_field() {
         ),
         ("not json", "test.json"),
         // Would ask for gigabytes per image.
-        (r#"{"size": {"shortest_edge": 1000000000}}"#, "larger than any"),
+        (
+            r#"{"size": {"shortest_edge": 1000000000}}"#,
+            "larger than any",
+        ),
         (r#"{"size": {"height": 336, "width": 99999}}"#, "size"),
         (r#"{"crop_size": 20000}"#, "crop_size"),
     ];
