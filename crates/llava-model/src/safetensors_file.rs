@@ -85,8 +85,12 @@ impl SafetensorsFile {
             let [begin, end] = entry.data_offsets;
             let size = dtype_size(&entry.dtype)
                 .ok_or_else(|| bad(format!("tensor `{name}`: unknown dtype {}", entry.dtype)))?;
-            let numel: u64 = entry.shape.iter().map(|&d| d as u64).product();
-            if end < begin || end - begin != numel * size {
+            // Checked: a corrupt shape must not wrap around to a size that fits.
+            let bytes = entry
+                .shape
+                .iter()
+                .try_fold(size, |n, &d| n.checked_mul(d as u64));
+            if end < begin || bytes != Some(end - begin) {
                 return Err(bad(format!(
                     "tensor `{name}`: offsets {begin}..{end} do not fit shape {:?}",
                     entry.shape

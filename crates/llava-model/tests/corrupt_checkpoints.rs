@@ -1,10 +1,11 @@
 //! Corrupted checkpoints must fail with an error, never a panic or an abort. Every value of
-//! every JSON file of two fixture checkpoints is replaced in turn by hostile values, and their
-//! tokenizer.json and chat template are cut at many points; each variant is loaded and, where
-//! it loads, asked for two tokens. (A wider run of this, with random byte edits and the test
-//! images, found the three crashes that `config.rs`, `image/config.rs` and `tokenizer.rs` now
-//! refuse: a zero patch size in LLaVA-NeXT, a 1e9 px resize, a tokenizer cut inside its
-//! decoder.)
+//! every JSON file of two fixture checkpoints is replaced in turn by hostile values, as is
+//! every value of a safetensors header, and their tokenizer.json and chat template are cut at
+//! many points; each variant is loaded and, where it loads, asked for two tokens. (A wider run
+//! of this, with random byte edits and the test images, found the four crashes that
+//! `config.rs`, `image/config.rs`, `tokenizer.rs` and `safetensors_file.rs` now refuse: a zero
+//! patch size in LLaVA-NeXT, a 1e9 px resize, a tokenizer cut inside its decoder, and a tensor
+//! shape whose size overflows.)
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
@@ -61,15 +62,16 @@ fn leaves(v: &Value, path: String, out: &mut Vec<String>) {
     }
 }
 
-fn scratch(case: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("corrupt-{case}"));
+/// A copy of the fixture `case` for the test `test` alone (tests run in parallel).
+fn scratch(case: &str, test: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("corrupt-{case}-{test}"));
     let _ = std::fs::remove_dir_all(&dir);
     copy_dir(&fixtures().join(case).join("model"), &dir);
     dir
 }
 
 fn check_json_values(case: &str) {
-    let dir = scratch(case);
+    let dir = scratch(case, "json");
     let hostile = [
         json!(0),
         json!(-1),
@@ -126,7 +128,7 @@ fn hostile_json_values_give_errors_in_llava_next() {
 /// tokenizer.json and the chat template cut at 40 points each.
 #[test]
 fn truncated_tokenizer_and_template_give_errors() {
-    let dir = scratch("llava15-default");
+    let dir = scratch("llava15-default", "cut");
     let mut crashes = Vec::new();
     for name in ["tokenizer.json", "chat_template.jinja"] {
         let file = dir.join(name);
@@ -146,4 +148,44 @@ fn truncated_tokenizer_and_template_give_errors() {
         Ok(true),
         "the restored fixture works"
     );
+}
+
+/// Each value of the safetensors header (shapes, dtypes, offsets) replaced in turn, the file
+/// rewritten with the new header.
+#[test]
+fn hostile_safetensors_header_values_give_errors() {
+    let dir = scratch("llava15-default", "header");
+    let file = dir.join("model.safetensors");
+    let bytes = std::fs::read(&file).expect("fixture weights");
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + header_len]).expect("header");
+    let data = &bytes[8 + header_len..];
+    let mut paths = Vec::new();
+    // Tensor names hold dots, not slashes, so they are JSON pointer segments as they are.
+    leaves(&header, String::new(), &mut paths);
+    let hostile = [
+        json!(0),
+        json!(-1),
+        json!(1u64 << 40),
+        json!(u64::MAX),
+        json!("I64"),
+        json!(null),
+    ];
+    let mut crashes = Vec::new();
+    for path in paths.iter().step_by(3) {
+        for value in &hostile {
+            let mut edited = header.clone();
+            *edited.pointer_mut(path).expect("leaf") = value.clone();
+            let text = edited.to_string();
+            let mut out = (text.len() as u64).to_le_bytes().to_vec();
+            out.extend(text.as_bytes());
+            out.extend(data);
+            std::fs::write(&file, &out).expect("write");
+            if let Err(panic) = load_and_generate(&dir) {
+                crashes.push(format!("{path} = {value}: {panic}"));
+            }
+        }
+    }
+    std::fs::write(&file, &bytes).expect("restore");
+    assert!(crashes.is_empty(), "{crashes:#?}");
 }
