@@ -451,19 +451,22 @@ fn eight_and_four_bit_decoders_run() {
     assert!(stderr.contains("cannot be used with"), "{stderr}");
 }
 
-/// `/image` without a path, and a line that is not UTF-8, are reported or tolerated; neither
-/// ends the chat.
+/// `/image` without a path, an unknown command and a line that is not UTF-8 are reported or
+/// tolerated; none ends the chat.
 #[test]
-fn chat_survives_a_bare_image_command_and_a_non_utf8_line() {
+fn chat_survives_a_bare_image_command_unknown_commands_and_a_non_utf8_line() {
     let out = chat(
         &["--max-new-tokens", "2"],
-        b"/image\nhi \xff there\nand again?\n/exit\n",
+        b"/image\nhi \xff there\n/clear\n/help\nand again?\n/images with a slash?\n/exit\n",
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("/image needs a path"), "{stderr}");
+    // A lone unknown `/word` is refused, not answered; a message may begin with a slash.
+    assert!(stderr.contains("unknown command /clear"), "{stderr}");
+    assert!(stderr.contains("/reset to start over"), "/help: {stderr}");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(stdout.lines().count(), 2, "two replies: {stdout:?}");
+    assert_eq!(stdout.lines().count(), 3, "three replies: {stdout:?}");
 }
 
 #[test]

@@ -32,6 +32,9 @@ pub struct ChatCommand {
     pub timings: bool,
 }
 
+/// The chat's own commands; any other line is a message to the model.
+const COMMANDS: &str = "/image PATH to switch image, /reset to start over, /exit to quit";
+
 pub fn run(c: ChatCommand) -> Result<()> {
     let mut pipeline = c.model.load()?;
     if c.sampling.ignore_eos {
@@ -47,7 +50,7 @@ pub fn run(c: ChatCommand) -> Result<()> {
     let mut stdout = std::io::stdout();
     let interactive = std::io::IsTerminal::is_terminal(&stdin);
     if interactive {
-        eprintln!("llava chat — /image PATH to switch image, /reset to start over, /exit to quit");
+        eprintln!("llava chat — {COMMANDS}");
     }
     let mut raw = Vec::new();
     loop {
@@ -68,12 +71,26 @@ pub fn run(c: ChatCommand) -> Result<()> {
         if input == "/exit" || input == "/quit" {
             break;
         }
+        if input == "/help" {
+            eprintln!("{COMMANDS}");
+            continue;
+        }
+        // A lone `/word` that is no command is a typo, not a question: answering it would put
+        // it into the conversation. A message with spaces may begin with a slash.
+        let command = input.split_whitespace().next().unwrap_or("");
+        if input.starts_with('/')
+            && !input.contains(char::is_whitespace)
+            && !matches!(command, "/reset" | "/image")
+        {
+            eprintln!("error: unknown command {input} ({COMMANDS})");
+            continue;
+        }
         if input == "/reset" {
             history.retain(|m| m.role == llava_data::conversation::Role::System);
             cache.clear();
             continue;
         }
-        if let Some(path) = input.strip_prefix("/image") {
+        if let Some(path) = input.strip_prefix("/image").filter(|_| command == "/image") {
             if path.trim().is_empty() {
                 eprintln!("error: /image needs a path: /image PATH");
                 continue;
