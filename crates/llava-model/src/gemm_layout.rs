@@ -14,7 +14,7 @@
 //! Trainable weights keep it too, since the optimizer updates them and the checkpoint writer
 //! saves them.
 //!
-//! The transposition happens block by block as the file is read ([`from_row_blocks`]), so no
+//! The transposition happens block by block as the file is read (`from_row_blocks`), so no
 //! full-size copy in the stored order is ever made, and for an f16 or bf16 checkpoint it is the
 //! same single pass that widens the values to f32.
 
@@ -149,7 +149,7 @@ impl<T: Widen> Widen for ViaBf16<T> {
     }
 }
 
-/// Whether `w` is stored as [`from_row_blocks`] leaves it (`w.t()` contiguous, `w` itself not).
+/// Whether `w` is stored as `from_row_blocks` leaves it (`w.t()` contiguous, `w` itself not).
 pub fn is_transposed(w: &Tensor) -> bool {
     w.rank() == 2 && !w.is_contiguous() && w.t().is_ok_and(|t| t.is_contiguous())
 }
