@@ -657,6 +657,37 @@ fn data_preview_shows_the_mask() {
         .expect("runs");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("holds 2 records"));
+
+    // LLaVA-NeXT: the image's positions follow its size (113 for this one, as the processor
+    // counts them), so the preview reads it; an image it cannot read is named.
+    std::fs::write(
+        &data,
+        r#"{"id": 3, "image": "shapes_64x48.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "Shapes."}]}"#,
+    )
+    .expect("write");
+    let next = |folder: &Path| {
+        llava()
+            .args(["data", "preview", "--json", "--model"])
+            .arg(fixtures().join("llava-next/model"))
+            .arg("--data")
+            .arg(&data)
+            .arg("--image-folder")
+            .arg(folder)
+            .output()
+            .expect("runs")
+    };
+    let out = next(&fixtures().join("images"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let ids: Vec<i64> = serde_json::from_value(json["input_ids"].clone()).expect("ids");
+    assert_eq!(ids.iter().filter(|&&t| t == 600).count(), 113);
+    let out = next(tmp.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shapes_64x48.png"));
 }
 
 #[test]

@@ -195,6 +195,75 @@ fn finetune_overfits_and_generate_answers_verbatim() {
     }
 }
 
+/// LLaVA-NeXT trains too: each image takes the positions its size asks for, the tower stays
+/// frozen, `image_newline` moves with the decoder, and the checkpoint written answers verbatim
+/// as a llava_next model.
+#[test]
+fn llava_next_finetune_overfits_and_its_checkpoint_answers() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = write_dataset(tmp.path());
+    let out_dir = tmp.path().join("out");
+    let base = fixtures().join("llava-next/model");
+    ok(&train_command(
+        &base,
+        &data,
+        &out_dir,
+        &[
+            "--stage",
+            "finetune",
+            "--batch-size",
+            "8",
+            "--max-steps",
+            "40",
+            "--lr",
+            "3e-3",
+        ],
+    )
+    .output()
+    .expect("runs"));
+    let log = losses(&out_dir);
+    assert!(
+        log[0].1 > 5.0 && log[39].1 < 0.05,
+        "loss falls to near zero: {:?} → {:?}",
+        log[0],
+        log[39]
+    );
+    for i in [0usize, 4] {
+        let out = Command::new(env!("CARGO_BIN_EXE_llava"))
+            .args([
+                "generate",
+                "--template",
+                "llava_v1",
+                "--max-new-tokens",
+                "24",
+                "--model",
+            ])
+            .arg(&out_dir)
+            .arg("--image")
+            .arg(fixtures().join("images").join(IMAGES[i % 3]))
+            .args(["--prompt", QA[i].0])
+            .output()
+            .expect("runs");
+        ok(&out);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            QA[i].1,
+            "answer {i}"
+        );
+    }
+    let before = weights(&base);
+    let after = weights(&out_dir);
+    assert_eq!(before.len(), after.len(), "every tensor is saved");
+    for (name, t) in &before {
+        assert_eq!(
+            same(t, &after[name]),
+            name.starts_with("vision_tower."),
+            "{name}: frozen iff vision tower"
+        );
+    }
+    assert!(after.contains_key("image_newline"));
+}
+
 /// A base whose tokenizer is a SentencePiece `tokenizer.model` only (as Vicuna ships it) trains,
 /// and the checkpoint it writes carries that tokenizer, so it loads on its own.
 #[test]

@@ -448,18 +448,6 @@ impl LlavaConfig {
         }
     }
 
-    /// [`Self::image_seq_len`] where every image must take the same positions: the training
-    /// data's sequences are built that way, which LLaVA-NeXT's tiling does not fit.
-    pub fn fixed_image_seq_len(&self) -> Result<usize, String> {
-        if self.is_next() {
-            return Err(
-                "LLaVA-NeXT (llava_next) checkpoints cannot be trained here yet: an image's token count depends on its size (anyres tiling)"
-                    .into(),
-            );
-        }
-        Ok(self.image_seq_len())
-    }
-
     /// How many embedding positions one image occupies in the language model's input
     /// (LLaVA-1.5; LLaVA-NeXT's base tile).
     pub fn image_seq_len(&self) -> usize {

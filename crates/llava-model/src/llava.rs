@@ -79,6 +79,14 @@ impl Llava {
     /// image-token positions of the prompt. One pass of the vision tower takes all the tiles.
     pub fn image_features(&self, images: &ImageInputs, mode: Mode) -> Result<Tensor> {
         let features = self.get_image_features(&images.all_tiles()?, mode)?;
+        self.pack_features(&features, images)
+    }
+
+    /// Projected tile features `[tiles, side², hidden]` of `images` (all their tiles, in order)
+    /// as the rows that go in at the image positions: LLaVA-NeXT's grid with a newline after
+    /// each row ([`crate::anyres::AnyRes::pack`]), or LLaVA-1.5's tiles one after another. Training calls it
+    /// with features from a frozen tower that it detached.
+    pub fn pack_features(&self, features: &Tensor, images: &ImageInputs) -> Result<Tensor> {
         let (Some(anyres), Some(newline)) = (self.config.anyres(), &self.image_newline) else {
             return Ok(features.flatten_to(1)?);
         };
@@ -193,7 +201,7 @@ impl Llava {
             // A tensor cannot say which tiles make up which image, nor how large it was.
             Some(_) if self.config.is_next() => {
                 return Err(ModelError::Input(
-                    "a LLaVA-NeXT (llava_next) model takes its images as ImageInputs, through Llava::image_features: it cannot be trained here yet".into(),
+                    "a LLaVA-NeXT (llava_next) model takes its images as ImageInputs, through Llava::image_features".into(),
                 ));
             }
             Some(p) => Some(self.get_image_features(p, mode)?),

@@ -6,10 +6,12 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use llava_data::image::{ImageProcessor, PixelValues};
+use llava_data::image::{ImageProcessor, ProcessedImage};
 use llava_data::record::LlavaRecord;
 use llava_data::sample::{IGNORE_INDEX, SampleOptions, TokenizedSample, tokenize_record};
 use llava_data::tokenizer::Tokenizer;
+use llava_model::LlavaConfig;
+use llava_model::image_inputs::ImageInputs;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 
@@ -20,7 +22,10 @@ pub struct TrainDataset {
     pub image_folder: Option<PathBuf>,
     pub tokenizer: Tokenizer,
     pub image_processor: ImageProcessor,
+    /// Tokenisation; its `image_seq_len` is replaced per image by what the model's config
+    /// says an image of that size takes (LLaVA-NeXT's count depends on the size).
     pub sample: SampleOptions,
+    pub model_config: LlavaConfig,
     pub pad_id: u32,
     pub strict: bool,
 }
@@ -80,7 +85,7 @@ pub fn group_by_modality_length(
 /// One usable sample.
 pub struct Item {
     pub sample: TokenizedSample,
-    pub pixels: Option<PixelValues>,
+    pub image: Option<ProcessedImage>,
 }
 
 /// Model inputs for one micro-batch (right-padded, as LLaVA trains).
@@ -88,8 +93,8 @@ pub struct Batch {
     pub input_ids: Vec<Vec<u32>>,
     pub labels: Vec<Vec<i64>>,
     pub attention_mask: Tensor,
-    /// `[n_images, 3, H, W]` for the samples that have an image, in batch order.
-    pub pixel_values: Option<Tensor>,
+    /// The images of the samples that have one, in batch order.
+    pub images: Option<ImageInputs>,
     /// Positions that take loss, over the whole batch.
     pub supervised_tokens: usize,
     pub tokens: usize,
@@ -124,6 +129,22 @@ impl TrainDataset {
                     stats.truncated += 1;
                     tracing::warn!(id = %record.id_string(), "sample truncated at --max-length {}", self.sample.max_length);
                 }
+                // A cut through the image's positions leaves features with nowhere to go.
+                if let Some(image) = &item.image {
+                    let id = self.sample.image_tokens.id();
+                    let kept = item.sample.input_ids.iter().filter(|&&t| t == id).count();
+                    let want = self.model_config.image_token_count(image.image_size)?;
+                    if kept < want {
+                        return self.skip(
+                            record,
+                            format!(
+                                "--max-length {} cuts through its image",
+                                self.sample.max_length
+                            ),
+                            stats,
+                        );
+                    }
+                }
                 if !item.sample.labels.iter().any(|&l| l != IGNORE_INDEX) {
                     return self.skip(
                         record,
@@ -155,9 +176,8 @@ impl TrainDataset {
     }
 
     fn try_item(&self, record: &LlavaRecord) -> std::result::Result<Item, String> {
-        let sample =
-            tokenize_record(&self.tokenizer, record, &self.sample).map_err(|e| e.to_string())?;
-        let pixels = match &record.image {
+        // The image first: its size sets how many positions it takes.
+        let image = match &record.image {
             None => None,
             Some(rel) => {
                 let path = match &self.image_folder {
@@ -166,12 +186,23 @@ impl TrainDataset {
                 };
                 Some(
                     self.image_processor
-                        .preprocess_path(&path)
+                        .process_path(&path)
                         .map_err(|e| e.to_string())?,
                 )
             }
         };
-        Ok(Item { sample, pixels })
+        let opts = match &image {
+            Some(image) => SampleOptions {
+                image_seq_len: self
+                    .model_config
+                    .image_token_count(image.image_size)
+                    .map_err(|e| e.to_string())?,
+                ..self.sample.clone()
+            },
+            None => self.sample.clone(),
+        };
+        let sample = tokenize_record(&self.tokenizer, record, &opts).map_err(|e| e.to_string())?;
+        Ok(Item { sample, image })
     }
 
     /// Pads items to the longest one: `pad_id` and label -100 on the right, mask 0 there.
@@ -184,7 +215,7 @@ impl TrainDataset {
         let mut input_ids = Vec::with_capacity(items.len());
         let mut labels = Vec::with_capacity(items.len());
         let mut mask = Vec::with_capacity(items.len() * width);
-        let mut pixels = Vec::new();
+        let mut images = Vec::new();
         let mut supervised_tokens = 0;
         let mut tokens = 0;
         for it in items {
@@ -206,22 +237,22 @@ impl TrainDataset {
             tokens += s.input_ids.len();
             input_ids.push(ids);
             labels.push(lab);
-            if let Some(p) = &it.pixels {
-                pixels.push(p.clone());
+            if let Some(image) = &it.image {
+                images.push(image.clone());
             }
         }
         let attention_mask =
             Tensor::from_vec(mask, (items.len(), width), device)?.to_dtype(DType::U8)?;
-        let pixel_values = if pixels.is_empty() {
+        let images = if images.is_empty() {
             None
         } else {
-            Some(llava_model::pipeline::pixel_tensor(&pixels, device)?)
+            Some(ImageInputs::new(&images, device)?)
         };
         Ok(Batch {
             input_ids,
             labels,
             attention_mask,
-            pixel_values,
+            images,
             supervised_tokens,
             tokens,
         })

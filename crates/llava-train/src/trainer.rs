@@ -18,6 +18,38 @@ use crate::error::{Result, TrainError};
 use crate::optim::AdamW;
 use crate::schedule::{Schedule, lr_at, warmup_steps};
 
+/// The mean cross-entropy of `batch` over its supervised tokens, and their count: the images
+/// through the vision tower (frozen unless `unfreeze_vision`), the projector and, for
+/// LLaVA-NeXT, the packing of each image's tiles; then the decoder in training mode.
+pub fn batch_loss(model: &Llava, batch: &Batch, unfreeze_vision: bool) -> Result<(Tensor, usize)> {
+    let features = match &batch.images {
+        Some(images) => {
+            let tiles = images.all_tiles()?;
+            let z = if unfreeze_vision {
+                model.vision_features(&tiles, Mode::Train)?
+            } else {
+                // A frozen tower needs no graph: the fast fused kernels, detached.
+                model.vision_features(&tiles, Mode::Infer)?.detach()
+            };
+            let projected = model.multi_modal_projector.forward(&z)?;
+            Some(model.pack_features(&projected, images)?)
+        }
+        None => None,
+    };
+    let embeds = model.embed(&batch.input_ids, features.as_ref())?;
+    let hidden = model.language_model.forward(
+        &embeds,
+        Some(&batch.attention_mask),
+        &mut KvCache::new(),
+        Mode::Train,
+    )?;
+    Ok(causal_lm_loss_from_hidden(
+        &hidden,
+        &model.language_model.lm_head,
+        &batch.labels,
+    )?)
+}
+
 /// Which parts train. The vision tower is frozen in both stages unless asked otherwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -31,7 +63,10 @@ pub enum Stage {
 impl Stage {
     pub fn trains(&self, name: &str, unfreeze_vision: bool) -> bool {
         let projector = name.starts_with("multi_modal_projector.");
-        let language = name.starts_with("language_model.") || name.starts_with("lm_head.");
+        // LLaVA-NeXT's row separator trains with the language model, as in its own trainer.
+        let language = name.starts_with("language_model.")
+            || name.starts_with("lm_head.")
+            || name == "image_newline";
         let vision = unfreeze_vision && name.starts_with("vision_tower.");
         match self {
             Stage::Pretrain => projector || vision,
@@ -244,30 +279,7 @@ impl Trainer<'_> {
     }
 
     fn loss(&self, batch: &Batch) -> Result<(Tensor, usize)> {
-        let features = match &batch.pixel_values {
-            Some(p) => {
-                let z = if self.config.unfreeze_vision {
-                    self.model.vision_features(p, Mode::Train)?
-                } else {
-                    // A frozen tower needs no graph: the fast fused kernels, detached.
-                    self.model.vision_features(p, Mode::Infer)?.detach()
-                };
-                Some(self.model.multi_modal_projector.forward(&z)?)
-            }
-            None => None,
-        };
-        let embeds = self.model.embed(&batch.input_ids, features.as_ref())?;
-        let hidden = self.model.language_model.forward(
-            &embeds,
-            Some(&batch.attention_mask),
-            &mut KvCache::new(),
-            Mode::Train,
-        )?;
-        Ok(causal_lm_loss_from_hidden(
-            &hidden,
-            &self.model.language_model.lm_head,
-            &batch.labels,
-        )?)
+        batch_loss(&self.model, batch, self.config.unfreeze_vision)
     }
 
     fn save(&self, dir: &Path) -> Result<()> {

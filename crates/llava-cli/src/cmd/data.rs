@@ -10,6 +10,7 @@ use llava_data::record::read_dataset;
 use llava_data::sample::{IGNORE_INDEX, SampleOptions, tokenize_record};
 use llava_data::tokenizer::Tokenizer;
 use llava_model::Checkpoint;
+use llava_model::pipeline::image_processor;
 
 use super::model_args::CheckpointArgs;
 use serde::Serialize;
@@ -34,6 +35,10 @@ pub struct PreviewArgs {
     /// LLaVA dataset: a JSON array or JSONL of {id, image?, conversations}.
     #[arg(long)]
     pub data: PathBuf,
+    /// Folder the record's `image` path is relative to. Read only for LLaVA-NeXT, whose image
+    /// positions depend on the image's size.
+    #[arg(long)]
+    pub image_folder: Option<PathBuf>,
     /// Which record (0-based).
     #[arg(long, default_value_t = 0)]
     pub index: usize,
@@ -77,13 +82,25 @@ fn preview(p: PreviewArgs) -> Result<()> {
             records.len()
         );
     };
+    // LLaVA-1.5 gives every image the same positions; LLaVA-NeXT as many as its size asks for.
+    let image_seq_len = match (&record.image, checkpoint.config.is_next()) {
+        (Some(image), true) => {
+            let path = match &p.image_folder {
+                Some(folder) => folder.join(image),
+                None => PathBuf::from(image),
+            };
+            let size = image_processor(&checkpoint, None)?
+                .process_path(&path)
+                .with_context(|| format!("record {}: the image sets its positions", p.index))?
+                .image_size;
+            checkpoint.config.image_token_count(size)?
+        }
+        _ => checkpoint.config.image_seq_len(),
+    };
     let opts = SampleOptions {
         template,
         image_tokens: checkpoint.image_tokens(&tokenizer)?,
-        image_seq_len: checkpoint
-            .config
-            .fixed_image_seq_len()
-            .map_err(anyhow::Error::msg)?,
+        image_seq_len,
         max_length: p.max_length,
         keep_image_position: p.keep_image_position,
     };

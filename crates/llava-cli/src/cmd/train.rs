@@ -190,11 +190,6 @@ pub fn run(c: TrainCommand) -> Result<()> {
 
     let checkpoint = Checkpoint::open(&model_source, c.checkpoint.vision_tower.as_deref())
         .with_context(|| format!("loading {model_source}"))?;
-    // Before any weight is read: the samples need one image length.
-    let image_seq_len = checkpoint
-        .config
-        .fixed_image_seq_len()
-        .map_err(|e| anyhow::anyhow!("{model_source}: {e}"))?;
     if stage == Stage::Pretrain && checkpoint.config.mm_use_im_start_end {
         bail!(
             "{}: stage 1 with mm_use_im_start_end (LLaVA v0) is not supported: the original also trains the input embeddings of <im_start>/<im_end> there, and this trainer keeps them frozen",
@@ -251,10 +246,12 @@ pub fn run(c: TrainCommand) -> Result<()> {
         sample: SampleOptions {
             template,
             image_tokens: checkpoint.image_tokens(&tokenizer)?,
-            image_seq_len,
+            // Set per image, from its size (`TrainDataset::model_config`).
+            image_seq_len: checkpoint.config.image_seq_len(),
             max_length: c.max_length,
             keep_image_position: c.keep_image_position,
         },
+        model_config: checkpoint.config.clone(),
         tokenizer,
         pad_id,
         strict: c.strict,
