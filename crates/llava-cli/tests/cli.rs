@@ -745,3 +745,92 @@ fn eval_vqa_answers_in_a_batch_as_generate_does_and_scores_exact_match() {
     assert_eq!(summary["overall"]["correct"], 1);
     assert_eq!(summary["categories"]["what"]["accuracy"], 50.0);
 }
+
+/// `eval pope`: the model's replies read as yes or no, scored against labels; one label here
+/// agrees with what `llava generate` answers and one does not.
+#[test]
+fn eval_pope_reads_replies_as_yes_or_no_and_scores_them() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model = fixtures().join("llava15-default/model");
+    let images = fixtures().join("images");
+    let suffix = "Answer the question using a single word or phrase.";
+    let question = "Is there a circle in the image?";
+    let out = llava()
+        .args(["generate", "--json", "--max-new-tokens", "6", "--model"])
+        .arg(&model)
+        .arg("--image")
+        .arg(images.join("shapes_64x48.png"))
+        .args(["--prompt", &format!("{question}\n{suffix}")])
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let generated: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let said_yes = llava_eval::pope::says_yes(generated["text"].as_str().expect("text"));
+    let (agree, disagree) = if said_yes {
+        ("yes", "no")
+    } else {
+        ("no", "yes")
+    };
+    let questions = tmp.path().join("pope.jsonl");
+    // The question file carries the suffix, as LLaVA's does; the other line lacks it.
+    let lines = [
+        serde_json::json!({"question_id": 1, "image": "shapes_64x48.png",
+                           "text": format!("{question}\n{suffix}"), "label": agree, "category": "random"}),
+        serde_json::json!({"question_id": 2, "image": "shapes_64x48.png", "text": question,
+                           "label": disagree, "category": "random"}),
+    ];
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(&questions, text).expect("write");
+    let answers = tmp.path().join("answers.jsonl");
+    let out = llava()
+        .args(["eval", "pope", "--json", "--max-new-tokens", "6", "--model"])
+        .arg(&model)
+        .arg("--questions")
+        .arg(&questions)
+        .arg("--image-folder")
+        .arg(&images)
+        .arg("--out")
+        .arg(&answers)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json summary");
+    assert_eq!(summary["overall"]["accuracy"], 50.0);
+    let yes_ratio = if said_yes { 100.0 } else { 0.0 };
+    assert_eq!(summary["categories"]["random"]["yes_ratio"], yes_ratio);
+    // The answers were asked with the suffix once, as `llava generate` was.
+    let written = std::fs::read_to_string(&answers).expect("answers");
+    for line in written.lines() {
+        let a: serde_json::Value = serde_json::from_str(line).expect("answer");
+        assert_eq!(a["text"], generated["text"], "{line}");
+        assert_eq!(
+            a["prompt"]
+                .as_str()
+                .expect("prompt")
+                .matches(suffix)
+                .count(),
+            1
+        );
+    }
+    // pope-score reads the same files to the same table.
+    let out = llava()
+        .args(["eval", "pope-score", "--questions"])
+        .arg(&questions)
+        .arg("--answers")
+        .arg(&answers)
+        .output()
+        .expect("runs");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && table.contains("random") && table.contains("50.00"),
+        "{table}"
+    );
+}

@@ -8,6 +8,7 @@
 //! - [`review`]: the reviews file and the relative-score summary.
 //! - [`mc`]: multiple-choice (ScienceQA-style) prompts, answer-letter parsing and accuracy.
 //! - [`vqa`]: short-answer prompting and exact-match scoring after normalisation.
+//! - [`pope`]: POPE's yes/no object-hallucination questions: accuracy, precision, recall, F1.
 //! - [`jsonl`]: the question and answer file formats.
 
 pub mod answer;
@@ -16,6 +17,7 @@ pub mod error;
 pub mod jsonl;
 pub mod judge;
 pub mod mc;
+pub mod pope;
 pub mod review;
 pub mod score;
 pub mod vqa;

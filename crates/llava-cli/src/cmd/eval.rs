@@ -10,6 +10,7 @@
 //! llava eval mc --model DIR --questions scienceqa.jsonl --image-folder images/ --out answers.jsonl
 //! llava eval mc-prompts --questions scienceqa.jsonl --out questions.jsonl
 //! llava eval mc-score --questions scienceqa.jsonl --answers answers.jsonl [--json]
+//! llava eval pope --model DIR --questions coco_pope.jsonl --image-folder val2014/ --out answers.jsonl
 //! ```
 
 use std::path::PathBuf;
@@ -57,6 +58,27 @@ enum Sub {
         #[command(flatten)]
         answer: AnswerArgs,
         /// Print the accuracy as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Answer a POPE file (yes/no object-hallucination questions) with a checkpoint and report
+    /// accuracy, precision, recall, F1 and the yes ratio per split.
+    Pope {
+        #[command(flatten)]
+        answer: AnswerArgs,
+        /// Print the metrics as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// POPE metrics of an answers file against a POPE file's labels.
+    PopeScore {
+        /// JSONL: {question_id, text|question, label|answer: yes/no, category?, image?}.
+        #[arg(long, value_name = "FILE")]
+        questions: PathBuf,
+        /// Answers JSONL: {question_id, text, ...}.
+        #[arg(long, value_name = "FILE")]
+        answers: PathBuf,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -204,6 +226,30 @@ fn vqa(a: AnswerArgs, json: bool) -> anyhow::Result<()> {
     print_accuracy(llava_eval::vqa::score_vqa(&vq, &answers), json)
 }
 
+fn pope(a: AnswerArgs, json: bool) -> anyhow::Result<()> {
+    let pq = llava_eval::pope::read_pope_questions(&a.questions)?;
+    let questions = pq.iter().map(|q| q.to_question()).collect();
+    let out = a.out.clone();
+    answer(a, Some(questions))?;
+    let answers = llava_eval::jsonl::read_answers(&out)?;
+    print_pope(llava_eval::pope::score_pope(&pq, &answers), json)
+}
+
+fn print_pope(
+    (s, missing): (llava_eval::pope::PopeSummary, usize),
+    json: bool,
+) -> anyhow::Result<()> {
+    if missing > 0 {
+        eprintln!("note: {missing} questions have no answer and are not scored");
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        print!("{}", llava_eval::pope::format_pope_summary(&s));
+    }
+    Ok(())
+}
+
 fn print_mc(
     questions: &[llava_eval::mc::McQuestion],
     answers: &std::collections::HashMap<llava_eval::QuestionId, llava_eval::Answer>,
@@ -295,6 +341,16 @@ pub fn run(c: EvalCommand) -> anyhow::Result<()> {
         Sub::Answer(a) => answer(a, None).map(|_| ()),
         Sub::Mc { answer: a, json } => mc(a, json),
         Sub::Vqa { answer: a, json } => vqa(a, json),
+        Sub::Pope { answer: a, json } => pope(a, json),
+        Sub::PopeScore {
+            questions,
+            answers,
+            json,
+        } => {
+            let qs = llava_eval::pope::read_pope_questions(&questions)?;
+            let ans = llava_eval::jsonl::read_answers(&answers)?;
+            print_pope(llava_eval::pope::score_pope(&qs, &ans), json)
+        }
         Sub::VqaScore {
             questions,
             answers,
