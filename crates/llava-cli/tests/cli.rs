@@ -746,10 +746,11 @@ fn eval_vqa_answers_in_a_batch_as_generate_does_and_scores_exact_match() {
     assert_eq!(summary["categories"]["what"]["accuracy"], 50.0);
 }
 
-/// `eval pope`: the model's replies read as yes or no, scored against labels; one label here
-/// agrees with what `llava generate` answers and one does not.
+/// `eval pope` (and `pope-score`, `mme-score` on its answers): the model's replies read as yes
+/// or no, scored against labels; one label here agrees with what `llava generate` answers and
+/// one does not.
 #[test]
-fn eval_pope_reads_replies_as_yes_or_no_and_scores_them() {
+fn eval_pope_and_mme_read_replies_as_yes_or_no_and_score_them() {
     let tmp = tempfile::tempdir().expect("tmp");
     let model = fixtures().join("llava15-default/model");
     let images = fixtures().join("images");
@@ -833,4 +834,41 @@ fn eval_pope_reads_replies_as_yes_or_no_and_scores_them() {
         out.status.success() && table.contains("random") && table.contains("50.00"),
         "{table}"
     );
+
+    // The same answers as MME's two questions about one image: one label agrees with the reply
+    // as MME reads it (if it reads it at all), so acc is 50 or 0 and acc+ 0.
+    let reply = llava_eval::mme::read_reply(generated["text"].as_str().expect("text"));
+    let labels = match reply {
+        Some(true) | None => ("yes", "no"),
+        Some(false) => ("no", "yes"),
+    };
+    let mme = tmp.path().join("mme.jsonl");
+    let lines = [
+        serde_json::json!({"question_id": 1, "image": "shapes_64x48.png", "text": question,
+                           "label": labels.0, "category": "existence"}),
+        serde_json::json!({"question_id": 2, "image": "shapes_64x48.png", "text": question,
+                           "label": labels.1, "category": "existence"}),
+    ];
+    std::fs::write(
+        &mme,
+        lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    )
+    .expect("write");
+    let out = llava()
+        .args(["eval", "mme-score", "--json", "--questions"])
+        .arg(&mme)
+        .arg("--answers")
+        .arg(&answers)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let scores: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let acc = if reply.is_some() { 50.0 } else { 0.0 };
+    assert_eq!(scores["subtasks"]["existence"]["acc"], acc);
+    assert_eq!(scores["subtasks"]["existence"]["acc_plus"], 0.0);
+    assert_eq!(scores["perception"], acc);
 }

@@ -8,7 +8,9 @@
 //! - [`review`]: the reviews file and the relative-score summary.
 //! - [`mc`]: multiple-choice (ScienceQA-style) prompts, answer-letter parsing and accuracy.
 //! - [`vqa`]: short-answer prompting and exact-match scoring after normalisation.
-//! - [`pope`]: POPE's yes/no object-hallucination questions: accuracy, precision, recall, F1.
+//! - [`yes_no`]: the yes/no question files of POPE and MME.
+//! - [`pope`]: POPE's object-hallucination scores: accuracy, precision, recall, F1.
+//! - [`mme`]: MME's yes/no subtasks: acc + acc+ per subtask, perception and cognition totals.
 //! - [`jsonl`]: the question and answer file formats.
 
 pub mod answer;
@@ -17,10 +19,12 @@ pub mod error;
 pub mod jsonl;
 pub mod judge;
 pub mod mc;
+pub mod mme;
 pub mod pope;
 pub mod review;
 pub mod score;
 pub mod vqa;
+pub mod yes_no;
 
 pub use error::EvalError;
 pub use jsonl::{Answer, Question, QuestionId};

@@ -4,75 +4,12 @@
 //! no or not, else as "yes", as the benchmark's own scoring reads free-form replies; "yes" is
 //! the positive class of precision, recall and F1.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::Path;
+use std::collections::{BTreeMap, HashMap};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::error::EvalError;
-use crate::jsonl::{Answer, Question, QuestionId, read_jsonl};
-use crate::vqa::VQA_SUFFIX;
-
-/// One POPE question: `{question_id, image, text, label: "yes"|"no", category?}`, as the
-/// benchmark's annotation files and LLaVA's question files write it (`question` and `answer`
-/// are accepted too). `category` is the split.
-#[derive(Debug, Clone, Deserialize)]
-pub struct PopeQuestion {
-    pub question_id: QuestionId,
-    #[serde(alias = "question")]
-    pub text: String,
-    #[serde(alias = "answer")]
-    pub label: String,
-    #[serde(default)]
-    pub category: Option<String>,
-    #[serde(default)]
-    pub image: Option<String>,
-}
-
-impl PopeQuestion {
-    /// The question for `eval answer`: LLaVA-1.5 asks it with the short-answer instruction,
-    /// which its question files already carry; it is added where missing.
-    pub fn to_question(&self) -> Question {
-        let text = self.text.trim();
-        let text = if text.ends_with(VQA_SUFFIX) {
-            text.to_string()
-        } else {
-            crate::vqa::vqa_prompt(text)
-        };
-        Question {
-            question_id: self.question_id.clone(),
-            image: self.image.clone().unwrap_or_default(),
-            text,
-            category: self.category.clone().unwrap_or_default(),
-        }
-    }
-
-    fn is_yes(&self) -> bool {
-        self.label.trim().eq_ignore_ascii_case("yes")
-    }
-}
-
-/// Reads a POPE file. A label other than yes/no and a repeated id are errors naming the line.
-pub fn read_pope_questions(path: &Path) -> Result<Vec<PopeQuestion>, EvalError> {
-    let mut seen = HashSet::new();
-    let mut out = Vec::new();
-    for (line, q) in read_jsonl::<PopeQuestion>(path)? {
-        let bad = |message: String| EvalError::BadLine {
-            path: path.to_path_buf(),
-            line,
-            message,
-        };
-        let label = q.label.trim().to_ascii_lowercase();
-        if label != "yes" && label != "no" {
-            return Err(bad(format!("label {:?} is neither yes nor no", q.label)));
-        }
-        if !seen.insert(q.question_id.clone()) {
-            return Err(bad(format!("duplicate question_id {}", q.question_id)));
-        }
-        out.push(q);
-    }
-    Ok(out)
-}
+use crate::jsonl::{Answer, QuestionId};
+use crate::yes_no::YesNoQuestion;
 
 /// Whether a reply says yes: only its first sentence is read, and a "no" or "not" there (as
 /// a word, commas aside) makes it a no; anything else is a yes.
@@ -132,7 +69,7 @@ pub struct PopeSummary {
 /// Scores the answers; questions without an answer are not scored, and their number is
 /// returned alongside.
 pub fn score_pope(
-    questions: &[PopeQuestion],
+    questions: &[YesNoQuestion],
     answers: &HashMap<QuestionId, Answer>,
 ) -> (PopeSummary, usize) {
     let mut summary = PopeSummary::default();
@@ -213,7 +150,7 @@ mod tests {
 
     #[test]
     fn metrics_by_hand() {
-        let q = |id: i64, label: &str, cat: &str| -> PopeQuestion {
+        let q = |id: i64, label: &str, cat: &str| -> YesNoQuestion {
             serde_json::from_value(serde_json::json!({
                 "question_id": id, "image": "x.jpg", "text": "Is there a dog in the image?",
                 "label": label, "category": cat}))
@@ -270,47 +207,5 @@ mod tests {
             table.contains("adversarial") && table.contains("overall"),
             "{table}"
         );
-    }
-
-    #[test]
-    fn the_suffix_is_added_once() {
-        let q: PopeQuestion = serde_json::from_value(serde_json::json!({
-            "question_id": "a", "image": "x.jpg", "label": "no",
-            "text": format!("Is there a cat in the image?\n{VQA_SUFFIX}")}))
-        .expect("question");
-        assert_eq!(q.to_question().text.matches(VQA_SUFFIX).count(), 1);
-        let q: PopeQuestion = serde_json::from_value(serde_json::json!({
-            "question_id": "b", "image": "x.jpg", "label": "yes",
-            "question": "Is there a cat in the image?"}))
-        .expect("question");
-        assert_eq!(
-            q.to_question().text,
-            format!("Is there a cat in the image?\n{VQA_SUFFIX}")
-        );
-    }
-
-    #[test]
-    fn bad_labels_and_duplicates_name_the_line() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let path = dir.path().join("pope.jsonl");
-        std::fs::write(
-            &path,
-            "{\"question_id\": 1, \"text\": \"Is there a cat?\", \"label\": \"yes\"}\n{\"question_id\": 2, \"text\": \"Is there a dog?\", \"label\": \"maybe\"}\n",
-        )
-        .expect("write");
-        let e = read_pope_questions(&path)
-            .expect_err("bad label")
-            .to_string();
-        assert!(e.contains(":2") || e.contains("line 2"), "{e}");
-        assert!(e.contains("maybe"), "{e}");
-        std::fs::write(
-            &path,
-            "{\"question_id\": 1, \"text\": \"Is there a cat?\", \"label\": \"yes\"}\n{\"question_id\": 1, \"text\": \"Is there a dog?\", \"label\": \"no\"}\n",
-        )
-        .expect("write");
-        let e = read_pope_questions(&path)
-            .expect_err("duplicate")
-            .to_string();
-        assert!(e.contains("duplicate question_id 1"), "{e}");
     }
 }

@@ -11,6 +11,7 @@
 //! llava eval mc-prompts --questions scienceqa.jsonl --out questions.jsonl
 //! llava eval mc-score --questions scienceqa.jsonl --answers answers.jsonl [--json]
 //! llava eval pope --model DIR --questions coco_pope.jsonl --image-folder val2014/ --out answers.jsonl
+//! llava eval mme --model DIR --questions mme.jsonl --image-folder MME/ --out answers.jsonl
 //! ```
 
 use std::path::PathBuf;
@@ -71,17 +72,18 @@ enum Sub {
         json: bool,
     },
     /// POPE metrics of an answers file against a POPE file's labels.
-    PopeScore {
-        /// JSONL: {question_id, text|question, label|answer: yes/no, category?, image?}.
-        #[arg(long, value_name = "FILE")]
-        questions: PathBuf,
-        /// Answers JSONL: {question_id, text, ...}.
-        #[arg(long, value_name = "FILE")]
-        answers: PathBuf,
-        /// Print JSON instead of a table.
+    PopeScore(YesNoScoreArgs),
+    /// Answer an MME file (two yes/no questions per image) with a checkpoint and report each
+    /// subtask's acc + acc+ and the perception and cognition totals.
+    Mme {
+        #[command(flatten)]
+        answer: AnswerArgs,
+        /// Print the scores as JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
+    /// MME scores of an answers file against an MME file's labels.
+    MmeScore(YesNoScoreArgs),
     /// Exact-match accuracy of an answers file against a short-answer file's references.
     VqaScore {
         /// JSONL: {question_id, question|text, answers|answer, category?, image?}.
@@ -116,6 +118,26 @@ enum Sub {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Args)]
+struct YesNoScoreArgs {
+    /// JSONL: {question_id, image, text|question, label|answer: yes/no, category}.
+    #[arg(long, value_name = "FILE")]
+    questions: PathBuf,
+    /// Answers JSONL: {question_id, text, ...}.
+    #[arg(long, value_name = "FILE")]
+    answers: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The yes/no benchmarks, which share a question format and differ in their scores.
+#[derive(Clone, Copy)]
+enum YesNo {
+    Pope,
+    Mme,
 }
 
 #[derive(Args)]
@@ -226,28 +248,40 @@ fn vqa(a: AnswerArgs, json: bool) -> anyhow::Result<()> {
     print_accuracy(llava_eval::vqa::score_vqa(&vq, &answers), json)
 }
 
-fn pope(a: AnswerArgs, json: bool) -> anyhow::Result<()> {
-    let pq = llava_eval::pope::read_pope_questions(&a.questions)?;
-    let questions = pq.iter().map(|q| q.to_question()).collect();
+/// Answers a yes/no benchmark file and reports its scores.
+fn yes_no(kind: YesNo, a: AnswerArgs, json: bool) -> anyhow::Result<()> {
+    let questions = llava_eval::yes_no::read_yes_no_questions(&a.questions)?;
     let out = a.out.clone();
-    answer(a, Some(questions))?;
+    answer(a, Some(questions.iter().map(|q| q.to_question()).collect()))?;
     let answers = llava_eval::jsonl::read_answers(&out)?;
-    print_pope(llava_eval::pope::score_pope(&pq, &answers), json)
+    print_yes_no(kind, &questions, &answers, json)
 }
 
-fn print_pope(
-    (s, missing): (llava_eval::pope::PopeSummary, usize),
+fn yes_no_score(kind: YesNo, a: YesNoScoreArgs) -> anyhow::Result<()> {
+    let questions = llava_eval::yes_no::read_yes_no_questions(&a.questions)?;
+    let answers = llava_eval::jsonl::read_answers(&a.answers)?;
+    print_yes_no(kind, &questions, &answers, a.json)
+}
+
+fn print_yes_no(
+    kind: YesNo,
+    questions: &[llava_eval::yes_no::YesNoQuestion],
+    answers: &std::collections::HashMap<llava_eval::QuestionId, llava_eval::Answer>,
     json: bool,
 ) -> anyhow::Result<()> {
-    if missing > 0 {
-        eprintln!("note: {missing} questions have no answer and are not scored");
+    use llava_eval::{mme, pope};
+    match kind {
+        YesNo::Pope => print_scores(
+            pope::score_pope(questions, answers),
+            pope::format_pope_summary,
+            json,
+        ),
+        YesNo::Mme => print_scores(
+            mme::score_mme(questions, answers),
+            mme::format_mme_summary,
+            json,
+        ),
     }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
-    } else {
-        print!("{}", llava_eval::pope::format_pope_summary(&s));
-    }
-    Ok(())
 }
 
 fn print_mc(
@@ -259,17 +293,24 @@ fn print_mc(
 }
 
 /// Prints an accuracy summary (multiple choice or short answer) as a table or JSON.
-fn print_accuracy(
-    (s, missing): (llava_eval::mc::McSummary, usize),
+fn print_accuracy(scores: (llava_eval::mc::McSummary, usize), json: bool) -> anyhow::Result<()> {
+    print_scores(scores, format_mc_summary, json)
+}
+
+/// Prints a benchmark's scores as `table` lays them out, or as JSON, with a note of the
+/// questions left unanswered.
+fn print_scores<S: serde::Serialize>(
+    (scores, missing): (S, usize),
+    table: impl Fn(&S) -> String,
     json: bool,
 ) -> anyhow::Result<()> {
     if missing > 0 {
         eprintln!("note: {missing} questions have no answer and are not scored");
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        println!("{}", serde_json::to_string_pretty(&scores)?);
     } else {
-        print!("{}", format_mc_summary(&s));
+        print!("{}", table(&scores));
     }
     Ok(())
 }
@@ -341,16 +382,10 @@ pub fn run(c: EvalCommand) -> anyhow::Result<()> {
         Sub::Answer(a) => answer(a, None).map(|_| ()),
         Sub::Mc { answer: a, json } => mc(a, json),
         Sub::Vqa { answer: a, json } => vqa(a, json),
-        Sub::Pope { answer: a, json } => pope(a, json),
-        Sub::PopeScore {
-            questions,
-            answers,
-            json,
-        } => {
-            let qs = llava_eval::pope::read_pope_questions(&questions)?;
-            let ans = llava_eval::jsonl::read_answers(&answers)?;
-            print_pope(llava_eval::pope::score_pope(&qs, &ans), json)
-        }
+        Sub::Pope { answer: a, json } => yes_no(YesNo::Pope, a, json),
+        Sub::PopeScore(a) => yes_no_score(YesNo::Pope, a),
+        Sub::Mme { answer: a, json } => yes_no(YesNo::Mme, a, json),
+        Sub::MmeScore(a) => yes_no_score(YesNo::Mme, a),
         Sub::VqaScore {
             questions,
             answers,
