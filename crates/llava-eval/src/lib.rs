@@ -23,6 +23,7 @@ pub mod mme;
 pub mod pope;
 pub mod review;
 pub mod score;
+pub mod tally;
 pub mod vqa;
 pub mod yes_no;
 

@@ -1,13 +1,14 @@
 //! Multiple-choice evaluation (ScienceQA-style): the prompt, the answer letter read from a
 //! reply, and accuracy overall and per category.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::EvalError;
 use crate::jsonl::{Answer, Question, QuestionId, read_jsonl};
+use crate::tally::{ByCategory, answered};
 
 /// The instruction LLaVA appends to multiple-choice prompts.
 pub const MC_SUFFIX: &str = "Answer with the option's letter from the given choices directly.";
@@ -111,11 +112,7 @@ impl Accuracy {
 }
 
 /// Overall and per-category accuracy.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct McSummary {
-    pub categories: BTreeMap<String, Accuracy>,
-    pub overall: Accuracy,
-}
+pub type McSummary = ByCategory<Accuracy>;
 
 /// One scored item: its category (e.g. ScienceQA's subject), the parsed prediction and the
 /// index of the right option.
@@ -130,14 +127,7 @@ pub struct McResult {
 pub fn mc_accuracy(results: &[McResult]) -> McSummary {
     let mut s = McSummary::default();
     for r in results {
-        s.overall.add(r.predicted, r.answer);
-        let cat = r.category.trim();
-        if !cat.is_empty() {
-            s.categories
-                .entry(cat.to_string())
-                .or_default()
-                .add(r.predicted, r.answer);
-        }
+        s.record(Some(&r.category), |a| a.add(r.predicted, r.answer));
     }
     s
 }
@@ -231,10 +221,10 @@ pub fn score_answers(
     questions: &[McQuestion],
     answers: &HashMap<QuestionId, Answer>,
 ) -> (McSummary, usize) {
+    let (pairs, mut missing) = answered(questions, answers, |q| &q.question_id);
     let mut results = Vec::new();
-    let mut missing = 0;
-    for q in questions {
-        let (Some(a), Some(answer)) = (answers.get(&q.question_id), q.answer_index()) else {
+    for (q, a) in pairs {
+        let Some(answer) = q.answer_index() else {
             missing += 1;
             continue;
         };

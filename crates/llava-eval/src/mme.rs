@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::Serialize;
 
 use crate::jsonl::{Answer, QuestionId};
+use crate::tally::answered;
 use crate::yes_no::YesNoQuestion;
 
 /// The perception subtasks, by the names of MME's folders.
@@ -82,12 +83,8 @@ pub fn score_mme(
     // subtask → image → whether each of its questions was answered right.
     let mut results: BTreeMap<String, BTreeMap<String, Vec<bool>>> = BTreeMap::new();
     let mut unreadable: HashMap<String, usize> = HashMap::new();
-    let mut missing = 0;
-    for q in questions {
-        let Some(a) = answers.get(&q.question_id) else {
-            missing += 1;
-            continue;
-        };
+    let (pairs, missing) = answered(questions, answers, |q| &q.question_id);
+    for (q, a) in pairs {
         let subtask = q.category.clone().unwrap_or_default().trim().to_string();
         let reply = read_reply(&a.text);
         if reply.is_none() {

@@ -4,11 +4,12 @@
 //! no or not, else as "yes", as the benchmark's own scoring reads free-form replies; "yes" is
 //! the positive class of precision, recall and F1.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use serde::Serialize;
 
 use crate::jsonl::{Answer, QuestionId};
+use crate::tally::{ByCategory, answered};
 use crate::yes_no::YesNoQuestion;
 
 /// Whether a reply says yes: only its first sentence is read, and a "no" or "not" there (as
@@ -60,11 +61,7 @@ impl PopeMetrics {
 }
 
 /// Metrics overall and per split (`category`).
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct PopeSummary {
-    pub overall: PopeMetrics,
-    pub categories: BTreeMap<String, PopeMetrics>,
-}
+pub type PopeSummary = ByCategory<PopeMetrics>;
 
 /// Scores the answers; questions without an answer are not scored, and their number is
 /// returned alongside.
@@ -72,33 +69,13 @@ pub fn score_pope(
     questions: &[YesNoQuestion],
     answers: &HashMap<QuestionId, Answer>,
 ) -> (PopeSummary, usize) {
+    let (pairs, missing) = answered(questions, answers, |q| &q.question_id);
     let mut summary = PopeSummary::default();
-    let mut missing = 0;
-    for q in questions {
-        let Some(a) = answers.get(&q.question_id) else {
-            missing += 1;
-            continue;
-        };
+    for (q, a) in pairs {
         let said = says_yes(&a.text);
-        summary.overall.record(q.is_yes(), said);
-        if let Some(cat) = q
-            .category
-            .as_deref()
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-        {
-            summary
-                .categories
-                .entry(cat.to_string())
-                .or_default()
-                .record(q.is_yes(), said);
-        }
+        summary.record(q.category.as_deref(), |m| m.record(q.is_yes(), said));
     }
-    summary.overall.finish();
-    summary
-        .categories
-        .values_mut()
-        .for_each(PopeMetrics::finish);
+    summary.for_each(PopeMetrics::finish);
     (summary, missing)
 }
 

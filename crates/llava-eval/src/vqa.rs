@@ -9,6 +9,7 @@ use serde::Deserialize;
 use crate::error::EvalError;
 use crate::jsonl::{Answer, Question, QuestionId, read_jsonl};
 use crate::mc::McSummary;
+use crate::tally::answered;
 
 /// The instruction LLaVA-1.5 appends to short-answer questions.
 pub const VQA_SUFFIX: &str = "Answer the question using a single word or phrase.";
@@ -130,28 +131,12 @@ pub fn score_vqa(
     questions: &[VqaQuestion],
     answers: &HashMap<QuestionId, Answer>,
 ) -> (McSummary, usize) {
+    let (pairs, missing) = answered(questions, answers, |q| &q.question_id);
     let mut summary = McSummary::default();
-    let mut missing = 0;
-    for q in questions {
-        let Some(a) = answers.get(&q.question_id) else {
-            missing += 1;
-            continue;
-        };
+    for (q, a) in pairs {
         let parsed = !normalize_answer(&a.text).is_empty();
         let correct = exact_match(&a.text, &q.references());
-        summary.overall.record(correct, parsed);
-        if let Some(cat) = q
-            .category
-            .as_deref()
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-        {
-            summary
-                .categories
-                .entry(cat.to_string())
-                .or_default()
-                .record(correct, parsed);
-        }
+        summary.record(q.category.as_deref(), |s| s.record(correct, parsed));
     }
     (summary, missing)
 }
