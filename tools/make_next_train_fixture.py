@@ -25,18 +25,14 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
+# The same two conversations, system prompt and llava_v1 segments as the LLaVA-1.5 oracle.
+from make_train_fixtures import SAMPLES, segments
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(ROOT, "tests/fixtures/models/llava-next/model")
 IMAGES = os.path.join(ROOT, "tests/fixtures/models/images")
 OUT = os.path.join(ROOT, "tests/fixtures/train-next")
 
-SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-          "The assistant gives helpful, detailed, and polite answers to the human's questions.")
-SAMPLES = [
-    ("shapes_64x48.png", [("What shapes can you see?", "A red circle and a blue square."),
-                          ("Which is on the left?", "The circle is on the left.")]),
-    ("tall_40x60.png", [("Describe the image briefly.", "A tall picture with a green triangle.")]),
-]
 GRADS = {
     # our canonical name -> the parameter in transformers 5's LlavaNextForConditionalGeneration
     "multi_modal_projector.linear_1.weight": "model.multi_modal_projector.linear_1.weight",
@@ -45,18 +41,6 @@ GRADS = {
     "language_model.layers.0.self_attn.q_proj.weight": "model.language_model.layers.0.self_attn.q_proj.weight",
     "language_model.layers.1.mlp.down_proj.weight": "model.language_model.layers.1.mlp.down_proj.weight",
 }
-
-
-def segments(turns, n_img):
-    """llava_v1 as segments (text, supervised), the image in front of the first question."""
-    segs, prompt = [], SYSTEM + " "
-    for i, (q, a) in enumerate(turns):
-        q = ("<image>" * n_img + "\n" + q) if i == 0 else q
-        prompt += f"USER: {q} ASSISTANT:"
-        segs.append((prompt, False))
-        segs.append((f" {a}</s>", True))
-        prompt = ""
-    return segs
 
 
 def main():
