@@ -72,7 +72,8 @@ enum Sub {
         json: bool,
     },
     /// POPE metrics of an answers file against a POPE file's labels.
-    PopeScore(YesNoScoreArgs),
+    /// The questions: {question_id, image, text|question, label|answer: yes/no, category}.
+    PopeScore(ScoreArgs),
     /// Answer an MME file (two yes/no questions per image) with a checkpoint and report each
     /// subtask's acc + acc+ and the perception and cognition totals.
     Mme {
@@ -82,20 +83,11 @@ enum Sub {
         #[arg(long)]
         json: bool,
     },
-    /// MME scores of an answers file against an MME file's labels.
-    MmeScore(YesNoScoreArgs),
+    /// MME scores of an answers file against an MME file's labels (the line format of POPE's).
+    MmeScore(ScoreArgs),
     /// Exact-match accuracy of an answers file against a short-answer file's references.
-    VqaScore {
-        /// JSONL: {question_id, question|text, answers|answer, category?, image?}.
-        #[arg(long, value_name = "FILE")]
-        questions: PathBuf,
-        /// Answers JSONL: {question_id, text, ...}.
-        #[arg(long, value_name = "FILE")]
-        answers: PathBuf,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
+    /// The questions: {question_id, question|text, answers|answer, category?, image?}.
+    VqaScore(ScoreArgs),
     /// Turn a multiple-choice file (ScienceQA-style) into benchmark questions with the
     /// lettered-options prompt, for answering.
     McPrompts {
@@ -107,22 +99,14 @@ enum Sub {
         out: PathBuf,
     },
     /// Multiple-choice accuracy of an answers file, overall and per category.
-    McScore {
-        /// The multiple-choice JSONL with the answer key.
-        #[arg(long, value_name = "FILE")]
-        questions: PathBuf,
-        /// Answers JSONL: {question_id, text, ...}.
-        #[arg(long, value_name = "FILE")]
-        answers: PathBuf,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
+    /// The questions: the multiple-choice JSONL with the answer key.
+    McScore(ScoreArgs),
 }
 
+/// Scoring an answers file against a benchmark file, without a model.
 #[derive(Args)]
-struct YesNoScoreArgs {
-    /// JSONL: {question_id, image, text|question, label|answer: yes/no, category}.
+struct ScoreArgs {
+    /// The benchmark's questions JSONL, with its answer key.
     #[arg(long, value_name = "FILE")]
     questions: PathBuf,
     /// Answers JSONL: {question_id, text, ...}.
@@ -257,7 +241,7 @@ fn yes_no(kind: YesNo, a: AnswerArgs, json: bool) -> anyhow::Result<()> {
     print_yes_no(kind, &questions, &answers, json)
 }
 
-fn yes_no_score(kind: YesNo, a: YesNoScoreArgs) -> anyhow::Result<()> {
+fn yes_no_score(kind: YesNo, a: ScoreArgs) -> anyhow::Result<()> {
     let questions = llava_eval::yes_no::read_yes_no_questions(&a.questions)?;
     let answers = llava_eval::jsonl::read_answers(&a.answers)?;
     print_yes_no(kind, &questions, &answers, a.json)
@@ -386,14 +370,10 @@ pub fn run(c: EvalCommand) -> anyhow::Result<()> {
         Sub::PopeScore(a) => yes_no_score(YesNo::Pope, a),
         Sub::Mme { answer: a, json } => yes_no(YesNo::Mme, a, json),
         Sub::MmeScore(a) => yes_no_score(YesNo::Mme, a),
-        Sub::VqaScore {
-            questions,
-            answers,
-            json,
-        } => {
-            let qs = llava_eval::vqa::read_vqa_questions(&questions)?;
-            let ans = llava_eval::jsonl::read_answers(&answers)?;
-            print_accuracy(llava_eval::vqa::score_vqa(&qs, &ans), json)
+        Sub::VqaScore(a) => {
+            let qs = llava_eval::vqa::read_vqa_questions(&a.questions)?;
+            let ans = llava_eval::jsonl::read_answers(&a.answers)?;
+            print_accuracy(llava_eval::vqa::score_vqa(&qs, &ans), a.json)
         }
         Sub::Judge(a) => judge(a),
         Sub::Summarize { reviews, json } => {
@@ -434,14 +414,10 @@ pub fn run(c: EvalCommand) -> anyhow::Result<()> {
             eprintln!("{} questions written to {}", qs.len(), out.display());
             Ok(())
         }
-        Sub::McScore {
-            questions,
-            answers,
-            json,
-        } => {
-            let qs = read_mc_questions(&questions)?;
-            let ans = llava_eval::jsonl::read_answers(&answers)?;
-            print_mc(&qs, &ans, json)
+        Sub::McScore(a) => {
+            let qs = read_mc_questions(&a.questions)?;
+            let ans = llava_eval::jsonl::read_answers(&a.answers)?;
+            print_mc(&qs, &ans, a.json)
         }
     }
 }
