@@ -690,19 +690,18 @@ fn data_preview_shows_the_mask() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("shapes_64x48.png"));
 }
 
-#[test]
-fn eval_vqa_answers_in_a_batch_as_generate_does_and_scores_exact_match() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let model = fixtures().join("llava15-default/model");
-    let images = fixtures().join("images");
-    let suffix = "Answer the question using a single word or phrase.";
-    // The reference of question 1 is whatever `llava generate` answers; question 2's is wrong.
+/// LLaVA-1.5's short-answer instruction, which `eval vqa`, `pope` and `mme` add.
+const SHORT_ANSWER: &str = "Answer the question using a single word or phrase.";
+
+/// What `llava generate` answers on the tiny fixture about shapes_64x48.png, asked `question`
+/// with the short-answer instruction (6 tokens at most).
+fn short_answer(question: &str) -> String {
     let out = llava()
         .args(["generate", "--json", "--max-new-tokens", "6", "--model"])
-        .arg(&model)
+        .arg(fixtures().join("llava15-default/model"))
         .arg("--image")
-        .arg(images.join("shapes_64x48.png"))
-        .args(["--prompt", &format!("What is it?\n{suffix}")])
+        .arg(fixtures().join("images/shapes_64x48.png"))
+        .args(["--prompt", &format!("{question}\n{SHORT_ANSWER}")])
         .output()
         .expect("runs");
     assert!(
@@ -711,28 +710,27 @@ fn eval_vqa_answers_in_a_batch_as_generate_does_and_scores_exact_match() {
         String::from_utf8_lossy(&out.stderr)
     );
     let generated: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    let reference = generated["text"].as_str().expect("text");
-    let questions = tmp.path().join("vqa.jsonl");
-    let lines = [
-        serde_json::json!({"question_id": 1, "image": "shapes_64x48.png", "text": "What is it?",
-                           "answer": reference, "category": "what"}),
-        serde_json::json!({"question_id": 2, "image": "shapes_64x48.png", "text": "What is it?",
-                           "answers": ["zebra"], "category": "what"}),
-    ];
+    generated["text"].as_str().expect("text").to_string()
+}
+
+fn write_jsonl(path: &Path, lines: &[serde_json::Value]) {
     let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
-    std::fs::write(&questions, text).expect("write");
-    let answers = tmp.path().join("answers.jsonl");
-    // Both questions in one batch: the batched answer is `llava generate`'s.
+    std::fs::write(path, text).expect("write");
+}
+
+/// `llava eval SUB --json` on the tiny fixture (6 tokens an answer): its printed summary.
+fn eval_json(sub: &str, questions: &Path, answers: &Path, extra: &[&str]) -> serde_json::Value {
     let out = llava()
-        .args(["eval", "vqa", "--json", "--batch-size", "2"])
-        .args(["--max-new-tokens", "6", "--model"])
-        .arg(&model)
+        .args(["eval", sub, "--json", "--max-new-tokens", "6"])
+        .args(extra)
+        .arg("--model")
+        .arg(fixtures().join("llava15-default/model"))
         .arg("--questions")
-        .arg(&questions)
+        .arg(questions)
         .arg("--image-folder")
-        .arg(&images)
+        .arg(fixtures().join("images"))
         .arg("--out")
-        .arg(&answers)
+        .arg(answers)
         .output()
         .expect("runs");
     assert!(
@@ -740,7 +738,27 @@ fn eval_vqa_answers_in_a_batch_as_generate_does_and_scores_exact_match() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json summary");
+    serde_json::from_slice(&out.stdout).expect("json summary")
+}
+
+#[test]
+fn eval_vqa_answers_in_a_batch_as_generate_does_and_scores_exact_match() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    // The reference of question 1 is whatever `llava generate` answers; question 2's is wrong.
+    let reference = short_answer("What is it?");
+    let questions = tmp.path().join("vqa.jsonl");
+    write_jsonl(
+        &questions,
+        &[
+            serde_json::json!({"question_id": 1, "image": "shapes_64x48.png", "text": "What is it?",
+                               "answer": reference, "category": "what"}),
+            serde_json::json!({"question_id": 2, "image": "shapes_64x48.png", "text": "What is it?",
+                               "answers": ["zebra"], "category": "what"}),
+        ],
+    );
+    // Both questions in one batch: the batched answer is `llava generate`'s.
+    let answers = tmp.path().join("answers.jsonl");
+    let summary = eval_json("vqa", &questions, &answers, &["--batch-size", "2"]);
     assert_eq!(summary["overall"]["total"], 2);
     assert_eq!(summary["overall"]["correct"], 1);
     assert_eq!(summary["categories"]["what"]["accuracy"], 50.0);
@@ -752,25 +770,10 @@ fn eval_vqa_answers_in_a_batch_as_generate_does_and_scores_exact_match() {
 #[test]
 fn eval_pope_and_mme_read_replies_as_yes_or_no_and_score_them() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let model = fixtures().join("llava15-default/model");
-    let images = fixtures().join("images");
-    let suffix = "Answer the question using a single word or phrase.";
+    let suffix = SHORT_ANSWER;
     let question = "Is there a circle in the image?";
-    let out = llava()
-        .args(["generate", "--json", "--max-new-tokens", "6", "--model"])
-        .arg(&model)
-        .arg("--image")
-        .arg(images.join("shapes_64x48.png"))
-        .args(["--prompt", &format!("{question}\n{suffix}")])
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let generated: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    let said_yes = llava_eval::pope::says_yes(generated["text"].as_str().expect("text"));
+    let reply = short_answer(question);
+    let said_yes = llava_eval::pope::says_yes(&reply);
     let (agree, disagree) = if said_yes {
         ("yes", "no")
     } else {
@@ -778,32 +781,17 @@ fn eval_pope_and_mme_read_replies_as_yes_or_no_and_score_them() {
     };
     let questions = tmp.path().join("pope.jsonl");
     // The question file carries the suffix, as LLaVA's does; the other line lacks it.
-    let lines = [
-        serde_json::json!({"question_id": 1, "image": "shapes_64x48.png",
-                           "text": format!("{question}\n{suffix}"), "label": agree, "category": "random"}),
-        serde_json::json!({"question_id": 2, "image": "shapes_64x48.png", "text": question,
-                           "label": disagree, "category": "random"}),
-    ];
-    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
-    std::fs::write(&questions, text).expect("write");
-    let answers = tmp.path().join("answers.jsonl");
-    let out = llava()
-        .args(["eval", "pope", "--json", "--max-new-tokens", "6", "--model"])
-        .arg(&model)
-        .arg("--questions")
-        .arg(&questions)
-        .arg("--image-folder")
-        .arg(&images)
-        .arg("--out")
-        .arg(&answers)
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    write_jsonl(
+        &questions,
+        &[
+            serde_json::json!({"question_id": 1, "image": "shapes_64x48.png",
+                               "text": format!("{question}\n{suffix}"), "label": agree, "category": "random"}),
+            serde_json::json!({"question_id": 2, "image": "shapes_64x48.png", "text": question,
+                               "label": disagree, "category": "random"}),
+        ],
     );
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json summary");
+    let answers = tmp.path().join("answers.jsonl");
+    let summary = eval_json("pope", &questions, &answers, &[]);
     assert_eq!(summary["overall"]["accuracy"], 50.0);
     let yes_ratio = if said_yes { 100.0 } else { 0.0 };
     assert_eq!(summary["categories"]["random"]["yes_ratio"], yes_ratio);
@@ -811,7 +799,7 @@ fn eval_pope_and_mme_read_replies_as_yes_or_no_and_score_them() {
     let written = std::fs::read_to_string(&answers).expect("answers");
     for line in written.lines() {
         let a: serde_json::Value = serde_json::from_str(line).expect("answer");
-        assert_eq!(a["text"], generated["text"], "{line}");
+        assert_eq!(a["text"], reply.as_str(), "{line}");
         assert_eq!(
             a["prompt"]
                 .as_str()
@@ -837,23 +825,21 @@ fn eval_pope_and_mme_read_replies_as_yes_or_no_and_score_them() {
 
     // The same answers as MME's two questions about one image: one label agrees with the reply
     // as MME reads it (if it reads it at all), so acc is 50 or 0 and acc+ 0.
-    let reply = llava_eval::mme::read_reply(generated["text"].as_str().expect("text"));
-    let labels = match reply {
+    let read = llava_eval::mme::read_reply(&reply);
+    let labels = match read {
         Some(true) | None => ("yes", "no"),
         Some(false) => ("no", "yes"),
     };
     let mme = tmp.path().join("mme.jsonl");
-    let lines = [
-        serde_json::json!({"question_id": 1, "image": "shapes_64x48.png", "text": question,
-                           "label": labels.0, "category": "existence"}),
-        serde_json::json!({"question_id": 2, "image": "shapes_64x48.png", "text": question,
-                           "label": labels.1, "category": "existence"}),
-    ];
-    std::fs::write(
+    write_jsonl(
         &mme,
-        lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
-    )
-    .expect("write");
+        &[
+            serde_json::json!({"question_id": 1, "image": "shapes_64x48.png", "text": question,
+                               "label": labels.0, "category": "existence"}),
+            serde_json::json!({"question_id": 2, "image": "shapes_64x48.png", "text": question,
+                               "label": labels.1, "category": "existence"}),
+        ],
+    );
     let out = llava()
         .args(["eval", "mme-score", "--json", "--questions"])
         .arg(&mme)
@@ -867,7 +853,7 @@ fn eval_pope_and_mme_read_replies_as_yes_or_no_and_score_them() {
         String::from_utf8_lossy(&out.stderr)
     );
     let scores: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    let acc = if reply.is_some() { 50.0 } else { 0.0 };
+    let acc = if read.is_some() { 50.0 } else { 0.0 };
     assert_eq!(scores["subtasks"]["existence"]["acc"], acc);
     assert_eq!(scores["subtasks"]["existence"]["acc_plus"], 0.0);
     assert_eq!(scores["perception"], acc);

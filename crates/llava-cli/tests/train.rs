@@ -89,6 +89,34 @@ fn first_finetune_loss(model: &Path, data: &Path, output: &Path, extra: &[&str])
     losses(output)[0].1
 }
 
+/// The checkpoint in `dir` answers questions `indices` of [`QA`] about their images exactly as
+/// it was trained to.
+fn answers_verbatim(dir: &Path, indices: &[usize]) {
+    for &i in indices {
+        let out = Command::new(env!("CARGO_BIN_EXE_llava"))
+            .args([
+                "generate",
+                "--template",
+                "llava_v1",
+                "--max-new-tokens",
+                "24",
+                "--model",
+            ])
+            .arg(dir)
+            .arg("--image")
+            .arg(fixtures().join("images").join(IMAGES[i % 3]))
+            .args(["--prompt", QA[i].0])
+            .output()
+            .expect("runs");
+        ok(&out);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            QA[i].1,
+            "answer {i} verbatim"
+        );
+    }
+}
+
 fn ok(out: &Output) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -157,29 +185,7 @@ fn finetune_overfits_and_generate_answers_verbatim() {
         log[49]
     );
 
-    for i in [0usize, 3, 6] {
-        let out = Command::new(env!("CARGO_BIN_EXE_llava"))
-            .args([
-                "generate",
-                "--template",
-                "llava_v1",
-                "--max-new-tokens",
-                "24",
-                "--model",
-            ])
-            .arg(&out_dir)
-            .arg("--image")
-            .arg(fixtures().join("images").join(IMAGES[i % 3]))
-            .args(["--prompt", QA[i].0])
-            .output()
-            .expect("runs");
-        ok(&out);
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout).trim(),
-            QA[i].1,
-            "answer {i} verbatim"
-        );
-    }
+    answers_verbatim(&out_dir, &[0, 3, 6]);
 
     // Stage 2 freezes the vision tower: bit-identical after training; the rest moved.
     let before = weights(&base_model());
@@ -228,29 +234,7 @@ fn llava_next_finetune_overfits_and_its_checkpoint_answers() {
         log[0],
         log[39]
     );
-    for i in [0usize, 4] {
-        let out = Command::new(env!("CARGO_BIN_EXE_llava"))
-            .args([
-                "generate",
-                "--template",
-                "llava_v1",
-                "--max-new-tokens",
-                "24",
-                "--model",
-            ])
-            .arg(&out_dir)
-            .arg("--image")
-            .arg(fixtures().join("images").join(IMAGES[i % 3]))
-            .args(["--prompt", QA[i].0])
-            .output()
-            .expect("runs");
-        ok(&out);
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout).trim(),
-            QA[i].1,
-            "answer {i}"
-        );
-    }
+    answers_verbatim(&out_dir, &[0, 4]);
     let before = weights(&base);
     let after = weights(&out_dir);
     assert_eq!(before.len(), after.len(), "every tensor is saved");
