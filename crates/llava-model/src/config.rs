@@ -338,6 +338,15 @@ impl LlamaConfig {
             _ => self.max_position_embeddings,
         }
     }
+    /// [`Self::context_len`] for messages: the number and where it comes from.
+    pub fn context_text(&self) -> String {
+        let n = self.context_len();
+        if n == self.max_position_embeddings {
+            format!("{n} tokens (max_position_embeddings)")
+        } else {
+            format!("{n} tokens (max_position_embeddings times the dynamic rope factor)")
+        }
+    }
     /// The attention window, where this decoder has one: transformers reads `sliding_window`
     /// for Mistral only, so a LLaMA config that carries the key attends to everything.
     pub fn attention_window(&self) -> Option<usize> {

@@ -387,8 +387,9 @@ pub fn prefill_batch(model: &Llava, prompts: &[BatchPrompt]) -> Result<Prefilled
 /// unfinished row at once, which reads the weights once for all of them.
 ///
 /// Row `r` samples with `samplers[r]` and stops as [`generate`] does, at the latest after
-/// `max_new_tokens[r]` tokens; `on_token(r, id)` sees its ids. A finished row leaves the batch. Returns each row's ids; the stats are the
-/// batch's, with `generated` summed over the rows.
+/// `max_new_tokens[r]` tokens; `on_token(r, id)` sees its ids. A finished row leaves the
+/// batch. Returns each row's ids; the stats are the batch's, with `generated` summed over the
+/// rows.
 pub fn generate_batch(
     model: &Llava,
     prompts: &[BatchPrompt],

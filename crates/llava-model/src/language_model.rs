@@ -390,14 +390,9 @@ impl LlamaModel {
         let past = cache.seq_len();
         if past + s > self.config.context_len() {
             return Err(ModelError::Input(format!(
-                "the sequence ({} tokens) is longer than the model's context ({} tokens: max_position_embeddings{})",
+                "the sequence ({} tokens) is longer than the model's context, {}",
                 past + s,
-                self.config.context_len(),
-                if self.rope.stable_len().is_some() {
-                    " times the dynamic rope factor"
-                } else {
-                    ""
-                }
+                self.config.context_text()
             )));
         }
         if !cache.left_pad.is_empty() && (cache.left_pad.len() != b || mode == Mode::Train) {

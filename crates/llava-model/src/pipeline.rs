@@ -257,12 +257,8 @@ impl Pipeline {
         let max_pos = self.model.config.text_config.context_len();
         if prompt_len >= max_pos {
             return Err(ModelError::Input(format!(
-                "the prompt is {prompt_len} tokens, but the model's context is {max_pos} (max_position_embeddings{})",
-                if max_pos == self.model.config.text_config.max_position_embeddings {
-                    ""
-                } else {
-                    " times the dynamic rope factor"
-                }
+                "the prompt is {prompt_len} tokens, but the model's context is {}",
+                self.model.config.text_config.context_text()
             )));
         }
         Ok(max_new_tokens.min(max_pos - prompt_len))
