@@ -457,6 +457,12 @@ impl LlavaConfig {
         }
     }
 
+    /// The training `--max-length` default: LLaVA-1.5's 2048, or 4096 for LLaVA-NeXT, whose
+    /// largest grid alone takes 2880 positions at 336 px.
+    pub fn default_max_length(&self) -> usize {
+        if self.is_next() { 4096 } else { 2048 }
+    }
+
     /// How many embedding positions one image occupies in the language model's input
     /// (LLaVA-1.5; LLaVA-NeXT's base tile).
     pub fn image_seq_len(&self) -> usize {
@@ -919,6 +925,12 @@ mod tests {
         assert!(e.contains("300x224") && e.contains("image_size"), "{e}");
         let next = parse(r#"{"model_type": "llava_next", "vision_config": {}, "text_config": {}}"#);
         assert_eq!(next.anyres().map(|a| a.pinpoints.len()), Some(5));
+        // Its largest grid takes 2880 positions at 336 px: training defaults to a longer limit.
+        assert_eq!(next.default_max_length(), 4096);
+        assert_eq!(
+            parse(r#"{"vision_config": {}, "text_config": {}}"#).default_max_length(),
+            2048
+        );
         let siglip =
             parse(r#"{"vision_config": {"model_type": "siglip_vision_model"}, "text_config": {}}"#);
         let e = siglip.validate().expect_err("siglip");

@@ -45,8 +45,9 @@ pub struct PreviewArgs {
     /// llava_v1 (stage 2), plain (stage 1), llava_v0, llama_2, chatml.
     #[arg(long, default_value = "llava_v1")]
     pub template: String,
-    #[arg(long, default_value_t = 2048)]
-    pub max_length: usize,
+    /// Default: as `llava train` (2048, or 4096 for LLaVA-NeXT).
+    #[arg(long)]
+    pub max_length: Option<usize>,
     /// Keep <image> where the record has it instead of moving it to the front.
     #[arg(long)]
     pub keep_image_position: bool,
@@ -101,7 +102,9 @@ fn preview(p: PreviewArgs) -> Result<()> {
         template,
         image_tokens: checkpoint.image_tokens(&tokenizer)?,
         image_seq_len,
-        max_length: p.max_length,
+        max_length: p
+            .max_length
+            .unwrap_or(checkpoint.config.default_max_length()),
         keep_image_position: p.keep_image_position,
     };
     let sample = tokenize_record(&tokenizer, record, &opts)?;

@@ -94,8 +94,11 @@ pub struct TrainCommand {
     /// Save a checkpoint-N folder every N steps (for --resume).
     #[arg(long)]
     pub save_steps: Option<u64>,
-    #[arg(long, default_value_t = 2048)]
-    pub max_length: usize,
+    /// Tokens per sample; longer samples are cut, and a sample cut through its image is
+    /// skipped. Default: 2048 (LLaVA-1.5's), or 4096 for LLaVA-NeXT, whose largest grid alone
+    /// takes 2880 positions at 336 px.
+    #[arg(long)]
+    pub max_length: Option<usize>,
     /// Default: plain for pretrain, llava_v1 for finetune. LLaVA-1.5's own fine-tuning used
     /// vicuna_v1 (the original's `--version v1`). Aliases: --conv-mode, --version.
     #[arg(long, aliases = ["conv-mode", "version"])]
@@ -248,7 +251,9 @@ pub fn run(c: TrainCommand) -> Result<()> {
             image_tokens: checkpoint.image_tokens(&tokenizer)?,
             // Set per image, from its size (`TrainDataset::model_config`).
             image_seq_len: checkpoint.config.image_seq_len(),
-            max_length: c.max_length,
+            max_length: c
+                .max_length
+                .unwrap_or(checkpoint.config.default_max_length()),
             keep_image_position: c.keep_image_position,
         },
         model_config: checkpoint.config.clone(),
