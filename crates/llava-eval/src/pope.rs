@@ -1,8 +1,8 @@
 //! POPE, the object-hallucination benchmark LLaVA-1.5 reports: "Is there a {object} in the
 //! image?" with a yes/no label, in three splits (`random`, `popular`, `adversarial`) that pick
-//! the absent objects ever more cunningly. A reply counts as "no" when its first sentence says
-//! no or not, else as "yes", as the benchmark's own scoring reads free-form replies; "yes" is
-//! the positive class of precision, recall and F1.
+//! the absent objects ever more cunningly. A reply counts as "no" when its first sentence has
+//! the word no or not, else as "yes", as the benchmark's own scoring reads free-form replies;
+//! "yes" is the positive class of precision, recall and F1.
 
 use std::collections::HashMap;
 
@@ -12,13 +12,17 @@ use crate::jsonl::{Answer, QuestionId};
 use crate::tally::{ByCategory, answered};
 use crate::yes_no::YesNoQuestion;
 
-/// Whether a reply says yes: only its first sentence is read, and a "no" or "not" there (as
-/// a word, commas aside) makes it a no; anything else is a yes.
+/// Whether a reply says yes, as POPE's own scoring reads it so that figures compare: only the
+/// text before the first full stop counts, commas dropped; the word "no", "No" or "not"
+/// there (words split at spaces) makes it a no, anything else a yes.
 pub fn says_yes(reply: &str) -> bool {
-    let first = reply.split('.').next().unwrap_or("");
-    !first
-        .split(|c: char| c.is_whitespace() || c == ',')
-        .any(|w| matches!(w, "no" | "No" | "NO" | "not" | "Not"))
+    let first = reply
+        .trim()
+        .split('.')
+        .next()
+        .unwrap_or("")
+        .replace(',', "");
+    !first.split(' ').any(|w| matches!(w, "no" | "No" | "not"))
 }
 
 /// Counts and rates of one split, in percent; a rate with an empty denominator is `None`.
@@ -123,6 +127,9 @@ mod tests {
         assert!(says_yes("Yes. There is no cat, though."));
         assert!(says_yes("There is a notebook."));
         assert!(says_yes(""));
+        // The benchmark's words only: "NO" and "Not" are not among them.
+        assert!(says_yes("NO"));
+        assert!(says_yes("Not at all"));
     }
 
     #[test]
