@@ -858,3 +858,100 @@ fn eval_pope_and_mme_read_replies_as_yes_or_no_and_score_them() {
     assert_eq!(scores["subtasks"]["existence"]["acc_plus"], 0.0);
     assert_eq!(scores["perception"], acc);
 }
+
+/// MMBench: its TSV becomes rotated multiple-choice lines and image files, `eval mc` answers
+/// them, and `mmbench-score` counts a question only when all its rotations are right.
+#[test]
+fn mmbench_tsv_to_circular_accuracy() {
+    use base64::Engine;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let png = std::fs::read(fixtures().join("images/shapes_64x48.png")).expect("image");
+    let b64 = base64::engine::general_purpose::STANDARD.encode(png);
+    let tsv = tmp.path().join("mmbench.tsv");
+    std::fs::write(
+        &tsv,
+        format!(
+            "index\tquestion\thint\tA\tB\tC\tD\tanswer\tcategory\timage\n\
+             10\tWhich shape is red?\tnan\tcircle\tsquare\tnan\tnan\tA\tattribute\t{b64}\n\
+             11\tHow many shapes?\tLook closely.\tone\ttwo\tthree\tnan\tB\tcount\t10\n"
+        ),
+    )
+    .expect("write");
+    let (questions, images) = (tmp.path().join("mmbench.jsonl"), tmp.path().join("images"));
+    let out = llava()
+        .args(["eval", "mmbench-prompts", "--tsv"])
+        .arg(&tsv)
+        .arg("--image-dir")
+        .arg(&images)
+        .arg("--out")
+        .arg(&questions)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = std::fs::read_to_string(&questions).expect("questions");
+    assert_eq!(lines.lines().count(), 2 + 3, "a line per rotation");
+    assert!(images.join("10.png").is_file() && images.join("11.png").is_file());
+
+    let answers = tmp.path().join("answers.jsonl");
+    let out = llava()
+        .args(["eval", "mc", "--max-new-tokens", "3", "--model"])
+        .arg(fixtures().join("llava15-default/model"))
+        .arg("--questions")
+        .arg(&questions)
+        .arg("--image-folder")
+        .arg(&images)
+        .arg("--out")
+        .arg(&answers)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = llava()
+        .args(["eval", "mmbench-score", "--json", "--questions"])
+        .arg(&questions)
+        .arg("--answers")
+        .arg(&answers)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        summary["overall"]["total"], 2,
+        "two questions, not five lines"
+    );
+    // The same verdict worked out here from the replies: every rotation right.
+    let replies: std::collections::HashMap<String, String> = std::fs::read_to_string(&answers)
+        .expect("answers")
+        .lines()
+        .map(|l| {
+            let a: serde_json::Value = serde_json::from_str(l).expect("answer");
+            (
+                a["question_id"].to_string().trim_matches('"').to_string(),
+                a["text"].as_str().expect("text").to_string(),
+            )
+        })
+        .collect();
+    let mut right = std::collections::BTreeMap::<String, bool>::new();
+    for line in lines.lines() {
+        let q: serde_json::Value = serde_json::from_str(line).expect("line");
+        let id = q["question_id"].as_str().expect("id");
+        let n = q["options"].as_array().expect("options").len();
+        let picked = llava_eval::mc::parse_choice(&replies[id], n);
+        let ok = picked == Some(q["answer"].as_u64().expect("key") as usize);
+        let index = id.split('-').next().expect("index").to_string();
+        *right.entry(index).or_insert(true) &= ok;
+    }
+    let correct = right.values().filter(|&&r| r).count();
+    assert_eq!(summary["overall"]["correct"], correct);
+}

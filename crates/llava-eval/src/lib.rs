@@ -10,6 +10,7 @@
 //! - [`vqa`]: short-answer prompting and exact-match scoring after normalisation.
 //! - [`yes_no`]: the yes/no question files of POPE and MME.
 //! - [`pope`]: POPE's object-hallucination scores: accuracy, precision, recall, F1.
+//! - [`mmbench`]: MMBench's TSV as rotated multiple-choice lines, and circular accuracy.
 //! - [`mme`]: MME's yes/no subtasks: acc + acc+ per subtask, perception and cognition totals.
 //! - [`jsonl`]: the question and answer file formats.
 
@@ -19,6 +20,7 @@ pub mod error;
 pub mod jsonl;
 pub mod judge;
 pub mod mc;
+pub mod mmbench;
 pub mod mme;
 pub mod pope;
 pub mod review;

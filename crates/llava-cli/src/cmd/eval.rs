@@ -12,6 +12,9 @@
 //! llava eval mc-score --questions scienceqa.jsonl --answers answers.jsonl [--json]
 //! llava eval pope --model DIR --questions coco_pope.jsonl --image-folder val2014/ --out answers.jsonl
 //! llava eval mme --model DIR --questions mme.jsonl --image-folder MME/ --out answers.jsonl
+//! llava eval mmbench-prompts --tsv mmbench_dev.tsv --image-dir mmbench/ --out mmbench.jsonl
+//! llava eval mc --model DIR --questions mmbench.jsonl --image-folder mmbench/ --out answers.jsonl
+//! llava eval mmbench-score --questions mmbench.jsonl --answers answers.jsonl
 //! ```
 
 use std::path::PathBuf;
@@ -101,6 +104,25 @@ enum Sub {
     /// Multiple-choice accuracy of an answers file, overall and per category.
     /// The questions: the multiple-choice JSONL with the answer key.
     McScore(ScoreArgs),
+    /// Turn MMBench's TSV (base64 images) into a multiple-choice file for `eval mc`, one line
+    /// per rotation of the options, and the images into files.
+    MmbenchPrompts {
+        /// MMBench's TSV with answers (e.g. mmbench_dev_20230712.tsv).
+        #[arg(long, value_name = "FILE")]
+        tsv: PathBuf,
+        /// Folder to write the images to; pass it to `eval mc` as --image-folder.
+        #[arg(long, value_name = "DIR")]
+        image_dir: PathBuf,
+        /// The multiple-choice JSONL to write.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Ask each question once, as printed, instead of once per rotation.
+        #[arg(long)]
+        no_circular: bool,
+    },
+    /// MMBench's circular accuracy of an answers file: a question counts only when every
+    /// rotation of its options is answered right. The questions: `mmbench-prompts`' file.
+    MmbenchScore(ScoreArgs),
 }
 
 /// Scoring an answers file against a benchmark file, without a model.
@@ -418,6 +440,31 @@ pub fn run(c: EvalCommand) -> anyhow::Result<()> {
             let qs = read_mc_questions(&a.questions)?;
             let ans = llava_eval::jsonl::read_answers(&a.answers)?;
             print_mc(&qs, &ans, a.json)
+        }
+        Sub::MmbenchPrompts {
+            tsv,
+            image_dir,
+            out,
+            no_circular,
+        } => {
+            let rows = llava_eval::mmbench::read_mmbench_tsv(&tsv)?;
+            let lines = llava_eval::mmbench::mmbench_questions(&rows, &image_dir, !no_circular)?;
+            let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+            std::fs::write(&out, text)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            eprintln!(
+                "{} questions as {} lines written to {}, images to {}",
+                rows.len(),
+                lines.len(),
+                out.display(),
+                image_dir.display()
+            );
+            Ok(())
+        }
+        Sub::MmbenchScore(a) => {
+            let qs = read_mc_questions(&a.questions)?;
+            let ans = llava_eval::jsonl::read_answers(&a.answers)?;
+            print_accuracy(llava_eval::mmbench::score_mmbench(&qs, &ans), a.json)
         }
     }
 }
