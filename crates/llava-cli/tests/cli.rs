@@ -741,6 +741,23 @@ fn eval_json(sub: &str, questions: &Path, answers: &Path, extra: &[&str]) -> ser
     serde_json::from_slice(&out.stdout).expect("json summary")
 }
 
+/// `llava eval SUB --json` scoring `answers` against `questions` without a model.
+fn score_json(sub: &str, questions: &Path, answers: &Path) -> serde_json::Value {
+    let out = llava()
+        .args(["eval", sub, "--json", "--questions"])
+        .arg(questions)
+        .arg("--answers")
+        .arg(answers)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
 #[test]
 fn eval_vqa_answers_in_a_batch_as_generate_does_and_scores_exact_match() {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -840,19 +857,7 @@ fn eval_pope_and_mme_read_replies_as_yes_or_no_and_score_them() {
                                "label": labels.1, "category": "existence"}),
         ],
     );
-    let out = llava()
-        .args(["eval", "mme-score", "--json", "--questions"])
-        .arg(&mme)
-        .arg("--answers")
-        .arg(&answers)
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let scores: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let scores = score_json("mme-score", &mme, &answers);
     let acc = if read.is_some() { 50.0 } else { 0.0 };
     assert_eq!(scores["subtasks"]["existence"]["acc"], acc);
     assert_eq!(scores["subtasks"]["existence"]["acc_plus"], 0.0);
@@ -913,19 +918,7 @@ fn mmbench_tsv_to_circular_accuracy() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = llava()
-        .args(["eval", "mmbench-score", "--json", "--questions"])
-        .arg(&questions)
-        .arg("--answers")
-        .arg(&answers)
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let summary = score_json("mmbench-score", &questions, &answers);
     assert_eq!(
         summary["overall"]["total"], 2,
         "two questions, not five lines"
