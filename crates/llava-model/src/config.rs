@@ -326,17 +326,11 @@ impl LlamaConfig {
         }
         Ok(Rope { theta, scaling })
     }
-    /// The longest sequence the decoder runs: `max_position_embeddings`, or with dynamic NTK
-    /// rope that times its factor, the length the scaling is made for. (transformers itself
-    /// stops nowhere.)
+    /// The longest sequence the decoder runs ([`Rope::context_len`]).
     pub fn context_len(&self) -> usize {
-        match self.rope().map(|r| r.scaling) {
-            Ok(RopeScaling::Dynamic {
-                factor,
-                max_position_embeddings,
-            }) => (max_position_embeddings as f64 * factor) as usize,
-            _ => self.max_position_embeddings,
-        }
+        self.rope().map_or(self.max_position_embeddings, |r| {
+            r.context_len(self.max_position_embeddings)
+        })
     }
     /// [`Self::context_len`] for messages: the number and where it comes from.
     pub fn context_text(&self) -> String {

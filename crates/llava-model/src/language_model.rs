@@ -388,7 +388,8 @@ impl LlamaModel {
     ) -> Result<Tensor> {
         let (b, s, _) = embeds.dims3()?;
         let past = cache.seq_len();
-        if past + s > self.config.context_len() {
+        // From the rope made at load: this runs at every decoded token.
+        if past + s > self.rope.context_len(self.config.max_position_embeddings) {
             return Err(ModelError::Input(format!(
                 "the sequence ({} tokens) is longer than the model's context, {}",
                 past + s,

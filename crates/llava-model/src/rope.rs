@@ -133,6 +133,18 @@ impl Rope {
         )
     }
 
+    /// The longest sequence a decoder trained on `max_position_embeddings` runs with this
+    /// rope: that, or with dynamic NTK that times its factor, the length the scaling is made
+    /// for. (transformers itself stops nowhere.)
+    pub fn context_len(&self, max_position_embeddings: usize) -> usize {
+        match self.scaling {
+            RopeScaling::Dynamic { factor, .. } => {
+                (max_position_embeddings as f64 * factor) as usize
+            }
+            _ => max_position_embeddings,
+        }
+    }
+
     /// The factor on cos and sin: YaRN's attention temperature, 1 otherwise.
     pub fn attention_factor(&self) -> f64 {
         match self.scaling {
