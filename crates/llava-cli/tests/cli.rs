@@ -48,6 +48,15 @@ fn json_of(command: &mut Command) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
 }
 
+/// Asserts that a command exited 0, showing its stderr if not.
+fn succeeded(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `llava chat` on the tiny fixture checkpoint with `args`, fed `script` on stdin.
 fn chat(args: &[&str], script: &[u8]) -> std::process::Output {
     let mut child = llava()
@@ -384,11 +393,7 @@ fn merge_lora_writes_a_checkpoint_that_needs_no_base() {
             .expect("runs")
     };
     let out = merge(&case.join("lora"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     assert!(!merged.join("adapter_config.json").exists());
     let want = expected("original-lora");
     let json = json_of(
@@ -553,11 +558,7 @@ fn init_writes_a_loadable_checkpoint() {
         .arg(&dir)
         .output()
         .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     for f in [
         "config.json",
         "model.safetensors",
@@ -615,11 +616,7 @@ fn data_preview_shows_the_mask() {
         .args(["--index", "1", "--json"])
         .output()
         .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let ids: Vec<i64> = serde_json::from_value(json["input_ids"].clone()).expect("ids");
     let labels: Vec<i64> = serde_json::from_value(json["labels"].clone()).expect("labels");
@@ -677,11 +674,7 @@ fn data_preview_shows_the_mask() {
             .expect("runs")
     };
     let out = next(&fixtures().join("images"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let ids: Vec<i64> = serde_json::from_value(json["input_ids"].clone()).expect("ids");
     assert_eq!(ids.iter().filter(|&&t| t == 600).count(), 113);
@@ -704,11 +697,7 @@ fn short_answer(question: &str) -> String {
         .args(["--prompt", &format!("{question}\n{SHORT_ANSWER}")])
         .output()
         .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let generated: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     generated["text"].as_str().expect("text").to_string()
 }
@@ -733,11 +722,7 @@ fn eval_json(sub: &str, questions: &Path, answers: &Path, extra: &[&str]) -> ser
         .arg(answers)
         .output()
         .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     serde_json::from_slice(&out.stdout).expect("json summary")
 }
 
@@ -750,11 +735,7 @@ fn score_json(sub: &str, questions: &Path, answers: &Path) -> serde_json::Value 
         .arg(answers)
         .output()
         .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     serde_json::from_slice(&out.stdout).expect("json")
 }
 
@@ -892,11 +873,7 @@ fn mmbench_tsv_to_circular_accuracy() {
         .arg(&questions)
         .output()
         .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let lines = std::fs::read_to_string(&questions).expect("questions");
     assert_eq!(lines.lines().count(), 2 + 3, "a line per rotation");
     assert!(images.join("10.png").is_file() && images.join("11.png").is_file());
@@ -913,11 +890,7 @@ fn mmbench_tsv_to_circular_accuracy() {
         .arg(&answers)
         .output()
         .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let summary = score_json("mmbench-score", &questions, &answers);
     assert_eq!(
         summary["overall"]["total"], 2,
