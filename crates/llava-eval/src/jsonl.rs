@@ -119,6 +119,15 @@ pub fn read_answers(path: &Path) -> Result<HashMap<QuestionId, Answer>, EvalErro
     Ok(out)
 }
 
+/// An answer keyed by its id, as the scorers look answers up: for their tests.
+#[cfg(test)]
+pub(crate) fn test_answer(id: impl Into<serde_json::Value>, text: &str) -> (QuestionId, Answer) {
+    let a: Answer =
+        serde_json::from_value(serde_json::json!({"question_id": id.into(), "text": text}))
+            .expect("answer");
+    (a.question_id.clone(), a)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

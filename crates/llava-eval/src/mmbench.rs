@@ -313,12 +313,7 @@ mod tests {
             q("3-0", 0, "c"),
             q("3-1", 1, "c"),
         ];
-        let answer = |id: &str, text: &str| {
-            let a: Answer =
-                serde_json::from_value(serde_json::json!({"question_id": id, "text": text}))
-                    .expect("answer");
-            (a.question_id.clone(), a)
-        };
+        let answer = crate::jsonl::test_answer;
         let answers: HashMap<_, _> = [
             answer("1-0", "A"),
             answer("1-1", "B"),

@@ -174,12 +174,7 @@ mod tests {
             q("c1y", "c1.jpg", "yes", "code_reasoning"),
             q("c1n", "c1.jpg", "no", "code_reasoning"),
         ];
-        let answer = |id: &str, text: &str| {
-            let a: Answer =
-                serde_json::from_value(serde_json::json!({"question_id": id, "text": text}))
-                    .expect("answer");
-            (a.question_id.clone(), a)
-        };
+        let answer = crate::jsonl::test_answer;
         // Existence: image 1 both right; image 2 one right and one unreadable.
         let answers: HashMap<_, _> = [
             answer("e1y", "Yes"),

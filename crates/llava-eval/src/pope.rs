@@ -148,12 +148,7 @@ mod tests {
             q(5, "no", "adversarial"),
             q(6, "yes", "adversarial"),
         ];
-        let answer = |id: i64, text: &str| {
-            let a: Answer =
-                serde_json::from_value(serde_json::json!({"question_id": id, "text": text}))
-                    .expect("answer");
-            (a.question_id.clone(), a)
-        };
+        let answer = crate::jsonl::test_answer;
         // TP 1, FN 2 (ids 2, 6), TN 1 (id 3), FP 2 (ids 4, 5).
         let answers: HashMap<_, _> = [
             answer(1, "Yes"),

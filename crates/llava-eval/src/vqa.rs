@@ -167,12 +167,7 @@ mod tests {
             qs[0].to_question().text,
             "How many cats?\nAnswer the question using a single word or phrase."
         );
-        let answer = |id: i64, text: &str| {
-            let a: Answer =
-                serde_json::from_value(serde_json::json!({"question_id": id, "text": text}))
-                    .expect("answer");
-            (a.question_id.clone(), a)
-        };
+        let answer = crate::jsonl::test_answer;
         let answers: HashMap<_, _> = [answer(1, "2"), answer(2, "Dark red."), answer(3, "")]
             .into_iter()
             .collect();
