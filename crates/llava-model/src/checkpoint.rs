@@ -188,7 +188,7 @@ impl Checkpoint {
     }
 
     /// As [`Checkpoint::load_model`], with the decoder's linear layers quantized as they are
-    /// read ([`crate::quantized`]), which candle's kernels run on the CPU.
+    /// read ([`crate::quantized`]), for inference on the CPU.
     pub fn load_model_quantized(
         &self,
         dtype: DType,

@@ -84,8 +84,8 @@ impl Llava {
 
     /// Projected tile features `[tiles, side², hidden]` of `images` (all their tiles, in order)
     /// as the rows that go in at the image positions: LLaVA-NeXT's grid with a newline after
-    /// each row ([`crate::anyres::AnyRes::pack`]), or LLaVA-1.5's tiles one after another. Training calls it
-    /// with features from a frozen tower that it detached.
+    /// each row ([`crate::anyres::AnyRes::pack`]), or LLaVA-1.5's tiles one after another.
+    /// Training calls it with features from a frozen tower that it detached.
     pub fn pack_features(&self, features: &Tensor, images: &ImageInputs) -> Result<Tensor> {
         let (Some(anyres), Some(newline)) = (self.config.anyres(), &self.image_newline) else {
             return Ok(features.flatten_to(1)?);
