@@ -129,22 +129,6 @@ impl TrainDataset {
                     stats.truncated += 1;
                     tracing::warn!(id = %record.id_string(), "sample truncated at --max-length {}", self.sample.max_length);
                 }
-                // A cut through the image's positions leaves features with nowhere to go.
-                if let Some(image) = &item.image {
-                    let id = self.sample.image_tokens.id();
-                    let kept = item.sample.input_ids.iter().filter(|&&t| t == id).count();
-                    let want = self.model_config.image_token_count(image.image_size)?;
-                    if kept < want {
-                        return self.skip(
-                            record,
-                            format!(
-                                "--max-length {} cuts through its image",
-                                self.sample.max_length
-                            ),
-                            stats,
-                        );
-                    }
-                }
                 if !item.sample.labels.iter().any(|&l| l != IGNORE_INDEX) {
                     return self.skip(
                         record,
@@ -202,6 +186,17 @@ impl TrainDataset {
             None => self.sample.clone(),
         };
         let sample = tokenize_record(&self.tokenizer, record, &opts).map_err(|e| e.to_string())?;
+        // A cut through the image's positions leaves features with nowhere to go.
+        if image.is_some() {
+            let id = opts.image_tokens.id();
+            let kept = sample.input_ids.iter().filter(|&&t| t == id).count();
+            if kept < opts.image_seq_len {
+                return Err(format!(
+                    "--max-length {} cuts through its image",
+                    opts.max_length
+                ));
+            }
+        }
         Ok(Item { sample, image })
     }
 
