@@ -78,15 +78,16 @@ impl Llava {
     /// The features of every image, in order, as `[positions, hidden]`: what goes in at the
     /// image-token positions of the prompt. One pass of the vision tower takes all the tiles.
     pub fn image_features(&self, images: &ImageInputs, mode: Mode) -> Result<Tensor> {
-        let features = self.get_image_features(&images.all_tiles()?, mode)?;
-        self.pack_features(&features, images)
+        let z = self.vision_features(&images.all_tiles()?, mode)?;
+        self.project_and_pack(&z, images)
     }
 
-    /// Projected tile features `[tiles, side², hidden]` of `images` (all their tiles, in order)
-    /// as the rows that go in at the image positions: LLaVA-NeXT's grid with a newline after
-    /// each row ([`crate::anyres::AnyRes::pack`]), or LLaVA-1.5's tiles one after another.
-    /// Training calls it with features from a frozen tower that it detached.
-    pub fn pack_features(&self, features: &Tensor, images: &ImageInputs) -> Result<Tensor> {
+    /// `Z_v` of every tile of `images` (in order) → the rows that go in at the image positions:
+    /// projected, then LLaVA-NeXT's grid with a newline after each row
+    /// ([`crate::anyres::AnyRes::pack`]), or LLaVA-1.5's tiles one after another. Training
+    /// calls it with a frozen tower's features, which it detached.
+    pub fn project_and_pack(&self, z: &Tensor, images: &ImageInputs) -> Result<Tensor> {
+        let features = self.multi_modal_projector.forward(z)?;
         let (Some(anyres), Some(newline)) = (self.config.anyres(), &self.image_newline) else {
             return Ok(features.flatten_to(1)?);
         };

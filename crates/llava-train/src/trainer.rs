@@ -31,8 +31,7 @@ pub fn batch_loss(model: &Llava, batch: &Batch, unfreeze_vision: bool) -> Result
                 // A frozen tower needs no graph: the fast fused kernels, detached.
                 model.vision_features(&tiles, Mode::Infer)?.detach()
             };
-            let projected = model.multi_modal_projector.forward(&z)?;
-            Some(model.pack_features(&projected, images)?)
+            Some(model.project_and_pack(&z, images)?)
         }
         None => None,
     };
