@@ -156,48 +156,62 @@ fn product<W: Widen, O: Send + Copy + Default>(
     n: usize,
     round: impl Fn(f32) -> O + Sync,
 ) -> Vec<O> {
-    // Outputs land weight-row-major (`[n, m]`) so that each task writes one contiguous piece.
+    by_weight_rows(
+        m,
+        n,
+        #[inline(always)]
+        |j0, out| {
+            let rows = out.len() / m;
+            let mut r = 0;
+            // Four weight rows at once: four streams in flight draw more bandwidth
+            // from memory than one (18 → 28 GB/s on the 2-core dev box).
+            while r + 4 <= rows {
+                let j = j0 + r;
+                let w4 = [0, 1, 2, 3].map(|q| &w[(j + q) * k..(j + q + 1) * k]);
+                for i in 0..m {
+                    let sums = dot4(&x[i * k..(i + 1) * k], w4);
+                    for (q, v) in sums.into_iter().enumerate() {
+                        out[(r + q) * m + i] = round(v);
+                    }
+                }
+                r += 4;
+            }
+            for r in r..rows {
+                let j = j0 + r;
+                let w_row = &w[j * k..(j + 1) * k];
+                for i in 0..m {
+                    out[r * m + i] = round(dot(&x[i * k..(i + 1) * k], w_row));
+                }
+            }
+        },
+    )
+}
+
+/// The skeleton of every product here: `task(j0, out)` fills the outputs of weight rows `j0..`
+/// (`m` each, `out` holding [`ROWS_PER_TASK`] rows or the remainder), tasks run in parallel and
+/// compiled with the SIMD features [`simd`] enables, and the result is `x Wᵀ`'s `[m, n]`.
+/// Outputs land weight-row-major (`[n, m]`) so that each task writes one contiguous piece.
+pub(crate) fn by_weight_rows<O: Send + Copy + Default>(
+    m: usize,
+    n: usize,
+    task: impl Fn(usize, &mut [O]) + Sync,
+) -> Vec<O> {
     let mut by_row = vec![O::default(); n * m];
     by_row
         .par_chunks_mut(ROWS_PER_TASK * m)
         .enumerate()
-        .for_each(|(task, out)| {
-            // Inlined so that the loops compile with the SIMD features `simd` enables.
+        .for_each(|(t, out)| {
+            // Inlined so that the task's loops compile with the SIMD features.
             simd(
                 #[inline(always)]
-                || {
-                    let j0 = task * ROWS_PER_TASK;
-                    let rows = out.len() / m;
-                    let mut r = 0;
-                    // Four weight rows at once: four streams in flight draw more bandwidth
-                    // from memory than one (18 → 28 GB/s on the 2-core dev box).
-                    while r + 4 <= rows {
-                        let j = j0 + r;
-                        let w4 = [0, 1, 2, 3].map(|q| &w[(j + q) * k..(j + q + 1) * k]);
-                        for i in 0..m {
-                            let sums = dot4(&x[i * k..(i + 1) * k], w4);
-                            for (q, v) in sums.into_iter().enumerate() {
-                                out[(r + q) * m + i] = round(v);
-                            }
-                        }
-                        r += 4;
-                    }
-                    for r in r..rows {
-                        let j = j0 + r;
-                        let w_row = &w[j * k..(j + 1) * k];
-                        for i in 0..m {
-                            out[r * m + i] = round(dot(&x[i * k..(i + 1) * k], w_row));
-                        }
-                    }
-                },
+                || task(t * ROWS_PER_TASK, out),
             )
         });
     by_row_to_outputs(by_row, m, n)
 }
 
-/// Products computed weight-row-major (`[n, m]`, so that each parallel task writes one piece)
-/// laid out as `x Wᵀ`'s `[m, n]`.
-pub(crate) fn by_row_to_outputs<O: Copy + Default>(by_row: Vec<O>, m: usize, n: usize) -> Vec<O> {
+/// Products computed weight-row-major (`[n, m]`) laid out as `x Wᵀ`'s `[m, n]`.
+fn by_row_to_outputs<O: Copy + Default>(by_row: Vec<O>, m: usize, n: usize) -> Vec<O> {
     if m == 1 {
         return by_row;
     }

@@ -10,13 +10,10 @@
 
 use rayon::prelude::*;
 
-use crate::fused::simd;
 use crate::gemv;
 
 /// Values per scale.
 pub const BLOCK: usize = 32;
-/// Weight rows per parallel task.
-const ROWS_PER_TASK: usize = 16;
 
 #[derive(Debug, Clone)]
 pub struct Q8Weight {
@@ -77,28 +74,21 @@ impl Q8Weight {
         let (n, k) = (self.n, self.k);
         debug_assert_eq!(x.len(), m * k);
         let blocks = k / BLOCK;
-        // Outputs land weight-row-major (`[n, m]`) so that each task writes one piece.
-        let mut by_row = vec![0f32; n * m];
-        by_row
-            .par_chunks_mut(ROWS_PER_TASK * m)
-            .enumerate()
-            .for_each(|(task, out)| {
-                simd(
-                    #[inline(always)]
-                    || {
-                        let j0 = task * ROWS_PER_TASK;
-                        for (r, out) in out.chunks_mut(m).enumerate() {
-                            let j = j0 + r;
-                            let q = &self.quants[j * k..(j + 1) * k];
-                            let s = &self.scales[j * blocks..(j + 1) * blocks];
-                            for (i, o) in out.iter_mut().enumerate() {
-                                *o = dot(&x[i * k..(i + 1) * k], q, s);
-                            }
-                        }
-                    },
-                )
-            });
-        gemv::by_row_to_outputs(by_row, m, n)
+        gemv::by_weight_rows(
+            m,
+            n,
+            #[inline(always)]
+            |j0, out: &mut [f32]| {
+                for (r, out) in out.chunks_mut(m).enumerate() {
+                    let j = j0 + r;
+                    let q = &self.quants[j * k..(j + 1) * k];
+                    let s = &self.scales[j * blocks..(j + 1) * blocks];
+                    for (i, o) in out.iter_mut().enumerate() {
+                        *o = dot(&x[i * k..(i + 1) * k], q, s);
+                    }
+                }
+            },
+        )
     }
 }
 
