@@ -122,13 +122,12 @@ impl Rope {
         if seq_len <= max {
             return None;
         }
-        let dim = head_dim as f32;
         let grow = (factor as f32 * seq_len as f32 / max as f32 - (factor - 1.0) as f32)
             .powf((head_dim as f64 / (head_dim as f64 - 2.0)) as f32);
         let base = self.theta as f32 * grow;
         Some(
             (0..head_dim / 2)
-                .map(|i| 1.0 / base.powf((2 * i) as f32 / dim))
+                .map(|i| plain_inv_freq(base, i, head_dim))
                 .collect(),
         )
     }
