@@ -316,6 +316,12 @@ impl LlamaModel {
         &self.rope
     }
 
+    /// The longest sequence this decoder runs, from the rope made at load: the decoder asks
+    /// at every decoded token, so the config's rope is not parsed again.
+    pub fn context_len(&self) -> usize {
+        self.rope.context_len(self.config.max_position_embeddings)
+    }
+
     /// Word embeddings for `ids` (`[batch, seq]`); ids outside the vocabulary (image
     /// placeholders) embed as token 0, since the caller overwrites those positions.
     pub fn embed(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
@@ -388,8 +394,7 @@ impl LlamaModel {
     ) -> Result<Tensor> {
         let (b, s, _) = embeds.dims3()?;
         let past = cache.seq_len();
-        // From the rope made at load: this runs at every decoded token.
-        if past + s > self.rope.context_len(self.config.max_position_embeddings) {
+        if past + s > self.context_len() {
             return Err(ModelError::Input(format!(
                 "the sequence ({} tokens) is longer than the model's context, {}",
                 past + s,

@@ -254,7 +254,7 @@ impl Pipeline {
 
     /// `max_new_tokens`, cut to what the context leaves after a prompt of `prompt_len`.
     fn max_new_tokens(&self, prompt_len: usize, max_new_tokens: usize) -> Result<usize> {
-        let max_pos = self.model.config.text_config.context_len();
+        let max_pos = self.model.language_model.context_len();
         if prompt_len >= max_pos {
             return Err(ModelError::Input(format!(
                 "the prompt is {prompt_len} tokens, but the model's context is {}",
