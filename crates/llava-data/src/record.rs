@@ -73,6 +73,16 @@ impl LlavaRecord {
             other => other.to_string(),
         }
     }
+
+    /// Where the record's image is: its `image` under `image_folder` (`--image-folder`), or
+    /// as written when there is no folder. `None` for a text-only record.
+    pub fn image_path(&self, image_folder: Option<&std::path::Path>) -> Option<std::path::PathBuf> {
+        let image = self.image.as_deref()?;
+        Some(match image_folder {
+            Some(folder) => folder.join(image),
+            None => image.into(),
+        })
+    }
 }
 
 /// Reads a LLaVA dataset: a JSON array (the released `llava_instruct_*.json` files) or JSONL

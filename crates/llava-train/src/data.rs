@@ -161,19 +161,13 @@ impl TrainDataset {
 
     fn try_item(&self, record: &LlavaRecord) -> std::result::Result<Item, String> {
         // The image first: its size sets how many positions it takes.
-        let image = match &record.image {
+        let image = match record.image_path(self.image_folder.as_deref()) {
             None => None,
-            Some(rel) => {
-                let path = match &self.image_folder {
-                    Some(folder) => folder.join(rel),
-                    None => PathBuf::from(rel),
-                };
-                Some(
-                    self.image_processor
-                        .process_path(&path)
-                        .map_err(|e| e.to_string())?,
-                )
-            }
+            Some(path) => Some(
+                self.image_processor
+                    .process_path(&path)
+                    .map_err(|e| e.to_string())?,
+            ),
         };
         let opts = match &image {
             Some(image) => SampleOptions {

@@ -84,12 +84,9 @@ fn preview(p: PreviewArgs) -> Result<()> {
         );
     };
     // LLaVA-1.5 gives every image the same positions; LLaVA-NeXT as many as its size asks for.
-    let image_seq_len = match (&record.image, checkpoint.config.is_next()) {
-        (Some(image), true) => {
-            let path = match &p.image_folder {
-                Some(folder) => folder.join(image),
-                None => PathBuf::from(image),
-            };
+    let image_path = record.image_path(p.image_folder.as_deref());
+    let image_seq_len = match (image_path, checkpoint.config.is_next()) {
+        (Some(path), true) => {
             let size = image_processor(&checkpoint, None)?
                 .process_path(&path)
                 .with_context(|| format!("record {}: the image sets its positions", p.index))?
