@@ -88,15 +88,27 @@ pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<(usize, T)>, E
 
 /// Questions in file order; a repeated id is an error naming its line.
 pub fn read_questions(path: &Path) -> Result<Vec<Question>, EvalError> {
+    read_question_file(path, |q: &Question| &q.question_id, |_| Ok(()))
+}
+
+/// Any benchmark's question file in file order: each line must pass `check` (whose message
+/// says what is wrong) and carry a `question_id` not seen before. Errors name the line.
+pub fn read_question_file<T: DeserializeOwned>(
+    path: &Path,
+    id: impl Fn(&T) -> &QuestionId,
+    check: impl Fn(&T) -> Result<(), String>,
+) -> Result<Vec<T>, EvalError> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
-    for (line, q) in read_jsonl::<Question>(path)? {
-        if !seen.insert(q.question_id.clone()) {
-            return Err(EvalError::BadLine {
-                path: path.to_path_buf(),
-                line,
-                message: format!("duplicate question_id {}", q.question_id),
-            });
+    for (line, q) in read_jsonl::<T>(path)? {
+        let bad = |message: String| EvalError::BadLine {
+            path: path.to_path_buf(),
+            line,
+            message,
+        };
+        check(&q).map_err(bad)?;
+        if !seen.insert(id(&q).clone()) {
+            return Err(bad(format!("duplicate question_id {}", id(&q))));
         }
         out.push(q);
     }

@@ -1,13 +1,13 @@
 //! Multiple-choice evaluation (ScienceQA-style): the prompt, the answer letter read from a
 //! reply, and accuracy overall and per category.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::EvalError;
-use crate::jsonl::{Answer, Question, QuestionId, read_jsonl};
+use crate::jsonl::{Answer, Question, QuestionId, read_question_file};
 use crate::tally::{ByCategory, answered};
 
 /// The instruction LLaVA appends to multiple-choice prompts.
@@ -190,29 +190,22 @@ impl McQuestion {
 /// Reads a multiple-choice file. Duplicate ids, no options, more than 26 options, or an
 /// answer key that names no option are errors naming the line.
 pub fn read_mc_questions(path: &Path) -> Result<Vec<McQuestion>, EvalError> {
-    let mut seen = HashSet::new();
-    let mut out = Vec::new();
-    for (line, q) in read_jsonl::<McQuestion>(path)? {
-        let bad = |message: String| EvalError::BadLine {
-            path: path.to_path_buf(),
-            line,
-            message,
-        };
-        if q.options.is_empty() || q.options.len() > 26 {
-            return Err(bad(format!(
-                "a question needs 1 to 26 options, found {}",
-                q.options.len()
-            )));
-        }
-        if q.answer_index().is_none() {
-            return Err(bad(format!("the answer {:?} names no option", q.answer)));
-        }
-        if !seen.insert(q.question_id.clone()) {
-            return Err(bad(format!("duplicate question_id {}", q.question_id)));
-        }
-        out.push(q);
-    }
-    Ok(out)
+    read_question_file(
+        path,
+        |q: &McQuestion| &q.question_id,
+        |q| {
+            if q.options.is_empty() || q.options.len() > 26 {
+                return Err(format!(
+                    "a question needs 1 to 26 options, found {}",
+                    q.options.len()
+                ));
+            }
+            if q.answer_index().is_none() {
+                return Err(format!("the answer {:?} names no option", q.answer));
+            }
+            Ok(())
+        },
+    )
 }
 
 /// Scores answers against the key. Questions without an answer are not scored; their

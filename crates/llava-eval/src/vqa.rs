@@ -1,13 +1,13 @@
 //! Short-answer VQA prompting (LLaVA-1.5's VQAv2/GQA style) and exact-match scoring after
 //! normalisation, so that "Two." and "2" or "the dog" and "dog" count as the same answer.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 
 use serde::Deserialize;
 
 use crate::error::EvalError;
-use crate::jsonl::{Answer, Question, QuestionId, read_jsonl};
+use crate::jsonl::{Answer, Question, QuestionId, read_question_file};
 use crate::mc::McSummary;
 use crate::tally::answered;
 
@@ -103,26 +103,19 @@ impl VqaQuestion {
 /// Reads a short-answer file. Duplicate ids and questions without a reference answer are
 /// errors naming the line.
 pub fn read_vqa_questions(path: &Path) -> Result<Vec<VqaQuestion>, EvalError> {
-    let mut seen = HashSet::new();
-    let mut out = Vec::new();
-    for (line, q) in read_jsonl::<VqaQuestion>(path)? {
-        let bad = |message: String| EvalError::BadLine {
-            path: path.to_path_buf(),
-            line,
-            message,
-        };
-        if q.references()
-            .iter()
-            .all(|r| normalize_answer(r).is_empty())
-        {
-            return Err(bad("no reference answer".into()));
-        }
-        if !seen.insert(q.question_id.clone()) {
-            return Err(bad(format!("duplicate question_id {}", q.question_id)));
-        }
-        out.push(q);
-    }
-    Ok(out)
+    read_question_file(
+        path,
+        |q: &VqaQuestion| &q.question_id,
+        |q| {
+            if q.references()
+                .iter()
+                .all(|r| normalize_answer(r).is_empty())
+            {
+                return Err("no reference answer".into());
+            }
+            Ok(())
+        },
+    )
 }
 
 /// Exact-match accuracy overall and per category. Questions without an answer are not

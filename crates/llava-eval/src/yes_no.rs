@@ -1,13 +1,12 @@
 //! Yes/no benchmark questions (POPE, MME): the file format, and the prompt LLaVA-1.5 asks
 //! them with.
 
-use std::collections::HashSet;
 use std::path::Path;
 
 use serde::Deserialize;
 
 use crate::error::EvalError;
-use crate::jsonl::{Question, QuestionId, read_jsonl};
+use crate::jsonl::{Question, QuestionId, read_question_file};
 use crate::vqa::VQA_SUFFIX;
 
 /// One yes/no question: `{question_id, image, text, label: "yes"|"no", category?}`, as POPE's
@@ -51,24 +50,17 @@ impl YesNoQuestion {
 
 /// Reads a yes/no question file. A label other than yes/no and a repeated id are errors naming the line.
 pub fn read_yes_no_questions(path: &Path) -> Result<Vec<YesNoQuestion>, EvalError> {
-    let mut seen = HashSet::new();
-    let mut out = Vec::new();
-    for (line, q) in read_jsonl::<YesNoQuestion>(path)? {
-        let bad = |message: String| EvalError::BadLine {
-            path: path.to_path_buf(),
-            line,
-            message,
-        };
-        let label = q.label.trim().to_ascii_lowercase();
-        if label != "yes" && label != "no" {
-            return Err(bad(format!("label {:?} is neither yes nor no", q.label)));
-        }
-        if !seen.insert(q.question_id.clone()) {
-            return Err(bad(format!("duplicate question_id {}", q.question_id)));
-        }
-        out.push(q);
-    }
-    Ok(out)
+    read_question_file(
+        path,
+        |q: &YesNoQuestion| &q.question_id,
+        |q| {
+            let label = q.label.trim().to_ascii_lowercase();
+            if label != "yes" && label != "no" {
+                return Err(format!("label {:?} is neither yes nor no", q.label));
+            }
+            Ok(())
+        },
+    )
 }
 
 #[cfg(test)]
