@@ -298,6 +298,19 @@ fn print_mc(
     print_accuracy(score_answers(questions, answers), json)
 }
 
+/// Writes a questions file the `*-prompts` subcommands make: one JSON value a line.
+fn write_jsonl<T: serde::Serialize>(
+    out: &std::path::Path,
+    items: impl IntoIterator<Item = T>,
+) -> anyhow::Result<()> {
+    let mut text = String::new();
+    for item in items {
+        text.push_str(&serde_json::to_string(&item)?);
+        text.push('\n');
+    }
+    std::fs::write(out, text).with_context(|| format!("cannot write {}", out.display()))
+}
+
 /// Prints an accuracy summary (multiple choice or short answer) as a table or JSON.
 fn print_accuracy(scores: (llava_eval::mc::McSummary, usize), json: bool) -> anyhow::Result<()> {
     print_scores(scores, format_mc_summary, json)
@@ -426,13 +439,7 @@ pub fn run(c: EvalCommand) -> anyhow::Result<()> {
         }
         Sub::McPrompts { questions, out } => {
             let qs = read_mc_questions(&questions)?;
-            let mut text = String::new();
-            for q in &qs {
-                text.push_str(&serde_json::to_string(&q.to_question())?);
-                text.push('\n');
-            }
-            std::fs::write(&out, text)
-                .with_context(|| format!("cannot write {}", out.display()))?;
+            write_jsonl(&out, qs.iter().map(|q| q.to_question()))?;
             eprintln!("{} questions written to {}", qs.len(), out.display());
             Ok(())
         }
@@ -449,9 +456,7 @@ pub fn run(c: EvalCommand) -> anyhow::Result<()> {
         } => {
             let rows = llava_eval::mmbench::read_mmbench_tsv(&tsv)?;
             let lines = llava_eval::mmbench::mmbench_questions(&rows, &image_dir, !no_circular)?;
-            let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
-            std::fs::write(&out, text)
-                .with_context(|| format!("cannot write {}", out.display()))?;
+            write_jsonl(&out, &lines)?;
             eprintln!(
                 "{} questions as {} lines written to {}, images to {}",
                 rows.len(),
