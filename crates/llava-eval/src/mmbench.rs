@@ -108,29 +108,12 @@ pub fn read_mmbench_tsv(path: &Path) -> Result<Vec<MmbenchRow>, EvalError> {
     Ok(rows)
 }
 
-/// The image's file extension from its first bytes.
+/// The image's file extension from its first bytes (`jpg` where they name no format).
 fn extension(image: &[u8]) -> &'static str {
-    match image {
-        [0x89, b'P', b'N', b'G', ..] => "png",
-        [b'G', b'I', b'F', ..] => "gif",
-        [
-            b'R',
-            b'I',
-            b'F',
-            b'F',
-            _,
-            _,
-            _,
-            _,
-            b'W',
-            b'E',
-            b'B',
-            b'P',
-            ..,
-        ] => "webp",
-        [b'B', b'M', ..] => "bmp",
-        _ => "jpg",
-    }
+    image::guess_format(image)
+        .ok()
+        .and_then(|format| format.extensions_str().first().copied())
+        .unwrap_or("jpg")
 }
 
 /// The multiple-choice lines for `rows` (`rotations`: every rotation of the options, or
