@@ -3,14 +3,14 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::attention;
 use crate::config::LlamaConfig;
-use crate::cuda_kernels;
+use crate::config::rope::Rope;
 use crate::error::{ModelError, Result};
-use crate::nn::{Activation, Linear, Mode, RmsNorm, rope, softmax_last_dim};
-use crate::quantized::Projection;
-use crate::rope::Rope;
-use crate::weights::WeightsView;
+use crate::kernels::attention;
+use crate::kernels::cuda_kernels;
+use crate::load::weights::WeightsView;
+use crate::model::nn::{Activation, Linear, Mode, RmsNorm, rope, softmax_last_dim};
+use crate::model::quantized::Projection;
 
 /// Keys and values of every layer for the positions seen so far: `[batch, kv_heads, seq, head_dim]`.
 #[derive(Debug, Clone, Default)]

@@ -1,0 +1,7 @@
+//! Producing text: sampling, left-padded batches, the prompt cache between chat turns, a
+//! reply's text cut at stop strings, and the end-to-end pipeline from prompt to answer.
+
+pub mod generation;
+pub mod pipeline;
+pub mod prompt_cache;
+pub mod reply_text;
