@@ -574,3 +574,37 @@ fn gradient_checkpointing_logs_the_same_losses() {
         .expect("diff");
     assert!(diff <= 1e-6, "{name} differs by {diff} after three steps");
 }
+
+#[test]
+fn dry_run_prints_the_memory_plan_and_loads_nothing() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = write_dataset(tmp.path());
+    let out_dir = tmp.path().join("out");
+    let out = train(
+        &data,
+        &out_dir,
+        &[
+            "--stage",
+            "finetune",
+            "--batch-size",
+            "2",
+            "--dry-run",
+            "--memory-budget",
+            "1",
+        ],
+    );
+    ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for part in [
+        "frozen weights",
+        "gradients",
+        "AdamW moments",
+        "activations",
+        "logits",
+    ] {
+        assert!(text.contains(part), "{part} in:\n{text}");
+    }
+    assert!(text.contains("expected peak"), "{text}");
+    assert!(text.contains("largest batch size within 1 GB: "), "{text}");
+    assert!(!out_dir.exists(), "a dry run writes nothing");
+}

@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod data;
 pub mod error;
+pub mod memory;
 pub mod optim;
 pub mod plot;
 pub mod schedule;

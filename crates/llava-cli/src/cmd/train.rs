@@ -16,6 +16,7 @@ use llava_train::checkpoint::{
     TrainerState, read_state, restore_optimizer, resume_conflicts, truncate_log,
 };
 use llava_train::data::{DataStats, TrainDataset};
+use llava_train::memory::{MemoryPlan, PlanSettings};
 use llava_train::optim::{AdamW, AdamWConfig};
 use llava_train::trainer::{Stage, TrainConfig, Trainer};
 
@@ -117,6 +118,13 @@ pub struct TrainCommand {
     /// Stop at the first bad record instead of skipping it.
     #[arg(long)]
     pub strict: bool,
+    /// Print the memory the run will need at its peak (weights, gradients, optimizer state,
+    /// activations, logits) from the config and the flags, and stop before loading anything.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// With --dry-run: also print the largest per-device batch size that fits this many GB.
+    #[arg(long, value_name = "GB", requires = "dry_run")]
+    pub memory_budget: Option<f64>,
     /// Train on this CUDA device (needs a build with `--features cuda`); the CPU otherwise.
     #[arg(long)]
     pub cuda: Option<usize>,
@@ -161,6 +169,9 @@ pub fn run(c: TrainCommand) -> Result<()> {
     };
     if config.batch_size == 0 {
         bail!("--batch-size must be at least 1");
+    }
+    if c.dry_run {
+        return print_memory_plan(&c, &config);
     }
 
     // A resumed run starts from the checkpoint's weights and state.
@@ -334,4 +345,32 @@ pub(crate) fn steps_bar(total: u64) -> ProgressBar {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar
+}
+
+/// `--dry-run`: the memory plan of this run ([`MemoryPlan`]), read from `config.json` alone.
+fn print_memory_plan(c: &TrainCommand, config: &TrainConfig) -> Result<()> {
+    let checkpoint = Checkpoint::open(&c.checkpoint.model, c.checkpoint.vision_tower.as_deref())
+        .with_context(|| format!("reading {}", c.checkpoint.model))?;
+    let model = &checkpoint.config;
+    let settings = PlanSettings {
+        stage: config.stage,
+        unfreeze_vision: config.unfreeze_vision,
+        gradient_checkpointing: config.gradient_checkpointing,
+        batch_size: config.batch_size,
+        max_length: c.max_length.unwrap_or(model.default_max_length()),
+        frozen_bytes: 4.0,
+    };
+    let plan = MemoryPlan::new(model, &settings);
+    println!(
+        "memory plan for {} ({:?}, batch {} × {} tokens, f32 on one device):",
+        c.checkpoint.model, config.stage, settings.batch_size, settings.max_length
+    );
+    println!("{plan}");
+    if let Some(gb) = c.memory_budget {
+        match MemoryPlan::largest_batch(model, &settings, gb * 1e9) {
+            Some(b) => println!("largest batch size within {gb} GB: {b}"),
+            None => println!("not even batch size 1 fits in {gb} GB"),
+        }
+    }
+    Ok(())
 }
