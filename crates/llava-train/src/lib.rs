@@ -5,9 +5,12 @@
 pub mod adamw_cpu;
 pub mod checkpoint;
 pub mod clip;
+pub mod collective;
 pub mod data;
 pub mod error;
 pub mod memory;
+#[cfg(feature = "mpi")]
+pub mod mpi_world;
 pub mod optim;
 pub mod plot;
 pub mod schedule;

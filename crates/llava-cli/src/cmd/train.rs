@@ -15,6 +15,7 @@ use llava_model::{Checkpoint, DType, Device, Llava};
 use llava_train::checkpoint::{
     TrainerState, read_state, restore_optimizer, resume_conflicts, truncate_log,
 };
+use llava_train::collective::Collective;
 use llava_train::data::{DataStats, TrainDataset};
 use llava_train::memory::{MemoryPlan, PlanSettings};
 use llava_train::optim::{AdamW, AdamWConfig};
@@ -134,6 +135,24 @@ pub struct TrainCommand {
 }
 
 pub fn run(c: TrainCommand) -> Result<()> {
+    if c.dry_run {
+        return train(c, &llava_train::collective::SingleProcess);
+    }
+    let job = super::ranks::join_job()?;
+    let (rank, world) = (job.rank(), job.world_size());
+    match train(c, job.as_ref()) {
+        Err(e) if world > 1 => {
+            // Returning would wait in MPI_Finalize while the other ranks wait in a sum.
+            eprintln!("error: rank {rank} of {world}: {e:#}");
+            job.abort(1)
+        }
+        result => result,
+    }
+}
+
+/// The run on this rank of `job` (one process: a world of one).
+fn train(c: TrainCommand, job: &dyn Collective) -> Result<()> {
+    let lead = job.rank() == 0;
     let stage = match c.stage {
         StageArg::Pretrain => Stage::Pretrain,
         StageArg::Finetune => Stage::Finetune,
@@ -189,6 +208,8 @@ pub fn run(c: TrainCommand) -> Result<()> {
             }
             (dir.to_string_lossy().to_string(), state)
         }
+        // Rank 0 checks before it writes anything; the others would see its new log.
+        None if !lead => (c.checkpoint.model.clone(), TrainerState::default()),
         None => {
             if c.output.join("train_log.jsonl").exists()
                 || c.output.join("trainer_state.json").exists()
@@ -204,7 +225,7 @@ pub fn run(c: TrainCommand) -> Result<()> {
     };
     std::fs::create_dir_all(&c.output)
         .with_context(|| format!("creating {}", c.output.display()))?;
-    if c.resume.is_some() {
+    if c.resume.is_some() && lead {
         truncate_log(&c.output, state.step)?;
     }
 
@@ -304,9 +325,13 @@ pub fn run(c: TrainCommand) -> Result<()> {
         source_dir: checkpoint.dir.clone(),
         device,
         stats: DataStats::default(),
+        collective: job,
     };
     let total = trainer.total_steps();
-    let bar = steps_bar(total).with_position(trainer.state.step);
+    let bar = match lead {
+        true => steps_bar(total).with_position(trainer.state.step),
+        false => ProgressBar::hidden(),
+    };
     let mut last = None;
     trainer.train(|log| {
         bar.set_position(log.step);
@@ -326,7 +351,7 @@ pub fn run(c: TrainCommand) -> Result<()> {
             stats.skipped, stats.truncated
         );
     }
-    if let Some(l) = last {
+    if let Some(l) = last.filter(|_| lead) {
         eprintln!(
             "done: step {} · loss {:.4} · saved to {}",
             l.step,
