@@ -132,6 +132,8 @@ pub struct Trainer<'a> {
     pub source_dir: PathBuf,
     pub device: Device,
     pub stats: DataStats,
+    /// The run as `loss.png`'s title names it: stage, model, data.
+    pub title: String,
 }
 
 impl Trainer<'_> {
@@ -283,10 +285,7 @@ impl Trainer<'_> {
 
     fn save(&self, dir: &Path) -> Result<()> {
         let log = self.output.join("train_log.jsonl");
-        crate::plot::plot_loss(
-            &self.output.join("loss.png"),
-            &crate::plot::read_losses(&log)?,
-        )?;
+        crate::plot::plot_log(&log, &self.output.join("loss.png"), &self.title)?;
         save_checkpoint(
             dir,
             &self.source_dir,
