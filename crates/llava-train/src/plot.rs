@@ -8,6 +8,7 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
+use image::ImageEncoder;
 use plotters::prelude::*;
 use plotters::style::{FontStyle, register_font};
 
@@ -19,6 +20,9 @@ pub const HEIGHT: u32 = 640;
 pub const TITLE_HEIGHT: u32 = 44;
 /// Pixel columns left of each panel, where its y ticks and label go.
 pub const Y_LABEL_WIDTH: u32 = 100;
+/// Pixel columns left of the y label areas: plotters sets the rotated axis label at the
+/// area's edge, half outside it.
+pub const LEFT_MARGIN: u32 = 14;
 /// Pixel rows under the learning-rate panel, where the step ticks and label go.
 pub const X_LABEL_HEIGHT: u32 = 48;
 /// The loss panel's share of the height below the title; the learning rate has the rest.
@@ -137,11 +141,16 @@ pub fn plot_loss(path: &Path, title: &str, points: &[LogPoint]) -> Result<()> {
     ensure_font().map_err(plot_err)?;
     let mut buffer = vec![255u8; (WIDTH * HEIGHT * 3) as usize];
     draw(&mut buffer, title, points).map_err(plot_err)?;
-    let img = image::RgbImage::from_raw(WIDTH, HEIGHT, buffer)
-        .ok_or_else(|| plot_err("buffer size".into()))?;
+    // Best compression: a mostly white picture is about a third of the default's size.
     let tmp = path.with_extension("png.tmp");
-    img.save_with_format(&tmp, image::ImageFormat::Png)
-        .map_err(|e| plot_err(e.to_string()))?;
+    let file = std::fs::File::create(&tmp).map_err(TrainError::io(&tmp))?;
+    image::codecs::png::PngEncoder::new_with_quality(
+        std::io::BufWriter::new(file),
+        image::codecs::png::CompressionType::Best,
+        image::codecs::png::FilterType::Adaptive,
+    )
+    .write_image(&buffer, WIDTH, HEIGHT, image::ExtendedColorType::Rgb8)
+    .map_err(|e| plot_err(e.to_string()))?;
     std::fs::rename(&tmp, path).map_err(TrainError::io(path))
 }
 
@@ -153,7 +162,7 @@ fn draw(buffer: &mut [u8], title: &str, points: &[LogPoint]) -> std::result::Res
         .draw_text(
             title,
             &("sans-serif", 20).into_font().color(&BLACK),
-            (Y_LABEL_WIDTH as i32, 14),
+            ((LEFT_MARGIN + Y_LABEL_WIDTH) as i32, 14),
         )
         .map_err(|e| err(&e))?;
     let split = ((HEIGHT - TITLE_HEIGHT) as f64 * LOSS_SHARE) as u32;
@@ -174,6 +183,7 @@ fn draw(buffer: &mut [u8], title: &str, points: &[LogPoint]) -> std::result::Res
 
     let mut chart = ChartBuilder::on(&loss_area)
         .margin_right(24)
+        .margin_left(LEFT_MARGIN)
         .margin_top(8)
         .x_label_area_size(8)
         .y_label_area_size(Y_LABEL_WIDTH)
@@ -236,6 +246,7 @@ fn draw(buffer: &mut [u8], title: &str, points: &[LogPoint]) -> std::result::Res
     let lr_lo = lr_lo.max(0.0);
     let mut chart = ChartBuilder::on(&lr_area)
         .margin_right(24)
+        .margin_left(LEFT_MARGIN)
         .margin_top(8)
         .x_label_area_size(X_LABEL_HEIGHT)
         .y_label_area_size(Y_LABEL_WIDTH)
@@ -246,7 +257,13 @@ fn draw(buffer: &mut [u8], title: &str, points: &[LogPoint]) -> std::result::Res
         .x_desc("step")
         .y_desc("learning rate")
         .y_labels(4)
-        .y_label_formatter(&|v| format!("{v:.1e}"))
+        .y_label_formatter(&|v| {
+            if *v == 0.0 {
+                "0".into()
+            } else {
+                format!("{v:.1e}")
+            }
+        })
         .light_line_style(RGBColor(238, 238, 238))
         .bold_line_style(RGBColor(215, 215, 215))
         .label_style(("sans-serif", 14))

@@ -2,7 +2,9 @@
 //! axis regions (the embedded font draws), the raw loss faint, the smoothed line over it and
 //! the learning rate below.
 
-use llava_train::plot::{HEIGHT, TITLE_HEIGHT, WIDTH, X_LABEL_HEIGHT, Y_LABEL_WIDTH, plot_log};
+use llava_train::plot::{
+    HEIGHT, LEFT_MARGIN, TITLE_HEIGHT, WIDTH, X_LABEL_HEIGHT, Y_LABEL_WIDTH, plot_log,
+};
 
 /// 300 steps in the trainer's format: a loss falling from 4 to 1 with alternating spikes (two
 /// kinds of batch), and a warmup + cosine learning rate.
@@ -52,12 +54,12 @@ fn loss_png_has_a_title_axes_a_smoothed_curve_and_the_learning_rate() {
     let title = dark(&img, (0, WIDTH), (0, TITLE_HEIGHT));
     let y_axis = dark(
         &img,
-        (0, Y_LABEL_WIDTH - 12),
+        (0, LEFT_MARGIN + Y_LABEL_WIDTH - 12),
         (TITLE_HEIGHT, HEIGHT - X_LABEL_HEIGHT),
     );
     let x_axis = dark(
         &img,
-        (Y_LABEL_WIDTH, WIDTH),
+        (LEFT_MARGIN + Y_LABEL_WIDTH, WIDTH),
         (HEIGHT - X_LABEL_HEIGHT + 10, HEIGHT),
     );
     assert!(title > 300, "title text ({title} dark pixels)");
