@@ -10,5 +10,6 @@ pub mod error;
 pub mod optim;
 pub mod plot;
 pub mod schedule;
+pub mod smoothing;
 pub mod tower;
 pub mod trainer;

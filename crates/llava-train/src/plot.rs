@@ -5,14 +5,18 @@
 //! The text is set in DejaVu Sans, embedded in the binary (the `dejavu` crate) and rasterised by
 //! plotters' `ab_glyph` backend, so drawing needs no system fonts or libraries.
 
+use std::ops::Range;
 use std::path::Path;
 use std::sync::OnceLock;
 
 use image::ImageEncoder;
+use plotters::coord::Shift;
+use plotters::coord::types::{RangedCoordf64, RangedCoordu64};
 use plotters::prelude::*;
 use plotters::style::{FontStyle, register_font};
 
 use crate::error::{Result, TrainError};
+use crate::smoothing::{ema, smoothing_weight};
 
 pub const WIDTH: u32 = 960;
 pub const HEIGHT: u32 = 640;
@@ -60,32 +64,6 @@ pub fn read_log(log: &Path) -> Result<Vec<LogPoint>> {
 /// Redraws `png` from the log at `log`, under `title`.
 pub fn plot_log(log: &Path, png: &Path, title: &str) -> Result<()> {
     plot_loss(png, title, &read_log(log)?)
-}
-
-/// The smoothing weight for `n` points: TensorBoard's slider, set so that the average spans
-/// about a thirtieth of the run (0.6, TensorBoard's default, for short runs; at most 0.99).
-pub fn smoothing_weight(n: usize) -> f64 {
-    (1.0 - 30.0 / n.max(1) as f64).clamp(0.6, 0.99)
-}
-
-/// TensorBoard's smoothing: an exponential moving average with weight `weight` on the past,
-/// debiased for its zero start (`last / (1 - weight^k)` after k values) so that the line starts
-/// on the first value rather than near zero. Non-finite values pass through unsmoothed.
-pub fn ema(values: &[f64], weight: f64) -> Vec<f64> {
-    let mut last = 0.0;
-    let mut count = 0i32;
-    values
-        .iter()
-        .map(|&v| {
-            if !v.is_finite() {
-                return v;
-            }
-            last = last * weight + (1.0 - weight) * v;
-            count += 1;
-            let debias = 1.0 - weight.powi(count);
-            if debias > 0.0 { last / debias } else { v }
-        })
-        .collect()
 }
 
 /// Registers the embedded font with plotters once per process.
@@ -154,6 +132,49 @@ pub fn plot_loss(path: &Path, title: &str, points: &[LogPoint]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(TrainError::io(path))
 }
 
+type Panel<'a, 'b> =
+    ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordu64, RangedCoordf64>>;
+
+/// One panel under the title: steps across (shared by both panels), `y` up, with room for
+/// the y ticks on the left and `x_label_height` rows for the step ticks below.
+fn panel<'a, 'b>(
+    area: &'a DrawingArea<BitMapBackend<'b>, Shift>,
+    x_label_height: u32,
+    steps: Range<u64>,
+    y: Range<f64>,
+) -> std::result::Result<Panel<'a, 'b>, String> {
+    ChartBuilder::on(area)
+        .margin_right(24)
+        .margin_left(LEFT_MARGIN)
+        .margin_top(8)
+        .x_label_area_size(x_label_height)
+        .y_label_area_size(Y_LABEL_WIDTH)
+        .build_cartesian_2d(steps, y)
+        .map_err(|e| e.to_string())
+}
+
+/// A panel's grid, ticks and axis labels, each axis as (label, tick text).
+fn draw_axes(
+    chart: &mut Panel,
+    (x_desc, x_ticks): (&str, &dyn Fn(&u64) -> String),
+    (y_desc, y_ticks): (&str, &dyn Fn(&f64) -> String),
+    y_tick_count: usize,
+) -> std::result::Result<(), String> {
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .x_label_formatter(x_ticks)
+        .y_desc(y_desc)
+        .y_label_formatter(y_ticks)
+        .y_labels(y_tick_count)
+        .light_line_style(RGBColor(238, 238, 238))
+        .bold_line_style(RGBColor(215, 215, 215))
+        .label_style(("sans-serif", 14))
+        .axis_desc_style(("sans-serif", 16))
+        .draw()
+        .map_err(|e| e.to_string())
+}
+
 fn draw(buffer: &mut [u8], title: &str, points: &[LogPoint]) -> std::result::Result<(), String> {
     let err = |e: &dyn std::fmt::Display| e.to_string();
     let root = BitMapBackend::with_buffer(buffer, (WIDTH, HEIGHT)).into_drawing_area();
@@ -181,25 +202,14 @@ fn draw(buffer: &mut [u8], title: &str, points: &[LogPoint]) -> std::result::Res
     let (lo, hi) = padded_range(losses.iter().copied());
     let finite = |(s, v): (u64, f64)| v.is_finite().then_some((s, v));
 
-    let mut chart = ChartBuilder::on(&loss_area)
-        .margin_right(24)
-        .margin_left(LEFT_MARGIN)
-        .margin_top(8)
-        .x_label_area_size(8)
-        .y_label_area_size(Y_LABEL_WIDTH)
-        .build_cartesian_2d(first_step..last_step, lo..hi)
-        .map_err(|e| err(&e))?;
-    chart
-        .configure_mesh()
-        .x_label_formatter(&|_| String::new())
-        .y_label_formatter(&|v| tick_label(*v, hi - lo))
-        .y_desc("loss")
-        .light_line_style(RGBColor(238, 238, 238))
-        .bold_line_style(RGBColor(215, 215, 215))
-        .label_style(("sans-serif", 14))
-        .axis_desc_style(("sans-serif", 16))
-        .draw()
-        .map_err(|e| err(&e))?;
+    let steps = first_step..last_step;
+    let mut chart = panel(&loss_area, 8, steps.clone(), lo..hi)?;
+    draw_axes(
+        &mut chart,
+        ("", &|_| String::new()),
+        ("loss", &|v| tick_label(*v, hi - lo)),
+        10,
+    )?;
     chart
         .draw_series(LineSeries::new(
             points.iter().map(|p| (p.step, p.loss)).filter_map(finite),
@@ -244,32 +254,20 @@ fn draw(buffer: &mut [u8], title: &str, points: &[LogPoint]) -> std::result::Res
 
     let (lr_lo, lr_hi) = padded_range(points.iter().map(|p| p.lr));
     let lr_lo = lr_lo.max(0.0);
-    let mut chart = ChartBuilder::on(&lr_area)
-        .margin_right(24)
-        .margin_left(LEFT_MARGIN)
-        .margin_top(8)
-        .x_label_area_size(X_LABEL_HEIGHT)
-        .y_label_area_size(Y_LABEL_WIDTH)
-        .build_cartesian_2d(first_step..last_step, lr_lo..lr_hi)
-        .map_err(|e| err(&e))?;
-    chart
-        .configure_mesh()
-        .x_desc("step")
-        .y_desc("learning rate")
-        .y_labels(4)
-        .y_label_formatter(&|v| {
-            if *v == 0.0 {
-                "0".into()
-            } else {
-                format!("{v:.1e}")
-            }
-        })
-        .light_line_style(RGBColor(238, 238, 238))
-        .bold_line_style(RGBColor(215, 215, 215))
-        .label_style(("sans-serif", 14))
-        .axis_desc_style(("sans-serif", 16))
-        .draw()
-        .map_err(|e| err(&e))?;
+    let mut chart = panel(&lr_area, X_LABEL_HEIGHT, steps, lr_lo..lr_hi)?;
+    let lr_label = |v: &f64| {
+        if *v == 0.0 {
+            "0".into()
+        } else {
+            format!("{v:.1e}")
+        }
+    };
+    draw_axes(
+        &mut chart,
+        ("step", &|v| v.to_string()),
+        ("learning rate", &lr_label),
+        4,
+    )?;
     chart
         .draw_series(LineSeries::new(
             points.iter().map(|p| (p.step, p.lr)).filter_map(finite),
@@ -282,24 +280,6 @@ fn draw(buffer: &mut [u8], title: &str, points: &[LogPoint]) -> std::result::Res
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ema_is_tensorboards_debiased_average() {
-        // weight 0.5: 0.5·1 / (1 - 0.5) = 1; (0.25 + 0.5·3) / (1 - 0.25) = 7/3.
-        let s = ema(&[1.0, 3.0, f64::NAN, 3.0], 0.5);
-        assert!((s[0] - 1.0).abs() < 1e-12);
-        assert!((s[1] - 7.0 / 3.0).abs() < 1e-12);
-        assert!(s[2].is_nan());
-        // The NaN is passed over: (1.75·0.5 + 0.5·3) / (1 - 0.5³) = 2.375 / 0.875.
-        assert!((s[3] - 2.375 / 0.875).abs() < 1e-12);
-    }
-
-    #[test]
-    fn smoothing_weight_follows_the_run_length() {
-        assert_eq!(smoothing_weight(10), 0.6);
-        assert!((smoothing_weight(300) - 0.9).abs() < 1e-12);
-        assert_eq!(smoothing_weight(100_000), 0.99);
-    }
 
     #[test]
     fn tick_labels_carry_the_decimals_the_span_needs() {
