@@ -608,3 +608,102 @@ fn dry_run_prints_the_memory_plan_and_loads_nothing() {
     assert!(text.contains("largest batch size within 1 GB: "), "{text}");
     assert!(!out_dir.exists(), "a dry run writes nothing");
 }
+
+/// The eight good records with the three malformed ones among them: `conversations`
+/// null, a number for `conversations`, and a turn without `from`.
+fn write_dataset_with_bad_records(dir: &Path) -> PathBuf {
+    let good = write_dataset(dir);
+    let mut records: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&good).expect("read")).expect("json");
+    records.insert(
+        2,
+        serde_json::json!({"id": "null-conversations", "image": IMAGES[0], "conversations": null}),
+    );
+    records.insert(5, serde_json::json!({"id": 1234, "conversations": 5}));
+    records.push(serde_json::json!({"id": "no-from", "image": IMAGES[1],
+        "conversations": [{"value": "<image>\nWhat is here?"}, {"from": "gpt", "value": "A square."}]}));
+    std::fs::write(&good, serde_json::to_string(&records).expect("json")).expect("write");
+    good
+}
+
+const BAD_IDS: [&str; 3] = ["null-conversations", "1234", "no-from"];
+
+#[test]
+fn malformed_records_are_skipped_by_id_and_the_rest_train() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = write_dataset_with_bad_records(tmp.path());
+    let args = [
+        "--stage",
+        "finetune",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "2",
+    ];
+    let out_dir = tmp.path().join("out");
+    // stderr is a pipe here: the warnings come without colour codes.
+    let run = train(&data, &out_dir, &args);
+    ok(&run);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        !stderr.contains('\x1b'),
+        "no ANSI codes when piped:\n{stderr}"
+    );
+    for id in BAD_IDS {
+        let warning = stderr
+            .lines()
+            .find(|l| l.contains("WARN") && l.contains(&format!("id={id}")))
+            .unwrap_or_else(|| panic!("no warning names {id}:\n{stderr}"));
+        assert!(
+            warning.contains("skipping record: not a LLaVA record"),
+            "{warning}"
+        );
+    }
+    assert!(
+        stderr.contains("8 records"),
+        "the good eight train:\n{stderr}"
+    );
+    assert!(stderr.contains("skipped 3 bad records"), "{stderr}");
+    assert_eq!(losses(&out_dir).len(), 2);
+
+    // --strict stops at the first, by id.
+    let strict = train(
+        &data,
+        &tmp.path().join("strict"),
+        &[&args[..], &["--strict"]].concat(),
+    );
+    assert!(!strict.status.success());
+    let stderr = String::from_utf8_lossy(&strict.stderr);
+    assert!(
+        stderr.contains("error:")
+            && stderr.contains("record null-conversations: not a LLaVA record"),
+        "{stderr}"
+    );
+
+    // --color always keeps the colours, even piped (and over NO_COLOR, which only sets `auto`).
+    let coloured = train_command(&base_model(), &data, &tmp.path().join("colour"), &args)
+        .args(["--color", "always"])
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("runs");
+    ok(&coloured);
+    let stderr = String::from_utf8_lossy(&coloured.stderr);
+    assert!(
+        stderr.contains("\x1b["),
+        "colour codes with --color always:\n{stderr}"
+    );
+}
+
+#[test]
+fn a_dataset_that_is_not_json_fails_as_a_file() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data.json");
+    std::fs::write(&data, "[{\"id\": 1, \"conversations\": [}").expect("write");
+    let run = train(&data, &tmp.path().join("out"), &["--stage", "finetune"]);
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stderr.contains("not a JSON array of LLaVA records"),
+        "{stderr}"
+    );
+}

@@ -14,5 +14,6 @@ pub mod mpi_world;
 pub mod optim;
 pub mod plot;
 pub mod schedule;
+pub mod smoothing;
 pub mod tower;
 pub mod trainer;

@@ -139,6 +139,8 @@ pub struct Trainer<'a> {
     /// The job's ranks ([`crate::collective::SingleProcess`] alone): each takes its slice of
     /// every global batch, and rank 0 writes the log and the checkpoints.
     pub collective: &'a dyn Collective,
+    /// The run as `loss.png`'s title names it: stage, model, data.
+    pub title: String,
 }
 
 impl Trainer<'_> {
@@ -395,10 +397,7 @@ impl Trainer<'_> {
 
     fn save(&self, dir: &Path) -> Result<()> {
         let log = self.output.join("train_log.jsonl");
-        crate::plot::plot_loss(
-            &self.output.join("loss.png"),
-            &crate::plot::read_losses(&log)?,
-        )?;
+        crate::plot::plot_log(&log, &self.output.join("loss.png"), &self.title)?;
         save_checkpoint(
             dir,
             &self.source_dir,

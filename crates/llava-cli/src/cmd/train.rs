@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use llava_data::conversation::ConvTemplate;
-use llava_data::record::read_dataset;
+use llava_data::record::read_records;
 use llava_data::sample::SampleOptions;
 use llava_data::tokenizer::Tokenizer;
 use llava_model::pipeline::image_processor;
@@ -16,7 +16,7 @@ use llava_train::checkpoint::{
     TrainerState, read_state, restore_optimizer, resume_conflicts, truncate_log,
 };
 use llava_train::collective::Collective;
-use llava_train::data::{DataStats, TrainDataset};
+use llava_train::data::{DataStats, TrainDataset, usable_records};
 use llava_train::memory::{MemoryPlan, PlanSettings};
 use llava_train::optim::{AdamW, AdamWConfig};
 use llava_train::trainer::{Stage, TrainConfig, Trainer};
@@ -280,8 +280,11 @@ fn train(c: TrainCommand, job: &dyn Collective) -> Result<()> {
         .token_to_id("<pad>")
         .or(checkpoint.config.text_config.pad_token_id)
         .unwrap_or(0);
+    let mut stats = DataStats::default();
+    let records = usable_records(read_records(&c.data)?, c.strict, &mut stats)
+        .with_context(|| format!("{} (--strict)", c.data.display()))?;
     let data = TrainDataset {
-        records: read_dataset(&c.data)?,
+        records,
         image_folder: c.image_folder.clone(),
         image_processor: image_processor(&checkpoint, aspect)?,
         sample: SampleOptions {
@@ -324,7 +327,8 @@ fn train(c: TrainCommand, job: &dyn Collective) -> Result<()> {
         source: &weights,
         source_dir: checkpoint.dir.clone(),
         device,
-        stats: DataStats::default(),
+        stats,
+        title: run_title(stage, &c.checkpoint.model, &c.data),
         collective: job,
     };
     let total = trainer.total_steps();
@@ -360,6 +364,29 @@ fn train(c: TrainCommand, job: &dyn Collective) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `loss.png`'s title: the stage, and the model and data as their last two path components
+/// (a hub id whole, `demo/init` for `out/demo/init`).
+fn run_title(stage: Stage, model: &str, data: &std::path::Path) -> String {
+    let tail = |p: &std::path::Path| {
+        let parts: Vec<String> = p
+            .components()
+            .rev()
+            .take(2)
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect();
+        parts.into_iter().rev().collect::<Vec<_>>().join("/")
+    };
+    let stage = match stage {
+        Stage::Pretrain => "stage 1 (pretrain)",
+        Stage::Finetune => "stage 2 (finetune)",
+    };
+    format!(
+        "{stage} · model {} · data {}",
+        tail(std::path::Path::new(model)),
+        tail(data)
+    )
 }
 
 /// The progress bar of a training run: steps, a message (loss, lr, speed) and the ETA.
