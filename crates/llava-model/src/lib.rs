@@ -4,6 +4,7 @@
 pub mod amx;
 pub mod anyres;
 pub mod attention;
+pub mod batch_decode;
 pub mod checkpoint;
 pub mod config;
 pub mod cuda_kernels;
