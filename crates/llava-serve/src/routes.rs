@@ -53,6 +53,7 @@ pub fn router(state: Arc<AppState>) -> Result<Router, ServeError> {
     let mut router = Router::new()
         .merge(protected)
         .route("/health", get(health))
+        .route("/", get(page))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state.clone());
@@ -79,6 +80,15 @@ pub fn router(state: Arc<AppState>) -> Result<Router, ServeError> {
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {
     ApiError::not_found(method.as_str(), uri.path())
+}
+
+/// The web chat page: one file in the binary, nothing fetched from elsewhere.
+async fn page() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("page.html"),
+    )
+        .into_response()
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> Response {

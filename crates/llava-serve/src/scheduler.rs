@@ -77,7 +77,7 @@ struct Prepared {
 /// A sequence in the batch. Its row's cache holds everything but `pending`, its latest token.
 struct Running<'p> {
     events: UnboundedSender<Event>,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
     sampler: Sampler,
     reply: ReplyText<'p>,
     prompt_tokens: usize,
@@ -256,7 +256,7 @@ fn admit<'p>(
         .observe(p.job.received.elapsed());
     let mut seq = Running {
         events: p.job.events,
-        _permit: p.job.permit,
+        permit: p.job.permit,
         sampler,
         reply: ReplyText::new(&pipeline.tokenizer, p.stops),
         prompt_tokens: p.input_ids.len(),
@@ -335,6 +335,8 @@ fn finish_seq(seq: Running, finish: Option<FinishReason>) {
     };
     let events = seq.events;
     let usage = Usage::new(seq.prompt_tokens, seq.generated);
+    // Freed before the client hears of the end, so that its next request finds the place.
+    drop(seq.permit);
     match seq.reply.finish(&mut |text| {
         let _ = events.send(Event::Text(text.to_string()));
     }) {

@@ -525,3 +525,26 @@ fn health_is_503_while_the_model_loads() {
         200
     );
 }
+
+#[test]
+fn the_chat_page_is_served_whole_without_auth() {
+    let s = TestServer::start(ServeConfig {
+        api_keys: vec!["k".into()],
+        ..ServeConfig::default()
+    })
+    .ready();
+    let r = s.client.get(s.url("/")).send().expect("send");
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .expect("ascii")
+            .starts_with("text/html")
+    );
+    let html = r.text().expect("text");
+    assert!(html.contains("/v1/chat/completions") && html.contains("</html>"));
+    // Offline: no script, style or image from another origin.
+    for outside in ["src=\"http", "href=\"http", "url(http", "import "] {
+        assert!(!html.contains(outside), "{outside}");
+    }
+}
