@@ -17,13 +17,12 @@ use crate::nn::Mode;
 
 /// Rows in `cache`: 0 when nothing has been run through it.
 pub fn rows(cache: &KvCache) -> usize {
-    cache
-        .layers
-        .iter()
-        .flatten()
-        .next()
-        .map(|(k, _)| k.dim(0).unwrap_or(0))
-        .unwrap_or(0)
+    first_keys(cache).map_or(0, |k| k.dim(0).unwrap_or(0))
+}
+
+/// The first layer's keys, `[rows, kv_heads, seq, head_dim]`: every layer's have that shape.
+fn first_keys(cache: &KvCache) -> Option<&Tensor> {
+    cache.layers.iter().flatten().next().map(|(k, _)| k)
 }
 
 /// Appends the rows of `other` (a prefilled sequence or batch) to `batch`, below its own. An
@@ -83,14 +82,9 @@ pub fn join(batch: &mut KvCache, other: KvCache) -> Result<()> {
 /// `left_pad` entry per row.
 fn padded(mut cache: KvCache, pad: usize) -> Result<KvCache> {
     let (r, t) = (rows(&cache), cache.seq_len());
-    let Some(device) = cache
-        .layers
-        .iter()
-        .flatten()
-        .next()
-        .map(|(k, _)| k.device().clone())
-    else {
-        return Err(ModelError::Input("the cache is empty".into()));
+    let device = match first_keys(&cache) {
+        Some(k) => k.device().clone(),
+        None => return Err(ModelError::Input("the cache is empty".into())),
     };
     if cache.left_pad.is_empty() {
         cache.left_pad = vec![0; r];

@@ -98,12 +98,7 @@ pub fn run(
     let mut running: Vec<Running> = Vec::new();
     let mut cache = KvCache::new();
     loop {
-        metrics
-            .waiting
-            .store(waiting.len() as u64, Ordering::Relaxed);
-        metrics
-            .running
-            .store(running.len() as u64, Ordering::Relaxed);
+        publish(&metrics, waiting.len(), running.len());
         if running.is_empty() && waiting.is_empty() {
             match jobs.blocking_recv() {
                 Some(job) => waiting.extend(prepare(pipeline, job)),
@@ -120,12 +115,7 @@ pub fn run(
         {
             admit(pipeline, next, &mut running, &mut cache, &metrics);
         }
-        metrics
-            .waiting
-            .store(waiting.len() as u64, Ordering::Relaxed);
-        metrics
-            .running
-            .store(running.len() as u64, Ordering::Relaxed);
+        publish(&metrics, waiting.len(), running.len());
         if running.is_empty() {
             continue;
         }
@@ -156,6 +146,12 @@ pub fn run(
         };
         leave(&mut running, &mut cache, outcomes);
     }
+}
+
+/// The queue-depth and running-sequence gauges.
+fn publish(metrics: &Metrics, waiting: usize, running: usize) {
+    metrics.waiting.store(waiting as u64, Ordering::Relaxed);
+    metrics.running.store(running as u64, Ordering::Relaxed);
 }
 
 /// Renders, tokenises and checks a job against the context; tells its handler either way.
