@@ -18,7 +18,12 @@ fn load(dir: &str, stored: bool, dtype: DType) -> Result<Llava> {
             std::env::remove_var("LLAVA_NO_GEMM_LAYOUT");
         }
     }
-    Ok(Checkpoint::open(dir, None)?.load_model(dtype, &Device::Cpu)?)
+    Ok(Llava::from_checkpoint(
+        &Checkpoint::open(dir, None)?,
+        dtype,
+        &Device::Cpu,
+        None,
+    )?)
 }
 
 fn main() -> Result<()> {

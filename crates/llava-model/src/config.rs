@@ -3,11 +3,14 @@
 //! Released checkpoints omit any field equal to transformers' default (llava-1.5-7b-hf's
 //! `vision_config` gives only a handful), so every default below is transformers' own.
 
+pub mod anyres;
+pub mod rope;
+
 use serde::{Deserialize, Serialize};
 
-use crate::anyres::AnyRes;
-use crate::rope::yarn_mscale;
-pub use crate::rope::{Rope, RopeScaling};
+use crate::config::anyres::AnyRes;
+use crate::config::rope::yarn_mscale;
+pub use crate::config::rope::{Rope, RopeScaling};
 
 /// `vision_feature_layer`: one hidden-state index, or several whose features are concatenated.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -391,7 +394,7 @@ pub struct LlavaConfig {
     /// every `<image>` is written `<im_start><image><im_end>` before it is tokenised.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub mm_use_im_start_end: bool,
-    /// LLaVA-NeXT's grid resolutions, `(height, width)` (see [`crate::anyres`]); absent in
+    /// LLaVA-NeXT's grid resolutions, `(height, width)` (see [`crate::config::anyres`]); absent in
     /// LLaVA-1.5 configs, and in a `llava_next` config transformers' default applies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_grid_pinpoints: Option<Vec<[u32; 2]>>,
@@ -424,7 +427,7 @@ impl LlavaConfig {
     }
 
     /// LLaVA-NeXT (`llava_next`): images are tiled and their features packed by
-    /// [`crate::anyres`].
+    /// [`crate::config::anyres`].
     pub fn is_next(&self) -> bool {
         self.model_type == "llava_next"
     }

@@ -94,6 +94,9 @@ pub struct TrainConfig {
     pub group_by_modality_length: bool,
     pub save_steps: Option<u64>,
     pub unfreeze_vision: bool,
+    /// Recompute each decoder layer in backward instead of keeping its activations.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 /// One line of `train_log.jsonl`.
@@ -146,6 +149,9 @@ impl Trainer<'_> {
 
     /// Runs until the step budget is spent, calling `on_step` after every optimizer step.
     pub fn train(&mut self, mut on_step: impl FnMut(&StepLog)) -> Result<()> {
+        if self.config.gradient_checkpointing {
+            self.model.language_model.enable_gradient_checkpointing()?;
+        }
         let total = self.total_steps();
         let warmup = warmup_steps(self.config.warmup_ratio, total);
         let schedule = if self.config.cosine {
@@ -259,7 +265,11 @@ impl Trainer<'_> {
             tokens += batch.tokens;
             let weight = n as f64 / total_supervised.max(1) as f64;
             loss_sum += loss.to_scalar::<f32>()? as f64 * weight;
-            let micro_grads = (loss * weight)?.backward()?;
+            let mut micro_grads = (loss * weight)?.backward()?;
+            // Under gradient checkpointing the layers' weights get theirs here.
+            self.model
+                .language_model
+                .add_recomputed_grads(&mut micro_grads)?;
             for p in &self.optimizer.params {
                 let t = p.var.as_tensor();
                 if let Some(g) = micro_grads.get(t) {

@@ -109,6 +109,11 @@ pub struct TrainCommand {
     /// Also train the vision tower (the paper keeps it frozen).
     #[arg(long)]
     pub unfreeze_vision: bool,
+    /// Keep only each decoder layer's input and recompute the layer in backward: activation
+    /// memory of one layer instead of all, for about one more forward pass per step. The
+    /// gradients are the same.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Stop at the first bad record instead of skipping it.
     #[arg(long)]
     pub strict: bool,
@@ -152,6 +157,7 @@ pub fn run(c: TrainCommand) -> Result<()> {
         group_by_modality_length: c.group_by_modality_length,
         save_steps: c.save_steps,
         unfreeze_vision: c.unfreeze_vision,
+        gradient_checkpointing: c.gradient_checkpointing,
     };
     if config.batch_size == 0 {
         bail!("--batch-size must be at least 1");

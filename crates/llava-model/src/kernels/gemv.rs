@@ -12,7 +12,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::fused::{contiguous, simd};
+use crate::kernels::fused::{contiguous, simd};
 
 /// Rows of `x` up to which one pass over the weight beats a GEMM.
 pub const MAX_ROWS: usize = 4;

@@ -3,7 +3,7 @@
 use candle_core::{D, DType, Tensor};
 
 use crate::error::{ModelError, Result};
-use crate::nn::Linear;
+use crate::model::nn::Linear;
 
 pub use llava_data::sample::IGNORE_INDEX;
 

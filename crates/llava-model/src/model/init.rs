@@ -11,9 +11,9 @@ use crate::config::{
     TokenIds,
 };
 use crate::error::Result;
-use crate::llava::Llava;
-use crate::save::{write_atomic, write_config, write_safetensors};
-use crate::weights::Weights;
+use crate::load::save::{write_atomic, write_config, write_safetensors};
+use crate::load::weights::Weights;
+use crate::model::llava::Llava;
 
 pub const SHAPES: [&str; 4] = ["llava-1.5-7b", "tiny-1b", "train-bench", "test"];
 
@@ -233,7 +233,11 @@ pub fn write_random_checkpoint(
     // `Llava::load` skips vision layers LLaVA never runs; HF expects the whole tower.
     let extra = Weights::random_with(dtype, Device::Cpu, seed ^ 0x5eed, init_std(config));
     let v = &config.vision_config;
-    crate::vision_tower::ClipVisionTower::load(&extra.pp("vision_tower"), v, v.num_hidden_layers)?;
+    crate::model::vision_tower::ClipVisionTower::load(
+        &extra.pp("vision_tower"),
+        v,
+        v.num_hidden_layers,
+    )?;
     let mut tensors = weights.take_random();
     let have: std::collections::HashSet<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
     tensors.extend(

@@ -3,18 +3,18 @@
 //! candle's fused `softmax_last_dim`, `rms_norm`, `layer_norm` and `rope` kernels are fast but
 //! have no backward pass: on a trainable path they silently cut the gradient. Every block here
 //! therefore takes a [`Mode`]; `Mode::Train` picks a formulation that autograd can
-//! differentiate (our own fused f32 CPU kernels in [`crate::fused`], else the composite
+//! differentiate (our own fused f32 CPU kernels in [`crate::kernels::fused`], else the composite
 //! formula), `Mode::Infer` candle's fused kernel.
 
 use candle_core::{D, DType, Tensor};
 
-use crate::amx;
-use crate::cuda_kernels;
 use crate::error::{ModelError, Result};
-use crate::fused;
-use crate::gemm_layout;
-use crate::gemv;
-use crate::weights::WeightsView;
+use crate::kernels::amx;
+use crate::kernels::cuda_kernels;
+use crate::kernels::fused;
+use crate::kernels::gemm_layout;
+use crate::kernels::gemv;
+use crate::load::weights::WeightsView;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Mode {
@@ -38,7 +38,7 @@ impl Linear {
 
     /// As [`Linear::load`], for a layer that only ever multiplies many rows at once (the vision
     /// tower's patches, the projector's features): where it only serves inference, its weight
-    /// is read into [`crate::gemm_layout`]. The decoder's layers keep the stored layout, which
+    /// is read into [`crate::kernels::gemm_layout`]. The decoder's layers keep the stored layout, which
     /// the decode GEMV streams.
     pub fn load_for_rows(
         w: &WeightsView,

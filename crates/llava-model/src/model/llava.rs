@@ -1,29 +1,50 @@
 //! LLaVA: `H_v = W · g(X_v)`, spliced into the word embeddings of the prompt at every
 //! `image_token_index` position, then decoded by `f_φ`.
 
-use candle_core::{D, Tensor};
+use candle_core::{D, DType, Device, Tensor};
 
 use crate::config::{LlavaConfig, SelectStrategy};
 use crate::error::{ModelError, Result};
-use crate::image_inputs::ImageInputs;
-use crate::language_model::{KvCache, LlamaModel};
-use crate::nn::Mode;
-use crate::projector::MultiModalProjector;
-use crate::vision_tower::{ClipVisionTower, layers_needed};
-use crate::weights::Weights;
+use crate::load::checkpoint::Checkpoint;
+use crate::load::precision::Quantize;
+use crate::load::weights::Weights;
+use crate::model::anyres;
+use crate::model::image_inputs::ImageInputs;
+use crate::model::language_model::{KvCache, LlamaModel};
+use crate::model::nn::Mode;
+use crate::model::projector::MultiModalProjector;
+use crate::model::vision_tower::{ClipVisionTower, layers_needed};
 
 #[derive(Debug, Clone)]
 pub struct Llava {
     pub vision_tower: ClipVisionTower,
     pub multi_modal_projector: MultiModalProjector,
     pub language_model: LlamaModel,
-    /// LLaVA-NeXT's learned end-of-row vector (see [`crate::anyres`]); `None` for LLaVA-1.5.
+    /// LLaVA-NeXT's learned end-of-row vector (see [`crate::model::anyres`]); `None` for LLaVA-1.5.
     pub image_newline: Option<Tensor>,
     pub config: LlavaConfig,
 }
 
 impl Llava {
-    /// Builds the model from canonical weight names (see [`crate::weights`]).
+    /// Builds the model from a checkpoint's weights in `dtype` on `device`, the decoder's
+    /// linear layers quantized as they are read when asked (CPU only, [`crate::model::quantized`]).
+    pub fn from_checkpoint(
+        checkpoint: &Checkpoint,
+        dtype: DType,
+        device: &Device,
+        quantize: Option<Quantize>,
+    ) -> Result<Self> {
+        if quantize.is_some() && !device.is_cpu() {
+            return Err(ModelError::Input(
+                "8- and 4-bit weights (--load-8bit, --load-4bit) run on the CPU only here; on a GPU use --dtype bf16 or f16".into(),
+            ));
+        }
+        let mut weights = checkpoint.weights(dtype, device)?;
+        weights.set_quantize(quantize);
+        Self::load(&checkpoint.config, &weights)
+    }
+
+    /// Builds the model from canonical weight names (see [`crate::load::weights`]).
     pub fn load(config: &LlavaConfig, weights: &Weights) -> Result<Self> {
         config.validate().map_err(ModelError::Input)?;
         let layers = config.vision_feature_layer.layers();
@@ -84,7 +105,7 @@ impl Llava {
 
     /// `Z_v` of every tile of `images` (in order) → the rows that go in at the image positions:
     /// projected, then LLaVA-NeXT's grid with a newline after each row
-    /// ([`crate::anyres::AnyRes::pack`]), or LLaVA-1.5's tiles one after another. Training
+    /// ([`crate::model::anyres::pack`]), or LLaVA-1.5's tiles one after another. Training
     /// calls it with a frozen tower's features, which it detached.
     pub fn project_and_pack(&self, z: &Tensor, images: &ImageInputs) -> Result<Tensor> {
         let features = self.multi_modal_projector.forward(z)?;
@@ -95,7 +116,12 @@ impl Llava {
         let mut first = 0;
         for (pixels, &size) in images.pixel_values.iter().zip(&images.image_sizes) {
             let tiles = pixels.dim(0)?;
-            packed.push(anyres.pack(&features.narrow(0, first, tiles)?, size, newline)?);
+            packed.push(anyres::pack(
+                &anyres,
+                &features.narrow(0, first, tiles)?,
+                size,
+                newline,
+            )?);
             first += tiles;
         }
         Ok(Tensor::cat(&packed, 0)?)

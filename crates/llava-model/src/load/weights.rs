@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::error::{ModelError, Result};
-use crate::pytorch_file::PytorchFile;
-use crate::quantized::Quantize;
-use crate::safetensors_file::SafetensorsFile;
+use crate::load::precision::Quantize;
+use crate::load::pytorch_file::PytorchFile;
+use crate::load::safetensors_file::SafetensorsFile;
 
 /// Maps a stored tensor name to its canonical name, or `None` to ignore the tensor.
 pub type Renamer = fn(&str) -> Option<String>;
@@ -54,7 +54,7 @@ impl Shard {
         }
     }
 
-    /// The tensor in [`crate::gemm_layout`], where the format can read it that way.
+    /// The tensor in [`crate::kernels::gemm_layout`], where the format can read it that way.
     fn load_transposed(&self, name: &str, via_bf16: bool) -> Result<Option<Tensor>> {
         match self {
             Self::Safetensors(f) => f.load_transposed(name, via_bf16),
@@ -127,7 +127,7 @@ impl Weights {
         }
     }
 
-    /// Loads the decoder's linear layers quantized ([`crate::quantized`]), for inference on
+    /// Loads the decoder's linear layers quantized ([`crate::model::quantized`]), for inference on
     /// the CPU.
     pub fn set_quantize(&mut self, quantize: Option<Quantize>) {
         self.quantize = quantize;
@@ -238,9 +238,9 @@ impl Weights {
     /// `rename` maps the base model's stored names (the adapted module plus `.weight`), so the
     /// base must have been added first.
     pub fn add_lora(&mut self, dir: &Path, rename: Renamer) -> Result<()> {
-        let adapter = crate::lora::Adapter::read(dir)?;
+        let adapter = crate::load::lora::Adapter::read(dir)?;
         let shard = Shard::open(&adapter.weights)?;
-        let modules = crate::lora::pair_modules(shard.names())
+        let modules = crate::load::lora::pair_modules(shard.names())
             .map_err(|m| ModelError::config(&adapter.weights, m))?;
         let source = self.sources.len();
         for (module, a, b) in modules {
@@ -318,13 +318,13 @@ impl Weights {
 
     /// A linear layer's `[out, in]` weight. Where it only serves inference (not trainable, not
     /// random) and the CPU computes in f32 (or bf16 without AMX, the values rounded through
-    /// bf16), it is read into [`crate::gemm_layout`], the layout the CPU products run fastest
+    /// bf16), it is read into [`crate::kernels::gemm_layout`], the layout the CPU products run fastest
     /// from. Only safetensors shards of F32, F16 or BF16 are read that way; anything else keeps
     /// the stored layout, which every product also takes.
     pub fn get_linear(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let inference_only = self.trainable.is_none() && self.random.is_none();
         if inference_only
-            && crate::gemm_layout::applies(self.dtype, &self.device)
+            && crate::kernels::gemm_layout::applies(self.dtype, &self.device)
             && !self.lora.contains_key(name)
             && let Some(loc) = self.index.get(name)
             && let Some(t) = self.sources[loc.source].shards[loc.shard]
@@ -762,7 +762,7 @@ mod tests {
                 t.to_vec2::<f32>().expect("t"),
                 w.to_vec2::<f32>().expect("w")
             );
-            assert!(crate::gemm_layout::is_transposed(&t), "{name}");
+            assert!(crate::kernels::gemm_layout::is_transposed(&t), "{name}");
             let t = training.get_linear(name, &[5, 70]).expect("linear");
             assert!(t.is_contiguous(), "{name}");
         }
@@ -787,8 +787,8 @@ mod tests {
         let t = weights.get_linear("w.weight", &[5, 70]).expect("linear");
         // Without AMX the tower's weights are widened once at load; with it they stay bf16.
         assert_eq!(
-            crate::gemm_layout::is_transposed(&t),
-            !crate::amx::available()
+            crate::kernels::gemm_layout::is_transposed(&t),
+            !crate::kernels::amx::available()
         );
         let rounded = w.to_dtype(DType::BF16).and_then(|w| w.to_dtype(DType::F32));
         assert_eq!(

@@ -14,8 +14,8 @@ use candle_core::{Device, Tensor, WithDType};
 use serde::Deserialize;
 
 use crate::error::{ModelError, Result};
-use crate::gemm_layout::ViaBf16;
-use crate::gemv::Widen;
+use crate::kernels::gemm_layout::ViaBf16;
+use crate::kernels::gemv::Widen;
 
 /// Headers are JSON; anything near this size is not a real header.
 const MAX_HEADER: u64 = 100 << 20;
@@ -142,7 +142,7 @@ impl SafetensorsFile {
         }
     }
 
-    /// A rank-2 F32, F16 or BF16 tensor in [`crate::gemm_layout`] (f32, transposed block by
+    /// A rank-2 F32, F16 or BF16 tensor in [`crate::kernels::gemm_layout`] (f32, transposed block by
     /// block as it is read); `None` for any other tensor, which the caller loads as stored.
     /// `via_bf16` rounds F32 and F16 values to bf16 on the way, as a bf16 compute dtype would.
     pub fn load_transposed(&self, name: &str, via_bf16: bool) -> Result<Option<Tensor>> {
@@ -172,7 +172,7 @@ impl SafetensorsFile {
         k: usize,
     ) -> Result<Tensor> {
         let row_bytes = (k * std::mem::size_of::<T>()) as u64;
-        crate::gemm_layout::from_row_blocks(n, k, |first, block: &mut [T]| {
+        crate::kernels::gemm_layout::from_row_blocks(n, k, |first, block: &mut [T]| {
             self.read_values(block, offset + first as u64 * row_bytes)
         })
     }

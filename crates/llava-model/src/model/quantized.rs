@@ -5,7 +5,7 @@
 //! values with per-block scales, which a decoded token reads 3.6 to 7 times fewer bytes of than
 //! f32: decoding is bound by reading the weights, so it speeds up (1.8–1.9× on the dev box,
 //! BENCHMARKS.md), and a 7B decoder fits in about 4–7 GB.
-//! - 8-bit: blocks of 32 int8 weights with one f32 scale ([`crate::q8`]; ggml's `Q8_0` with a
+//! - 8-bit: blocks of 32 int8 weights with one f32 scale ([`crate::kernels::q8`]; ggml's `Q8_0` with a
 //!   wider scale), multiplied by our own decoding GEMV.
 //! - 4-bit: `Q4_K`, super-blocks of 256 with 6-bit scales and minimums; a layer whose input
 //!   width is not a multiple of 256 (only toy shapes) takes `Q4_0`, blocks of 32.
@@ -19,30 +19,20 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
 
 use crate::error::{ModelError, Result};
-use crate::gemv;
-use crate::nn::Linear;
-use crate::q8::Q8Weight;
-use crate::weights::WeightsView;
+use crate::kernels::gemv;
+use crate::kernels::q8::Q8Weight;
+pub use crate::load::precision::Quantize;
+use crate::load::weights::WeightsView;
+use crate::model::nn::Linear;
 
-/// Which quantization the decoder's linear layers are loaded with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Quantize {
-    /// `--load-8bit`
-    Bits8,
-    /// `--load-4bit`
-    Bits4,
-}
-
-impl Quantize {
-    /// The block format for a layer whose rows are `in_dim` long, or `None` when no block fits.
-    fn format(self, in_dim: usize) -> Option<GgmlDType> {
-        let format = match self {
-            Self::Bits8 => GgmlDType::Q8_0,
-            Self::Bits4 if in_dim.is_multiple_of(GgmlDType::Q4K.block_size()) => GgmlDType::Q4K,
-            Self::Bits4 => GgmlDType::Q4_0,
-        };
-        in_dim.is_multiple_of(format.block_size()).then_some(format)
-    }
+/// The block format for a layer whose rows are `in_dim` long, or `None` when no block fits.
+fn block_format(quantize: Quantize, in_dim: usize) -> Option<GgmlDType> {
+    let format = match quantize {
+        Quantize::Bits8 => GgmlDType::Q8_0,
+        Quantize::Bits4 if in_dim.is_multiple_of(GgmlDType::Q4K.block_size()) => GgmlDType::Q4K,
+        Quantize::Bits4 => GgmlDType::Q4_0,
+    };
+    in_dim.is_multiple_of(format.block_size()).then_some(format)
 }
 
 /// `nn.Linear` with its weight in a block format.
@@ -55,7 +45,7 @@ pub struct QLinear {
 
 #[derive(Debug, Clone)]
 enum Blocks {
-    /// 8 bits: our GEMV ([`crate::q8`]) for decoding, the f32 GEMM for prefill.
+    /// 8 bits: our GEMV ([`crate::kernels::q8`]) for decoding, the f32 GEMM for prefill.
     Q8(Q8Weight),
     /// 4 bits: candle's kernels, whose blocked `Q4_K` product is as fast as the f32 GEMM in
     /// prefill (BENCHMARKS.md).
@@ -66,7 +56,7 @@ impl QLinear {
     /// Quantizes `weight` (`[out, in]`, any float dtype, on the CPU).
     pub fn new(weight: &Tensor, bias: Option<Tensor>, quantize: Quantize) -> Result<Self> {
         let (out_dim, in_dim) = weight.dims2()?;
-        let format = quantize.format(in_dim).ok_or_else(|| {
+        let format = block_format(quantize, in_dim).ok_or_else(|| {
             ModelError::Input(format!(
                 "a linear layer of input width {in_dim} cannot be quantized: the width must be a multiple of 32"
             ))

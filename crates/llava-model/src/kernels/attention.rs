@@ -8,13 +8,13 @@
 //! the product to the softmax to `P V`, and keys after a query's position are never touched.
 //!
 //! The numbers are those of the three-step path: f32 sums, the softmax of
-//! [`crate::fused::softmax_last_dim`] (the same `exp`, exact zeros for masked keys).
+//! [`crate::kernels::fused::softmax_last_dim`] (the same `exp`, exact zeros for masked keys).
 
 use candle_core::{DType, Layout, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{ModelError, Result};
-use crate::fused::{self, simd, softmax_in_place};
+use crate::kernels::fused::{self, simd, softmax_in_place};
 
 /// Query rows per task.
 const ROWS_PER_TASK: usize = 32;
@@ -467,7 +467,7 @@ fn reference(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, causal: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fused::tests::{max_diff, random};
+    use crate::kernels::fused::tests::{max_diff, random};
     use candle_core::Device;
 
     #[test]

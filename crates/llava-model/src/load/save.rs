@@ -9,7 +9,7 @@ use candle_core::Tensor;
 
 use crate::config::LlavaConfig;
 use crate::error::{ModelError, Result};
-use crate::weights::hub_name;
+use crate::load::weights::hub_name;
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
     move |source| ModelError::Io {

@@ -5,8 +5,8 @@ use candle_core::Tensor;
 
 use crate::config::ProjectorConfig;
 use crate::error::Result;
-use crate::nn::{Activation, Linear};
-use crate::weights::WeightsView;
+use crate::load::weights::WeightsView;
+use crate::model::nn::{Activation, Linear};
 
 #[derive(Debug, Clone)]
 pub struct MultiModalProjector {

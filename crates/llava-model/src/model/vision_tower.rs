@@ -7,11 +7,11 @@
 
 use candle_core::{D, Tensor};
 
-use crate::attention;
 use crate::config::ClipVisionConfig;
 use crate::error::{ModelError, Result};
-use crate::nn::{Activation, LayerNorm, Linear, Mode, softmax_last_dim};
-use crate::weights::WeightsView;
+use crate::kernels::attention;
+use crate::load::weights::WeightsView;
+use crate::model::nn::{Activation, LayerNorm, Linear, Mode, softmax_last_dim};
 
 #[derive(Debug, Clone)]
 struct ClipAttention {
@@ -157,8 +157,11 @@ impl ClipVisionTower {
             .reshape((1, 1, c.hidden_size))?
             .broadcast_as((b, 1, c.hidden_size))?;
         let embeds = Tensor::cat(&[&cls, &patch_embeds], 1)?;
-        if crate::fused::applies(&[&embeds, &self.position_embedding]) {
-            return Ok(crate::fused::add_bias(&embeds, &self.position_embedding)?);
+        if crate::kernels::fused::applies(&[&embeds, &self.position_embedding]) {
+            return Ok(crate::kernels::fused::add_bias(
+                &embeds,
+                &self.position_embedding,
+            )?);
         }
         Ok(embeds.broadcast_add(&self.position_embedding.unsqueeze(0)?)?)
     }

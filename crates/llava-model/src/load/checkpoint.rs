@@ -11,9 +11,8 @@ use crate::config::{
     ClipVisionConfig, FeatureLayer, GenerationConfig, LlamaConfig, LlavaConfig, SelectStrategy,
 };
 use crate::error::{ModelError, Result};
-use crate::llava::Llava;
-use crate::quantized::Quantize;
-use crate::weights::{Weights, clip_vision_name, hf_llava_name, original_llava_name};
+use crate::load::json::{read_json, typed};
+use crate::load::weights::{Weights, clip_vision_name, hf_llava_name, original_llava_name};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Layout {
@@ -155,7 +154,7 @@ impl Checkpoint {
                     "is a LoRA release but has no non_lora_trainables.bin (its projector)",
                 ));
             }
-            w.add_file(&extra, crate::lora::non_lora_name)?;
+            w.add_file(&extra, crate::load::lora::non_lora_name)?;
             return w.add_lora(&self.dir, original_llava_name);
         }
         let projector = ["mm_projector.safetensors", "mm_projector.bin"]
@@ -181,28 +180,6 @@ impl Checkpoint {
             } => base,
             _ => &self.dir,
         }
-    }
-
-    pub fn load_model(&self, dtype: DType, device: &Device) -> Result<Llava> {
-        self.load_model_quantized(dtype, device, None)
-    }
-
-    /// As [`Checkpoint::load_model`], with the decoder's linear layers quantized as they are
-    /// read ([`crate::quantized`]), for inference on the CPU.
-    pub fn load_model_quantized(
-        &self,
-        dtype: DType,
-        device: &Device,
-        quantize: Option<Quantize>,
-    ) -> Result<Llava> {
-        if quantize.is_some() && !device.is_cpu() {
-            return Err(ModelError::Input(
-                "8- and 4-bit weights (--load-8bit, --load-4bit) run on the CPU only here; on a GPU use --dtype bf16 or f16".into(),
-            ));
-        }
-        let mut weights = self.weights(dtype, device)?;
-        weights.set_quantize(quantize);
-        Llava::load(&self.config, &weights)
     }
 
     /// How `<image>` becomes image positions with this checkpoint's tokenizer, checked against
@@ -274,17 +251,6 @@ impl Checkpoint {
     }
 }
 
-pub(crate) fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    serde_json::from_str(&text).map_err(|source| ModelError::Json {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
 /// A directory as given, else `org/name` looked up in the HF hub cache (`HF_HUB_CACHE`,
 /// `HF_HOME/hub`, or `~/.cache/huggingface/hub`), at `refs/main` or the only snapshot.
 pub fn resolve_model_dir(model: &str) -> Result<PathBuf> {
@@ -344,7 +310,7 @@ fn hub_cache_snapshot(id: &str) -> Option<PathBuf> {
 fn check_complete(dir: &Path, json: &Value) -> Result<()> {
     let what = if dir.join("adapter_config.json").is_file() {
         "a LoRA release (adapter_config.json)"
-    } else if crate::weights::weight_file_paths(dir).is_ok_and(|paths| {
+    } else if crate::load::weights::weight_file_paths(dir).is_ok_and(|paths| {
         // The only weights the loader would find are the projector's.
         !paths.is_empty()
             && paths
@@ -491,20 +457,6 @@ fn original_pinpoints(json: &Value) -> std::result::Result<Vec<[u32; 2]>, String
         .and_then(|parsed| parsed.ok())
         .ok_or("`image_grid_pinpoints` must be a list of [width, height] pairs for anyres")?;
     Ok(pinpoints.into_iter().map(|[w, h]| [h, w]).collect())
-}
-
-/// A config struct from parsed JSON; a value of the wrong type is reported with its field's
-/// path (`text_config.hidden_size`), which serde alone leaves out.
-pub(crate) fn typed<T: serde::de::DeserializeOwned>(json: Value, path: &Path) -> Result<T> {
-    serde_path_to_error::deserialize(json).map_err(|e| {
-        let field = e.path().to_string();
-        let message = if field == "." {
-            e.inner().to_string()
-        } else {
-            format!("field `{field}`: {}", e.inner())
-        };
-        ModelError::config(path, message)
-    })
 }
 
 /// `linear` → 1, `mlp2x_gelu` → 2, `mlpNx_gelu` → N.

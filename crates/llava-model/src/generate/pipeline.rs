@@ -12,17 +12,17 @@ use llava_data::image::{
 use llava_data::prompt::PromptTemplate;
 use llava_data::tokenizer::{ImageTokens, Tokenizer};
 
-use crate::checkpoint::{Checkpoint, Layout};
 use crate::error::{ModelError, Result};
-use crate::generation::{
+use crate::generate::generation::{
     BatchPrompt, GenerationStats, Sampler, SamplingParams, generate_batch, generate_with_cache,
 };
-use crate::image_inputs::ImageInputs;
-pub use crate::image_inputs::pixel_tensor;
-use crate::llava::Llava;
-use crate::prompt_cache::PromptCache;
-use crate::quantized::Quantize;
-use crate::reply_text::ReplyText;
+use crate::generate::prompt_cache::PromptCache;
+use crate::generate::reply_text::ReplyText;
+use crate::load::checkpoint::{Checkpoint, Layout};
+use crate::load::precision::Quantize;
+use crate::model::image_inputs::ImageInputs;
+pub use crate::model::image_inputs::pixel_tensor;
+use crate::model::llava::Llava;
 
 #[derive(Debug, Clone)]
 pub struct PipelineOptions {
@@ -98,7 +98,7 @@ impl Pipeline {
         {
             eos_token_ids.push(id);
         }
-        let model = checkpoint.load_model_quantized(opts.dtype, &opts.device, opts.quantize)?;
+        let model = Llava::from_checkpoint(&checkpoint, opts.dtype, &opts.device, opts.quantize)?;
         Ok(Self {
             checkpoint,
             model,
@@ -172,7 +172,7 @@ impl Pipeline {
 
     /// As [`Pipeline::generate`], going on from what `cache` holds of the prompt: a chat keeps
     /// one cache for the conversation, so that each turn prefills only its new tokens
-    /// ([`crate::prompt_cache`]).
+    /// ([`crate::generate::prompt_cache`]).
     #[allow(clippy::too_many_arguments)]
     pub fn generate_with_cache(
         &self,
@@ -380,11 +380,11 @@ fn next_image_processor(
 fn read_processor_json(dir: &Path) -> Result<Option<(serde_json::Value, PathBuf)>> {
     let pre = dir.join("preprocessor_config.json");
     if pre.is_file() {
-        return Ok(Some((crate::checkpoint::read_json(&pre)?, pre)));
+        return Ok(Some((crate::load::json::read_json(&pre)?, pre)));
     }
     let proc = dir.join("processor_config.json");
     if proc.is_file()
-        && let Some(inner) = crate::checkpoint::read_json(&proc)?.get("image_processor")
+        && let Some(inner) = crate::load::json::read_json(&proc)?.get("image_processor")
     {
         return Ok(Some((inner.clone(), proc)));
     }

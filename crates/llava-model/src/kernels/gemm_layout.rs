@@ -10,7 +10,7 @@
 //! checkpoint, and `w.t()` is the contiguous `Wᵀ` gemm wants.
 //!
 //! The decoder keeps the stored layout: decoding multiplies one row at a time, and the GEMV
-//! ([`crate::gemv`]) streams the rows of `W` as stored faster than a kernel over `Wᵀ` did.
+//! ([`crate::kernels::gemv`]) streams the rows of `W` as stored faster than a kernel over `Wᵀ` did.
 //! Trainable weights keep it too, since the optimizer updates them and the checkpoint writer
 //! saves them.
 //!
@@ -22,8 +22,8 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::fused::DisjointWrites;
-use crate::gemv::Widen;
+use crate::kernels::fused::DisjointWrites;
+use crate::kernels::gemv::Widen;
 
 /// Rows of `W` read per block: enough to keep the scattered writes a few cache lines long
 /// (64 floats) per row of `Wᵀ`, few enough that the block stays in L2.
@@ -40,7 +40,7 @@ const TILE: usize = 16;
 pub fn applies(dtype: DType, device: &Device) -> bool {
     let widened = match dtype {
         DType::F32 => true,
-        DType::BF16 => !crate::amx::available(),
+        DType::BF16 => !crate::kernels::amx::available(),
         _ => false,
     };
     widened && device.is_cpu() && std::env::var_os("LLAVA_NO_GEMM_LAYOUT").is_none()
@@ -60,7 +60,7 @@ pub fn widened(w: &Tensor) -> Result<Option<Tensor>> {
                 "gemm_layout::widened takes CPU tensors".into(),
             ));
         };
-        let values = crate::fused::contiguous(cpu.as_slice::<T>()?, layout, "widen")?;
+        let values = crate::kernels::fused::contiguous(cpu.as_slice::<T>()?, layout, "widen")?;
         // The rows are copied into the block before the scatter although they are in memory
         // already: scattering straight from `values` measured 5-10% slower (25.6 / 28.0 ms
         // against 23.8 / 25.1 ms for a 5632×2048 weight), the copy bringing the block into cache.
@@ -215,7 +215,10 @@ mod tests {
     #[test]
     fn f32_on_the_cpu_and_bf16_without_amx() {
         assert!(applies(DType::F32, &Device::Cpu));
-        assert_eq!(applies(DType::BF16, &Device::Cpu), !crate::amx::available());
+        assert_eq!(
+            applies(DType::BF16, &Device::Cpu),
+            !crate::kernels::amx::available()
+        );
         assert!(!applies(DType::F16, &Device::Cpu));
     }
 }

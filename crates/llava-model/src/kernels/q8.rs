@@ -10,7 +10,7 @@
 
 use rayon::prelude::*;
 
-use crate::gemv;
+use crate::kernels::gemv;
 
 /// Values per scale.
 pub const BLOCK: usize = 32;

@@ -11,9 +11,9 @@
 use candle_core::{DType, Tensor};
 
 use crate::error::{ModelError, Result};
-use crate::language_model::KvCache;
-use crate::llava::Llava;
-use crate::nn::Mode;
+use crate::model::language_model::KvCache;
+use crate::model::llava::Llava;
+use crate::model::nn::Mode;
 
 /// Rows in `cache`: 0 when nothing has been run through it.
 pub fn rows(cache: &KvCache) -> usize {
@@ -141,8 +141,10 @@ mod tests {
     use llava_data::conversation::Message;
 
     use super::*;
-    use crate::generation::{BatchPrompt, Sampler, SamplingParams, generate, prefill_batch};
-    use crate::pipeline::{Pipeline, PipelineOptions};
+    use crate::generate::generation::{
+        BatchPrompt, Sampler, SamplingParams, generate, prefill_batch,
+    };
+    use crate::generate::pipeline::{Pipeline, PipelineOptions};
 
     const STEPS: usize = 8;
 

@@ -20,8 +20,8 @@
 use candle_core::{DType, Tensor};
 
 use crate::error::Result;
-use crate::image_inputs::ImageInputs;
-use crate::language_model::KvCache;
+use crate::model::image_inputs::ImageInputs;
+use crate::model::language_model::KvCache;
 
 #[derive(Debug, Clone, Default)]
 pub struct PromptCache {

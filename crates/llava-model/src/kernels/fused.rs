@@ -9,7 +9,7 @@
 //! the backward written out by hand (and checked against the composite formula in the tests).
 //!
 //! Only f32 on the CPU takes this path ([`applies`]); other dtypes and devices keep the
-//! composite formulas in [`crate::nn`].
+//! composite formulas in [`crate::model::nn`].
 
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType,

@@ -8,11 +8,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::error::{ModelError, Result};
-use crate::image_inputs::ImageInputs;
-use crate::language_model::KvCache;
-use crate::llava::Llava;
-use crate::nn::Mode;
-use crate::prompt_cache::PromptCache;
+use crate::generate::prompt_cache::PromptCache;
+use crate::model::image_inputs::ImageInputs;
+use crate::model::language_model::KvCache;
+use crate::model::llava::Llava;
+use crate::model::nn::Mode;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -214,7 +214,7 @@ pub fn generate_with_cache(
             input_ids,
             images,
             (model.config.image_token_index, &spans),
-            crate::gemv::MAX_ROWS + 1,
+            crate::kernels::gemv::MAX_ROWS + 1,
         )?;
         stats.cached_tokens = reuse.tokens;
         let clock = std::time::Instant::now();

@@ -25,8 +25,8 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::fused::{DisjointWrites, contiguous, simd};
-use crate::gemv;
+use crate::kernels::fused::{DisjointWrites, contiguous, simd};
+use crate::kernels::gemv;
 
 /// Whether this CPU has AMX-BF16 and the kernel granted the tile state. `LLAVA_NO_AMX=1` turns
 /// the path off, to compare against candle's own product.

@@ -1,5 +1,5 @@
 //! peft LoRA adapters, the format of the original LLaVA's `*-lora` releases:
-//! `adapter_config.json` and `adapter_model.{safetensors,bin}`. [`crate::weights::Weights`]
+//! `adapter_config.json` and `adapter_model.{safetensors,bin}`. [`crate::load::weights::Weights`]
 //! merges them into the base weights as they are read, as peft's `merge_and_unload` does for
 //! the original's model builder: `W + scale · B·A`, with `scale = lora_alpha / r`.
 
@@ -47,8 +47,8 @@ pub struct Adapter {
 impl Adapter {
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join("adapter_config.json");
-        let json = crate::checkpoint::read_json(&path)?;
-        let config: AdapterConfig = crate::checkpoint::typed(json, &path)?;
+        let json = crate::load::json::read_json(&path)?;
+        let config: AdapterConfig = crate::load::json::typed(json, &path)?;
         let refuse = |what: &str| {
             Err(ModelError::config(
                 &path,
@@ -137,7 +137,7 @@ pub fn non_lora_name(stored: &str) -> Option<String> {
         Some(rest) if rest.starts_with("model.") => rest,
         _ => name,
     };
-    crate::weights::original_llava_name(name)
+    crate::load::weights::original_llava_name(name)
 }
 
 #[cfg(test)]
