@@ -50,6 +50,8 @@ enum Command {
     Train(Box<cmd::train::TrainCommand>),
     /// Answer one prompt about an image.
     Generate(cmd::generate::GenerateCommand),
+    /// Serve the OpenAI chat-completions API (with images) over a checkpoint.
+    Serve(Box<cmd::serve::ServeCommand>),
     /// Write a random-weight checkpoint of a named shape (for benchmarks and tests).
     Init(cmd::init::InitCommand),
     /// Merge an original LoRA release into its base: one checkpoint that needs no --model-base.
@@ -118,6 +120,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Data(c) => cmd::data::run(c),
         Command::Generate(c) => cmd::generate::run(c),
         Command::Train(c) => cmd::train::run(*c),
+        Command::Serve(c) => cmd::serve::run(*c),
         Command::Init(c) => cmd::init::run(c),
         Command::MergeLora(c) => cmd::merge_lora::run(c),
         Command::Instruct(c) => cmd::instruct::run(*c),

@@ -804,3 +804,37 @@ fn answering_with_a_batch_of_zero() {
     );
     assert!(!tmp.path().join("a.jsonl").exists(), "nothing is written");
 }
+
+/// `llava serve` refuses bad flags before listening, and exits with the loader's message when
+/// the model cannot load (it listens first, so that /health can say 503 meanwhile).
+#[test]
+fn serve_that_cannot_start() {
+    let model = fixture_model();
+    let model = model.to_string_lossy();
+    let serve = |extra: &[&str]| {
+        let mut args = vec!["serve", "--port", "0"];
+        args.extend_from_slice(extra);
+        llava(&args)
+    };
+    assert_clean_failure(
+        &serve(&["--model", &model, "--api-key-file", "/nonexistent/key"]),
+        &["--api-key-file", "/nonexistent/key"],
+    );
+    assert_clean_failure(
+        &serve(&[
+            "--model",
+            &model,
+            "--allowed-local-media-path",
+            "/nonexistent/dir",
+        ]),
+        &["--allowed-local-media-path", "not a directory"],
+    );
+    assert_clean_failure(
+        &serve(&["--model", &model, "--max-running", "0"]),
+        &["--max-running"],
+    );
+    assert_clean_failure(
+        &serve(&["--model", "/nonexistent/model"]),
+        &["loading the model failed", "/nonexistent/model"],
+    );
+}

@@ -11,6 +11,7 @@ pub mod instruct;
 pub mod merge_lora;
 pub mod model_args;
 pub mod ranks;
+pub mod serve;
 pub mod teacher;
 pub mod teacher_args;
 pub mod train;

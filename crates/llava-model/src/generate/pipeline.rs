@@ -253,7 +253,7 @@ impl Pipeline {
     }
 
     /// `max_new_tokens`, cut to what the context leaves after a prompt of `prompt_len`.
-    fn max_new_tokens(&self, prompt_len: usize, max_new_tokens: usize) -> Result<usize> {
+    pub fn max_new_tokens(&self, prompt_len: usize, max_new_tokens: usize) -> Result<usize> {
         let max_pos = self.model.language_model.context_len();
         if prompt_len >= max_pos {
             return Err(ModelError::Input(format!(
@@ -265,7 +265,7 @@ impl Pipeline {
     }
 
     /// The template's stop strings and the caller's.
-    fn stop_strings(&self, extra_stop: &[String]) -> Vec<String> {
+    pub fn stop_strings(&self, extra_stop: &[String]) -> Vec<String> {
         self.template
             .stop_strings()
             .iter()

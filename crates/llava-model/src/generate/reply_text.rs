@@ -2,6 +2,7 @@
 //! string, and released only where no stop string could still begin, so that a stream never
 //! shows text that is then taken back.
 
+use std::borrow::Cow;
 use std::ops::ControlFlow;
 
 use llava_data::tokenizer::{StreamDecoder, Tokenizer, TokenizerError};
@@ -10,7 +11,8 @@ use crate::error::Result;
 
 pub struct ReplyText<'a> {
     decoder: StreamDecoder<'a>,
-    stops: &'a [String],
+    /// Borrowed by a one-off generation; owned by a server's sequence, which outlives no call.
+    stops: Cow<'a, [String]>,
     text: String,
     /// Bytes of `text` already given out.
     emitted: usize,
@@ -19,10 +21,10 @@ pub struct ReplyText<'a> {
 }
 
 impl<'a> ReplyText<'a> {
-    pub fn new(tokenizer: &'a Tokenizer, stops: &'a [String]) -> Self {
+    pub fn new(tokenizer: &'a Tokenizer, stops: impl Into<Cow<'a, [String]>>) -> Self {
         Self {
             decoder: StreamDecoder::new(tokenizer),
-            stops,
+            stops: stops.into(),
             text: String::new(),
             emitted: 0,
             stopped: false,
@@ -40,7 +42,7 @@ impl<'a> ReplyText<'a> {
                 return ControlFlow::Break(());
             }
         }
-        let stops = self.stops;
+        let stops = &self.stops;
         if let Some(cut) = stops
             .iter()
             .filter_map(|s| self.text.find(s.as_str()))

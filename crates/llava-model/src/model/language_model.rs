@@ -19,16 +19,16 @@ use crate::model::recompute::{self, GradientCheckpointing};
 /// Keys and values of every layer for the positions seen so far: `[batch, kv_heads, seq, head_dim]`.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    pub(crate) layers: Vec<Option<(Tensor, Tensor)>>,
     /// The attention mask over cached positions (1 = real token), kept for padded batches.
-    mask: Option<Tensor>,
+    pub(crate) mask: Option<Tensor>,
     /// Each row's padding slots at the left of a batch that is generated together; empty when
     /// nothing is padded on the left. Row `r`'s slot `j` holds position `j - left_pad[r]`:
     /// transformers' generate numbers positions from the attention mask the same way, so a
     /// padded row sees the rotary angles it would see alone. (Rotary scores depend only on
     /// the distance between positions, so numbering from the first slot instead would change
     /// the logits by rounding only; the batch tests cannot tell the two apart.)
-    left_pad: Vec<usize>,
+    pub(crate) left_pad: Vec<usize>,
 }
 
 impl KvCache {

@@ -1,0 +1,387 @@
+//! The one thread that owns the model. Requests arrive as [`Job`]s; each is rendered and
+//! tokenised at once (so a prompt too long for the context is refused before the client waits),
+//! then waits for a place among `max_running` sequences. Every step:
+//!
+//! 1. at most one waiting request is prefilled on its own and its cache joins the running
+//!    left-padded batch ([`llava_model::batch_decode::join`]), so a long prompt delays the
+//!    running streams by one prefill, not by the whole queue;
+//! 2. every running sequence advances by one token in one forward pass
+//!    ([`llava_model::batch_decode::decode_step`]), each with its own sampler and stop strings;
+//! 3. sequences that finished, and those whose client has gone, leave the batch
+//!    ([`KvCache::keep_rows`]).
+//!
+//! A greedy request thus gets the tokens it gets alone, as `llava generate` gives them.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use llava_data::conversation::Message;
+use llava_data::image::ProcessedImage;
+use llava_model::batch_decode::{decode_step, join};
+use llava_model::generation::{BatchPrompt, Sampler, SamplingParams, prefill_batch};
+use llava_model::image_inputs::ImageInputs;
+use llava_model::language_model::KvCache;
+use llava_model::pipeline::Pipeline;
+use llava_model::reply_text::ReplyText;
+use llava_model::{ModelError, Tensor};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::wire::{FinishReason, Usage};
+
+/// One chat request, parsed and with its images preprocessed.
+pub struct Job {
+    pub messages: Vec<Message>,
+    pub images: Vec<ProcessedImage>,
+    pub sampling: SamplingParams,
+    pub max_tokens: Option<usize>,
+    pub stop: Vec<String>,
+    pub events: UnboundedSender<Event>,
+    /// The request's place among running and queued ones; freed when the job is dropped.
+    pub permit: OwnedSemaphorePermit,
+    pub received: Instant,
+}
+
+/// What the model thread tells a request's handler, in this order: `Accepted` or `Failed`;
+/// then `Text`s; then `Done` or `Failed`.
+#[derive(Debug)]
+pub enum Event {
+    Accepted {
+        prompt_tokens: usize,
+    },
+    Text(String),
+    /// `text` is the whole reply as [`ReplyText::finish`] decodes it at the end, which a
+    /// non-streamed response returns (as `Pipeline::generate` does); it can differ from the
+    /// streamed pieces where a token ended inside a UTF-8 character.
+    Done {
+        finish: FinishReason,
+        usage: Usage,
+        text: String,
+    },
+    Failed(ApiError),
+}
+
+/// A job whose prompt is tokenised and fits, waiting for a place in the batch.
+struct Prepared {
+    job: Job,
+    input_ids: Vec<u32>,
+    images: Option<ImageInputs>,
+    max_new: usize,
+    stops: Vec<String>,
+}
+
+/// A sequence in the batch. Its row's cache holds everything but `pending`, its latest token.
+struct Running<'p> {
+    events: UnboundedSender<Event>,
+    permit: OwnedSemaphorePermit,
+    sampler: Sampler,
+    reply: ReplyText<'p>,
+    prompt_tokens: usize,
+    generated: usize,
+    max_new: usize,
+    pending: u32,
+    last_token_at: Instant,
+}
+
+/// Runs until every sender of `jobs` is gone.
+pub fn run(
+    pipeline: &Pipeline,
+    mut jobs: UnboundedReceiver<Job>,
+    max_running: usize,
+    metrics: Arc<Metrics>,
+) {
+    let mut waiting: VecDeque<Prepared> = VecDeque::new();
+    let mut running: Vec<Running> = Vec::new();
+    let mut cache = KvCache::new();
+    loop {
+        publish(&metrics, waiting.len(), running.len());
+        if running.is_empty() && waiting.is_empty() {
+            match jobs.blocking_recv() {
+                Some(job) => waiting.extend(prepare(pipeline, job)),
+                None => return,
+            }
+        }
+        while let Ok(job) = jobs.try_recv() {
+            waiting.extend(prepare(pipeline, job));
+        }
+        waiting.retain(|p| !p.job.events.is_closed());
+
+        if running.len() < max_running
+            && let Some(next) = waiting.pop_front()
+        {
+            admit(pipeline, next, &mut running, &mut cache, &metrics);
+        }
+        publish(&metrics, waiting.len(), running.len());
+        if running.is_empty() {
+            continue;
+        }
+        let next: Vec<u32> = running.iter().map(|s| s.pending).collect();
+        metrics.decode_steps.fetch_add(1, Ordering::Relaxed);
+        metrics
+            .decode_rows
+            .fetch_add(next.len() as u64, Ordering::Relaxed);
+        let outcome = decode_step(&pipeline.model, &mut cache, &next).map(|logits| {
+            running
+                .iter_mut()
+                .enumerate()
+                .map(|(row, seq)| step(seq, &logits, row, pipeline, &metrics))
+                .collect::<Vec<_>>()
+        });
+        let outcomes = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                // A failed forward pass may have left the cache half-written: every running
+                // sequence fails, and the next ones start from an empty batch.
+                let error = ApiError::internal(format!("decoding failed: {e}"));
+                for seq in running.drain(..) {
+                    let _ = seq.events.send(Event::Failed(error.clone()));
+                }
+                cache = KvCache::new();
+                continue;
+            }
+        };
+        leave(&mut running, &mut cache, outcomes);
+    }
+}
+
+/// The queue-depth and running-sequence gauges.
+fn publish(metrics: &Metrics, waiting: usize, running: usize) {
+    metrics.waiting.store(waiting as u64, Ordering::Relaxed);
+    metrics.running.store(running as u64, Ordering::Relaxed);
+}
+
+/// Renders, tokenises and checks a job against the context; tells its handler either way.
+fn prepare(pipeline: &Pipeline, job: Job) -> Option<Prepared> {
+    let prepared = (|| -> Result<(Vec<u32>, Option<ImageInputs>, usize), ApiError> {
+        let prompt = pipeline
+            .render(&job.messages)
+            .map_err(|e| ApiError::invalid_param("messages", e.to_string()))?;
+        let images = pipeline
+            .image_inputs(&job.images)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let input_ids = pipeline
+            .encode(&prompt, images.as_ref())
+            .map_err(|e| ApiError::invalid_param("messages", e.to_string()))?;
+        // What the context leaves after the prompt (an error if nothing).
+        let room = pipeline
+            .max_new_tokens(input_ids.len(), usize::MAX)
+            .map_err(|e| ApiError::invalid_param("messages", e.to_string()))?;
+        let max_new = match job.max_tokens {
+            Some(n) if n > room => {
+                return Err(ApiError::invalid_param(
+                    "max_tokens",
+                    format!(
+                        "the prompt is {} tokens and max_tokens is {n}, but the model's context is {} tokens",
+                        input_ids.len(),
+                        input_ids.len() + room
+                    ),
+                ));
+            }
+            Some(n) => n,
+            None => room,
+        };
+        Ok((input_ids, images, max_new))
+    })();
+    match prepared {
+        Ok((input_ids, images, max_new)) => {
+            let _ = job.events.send(Event::Accepted {
+                prompt_tokens: input_ids.len(),
+            });
+            let stops = pipeline.stop_strings(&job.stop);
+            Some(Prepared {
+                job,
+                input_ids,
+                images,
+                max_new,
+                stops,
+            })
+        }
+        Err(e) => {
+            let _ = job.events.send(Event::Failed(e));
+            None
+        }
+    }
+}
+
+/// Prefills one request alone, gives it its first token, and joins its cache to the batch
+/// unless that token already ends it.
+fn admit<'p>(
+    pipeline: &'p Pipeline,
+    p: Prepared,
+    running: &mut Vec<Running<'p>>,
+    cache: &mut KvCache,
+    metrics: &Metrics,
+) {
+    let events = p.job.events.clone();
+    let fail = |e: ModelError| {
+        // The prompt and images were checked when they arrived: what fails here is the model.
+        let _ = events.send(Event::Failed(ApiError::internal(e.to_string())));
+    };
+    let mut sampler = match Sampler::new(p.job.sampling.clone()) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let prefilled = match prefill_batch(
+        &pipeline.model,
+        &[BatchPrompt {
+            input_ids: &p.input_ids,
+            images: p.images.as_ref(),
+        }],
+    ) {
+        Ok(out) => out,
+        Err(e) => return fail(e),
+    };
+    let first = match prefilled
+        .logits
+        .get(0)
+        .map_err(ModelError::from)
+        .and_then(|l| sampler.sample(&l))
+    {
+        Ok(id) => id,
+        Err(e) => return fail(e),
+    };
+    metrics
+        .prompt_tokens
+        .fetch_add(p.input_ids.len() as u64, Ordering::Relaxed);
+    metrics
+        .time_to_first_token
+        .observe(p.job.received.elapsed());
+    let mut seq = Running {
+        events: p.job.events,
+        permit: p.job.permit,
+        sampler,
+        reply: ReplyText::new(&pipeline.tokenizer, p.stops),
+        prompt_tokens: p.input_ids.len(),
+        generated: 0,
+        max_new: p.max_new,
+        pending: first,
+        last_token_at: Instant::now(),
+    };
+    match emit(&mut seq, first, &pipeline.eos_token_ids, metrics) {
+        Some(finish) => finish_seq(seq, Some(finish)),
+        None => match join(cache, prefilled.cache) {
+            Ok(()) => running.push(seq),
+            Err(e) => {
+                let _ = seq
+                    .events
+                    .send(Event::Failed(ApiError::internal(e.to_string())));
+            }
+        },
+    }
+}
+
+/// Samples a row's next token and passes it on. `Some(None)`: the client is gone.
+fn step(
+    seq: &mut Running,
+    logits: &Tensor,
+    row: usize,
+    pipeline: &Pipeline,
+    metrics: &Metrics,
+) -> Option<Option<FinishReason>> {
+    if seq.events.is_closed() {
+        return Some(None);
+    }
+    let id = match logits
+        .get(row)
+        .map_err(ModelError::from)
+        .and_then(|l| seq.sampler.sample(&l))
+    {
+        Ok(id) => id,
+        Err(e) => {
+            let _ = seq
+                .events
+                .send(Event::Failed(ApiError::internal(e.to_string())));
+            return Some(None);
+        }
+    };
+    let now = Instant::now();
+    metrics
+        .time_per_output_token
+        .observe(now - seq.last_token_at);
+    seq.last_token_at = now;
+    seq.pending = id;
+    emit(seq, id, &pipeline.eos_token_ids, metrics).map(Some)
+}
+
+/// Streams a new token's text; says why the sequence ends if it does.
+fn emit(seq: &mut Running, id: u32, eos: &[u32], metrics: &Metrics) -> Option<FinishReason> {
+    seq.generated += 1;
+    metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
+    let events = &seq.events;
+    let flow = seq.reply.push(id, &mut |text| {
+        let _ = events.send(Event::Text(text.to_string()));
+    });
+    if flow.is_break() || eos.contains(&id) {
+        Some(FinishReason::Stop)
+    } else if seq.generated >= seq.max_new {
+        Some(FinishReason::Length)
+    } else {
+        None
+    }
+}
+
+/// Sends a finished sequence's held-back text and its end; `None` for a client that is gone.
+fn finish_seq(seq: Running, finish: Option<FinishReason>) {
+    let Some(finish) = finish else {
+        return;
+    };
+    let events = seq.events;
+    let usage = Usage::new(seq.prompt_tokens, seq.generated);
+    // Freed before the client hears of the end, so that its next request finds the place.
+    drop(seq.permit);
+    match seq.reply.finish(&mut |text| {
+        let _ = events.send(Event::Text(text.to_string()));
+    }) {
+        Ok(text) => {
+            let _ = events.send(Event::Done {
+                finish,
+                usage,
+                text,
+            });
+        }
+        Err(e) => {
+            let _ = events.send(Event::Failed(ApiError::internal(e.to_string())));
+        }
+    }
+}
+
+/// Ends the sequences whose step ended them and drops their rows from the batch.
+fn leave(
+    running: &mut Vec<Running>,
+    cache: &mut KvCache,
+    outcomes: Vec<Option<Option<FinishReason>>>,
+) {
+    if outcomes.iter().all(Option::is_none) {
+        return;
+    }
+    let mut keep_rows = Vec::new();
+    let mut kept = Vec::new();
+    for (row, (seq, outcome)) in std::mem::take(running)
+        .into_iter()
+        .zip(outcomes)
+        .enumerate()
+    {
+        match outcome {
+            None => {
+                keep_rows.push(row);
+                kept.push(seq);
+            }
+            Some(finish) => finish_seq(seq, finish),
+        }
+    }
+    if keep_rows.is_empty() {
+        *cache = KvCache::new();
+    } else if let Err(e) = cache.keep_rows(&keep_rows) {
+        let error = ApiError::internal(format!("the batch cache failed: {e}"));
+        for seq in kept {
+            let _ = seq.events.send(Event::Failed(error.clone()));
+        }
+        *cache = KvCache::new();
+        return;
+    }
+    *running = kept;
+}
