@@ -98,13 +98,18 @@ fn every_pair_ends_in_the_dataset_or_in_rejects() {
     .unwrap();
 
     assert_eq!(s.pairs, 36);
-    assert_eq!(s.written_total(), 28, "{s:?}");
-    assert_eq!(s.rejected_total(), 5, "{s:?}");
+    assert_eq!(s.written_total(), 27, "{s:?}");
+    assert_eq!(s.rejected_total(), 6, "{s:?}");
     assert_eq!(s.rejected.get("leak"), Some(&3), "{s:?}");
     assert_eq!(
         s.rejected.get("no_turns"),
         Some(&2),
-        "mkbad fails conversation and complex; detail accepts prose"
+        "mkbad fails conversation and complex"
+    );
+    assert_eq!(
+        s.rejected.get("too_short"),
+        Some(&1),
+        "detail parses mkbad's one-line prose, and the length filter turns it down"
     );
     assert_eq!(
         s.failed, 3,
@@ -163,7 +168,7 @@ fn every_pair_ends_in_the_dataset_or_in_rejects() {
     // the final JSON holds exactly the dataset records, each with one <image> in the first turn
     let all: Vec<serde_json::Value> =
         serde_json::from_slice(&std::fs::read(out.join(FINAL_FILE)).unwrap()).unwrap();
-    assert_eq!(all.len(), 28);
+    assert_eq!(all.len(), 27);
     for r in &all {
         let conv = r["conversations"].as_array().unwrap();
         assert_eq!(conv[0]["from"], "human");

@@ -17,6 +17,8 @@
 
 #![allow(dead_code)]
 
+pub mod batch;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -102,16 +104,21 @@ fn completion(content: &str, finish: &str) -> Response {
 }
 
 pub fn good_reply(system: &str, key: &str) -> String {
-    // Tie the reply to the context so that records differ per image.
+    // Tie the reply to the context so that records differ per image; long enough for the
+    // default length filters (real replies are sentences and paragraphs).
     let first = key.lines().next().unwrap_or("").trim();
     if system.contains("Write a conversation") {
         format!(
-            "Question: What is shown?\nAnswer: {first}\n===\nQuestion: Is it outdoors?\nAnswer: It seems so."
+            "Question: What is shown?\nAnswer: {first} The scene is clear and well lit.\n===\nQuestion: Is it outdoors?\nAnswer: It seems so, judging by the daylight and the open space."
         )
     } else if system.contains("Write one question") {
-        format!("Question: Why is this happening?\nAnswer: Because {first}")
+        format!(
+            "Question: Why is this happening?\nAnswer: Because {first} It is an everyday situation, and the people and objects in it are arranged the way one would expect."
+        )
     } else {
-        format!("The picture shows this: {first}")
+        format!(
+            "The picture shows this: {first} The scene is well lit and clearly composed, with the main subject in the middle of the frame and a calm, ordinary background behind it."
+        )
     }
 }
 
