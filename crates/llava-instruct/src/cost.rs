@@ -273,12 +273,12 @@ pub fn format_plan(p: &CostPlan) -> String {
     match &p.cost {
         Some(c) => {
             out.push_str(&format!(
-                "cost at {} in / {} out per 1M tokens: live {:.2}, Batch API {:.2}",
+                "cost at {} in / {} out per 1M tokens: live {:.4}, Batch API {:.4}",
                 c.price_in_per_1m, c.price_out_per_1m, c.live, c.batch
             ));
             if let (Some(l), Some(b)) = (c.live_max, c.batch_max) {
                 out.push_str(&format!(
-                    " (at most {l:.2} live, {b:.2} batch if every reply ran to max_tokens)"
+                    " (at most {l:.4} live, {b:.4} batch if every reply ran to max_tokens)"
                 ));
             }
         }
