@@ -668,15 +668,22 @@ pub fn run_blocking(
     client_cfg: Option<crate::client::ClientConfig>,
     cfg: &RunConfig,
 ) -> Result<RunSummary, InstructError> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(InstructError::Runtime)?;
-    rt.block_on(async {
+    block_on(async {
         // reqwest needs the runtime to exist when the client is built.
         let client = client_cfg.map(ChatClient::new).transpose()?;
         run(entries, Arc::new(lib), client, cfg).await
     })
+}
+
+/// Runs `fut` on a fresh multi-threaded runtime (the `*_blocking` entry points).
+pub(crate) fn block_on<T>(
+    fut: impl std::future::Future<Output = Result<T, InstructError>>,
+) -> Result<T, InstructError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(InstructError::Runtime)?
+        .block_on(fut)
 }
 
 /// A human-readable rendering of the summary.

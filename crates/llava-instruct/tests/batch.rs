@@ -4,23 +4,16 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use llava_instruct::batch::state::BatchState;
 use llava_instruct::batch::{BatchConfig, BatchLimits, custom_id, export_batch, import_batch};
-use llava_instruct::output::{FINAL_FILE, REJECTS_FILE};
+use llava_instruct::output::FINAL_FILE;
 use llava_instruct::source::load_generic_jsonl;
 use llava_instruct::{ClientConfig, InstructType, PromptLibrary, RunConfig};
-
-const TEACHER_TYPES: [InstructType; 3] = [
-    InstructType::Conversation,
-    InstructType::Detail,
-    InstructType::Complex,
-];
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -52,32 +45,7 @@ fn batch_cfg(max_requests: usize) -> BatchConfig {
     }
 }
 
-/// (type, id) → records, final rejects and request failures, from the output folder.
-type Counts = BTreeMap<(String, String), usize>;
-
-fn outcome_counts(out: &Path) -> (Counts, Counts, Counts) {
-    let mut records = Counts::new();
-    for ty in InstructType::ALL {
-        for r in common::read_jsonl_strict(&out.join(ty.file_name())) {
-            let id = r["id"].as_str().unwrap().to_string();
-            *records.entry((ty.name().to_string(), id)).or_default() += 1;
-        }
-    }
-    let (mut rejects, mut failures) = (Counts::new(), Counts::new());
-    for r in common::read_jsonl_strict(&out.join(REJECTS_FILE)) {
-        let key = (
-            r["type"].as_str().unwrap().to_string(),
-            r["id"].as_str().unwrap().to_string(),
-        );
-        let m = if r["stage"] == "request" {
-            &mut failures
-        } else {
-            &mut rejects
-        };
-        *m.entry(key).or_default() += 1;
-    }
-    (records, rejects, failures)
-}
+use common::{TEACHER_TYPES, outcome_counts};
 
 fn ids_with(entries: &[llava_instruct::ImageEntry], marker: &str) -> BTreeSet<String> {
     entries
@@ -93,20 +61,18 @@ fn batches_complete_fail_expire_and_only_failed_lines_are_retried() {
     let server = rt.block_on(common::batch::start(2));
     let dir = tempfile::tempdir().unwrap();
     let ann = dir.path().join("ann.jsonl");
-    let mut captions: Vec<String> = [
-        "mkbfail",
-        "mkbexpire",
-        "mkbmalformed",
-        "mkbmissing",
-        "mkbrefuse",
-        "mkbalways",
-    ]
-    .iter()
-    .map(|m| format!("A scene marked {m}."))
-    .collect();
-    captions.extend((0..4).map(|i| format!("A plain scene number {i}.")));
-    common::write_annotations(&ann, &captions);
-    let entries = load_generic_jsonl(&ann).unwrap();
+    let entries = common::marked_scenes(
+        &ann,
+        &[
+            "mkbfail",
+            "mkbexpire",
+            "mkbmalformed",
+            "mkbmissing",
+            "mkbrefuse",
+            "mkbalways",
+        ],
+        4,
+    );
     let out = dir.path().join("out");
     let cfg = RunConfig::new(TEACHER_TYPES.to_vec(), &out);
     let s = rt
@@ -229,9 +195,8 @@ fn kill_run(base: &str, ann: &Path, out: &Path) -> llava_instruct::RunSummary {
 #[test]
 #[ignore = "helper process, started by sigkill_while_polling_then_rerun_creates_no_second_batch"]
 fn batch_kill_child() {
-    let spec = std::env::var(CHILD_ENV).expect("run only as a child of the kill test");
-    let parts: Vec<&str> = spec.split('\n').collect();
-    kill_run(parts[0], Path::new(parts[1]), Path::new(parts[2]));
+    let (base, ann, out) = common::child_spec(CHILD_ENV);
+    kill_run(&base, &ann, &out);
 }
 
 #[test]
@@ -250,23 +215,11 @@ fn sigkill_while_polling_then_rerun_creates_no_second_batch() {
     common::write_annotations(&ann, &captions);
     let out = dir.path().join("out");
 
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "batch_kill_child",
-            "--ignored",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env(
-            CHILD_ENV,
-            format!("{}\n{}\n{}", server.base(), ann.display(), out.display()),
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = common::spawn_child(
+        "batch_kill_child",
+        CHILD_ENV,
+        format!("{}\n{}\n{}", server.base(), ann.display(), out.display()),
+    );
     // 30 requests at 8 per file: 4 batches. Wait until all are created and being polled.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

@@ -31,7 +31,7 @@ use crate::client::{ChatClient, ClientError};
 use crate::error::InstructError;
 use crate::output::{RejectStage, Sink};
 use crate::pipeline::{
-    Prepared, RunConfig, RunSummary, Settler, Tally, finish, prepare, reject, request_for,
+    Prepared, RunConfig, RunSummary, Settler, Tally, block_on, finish, prepare, reject, request_for,
 };
 use crate::prompts::PromptLibrary;
 use crate::source::ImageEntry;
@@ -137,10 +137,47 @@ impl Importer {
     }
 }
 
-fn pending_pairs(todo: Vec<Pair>) -> (Vec<String>, HashMap<String, Pair>) {
-    let order: Vec<String> = todo.iter().map(|(e, t)| custom_id(&e.id, *t)).collect();
-    let map = order.iter().cloned().zip(todo).collect();
-    (order, map)
+/// A run prepared for batch work: the pairs left for the teacher by `custom_id`, in order.
+struct Begun {
+    tally: Tally,
+    sink: Sink,
+    start: std::time::Instant,
+    order: Vec<String>,
+    imp: Importer,
+}
+
+fn begin(
+    entries: Vec<ImageEntry>,
+    lib: Arc<PromptLibrary>,
+    cfg: &RunConfig,
+) -> Result<Begun, InstructError> {
+    let Prepared {
+        tally,
+        sink,
+        teacher_todo,
+        start,
+    } = prepare(entries, &lib, cfg)?;
+    let order: Vec<String> = teacher_todo
+        .iter()
+        .map(|(e, t)| custom_id(&e.id, *t))
+        .collect();
+    let pending = order.iter().cloned().zip(teacher_todo).collect();
+    let imp = Importer {
+        settler: Settler {
+            lib,
+            filters: Arc::new(cfg.filters.clone()),
+            seed: cfg.seed,
+        },
+        pending,
+        last_error: HashMap::new(),
+    };
+    Ok(Begun {
+        tally,
+        sink,
+        start,
+        order,
+        imp,
+    })
 }
 
 /// Request lines for `ids`, split into files at `limits`. Pairs with no prompt set are
@@ -348,27 +385,18 @@ pub async fn run_batch(
     cfg: &RunConfig,
     bcfg: &BatchConfig,
 ) -> Result<RunSummary, InstructError> {
-    let Prepared {
+    let Begun {
         mut tally,
         mut sink,
-        teacher_todo,
         start,
-    } = prepare(entries, &lib, cfg)?;
+        order,
+        mut imp,
+    } = begin(entries, lib, cfg)?;
     // The pair bar would fight the polling bar; the summary tells the pair counts.
     tally.bar.set_draw_target(ProgressDrawTarget::hidden());
     let dir = cfg.out_dir.join(BATCH_DIR);
     std::fs::create_dir_all(&dir).map_err(InstructError::io(&dir))?;
     let mut state = BatchState::load(&cfg.out_dir)?;
-    let (order, pending) = pending_pairs(teacher_todo);
-    let mut imp = Importer {
-        settler: Settler {
-            lib,
-            filters: Arc::new(cfg.filters.clone()),
-            seed: cfg.seed,
-        },
-        pending,
-        last_error: HashMap::new(),
-    };
     let (attempts0, retries0) = (client.attempts_made(), client.retries_made());
     let model = client.config().model.clone();
 
@@ -483,11 +511,7 @@ pub fn run_batch_blocking(
     cfg: &RunConfig,
     bcfg: &BatchConfig,
 ) -> Result<RunSummary, InstructError> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(InstructError::Runtime)?;
-    rt.block_on(async {
+    block_on(async {
         let client = ChatClient::new(client_cfg)?;
         run_batch(entries, Arc::new(lib), client, cfg, bcfg).await
     })
@@ -506,13 +530,13 @@ pub fn export_batch(
     cfg: &RunConfig,
     limits: BatchLimits,
 ) -> Result<(Vec<PathBuf>, RunSummary), InstructError> {
-    let lib = Arc::new(lib.clone());
-    let Prepared {
+    let Begun {
         mut tally,
         mut sink,
-        teacher_todo,
         start,
-    } = prepare(entries, &lib, cfg)?;
+        order,
+        mut imp,
+    } = begin(entries, Arc::new(lib.clone()), cfg)?;
     let dir = cfg.out_dir.join(BATCH_DIR);
     std::fs::create_dir_all(&dir).map_err(InstructError::io(&dir))?;
     for e in std::fs::read_dir(&dir)
@@ -524,16 +548,6 @@ pub fn export_batch(
             std::fs::remove_file(e.path()).map_err(InstructError::io(e.path()))?;
         }
     }
-    let (order, pending) = pending_pairs(teacher_todo);
-    let mut imp = Importer {
-        settler: Settler {
-            lib,
-            filters: Arc::new(cfg.filters.clone()),
-            seed: cfg.seed,
-        },
-        pending,
-        last_error: HashMap::new(),
-    };
     let files = input_files(&order, &mut imp, model, cfg, limits, &mut tally, &mut sink)?;
     let mut paths = Vec::with_capacity(files.len());
     for (k, bytes) in files.iter().enumerate() {
@@ -554,23 +568,13 @@ pub fn import_batch(
     cfg: &RunConfig,
     files: &[PathBuf],
 ) -> Result<RunSummary, InstructError> {
-    let lib = Arc::new(lib.clone());
-    let Prepared {
+    let Begun {
         mut tally,
         mut sink,
-        teacher_todo,
         start,
-    } = prepare(entries, &lib, cfg)?;
-    let (_, pending) = pending_pairs(teacher_todo);
-    let mut imp = Importer {
-        settler: Settler {
-            lib,
-            filters: Arc::new(cfg.filters.clone()),
-            seed: cfg.seed,
-        },
-        pending,
-        last_error: HashMap::new(),
-    };
+        mut imp,
+        ..
+    } = begin(entries, Arc::new(lib.clone()), cfg)?;
     for path in files {
         let bytes = std::fs::read(path).map_err(InstructError::io(path))?;
         imp.import(&path.display().to_string(), &bytes, &mut tally, &mut sink)?;
