@@ -22,6 +22,8 @@ pub mod parse;
 pub mod pipeline;
 pub mod prompts;
 pub mod source;
+pub mod stats;
+pub mod stats_plot;
 pub mod types;
 
 pub use client::{

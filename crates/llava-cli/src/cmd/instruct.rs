@@ -12,6 +12,7 @@
 //! llava instruct … --batch [--batch-retries 2]      (OpenAI Batch API, resumable)
 //! llava instruct export-batch … --model gpt-4o      (input files, to submit by hand)
 //! llava instruct import-batch … --results out.jsonl errors.jsonl
+//! llava instruct stats out/llava_instruct.json [--json] [--plot plots/]
 //! ```
 
 use std::path::PathBuf;
@@ -62,6 +63,25 @@ enum Sub {
         /// Output and error files of the batches.
         #[arg(long = "results", required = true, num_args = 1.., value_name = "FILE")]
         results: Vec<PathBuf>,
+    },
+    /// Statistics of a generated set (types, turns, lengths, root verb-noun pairs), to compare
+    /// with LLaVA-Instruct-158K.
+    Stats {
+        /// A LLaVA JSON (or JSONL) file, e.g. OUT/llava_instruct.json.
+        file: PathBuf,
+        /// Print the statistics as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Also draw bar charts as PNGs into DIR.
+        #[arg(long, value_name = "DIR")]
+        plot: Option<PathBuf>,
+        /// How many verb-noun pairs to list.
+        #[arg(long, default_value_t = 20)]
+        top: usize,
+        /// The prompt set the data was made with (its instruction lists tell detail and brief
+        /// records apart).
+        #[arg(long, value_name = "DIR")]
+        prompts: Option<PathBuf>,
     },
     /// Write the built-in prompt set to DIR, to edit and pass back with --prompts DIR.
     ExportPrompts {
@@ -260,6 +280,13 @@ pub fn run(c: InstructCommand) -> anyhow::Result<()> {
             Ok(())
         }
         Some(Sub::ExportBatch(a)) => export_batch(a),
+        Some(Sub::Stats {
+            file,
+            json,
+            plot,
+            top,
+            prompts: dir,
+        }) => stats(&file, json, plot.as_deref(), top, &dir),
         Some(Sub::ImportBatch { run, results }) => import_batch(run, &results),
         None => generate(c.run),
     }
@@ -379,6 +406,30 @@ fn report(a: &RunArgs, summary: &RunSummary) -> anyhow::Result<()> {
             "{} pairs failed after all retries; rerun the same command to retry them",
             summary.failed
         );
+    }
+    Ok(())
+}
+
+fn stats(
+    file: &std::path::Path,
+    json: bool,
+    plot: Option<&std::path::Path>,
+    top: usize,
+    dir: &Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let lib = prompts(dir, &[])?;
+    let records = llava_data::record::read_dataset(file)
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    let s = llava_instruct::stats::compute(&records, &lib, top);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        print!("{}", llava_instruct::stats::format_stats(&s));
+    }
+    if let Some(d) = plot {
+        let files = llava_instruct::stats_plot::plot_stats(&s, d)
+            .with_context(|| format!("cannot draw the plots into {}", d.display()))?;
+        eprintln!("wrote {} plots under {}", files.len(), d.display());
     }
     Ok(())
 }
@@ -634,6 +685,15 @@ mod tests {
         }
         let c = parse(&["--out", "o", "--batch"]).unwrap();
         assert!(generate(c.run).is_err(), "--batch needs a teacher");
+        let c = parse(&["stats", "a.json", "--json", "--plot", "p", "--top", "5"]).unwrap();
+        assert!(matches!(
+            c.sub,
+            Some(Sub::Stats {
+                json: true,
+                top: 5,
+                ..
+            })
+        ));
     }
 
     #[test]
