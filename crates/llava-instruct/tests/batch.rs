@@ -74,7 +74,8 @@ fn batches_complete_fail_expire_and_only_failed_lines_are_retried() {
         4,
     );
     let out = dir.path().join("out");
-    let cfg = RunConfig::new(TEACHER_TYPES.to_vec(), &out);
+    let mut cfg = RunConfig::new(TEACHER_TYPES.to_vec(), &out);
+    cfg.price = Some("1,2".parse().unwrap());
     let s = rt
         .block_on(llava_instruct::batch::run_batch(
             entries.clone(),
@@ -97,6 +98,11 @@ fn batches_complete_fail_expire_and_only_failed_lines_are_retried() {
         "mkbmalformed's torn line, once per type"
     );
     assert_eq!((s.prompt_tokens, s.completion_tokens), (27 * 10, 27 * 5));
+    let cost = s.cost.unwrap();
+    assert!(
+        (cost - 0.5 * (0.27 * 1.0 + 0.135 * 2.0)).abs() < 1e-9,
+        "half the live price: {cost}"
+    );
 
     // Round 0: 30 lines split at 12 per file; round 1 holds exactly the 15 failed lines (12+3);
     // round 2 only the always-failing ones.
@@ -173,6 +179,46 @@ fn batches_complete_fail_expire_and_only_failed_lines_are_retried() {
     let after = server.state.batches();
     assert_eq!(after.len(), 9, "three rounds of the three failing lines");
     assert!(after[6..].iter().all(|b| b.custom_ids.len() == 3));
+}
+
+#[test]
+fn a_batch_that_fails_validation_is_retried_then_left_as_request_failures() {
+    let rt = runtime();
+    let server = rt.block_on(common::batch::start(1));
+    let dir = tempfile::tempdir().unwrap();
+    let entries = common::marked_scenes(&dir.path().join("ann.jsonl"), &["mkbinvalid"], 1);
+    let out = dir.path().join("out");
+    let mut cfg = RunConfig::new(vec![InstructType::Detail], &out);
+    cfg.price = Some("1".parse().unwrap());
+    let mut bcfg = batch_cfg(100);
+    bcfg.retries = 1;
+    let s = rt
+        .block_on(llava_instruct::batch::run_batch(
+            entries,
+            std::sync::Arc::new(PromptLibrary::builtin().unwrap()),
+            llava_instruct::ChatClient::new(client_cfg(&server.base())).unwrap(),
+            &cfg,
+            &bcfg,
+        ))
+        .unwrap();
+    let batches = server.state.batches();
+    assert_eq!(batches.len(), 2, "the first batch and one retry");
+    assert!(
+        batches
+            .iter()
+            .all(|b| b.status == "failed" && b.custom_ids.len() == 2)
+    );
+    assert_eq!((s.written_total(), s.failed), (0, 2));
+    let (records, rejects, failures) = outcome_counts(&out);
+    assert!(records.is_empty() && rejects.is_empty());
+    assert_eq!(failures.len(), 2);
+    let lines = common::read_jsonl_strict(&out.join(llava_instruct::output::REJECTS_FILE));
+    assert!(
+        lines
+            .iter()
+            .all(|r| r["reason"].as_str().unwrap().contains("mkbinvalid")),
+        "the batch's errors are the reason"
+    );
 }
 
 const CHILD_ENV: &str = "LLAVA_INSTRUCT_BATCH_KILL_CHILD";

@@ -28,6 +28,7 @@ use crate::batch::input::{BatchLimits, custom_id, custom_ids, request_line, spli
 use crate::batch::results::{LineResult, parse_file};
 use crate::batch::state::{BATCH_DIR, BatchEntry, BatchState};
 use crate::client::{ChatClient, ClientError};
+use crate::cost::BATCH_DISCOUNT;
 use crate::error::InstructError;
 use crate::output::{RejectStage, Sink};
 use crate::pipeline::{
@@ -377,6 +378,12 @@ async fn collect(
     Ok(())
 }
 
+/// The summary's cost at the Batch API's price (half the live price).
+fn batch_priced(mut s: RunSummary) -> Result<RunSummary, InstructError> {
+    s.cost = s.cost.map(|c| c * BATCH_DISCOUNT);
+    Ok(s)
+}
+
 /// The Batch API run. Same inputs and outputs as [`crate::pipeline::run`].
 pub async fn run_batch(
     entries: Vec<ImageEntry>,
@@ -500,7 +507,7 @@ pub async fn run_batch(
     }
     tally.summary.requests = client.attempts_made() - attempts0;
     tally.summary.retries = client.retries_made() - retries0;
-    finish(tally, sink, cfg, start)
+    batch_priced(finish(tally, sink, cfg, start)?)
 }
 
 /// [`run_batch`] on a fresh multi-threaded runtime, for synchronous callers such as the CLI.
@@ -561,7 +568,8 @@ pub fn export_batch(
 
 /// Offline half two: reads Batch output and error files (from OpenAI or `vllm run-batch`) into
 /// the output folder. Pairs with an error line become request failures (a later export sends
-/// them again); pairs with no line stay to do (`unanswered`).
+/// them again); pairs with no line stay to do (`unanswered`). The cost estimate is at the
+/// Batch API's price.
 pub fn import_batch(
     entries: Vec<ImageEntry>,
     lib: &PromptLibrary,
@@ -584,5 +592,5 @@ pub fn import_batch(
         imp.give_up(&cid, &mut tally, &mut sink)?;
     }
     tally.summary.unanswered = imp.pending.len();
-    finish(tally, sink, cfg, start)
+    batch_priced(finish(tally, sink, cfg, start)?)
 }

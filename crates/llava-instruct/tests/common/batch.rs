@@ -10,6 +10,7 @@
 //! - `mkbmalformed`: the first time, a torn output line;
 //! - `mkbmissing`: the first time, no line at all;
 //! - `mkbalways`: always a 500 error line;
+//! - `mkbinvalid`: the whole batch fails validation (status `failed`, no files);
 //! - `mkbrefuse`: a refusal ("I'm sorry, but as an AI I cannot see images.");
 //! - anything else: [`super::good_reply`], usage 10 + 5 tokens.
 
@@ -253,8 +254,18 @@ async fn retrieve(State(s): State<Arc<BatchServerState>>, Path(id): Path<String>
     }
     if !s.hold.load(Ordering::SeqCst) && b.status == "in_progress" {
         b.polls += 1;
+        let input = s.files.lock().unwrap()[&b.input_file_id].clone();
+        if String::from_utf8_lossy(&input).contains("mkbinvalid") {
+            // validation failed: no output, no error file, the batch's `errors` say why
+            b.status = "failed".into();
+            return Json(json!({
+                "id": b.id, "object": "batch", "input_file_id": b.input_file_id,
+                "status": "failed", "output_file_id": null, "error_file_id": null,
+                "errors": {"object": "list", "data": [{"code": "invalid_request", "message": "mkbinvalid"}]},
+            }))
+            .into_response();
+        }
         if b.polls >= s.polls_to_finish {
-            let input = s.files.lock().unwrap()[&b.input_file_id].clone();
             let p = process_input(&input, &mut s.seen.lock().unwrap());
             let mut files = s.files.lock().unwrap();
             if !p.output.is_empty() {
