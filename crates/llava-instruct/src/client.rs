@@ -388,7 +388,7 @@ impl ChatClient {
             .map_err(|e| ClientError::Config(format!("cannot encode request: {e}")))?;
         let body = &body;
         let (mut r, attempts) = self
-            .retrying(|| async move {
+            .retrying("chat request", || async move {
                 let rb = inner
                     .http
                     .post(&inner.url)
@@ -407,6 +407,7 @@ impl ChatClient {
     /// request of the project's one HTTP client goes through here.
     pub(crate) async fn retrying<T, F, Fut>(
         &self,
+        what: &str,
         mut attempt_fn: F,
     ) -> Result<(T, u32), ClientError>
     where
@@ -437,7 +438,7 @@ impl ChatClient {
                 Ok(r) => return Ok((r, attempt)),
                 Err(e) if e.is_retryable() && attempt <= inner.cfg.max_retries => {
                     let delay = self.backoff(attempt - 1, &e);
-                    tracing::debug!(attempt, ?delay, error = %e, "retrying request");
+                    tracing::debug!(attempt, ?delay, error = %e, "retrying {what}");
                     inner
                         .counters
                         .retries

@@ -82,7 +82,7 @@ impl ChatClient {
     pub async fn upload_batch_file(&self, name: &str, bytes: &[u8]) -> Result<String, ClientError> {
         let timeout = self.transfer_timeout();
         let (f, _) = self
-            .retrying(|| async move {
+            .retrying("Batch API request", || async move {
                 let part = Part::bytes(bytes.to_vec())
                     .file_name(name.to_string())
                     .mime_str("application/jsonl")
@@ -110,7 +110,7 @@ impl ChatClient {
         let timeout = self.config().timeout;
         let body = &body;
         let (b, _) = self
-            .retrying(|| async move {
+            .retrying("Batch API request", || async move {
                 let rb = self.api_request(Method::POST, "/batches").json(body);
                 decode::<Batch>(&self.send_once(rb, timeout).await?)
             })
@@ -122,7 +122,7 @@ impl ChatClient {
     pub async fn get_batch(&self, id: &str) -> Result<Batch, ClientError> {
         let timeout = self.config().timeout;
         let (b, _) = self
-            .retrying(|| async move {
+            .retrying("Batch API request", || async move {
                 let rb = self.api_request(Method::GET, &format!("/batches/{id}"));
                 decode::<Batch>(&self.send_once(rb, timeout).await?)
             })
@@ -141,7 +141,7 @@ impl ChatClient {
         loop {
             let after_q = after.as_deref();
             let (page, _) = self
-                .retrying(|| async move {
+                .retrying("Batch API request", || async move {
                     let mut rb = self
                         .api_request(Method::GET, "/batches")
                         .query(&[("limit", "100")]);
@@ -172,7 +172,7 @@ impl ChatClient {
     pub async fn file_content(&self, file_id: &str) -> Result<Vec<u8>, ClientError> {
         let timeout = self.transfer_timeout();
         let (bytes, _) = self
-            .retrying(|| async move {
+            .retrying("Batch API request", || async move {
                 let rb = self.api_request(Method::GET, &format!("/files/{file_id}/content"));
                 self.send_once(rb, timeout).await
             })
