@@ -17,10 +17,12 @@ Writes tests/fixtures/lora-train/ (rewritten each run, deterministic):
   steps, the LoRA pairs at LR and the projector at its own PROJECTOR_LR (two parameter groups, as
   LLaVA's trainer makes for --mm_projector_lr), constant lr, no clipping.
 
-`--check OUT BASE_IDS_JSON` (the round trip, run by hand): loads `OUT`, an adapter that
-`llava train --lora` wrote, with PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(BASE), OUT)
-and prints its greedy tokens for the prompt in BASE_IDS_JSON ({"input_ids", "image"}) to compare
-with `llava generate --model OUT --model-base BASE`.
+`--check OUT IMAGE QUESTION LLAVA_JSON` (the round trip, run by hand): loads `OUT`, an adapter
+that `llava train --lora` wrote over this fixture model, with
+PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(MODEL), OUT), and
+compares its greedy tokens for QUESTION about IMAGE (llava_v1) with the `token_ids` of
+`llava generate --json --template llava_v1 --max-new-tokens 20 --model OUT --model-base MODEL`
+saved in LLAVA_JSON.
 """
 import json
 import os
@@ -139,23 +141,31 @@ def main():
           f"losses {['%.5f' % l for l in losses]}")
 
 
-def check(out, prompt_json):
-    prompt = json.load(open(prompt_json))
+def check(out, image, question, llava_json):
+    """Greedy tokens of PeftModel over the base for the llava_v1 prompt `llava generate --json
+    --template llava_v1 --max-new-tokens 20` answered, compared with its `token_ids`."""
     from PIL import Image
+    from tokenizers import Tokenizer
     import make_train_fixtures as tf
+    ours = json.load(open(llava_json))
+    tok = Tokenizer.from_file(os.path.join(MODEL, "tokenizer.json"))
+    text = f"{tf.SYSTEM} USER: " + "<image>" * 25 + f"\n{question} ASSISTANT:"
+    ids = torch.tensor([tok.encode(text).ids])
+    assert ids.shape[1] == ours["prompt_tokens"], (ids.shape, ours["prompt_tokens"])
     model = PeftModel.from_pretrained(base_model(), out).eval()
-    pixels = tf.slow_processor()(images=Image.open(prompt["image"]).convert("RGB"),
-                                 return_tensors="pt")["pixel_values"]
-    ids = torch.tensor([prompt["input_ids"]])
+    pixels = tf.slow_processor()(images=Image.open(image).convert("RGB"), return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
-                             max_new_tokens=prompt.get("max_new_tokens", 20), do_sample=False)
-    print(json.dumps({"tokens": gen[0, ids.shape[1]:].tolist()}))
+                             max_new_tokens=20, do_sample=False)
+    # Both stop at </s> (id 2); transformers stops without returning it, llava returns it.
+    theirs = [t for t in gen[0, ids.shape[1]:].tolist() if t != 2]
+    mine = [t for t in ours["token_ids"] if t != 2]
+    print(json.dumps({"peft": theirs, "llava": mine, "same": theirs == mine}))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--check":
+    if len(sys.argv) == 6 and sys.argv[1] == "--check":
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        check(sys.argv[2], sys.argv[3])
+        check(*sys.argv[2:])
     else:
         main()
