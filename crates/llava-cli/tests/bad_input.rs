@@ -804,3 +804,79 @@ fn answering_with_a_batch_of_zero() {
     );
     assert!(!tmp.path().join("a.jsonl").exists(), "nothing is written");
 }
+
+fn lora_adapter() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/lora-train/adapter")
+}
+
+/// What `llava train --lora` cannot do, and adapters it cannot read, each named before a weight
+/// is loaded or a step taken.
+#[test]
+fn lora_training_that_cannot_run() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data.json");
+    std::fs::write(&data, "[]").expect("data");
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "train".to_string(),
+            "--model".into(),
+            fixture_model().to_string_lossy().into(),
+            "--data".into(),
+            data.to_string_lossy().into(),
+            "--output".into(),
+            tmp.path().join("out").to_string_lossy().into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        llava(&args)
+    };
+    assert_clean_failure(
+        &train(&["--stage", "pretrain", "--lora"]),
+        &["--lora", "stage 1", "--stage finetune"],
+    );
+    assert_clean_failure(
+        &train(&["--stage", "finetune", "--lora-r", "8"]),
+        &["--lora-r", "add --lora"],
+    );
+    assert_clean_failure(
+        &train(&["--stage", "finetune", "--lora", "--lora-dropout", "1"]),
+        &["--lora-dropout 1", "[0, 1)"],
+    );
+    let adapter = lora_adapter().to_string_lossy().to_string();
+    assert_clean_failure(
+        &train(&[
+            "--stage",
+            "finetune",
+            "--lora-from",
+            &adapter,
+            "--lora-r",
+            "16",
+        ]),
+        &["--lora-r 16", "has r 4"],
+    );
+    let missing = tmp.path().join("nothing").to_string_lossy().to_string();
+    assert_clean_failure(
+        &train(&["--stage", "finetune", "--lora-from", &missing]),
+        &["adapter_config.json"],
+    );
+    // An adapter that saves another module whole is refused by name.
+    let other = copy_dir(&lora_adapter(), &tmp.path().join("other"));
+    edit_json(&other.join("adapter_config.json"), |c| {
+        c["modules_to_save"] = serde_json::json!(["lm_head"]);
+    });
+    let other = other.to_string_lossy().to_string();
+    assert_clean_failure(
+        &train(&["--stage", "finetune", "--lora-from", &other]),
+        &["modules_to_save `lm_head`"],
+    );
+}
+
+/// An adapter over an HF-layout LLaVA is not a model by itself.
+#[test]
+fn an_adapter_without_its_base_is_named() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = copy_dir(&lora_adapter(), &tmp.path().join("adapter"));
+    std::fs::copy(fixture_model().join("config.json"), dir.join("config.json")).expect("config");
+    let out = generate(&dir, &image(), "Hi");
+    assert_clean_failure(&out, &["LoRA adapter", "--model-base"]);
+}
