@@ -859,6 +859,22 @@ fn lora_training_that_cannot_run() {
         &train(&["--stage", "finetune", "--lora-from", &missing]),
         &["adapter_config.json"],
     );
+    // An adapter over the original layout would have no base that transformers + peft load.
+    let out = llava(&[
+        "train",
+        "--stage",
+        "finetune",
+        "--lora",
+        "--model",
+        &original_layout().join("model").to_string_lossy(),
+        "--vision-tower",
+        &original_layout().join("clip").to_string_lossy(),
+        "--data",
+        &data.to_string_lossy(),
+        "--output",
+        &tmp.path().join("out-original").to_string_lossy(),
+    ]);
+    assert_clean_failure(&out, &["--lora", "original layout"]);
     // An adapter that saves another module whole is refused by name.
     let other = copy_dir(&lora_adapter(), &tmp.path().join("other"));
     edit_json(&other.join("adapter_config.json"), |c| {

@@ -16,10 +16,12 @@ use super::model_args::CheckpointArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct MergeLoraCommand {
-    /// The LoRA release (adapter_config.json, adapter_model.*, non_lora_trainables.bin).
+    /// The LoRA release (adapter_config.json, adapter_model.*, non_lora_trainables.bin), or an
+    /// adapter `llava train --lora` saved.
     #[command(flatten)]
     pub checkpoint: CheckpointArgs,
-    /// The language model it was trained from (directory or hub id).
+    /// The language model it was trained from (directory or hub id); for `llava train --lora`'s
+    /// adapters, the HF-layout LLaVA.
     #[arg(long)]
     pub model_base: String,
     /// A new directory for the merged checkpoint. Alias: --save-model-path.

@@ -11,7 +11,7 @@ use llava_data::sample::SampleOptions;
 use llava_data::tokenizer::Tokenizer;
 use llava_model::lora::{DropoutKey, LANGUAGE_MODEL_LINEARS, LoraInit, LoraTraining};
 use llava_model::pipeline::image_processor;
-use llava_model::weights::{hf_llava_name, original_llava_name, projector_file_name};
+use llava_model::weights::{hf_llava_name, projector_file_name};
 use llava_model::{Checkpoint, DType, Device, Layout, Llava};
 use llava_train::checkpoint::{
     TrainerState, read_state, restore_optimizer, resume_conflicts, truncate_log,
@@ -269,12 +269,13 @@ pub fn run(c: TrainCommand) -> Result<()> {
         Some(lora) => {
             // The projector in full; the language model through the pairs only.
             weights.set_trainable(|n| n.starts_with("multi_modal_projector."));
-            let rename = match checkpoint.layout {
-                Layout::Original { .. } => original_llava_name,
-                _ => hf_llava_name,
-            };
+            if let Layout::Original { .. } = checkpoint.layout {
+                bail!(
+                    "{model_source}: --lora trains an adapter over an HF-layout LLaVA (the model transformers + peft load it over); this checkpoint is in the original layout"
+                );
+            }
             weights
-                .set_lora_training(lora, rename)
+                .set_lora_training(lora, hf_llava_name)
                 .with_context(|| format!("the LoRA adapter of {model_source}"))?;
         }
         None => weights.set_trainable(move |n| stage.trains(n, unfreeze)),
