@@ -92,10 +92,19 @@ fn first_finetune_loss(model: &Path, data: &Path, output: &Path, extra: &[&str])
 /// The checkpoint in `dir` answers questions `indices` of [`QA`] about their images exactly as
 /// it was trained to.
 fn answers_verbatim(dir: &Path, indices: &[usize]) {
+    answers_verbatim_over(dir, None, indices)
+}
+
+/// As [`answers_verbatim`], for an adapter in `dir` loaded over `--model-base base`.
+fn answers_verbatim_over(dir: &Path, base: Option<&Path>, indices: &[usize]) {
     for &i in indices {
-        let out = Command::new(env!("CARGO_BIN_EXE_llava"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_llava"));
+        cmd.arg("generate");
+        if let Some(base) = base {
+            cmd.arg("--model-base").arg(base);
+        }
+        let out = cmd
             .args([
-                "generate",
                 "--template",
                 "llava_v1",
                 "--max-new-tokens",
@@ -530,36 +539,6 @@ fn unfreeze_vision_trains_the_tower() {
     );
 }
 
-/// `generate --model-base` answers questions `indices` of [`QA`] from an adapter in `dir`.
-fn adapter_answers_verbatim(dir: &Path, indices: &[usize]) {
-    for &i in indices {
-        let out = Command::new(env!("CARGO_BIN_EXE_llava"))
-            .args([
-                "generate",
-                "--template",
-                "llava_v1",
-                "--max-new-tokens",
-                "24",
-            ])
-            .arg("--model")
-            .arg(dir)
-            .arg("--model-base")
-            .arg(base_model())
-            .arg("--image")
-            .arg(fixtures().join("images").join(IMAGES[i % 3]))
-            .args(["--prompt", QA[i].0])
-            .output()
-            .expect("runs");
-        ok(&out);
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout).trim(),
-            QA[i].1,
-            "{}: answer {i} verbatim",
-            dir.display()
-        );
-    }
-}
-
 /// `--lora`: the pairs and the projector learn 8 samples by heart; every save (a mid-run
 /// checkpoint and the output) is a peft adapter that `generate --model-base` answers from and
 /// `merge-lora` merges; the optimizer state holds the trainables only.
@@ -624,8 +603,8 @@ fn lora_overfits_and_every_save_answers_over_the_base() {
                 .expect("moments");
         assert_eq!(moments.len(), 2 * 46, "moments of the trainables only");
     }
-    adapter_answers_verbatim(&mid, &[0, 3]);
-    adapter_answers_verbatim(&out_dir, &[0, 3, 6]);
+    answers_verbatim_over(&mid, Some(&base_model()), &[0, 3]);
+    answers_verbatim_over(&out_dir, Some(&base_model()), &[0, 3, 6]);
 
     let merged = tmp.path().join("merged");
     let out = Command::new(env!("CARGO_BIN_EXE_llava"))

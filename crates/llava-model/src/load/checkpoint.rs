@@ -60,12 +60,8 @@ impl Checkpoint {
         let (config, layout) = if json.get("vision_config").is_some() {
             let adapter = dir.join("adapter_config.json").is_file();
             if let (true, Some(base)) = (adapter, model_base) {
-                let base_dir = resolve_model_dir(base)
-                    .map_err(|e| ModelError::Input(format!("--model-base {base}: {e}")))?;
-                if read_json(&base_dir.join("config.json"))?
-                    .get("vision_config")
-                    .is_none()
-                {
+                let (base_dir, hf_base) = resolve_base(base)?;
+                if !hf_base {
                     return Err(ModelError::config(
                         &base_dir,
                         "--model-base of an adapter over an HF-layout LLaVA must be that HF-layout LLaVA checkpoint",
@@ -96,14 +92,10 @@ impl Checkpoint {
             let (config, vision_tower_dir) = original_config(&dir, &json, vision_tower)?;
             let model_base = match model_base {
                 Some(base) => {
-                    let base_dir = resolve_model_dir(base)
-                        .map_err(|e| ModelError::Input(format!("--model-base {base}: {e}")))?;
+                    let (base_dir, hf_base) = resolve_base(base)?;
                     // The original builder loads the base as its own LLaVA class: a plain
                     // LLaMA (Vicuna) or an original-layout LLaVA, never llava-hf's layout.
-                    if read_json(&base_dir.join("config.json"))?
-                        .get("vision_config")
-                        .is_some()
-                    {
+                    if hf_base {
                         return Err(ModelError::config(
                             &base_dir,
                             "--model-base is an HF-layout LLaVA checkpoint; the base of an original release is the language model it was trained from (e.g. lmsys/vicuna-7b-v1.5)",
@@ -282,6 +274,16 @@ impl Checkpoint {
             _ => &self.dir,
         }
     }
+}
+
+/// `--model-base`'s directory, and whether it is an HF-layout LLaVA (has `vision_config`).
+fn resolve_base(base: &str) -> Result<(PathBuf, bool)> {
+    let dir = resolve_model_dir(base)
+        .map_err(|e| ModelError::Input(format!("--model-base {base}: {e}")))?;
+    let hf = read_json(&dir.join("config.json"))?
+        .get("vision_config")
+        .is_some();
+    Ok((dir, hf))
 }
 
 /// A directory as given, else `org/name` looked up in the HF hub cache (`HF_HUB_CACHE`,
