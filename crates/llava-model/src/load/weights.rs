@@ -969,6 +969,51 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
     }
 
+    /// peft's fresh init: `lora_A` uniform on ±1/√in, `lora_B` zero, both trainable under the
+    /// module's name; only the targeted decoder projections get a pair.
+    #[test]
+    fn fresh_lora_pairs_follow_peft_s_init_and_the_targets() {
+        let mut weights = Weights::new(DType::F32, Device::Cpu);
+        let setting = LoraTraining {
+            r: 4,
+            lora_alpha: 8.0,
+            use_rslora: false,
+            lora_dropout: 0.0,
+            targets: vec!["q_proj".into()],
+            init: LoraInit::Fresh(1),
+            dropout_key: DropoutKey::default(),
+        };
+        weights
+            .set_lora_training(setting, hf_llava_name)
+            .expect("setting");
+        let q = "language_model.layers.0.self_attn.q_proj";
+        let pair = weights
+            .lora_pair(q, 64, 32)
+            .expect("pair")
+            .expect("targeted");
+        assert_eq!((pair.a.dims(), pair.b.dims()), (&[4, 64][..], &[32, 4][..]));
+        assert_eq!(pair.scaling, 2.0);
+        let a: Vec<f32> = pair.a.flatten_all().and_then(|t| t.to_vec1()).expect("a");
+        let bound = 1.0 / 8.0;
+        assert!(a.iter().all(|v| v.abs() <= bound) && a.iter().any(|v| v.abs() > bound / 2.0));
+        let b: Vec<f32> = pair.b.flatten_all().and_then(|t| t.to_vec1()).expect("b");
+        assert!(b.iter().all(|&v| v == 0.0));
+        for other in [
+            "language_model.layers.0.self_attn.k_proj",
+            "vision_tower.encoder.layers.0.self_attn.q_proj",
+        ] {
+            assert!(
+                weights.lora_pair(other, 64, 32).expect("none").is_none(),
+                "{other}"
+            );
+        }
+        let names: Vec<String> = weights.take_vars().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            [format!("{q}.lora_A.weight"), format!("{q}.lora_B.weight")]
+        );
+    }
+
     #[test]
     fn every_hf_naming_maps_to_one_canonical_name() {
         for stored in [
