@@ -875,6 +875,25 @@ fn lora_training_that_cannot_run() {
         &tmp.path().join("out-original").to_string_lossy(),
     ]);
     assert_clean_failure(&out, &["--lora", "original layout"]);
+    // A pair for a layer the base does not have would be dropped: refused by name.
+    let deeper = copy_dir(&lora_adapter(), &tmp.path().join("deeper"));
+    let file = deeper.join("adapter_model.safetensors");
+    let mut tensors =
+        candle_core::safetensors::load(&file, &candle_core::Device::Cpu).expect("load");
+    let stored = "base_model.model.model.language_model.layers.0.mlp.up_proj";
+    for m in ["lora_A", "lora_B"] {
+        let t = tensors[&format!("{stored}.{m}.weight")].clone();
+        tensors.insert(
+            format!("base_model.model.model.language_model.layers.9.mlp.up_proj.{m}.weight"),
+            t,
+        );
+    }
+    candle_core::safetensors::save(&tensors, &file).expect("save");
+    let deeper = deeper.to_string_lossy().to_string();
+    assert_clean_failure(
+        &train(&["--stage", "finetune", "--lora-from", &deeper]),
+        &["layers.9.mlp.up_proj", "no weight for"],
+    );
     // An adapter that saves another module whole is refused by name.
     let other = copy_dir(&lora_adapter(), &tmp.path().join("other"));
     edit_json(&other.join("adapter_config.json"), |c| {

@@ -165,12 +165,14 @@ impl Weights {
             let modules = crate::load::lora::pair_modules(shard.names(), &adapter.modules_to_save)
                 .map_err(|m| ModelError::config(&adapter.weights, m))?;
             for (module, a, b) in modules {
+                // The base must be added first: a pair for a weight it lacks would be dropped.
                 let canonical = rename(&format!("{module}.weight"))
+                    .filter(|w| self.index.contains_key(w))
                     .and_then(|w| w.strip_suffix(".weight").map(str::to_string))
                     .ok_or_else(|| {
                         ModelError::config(
                             &adapter.weights,
-                            format!("adapts `{module}`, which has no place in the model"),
+                            format!("adapts `{module}`, which the base model has no weight for"),
                         )
                     })?;
                 pairs.insert(canonical, (source, a, b));
