@@ -42,10 +42,13 @@ impl Lora {
         }
     }
 
-    /// `scaling · B A dropout(x)`, the term added to the base's output.
+    /// `scaling · B A dropout(x)`, the term added to the base's output. The scale is applied to
+    /// the `r`-wide product, which costs less than scaling the output (peft scales the output;
+    /// the two differ by rounding only).
     pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
         let x = self.dropout(x)?;
-        Ok((self.b.forward(&self.a.forward(&x)?)? * self.scaling)?)
+        let h = self.a.forward(&x)?.affine(self.scaling, 0.0)?;
+        self.b.forward(&h)
     }
 
     /// Inverted dropout (`nn.Dropout` in training): each element kept with probability `1 - p`
