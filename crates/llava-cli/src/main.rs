@@ -2,6 +2,7 @@
 //! messages here, and every failure exits non-zero.
 
 mod cmd;
+mod color;
 
 /// candle allocates a fresh buffer for every tensor op; glibc's malloc hands large freed
 /// buffers back to the kernel, so each training step paid page faults for memory it had just
@@ -32,6 +33,9 @@ use clap::{Parser, Subcommand};
     about = "LLaVA (Visual Instruction Tuning) in Rust"
 )]
 struct Cli {
+    /// Colour the logs: auto (when stderr is a terminal and NO_COLOR is unset), always, never.
+    #[arg(long, global = true, value_enum, default_value = "auto")]
+    color: color::ColorChoice,
     #[command(subcommand)]
     command: Command,
 }
@@ -63,14 +67,17 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     keep_freed_memory();
+    let cli = Cli::parse();
+    cli.color.set_global();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(color::stderr())
         .init();
-    let result = run(Cli::parse().command);
+    let result = run(cli.command);
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -654,6 +654,44 @@ fn data_preview_shows_the_mask() {
         .expect("runs");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("holds 2 records"));
+    // Piped, the mask is marked «…»; --color always colours it (green) anyway.
+    assert!(!text.contains('\x1b'), "{text}");
+    let out = llava()
+        .args(["--color", "always", "data", "preview", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .expect("runs");
+    succeeded(&out);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\x1b[32m"));
+
+    // A malformed record is named when asked for, and does not stop the preview of the others.
+    let good = std::fs::read_to_string(&data).expect("read");
+    let (first, second) = good.split_once('\n').expect("two lines");
+    std::fs::write(
+        &data,
+        format!("{first}\n{{\"id\": \"bad\", \"conversations\": null}}\n{second}"),
+    )
+    .expect("write");
+    let preview = |index: &str| {
+        llava()
+            .args(["data", "preview", "--json", "--model"])
+            .arg(&model)
+            .arg("--data")
+            .arg(&data)
+            .args(["--index", index])
+            .output()
+            .expect("runs")
+    };
+    let out = preview("1");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("record bad: not a LLaVA record (line 2)"),
+        "{stderr}"
+    );
+    succeeded(&preview("2"));
 
     // LLaVA-NeXT: the image's positions follow its size (113 for this one, as the processor
     // counts them), so the preview reads it; an image it cannot read is named.

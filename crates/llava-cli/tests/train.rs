@@ -539,6 +539,184 @@ fn unfreeze_vision_trains_the_tower() {
     );
 }
 
+#[test]
+fn gradient_checkpointing_logs_the_same_losses() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = write_dataset(tmp.path());
+    let run = |name: &str, extra: &[&str]| {
+        let out_dir = tmp.path().join(name);
+        let mut args = vec![
+            "--stage",
+            "finetune",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "3",
+            "--lr",
+            "1e-3",
+        ];
+        args.extend_from_slice(extra);
+        ok(&train(&data, &out_dir, &args));
+        (losses(&out_dir), weights(&out_dir))
+    };
+    let (plain, plain_weights) = run("plain", &[]);
+    let (recomputed, recomputed_weights) = run("recomputed", &["--gradient-checkpointing"]);
+    assert_eq!(plain.len(), 3);
+    for ((step, a), (_, b)) in plain.iter().zip(&recomputed) {
+        assert!(
+            (a - b).abs() <= 1e-6 * a.abs(),
+            "step {step}: loss {a} without, {b} with checkpointing"
+        );
+    }
+    // The steps moved the layers' weights, so their gradients reached the optimizer.
+    let name = "language_model.layers.1.mlp.down_proj.weight";
+    let base = weights(&base_model());
+    assert!(
+        !same(&base[name], &recomputed_weights[name]),
+        "{name} trained"
+    );
+    let diff = (&plain_weights[name] - &recomputed_weights[name])
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|m| m.to_scalar::<f32>())
+        .expect("diff");
+    assert!(diff <= 1e-6, "{name} differs by {diff} after three steps");
+}
+
+#[test]
+fn dry_run_prints_the_memory_plan_and_loads_nothing() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = write_dataset(tmp.path());
+    let out_dir = tmp.path().join("out");
+    let out = train(
+        &data,
+        &out_dir,
+        &[
+            "--stage",
+            "finetune",
+            "--batch-size",
+            "2",
+            "--dry-run",
+            "--memory-budget",
+            "1",
+        ],
+    );
+    ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for part in [
+        "frozen weights",
+        "gradients",
+        "AdamW moments",
+        "activations",
+        "logits",
+    ] {
+        assert!(text.contains(part), "{part} in:\n{text}");
+    }
+    assert!(text.contains("expected peak"), "{text}");
+    assert!(text.contains("largest batch size within 1 GB: "), "{text}");
+    assert!(!out_dir.exists(), "a dry run writes nothing");
+}
+
+/// The eight good records with the issue's three malformed ones among them: `conversations`
+/// null, a number for `conversations`, and a turn without `from`.
+fn write_dataset_with_bad_records(dir: &Path) -> PathBuf {
+    let good = write_dataset(dir);
+    let mut records: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&good).expect("read")).expect("json");
+    records.insert(
+        2,
+        serde_json::json!({"id": "null-conversations", "image": IMAGES[0], "conversations": null}),
+    );
+    records.insert(5, serde_json::json!({"id": 1234, "conversations": 5}));
+    records.push(serde_json::json!({"id": "no-from", "image": IMAGES[1],
+        "conversations": [{"value": "<image>\nWhat is here?"}, {"from": "gpt", "value": "A square."}]}));
+    std::fs::write(&good, serde_json::to_string(&records).expect("json")).expect("write");
+    good
+}
+
+const BAD_IDS: [&str; 3] = ["null-conversations", "1234", "no-from"];
+
+#[test]
+fn malformed_records_are_skipped_by_id_and_the_rest_train() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = write_dataset_with_bad_records(tmp.path());
+    let args = [
+        "--stage",
+        "finetune",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "2",
+    ];
+    let out_dir = tmp.path().join("out");
+    // stderr is a pipe here: the warnings come without colour codes.
+    let run = train(&data, &out_dir, &args);
+    ok(&run);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        !stderr.contains('\x1b'),
+        "no ANSI codes when piped:\n{stderr}"
+    );
+    for id in BAD_IDS {
+        let warning = stderr
+            .lines()
+            .find(|l| l.contains("WARN") && l.contains(&format!("id={id}")))
+            .unwrap_or_else(|| panic!("no warning names {id}:\n{stderr}"));
+        assert!(
+            warning.contains("skipping record: not a LLaVA record"),
+            "{warning}"
+        );
+    }
+    assert!(
+        stderr.contains("8 records"),
+        "the good eight train:\n{stderr}"
+    );
+    assert!(stderr.contains("skipped 3 bad records"), "{stderr}");
+    assert_eq!(losses(&out_dir).len(), 2);
+
+    // --strict stops at the first, by id.
+    let strict = train(
+        &data,
+        &tmp.path().join("strict"),
+        &[&args[..], &["--strict"]].concat(),
+    );
+    assert!(!strict.status.success());
+    let stderr = String::from_utf8_lossy(&strict.stderr);
+    assert!(
+        stderr.contains("error:")
+            && stderr.contains("record null-conversations: not a LLaVA record"),
+        "{stderr}"
+    );
+
+    // --color always keeps the colours, even piped (and over NO_COLOR, which only sets `auto`).
+    let coloured = train_command(&base_model(), &data, &tmp.path().join("colour"), &args)
+        .args(["--color", "always"])
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("runs");
+    ok(&coloured);
+    let stderr = String::from_utf8_lossy(&coloured.stderr);
+    assert!(
+        stderr.contains("\x1b["),
+        "colour codes with --color always:\n{stderr}"
+    );
+}
+
+#[test]
+fn a_dataset_that_is_not_json_fails_as_a_file() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data.json");
+    std::fs::write(&data, "[{\"id\": 1, \"conversations\": [}").expect("write");
+    let run = train(&data, &tmp.path().join("out"), &["--stage", "finetune"]);
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stderr.contains("not a JSON array of LLaVA records"),
+        "{stderr}"
+    );
+}
+
 /// `--lora`: the pairs and the projector learn 8 samples by heart; every save (a mid-run
 /// checkpoint and the output) is a peft adapter that `generate --model-base` answers from and
 /// `merge-lora` merges; the optimizer state holds the trainables only.
@@ -692,4 +870,45 @@ fn a_resumed_lora_run_with_dropout_logs_the_same_losses() {
     let c = losses(&no_dropout);
     assert_eq!(c[0].1, a[0].1);
     assert_ne!(c[1].1, a[1].1);
+}
+
+/// LoRA under gradient checkpointing: the recomputed layers draw the same dropout masks and
+/// their pairs get their gradients, so the losses are those without it.
+#[test]
+fn lora_with_gradient_checkpointing_logs_the_same_losses() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = write_dataset(tmp.path());
+    let run = |name: &str, extra: &[&str]| {
+        let out_dir = tmp.path().join(name);
+        let mut args = vec![
+            "--stage",
+            "finetune",
+            "--lora",
+            "--lora-r",
+            "4",
+            "--lora-alpha",
+            "8",
+            "--lora-dropout",
+            "0.3",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "3",
+            "--lr",
+            "1e-2",
+        ];
+        args.extend_from_slice(extra);
+        ok(&train(&data, &out_dir, &args));
+        losses(&out_dir)
+    };
+    let plain = run("plain", &[]);
+    let recomputed = run("recomputed", &["--gradient-checkpointing"]);
+    assert_eq!(plain.len(), 3);
+    assert!(plain[2].1 < plain[0].1, "the pairs trained: {plain:?}");
+    for ((step, a), (_, b)) in plain.iter().zip(&recomputed) {
+        assert!(
+            (a - b).abs() <= 1e-6 * a.abs(),
+            "step {step}: loss {a} without, {b} with checkpointing"
+        );
+    }
 }

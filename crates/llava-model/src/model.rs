@@ -11,4 +11,5 @@ pub mod loss;
 pub mod nn;
 pub mod projector;
 pub mod quantized;
+pub mod recompute;
 pub mod vision_tower;

@@ -195,3 +195,97 @@ fn loss_from_hidden_equals_loss_from_logits() {
     );
     assert!((a - b).abs() <= 1e-6 * a.abs(), "{a} vs {b}");
 }
+
+/// Loss and every trainable weight's gradient of the fixture batch, with the decoder's layers
+/// checkpointed (recomputed in backward) or not. `text_only` drops the image, so that the
+/// layers' input carries no graph when the embeddings are frozen.
+fn loss_and_grads(
+    select: fn(&str) -> bool,
+    checkpointed: bool,
+    text_only: bool,
+) -> (f32, Vec<(String, Tensor)>) {
+    let (_, tensors, batch) = load();
+    let (mut model, vars) = model_with_trainable(select);
+    if checkpointed {
+        model
+            .language_model
+            .enable_gradient_checkpointing()
+            .expect("checkpointing");
+    }
+    let hidden = if text_only {
+        let image = model.config.image_token_index;
+        let ids: Vec<Vec<u32>> = batch
+            .input_ids
+            .iter()
+            .map(|row| {
+                row.iter()
+                    .map(|&t| if t == image { 1 } else { t })
+                    .collect()
+            })
+            .collect();
+        model
+            .forward(
+                &ids,
+                None,
+                Some(&batch.mask),
+                &mut KvCache::new(),
+                Mode::Train,
+            )
+            .expect("forward")
+    } else {
+        batch_hidden(&model, &tensors, &batch, Mode::Train)
+    };
+    let logits = model.language_model.logits(&hidden).expect("logits");
+    let (loss, _) = causal_lm_loss(&logits, &batch.labels).expect("loss");
+    let mut grads = loss.backward().expect("backward");
+    model
+        .language_model
+        .add_recomputed_grads(&mut grads)
+        .expect("recomputed grads");
+    let grads = vars
+        .iter()
+        .map(|(name, var)| {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient reached {name}"));
+            (name.clone(), g.clone())
+        })
+        .collect();
+    (loss.to_scalar::<f32>().expect("loss"), grads)
+}
+
+fn assert_checkpointing_changes_nothing(select: fn(&str) -> bool, text_only: bool) {
+    let (loss, grads) = loss_and_grads(select, false, text_only);
+    let (loss_c, grads_c) = loss_and_grads(select, true, text_only);
+    assert!(
+        (loss - loss_c).abs() <= 1e-6 * loss.abs(),
+        "loss {loss} vs {loss_c} checkpointed"
+    );
+    assert!(!grads.is_empty());
+    for ((name, g), (_, gc)) in grads.iter().zip(&grads_c) {
+        let scale = max_abs(g);
+        assert!(scale > 0.0, "{name}: a zero gradient tests nothing");
+        let rel = max_abs(&(g - gc).expect("diff")) / scale;
+        assert!(
+            rel <= 1e-6,
+            "{name}: checkpointed gradient differs by {rel:e}"
+        );
+    }
+}
+
+#[test]
+fn gradient_checkpointing_gives_the_same_loss_and_gradients() {
+    // Stage 2: the projector and the whole language model.
+    assert_checkpointing_changes_nothing(
+        |n| n.starts_with("multi_modal_projector.") || n.starts_with("language_model."),
+        false,
+    );
+    // Stage 1: the projector alone, under frozen (recomputed) layers.
+    assert_checkpointing_changes_nothing(|n| n.starts_with("multi_modal_projector."), false);
+}
+
+#[test]
+fn gradient_checkpointing_reaches_layers_whose_input_carries_no_graph() {
+    // Frozen embeddings, no image: only the layers' own weights train (as LoRA does).
+    assert_checkpointing_changes_nothing(|n| n.starts_with("language_model.layers."), true);
+}

@@ -1,13 +1,14 @@
 //! Training data: LLaVA records → tokenised samples with their images → padded batches.
 //!
 //! A bad record (missing or undecodable image, wrong role order, misplaced `<image>`) is skipped
-//! with a counted warning naming its id, never aborting an epoch, unless `strict` is set.
+//! with a counted warning naming its id, never aborting an epoch, unless `strict` is set; so is
+//! a record that is not a LLaVA record at all (`usable_records`).
 
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use llava_data::image::{ImageProcessor, ProcessedImage};
-use llava_data::record::LlavaRecord;
+use llava_data::record::{LlavaRecord, MalformedRecord};
 use llava_data::sample::{IGNORE_INDEX, SampleOptions, TokenizedSample, tokenize_record};
 use llava_data::tokenizer::Tokenizer;
 use llava_model::LlavaConfig;
@@ -107,6 +108,33 @@ pub struct DataStats {
     pub truncated: usize,
 }
 
+/// Skips a bad record with a counted warning naming its id, or with `strict` fails on it.
+fn skip_record(id: &str, reason: &str, strict: bool, stats: &mut DataStats) -> Result<()> {
+    if strict {
+        return Err(TrainError::Data(format!("record {id}: {reason}")));
+    }
+    stats.skipped += 1;
+    tracing::warn!(id = %id, "skipping record: {reason}");
+    Ok(())
+}
+
+/// The records of a dataset file (`read_records`), its malformed ones skipped as any bad
+/// record is: a counted warning naming each, or with `strict` an error on the first.
+pub fn usable_records(
+    entries: Vec<std::result::Result<LlavaRecord, MalformedRecord>>,
+    strict: bool,
+    stats: &mut DataStats,
+) -> Result<Vec<LlavaRecord>> {
+    let mut records = Vec::with_capacity(entries.len());
+    for entry in entries {
+        match entry {
+            Ok(record) => records.push(record),
+            Err(bad) => skip_record(&bad.id, &bad.reason(), strict, stats)?,
+        }
+    }
+    Ok(records)
+}
+
 impl TrainDataset {
     /// The record order of one epoch: shuffled from (seed, epoch), so a resumed run sees the
     /// same order without storing it.
@@ -148,14 +176,7 @@ impl TrainDataset {
         reason: String,
         stats: &mut DataStats,
     ) -> Result<Option<Item>> {
-        if self.strict {
-            return Err(TrainError::Data(format!(
-                "record {}: {reason}",
-                record.id_string()
-            )));
-        }
-        stats.skipped += 1;
-        tracing::warn!(id = %record.id_string(), "skipping record: {reason}");
+        skip_record(&record.id_string(), &reason, self.strict, stats)?;
         Ok(None)
     }
 

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use llava_model::language_model::KvCache;
 use llava_model::loss::causal_lm_loss_from_hidden;
 use llava_model::nn::Mode;
@@ -13,6 +13,7 @@ use llava_model::{Llava, LlavaConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{TrainerState, save_checkpoint};
+use crate::collective::Collective;
 use crate::data::{Batch, DataStats, Item, TrainDataset, group_by_modality_length};
 use crate::error::{Result, TrainError};
 use crate::optim::AdamW;
@@ -94,6 +95,9 @@ pub struct TrainConfig {
     pub group_by_modality_length: bool,
     pub save_steps: Option<u64>,
     pub unfreeze_vision: bool,
+    /// Recompute each decoder layer in backward instead of keeping its activations.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     /// `--lora`: the language model trains as LoRA pairs, the projector in full.
     #[serde(default)]
     pub lora: Option<LoraSettings>,
@@ -107,10 +111,11 @@ pub struct LoraSettings {
     pub lora_dropout: f64,
 }
 
-/// The key of one micro-batch's dropout masks: from the seed, the step and the micro-batch
-/// alone, so a resumed run draws the masks the uninterrupted run drew.
-fn dropout_key(seed: u64, step: u64, micro: usize) -> u64 {
-    seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (step << 20) ^ micro as u64
+/// The key of one micro-batch's dropout masks: from the seed, the step, the rank and the
+/// micro-batch alone, so a resumed run draws the masks the uninterrupted run drew, and ranks
+/// draw their own.
+fn dropout_key(seed: u64, step: u64, rank: usize, micro: usize) -> u64 {
+    seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (step << 32) ^ ((rank as u64) << 16) ^ micro as u64
 }
 
 /// One line of `train_log.jsonl`.
@@ -149,12 +154,20 @@ pub struct Trainer<'a> {
     pub source_dir: PathBuf,
     pub device: Device,
     pub stats: DataStats,
+    /// The job's ranks ([`crate::collective::SingleProcess`] alone): each takes its slice of
+    /// every global batch, and rank 0 writes the log and the checkpoints.
+    pub collective: &'a dyn Collective,
+    /// The run as `loss.png`'s title names it: stage, model, data.
+    pub title: String,
 }
 
 impl Trainer<'_> {
     /// Optimizer steps in the whole run (`--max-steps`, or epochs × batches per epoch).
     pub fn total_steps(&self) -> u64 {
-        let per_step = (self.config.batch_size * self.config.grad_accum).max(1) as u64;
+        // The global batch, as the HF Trainer counts it: ranks × batch size × accumulation.
+        let per_step =
+            (self.collective.world_size() * self.config.batch_size * self.config.grad_accum).max(1)
+                as u64;
         let per_epoch = (self.data.records.len() as u64).div_ceil(per_step).max(1);
         self.config
             .max_steps
@@ -163,6 +176,9 @@ impl Trainer<'_> {
 
     /// Runs until the step budget is spent, calling `on_step` after every optimizer step.
     pub fn train(&mut self, mut on_step: impl FnMut(&StepLog)) -> Result<()> {
+        if self.config.gradient_checkpointing {
+            self.model.language_model.enable_gradient_checkpointing()?;
+        }
         let total = self.total_steps();
         let warmup = warmup_steps(self.config.warmup_ratio, total);
         let schedule = if self.config.cosine {
@@ -174,11 +190,18 @@ impl Trainer<'_> {
         // Time spent before a resume; checkpoints store the running total.
         let elapsed_before = self.state.elapsed_s;
         let log_path = self.output.join("train_log.jsonl");
-        let mut log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(TrainError::io(&log_path))?;
+        let writes = self.collective.rank() == 0;
+        let mut log = match writes {
+            true => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log_path)
+                    .map_err(TrainError::io(&log_path))?,
+            ),
+            false => None,
+        };
+        let world = self.collective.world_size();
         // Recomputed only when the epoch changes: grouping reads every record's length.
         let mut epoch_order: Option<(u64, Vec<usize>)> = None;
         while self.state.step < total {
@@ -187,14 +210,30 @@ impl Trainer<'_> {
             }
             let order = epoch_order.as_ref().map_or(&[][..], |(_, o)| o.as_slice());
             let mut micro = Vec::new();
+            if world > 1 && self.state.position >= order.len() {
+                self.state.epoch += 1;
+                self.state.position = 0;
+                continue;
+            }
             for _ in 0..self.config.grad_accum.max(1) {
+                if world > 1 {
+                    // A rank whose slice held only bad records still joins the step's sums.
+                    if self.state.position >= order.len() {
+                        break;
+                    }
+                    let items = self.rank_items(order)?;
+                    if !items.is_empty() {
+                        micro.push(self.data.collate(&items, &self.device)?);
+                    }
+                    continue;
+                }
                 let items = self.next_items(order)?;
                 if items.is_empty() {
                     break;
                 }
                 micro.push(self.data.collate(&items, &self.device)?);
             }
-            if micro.is_empty() {
+            if micro.is_empty() && world == 1 {
                 if self.state.position == 0 {
                     return Err(TrainError::Data(
                         "no usable record in the dataset (every one was skipped)".into(),
@@ -205,7 +244,10 @@ impl Trainer<'_> {
                 continue;
             }
             let lr = lr_at(schedule, self.config.lr, self.state.step, warmup, total);
-            let (loss, grad_norm, tokens) = self.step(&micro, lr)?;
+            let Some((loss, grad_norm, tokens)) = self.step(&micro, lr)? else {
+                // No rank had a supervised token (every record of the global batch was bad).
+                continue;
+            };
             self.state.step += 1;
             let entry = StepLog {
                 step: self.state.step,
@@ -217,7 +259,9 @@ impl Trainer<'_> {
                 tokens,
                 elapsed_s: elapsed_before + clock.elapsed().as_secs_f64(),
             };
-            entry.append_to(&mut log, &log_path)?;
+            if let Some(log) = &mut log {
+                entry.append_to(log, &log_path)?;
+            }
             on_step(&entry);
             if self.state.position >= order.len() {
                 self.state.epoch += 1;
@@ -227,7 +271,7 @@ impl Trainer<'_> {
                 .config
                 .save_steps
                 .is_some_and(|n| n > 0 && self.state.step.is_multiple_of(n));
-            if save_now && self.state.step < total {
+            if save_now && self.state.step < total && writes {
                 self.state.elapsed_s = entry.elapsed_s;
                 let dir = self.output.join(format!("checkpoint-{}", self.state.step));
                 self.save(&dir)?;
@@ -235,7 +279,10 @@ impl Trainer<'_> {
         }
         self.state.elapsed_s = elapsed_before + clock.elapsed().as_secs_f64();
         let output = self.output.clone();
-        self.save(&output)
+        match writes {
+            true => self.save(&output),
+            false => Ok(()),
+        }
     }
 
     /// The record order of the current epoch, from the seed alone (so a resume sees it again).
@@ -263,24 +310,56 @@ impl Trainer<'_> {
         Ok(items)
     }
 
-    /// Accumulates gradients over the micro-batches so that the result is the gradient of the
-    /// mean loss over every supervised token of the step, then clips and updates.
-    fn step(&mut self, micro: &[Batch], lr: f64) -> Result<(f64, f64, usize)> {
-        let total_supervised: usize = micro.iter().map(|b| b.supervised_tokens).sum();
+    /// This rank's slice of the next global micro-batch (`world × batch_size` positions of the
+    /// order): positions `rank·batch_size ..`, bad records skipped without a replacement, so
+    /// that every rank moves through the order alike.
+    fn rank_items(&mut self, order: &[usize]) -> Result<Vec<Item>> {
+        let bs = self.config.batch_size;
+        let start = (self.state.position + self.collective.rank() * bs).min(order.len());
+        let end = (start + bs).min(order.len());
+        self.state.position =
+            (self.state.position + self.collective.world_size() * bs).min(order.len());
+        let mut items = Vec::with_capacity(bs);
+        for &index in &order[start..end] {
+            if let Some(item) = self.data.item(index, &mut self.stats)? {
+                items.push(item);
+            }
+        }
+        Ok(items)
+    }
+
+    /// Accumulates gradients over the micro-batches (of every rank) so that the result is the
+    /// gradient of the mean loss over every supervised token of the global step, then clips and
+    /// updates; `None` when the global step has no supervised token. Each micro-batch's loss is
+    /// weighted by its share of the global count, so ranks holding different token counts give
+    /// the update of one process that saw the whole batch.
+    fn step(&mut self, micro: &[Batch], lr: f64) -> Result<Option<(f64, f64, usize)>> {
+        let local: usize = micro.iter().map(|b| b.supervised_tokens).sum();
+        let mut counts = [local as f64];
+        self.collective.all_reduce_sum_f64(&mut counts)?;
+        let total_supervised = counts[0] as usize;
+        if total_supervised == 0 {
+            return Ok(None);
+        }
         // Only the trainable parameters' gradients are kept between micro-batches.
         let mut grads = GradStore::default();
         let mut loss_sum = 0f64;
         let mut tokens = 0;
         for (i, batch) in micro.iter().enumerate() {
             if let Some(lora) = self.source.lora_training() {
-                let key = dropout_key(self.config.seed, self.state.step, i);
+                let rank = self.collective.rank();
+                let key = dropout_key(self.config.seed, self.state.step, rank, i);
                 lora.dropout_key.set(Some(key));
             }
             let (loss, n) = self.loss(batch)?;
             tokens += batch.tokens;
             let weight = n as f64 / total_supervised.max(1) as f64;
             loss_sum += loss.to_scalar::<f32>()? as f64 * weight;
-            let micro_grads = (loss * weight)?.backward()?;
+            let mut micro_grads = (loss * weight)?.backward()?;
+            // Under gradient checkpointing the layers' weights get theirs here.
+            self.model
+                .language_model
+                .add_recomputed_grads(&mut micro_grads)?;
             for p in &self.optimizer.params {
                 let t = p.var.as_tensor();
                 if let Some(g) = micro_grads.get(t) {
@@ -292,10 +371,47 @@ impl Trainer<'_> {
                 }
             }
         }
+        if self.collective.world_size() > 1 {
+            let mut sums = [loss_sum, tokens as f64];
+            self.collective.all_reduce_sum_f64(&mut sums)?;
+            (loss_sum, tokens) = (sums[0], sums[1] as usize);
+            self.all_reduce_grads(&mut grads)?;
+        }
         let grad_norm = self
             .optimizer
             .clip_and_step(&grads, lr, self.config.max_grad_norm)?;
-        Ok((loss_sum, grad_norm, tokens))
+        Ok(Some((loss_sum, grad_norm, tokens)))
+    }
+
+    /// Sums every trainable parameter's gradient over the ranks, in one flat f32 buffer with one
+    /// more value per parameter that counts the ranks holding a gradient for it: a parameter no
+    /// rank reached (LLaVA-NeXT's row separator in a text-only step) stays without one, as in a
+    /// single process, and AdamW leaves it alone.
+    fn all_reduce_grads(&self, grads: &mut GradStore) -> Result<()> {
+        let params = &self.optimizer.params;
+        let mut flat = Vec::new();
+        for p in params {
+            let t = p.var.as_tensor();
+            match grads.get(t) {
+                Some(g) => {
+                    flat.extend(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+                    flat.push(1.0);
+                }
+                None => flat.extend(std::iter::repeat_n(0.0, t.elem_count() + 1)),
+            }
+        }
+        self.collective.all_reduce_sum_f32(&mut flat)?;
+        let mut at = 0;
+        for p in params {
+            let t = p.var.as_tensor();
+            let n = t.elem_count();
+            if flat[at + n] > 0.0 {
+                let g = Tensor::from_slice(&flat[at..at + n], t.shape(), t.device())?;
+                grads.insert(t, g.to_dtype(t.dtype())?);
+            }
+            at += n + 1;
+        }
+        Ok(())
     }
 
     fn loss(&self, batch: &Batch) -> Result<(Tensor, usize)> {
@@ -304,10 +420,7 @@ impl Trainer<'_> {
 
     fn save(&self, dir: &Path) -> Result<()> {
         let log = self.output.join("train_log.jsonl");
-        crate::plot::plot_loss(
-            &self.output.join("loss.png"),
-            &crate::plot::read_losses(&log)?,
-        )?;
+        crate::plot::plot_log(&log, &self.output.join("loss.png"), &self.title)?;
         save_checkpoint(
             dir,
             &self.source_dir,

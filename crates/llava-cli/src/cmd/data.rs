@@ -1,12 +1,11 @@
 //! `llava data preview`: one training sample as the model sees it, with the supervised tokens
 //! marked, so a user can check the mask before spending compute on it.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use llava_data::conversation::ConvTemplate;
-use llava_data::record::read_dataset;
+use llava_data::record::read_records;
 use llava_data::sample::{IGNORE_INDEX, SampleOptions, tokenize_record};
 use llava_data::tokenizer::Tokenizer;
 use llava_model::Checkpoint;
@@ -74,14 +73,18 @@ fn preview(p: PreviewArgs) -> Result<()> {
     let checkpoint = Checkpoint::open(&p.checkpoint.model, p.checkpoint.vision_tower.as_deref())
         .with_context(|| format!("loading {}", p.checkpoint.model))?;
     let tokenizer = Tokenizer::from_dir(&checkpoint.dir)?;
-    let records = read_dataset(&p.data)?;
-    let Some(record) = records.get(p.index) else {
-        bail!(
+    // Read record by record, so that a malformed record elsewhere in the file does not stop
+    // the preview of a good one.
+    let records = read_records(&p.data)?;
+    let record = match records.get(p.index) {
+        Some(Ok(record)) => record,
+        Some(Err(bad)) => bail!("--index {}: {}: {bad}", p.index, p.data.display()),
+        None => bail!(
             "--index {}: {} holds {} records",
             p.index,
             p.data.display(),
             records.len()
-        );
+        ),
     };
     // LLaVA-1.5 gives every image the same positions; LLaVA-NeXT as many as its size asks for.
     let image_path = record.image_path(p.image_folder.as_deref());
@@ -115,7 +118,7 @@ fn preview(p: PreviewArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let colour = std::io::stdout().is_terminal();
+    let colour = crate::color::stdout();
     let image_id = opts.image_tokens.id();
     let mut out = String::new();
     let mut i = 0;

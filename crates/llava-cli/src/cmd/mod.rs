@@ -10,6 +10,7 @@ pub mod init;
 pub mod instruct;
 pub mod merge_lora;
 pub mod model_args;
+pub mod ranks;
 pub mod teacher;
 pub mod teacher_args;
 pub mod train;

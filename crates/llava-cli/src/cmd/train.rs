@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use llava_data::conversation::ConvTemplate;
-use llava_data::record::read_dataset;
+use llava_data::record::read_records;
 use llava_data::sample::SampleOptions;
 use llava_data::tokenizer::Tokenizer;
 use llava_model::lora::{DropoutKey, LANGUAGE_MODEL_LINEARS, LoraInit, LoraTraining};
@@ -16,7 +16,9 @@ use llava_model::{Checkpoint, DType, Device, Layout, Llava};
 use llava_train::checkpoint::{
     TrainerState, read_state, restore_optimizer, resume_conflicts, truncate_log,
 };
-use llava_train::data::{DataStats, TrainDataset};
+use llava_train::collective::Collective;
+use llava_train::data::{DataStats, TrainDataset, usable_records};
+use llava_train::memory::{MemoryPlan, PlanSettings};
 use llava_train::optim::{AdamW, AdamWConfig};
 use llava_train::trainer::{LoraSettings, Stage, TrainConfig, Trainer};
 
@@ -129,9 +131,21 @@ pub struct TrainCommand {
     /// Also train the vision tower (the paper keeps it frozen).
     #[arg(long)]
     pub unfreeze_vision: bool,
+    /// Keep only each decoder layer's input and recompute the layer in backward: activation
+    /// memory of one layer instead of all, for about one more forward pass per step. The
+    /// gradients are the same.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Stop at the first bad record instead of skipping it.
     #[arg(long)]
     pub strict: bool,
+    /// Print the memory the run will need at its peak (weights, gradients, optimizer state,
+    /// activations, logits) from the config and the flags, and stop before loading anything.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// With --dry-run: also print the largest per-device batch size that fits this many GB.
+    #[arg(long, value_name = "GB", requires = "dry_run")]
+    pub memory_budget: Option<f64>,
     /// Train on this CUDA device (needs a build with `--features cuda`); the CPU otherwise.
     #[arg(long)]
     pub cuda: Option<usize>,
@@ -141,6 +155,24 @@ pub struct TrainCommand {
 }
 
 pub fn run(c: TrainCommand) -> Result<()> {
+    if c.dry_run {
+        return train(c, &llava_train::collective::SingleProcess);
+    }
+    let job = super::ranks::join_job()?;
+    let (rank, world) = (job.rank(), job.world_size());
+    match train(c, job.as_ref()) {
+        Err(e) if world > 1 => {
+            // Returning would wait in MPI_Finalize while the other ranks wait in a sum.
+            eprintln!("error: rank {rank} of {world}: {e:#}");
+            job.abort(1)
+        }
+        result => result,
+    }
+}
+
+/// The run on this rank of `job` (one process: a world of one).
+fn train(c: TrainCommand, job: &dyn Collective) -> Result<()> {
+    let lead = job.rank() == 0;
     let stage = match c.stage {
         StageArg::Pretrain => Stage::Pretrain,
         StageArg::Finetune => Stage::Finetune,
@@ -197,6 +229,7 @@ pub fn run(c: TrainCommand) -> Result<()> {
         group_by_modality_length: c.group_by_modality_length,
         save_steps: c.save_steps,
         unfreeze_vision: c.unfreeze_vision,
+        gradient_checkpointing: c.gradient_checkpointing,
         lora: lora.as_ref().map(|l| LoraSettings {
             r: l.r,
             lora_alpha: l.lora_alpha,
@@ -205,6 +238,13 @@ pub fn run(c: TrainCommand) -> Result<()> {
     };
     if config.batch_size == 0 {
         bail!("--batch-size must be at least 1");
+    }
+    if c.dry_run {
+        if config.lora.is_some() {
+            // A plan without the pairs, their activations and the frozen decoder would mislead.
+            bail!("--dry-run does not plan LoRA runs yet: its plan would be a full fine-tune's");
+        }
+        return print_memory_plan(&c, &config);
     }
 
     // A resumed run starts from the checkpoint's weights and state.
@@ -227,6 +267,8 @@ pub fn run(c: TrainCommand) -> Result<()> {
             };
             (source, state)
         }
+        // Rank 0 checks before it writes anything; the others would see its new log.
+        None if !lead => (c.checkpoint.model.clone(), TrainerState::default()),
         None => {
             if c.output.join("train_log.jsonl").exists()
                 || c.output.join("trainer_state.json").exists()
@@ -242,7 +284,7 @@ pub fn run(c: TrainCommand) -> Result<()> {
     };
     std::fs::create_dir_all(&c.output)
         .with_context(|| format!("creating {}", c.output.display()))?;
-    if c.resume.is_some() {
+    if c.resume.is_some() && lead {
         truncate_log(&c.output, state.step)?;
     }
 
@@ -311,8 +353,11 @@ pub fn run(c: TrainCommand) -> Result<()> {
         .token_to_id("<pad>")
         .or(checkpoint.config.text_config.pad_token_id)
         .unwrap_or(0);
+    let mut stats = DataStats::default();
+    let records = usable_records(read_records(&c.data)?, c.strict, &mut stats)
+        .with_context(|| format!("{} (--strict)", c.data.display()))?;
     let data = TrainDataset {
-        records: read_dataset(&c.data)?,
+        records,
         image_folder: c.image_folder.clone(),
         image_processor: image_processor(&checkpoint, aspect)?,
         sample: SampleOptions {
@@ -355,10 +400,15 @@ pub fn run(c: TrainCommand) -> Result<()> {
         source: &weights,
         source_dir: checkpoint.dir.clone(),
         device,
-        stats: DataStats::default(),
+        stats,
+        title: run_title(stage, &c.checkpoint.model, &c.data),
+        collective: job,
     };
     let total = trainer.total_steps();
-    let bar = steps_bar(total).with_position(trainer.state.step);
+    let bar = match lead {
+        true => steps_bar(total).with_position(trainer.state.step),
+        false => ProgressBar::hidden(),
+    };
     let mut last = None;
     trainer.train(|log| {
         bar.set_position(log.step);
@@ -378,7 +428,7 @@ pub fn run(c: TrainCommand) -> Result<()> {
             stats.skipped, stats.truncated
         );
     }
-    if let Some(l) = last {
+    if let Some(l) = last.filter(|_| lead) {
         eprintln!(
             "done: step {} · loss {:.4} · saved to {}",
             l.step,
@@ -434,6 +484,29 @@ fn lora_setting(c: &TrainCommand, from: Option<&std::path::Path>) -> Result<Lora
     Ok(setting)
 }
 
+/// `loss.png`'s title: the stage, and the model and data as their last two path components
+/// (a hub id whole, `demo/init` for `out/demo/init`).
+fn run_title(stage: Stage, model: &str, data: &std::path::Path) -> String {
+    let tail = |p: &std::path::Path| {
+        let parts: Vec<String> = p
+            .components()
+            .rev()
+            .take(2)
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect();
+        parts.into_iter().rev().collect::<Vec<_>>().join("/")
+    };
+    let stage = match stage {
+        Stage::Pretrain => "stage 1 (pretrain)",
+        Stage::Finetune => "stage 2 (finetune)",
+    };
+    format!(
+        "{stage} · model {} · data {}",
+        tail(std::path::Path::new(model)),
+        tail(data)
+    )
+}
+
 /// The progress bar of a training run: steps, a message (loss, lr, speed) and the ETA.
 pub(crate) fn steps_bar(total: u64) -> ProgressBar {
     let bar = ProgressBar::new(total);
@@ -442,4 +515,32 @@ pub(crate) fn steps_bar(total: u64) -> ProgressBar {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar
+}
+
+/// `--dry-run`: the memory plan of this run ([`MemoryPlan`]), read from `config.json` alone.
+fn print_memory_plan(c: &TrainCommand, config: &TrainConfig) -> Result<()> {
+    let checkpoint = Checkpoint::open(&c.checkpoint.model, c.checkpoint.vision_tower.as_deref())
+        .with_context(|| format!("reading {}", c.checkpoint.model))?;
+    let model = &checkpoint.config;
+    let settings = PlanSettings {
+        stage: config.stage,
+        unfreeze_vision: config.unfreeze_vision,
+        gradient_checkpointing: config.gradient_checkpointing,
+        batch_size: config.batch_size,
+        max_length: c.max_length.unwrap_or(model.default_max_length()),
+        frozen_bytes: 4.0,
+    };
+    let plan = MemoryPlan::new(model, &settings);
+    println!(
+        "memory plan for {} ({:?}, batch {} × {} tokens, f32 on one device):",
+        c.checkpoint.model, config.stage, settings.batch_size, settings.max_length
+    );
+    println!("{plan}");
+    if let Some(gb) = c.memory_budget {
+        match MemoryPlan::largest_batch(model, &settings, gb * 1e9) {
+            Some(b) => println!("largest batch size within {gb} GB: {b}"),
+            None => println!("not even batch size 1 fits in {gb} GB"),
+        }
+    }
+    Ok(())
 }

@@ -1,6 +1,9 @@
 //! The LLaMA/Vicuna decoder `f_φ`: RMSNorm, rotary position embeddings, grouped-query
 //! attention, SwiGLU MLP, and a KV cache for decoding.
 
+use std::sync::Arc;
+
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::LlamaConfig;
@@ -11,6 +14,7 @@ use crate::kernels::cuda_kernels;
 use crate::load::weights::WeightsView;
 use crate::model::nn::{Activation, Linear, Mode, RmsNorm, rope, softmax_last_dim};
 use crate::model::quantized::Projection;
+use crate::model::recompute::{self, GradientCheckpointing};
 
 /// Keys and values of every layer for the positions seen so far: `[batch, kv_heads, seq, head_dim]`.
 #[derive(Debug, Clone, Default)]
@@ -243,6 +247,23 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rotary: (&Tensor, &Tensor),
+        bias: &AttentionBias,
+        kv: &mut Option<(Tensor, Tensor)>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let h = self.input_layernorm.forward(x, mode)?;
+        let h = self.self_attn.forward(&h, rotary, bias, kv, mode)?;
+        let x1 = (x + h)?;
+        let h = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x1, mode)?)?;
+        Ok((x1 + h)?)
+    }
+
     fn load(w: &WeightsView, c: &LlamaConfig) -> Result<Self> {
         Ok(Self {
             self_attn: Attention::load(&w.pp("self_attn"), c)?,
@@ -261,6 +282,21 @@ impl DecoderLayer {
     }
 }
 
+/// One decoder layer with what its training forward reads, for gradient checkpointing.
+struct LayerStep {
+    layer: DecoderLayer,
+    rotary: (Tensor, Tensor),
+    bias: Arc<AttentionBias>,
+}
+
+impl recompute::Layer for LayerStep {
+    fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
+        let (cos, sin) = &self.rotary;
+        self.layer
+            .forward(x, (cos, sin), &self.bias, &mut None, Mode::Train)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct LlamaModel {
     pub embed_tokens: Tensor,
@@ -272,6 +308,8 @@ pub struct LlamaModel {
     inv_freq: Tensor,
     rope: Rope,
     pub config: LlamaConfig,
+    /// Set for training with gradient checkpointing ([`Self::enable_gradient_checkpointing`]).
+    gradient_checkpointing: Option<GradientCheckpointing>,
 }
 
 impl LlamaModel {
@@ -305,7 +343,31 @@ impl LlamaModel {
             inv_freq,
             rope,
             config: c.clone(),
+            gradient_checkpointing: None,
         })
+    }
+
+    /// From now on a `Mode::Train` forward keeps only each layer's input and recomputes the
+    /// layer in backward. The layers' weight gradients then arrive through
+    /// [`Self::add_recomputed_grads`], not in what `backward()` returns.
+    pub fn enable_gradient_checkpointing(&mut self) -> Result<()> {
+        if self.gradient_checkpointing.is_none() {
+            self.gradient_checkpointing = Some(GradientCheckpointing::new(self.device())?);
+        }
+        Ok(())
+    }
+
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.gradient_checkpointing.is_some()
+    }
+
+    /// Adds the weight gradients that the layers' recomputations found during the last
+    /// `backward()` to its `grads`; nothing without gradient checkpointing.
+    pub fn add_recomputed_grads(&self, grads: &mut GradStore) -> Result<()> {
+        match &self.gradient_checkpointing {
+            Some(checkpointing) => checkpointing.add_grads_to(grads),
+            None => Ok(()),
+        }
     }
 
     pub fn device(&self) -> &Device {
@@ -432,14 +494,23 @@ impl LlamaModel {
         cache.mask = full_mask;
         let (cos, sin) = self.rotary(past, s, &cache.left_pad, embeds.dtype())?;
         let mut x = embeds.clone();
-        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let h = layer.input_layernorm.forward(&x, mode)?;
-            let h = layer.self_attn.forward(&h, (&cos, &sin), &bias, kv, mode)?;
-            let x1 = (x + h)?;
-            let h = layer
-                .mlp
-                .forward(&layer.post_attention_layernorm.forward(&x1, mode)?)?;
-            x = (x1 + h)?;
+        match &self.gradient_checkpointing {
+            Some(checkpointing) if mode == Mode::Train => {
+                let bias = Arc::new(bias);
+                for layer in &self.layers {
+                    let step = LayerStep {
+                        layer: layer.clone(),
+                        rotary: (cos.clone(), sin.clone()),
+                        bias: bias.clone(),
+                    };
+                    x = checkpointing.run(Arc::new(step), &x)?;
+                }
+            }
+            _ => {
+                for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+                    x = layer.forward(&x, (&cos, &sin), &bias, kv, mode)?;
+                }
+            }
         }
         self.norm.forward(&x, mode)
     }

@@ -90,8 +90,11 @@ pub fn tower(plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Result
             },
         )?;
         bar.finish();
-        let losses = llava_train::plot::read_losses(&out.join("train_log.jsonl"))?;
-        llava_train::plot::plot_loss(&out.join("loss.png"), &losses)?;
+        llava_train::plot::plot_log(
+            &out.join("train_log.jsonl"),
+            &out.join("loss.png"),
+            "stage 0a: tower pretraining · model init · data: the world's train scenes",
+        )?;
         world::write_file(
             &accuracy_file,
             serde_json::to_string_pretty(&accuracy)?.as_bytes(),

@@ -1,0 +1,267 @@
+//! `mpirun -np 2 llava train` against one process (a build with `--features mpi`; CI installs
+//! OpenMPI): two ranks of batch 1 must log the losses and grad norms, and end at the weights,
+//! of one process with `--batch-size 1 --grad-accum 2`, on samples of unequal length, for both
+//! stages. A rank killed mid-run ends the job, naming the rank, and a resume from the last
+//! checkpoint logs the uninterrupted run's losses.
+#![cfg(feature = "mpi")]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use llava_model::{Device, Tensor};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models")
+}
+
+/// Six records whose answers differ in length, so the ranks hold different token counts.
+fn write_dataset(dir: &Path) -> PathBuf {
+    let answers = [
+        "A red circle.",
+        "It is blue, a deep blue like the sea at noon.",
+        "Two.",
+        "A green triangle on grey, with a small square beside it and nothing else at all.",
+        "On the left side.",
+        "Yes, there is one circle near the top.",
+    ];
+    let images = ["shapes_64x48.png", "tall_40x60.png", "texture_45x45.png"];
+    let records: Vec<serde_json::Value> = answers
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            serde_json::json!({"id": i, "image": images[i % 3], "conversations": [
+                {"from": "human", "value": "<image>\nWhat do you see?"},
+                {"from": "gpt", "value": a}]})
+        })
+        .collect();
+    let path = dir.join("data.json");
+    std::fs::write(&path, serde_json::to_string(&records).expect("json")).expect("write");
+    path
+}
+
+fn train_args(data: &Path, output: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec!["train".into(), "--model".into()];
+    args.push(
+        fixtures()
+            .join("llava15-default/model")
+            .to_string_lossy()
+            .into(),
+    );
+    for (flag, value) in [
+        ("--data", data.to_path_buf()),
+        ("--image-folder", fixtures().join("images")),
+        ("--output", output.to_path_buf()),
+    ] {
+        args.push(flag.into());
+        args.push(value.to_string_lossy().into());
+    }
+    for a in [
+        "--lr-scheduler",
+        "constant",
+        "--warmup-ratio",
+        "0",
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        "1",
+    ]
+    .iter()
+    .chain(extra)
+    {
+        args.push(a.to_string());
+    }
+    args
+}
+
+fn mpirun(ranks: usize) -> Command {
+    let mut cmd = Command::new("mpirun");
+    // CI runs as root on 2 cores.
+    cmd.args(["--allow-run-as-root", "--oversubscribe", "-np"])
+        .arg(ranks.to_string())
+        .arg(env!("CARGO_BIN_EXE_llava"));
+    cmd
+}
+
+fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `(loss, grad_norm)` per step of a run's log.
+fn log(dir: &Path) -> Vec<(f64, f64)> {
+    std::fs::read_to_string(dir.join("train_log.jsonl"))
+        .expect("log")
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("line");
+            (
+                v["loss"].as_f64().expect("loss"),
+                v["grad_norm"].as_f64().expect("norm"),
+            )
+        })
+        .collect()
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-6 * a.abs().max(b.abs())
+}
+
+fn weights(dir: &Path) -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).expect("weights")
+}
+
+fn assert_same_run(one: &Path, two: &Path) {
+    let (a, b) = (log(one), log(two));
+    assert_eq!(a.len(), b.len());
+    assert!(!a.is_empty());
+    for (step, ((la, na), (lb, nb))) in a.iter().zip(&b).enumerate() {
+        assert!(close(*la, *lb), "step {}: loss {la} vs {lb}", step + 1);
+        assert!(close(*na, *nb), "step {}: grad norm {na} vs {nb}", step + 1);
+    }
+    let (wa, wb) = (weights(one), weights(two));
+    assert_eq!(wa.len(), wb.len());
+    for (name, ta) in &wa {
+        let diff = (ta - &wb[name])
+            .and_then(|d| d.abs())
+            .and_then(|d| d.flatten_all())
+            .and_then(|d| d.max(0))
+            .and_then(|m| m.to_scalar::<f32>())
+            .expect("diff");
+        assert!(diff <= 1e-6, "{name} differs by {diff}");
+    }
+}
+
+#[test]
+fn two_ranks_equal_one_process_with_grad_accum_two() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = write_dataset(tmp.path());
+    for stage in ["finetune", "pretrain"] {
+        let one = tmp.path().join(format!("one-{stage}"));
+        let two = tmp.path().join(format!("two-{stage}"));
+        let extra = ["--stage", stage, "--max-steps", "3"];
+        let mut single = vec!["--grad-accum", "2"];
+        single.extend_from_slice(&extra);
+        ok(&Command::new(env!("CARGO_BIN_EXE_llava"))
+            .args(train_args(&data, &one, &single))
+            .output()
+            .expect("runs"));
+        ok(&mpirun(2)
+            .args(train_args(&data, &two, &extra))
+            .output()
+            .expect("mpirun runs"));
+        assert_same_run(&one, &two);
+    }
+}
+
+/// The pids of this job's rank-1 processes, found by the rank mpirun put in their environment.
+fn rank_one_pids(mpirun_pid: u32) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let parent = status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))
+            .and_then(|p| p.trim().parse::<u32>().ok());
+        let rank_one = environ
+            .split(|&b| b == 0)
+            .any(|v| v == b"OMPI_COMM_WORLD_RANK=1");
+        if rank_one && parent == Some(mpirun_pid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+#[test]
+fn a_killed_rank_ends_the_job_and_the_run_resumes() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = write_dataset(tmp.path());
+    let extra = [
+        "--stage",
+        "finetune",
+        "--max-steps",
+        "40",
+        "--save-steps",
+        "2",
+    ];
+    let whole = tmp.path().join("whole");
+    ok(&mpirun(2)
+        .args(train_args(&data, &whole, &extra))
+        .output()
+        .expect("mpirun runs"));
+
+    // The same run, with rank 1 killed once checkpoint-2 exists.
+    let broken = tmp.path().join("broken");
+    let mut job = mpirun(2)
+        .args(train_args(&data, &broken, &extra))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mpirun starts");
+    let start = Instant::now();
+    while !broken.join("checkpoint-2/trainer_state.json").exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no checkpoint-2"
+        );
+        assert!(
+            job.try_wait().expect("wait").is_none(),
+            "the job ended early"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pids = rank_one_pids(job.id());
+    assert_eq!(pids.len(), 1, "one rank-1 process");
+    // SAFETY: sends SIGKILL to a process this test's job started.
+    unsafe { libc::kill(pids[0], libc::SIGKILL) };
+    let killed = Instant::now();
+    let out = job.wait_with_output().expect("job ends");
+    assert!(
+        killed.elapsed() < Duration::from_secs(60),
+        "the job took {:?} to end",
+        killed.elapsed()
+    );
+    assert!(!out.status.success(), "a job with a dead rank fails");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("rank 1"),
+        "the lost rank is named: {stderr}"
+    );
+
+    // The last checkpoint is intact: resuming it gives the uninterrupted run's losses.
+    let last = std::fs::read_dir(&broken)
+        .expect("output")
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            name.strip_prefix("checkpoint-")?.parse::<u64>().ok()
+        })
+        .max()
+        .expect("a checkpoint");
+    let checkpoint = broken.join(format!("checkpoint-{last}"));
+    let checkpoint = checkpoint.to_string_lossy().to_string();
+    let mut resume: Vec<&str> = extra.to_vec();
+    resume.extend_from_slice(&["--resume", &checkpoint]);
+    ok(&mpirun(2)
+        .args(train_args(&data, &broken, &resume))
+        .output()
+        .expect("resume runs"));
+    let (a, b) = (log(&whole), log(&broken));
+    assert_eq!(a.len(), 40);
+    assert_eq!(
+        b.len(),
+        40,
+        "steps 1-{last} kept, the rest after the resume"
+    );
+    for (step, ((la, _), (lb, _))) in a.iter().zip(&b).enumerate() {
+        assert!(close(*la, *lb), "step {}: {la} vs {lb}", step + 1);
+    }
+}

@@ -1,0 +1,300 @@
+//! The memory plan (`llava train ... --dry-run`): the peak a training run will need, from the
+//! checkpoint's `config.json` and the flags alone, before a single weight is read. It answers
+//! "will this fit on my card" before a 20-minute load.
+//!
+//! Parameters are counted from the config exactly as the loader reads them (the vision tower
+//! only up to the layer LLaVA takes its features from). Each trainable parameter costs its f32
+//! master copy, its f32 gradient and AdamW's two f32 moments: 16 bytes, as in the paper's
+//! arithmetic. Activations are what autograd keeps for the backward pass, counted per token
+//! from the tensors a decoder layer's training forward leaves in the graph (f32 here), plus
+//! the attention scores, which grow with the square of the length. The logits are those of
+//! the supervised positions, with their log-softmax and gradient.
+
+use llava_model::config::LlavaConfig;
+
+use crate::trainer::Stage;
+
+/// What a run trains and how, as the flags say.
+#[derive(Debug, Clone)]
+pub struct PlanSettings {
+    pub stage: Stage,
+    pub unfreeze_vision: bool,
+    pub gradient_checkpointing: bool,
+    /// Per device, per micro-batch.
+    pub batch_size: usize,
+    pub max_length: usize,
+    /// Bytes of one frozen weight as loaded (4 for f32, 2 for bf16).
+    pub frozen_bytes: f64,
+}
+
+/// Parameter counts by part, as the loader reads them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParamCounts {
+    pub vision_tower: u64,
+    pub projector: u64,
+    pub embed_tokens: u64,
+    /// Every decoder layer, norms and biases included.
+    pub layers: u64,
+    /// The final norm, `lm_head` (none when tied) and LLaVA-NeXT's `image_newline`.
+    pub head: u64,
+}
+
+impl ParamCounts {
+    pub fn of(config: &LlavaConfig) -> Self {
+        let v = &config.vision_config;
+        let (vh, vi) = (v.hidden_size as u64, v.intermediate_size as u64);
+        let patches = v.num_patches() as u64;
+        let embeddings = vh // class_embedding
+            + vh * v.num_channels as u64 * (v.patch_size * v.patch_size) as u64
+            + (patches + 1) * vh
+            + 2 * vh; // pre_layrnorm
+        let vision_layer = 4 * (vh * vh + vh) + 2 * vh * vi + vi + vh + 4 * vh;
+        let used =
+            llava_model::vision_tower::layers_needed(v, &config.vision_feature_layer.layers())
+                as u64;
+        let t = &config.text_config;
+        let (h, i) = (t.hidden_size as u64, t.intermediate_size as u64);
+        let (q, kv) = (
+            (t.num_attention_heads * t.head_dim()) as u64,
+            (t.num_kv_heads() * t.head_dim()) as u64,
+        );
+        let p = config.projector();
+        let input = config.projector_input_size() as u64;
+        let projector =
+            input * h + (p.depth as u64 - 1) * h * h + u64::from(p.bias) * p.depth as u64 * h;
+        let attention_bias = u64::from(t.attention_bias) * (2 * q + 2 * kv + h - q);
+        let mlp_bias = u64::from(t.mlp_bias) * (2 * i + h);
+        let layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h + attention_bias + mlp_bias;
+        let vocab = t.vocab_size as u64;
+        let lm_head = if t.tie_word_embeddings { 0 } else { vocab * h };
+        let newline = if config.is_next() { h } else { 0 };
+        Self {
+            vision_tower: embeddings + used * vision_layer,
+            projector,
+            embed_tokens: vocab * h,
+            layers: t.num_hidden_layers as u64 * layer,
+            head: h + lm_head + newline,
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.vision_tower + self.projector + self.embed_tokens + self.layers + self.head
+    }
+
+    /// Parameters that train under `settings`, by the stage's freezing rule.
+    pub fn trainable(&self, settings: &PlanSettings) -> u64 {
+        let vision = if settings.unfreeze_vision {
+            self.vision_tower
+        } else {
+            0
+        };
+        match settings.stage {
+            Stage::Pretrain => self.projector + vision,
+            Stage::Finetune => {
+                self.projector + vision + self.embed_tokens + self.layers + self.head
+            }
+        }
+    }
+}
+
+/// One line of the plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Line {
+    pub what: String,
+    pub bytes: f64,
+}
+
+/// The expected peak, part by part.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryPlan {
+    pub lines: Vec<Line>,
+}
+
+/// f32 values a decoder layer's training forward keeps per token, in units of the hidden
+/// size, the key/value width and the MLP width: the norms' inputs and outputs, q/k/v and their
+/// rotary terms, the attention output and its projection, the residual sums, and the SwiGLU
+/// branch (gate, its SiLU, up, their product).
+const KEPT_PER_TOKEN: (f64, f64, f64) = (17.0, 7.0, 5.0);
+/// Copies of the `[heads, length, length]` attention scores kept per layer: the scores, the
+/// masked scores and the softmax.
+const KEPT_SCORES: f64 = 3.0;
+/// The logits of the supervised positions: the logits, their log-softmax, and in backward
+/// their gradient and the softmax it is made from.
+const LOGIT_COPIES: f64 = 4.0;
+
+impl MemoryPlan {
+    pub fn new(config: &LlavaConfig, s: &PlanSettings) -> Self {
+        let counts = ParamCounts::of(config);
+        let trainable = counts.trainable(s) as f64;
+        let frozen = counts.total() as f64 - trainable;
+        let t = &config.text_config;
+        let tokens = (s.batch_size * s.max_length) as f64;
+        let (h, i) = (t.hidden_size as f64, t.intermediate_size as f64);
+        let kv = (t.num_kv_heads() * t.head_dim()) as f64;
+        let (a, b, c) = KEPT_PER_TOKEN;
+        let per_layer = 4.0 * tokens * (a * h + b * kv + c * i)
+            + 4.0
+                * KEPT_SCORES
+                * (s.batch_size * t.num_attention_heads) as f64
+                * (s.max_length as f64).powi(2);
+        let layers = t.num_hidden_layers as f64;
+        // Checkpointed, each layer keeps its input; one layer's graph exists at a time.
+        let activations = if s.gradient_checkpointing {
+            4.0 * tokens * h * layers + per_layer
+        } else {
+            per_layer * layers
+        };
+        let logits = LOGIT_COPIES * 4.0 * tokens * t.vocab_size as f64;
+        let gib = |p: f64, bytes: f64| p * bytes;
+        Self {
+            lines: vec![
+                Line {
+                    what: format!("frozen weights ({:.2}B params)", frozen / 1e9),
+                    bytes: gib(frozen, s.frozen_bytes),
+                },
+                Line {
+                    what: format!("trainable weights, f32 ({:.2}B params)", trainable / 1e9),
+                    bytes: gib(trainable, 4.0),
+                },
+                Line {
+                    what: "gradients, f32".into(),
+                    bytes: gib(trainable, 4.0),
+                },
+                Line {
+                    what: "AdamW moments, f32".into(),
+                    bytes: gib(trainable, 8.0),
+                },
+                Line {
+                    what: format!(
+                        "activations ({} × {} tokens{})",
+                        s.batch_size,
+                        s.max_length,
+                        if s.gradient_checkpointing {
+                            ", checkpointed"
+                        } else {
+                            ""
+                        }
+                    ),
+                    bytes: activations,
+                },
+                Line {
+                    what: "logits (supervised positions)".into(),
+                    bytes: logits,
+                },
+            ],
+        }
+    }
+
+    pub fn total(&self) -> f64 {
+        self.lines.iter().map(|l| l.bytes).sum()
+    }
+
+    /// The largest batch size whose plan fits `budget` bytes, if even 1 does.
+    pub fn largest_batch(config: &LlavaConfig, s: &PlanSettings, budget: f64) -> Option<usize> {
+        let fits = |b: usize| {
+            let settings = PlanSettings {
+                batch_size: b,
+                ..s.clone()
+            };
+            Self::new(config, &settings).total() <= budget
+        };
+        if !fits(1) {
+            return None;
+        }
+        let mut b = 1;
+        while b < 1 << 16 && fits(b * 2) {
+            b *= 2;
+        }
+        // Between b (fits) and 2b (does not).
+        let (mut lo, mut hi) = (b, b * 2);
+        while hi - lo > 1 {
+            let mid = (lo + hi) / 2;
+            if fits(mid) { lo = mid } else { hi = mid }
+        }
+        Some(lo)
+    }
+}
+
+impl std::fmt::Display for MemoryPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for line in &self.lines {
+            writeln!(f, "  {:<52} {:>9.2} GB", line.what, line.bytes / 1e9)?;
+        }
+        write!(
+            f,
+            "  {:<52} {:>9.2} GB",
+            "expected peak",
+            self.total() / 1e9
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llava_model::init::shape_config;
+
+    fn settings(stage: Stage) -> PlanSettings {
+        PlanSettings {
+            stage,
+            unfreeze_vision: false,
+            gradient_checkpointing: false,
+            batch_size: 1,
+            max_length: 2048,
+            frozen_bytes: 4.0,
+        }
+    }
+
+    #[test]
+    fn counts_llava_1_5_7b_as_published() {
+        let config = shape_config("llava-1.5-7b").expect("shape");
+        let counts = ParamCounts::of(&config);
+        // llava-hf/llava-1.5-7b-hf has 7,063,427,072 parameters; the loader skips the tower's
+        // last layer (12,596,224) and post_layernorm (2,048), which LLaVA never reads.
+        assert_eq!(counts.total() + 12_596_224 + 2_048, 7_063_427_072);
+        assert_eq!(counts.projector, 20_979_712);
+        assert_eq!(counts.trainable(&settings(Stage::Pretrain)), 20_979_712);
+        assert_eq!(
+            counts.trainable(&settings(Stage::Finetune)),
+            counts.total() - counts.vision_tower
+        );
+    }
+
+    #[test]
+    fn full_fine_tuning_costs_sixteen_bytes_per_trained_parameter() {
+        let config = shape_config("llava-1.5-7b").expect("shape");
+        let s = settings(Stage::Finetune);
+        let plan = MemoryPlan::new(&config, &s);
+        let trained = ParamCounts::of(&config).trainable(&s) as f64;
+        let states: f64 = plan.lines[1..4].iter().map(|l| l.bytes).sum();
+        assert_eq!(states, 16.0 * trained);
+        // The paper's arithmetic: about 110 GB before activations.
+        assert!((105e9..115e9).contains(&(states + plan.lines[0].bytes)));
+    }
+
+    #[test]
+    fn checkpointing_shrinks_activations_and_batches_grow_with_the_budget() {
+        let config = shape_config("train-bench").expect("shape");
+        let mut s = settings(Stage::Finetune);
+        s.max_length = 512;
+        let plain = MemoryPlan::new(&config, &s);
+        s.gradient_checkpointing = true;
+        let checkpointed = MemoryPlan::new(&config, &s);
+        assert!(checkpointed.lines[4].bytes < plain.lines[4].bytes / 2.0);
+        assert_eq!(checkpointed.lines[..4], plain.lines[..4]);
+        let one = MemoryPlan::new(&config, &s).total();
+        assert_eq!(MemoryPlan::largest_batch(&config, &s, one * 0.99), None);
+        let b = MemoryPlan::largest_batch(&config, &s, 3.0 * one).expect("fits");
+        let fits = |b| {
+            MemoryPlan::new(
+                &config,
+                &PlanSettings {
+                    batch_size: b,
+                    ..s.clone()
+                },
+            )
+            .total()
+        };
+        assert!(b > 1 && fits(b) <= 3.0 * one && fits(b + 1) > 3.0 * one);
+    }
+}
