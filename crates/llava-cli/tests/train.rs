@@ -807,31 +807,29 @@ fn lora_overfits_and_every_save_answers_over_the_base() {
     }
 }
 
+/// A stage-2 LoRA run of rank 4 with dropout on, in batches of 4.
+const SMALL_LORA: [&str; 11] = [
+    "--stage",
+    "finetune",
+    "--lora",
+    "--lora-r",
+    "4",
+    "--lora-alpha",
+    "8",
+    "--lora-dropout",
+    "0.3",
+    "--batch-size",
+    "4",
+];
+
 /// With dropout on, a LoRA run killed after a save and resumed logs the losses of an
 /// uninterrupted run: the masks follow the step, the adapter and moments are restored.
 #[test]
 fn a_resumed_lora_run_with_dropout_logs_the_same_losses() {
     let tmp = tempfile::tempdir().expect("tmp");
     let data = write_dataset(tmp.path());
-    let args = [
-        "--stage",
-        "finetune",
-        "--lora",
-        "--lora-r",
-        "4",
-        "--lora-alpha",
-        "8",
-        "--lora-dropout",
-        "0.3",
-        "--batch-size",
-        "4",
-        "--max-steps",
-        "4",
-        "--save-steps",
-        "2",
-        "--lr",
-        "1e-2",
-    ];
+    let mut args = SMALL_LORA.to_vec();
+    args.extend(["--max-steps", "4", "--save-steps", "2", "--lr", "1e-2"]);
     let straight = tmp.path().join("straight");
     ok(&train(&data, &straight, &args));
     // The second half again, from the straight run's checkpoint-2, in a copy of its folder.
@@ -880,23 +878,8 @@ fn lora_with_gradient_checkpointing_logs_the_same_losses() {
     let data = write_dataset(tmp.path());
     let run = |name: &str, extra: &[&str]| {
         let out_dir = tmp.path().join(name);
-        let mut args = vec![
-            "--stage",
-            "finetune",
-            "--lora",
-            "--lora-r",
-            "4",
-            "--lora-alpha",
-            "8",
-            "--lora-dropout",
-            "0.3",
-            "--batch-size",
-            "4",
-            "--max-steps",
-            "3",
-            "--lr",
-            "1e-2",
-        ];
+        let mut args = SMALL_LORA.to_vec();
+        args.extend(["--max-steps", "3", "--lr", "1e-2"]);
         args.extend_from_slice(extra);
         ok(&train(&data, &out_dir, &args));
         losses(&out_dir)
