@@ -240,11 +240,7 @@ fn train(c: TrainCommand, job: &dyn Collective) -> Result<()> {
         bail!("--batch-size must be at least 1");
     }
     if c.dry_run {
-        if config.lora.is_some() {
-            // A plan without the pairs, their activations and the frozen decoder would mislead.
-            bail!("--dry-run does not plan LoRA runs yet: its plan would be a full fine-tune's");
-        }
-        return print_memory_plan(&c, &config);
+        return print_memory_plan(&c, &config, lora.as_ref().map(|l| l.r));
     }
 
     // A resumed run starts from the checkpoint's weights and state.
@@ -518,7 +514,7 @@ pub(crate) fn steps_bar(total: u64) -> ProgressBar {
 }
 
 /// `--dry-run`: the memory plan of this run ([`MemoryPlan`]), read from `config.json` alone.
-fn print_memory_plan(c: &TrainCommand, config: &TrainConfig) -> Result<()> {
+fn print_memory_plan(c: &TrainCommand, config: &TrainConfig, lora_r: Option<usize>) -> Result<()> {
     let checkpoint = Checkpoint::open(&c.checkpoint.model, c.checkpoint.vision_tower.as_deref())
         .with_context(|| format!("reading {}", c.checkpoint.model))?;
     let model = &checkpoint.config;
@@ -529,6 +525,7 @@ fn print_memory_plan(c: &TrainCommand, config: &TrainConfig) -> Result<()> {
         batch_size: config.batch_size,
         max_length: c.max_length.unwrap_or(model.default_max_length()),
         frozen_bytes: 4.0,
+        lora_r,
     };
     let plan = MemoryPlan::new(model, &settings);
     println!(
