@@ -92,14 +92,14 @@ fn first_finetune_loss(model: &Path, data: &Path, output: &Path, extra: &[&str])
 /// The checkpoint in `dir` answers questions `indices` of [`QA`] about their images exactly as
 /// it was trained to.
 fn answers_verbatim(dir: &Path, indices: &[usize]) {
-    answers_verbatim_over(dir, None, indices)
+    answers_verbatim_over(dir, None, &[], indices)
 }
 
 /// As [`answers_verbatim`], for an adapter in `dir` loaded over `--model-base base`.
-fn answers_verbatim_over(dir: &Path, base: Option<&Path>, indices: &[usize]) {
+fn answers_verbatim_over(dir: &Path, base: Option<&Path>, flags: &[&str], indices: &[usize]) {
     for &i in indices {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_llava"));
-        cmd.arg("generate");
+        cmd.arg("generate").args(flags);
         if let Some(base) = base {
             cmd.arg("--model-base").arg(base);
         }
@@ -781,8 +781,8 @@ fn lora_overfits_and_every_save_answers_over_the_base() {
                 .expect("moments");
         assert_eq!(moments.len(), 2 * 46, "moments of the trainables only");
     }
-    answers_verbatim_over(&mid, Some(&base_model()), &[0, 3]);
-    answers_verbatim_over(&out_dir, Some(&base_model()), &[0, 3, 6]);
+    answers_verbatim_over(&mid, Some(&base_model()), &[], &[0, 3]);
+    answers_verbatim_over(&out_dir, Some(&base_model()), &[], &[0, 3, 6]);
 
     let merged = tmp.path().join("merged");
     let out = Command::new(env!("CARGO_BIN_EXE_llava"))
@@ -894,4 +894,46 @@ fn lora_with_gradient_checkpointing_logs_the_same_losses() {
             "step {step}: loss {a} without, {b} with checkpointing"
         );
     }
+}
+
+/// QLoRA (`--bits 4`): the pairs learn 8 samples by heart over the 4-bit base, the gradient
+/// reaching the lower layers' pairs through the frozen blocks; the adapter then answers over
+/// the base held in 4 bits as in training, and over the f32 base.
+#[test]
+fn qlora_overfits_and_answers_over_the_base() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = write_dataset(tmp.path());
+    let out_dir = tmp.path().join("out");
+    ok(&train(
+        &data,
+        &out_dir,
+        &[
+            "--stage",
+            "finetune",
+            "--lora",
+            "--lora-r",
+            "8",
+            "--lora-alpha",
+            "16",
+            "--bits",
+            "4",
+            "--batch-size",
+            "8",
+            "--max-steps",
+            "40",
+            "--lr",
+            "1e-2",
+            "--mm-projector-lr",
+            "1e-3",
+        ],
+    ));
+    let log = losses(&out_dir);
+    assert!(
+        log[0].1 > 5.0 && log[39].1 < 0.05,
+        "{:?} → {:?}",
+        log[0],
+        log[39]
+    );
+    answers_verbatim_over(&out_dir, Some(&base_model()), &["--load-4bit"], &[0, 3, 6]);
+    answers_verbatim_over(&out_dir, Some(&base_model()), &[], &[1, 5]);
 }

@@ -174,6 +174,7 @@ pub fn resume_conflicts(saved: &TrainConfig, now: &TrainConfig) -> Vec<String> {
         now.unfreeze_vision,
     );
     differ(c, "--lora (r, alpha, dropout)", &saved.lora, &now.lora);
+    differ(c, "--bits", saved.bits, now.bits);
     conflicts
 }
 

@@ -28,6 +28,17 @@ pub struct PlanSettings {
     /// `--lora-r`: the language model's seven projections train as rank-r pairs, the
     /// projector in full, and nothing else.
     pub lora_r: Option<usize>,
+    /// `--bits`: the decoder's frozen projections in 4-bit (Q4_K/Q4_0: 144 bytes per 256
+    /// weights) or 8-bit blocks (32 int8 and an f32 scale).
+    pub bits: Option<u8>,
+}
+
+/// Bytes per weight of a projection held in `bits`.
+fn block_bytes(bits: u8) -> f64 {
+    match bits {
+        4 => 144.0 / 256.0,
+        _ => 36.0 / 32.0,
+    }
 }
 
 /// Parameter counts by part, as the loader reads them.
@@ -104,6 +115,17 @@ impl ParamCounts {
     }
 }
 
+/// The weights of the decoder's seven projections (all layers): what `--bits` quantizes.
+pub fn decoder_linears(config: &LlavaConfig) -> u64 {
+    let t = &config.text_config;
+    let (h, i) = (t.hidden_size as u64, t.intermediate_size as u64);
+    let (q, kv) = (
+        (t.num_attention_heads * t.head_dim()) as u64,
+        (t.num_kv_heads() * t.head_dim()) as u64,
+    );
+    (2 * h * q + 2 * h * kv + 3 * h * i) * t.num_hidden_layers as u64
+}
+
 /// The parameters of rank-`r` LoRA pairs on every projection of every decoder layer: `r` times
 /// the input plus output width of each.
 pub fn lora_params(config: &LlavaConfig, r: usize) -> u64 {
@@ -172,12 +194,27 @@ impl MemoryPlan {
             per_layer * layers
         };
         let logits = LOGIT_COPIES * 4.0 * tokens * t.vocab_size as f64;
+        let (frozen_bytes, dequantized) = match s.bits {
+            Some(bits) => {
+                let q = decoder_linears(config) as f64;
+                let bytes = (frozen - q) * s.frozen_bytes + q * block_bytes(bits);
+                // Backward multiplies by one projection's weight dequantized at a time.
+                (bytes, 4.0 * h * i)
+            }
+            None => (frozen * s.frozen_bytes, 0.0),
+        };
         let gib = |p: f64, bytes: f64| p * bytes;
         Self {
             lines: vec![
                 Line {
-                    what: format!("frozen weights ({:.2}B params)", frozen / 1e9),
-                    bytes: gib(frozen, s.frozen_bytes),
+                    what: match s.bits {
+                        Some(b) => format!(
+                            "frozen weights ({:.2}B params, projections in {b} bits)",
+                            frozen / 1e9
+                        ),
+                        None => format!("frozen weights ({:.2}B params)", frozen / 1e9),
+                    },
+                    bytes: frozen_bytes,
                 },
                 Line {
                     what: match s.lora_r {
@@ -213,6 +250,10 @@ impl MemoryPlan {
                 Line {
                     what: "logits (supervised positions)".into(),
                     bytes: logits,
+                },
+                Line {
+                    what: "one projection dequantized in backward".into(),
+                    bytes: dequantized,
                 },
             ],
         }
@@ -276,6 +317,7 @@ mod tests {
             max_length: 2048,
             frozen_bytes: 4.0,
             lora_r: None,
+            bits: None,
         }
     }
 
@@ -308,6 +350,14 @@ mod tests {
             plan.lines[0].bytes,
             4.0 * (counts.total() - counts.projector) as f64
         );
+        // QLoRA: the projections (6.48B weights) at 4.5 bits, the rest (embeddings,
+        // lm_head, norms, tower) in f32.
+        s.bits = Some(4);
+        let q = decoder_linears(&config) as f64;
+        assert_eq!(q, 32.0 * (4.0 * 4096.0 * 4096.0 + 3.0 * 4096.0 * 11008.0));
+        let qlora = MemoryPlan::new(&config, &s);
+        let rest = (counts.total() - counts.projector) as f64 - q;
+        assert_eq!(qlora.lines[0].bytes, 4.0 * rest + q * 144.0 / 256.0);
     }
 
     #[test]

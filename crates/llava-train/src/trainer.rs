@@ -101,6 +101,9 @@ pub struct TrainConfig {
     /// `--lora`: the language model trains as LoRA pairs, the projector in full.
     #[serde(default)]
     pub lora: Option<LoraSettings>,
+    /// `--bits`: QLoRA's frozen base in 4 or 8 bits.
+    #[serde(default)]
+    pub bits: Option<u8>,
 }
 
 /// The LoRA shape of a run, kept in its trainer state so that a resume keeps it.

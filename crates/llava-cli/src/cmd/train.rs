@@ -11,6 +11,7 @@ use llava_data::sample::SampleOptions;
 use llava_data::tokenizer::Tokenizer;
 use llava_model::lora::{DropoutKey, LANGUAGE_MODEL_LINEARS, LoraInit, LoraTraining};
 use llava_model::pipeline::image_processor;
+use llava_model::quantized::Quantize;
 use llava_model::weights::{hf_llava_name, projector_file_name};
 use llava_model::{Checkpoint, DType, Device, Layout, Llava};
 use llava_train::checkpoint::{
@@ -96,6 +97,12 @@ pub struct TrainCommand {
     /// adapter directory instead of a fresh init; implies --lora.
     #[arg(long)]
     pub lora_from: Option<PathBuf>,
+    /// QLoRA (the original's --bits): the frozen language model's linear layers held in 4 bits
+    /// (Q4_K blocks; Q4_0 where a width is not a multiple of 256) or 8 bits (int8 blocks of
+    /// 32), on the CPU. The LoRA pairs, the projector and their optimizer state stay f32.
+    /// Needs --lora.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["4", "8"]))]
+    pub bits: Option<String>,
     #[arg(long, value_enum, default_value = "cosine")]
     pub lr_scheduler: SchedulerArg,
     #[arg(long, default_value_t = 0.03)]
@@ -187,6 +194,14 @@ fn train(c: TrainCommand, job: &dyn Collective) -> Result<()> {
             "--lora adapts the language model, which stage 1 (--stage pretrain) keeps frozen: use --stage finetune"
         );
     }
+    if c.bits.is_some() && !lora_on {
+        bail!("--bits holds the frozen base quantized under LoRA pairs (QLoRA): add --lora");
+    }
+    if c.bits.is_some() && c.cuda.is_some() {
+        bail!(
+            "--bits (quantized blocks) trains on the CPU only here; on a GPU use --lora without it"
+        );
+    }
     if lora_on && c.unfreeze_vision {
         bail!("--lora trains LoRA pairs and the projector only; drop --unfreeze-vision");
     }
@@ -230,6 +245,7 @@ fn train(c: TrainCommand, job: &dyn Collective) -> Result<()> {
         save_steps: c.save_steps,
         unfreeze_vision: c.unfreeze_vision,
         gradient_checkpointing: c.gradient_checkpointing,
+        bits: c.bits.as_deref().and_then(|b| b.parse().ok()),
         lora: lora.as_ref().map(|l| LoraSettings {
             r: l.r,
             lora_alpha: l.lora_alpha,
@@ -297,6 +313,11 @@ fn train(c: TrainCommand, job: &dyn Collective) -> Result<()> {
         None => Device::Cpu,
     };
     let mut weights = checkpoint.weights(DType::F32, &device)?;
+    weights.set_quantize(match c.bits.as_deref() {
+        Some("4") => Some(Quantize::Bits4),
+        Some(_) => Some(Quantize::Bits8),
+        None => None,
+    });
     if let (Some(p), None) = (&c.projector, &c.resume) {
         weights
             .add_file(p, projector_file_name)
@@ -526,6 +547,7 @@ fn print_memory_plan(c: &TrainCommand, config: &TrainConfig, lora_r: Option<usiz
         max_length: c.max_length.unwrap_or(model.default_max_length()),
         frozen_bytes: 4.0,
         lora_r,
+        bits: config.bits,
     };
     let plan = MemoryPlan::new(model, &settings);
     println!(

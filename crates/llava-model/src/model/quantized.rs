@@ -15,8 +15,11 @@
 //! bitsandbytes' (the formats differ), so a quantized model is not token-exact with any
 //! reference; `tests/quantized.rs` measures how far it is from f32.
 
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Module, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Shape, Tensor};
 
 use crate::error::{ModelError, Result};
 use crate::kernels::gemv;
@@ -39,7 +42,8 @@ fn block_format(quantize: Quantize, in_dim: usize) -> Option<GgmlDType> {
 /// `nn.Linear` with its weight in a block format.
 #[derive(Debug, Clone)]
 pub struct QLinear {
-    weight: Blocks,
+    /// Shared, so that a clone (the training graph keeps one per product) copies no weights.
+    weight: Arc<Blocks>,
     bias: Option<Tensor>,
     out_dim: usize,
 }
@@ -72,18 +76,44 @@ impl QLinear {
             _ => Blocks::Candle(QMatMul::from_qtensor(QTensor::quantize(&weight, format)?)?),
         };
         Ok(Self {
-            weight,
+            weight: Arc::new(weight),
             bias,
             out_dim,
         })
     }
 
+    /// The product. Where `x` carries a graph (QLoRA training: a LoRA pair or the projector
+    /// below this layer trains), the product is taken without one and an op carries the
+    /// gradient with respect to `x` back: the incoming gradient times the dequantized weight.
+    /// The quantized weight itself is frozen and gets none.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !x.track_op() {
+            return self.product(x);
+        }
+        let y = self.product(&x.detach())?.contiguous()?;
+        let op = InputGradient {
+            layer: self.clone(),
+        };
+        Ok(x.apply_op2_arc(&y, Arc::new(Box::new(op)))?)
+    }
+
+    /// The weight `[out, in]` in f32, as the blocks hold it.
+    pub fn dequantized(&self, device: &Device) -> Result<Tensor> {
+        Ok(match self.weight.as_ref() {
+            Blocks::Q8(q) => Tensor::from_vec(q.dequantize(), (q.n, q.k), device)?,
+            Blocks::Candle(QMatMul::QTensor(q)) => q.dequantize(device)?,
+            Blocks::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
+                t.to_dtype(DType::F32)?.to_device(device)?
+            }
+        })
+    }
+
+    fn product(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims();
         let in_dim = dims[dims.len() - 1];
         let lead: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((lead, in_dim))?.to_dtype(DType::F32)?;
-        let y = match &self.weight {
+        let y = match self.weight.as_ref() {
             Blocks::Q8(q) if lead <= gemv::MAX_ROWS => {
                 let rows = x2.flatten_all()?.to_vec1::<f32>()?;
                 let y = Tensor::from_vec(q.matmul_t(&rows, lead), (lead, q.n), x.device())?;
@@ -100,6 +130,52 @@ impl QLinear {
         let mut out_dims = dims.to_vec();
         out_dims[dims.len() - 1] = self.out_dim;
         Ok(y.to_dtype(x.dtype())?.reshape(out_dims)?)
+    }
+}
+
+/// The op of [`QLinear::forward`] in training: arguments (input, the product computed without a
+/// graph); the output is the product, and the input's gradient is `grad · W`, with `W`
+/// dequantized for this one multiplication.
+struct InputGradient {
+    layer: QLinear,
+}
+
+impl CustomOp2 for InputGradient {
+    fn name(&self) -> &'static str {
+        "quantized-linear-input-gradient"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        product: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Ok((product.try_clone(layout)?, layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        input: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let weight = self
+            .layer
+            .dequantized(input.device())
+            .map_err(candle_core::Error::wrap)?;
+        let out_dim = weight.dim(0)?;
+        let lead = grad.elem_count() / out_dim;
+        let g = grad
+            .reshape((lead, out_dim))?
+            .to_dtype(DType::F32)?
+            .matmul(&weight)?;
+        Ok((
+            Some(g.reshape(input.shape())?.to_dtype(input.dtype())?),
+            None,
+        ))
     }
 }
 
@@ -210,5 +286,64 @@ mod tests {
         let e = QLinear::new(&random((4, 40), 1), None, Quantize::Bits8)
             .expect_err("40 is not a multiple of 32");
         assert!(e.to_string().contains("multiple of 32"), "{e}");
+    }
+
+    #[test]
+    fn the_input_gradient_flows_through_the_frozen_blocks() {
+        // QLoRA's backward: with a graph on the input, the gradient is the incoming one times
+        // the dequantized weight, as a dense layer holding that weight gives; without a graph
+        // the product is the plain one.
+        for (quantize, in_dim) in [
+            (Quantize::Bits8, 64),
+            (Quantize::Bits4, 256),
+            (Quantize::Bits4, 96),
+        ] {
+            let q = QLinear::new(
+                &random((24, in_dim), 3),
+                Some(random((1, 24), 4).squeeze(0).expect("bias")),
+                quantize,
+            )
+            .expect("quantize");
+            let dense = Linear {
+                weight: q.dequantized(&Device::Cpu).expect("dequantize"),
+                bias: q.bias.clone(),
+            };
+            let x = candle_core::Var::from_tensor(
+                &random((5, in_dim), 5).reshape((1, 5, in_dim)).expect("x"),
+            )
+            .expect("var");
+            let upstream = random((5, 24), 6).reshape((1, 5, 24)).expect("g");
+            let grad_of = |y: Tensor| {
+                let grads = (y * &upstream)
+                    .and_then(|p| p.sum_all())
+                    .and_then(|l| l.backward())
+                    .expect("backward");
+                grads
+                    .get(x.as_tensor())
+                    .expect("a gradient reaches x")
+                    .clone()
+            };
+            let yq = q.forward(x.as_tensor()).expect("forward");
+            let plain = q.forward(&x.as_tensor().detach()).expect("plain");
+            let same = (&yq - &plain)
+                .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+                .expect("same");
+            assert_eq!(same, 0.0, "the graph changes nothing in the product");
+            let (gq, gd) = (
+                grad_of(yq),
+                grad_of(dense.forward(x.as_tensor()).expect("dense")),
+            );
+            let diff = (&gq - &gd)
+                .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+                .expect("diff");
+            let scale = gd
+                .abs()
+                .and_then(|d| d.max_all()?.to_scalar::<f32>())
+                .expect("scale");
+            assert!(
+                scale > 0.0 && diff <= 1e-5 * scale,
+                "{quantize:?}/{in_dim}: {diff} of {scale}"
+            );
+        }
     }
 }
