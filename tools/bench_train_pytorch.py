@@ -3,7 +3,9 @@
 
 The batch comes from `llava data preview --json` (our tokenisation and mask, so both sides train
 on the same ids and labels), repeated to --batch rows; the image is preprocessed by transformers'
-PIL CLIP processor. Vision tower frozen; projector + language model train with AdamW.
+PIL CLIP processor. Vision tower frozen; projector + language model train with AdamW. With
+`--lora R`, peft's LoRA (alpha 2R, dropout 0.05) on every linear of the language model and the
+projector as modules_to_save train instead, as `llava train --lora --lora-r R --lora-alpha 2R`.
 
     llava data preview --model /tmp/train-bench --data /tmp/tb/data.json --template plain --json > /tmp/tb/sample.json
     /work/venv/bin/python tools/bench_train_pytorch.py --model /tmp/train-bench --sample /tmp/tb/sample.json \
@@ -34,6 +36,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -50,6 +53,14 @@ def main():
     model.train()
     for name, p in model.named_parameters():
         p.requires_grad_("vision_tower" not in name)
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+        targets = "|".join(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        model = get_peft_model(model, LoraConfig(
+            r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.05,
+            target_modules=f".*language_model.*\\.({targets})",
+            modules_to_save=["multi_modal_projector"], task_type="CAUSAL_LM"))
+        model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     times, losses = [], []
     for _ in range(args.steps):
@@ -64,7 +75,8 @@ def main():
     tokens = ids.numel()
     steady = times[1:] or times
     print(json.dumps({
-        "peer": f"transformers {__import__('transformers').__version__} / torch {torch.__version__}",
+        "peer": f"transformers {__import__('transformers').__version__} / torch {torch.__version__}"
+                + (f" / peft {__import__('peft').__version__} LoRA r {args.lora}" if args.lora else ""),
         "threads": args.threads, "tokens_per_step": tokens,
         "step_s": [round(t, 3) for t in times], "losses": losses,
         "tokens_per_s": tokens / (sum(steady) / len(steady)),

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `llava train --cuda` against the same run on the CPU, on the tiny fixture checkpoint: 8 records
-# (the CLI training test's questions and answers over the fixture images), stage 2 (finetune) and
-# stage 1 (pretrain), batch 4, constant lr, no shuffle. Per-step losses must agree to 1e-3
+# (the CLI training test's questions and answers over the fixture images), stage 2 (finetune),
+# stage 1 (pretrain) and stage 2 with --lora (dropout on: the masks are drawn on the CPU from the
+# same key, so both devices see the same), batch 4, constant lr, no shuffle. Per-step losses must agree to 1e-3
 # relative; then `llava generate --cuda` loads the GPU-trained checkpoint. Run from the repo root
 # on the GPU machine, with a `--features cuda` binary (tools/cuda_check.sh says how to build one
 # and sets up the same LD_LIBRARY_PATH):
@@ -25,10 +26,14 @@ recs = [{"id": i, "image": images[i % 3], "conversations": [
 json.dump(recs, open(sys.argv[1], "w"))
 PYEOF
 fail=0
-for stage in finetune pretrain; do
+for stage in finetune pretrain lora; do
   for dev in cpu gpu; do
     extra=(); [ $dev = gpu ] && extra=(--cuda 0)
-    "$BIN" train --stage $stage --model $FIX/llava15-default/model --data "$TMP/data.json" \
+    case $stage in
+      lora) extra+=(--stage finetune --lora --lora-r 8 --lora-alpha 16 --lora-dropout 0.1) ;;
+      *) extra+=(--stage $stage) ;;
+    esac
+    "$BIN" train --model $FIX/llava15-default/model --data "$TMP/data.json" \
       --image-folder $FIX/images --output "$TMP/$stage-$dev" --batch-size 4 --max-steps 10 \
       --lr 1e-3 --lr-scheduler constant --warmup-ratio 0 --no-shuffle "${extra[@]}" > "$TMP/$stage-$dev.log" 2>&1
     echo "$stage on $dev: rc $? $(tail -1 "$TMP/$stage-$dev.log")"
@@ -49,6 +54,10 @@ done
 out=$("$BIN" generate --cuda 0 --model "$TMP/finetune-gpu" --image $FIX/images/shapes_64x48.png \
   --prompt "What is in the picture?" --max-new-tokens 8 --json 2>&1)
 echo "generate on the GPU-trained checkpoint: $out"
+echo "$out" | grep -q '"token_ids"' || fail=1
+out=$("$BIN" generate --cuda 0 --model "$TMP/lora-gpu" --model-base $FIX/llava15-default/model \
+  --image $FIX/images/shapes_64x48.png --prompt "What is in the picture?" --max-new-tokens 8 --json 2>&1)
+echo "generate on the GPU-trained LoRA adapter over its base: $out"
 echo "$out" | grep -q '"token_ids"' || fail=1
 echo "== $([ $fail = 0 ] && echo all passed || echo FAILED)"
 exit $fail

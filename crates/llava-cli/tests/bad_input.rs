@@ -838,3 +838,114 @@ fn serve_that_cannot_start() {
         &["loading the model failed", "/nonexistent/model"],
     );
 }
+
+fn lora_adapter() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/lora-train/adapter")
+}
+
+/// What `llava train --lora` cannot do, and adapters it cannot read, each named before a weight
+/// is loaded or a step taken.
+#[test]
+fn lora_training_that_cannot_run() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data.json");
+    std::fs::write(&data, "[]").expect("data");
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "train".to_string(),
+            "--model".into(),
+            fixture_model().to_string_lossy().into(),
+            "--data".into(),
+            data.to_string_lossy().into(),
+            "--output".into(),
+            tmp.path().join("out").to_string_lossy().into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        llava(&args)
+    };
+    assert_clean_failure(
+        &train(&["--stage", "pretrain", "--lora"]),
+        &["--lora", "stage 1", "--stage finetune"],
+    );
+    assert_clean_failure(
+        &train(&["--stage", "finetune", "--lora-r", "8"]),
+        &["--lora-r", "add --lora"],
+    );
+    assert_clean_failure(
+        &train(&["--stage", "finetune", "--lora", "--lora-dropout", "1"]),
+        &["--lora-dropout 1", "[0, 1)"],
+    );
+    let adapter = lora_adapter().to_string_lossy().to_string();
+    assert_clean_failure(
+        &train(&[
+            "--stage",
+            "finetune",
+            "--lora-from",
+            &adapter,
+            "--lora-r",
+            "16",
+        ]),
+        &["--lora-r 16", "has r 4"],
+    );
+    let missing = tmp.path().join("nothing").to_string_lossy().to_string();
+    assert_clean_failure(
+        &train(&["--stage", "finetune", "--lora-from", &missing]),
+        &["adapter_config.json"],
+    );
+    // An adapter over the original layout would have no base that transformers + peft load.
+    let out = llava(&[
+        "train",
+        "--stage",
+        "finetune",
+        "--lora",
+        "--model",
+        &original_layout().join("model").to_string_lossy(),
+        "--vision-tower",
+        &original_layout().join("clip").to_string_lossy(),
+        "--data",
+        &data.to_string_lossy(),
+        "--output",
+        &tmp.path().join("out-original").to_string_lossy(),
+    ]);
+    assert_clean_failure(&out, &["--lora", "original layout"]);
+    // A pair for a layer the base does not have would be dropped: refused by name.
+    let deeper = copy_dir(&lora_adapter(), &tmp.path().join("deeper"));
+    let file = deeper.join("adapter_model.safetensors");
+    let mut tensors =
+        candle_core::safetensors::load(&file, &candle_core::Device::Cpu).expect("load");
+    let stored = "base_model.model.model.language_model.layers.0.mlp.up_proj";
+    for m in ["lora_A", "lora_B"] {
+        let t = tensors[&format!("{stored}.{m}.weight")].clone();
+        tensors.insert(
+            format!("base_model.model.model.language_model.layers.9.mlp.up_proj.{m}.weight"),
+            t,
+        );
+    }
+    candle_core::safetensors::save(&tensors, &file).expect("save");
+    let deeper = deeper.to_string_lossy().to_string();
+    assert_clean_failure(
+        &train(&["--stage", "finetune", "--lora-from", &deeper]),
+        &["layers.9.mlp.up_proj", "no weight for"],
+    );
+    // An adapter that saves another module whole is refused by name.
+    let other = copy_dir(&lora_adapter(), &tmp.path().join("other"));
+    edit_json(&other.join("adapter_config.json"), |c| {
+        c["modules_to_save"] = serde_json::json!(["lm_head"]);
+    });
+    let other = other.to_string_lossy().to_string();
+    assert_clean_failure(
+        &train(&["--stage", "finetune", "--lora-from", &other]),
+        &["modules_to_save `lm_head`"],
+    );
+}
+
+/// An adapter over an HF-layout LLaVA is not a model by itself.
+#[test]
+fn an_adapter_without_its_base_is_named() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = copy_dir(&lora_adapter(), &tmp.path().join("adapter"));
+    std::fs::copy(fixture_model().join("config.json"), dir.join("config.json")).expect("config");
+    let out = generate(&dir, &image(), "Hi");
+    assert_clean_failure(&out, &["LoRA adapter", "--model-base"]);
+}

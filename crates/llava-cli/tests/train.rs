@@ -92,10 +92,19 @@ fn first_finetune_loss(model: &Path, data: &Path, output: &Path, extra: &[&str])
 /// The checkpoint in `dir` answers questions `indices` of [`QA`] about their images exactly as
 /// it was trained to.
 fn answers_verbatim(dir: &Path, indices: &[usize]) {
+    answers_verbatim_over(dir, None, indices)
+}
+
+/// As [`answers_verbatim`], for an adapter in `dir` loaded over `--model-base base`.
+fn answers_verbatim_over(dir: &Path, base: Option<&Path>, indices: &[usize]) {
     for &i in indices {
-        let out = Command::new(env!("CARGO_BIN_EXE_llava"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_llava"));
+        cmd.arg("generate");
+        if let Some(base) = base {
+            cmd.arg("--model-base").arg(base);
+        }
+        let out = cmd
             .args([
-                "generate",
                 "--template",
                 "llava_v1",
                 "--max-new-tokens",
@@ -706,4 +715,183 @@ fn a_dataset_that_is_not_json_fails_as_a_file() {
         stderr.contains("not a JSON array of LLaVA records"),
         "{stderr}"
     );
+}
+
+/// `--lora`: the pairs and the projector learn 8 samples by heart; every save (a mid-run
+/// checkpoint and the output) is a peft adapter that `generate --model-base` answers from and
+/// `merge-lora` merges; the optimizer state holds the trainables only.
+#[test]
+fn lora_overfits_and_every_save_answers_over_the_base() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = write_dataset(tmp.path());
+    let out_dir = tmp.path().join("out");
+    ok(&train(
+        &data,
+        &out_dir,
+        &[
+            "--stage",
+            "finetune",
+            "--lora",
+            "--lora-r",
+            "8",
+            "--lora-alpha",
+            "16",
+            "--batch-size",
+            "8",
+            "--max-steps",
+            "40",
+            "--save-steps",
+            "30",
+            "--lr",
+            "1e-2",
+            "--mm-projector-lr",
+            "1e-3",
+        ],
+    ));
+    let log = losses(&out_dir);
+    assert!(
+        log[0].1 > 5.0 && log[39].1 < 0.05,
+        "{:?} → {:?}",
+        log[0],
+        log[39]
+    );
+    let mid = out_dir.join("checkpoint-30");
+    for dir in [&mid, &out_dir] {
+        assert!(!dir.join("model.safetensors").exists(), "no full model");
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("adapter_config.json")).expect("config"),
+        )
+        .expect("json");
+        assert_eq!(config["peft_type"], "LORA");
+        assert_eq!(config["r"], 8);
+        assert_eq!(config["modules_to_save"][0], "multi_modal_projector");
+        let adapter =
+            candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)
+                .expect("adapter");
+        // 3 layers × 7 projections × 2, and the projector's 4 tensors.
+        assert_eq!(adapter.len(), 46, "{:?}", adapter.keys());
+        assert!(adapter.contains_key(
+            "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight"
+        ));
+        assert!(
+            adapter.contains_key("base_model.model.model.multi_modal_projector.linear_1.weight")
+        );
+        let moments =
+            candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)
+                .expect("moments");
+        assert_eq!(moments.len(), 2 * 46, "moments of the trainables only");
+    }
+    answers_verbatim_over(&mid, Some(&base_model()), &[0, 3]);
+    answers_verbatim_over(&out_dir, Some(&base_model()), &[0, 3, 6]);
+
+    let merged = tmp.path().join("merged");
+    let out = Command::new(env!("CARGO_BIN_EXE_llava"))
+        .arg("merge-lora")
+        .arg("--model")
+        .arg(&out_dir)
+        .arg("--model-base")
+        .arg(base_model())
+        .arg("--out")
+        .arg(&merged)
+        .output()
+        .expect("runs");
+    ok(&out);
+    answers_verbatim(&merged, &[0, 3, 6]);
+    // The merge leaves the vision tower as it was and changes the decoder's projections.
+    let (before, after) = (weights(&base_model()), weights(&merged));
+    for (name, t) in &before {
+        let unchanged = same(t, &after[name]);
+        let adapted = name.starts_with("multi_modal_projector.")
+            || (name.contains("_proj.weight") && name.starts_with("language_model."));
+        assert_eq!(unchanged, !adapted, "{name}");
+    }
+}
+
+/// A stage-2 LoRA run of rank 4 with dropout on, in batches of 4.
+const SMALL_LORA: [&str; 11] = [
+    "--stage",
+    "finetune",
+    "--lora",
+    "--lora-r",
+    "4",
+    "--lora-alpha",
+    "8",
+    "--lora-dropout",
+    "0.3",
+    "--batch-size",
+    "4",
+];
+
+/// With dropout on, a LoRA run killed after a save and resumed logs the losses of an
+/// uninterrupted run: the masks follow the step, the adapter and moments are restored.
+#[test]
+fn a_resumed_lora_run_with_dropout_logs_the_same_losses() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = write_dataset(tmp.path());
+    let mut args = SMALL_LORA.to_vec();
+    args.extend(["--max-steps", "4", "--save-steps", "2", "--lr", "1e-2"]);
+    let straight = tmp.path().join("straight");
+    ok(&train(&data, &straight, &args));
+    // The second half again, from the straight run's checkpoint-2, in a copy of its folder.
+    let resumed = tmp.path().join("resumed");
+    std::fs::create_dir_all(&resumed).expect("dir");
+    let checkpoint = resumed.join("checkpoint-2");
+    std::fs::create_dir_all(&checkpoint).expect("dir");
+    for entry in std::fs::read_dir(straight.join("checkpoint-2")).expect("read") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), checkpoint.join(entry.file_name())).expect("copy");
+    }
+    std::fs::copy(
+        straight.join("train_log.jsonl"),
+        resumed.join("train_log.jsonl"),
+    )
+    .expect("log");
+    let mut resume_args = args.to_vec();
+    let checkpoint_arg = checkpoint.to_string_lossy().to_string();
+    resume_args.extend(["--resume", checkpoint_arg.as_str()]);
+    ok(&train(&data, &resumed, &resume_args));
+    let (a, b) = (losses(&straight), losses(&resumed));
+    assert_eq!(a.len(), 4);
+    assert_eq!(b.len(), 4);
+    for ((step, x), (_, y)) in a.iter().zip(&b) {
+        assert!(
+            (x - y).abs() <= 1e-6 * x.abs().max(1.0),
+            "step {step}: {x} vs {y}"
+        );
+    }
+    // Dropout is on: the same run without it logs other losses from step 2 on (at step 1
+    // `lora_B` is still zero, so the pairs add nothing either way).
+    let no_dropout = tmp.path().join("no-dropout");
+    let mut plain = args.to_vec();
+    plain[8] = "0";
+    ok(&train(&data, &no_dropout, &plain));
+    let c = losses(&no_dropout);
+    assert_eq!(c[0].1, a[0].1);
+    assert_ne!(c[1].1, a[1].1);
+}
+
+/// LoRA under gradient checkpointing: the recomputed layers draw the same dropout masks and
+/// their pairs get their gradients, so the losses are those without it.
+#[test]
+fn lora_with_gradient_checkpointing_logs_the_same_losses() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = write_dataset(tmp.path());
+    let run = |name: &str, extra: &[&str]| {
+        let out_dir = tmp.path().join(name);
+        let mut args = SMALL_LORA.to_vec();
+        args.extend(["--max-steps", "3", "--lr", "1e-2"]);
+        args.extend_from_slice(extra);
+        ok(&train(&data, &out_dir, &args));
+        losses(&out_dir)
+    };
+    let plain = run("plain", &[]);
+    let recomputed = run("recomputed", &["--gradient-checkpointing"]);
+    assert_eq!(plain.len(), 3);
+    assert!(plain[2].1 < plain[0].1, "the pairs trained: {plain:?}");
+    for ((step, a), (_, b)) in plain.iter().zip(&recomputed) {
+        assert!(
+            (a - b).abs() <= 1e-6 * a.abs(),
+            "step {step}: loss {a} without, {b} with checkpointing"
+        );
+    }
 }

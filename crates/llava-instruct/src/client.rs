@@ -263,6 +263,8 @@ pub struct ChatClient {
 #[derive(Debug)]
 struct Inner {
     http: reqwest::Client,
+    /// The API base (`…/v1`), for the Batch API's `/files` and `/batches`.
+    base: String,
     url: String,
     cfg: ClientConfig,
     slots: Semaphore,
@@ -327,6 +329,7 @@ impl ChatClient {
         } else {
             format!("{base}/chat/completions")
         };
+        let base = url.trim_end_matches("/chat/completions").to_string();
         reqwest::Url::parse(&url)
             .map_err(|e| ClientError::Config(format!("bad API base `{}`: {e}", cfg.api_base)))?;
         let http = reqwest::Client::builder()
@@ -337,6 +340,7 @@ impl ChatClient {
         Ok(Self {
             inner: Arc::new(Inner {
                 http,
+                base,
                 url,
                 slots: Semaphore::new(cfg.concurrency),
                 limiter,
@@ -382,6 +386,35 @@ impl ChatClient {
         };
         let body = serde_json::to_vec(&body)
             .map_err(|e| ClientError::Config(format!("cannot encode request: {e}")))?;
+        let body = &body;
+        let (mut r, attempts) = self
+            .retrying("chat request", || async move {
+                let rb = inner
+                    .http
+                    .post(&inner.url)
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body.clone());
+                let bytes = self.send_once(rb, inner.cfg.timeout).await?;
+                decode_completion(&bytes)
+            })
+            .await?;
+        r.attempts = attempts;
+        Ok(r)
+    }
+
+    /// Runs `attempt` under the client's concurrency and rate limits, retrying retryable
+    /// errors with backoff; returns the result and the number of attempts it took. Every
+    /// request of the project's one HTTP client goes through here.
+    pub(crate) async fn retrying<T, F, Fut>(
+        &self,
+        what: &str,
+        mut attempt_fn: F,
+    ) -> Result<(T, u32), ClientError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        let inner = &self.inner;
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
@@ -399,16 +432,13 @@ impl ChatClient {
                     .counters
                     .attempts
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.attempt(body.clone()).await
+                attempt_fn().await
             };
             match result {
-                Ok(mut r) => {
-                    r.attempts = attempt;
-                    return Ok(r);
-                }
+                Ok(r) => return Ok((r, attempt)),
                 Err(e) if e.is_retryable() && attempt <= inner.cfg.max_retries => {
                     let delay = self.backoff(attempt - 1, &e);
-                    tracing::debug!(attempt, ?delay, error = %e, "retrying chat request");
+                    tracing::debug!(attempt, ?delay, error = %e, "retrying {what}");
                     inner
                         .counters
                         .retries
@@ -424,6 +454,46 @@ impl ChatClient {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// A request to `path` under the API base (e.g. `/files`), not yet sent.
+    pub(crate) fn api_request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
+        let inner = &self.inner;
+        inner.http.request(method, format!("{}{path}", inner.base))
+    }
+
+    /// One attempt: adds the key and the timeout, sends, and returns the body of a 2xx answer
+    /// (any other status is a [`ClientError::Status`] with the server's `Retry-After`).
+    pub(crate) async fn send_once(
+        &self,
+        rb: reqwest::RequestBuilder,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ClientError> {
+        let mut rb = rb.timeout(timeout);
+        if let Some(k) = &self.inner.cfg.api_key {
+            rb = rb.bearer_auth(k);
+        }
+        let resp = rb.send().await.map_err(|e| classify(e, timeout))?;
+        let status = resp.status();
+        let retry_after = parse_retry_after(resp.headers(), SystemTime::now());
+        let bytes = resp.bytes().await.map_err(|e| match classify(e, timeout) {
+            ClientError::Connect(m) => ClientError::Body(m),
+            other => other,
+        })?;
+        if !status.is_success() {
+            let text = String::from_utf8_lossy(&bytes);
+            let body: String = text.chars().take(500).collect();
+            return Err(ClientError::Status {
+                status: status.as_u16(),
+                body,
+                retry_after,
+            });
+        }
+        Ok(bytes.to_vec())
     }
 
     fn backoff(&self, retry: u32, err: &ClientError) -> Duration {
@@ -449,54 +519,40 @@ impl ChatClient {
             _ => jitter,
         }
     }
+}
 
-    async fn attempt(&self, body: Vec<u8>) -> Result<ChatResponse, ClientError> {
-        let inner = &self.inner;
-        let timeout = inner.cfg.timeout;
-        let mut rb = inner
-            .http
-            .post(&inner.url)
-            .timeout(timeout)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body);
-        if let Some(k) = &inner.cfg.api_key {
-            rb = rb.bearer_auth(k);
-        }
-        let resp = rb.send().await.map_err(|e| classify(e, timeout))?;
-        let status = resp.status();
-        let retry_after = parse_retry_after(resp.headers(), SystemTime::now());
-        let bytes = resp.bytes().await.map_err(|e| match classify(e, timeout) {
-            ClientError::Connect(m) => ClientError::Body(m),
-            other => other,
-        })?;
-        if !status.is_success() {
-            let text = String::from_utf8_lossy(&bytes);
-            let body: String = text.chars().take(500).collect();
-            return Err(ClientError::Status {
-                status: status.as_u16(),
-                body,
-                retry_after,
-            });
-        }
-        let wire: WireResponse =
-            serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))?;
-        let usage = wire.usage.unwrap_or_default();
-        let choice = wire
-            .choices
-            .into_iter()
-            .next()
-            .ok_or(ClientError::NoContent)?;
-        let content = choice
-            .message
-            .and_then(|m| m.content)
-            .ok_or(ClientError::NoContent)?;
-        Ok(ChatResponse {
-            content,
-            finish_reason: choice.finish_reason,
-            usage,
-            attempts: 1,
-        })
-    }
+/// Reads a chat completion body (the body of a `/chat/completions` answer, or of a Batch API
+/// output line): the first choice's content, its finish reason and the usage.
+pub fn decode_completion(bytes: &[u8]) -> Result<ChatResponse, ClientError> {
+    let wire: WireResponse =
+        serde_json::from_slice(bytes).map_err(|e| ClientError::Decode(e.to_string()))?;
+    completion_from_wire(wire)
+}
+
+/// [`decode_completion`] of an already parsed JSON value.
+pub fn completion_from_value(v: serde_json::Value) -> Result<ChatResponse, ClientError> {
+    let wire: WireResponse =
+        serde_json::from_value(v).map_err(|e| ClientError::Decode(e.to_string()))?;
+    completion_from_wire(wire)
+}
+
+fn completion_from_wire(wire: WireResponse) -> Result<ChatResponse, ClientError> {
+    let usage = wire.usage.unwrap_or_default();
+    let choice = wire
+        .choices
+        .into_iter()
+        .next()
+        .ok_or(ClientError::NoContent)?;
+    let content = choice
+        .message
+        .and_then(|m| m.content)
+        .ok_or(ClientError::NoContent)?;
+    Ok(ChatResponse {
+        content,
+        finish_reason: choice.finish_reason,
+        usage,
+        attempts: 1,
+    })
 }
 
 fn classify(e: reqwest::Error, timeout: Duration) -> ClientError {

@@ -36,6 +36,12 @@ pub enum InstructError {
     Teacher(#[source] ClientError),
     #[error(transparent)]
     Client(#[from] ClientError),
+    #[error("Batch API, {what}: {source}; rerun the same command to resume")]
+    BatchApi {
+        what: String,
+        #[source]
+        source: ClientError,
+    },
     #[error("cannot start the async runtime: {0}")]
     Runtime(#[source] std::io::Error),
 }

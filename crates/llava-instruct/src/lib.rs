@@ -10,21 +10,27 @@
 //! [`client`] is the project's one OpenAI-compatible chat client, shared with the evaluator's
 //! LLM judge.
 
+pub mod batch;
 pub mod client;
 pub mod context;
 pub mod convert;
+pub mod cost;
 pub mod error;
+pub mod filter;
 pub mod output;
 pub mod parse;
 pub mod pipeline;
 pub mod prompts;
 pub mod source;
+pub mod stats;
+pub mod stats_plot;
 pub mod types;
 
 pub use client::{
     ChatClient, ChatMessage, ChatRequest, ChatResponse, ClientConfig, ClientError, Role, Usage,
 };
 pub use error::InstructError;
+pub use filter::Filters;
 pub use pipeline::{Price, RunConfig, RunSummary, run, run_blocking};
 pub use prompts::PromptLibrary;
 pub use source::{ImageEntry, SourceSpec};

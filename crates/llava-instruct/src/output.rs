@@ -131,15 +131,31 @@ pub struct Existing {
 
 /// Scans (and repairs torn tails of) the output folder's files.
 pub fn scan(dir: &Path) -> Result<Existing, InstructError> {
+    scan_with(dir, true)
+}
+
+/// Scans the output folder without changing anything (a torn tail is ignored, not cut).
+pub fn scan_readonly(dir: &Path) -> Result<Existing, InstructError> {
+    scan_with(dir, false)
+}
+
+fn scan_with(dir: &Path, repair: bool) -> Result<Existing, InstructError> {
+    fn load<T: DeserializeOwned>(path: &Path, repair: bool) -> Result<Vec<T>, InstructError> {
+        if repair {
+            recover(path)
+        } else {
+            Ok(read_lines(path)?.0)
+        }
+    }
     let mut ex = Existing::default();
     for ty in InstructType::ALL {
-        let recs: Vec<LlavaRecord> = recover(&dir.join(ty.file_name()))?;
+        let recs: Vec<LlavaRecord> = load(&dir.join(ty.file_name()), repair)?;
         ex.counts.insert(ty, recs.len());
         for r in recs {
             ex.records.insert((ty, record_id(&r)));
         }
     }
-    let rejects: Vec<RejectRecord> = recover(&dir.join(REJECTS_FILE))?;
+    let rejects: Vec<RejectRecord> = load(&dir.join(REJECTS_FILE), repair)?;
     for r in rejects {
         if r.stage != RejectStage::Request {
             ex.rejected.insert((r.ty, r.id));

@@ -9,9 +9,10 @@
 //! answer, question, answer… and end with an answer; every turn must have text.
 //!
 //! **Rejects**: an empty reply, no turns, unbalanced turns, an empty turn, the wrong number of
-//! pairs (complex wants exactly one), a reply cut off by the token limit, and any reply that
-//! gives away the symbolic input: it mentions captions, bounding boxes, bboxes or
-//! coordinates, or contains a bracketed list of numbers such as `[0.31, 0.08]`.
+//! pairs (complex wants exactly one), a reply cut off by the token limit, and whatever the
+//! quality filters ([`crate::filter`]) turn down, such as a reply that gives away the symbolic
+//! input: it mentions captions, bounding boxes, bboxes or coordinates, or contains a bracketed
+//! list of numbers such as `[0.31, 0.08]`.
 //!
 //! The first human turn carries `<image>` before (`<image>\nQ`) or after (`Q\n<image>`) the
 //! question, chosen at random with the pair's seeded generator.
@@ -23,6 +24,7 @@ use rand::Rng;
 use rand::seq::IndexedRandom;
 
 use crate::context::caption_lines;
+use crate::filter::Filters;
 use crate::prompts::PromptLibrary;
 use crate::source::ImageEntry;
 use crate::types::InstructType;
@@ -35,9 +37,24 @@ pub enum RejectReason {
     NoTurns,
     Unbalanced(String),
     EmptyTurn(usize),
-    WrongPairCount { expected: usize, got: usize },
+    WrongPairCount {
+        expected: usize,
+        got: usize,
+    },
     Leak(String),
     NoCaptions,
+    /// A refusal or apology instead of an answer (the phrase found).
+    Refusal(String),
+    TooShort {
+        words: usize,
+        min: usize,
+    },
+    TooLong {
+        words: usize,
+        max: usize,
+    },
+    /// The 1-based index of a question that repeats an earlier one.
+    DuplicateQuestion(usize),
 }
 
 impl fmt::Display for RejectReason {
@@ -56,6 +73,19 @@ impl fmt::Display for RejectReason {
             }
             RejectReason::Leak(w) => write!(f, "reply mentions the symbolic input ({w})"),
             RejectReason::NoCaptions => write!(f, "the image has no captions"),
+            RejectReason::Refusal(p) => write!(f, "reply refuses or apologises ({p})"),
+            RejectReason::TooShort { words, min } => {
+                write!(
+                    f,
+                    "answer too short for its type ({words} words, min {min})"
+                )
+            }
+            RejectReason::TooLong { words, max } => {
+                write!(f, "answer too long for its type ({words} words, max {max})")
+            }
+            RejectReason::DuplicateQuestion(i) => {
+                write!(f, "question {i} repeats an earlier question")
+            }
         }
     }
 }
@@ -72,6 +102,10 @@ impl RejectReason {
             RejectReason::WrongPairCount { .. } => "pair_count",
             RejectReason::Leak(_) => "leak",
             RejectReason::NoCaptions => "no_captions",
+            RejectReason::Refusal(_) => "refusal",
+            RejectReason::TooShort { .. } => "too_short",
+            RejectReason::TooLong { .. } => "too_long",
+            RejectReason::DuplicateQuestion(_) => "duplicate_question",
         }
     }
 }
@@ -247,8 +281,9 @@ fn record(entry: &ImageEntry, pairs: Vec<(String, String)>, rng: &mut impl Rng) 
     }
 }
 
-/// Builds the record of a teacher type from its reply. `rng` must be the pair's generator
-/// (see [`crate::types::pair_seed`]).
+/// Builds the record of a teacher type from its reply, with the parser's own check that
+/// the reply does not mention the symbolic input ([`Filters::context_only`]). `rng` must be
+/// the pair's generator (see [`crate::types::pair_seed`]).
 pub fn build_record(
     ty: InstructType,
     entry: &ImageEntry,
@@ -256,10 +291,22 @@ pub fn build_record(
     lib: &PromptLibrary,
     rng: &mut impl Rng,
 ) -> Result<LlavaRecord, RejectReason> {
+    build_record_filtered(ty, entry, reply, lib, &Filters::context_only(), rng)
+}
+
+/// Builds the record of a teacher type from its reply after the quality `filters`.
+pub fn build_record_filtered(
+    ty: InstructType,
+    entry: &ImageEntry,
+    reply: &str,
+    lib: &PromptLibrary,
+    filters: &Filters,
+    rng: &mut impl Rng,
+) -> Result<LlavaRecord, RejectReason> {
     match ty {
         InstructType::Conversation => {
             let pairs = parse_qa(reply)?;
-            check_leaks(reply)?;
+            filters.check(ty, &pairs)?;
             Ok(record(entry, pairs, rng))
         }
         InstructType::Complex => {
@@ -270,7 +317,7 @@ pub fn build_record(
                     got: pairs.len(),
                 });
             }
-            check_leaks(reply)?;
+            filters.check(ty, &pairs)?;
             Ok(record(entry, pairs, rng))
         }
         InstructType::Detail => {
@@ -278,7 +325,7 @@ pub fn build_record(
             if text.is_empty() {
                 return Err(RejectReason::Empty);
             }
-            check_leaks(text)?;
+            filters.check(ty, &[(String::new(), text.to_string())])?;
             let instruction = lib
                 .detail_instructions
                 .choose(rng)

@@ -25,11 +25,12 @@ use rand::rngs::StdRng;
 use serde::Serialize;
 use tokio::task::JoinSet;
 
-use crate::client::{ChatClient, ChatMessage, ChatRequest, ClientError, Usage};
+use crate::client::{ChatClient, ChatMessage, ChatRequest, ChatResponse, ClientError, Usage};
 use crate::context::{box_lines, caption_lines, format_context};
 use crate::error::InstructError;
+use crate::filter::Filters;
 use crate::output::{self, RejectRecord, RejectStage, Sink};
-use crate::parse::{RejectReason, brief_record, build_record};
+use crate::parse::{RejectReason, brief_record, build_record_filtered};
 use crate::prompts::PromptLibrary;
 use crate::source::ImageEntry;
 use crate::types::{InstructType, Shard, pair_seed};
@@ -102,6 +103,8 @@ pub struct RunConfig {
     /// a seeded pseudo-random subset chosen independently per type (the paper's 158K mix is
     /// 58K conversation + 23K detail + 77K complex).
     pub type_limits: BTreeMap<InstructType, usize>,
+    /// Quality filters applied to every parsed reply.
+    pub filters: Filters,
 }
 
 impl RunConfig {
@@ -119,6 +122,7 @@ impl RunConfig {
             progress: false,
             max_pending: 128,
             type_limits: BTreeMap::new(),
+            filters: Filters::default(),
         }
     }
 }
@@ -147,6 +151,13 @@ pub struct RunSummary {
     pub elapsed_s: f64,
     /// Records in the final `llava_instruct.json` (all types, all runs).
     pub final_records: usize,
+    /// Batch API runs: batches created by this run, and unfinished ones it picked up.
+    pub batches_created: usize,
+    pub batches_resumed: usize,
+    /// Batch result lines that were not valid JSON result lines (their requests are resent).
+    pub malformed_lines: usize,
+    /// `import-batch`/`export-batch`: pairs still waiting for a result.
+    pub unanswered: usize,
 }
 
 impl RunSummary {
@@ -225,7 +236,7 @@ pub fn brief_for(
 }
 
 /// Whether the image has what the type needs.
-fn input_check(entry: &ImageEntry, ty: InstructType) -> Result<(), RejectReason> {
+pub(crate) fn input_check(entry: &ImageEntry, ty: InstructType) -> Result<(), RejectReason> {
     let has_captions = !caption_lines(&entry.captions).is_empty();
     let ok = match ty {
         InstructType::Conversation | InstructType::Brief => has_captions,
@@ -240,7 +251,7 @@ fn input_check(entry: &ImageEntry, ty: InstructType) -> Result<(), RejectReason>
     }
 }
 
-fn reject(
+pub(crate) fn reject(
     entry: &ImageEntry,
     ty: InstructType,
     stage: RejectStage,
@@ -259,7 +270,22 @@ fn reject(
     }
 }
 
-enum Outcome {
+/// The request of a teacher pair (`None` when the library has no prompt set for the type).
+pub fn request_for(
+    entry: &ImageEntry,
+    ty: InstructType,
+    lib: &PromptLibrary,
+    temperature: Option<f32>,
+    max_tokens: Option<u32>,
+) -> Option<ChatRequest> {
+    messages_for(entry, ty, lib).map(|messages| ChatRequest {
+        messages,
+        temperature,
+        max_tokens,
+    })
+}
+
+pub(crate) enum Outcome {
     Record(InstructType, LlavaRecord, Usage),
     Reject(RejectRecord, Usage),
     Failed(RejectRecord),
@@ -277,61 +303,71 @@ fn is_fatal(e: &ClientError) -> bool {
         )
 }
 
+/// What the pipeline needs to turn a teacher reply into a record or a reject.
+pub(crate) struct Settler {
+    pub lib: Arc<PromptLibrary>,
+    pub filters: Arc<Filters>,
+    pub seed: u64,
+}
+
+impl Settler {
+    /// A reply, whether from `/chat/completions` or a Batch output line, through the same
+    /// truncation check, parser and quality filters.
+    pub(crate) fn reply(
+        &self,
+        entry: &ImageEntry,
+        ty: InstructType,
+        resp: ChatResponse,
+    ) -> Outcome {
+        let parse_reject = |why: RejectReason, raw: String| {
+            reject(
+                entry,
+                ty,
+                RejectStage::Parse,
+                why.tag(),
+                why.to_string(),
+                Some(raw),
+            )
+        };
+        if resp.finish_reason.as_deref() == Some("length") {
+            return Outcome::Reject(
+                parse_reject(RejectReason::Truncated, resp.content),
+                resp.usage,
+            );
+        }
+        let mut rng = StdRng::seed_from_u64(pair_seed(self.seed, &entry.id, ty));
+        match build_record_filtered(ty, entry, &resp.content, &self.lib, &self.filters, &mut rng) {
+            Ok(rec) => Outcome::Record(ty, rec, resp.usage),
+            Err(why) => Outcome::Reject(parse_reject(why, resp.content), resp.usage),
+        }
+    }
+}
+
+fn no_prompt(entry: &ImageEntry, ty: InstructType) -> Outcome {
+    let r = reject(
+        entry,
+        ty,
+        RejectStage::Input,
+        "no_prompt",
+        "no prompt set for this type".into(),
+        None,
+    );
+    Outcome::Reject(r, Usage::default())
+}
+
 async fn teacher_pair(
     client: ChatClient,
-    lib: Arc<PromptLibrary>,
+    settler: Arc<Settler>,
     entry: Arc<ImageEntry>,
     ty: InstructType,
-    seed: u64,
     temperature: Option<f32>,
     max_tokens: Option<u32>,
 ) -> Outcome {
-    let Some(messages) = messages_for(&entry, ty, &lib) else {
-        let r = reject(
-            &entry,
-            ty,
-            RejectStage::Input,
-            "no_prompt",
-            "no prompt set for this type".into(),
-            None,
-        );
-        return Outcome::Reject(r, Usage::default());
-    };
-    let req = ChatRequest {
-        messages,
-        temperature,
-        max_tokens,
+    let Some(req) = request_for(&entry, ty, &settler.lib, temperature, max_tokens) else {
+        return no_prompt(&entry, ty);
     };
     match client.chat(&req).await {
-        Ok(resp) => {
-            if resp.finish_reason.as_deref() == Some("length") {
-                let why = RejectReason::Truncated;
-                let r = reject(
-                    &entry,
-                    ty,
-                    RejectStage::Parse,
-                    why.tag(),
-                    why.to_string(),
-                    Some(resp.content),
-                );
-                return Outcome::Reject(r, resp.usage);
-            }
-            let mut rng = StdRng::seed_from_u64(pair_seed(seed, &entry.id, ty));
-            match build_record(ty, &entry, &resp.content, &lib, &mut rng) {
-                Ok(rec) => Outcome::Record(ty, rec, resp.usage),
-                Err(why) => {
-                    let r = reject(
-                        &entry,
-                        ty,
-                        RejectStage::Parse,
-                        why.tag(),
-                        why.to_string(),
-                        Some(resp.content),
-                    );
-                    Outcome::Reject(r, resp.usage)
-                }
-            }
-        }
+        Ok(resp) => settler.reply(&entry, ty, resp),
         Err(e) if is_fatal(&e) => Outcome::Fatal(e),
         Err(e) => Outcome::Failed(reject(
             &entry,
@@ -344,9 +380,10 @@ async fn teacher_pair(
     }
 }
 
-struct Tally {
-    summary: RunSummary,
-    bar: ProgressBar,
+/// Counts of a run, and its progress bar.
+pub(crate) struct Tally {
+    pub summary: RunSummary,
+    pub bar: ProgressBar,
     price: Option<Price>,
 }
 
@@ -375,29 +412,54 @@ impl Tally {
         self.bar.set_message(msg);
         self.bar.inc(1);
     }
+
+    /// Writes a settled outcome to the sink and counts it. `Fatal` is returned to the caller.
+    pub(crate) fn settle(
+        &mut self,
+        sink: &mut Sink,
+        outcome: Outcome,
+    ) -> Result<Option<ClientError>, InstructError> {
+        match outcome {
+            Outcome::Record(ty, rec, usage) => {
+                sink.write_record(ty, &rec)?;
+                *self.summary.written.entry(ty).or_default() += 1;
+                self.usage(&usage);
+            }
+            Outcome::Reject(r, usage) => {
+                tracing::debug!(id = %r.id, type = %r.ty, reason = %r.reason, "reply rejected");
+                sink.write_reject(&r)?;
+                *self.summary.rejected.entry(r.tag.clone()).or_default() += 1;
+                self.usage(&usage);
+            }
+            Outcome::Failed(r) => {
+                tracing::warn!(id = %r.id, type = %r.ty, error = %r.reason, "request failed; will be retried by the next run");
+                sink.write_reject(&r)?;
+                self.summary.failed += 1;
+            }
+            Outcome::Fatal(e) => return Ok(Some(e)),
+        }
+        self.tick();
+        Ok(None)
+    }
 }
 
-/// Runs the generation. `client` is needed when a teacher type is requested.
-pub async fn run(
-    entries: Vec<ImageEntry>,
-    lib: Arc<PromptLibrary>,
-    client: Option<ChatClient>,
-    cfg: &RunConfig,
-) -> Result<RunSummary, InstructError> {
-    let start = Instant::now();
-    if cfg.types.is_empty() {
-        return Err(InstructError::InvalidArgument("no types requested".into()));
-    }
-    let needs_teacher = cfg.types.iter().any(|t| t.needs_teacher());
-    if needs_teacher && client.is_none() {
-        return Err(InstructError::InvalidArgument(
-            "the conversation, detail and complex types need a teacher endpoint (--api-base, --model)".into(),
-        ));
-    }
-    std::fs::create_dir_all(&cfg.out_dir).map_err(InstructError::io(&cfg.out_dir))?;
-    let existing = output::scan(&cfg.out_dir)?;
-    let selected = select(&entries, cfg.shard, cfg.limit);
+/// A run up to the teacher: the output folder scanned, the pairs planned, inputs checked and
+/// the `brief` records written. `teacher_todo` is what is left for the teacher.
+pub(crate) struct Prepared {
+    pub tally: Tally,
+    pub sink: Sink,
+    pub teacher_todo: Vec<(Arc<ImageEntry>, InstructType)>,
+    pub start: Instant,
+}
 
+/// The pairs of a run that `existing` does not already hold (in plan order), and a summary
+/// with the image, pair and already-done counts.
+pub fn pairs_to_do(
+    entries: &[ImageEntry],
+    cfg: &RunConfig,
+    existing: &output::Existing,
+) -> (RunSummary, Vec<(Arc<ImageEntry>, InstructType)>) {
+    let selected = select(entries, cfg.shard, cfg.limit);
     let planned = plan_pairs(&selected, &cfg.types, &cfg.type_limits, cfg.seed);
     let mut summary = RunSummary {
         images: selected.len(),
@@ -405,7 +467,7 @@ pub async fn run(
         ..Default::default()
     };
     let shared: Vec<Arc<ImageEntry>> = selected.iter().map(|e| Arc::new((*e).clone())).collect();
-    let mut todo: Vec<(Arc<ImageEntry>, InstructType)> = Vec::new();
+    let mut todo = Vec::new();
     for (i, ty) in planned {
         let e = &shared[i];
         let key = (ty, e.id.clone());
@@ -417,7 +479,21 @@ pub async fn run(
             todo.push((e.clone(), ty));
         }
     }
-    drop(shared);
+    (summary, todo)
+}
+
+pub(crate) fn prepare(
+    entries: Vec<ImageEntry>,
+    lib: &PromptLibrary,
+    cfg: &RunConfig,
+) -> Result<Prepared, InstructError> {
+    let start = Instant::now();
+    if cfg.types.is_empty() {
+        return Err(InstructError::InvalidArgument("no types requested".into()));
+    }
+    std::fs::create_dir_all(&cfg.out_dir).map_err(InstructError::io(&cfg.out_dir))?;
+    let existing = output::scan(&cfg.out_dir)?;
+    let (summary, todo) = pairs_to_do(&entries, cfg, &existing);
     drop(entries);
     tracing::info!(
         images = summary.images,
@@ -448,50 +524,93 @@ pub async fn run(
         price: cfg.price,
     };
     let mut sink = Sink::open(&cfg.out_dir, &cfg.types)?;
-    let (attempts0, retries0) = client
-        .as_ref()
-        .map_or((0, 0), |c| (c.attempts_made(), c.retries_made()));
 
-    // The naive baseline needs no teacher.
+    // Input problems and the brief baseline are settled here; the rest goes to the teacher.
     let mut teacher_todo = Vec::with_capacity(todo.len());
     for (entry, ty) in todo {
-        // Input problems and the brief baseline are settled here; the rest goes to the teacher.
         let settled = match input_check(&entry, ty) {
             Err(why) => Some(Err(why)),
-            Ok(()) if ty == InstructType::Brief => Some(brief_for(&entry, &lib, cfg.seed)),
+            Ok(()) if ty == InstructType::Brief => Some(brief_for(&entry, lib, cfg.seed)),
             Ok(()) => None,
         };
-        match settled {
+        let outcome = match settled {
             None => {
                 teacher_todo.push((entry, ty));
                 continue;
             }
-            Some(Ok(rec)) => {
-                sink.write_record(ty, &rec)?;
-                *tally.summary.written.entry(ty).or_default() += 1;
-            }
-            Some(Err(why)) => {
-                sink.write_reject(&reject(
+            Some(Ok(rec)) => Outcome::Record(ty, rec, Usage::default()),
+            Some(Err(why)) => Outcome::Reject(
+                reject(
                     &entry,
                     ty,
                     RejectStage::Input,
                     why.tag(),
                     why.to_string(),
                     None,
-                ))?;
-                *tally
-                    .summary
-                    .rejected
-                    .entry(why.tag().to_string())
-                    .or_default() += 1;
-            }
-        }
-        tally.tick();
+                ),
+                Usage::default(),
+            ),
+        };
+        tally.settle(&mut sink, outcome)?;
     }
+    Ok(Prepared {
+        tally,
+        sink,
+        teacher_todo,
+        start,
+    })
+}
+
+/// Ends a run: `llava_instruct.json` rewritten from the type files, cost and time filled in.
+pub(crate) fn finish(
+    tally: Tally,
+    sink: Sink,
+    cfg: &RunConfig,
+    start: Instant,
+) -> Result<RunSummary, InstructError> {
+    drop(sink);
+    tally.bar.finish_and_clear();
+    let mut summary = tally.summary;
+    summary.final_records = output::write_final(&cfg.out_dir)?;
+    if let Some(p) = cfg.price {
+        summary.cost = Some(p.cost(&Usage {
+            prompt_tokens: summary.prompt_tokens,
+            completion_tokens: summary.completion_tokens,
+        }));
+    }
+    summary.elapsed_s = start.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// Runs the generation. `client` is needed when a teacher type is requested.
+pub async fn run(
+    entries: Vec<ImageEntry>,
+    lib: Arc<PromptLibrary>,
+    client: Option<ChatClient>,
+    cfg: &RunConfig,
+) -> Result<RunSummary, InstructError> {
+    let needs_teacher = cfg.types.iter().any(|t| t.needs_teacher());
+    if needs_teacher && client.is_none() {
+        return Err(InstructError::InvalidArgument(
+            "the conversation, detail and complex types need a teacher endpoint (--api-base, --model)".into(),
+        ));
+    }
+    let Prepared {
+        mut tally,
+        mut sink,
+        teacher_todo,
+        start,
+    } = prepare(entries, &lib, cfg)?;
 
     let mut fatal: Option<ClientError> = None;
     if let Some(client) = &client {
+        let (attempts0, retries0) = (client.attempts_made(), client.retries_made());
         let max_pending = cfg.max_pending.max(1);
+        let settler = Arc::new(Settler {
+            lib: lib.clone(),
+            filters: Arc::new(cfg.filters.clone()),
+            seed: cfg.seed,
+        });
         let mut jobs = teacher_todo.into_iter();
         let mut set: JoinSet<Outcome> = JoinSet::new();
         loop {
@@ -501,10 +620,9 @@ pub async fn run(
                 };
                 set.spawn(teacher_pair(
                     client.clone(),
-                    lib.clone(),
+                    settler.clone(),
                     entry,
                     ty,
-                    cfg.seed,
                     cfg.temperature,
                     cfg.max_tokens,
                 ));
@@ -513,27 +631,10 @@ pub async fn run(
                 break;
             };
             match joined {
-                Ok(Outcome::Record(ty, rec, usage)) => {
-                    sink.write_record(ty, &rec)?;
-                    *tally.summary.written.entry(ty).or_default() += 1;
-                    tally.usage(&usage);
-                    tally.tick();
-                }
-                Ok(Outcome::Reject(r, usage)) => {
-                    tracing::debug!(id = %r.id, type = %r.ty, reason = %r.reason, "reply rejected");
-                    sink.write_reject(&r)?;
-                    *tally.summary.rejected.entry(r.tag.clone()).or_default() += 1;
-                    tally.usage(&usage);
-                    tally.tick();
-                }
-                Ok(Outcome::Failed(r)) => {
-                    tracing::warn!(id = %r.id, type = %r.ty, error = %r.reason, "request failed; will be retried by the next run");
-                    sink.write_reject(&r)?;
-                    tally.summary.failed += 1;
-                    tally.tick();
-                }
-                Ok(Outcome::Fatal(e)) => {
-                    if fatal.is_none() {
+                Ok(outcome) => {
+                    if let Some(e) = tally.settle(&mut sink, outcome)?
+                        && fatal.is_none()
+                    {
                         tracing::error!(error = %e, "the teacher refused the request; stopping");
                         fatal = Some(e);
                         // Pending pairs have written nothing; they are simply redone by the next run.
@@ -552,21 +653,12 @@ pub async fn run(
         tally.summary.requests = client.attempts_made() - attempts0;
         tally.summary.retries = client.retries_made() - retries0;
     }
-    drop(sink);
-    tally.bar.finish_and_clear();
     if let Some(e) = fatal {
+        drop(sink);
+        tally.bar.finish_and_clear();
         return Err(InstructError::Teacher(e));
     }
-    let mut summary = tally.summary;
-    summary.final_records = output::write_final(&cfg.out_dir)?;
-    if let Some(p) = cfg.price {
-        summary.cost = Some(p.cost(&Usage {
-            prompt_tokens: summary.prompt_tokens,
-            completion_tokens: summary.completion_tokens,
-        }));
-    }
-    summary.elapsed_s = start.elapsed().as_secs_f64();
-    Ok(summary)
+    finish(tally, sink, cfg, start)
 }
 
 /// [`run`] on a fresh multi-threaded runtime, for synchronous callers such as the CLI.
@@ -576,15 +668,22 @@ pub fn run_blocking(
     client_cfg: Option<crate::client::ClientConfig>,
     cfg: &RunConfig,
 ) -> Result<RunSummary, InstructError> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(InstructError::Runtime)?;
-    rt.block_on(async {
+    block_on(async {
         // reqwest needs the runtime to exist when the client is built.
         let client = client_cfg.map(ChatClient::new).transpose()?;
         run(entries, Arc::new(lib), client, cfg).await
     })
+}
+
+/// Runs `fut` on a fresh multi-threaded runtime (the `*_blocking` entry points).
+pub(crate) fn block_on<T>(
+    fut: impl std::future::Future<Output = Result<T, InstructError>>,
+) -> Result<T, InstructError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(InstructError::Runtime)?
+        .block_on(fut)
 }
 
 /// A human-readable rendering of the summary.
@@ -606,6 +705,15 @@ pub fn format_summary(s: &RunSummary) -> String {
     if !s.rejected.is_empty() {
         let per: Vec<String> = s.rejected.iter().map(|(t, n)| format!("{t} {n}")).collect();
         out.push_str(&format!("rejects per reason: {}\n", per.join(", ")));
+    }
+    if s.batches_created + s.batches_resumed > 0 || s.malformed_lines > 0 {
+        out.push_str(&format!(
+            "batches created {}  resumed {}  malformed result lines {}\n",
+            s.batches_created, s.batches_resumed, s.malformed_lines
+        ));
+    }
+    if s.unanswered > 0 {
+        out.push_str(&format!("{} pairs still wait for a result\n", s.unanswered));
     }
     out.push_str(&format!(
         "requests {}  retries {}  tokens {} prompt + {} completion",

@@ -51,9 +51,11 @@ async fn retries_5xx_dropped_connections_and_timeouts() {
     let r = c.chat(&req("cat mk500")).await.unwrap();
     assert_eq!(r.attempts, 3);
     assert_eq!((r.usage.prompt_tokens, r.usage.completion_tokens), (10, 5));
-    assert_eq!(
-        r.content,
-        "Question: Why is this happening?\nAnswer: Because cat mk500"
+    assert!(
+        r.content
+            .starts_with("Question: Why is this happening?\nAnswer: Because cat mk500 "),
+        "{}",
+        r.content
     );
 
     let r = c.chat(&req("cat mkdrop")).await.unwrap();

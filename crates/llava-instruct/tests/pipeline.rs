@@ -5,7 +5,6 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use llava_instruct::output::{FINAL_FILE, REJECTS_FILE};
@@ -13,12 +12,6 @@ use llava_instruct::source::load_generic_jsonl;
 use llava_instruct::{
     ClientConfig, InstructError, InstructType, PromptLibrary, RunConfig, run_blocking,
 };
-
-const TEACHER_TYPES: [InstructType; 3] = [
-    InstructType::Conversation,
-    InstructType::Detail,
-    InstructType::Complex,
-];
 
 fn client_cfg(base: String, concurrency: usize) -> ClientConfig {
     let mut c = ClientConfig::new(base, "teacher");
@@ -38,32 +31,7 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// (type, id) → number of records, and (type, id) → number of final rejects.
-type Counts = BTreeMap<(String, String), usize>;
-
-fn outcome_counts(out: &Path) -> (Counts, Counts, Counts) {
-    let mut records = Counts::new();
-    for ty in InstructType::ALL {
-        for r in common::read_jsonl_strict(&out.join(ty.file_name())) {
-            let id = r["id"].as_str().unwrap().to_string();
-            *records.entry((ty.name().to_string(), id)).or_default() += 1;
-        }
-    }
-    let mut final_rejects = Counts::new();
-    let mut request_failures = Counts::new();
-    for r in common::read_jsonl_strict(&out.join(REJECTS_FILE)) {
-        let key = (
-            r["type"].as_str().unwrap().to_string(),
-            r["id"].as_str().unwrap().to_string(),
-        );
-        if r["stage"] == "request" {
-            *request_failures.entry(key).or_default() += 1;
-        } else {
-            *final_rejects.entry(key).or_default() += 1;
-        }
-    }
-    (records, final_rejects, request_failures)
-}
+use common::{TEACHER_TYPES, outcome_counts};
 
 #[test]
 fn every_pair_ends_in_the_dataset_or_in_rejects() {
@@ -71,21 +39,19 @@ fn every_pair_ends_in_the_dataset_or_in_rejects() {
     let server = rt.block_on(common::start(Duration::ZERO));
     let dir = tempfile::tempdir().unwrap();
     let ann = dir.path().join("ann.jsonl");
-    let mut captions: Vec<String> = [
-        "mk429",
-        "mk500",
-        "mkdrop",
-        "mkslow",
-        "mkbad",
-        "mkleak",
-        "mk503always",
-    ]
-    .iter()
-    .map(|m| format!("A scene marked {m}."))
-    .collect();
-    captions.extend((0..5).map(|i| format!("A plain scene number {i}.")));
-    common::write_annotations(&ann, &captions);
-    let entries = load_generic_jsonl(&ann).unwrap();
+    let entries = common::marked_scenes(
+        &ann,
+        &[
+            "mk429",
+            "mk500",
+            "mkdrop",
+            "mkslow",
+            "mkbad",
+            "mkleak",
+            "mk503always",
+        ],
+        5,
+    );
     let out = dir.path().join("out");
     let mut cfg = RunConfig::new(TEACHER_TYPES.to_vec(), &out);
     cfg.price = Some("1,2".parse().unwrap());
@@ -98,13 +64,18 @@ fn every_pair_ends_in_the_dataset_or_in_rejects() {
     .unwrap();
 
     assert_eq!(s.pairs, 36);
-    assert_eq!(s.written_total(), 28, "{s:?}");
-    assert_eq!(s.rejected_total(), 5, "{s:?}");
+    assert_eq!(s.written_total(), 27, "{s:?}");
+    assert_eq!(s.rejected_total(), 6, "{s:?}");
     assert_eq!(s.rejected.get("leak"), Some(&3), "{s:?}");
     assert_eq!(
         s.rejected.get("no_turns"),
         Some(&2),
-        "mkbad fails conversation and complex; detail accepts prose"
+        "mkbad fails conversation and complex"
+    );
+    assert_eq!(
+        s.rejected.get("too_short"),
+        Some(&1),
+        "detail parses mkbad's one-line prose, and the length filter turns it down"
     );
     assert_eq!(
         s.failed, 3,
@@ -163,7 +134,7 @@ fn every_pair_ends_in_the_dataset_or_in_rejects() {
     // the final JSON holds exactly the dataset records, each with one <image> in the first turn
     let all: Vec<serde_json::Value> =
         serde_json::from_slice(&std::fs::read(out.join(FINAL_FILE)).unwrap()).unwrap();
-    assert_eq!(all.len(), 28);
+    assert_eq!(all.len(), 27);
     for r in &all {
         let conv = r["conversations"].as_array().unwrap();
         assert_eq!(conv[0]["from"], "human");
@@ -244,9 +215,8 @@ fn kill_test_run(base: &str, ann: &Path, out: &Path) -> llava_instruct::RunSumma
 #[test]
 #[ignore = "helper process, started by sigkill_mid_run_then_resume_loses_and_duplicates_nothing"]
 fn kill_test_child() {
-    let spec = std::env::var(CHILD_ENV).expect("run only as a child of the kill test");
-    let parts: Vec<&str> = spec.split('\n').collect();
-    kill_test_run(parts[0], Path::new(parts[1]), Path::new(parts[2]));
+    let (base, ann, out) = common::child_spec(CHILD_ENV);
+    kill_test_run(&base, &ann, &out);
 }
 
 fn lines_written(out: &Path) -> usize {
@@ -281,23 +251,11 @@ fn sigkill_mid_run_then_resume_loses_and_duplicates_nothing() {
     let total = 60 * 3;
     let out = dir.path().join("out");
 
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "kill_test_child",
-            "--ignored",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env(
-            CHILD_ENV,
-            format!("{}\n{}\n{}", server.base(), ann.display(), out.display()),
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = common::spawn_child(
+        "kill_test_child",
+        CHILD_ENV,
+        format!("{}\n{}\n{}", server.base(), ann.display(), out.display()),
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     while lines_written(&out) < 40 {
         assert!(

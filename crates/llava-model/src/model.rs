@@ -6,6 +6,7 @@ pub mod image_inputs;
 pub mod init;
 pub mod language_model;
 pub mod llava;
+pub mod lora;
 pub mod loss;
 pub mod nn;
 pub mod projector;

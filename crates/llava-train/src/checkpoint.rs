@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use llava_model::LlavaConfig;
-use llava_model::save::{write_atomic, write_config, write_safetensors, write_tensors_file};
+use llava_model::save::{
+    write_adapter, write_atomic, write_config, write_safetensors, write_tensors_file,
+};
 use llava_model::weights::Weights;
 use serde::{Deserialize, Serialize};
 
@@ -47,6 +49,8 @@ const SIDE_FILES: [&str; 10] = [
 
 /// Saves the model (trained weights from the optimizer, frozen ones copied as stored, so they
 /// stay bit-identical), config, tokenizer/processor files, optimizer state and trainer state.
+/// A LoRA run (`source` carries a LoRA setting) saves a peft adapter instead of the model: the
+/// pairs and the projector ([`write_adapter`]), loadable over the base at every save.
 /// A `checkpoint-N` directory is written under a temporary name and renamed when complete.
 pub fn save_checkpoint(
     dir: &Path,
@@ -63,7 +67,20 @@ pub fn save_checkpoint(
     } else {
         dir.with_extension("partial")
     };
-    let tensors = write_model(&target, source_dir, source, model_config, &optimizer.params)?;
+    let tensors = match source.lora_training() {
+        Some(lora) => {
+            let tensors: Vec<(String, Tensor)> = optimizer
+                .params
+                .iter()
+                .map(|p| (p.name.clone(), p.var.as_tensor().detach()))
+                .collect();
+            write_adapter(&target, lora, &source_dir.to_string_lossy(), &tensors)?;
+            write_config(&target, model_config)?;
+            copy_side_files(&target, source_dir)?;
+            tensors
+        }
+        None => write_model(&target, source_dir, source, model_config, &optimizer.params)?,
+    };
     if config.stage == Stage::Pretrain {
         let projector: Vec<(String, Tensor)> = tensors
             .iter()
@@ -118,13 +135,19 @@ pub fn write_model(
     }
     write_safetensors(target, &tensors, 2 << 30)?;
     write_config(target, model_config)?;
+    copy_side_files(target, source_dir)?;
+    Ok(tensors)
+}
+
+/// Copies the tokenizer and processor files of `source_dir` into `target`.
+fn copy_side_files(target: &Path, source_dir: &Path) -> Result<()> {
     for f in SIDE_FILES {
         let from = source_dir.join(f);
         if from.is_file() && from != target.join(f) {
             std::fs::copy(&from, target.join(f)).map_err(TrainError::io(&from))?;
         }
     }
-    Ok(tensors)
+    Ok(())
 }
 
 /// The settings a resumed run must keep, because the data order or the set of trained tensors
@@ -150,6 +173,7 @@ pub fn resume_conflicts(saved: &TrainConfig, now: &TrainConfig) -> Vec<String> {
         saved.unfreeze_vision,
         now.unfreeze_vision,
     );
+    differ(c, "--lora (r, alpha, dropout)", &saved.lora, &now.lora);
     conflicts
 }
 

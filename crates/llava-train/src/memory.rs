@@ -25,6 +25,9 @@ pub struct PlanSettings {
     pub max_length: usize,
     /// Bytes of one frozen weight as loaded (4 for f32, 2 for bf16).
     pub frozen_bytes: f64,
+    /// `--lora-r`: the language model's seven projections train as rank-r pairs, the
+    /// projector in full, and nothing else.
+    pub lora_r: Option<usize>,
 }
 
 /// Parameter counts by part, as the loader reads them.
@@ -81,8 +84,12 @@ impl ParamCounts {
         self.vision_tower + self.projector + self.embed_tokens + self.layers + self.head
     }
 
-    /// Parameters that train under `settings`, by the stage's freezing rule.
+    /// Parameters that train under `settings`, by the stage's freezing rule (LoRA pairs are
+    /// not part of [`ParamCounts::total`]; see [`lora_params`]).
     pub fn trainable(&self, settings: &PlanSettings) -> u64 {
+        if settings.lora_r.is_some() {
+            return self.projector;
+        }
         let vision = if settings.unfreeze_vision {
             self.vision_tower
         } else {
@@ -95,6 +102,19 @@ impl ParamCounts {
             }
         }
     }
+}
+
+/// The parameters of rank-`r` LoRA pairs on every projection of every decoder layer: `r` times
+/// the input plus output width of each.
+pub fn lora_params(config: &LlavaConfig, r: usize) -> u64 {
+    let t = &config.text_config;
+    let (h, i) = (t.hidden_size as u64, t.intermediate_size as u64);
+    let (q, kv) = (
+        (t.num_attention_heads * t.head_dim()) as u64,
+        (t.num_kv_heads() * t.head_dim()) as u64,
+    );
+    let widths = (h + q) * 2 + (h + kv) * 2 + (h + i) * 3;
+    r as u64 * widths * t.num_hidden_layers as u64
 }
 
 /// One line of the plan.
@@ -125,13 +145,20 @@ const LOGIT_COPIES: f64 = 4.0;
 impl MemoryPlan {
     pub fn new(config: &LlavaConfig, s: &PlanSettings) -> Self {
         let counts = ParamCounts::of(config);
-        let trainable = counts.trainable(s) as f64;
-        let frozen = counts.total() as f64 - trainable;
+        let lora = s.lora_r.map_or(0, |r| lora_params(config, r)) as f64;
+        let frozen = (counts.total() - counts.trainable(s)) as f64;
+        let trainable = counts.trainable(s) as f64 + lora;
         let t = &config.text_config;
         let tokens = (s.batch_size * s.max_length) as f64;
         let (h, i) = (t.hidden_size as f64, t.intermediate_size as f64);
         let kv = (t.num_kv_heads() * t.head_dim()) as f64;
         let (a, b, c) = KEPT_PER_TOKEN;
+        // A LoRA pair keeps its own dropped-out input (q, k, v, o, gate, up: the hidden width;
+        // down: the MLP width) and its r-wide product.
+        let (a, c) = match s.lora_r {
+            Some(r) => (a + 6.0 + 7.0 * r as f64 / h, c + 1.0),
+            None => (a, c),
+        };
         let per_layer = 4.0 * tokens * (a * h + b * kv + c * i)
             + 4.0
                 * KEPT_SCORES
@@ -153,7 +180,13 @@ impl MemoryPlan {
                     bytes: gib(frozen, s.frozen_bytes),
                 },
                 Line {
-                    what: format!("trainable weights, f32 ({:.2}B params)", trainable / 1e9),
+                    what: match s.lora_r {
+                        Some(r) => format!(
+                            "trainable: LoRA r {r} + projector, f32 ({:.1}M params)",
+                            trainable / 1e6
+                        ),
+                        None => format!("trainable weights, f32 ({:.2}B params)", trainable / 1e9),
+                    },
                     bytes: gib(trainable, 4.0),
                 },
                 Line {
@@ -242,6 +275,7 @@ mod tests {
             batch_size: 1,
             max_length: 2048,
             frozen_bytes: 4.0,
+            lora_r: None,
         }
     }
 
@@ -257,6 +291,22 @@ mod tests {
         assert_eq!(
             counts.trainable(&settings(Stage::Finetune)),
             counts.total() - counts.vision_tower
+        );
+    }
+
+    #[test]
+    fn lora_r128_on_7b_trains_about_340m_parameters() {
+        let config = shape_config("llava-1.5-7b").expect("shape");
+        // 32 layers × 128 × (4·(4096+4096) + 3·(4096+11008)): peft's count for LLaMA-7B.
+        assert_eq!(lora_params(&config, 128), 319_815_680);
+        let mut s = settings(Stage::Finetune);
+        s.lora_r = Some(128);
+        let plan = MemoryPlan::new(&config, &s);
+        assert_eq!(plan.lines[1].bytes, 4.0 * (319_815_680.0 + 20_979_712.0));
+        let counts = ParamCounts::of(&config);
+        assert_eq!(
+            plan.lines[0].bytes,
+            4.0 * (counts.total() - counts.projector) as f64
         );
     }
 

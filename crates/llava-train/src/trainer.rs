@@ -98,6 +98,24 @@ pub struct TrainConfig {
     /// Recompute each decoder layer in backward instead of keeping its activations.
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// `--lora`: the language model trains as LoRA pairs, the projector in full.
+    #[serde(default)]
+    pub lora: Option<LoraSettings>,
+}
+
+/// The LoRA shape of a run, kept in its trainer state so that a resume keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraSettings {
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+}
+
+/// The key of one micro-batch's dropout masks: from the seed, the step, the rank and the
+/// micro-batch alone, so a resumed run draws the masks the uninterrupted run drew, and ranks
+/// draw their own.
+fn dropout_key(seed: u64, step: u64, rank: usize, micro: usize) -> u64 {
+    seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (step << 32) ^ ((rank as u64) << 16) ^ micro as u64
 }
 
 /// One line of `train_log.jsonl`.
@@ -327,7 +345,12 @@ impl Trainer<'_> {
         let mut grads = GradStore::default();
         let mut loss_sum = 0f64;
         let mut tokens = 0;
-        for batch in micro {
+        for (i, batch) in micro.iter().enumerate() {
+            if let Some(lora) = self.source.lora_training() {
+                let rank = self.collective.rank();
+                let key = dropout_key(self.config.seed, self.state.step, rank, i);
+                lora.dropout_key.set(Some(key));
+            }
             let (loss, n) = self.loss(batch)?;
             tokens += batch.tokens;
             let weight = n as f64 / total_supervised.max(1) as f64;

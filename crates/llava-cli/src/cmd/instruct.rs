@@ -9,18 +9,24 @@
 //! llava instruct convert-captions --input pairs.tsv --out chat.json
 //! llava instruct export-prompts my-prompts/
 //! llava instruct merge --out all.json shard0/ shard1/
+//! llava instruct … --batch [--batch-retries 2]      (OpenAI Batch API, resumable)
+//! llava instruct export-batch … --model gpt-4o      (input files, to submit by hand)
+//! llava instruct import-batch … --results out.jsonl errors.jsonl
+//! llava instruct stats out/llava_instruct.json [--json] [--plot plots/]
 //! ```
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
+use llava_instruct::batch::{BatchConfig, BatchLimits, run_batch_blocking};
 use llava_instruct::convert::{PairFormat, TsvOrder, convert_pairs_to_file};
 use llava_instruct::pipeline::{
-    Price, RunConfig, brief_for, format_summary, messages_for, run_blocking,
+    Price, RunConfig, RunSummary, brief_for, format_summary, messages_for, run_blocking,
 };
 use llava_instruct::types::{InstructType, Shard, parse_types};
-use llava_instruct::{ChatRequest, ImageEntry, PromptLibrary, Role, SourceSpec};
+use llava_instruct::{ChatRequest, Filters, ImageEntry, PromptLibrary, Role, SourceSpec};
 
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -45,6 +51,37 @@ enum Sub {
         /// Output folders of `llava instruct` runs.
         #[arg(required = true, value_name = "DIR")]
         dirs: Vec<PathBuf>,
+    },
+    /// Write the Batch API input files of every pair left to do into OUT/batch/export-NNNN.jsonl
+    /// (for submitting by hand or with `vllm run-batch`); takes the same flags as a run.
+    ExportBatch(RunArgs),
+    /// Read Batch API output/error files (OpenAI's or `vllm run-batch`'s) into the output folder;
+    /// takes the same flags as the run that exported them.
+    ImportBatch {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Output and error files of the batches.
+        #[arg(long = "results", required = true, num_args = 1.., value_name = "FILE")]
+        results: Vec<PathBuf>,
+    },
+    /// Statistics of a generated set (types, turns, lengths, root verb-noun pairs), to compare
+    /// with LLaVA-Instruct-158K.
+    Stats {
+        /// A LLaVA JSON (or JSONL) file, e.g. OUT/llava_instruct.json.
+        file: PathBuf,
+        /// Print the statistics as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Also draw bar charts as PNGs into DIR.
+        #[arg(long, value_name = "DIR")]
+        plot: Option<PathBuf>,
+        /// How many verb-noun pairs to list.
+        #[arg(long, default_value_t = 20)]
+        top: usize,
+        /// The prompt set the data was made with (its instruction lists tell detail and brief
+        /// records apart).
+        #[arg(long, value_name = "DIR")]
+        prompts: Option<PathBuf>,
     },
     /// Write the built-in prompt set to DIR, to edit and pass back with --prompts DIR.
     ExportPrompts {
@@ -77,6 +114,36 @@ impl SourceArgs {
     }
 }
 
+/// Switches for the quality filters (all on by default; see `llava_instruct::filter`).
+#[derive(Args)]
+struct FilterArgs {
+    /// Keep replies that refuse or apologise ("as an AI", "I cannot see", "I'm sorry, but").
+    #[arg(long)]
+    no_refusal_filter: bool,
+    /// Keep replies that mention the captions, boxes or coordinates the teacher was shown.
+    #[arg(long)]
+    no_context_filter: bool,
+    /// Keep answers of any length (default bounds in words: conversation 10-1000, detail
+    /// 30-600, complex 20-600).
+    #[arg(long)]
+    no_length_filter: bool,
+    /// Keep conversations that ask the same question twice.
+    #[arg(long)]
+    no_duplicate_filter: bool,
+}
+
+impl FilterArgs {
+    fn filters(&self) -> Filters {
+        Filters {
+            refusal: !self.no_refusal_filter,
+            context: !self.no_context_filter,
+            length: !self.no_length_filter,
+            duplicates: !self.no_duplicate_filter,
+            ..Filters::default()
+        }
+    }
+}
+
 #[derive(Args)]
 struct RunArgs {
     #[command(flatten)]
@@ -106,11 +173,39 @@ struct RunArgs {
     #[arg(long, value_name = "i/n")]
     shard: Option<String>,
     /// Price per 1000 tokens for the cost estimate: P, or PROMPT,COMPLETION.
-    #[arg(long, value_name = "PRICE")]
+    #[arg(long, value_name = "PRICE", conflicts_with_all = ["price_in", "price_out"])]
     price_per_1k: Option<String>,
+    /// Price per 1M prompt tokens, for --dry-run's plan and the run's estimate.
+    #[arg(long, value_name = "USD", requires = "price_out")]
+    price_in: Option<f64>,
+    /// Price per 1M completion tokens.
+    #[arg(long, value_name = "USD", requires = "price_in")]
+    price_out: Option<f64>,
+    /// Build every prompt and print the requests, tokens (with --model's tokenizer) and cost
+    /// per type, live and through the Batch API; send nothing, write nothing.
+    #[arg(long)]
+    dry_run: bool,
     /// Ask again for pairs whose earlier reply was rejected.
     #[arg(long)]
     retry_rejects: bool,
+    #[command(flatten)]
+    filters: FilterArgs,
+    /// Send the requests through OpenAI's Batch API (half price, results within 24 h) instead of
+    /// one by one. Resumable: rerun the same command to pick up the same batches.
+    #[arg(long)]
+    batch: bool,
+    /// New batches for failed or expired lines (after the first batch).
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    batch_retries: u32,
+    /// First wait between batch status polls (it grows to 5 minutes).
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    batch_poll: f64,
+    /// Requests per batch input file (the API allows 50,000).
+    #[arg(long, default_value_t = 50_000, value_name = "N")]
+    batch_max_requests: usize,
+    /// Bytes per batch input file (the API allows 200 MB).
+    #[arg(long, default_value_t = 200_000_000, value_name = "BYTES")]
+    batch_max_bytes: usize,
     /// No progress bar.
     #[arg(long)]
     no_progress: bool,
@@ -184,22 +279,59 @@ pub fn run(c: InstructCommand) -> anyhow::Result<()> {
             println!("wrote {n} records to {}", out.display());
             Ok(())
         }
+        Some(Sub::ExportBatch(a)) => export_batch(a),
+        Some(Sub::Stats {
+            file,
+            json,
+            plot,
+            top,
+            prompts: dir,
+        }) => stats(&file, json, plot.as_deref(), top, &dir),
+        Some(Sub::ImportBatch { run, results }) => import_batch(run, &results),
         None => generate(c.run),
     }
 }
 
-fn generate(a: RunArgs) -> anyhow::Result<()> {
+impl RunArgs {
+    fn batch_config(&self) -> anyhow::Result<BatchConfig> {
+        if !(self.batch_poll.is_finite() && self.batch_poll > 0.0) {
+            bail!("--batch-poll must be a positive number of seconds");
+        }
+        Ok(BatchConfig {
+            limits: self.batch_limits(),
+            retries: self.batch_retries,
+            poll_initial: Duration::from_secs_f64(self.batch_poll),
+            ..BatchConfig::default()
+        })
+    }
+
+    fn prices_per_1m(&self) -> anyhow::Result<Option<(f64, f64)>> {
+        match (self.price_in, self.price_out) {
+            (Some(i), Some(o)) if i.is_finite() && o.is_finite() && i >= 0.0 && o >= 0.0 => {
+                Ok(Some((i, o)))
+            }
+            (None, None) => Ok(None),
+            _ => bail!("--price-in and --price-out must both be given, as numbers >= 0"),
+        }
+    }
+
+    fn batch_limits(&self) -> BatchLimits {
+        BatchLimits {
+            max_requests: self.batch_max_requests,
+            max_bytes: self.batch_max_bytes,
+        }
+    }
+}
+
+/// The annotations, prompt set and run settings the flags describe.
+fn setup(a: &RunArgs) -> anyhow::Result<(Vec<ImageEntry>, PromptLibrary, RunConfig)> {
     let Some(out) = a.out.clone() else {
         bail!("--out DIR is required")
     };
     let types = parse_types(&a.types)?;
-    let client = a.teacher.client_config()?;
-    if client.is_none() && types.iter().any(|t| t.needs_teacher()) {
-        bail!("--api-base and --model are required for the conversation, detail and complex types");
-    }
     let lib = prompts(&a.prompts, &types)?;
     let entries = a.source.load()?;
-    let mut cfg = RunConfig::new(types, out.clone());
+    let mut cfg = RunConfig::new(types, out);
     cfg.limit = a.limit;
     cfg.seed = a.seed;
     if let Some(l) = &a.type_limits {
@@ -212,19 +344,62 @@ fn generate(a: RunArgs) -> anyhow::Result<()> {
     cfg.temperature = Some(a.teacher.temperature);
     cfg.max_tokens = Some(a.teacher.max_tokens);
     cfg.retry_rejects = a.retry_rejects;
-    cfg.price = a
-        .price_per_1k
-        .as_deref()
-        .map(str::parse::<Price>)
-        .transpose()?;
+    cfg.filters = a.filters.filters();
+    cfg.price = match (a.price_per_1k.as_deref(), a.prices_per_1m()?) {
+        (Some(p), _) => Some(p.parse::<Price>()?),
+        (None, Some((pin, pout))) => Some(Price {
+            prompt_per_1k: pin / 1000.0,
+            completion_per_1k: pout / 1000.0,
+        }),
+        (None, None) => None,
+    };
     cfg.progress = !a.no_progress;
     cfg.max_pending = a.teacher.concurrency.saturating_mul(2).max(1);
-    let summary = run_blocking(entries, lib, client, &cfg)
-        .with_context(|| format!("instruction generation into {} stopped", out.display()))?;
+    Ok((entries, lib, cfg))
+}
+
+fn dry_run(a: &RunArgs) -> anyhow::Result<()> {
+    let Some(model) = a.teacher.model.clone() else {
+        bail!("--dry-run needs --model: its tokenizer counts the prompt tokens")
+    };
+    let (entries, lib, cfg) = setup(a)?;
+    let plan = llava_instruct::cost::plan(&entries, &lib, &cfg, &model, a.prices_per_1m()?)
+        .context("cannot plan the run")?;
     if a.json_summary {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        println!("{}", serde_json::to_string_pretty(&plan)?);
     } else {
-        println!("{}", format_summary(&summary));
+        println!("{}", llava_instruct::cost::format_plan(&plan));
+    }
+    Ok(())
+}
+
+fn generate(a: RunArgs) -> anyhow::Result<()> {
+    if a.dry_run {
+        return dry_run(&a);
+    }
+    let types = parse_types(&a.types)?;
+    let client = a.teacher.client_config()?;
+    if client.is_none() && types.iter().any(|t| t.needs_teacher()) {
+        bail!("--api-base and --model are required for the conversation, detail and complex types");
+    }
+    let (entries, lib, cfg) = setup(&a)?;
+    let out = cfg.out_dir.clone();
+    let summary = match client {
+        Some(client) if a.batch => {
+            run_batch_blocking(entries, lib, client, &cfg, &a.batch_config()?)
+        }
+        _ if a.batch => bail!("--batch needs --api-base and --model"),
+        client => run_blocking(entries, lib, client, &cfg),
+    }
+    .with_context(|| format!("instruction generation into {} stopped", out.display()))?;
+    report(&a, &summary)
+}
+
+fn report(a: &RunArgs, summary: &RunSummary) -> anyhow::Result<()> {
+    if a.json_summary {
+        println!("{}", serde_json::to_string_pretty(summary)?);
+    } else {
+        println!("{}", format_summary(summary));
     }
     if summary.failed > 0 {
         bail!(
@@ -233,6 +408,56 @@ fn generate(a: RunArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+fn stats(
+    file: &std::path::Path,
+    json: bool,
+    plot: Option<&std::path::Path>,
+    top: usize,
+    dir: &Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let lib = prompts(dir, &[])?;
+    let records = llava_data::record::read_dataset(file)
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    let s = llava_instruct::stats::compute(&records, &lib, top);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        print!("{}", llava_instruct::stats::format_stats(&s));
+    }
+    if let Some(d) = plot {
+        let files = llava_instruct::stats_plot::plot_stats(&s, d)
+            .with_context(|| format!("cannot draw the plots into {}", d.display()))?;
+        eprintln!("wrote {} plots under {}", files.len(), d.display());
+    }
+    Ok(())
+}
+
+fn export_batch(a: RunArgs) -> anyhow::Result<()> {
+    let Some(model) = a.teacher.model.clone() else {
+        bail!("--model is required: it is written into every request")
+    };
+    let (entries, lib, cfg) = setup(&a)?;
+    let (files, summary) =
+        llava_instruct::batch::export_batch(entries, &lib, &model, &cfg, a.batch_limits())
+            .with_context(|| format!("cannot export batch input into {}", cfg.out_dir.display()))?;
+    for f in &files {
+        println!("{}", f.display());
+    }
+    println!(
+        "{} requests in {} file(s); submit them, then run `llava instruct import-batch` with the same flags and --results",
+        summary.unanswered,
+        files.len()
+    );
+    Ok(())
+}
+
+fn import_batch(a: RunArgs, results: &[PathBuf]) -> anyhow::Result<()> {
+    let (entries, lib, cfg) = setup(&a)?;
+    let summary = llava_instruct::batch::import_batch(entries, &lib, &cfg, results)
+        .with_context(|| format!("cannot import batch results into {}", cfg.out_dir.display()))?;
+    report(&a, &summary)
 }
 
 fn preview(a: PreviewArgs) -> anyhow::Result<()> {
@@ -347,8 +572,11 @@ mod tests {
             "1/4",
             "--limit",
             "9",
+            "--no-length-filter",
         ])
         .unwrap();
+        let f = c.run.filters.filters();
+        assert!(!f.length && f.refusal && f.context && f.duplicates);
         assert!(c.sub.is_none());
         assert_eq!(c.run.teacher.concurrency, 3);
         assert_eq!(c.run.shard.as_deref(), Some("1/4"));
@@ -375,6 +603,97 @@ mod tests {
         let c = parse(&["merge", "--out", "all.json", "a", "b"]).unwrap();
         assert!(matches!(c.sub, Some(Sub::Merge { ref dirs, .. }) if dirs.len() == 2));
         assert!(parse(&["preview"]).is_err(), "preview needs --image-id");
+    }
+
+    #[test]
+    fn batch_dry_run_and_offline_flags_parse() {
+        let c = parse(&[
+            "--out",
+            "o",
+            "--batch",
+            "--batch-retries",
+            "3",
+            "--batch-max-requests",
+            "10",
+        ])
+        .unwrap();
+        assert!(c.run.batch);
+        let b = c.run.batch_config().unwrap();
+        assert_eq!(b.retries, 3);
+        assert_eq!(b.limits.max_requests, 10);
+        assert_eq!(b.limits.max_bytes, 200_000_000);
+        assert_eq!(b.completion_window, "24h");
+        let c = parse(&["--out", "o", "--batch-poll", "0"]).unwrap();
+        assert!(c.run.batch_config().is_err());
+
+        let c = parse(&[
+            "--out",
+            "o",
+            "--dry-run",
+            "--model",
+            "gpt-4o",
+            "--price-in",
+            "2.5",
+            "--price-out",
+            "10",
+        ])
+        .unwrap();
+        assert!(c.run.dry_run);
+        assert_eq!(c.run.prices_per_1m().unwrap(), Some((2.5, 10.0)));
+        assert!(
+            parse(&["--out", "o", "--price-in", "1"]).is_err(),
+            "both prices"
+        );
+        assert!(
+            parse(&[
+                "--out",
+                "o",
+                "--price-in",
+                "1",
+                "--price-out",
+                "2",
+                "--price-per-1k",
+                "1"
+            ])
+            .is_err()
+        );
+        let c = parse(&["--out", "o", "--price-in=-1", "--price-out", "2"]).unwrap();
+        assert!(c.run.prices_per_1m().is_err());
+
+        let c = parse(&["export-batch", "--out", "o", "--model", "m"]).unwrap();
+        assert!(
+            matches!(c.sub, Some(Sub::ExportBatch(ref r)) if r.teacher.model.as_deref() == Some("m"))
+        );
+        let c = parse(&[
+            "import-batch",
+            "--out",
+            "o",
+            "--results",
+            "a.jsonl",
+            "b.jsonl",
+        ])
+        .unwrap();
+        assert!(matches!(c.sub, Some(Sub::ImportBatch { ref results, .. }) if results.len() == 2));
+        assert!(
+            parse(&["import-batch", "--out", "o"]).is_err(),
+            "needs --results"
+        );
+        let c = parse(&["export-batch", "--out", "o"]).unwrap();
+        match c.sub {
+            Some(Sub::ExportBatch(r)) => assert!(export_batch(r).is_err(), "needs --model"),
+            _ => panic!("expected export-batch"),
+        }
+        let c = parse(&["--out", "o", "--batch"]).unwrap();
+        assert!(generate(c.run).is_err(), "--batch needs a teacher");
+        let c = parse(&["stats", "a.json", "--json", "--plot", "p", "--top", "5"]).unwrap();
+        assert!(matches!(
+            c.sub,
+            Some(Sub::Stats {
+                json: true,
+                top: 5,
+                ..
+            })
+        ));
     }
 
     #[test]

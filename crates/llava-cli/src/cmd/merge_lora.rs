@@ -1,12 +1,14 @@
 //! `llava merge-lora`: a LoRA release and its base made into one complete original-layout
 //! checkpoint, as the original's `scripts/merge_lora_weights.py` does, so that it loads (here,
-//! or in the original code) without `--model-base`.
+//! or in the original code) without `--model-base`. An adapter over an HF-layout LLaVA (what
+//! `llava train --lora` saves) merges into an HF-layout checkpoint, as peft's
+//! `merge_and_unload` followed by `save_pretrained` would.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use llava_model::checkpoint::Checkpoint;
-use llava_model::save::write_shards;
+use llava_model::checkpoint::{Checkpoint, Layout};
+use llava_model::save::{write_config, write_safetensors, write_shards};
 use llava_model::weights::original_name;
 use llava_model::{DType, Device};
 
@@ -14,10 +16,12 @@ use super::model_args::CheckpointArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct MergeLoraCommand {
-    /// The LoRA release (adapter_config.json, adapter_model.*, non_lora_trainables.bin).
+    /// The LoRA release (adapter_config.json, adapter_model.*, non_lora_trainables.bin), or an
+    /// adapter `llava train --lora` saved.
     #[command(flatten)]
     pub checkpoint: CheckpointArgs,
-    /// The language model it was trained from (directory or hub id).
+    /// The language model it was trained from (directory or hub id); for `llava train --lora`'s
+    /// adapters, the HF-layout LLaVA.
     #[arg(long)]
     pub model_base: String,
     /// A new directory for the merged checkpoint. Alias: --save-model-path.
@@ -54,11 +58,17 @@ pub fn run(c: MergeLoraCommand) -> Result<()> {
         );
     }
     let depth = checkpoint.config.projector_depth.unwrap_or(2);
+    let hf = matches!(checkpoint.layout, Layout::HfAdapter { .. });
     // get_stored keeps each weight's stored dtype; the adapters are merged into it.
     let weights = checkpoint.weights(DType::F32, &Device::Cpu)?;
     let mut tensors = Vec::new();
     for name in weights.names() {
-        if let Some(stored) = original_name(name, depth) {
+        let stored = if hf {
+            Some(name.to_string())
+        } else {
+            original_name(name, depth)
+        };
+        if let Some(stored) = stored {
             tensors.push((stored, weights.get_stored(name)?));
         }
     }
@@ -72,14 +82,29 @@ pub fn run(c: MergeLoraCommand) -> Result<()> {
             .with_context(|| format!("removing the leftover {}", partial.display()))?;
     }
     std::fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
-    write_shards(&partial, &tensors, MAX_SHARD_BYTES)?;
     let copy = |from: PathBuf, file: &str| -> Result<()> {
         std::fs::copy(&from, partial.join(file))
             .map(|_| ())
             .with_context(|| format!("copying {}", from.display()))
     };
-    copy(checkpoint.dir.join("config.json"), "config.json")?;
-    for f in TOKENIZER_FILES {
+    if hf {
+        // Canonical names, written in the llava-hf hub naming.
+        write_safetensors(&partial, &tensors, MAX_SHARD_BYTES)?;
+        write_config(&partial, &checkpoint.config)?;
+    } else {
+        write_shards(&partial, &tensors, MAX_SHARD_BYTES)?;
+        copy(checkpoint.dir.join("config.json"), "config.json")?;
+    }
+    let processor = [
+        "preprocessor_config.json",
+        "processor_config.json",
+        "chat_template.jinja",
+        "chat_template.json",
+    ];
+    for f in TOKENIZER_FILES
+        .iter()
+        .chain(if hf { &processor[..] } else { &[] })
+    {
         let from = checkpoint.tokenizer_dir().join(f);
         if from.is_file() {
             copy(from, f)?;

@@ -28,7 +28,8 @@ pub struct ModelArgs {
     pub checkpoint: CheckpointArgs,
     /// The language model (directory or hub id) that an original-layout LoRA release
     /// (adapter_config.json) or projector-only release (mm_projector.bin) was trained from;
-    /// its weights and tokenizer are loaded, with the release over them.
+    /// its weights and tokenizer are loaded, with the release over them. For an adapter that
+    /// `llava train --lora` saved, the HF-layout LLaVA it was trained over.
     #[arg(long)]
     pub model_base: Option<String>,
     /// Compute dtype: f32 (exact reference), bf16 or f16.

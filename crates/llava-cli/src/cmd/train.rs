@@ -9,9 +9,10 @@ use llava_data::conversation::ConvTemplate;
 use llava_data::record::read_records;
 use llava_data::sample::SampleOptions;
 use llava_data::tokenizer::Tokenizer;
+use llava_model::lora::{DropoutKey, LANGUAGE_MODEL_LINEARS, LoraInit, LoraTraining};
 use llava_model::pipeline::image_processor;
-use llava_model::weights::projector_file_name;
-use llava_model::{Checkpoint, DType, Device, Llava};
+use llava_model::weights::{hf_llava_name, projector_file_name};
+use llava_model::{Checkpoint, DType, Device, Layout, Llava};
 use llava_train::checkpoint::{
     TrainerState, read_state, restore_optimizer, resume_conflicts, truncate_log,
 };
@@ -19,7 +20,7 @@ use llava_train::collective::Collective;
 use llava_train::data::{DataStats, TrainDataset, usable_records};
 use llava_train::memory::{MemoryPlan, PlanSettings};
 use llava_train::optim::{AdamW, AdamWConfig};
-use llava_train::trainer::{Stage, TrainConfig, Trainer};
+use llava_train::trainer::{LoraSettings, Stage, TrainConfig, Trainer};
 
 use super::model_args::CheckpointArgs;
 
@@ -73,9 +74,28 @@ pub struct TrainCommand {
     /// Default: 1e-3 for pretrain, 2e-5 for finetune.
     #[arg(long)]
     pub lr: Option<f64>,
-    /// A separate learning rate for the projector.
-    #[arg(long)]
+    /// A separate learning rate for the projector. Alias: --mm-projector-lr (the original's).
+    #[arg(long, alias = "mm-projector-lr")]
     pub projector_lr: Option<f64>,
+    /// LoRA fine-tuning (the original's --lora_enable): every linear layer of the language
+    /// model gets a trainable LoRA pair, the projector trains in full, everything else is
+    /// frozen. Each save is a peft adapter. Stage 2 (finetune) only. Alias: --lora-enable.
+    #[arg(long, alias = "lora-enable")]
+    pub lora: bool,
+    /// LoRA rank. Default: 128 (the original's finetune_lora.sh); from --lora-from's adapter.
+    #[arg(long)]
+    pub lora_r: Option<usize>,
+    /// LoRA alpha: the pair's output is scaled by alpha / r. Default: 256; from --lora-from's
+    /// adapter.
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Dropout on the pair's input. Default: 0.05; from --lora-from's adapter.
+    #[arg(long)]
+    pub lora_dropout: Option<f64>,
+    /// Start the LoRA pairs (and the projector, if the adapter saved it) from an existing peft
+    /// adapter directory instead of a fresh init; implies --lora.
+    #[arg(long)]
+    pub lora_from: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "cosine")]
     pub lr_scheduler: SchedulerArg,
     #[arg(long, default_value_t = 0.03)]
@@ -157,9 +177,34 @@ fn train(c: TrainCommand, job: &dyn Collective) -> Result<()> {
         StageArg::Pretrain => Stage::Pretrain,
         StageArg::Finetune => Stage::Finetune,
     };
+    let lora_on = c.lora || c.lora_from.is_some() || c.lora_r.is_some() || c.lora_alpha.is_some();
+    let lora_on = lora_on || c.lora_dropout.is_some();
+    if lora_on && !c.lora && c.lora_from.is_none() {
+        bail!("--lora-r, --lora-alpha and --lora-dropout shape a LoRA run: add --lora");
+    }
+    if lora_on && stage == Stage::Pretrain {
+        bail!(
+            "--lora adapts the language model, which stage 1 (--stage pretrain) keeps frozen: use --stage finetune"
+        );
+    }
+    if lora_on && c.unfreeze_vision {
+        bail!("--lora trains LoRA pairs and the projector only; drop --unfreeze-vision");
+    }
     let (default_lr, default_batch, default_template) = match stage {
+        // finetune_lora.sh's learning rate.
+        Stage::Finetune if lora_on => (2e-4, 128, ConvTemplate::LlavaV1),
         Stage::Pretrain => (1e-3, 256, ConvTemplate::Plain),
         Stage::Finetune => (2e-5, 128, ConvTemplate::LlavaV1),
+    };
+    // With --resume a LoRA run continues from the checkpoint's adapter.
+    let lora_from = match (&c.resume, lora_on) {
+        (Some(dir), true) => Some(dir.clone()),
+        _ => c.lora_from.clone(),
+    };
+    let lora = if lora_on {
+        Some(lora_setting(&c, lora_from.as_deref())?)
+    } else {
+        None
     };
     let template = match &c.template {
         Some(name) => {
@@ -185,12 +230,17 @@ fn train(c: TrainCommand, job: &dyn Collective) -> Result<()> {
         save_steps: c.save_steps,
         unfreeze_vision: c.unfreeze_vision,
         gradient_checkpointing: c.gradient_checkpointing,
+        lora: lora.as_ref().map(|l| LoraSettings {
+            r: l.r,
+            lora_alpha: l.lora_alpha,
+            lora_dropout: l.lora_dropout,
+        }),
     };
     if config.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
     if c.dry_run {
-        return print_memory_plan(&c, &config);
+        return print_memory_plan(&c, &config, lora.as_ref().map(|l| l.r));
     }
 
     // A resumed run starts from the checkpoint's weights and state.
@@ -206,7 +256,12 @@ fn train(c: TrainCommand, job: &dyn Collective) -> Result<()> {
                     conflicts.join("; ")
                 );
             }
-            (dir.to_string_lossy().to_string(), state)
+            // A LoRA checkpoint holds the adapter only: the base is loaded again under it.
+            let source = match &lora {
+                Some(_) => c.checkpoint.model.clone(),
+                None => dir.to_string_lossy().to_string(),
+            };
+            (source, state)
         }
         // Rank 0 checks before it writes anything; the others would see its new log.
         None if !lead => (c.checkpoint.model.clone(), TrainerState::default()),
@@ -248,7 +303,21 @@ fn train(c: TrainCommand, job: &dyn Collective) -> Result<()> {
             .with_context(|| format!("--projector {}", p.display()))?;
     }
     let unfreeze = c.unfreeze_vision;
-    weights.set_trainable(move |n| stage.trains(n, unfreeze));
+    match lora {
+        Some(lora) => {
+            // The projector in full; the language model through the pairs only.
+            weights.set_trainable(|n| n.starts_with("multi_modal_projector."));
+            if let Layout::Original { .. } = checkpoint.layout {
+                bail!(
+                    "{model_source}: --lora trains an adapter over an HF-layout LLaVA (the model transformers + peft load it over); this checkpoint is in the original layout"
+                );
+            }
+            weights
+                .set_lora_training(lora, hf_llava_name)
+                .with_context(|| format!("the LoRA adapter of {model_source}"))?;
+        }
+        None => weights.set_trainable(move |n| stage.trains(n, unfreeze)),
+    }
     let model = Llava::load(&checkpoint.config, &weights)?;
     let mut optimizer = AdamW::new(
         weights.take_vars(),
@@ -366,6 +435,51 @@ fn train(c: TrainCommand, job: &dyn Collective) -> Result<()> {
     Ok(())
 }
 
+/// The LoRA setting from the flags: the original's defaults (r 128, alpha 256, dropout 0.05)
+/// for a fresh pair, or the shape of the adapter training continues from.
+fn lora_setting(c: &TrainCommand, from: Option<&std::path::Path>) -> Result<LoraTraining> {
+    let mut setting = match from {
+        Some(dir) => {
+            let setting = LoraTraining::from_adapter(dir)
+                .with_context(|| format!("the LoRA adapter in {}", dir.display()))?;
+            if let Some(r) = c.lora_r.filter(|&r| r != setting.r) {
+                bail!(
+                    "--lora-r {r}: the adapter in {} has r {}",
+                    dir.display(),
+                    setting.r
+                );
+            }
+            if let Some(a) = c.lora_alpha.filter(|&a| a != setting.lora_alpha) {
+                bail!(
+                    "--lora-alpha {a}: the adapter in {} has lora_alpha {}",
+                    dir.display(),
+                    setting.lora_alpha
+                );
+            }
+            setting
+        }
+        None => LoraTraining {
+            r: c.lora_r.unwrap_or(128),
+            lora_alpha: c.lora_alpha.unwrap_or(256.0),
+            use_rslora: false,
+            lora_dropout: 0.05,
+            targets: LANGUAGE_MODEL_LINEARS.map(str::to_string).to_vec(),
+            init: LoraInit::Fresh(c.seed),
+            dropout_key: DropoutKey::default(),
+        },
+    };
+    if let Some(p) = c.lora_dropout {
+        setting.lora_dropout = p;
+    }
+    if setting.r == 0 {
+        bail!("--lora-r must be at least 1");
+    }
+    if !(0.0..1.0).contains(&setting.lora_dropout) {
+        bail!("--lora-dropout {}: must be in [0, 1)", setting.lora_dropout);
+    }
+    Ok(setting)
+}
+
 /// `loss.png`'s title: the stage, and the model and data as their last two path components
 /// (a hub id whole, `demo/init` for `out/demo/init`).
 fn run_title(stage: Stage, model: &str, data: &std::path::Path) -> String {
@@ -400,7 +514,7 @@ pub(crate) fn steps_bar(total: u64) -> ProgressBar {
 }
 
 /// `--dry-run`: the memory plan of this run ([`MemoryPlan`]), read from `config.json` alone.
-fn print_memory_plan(c: &TrainCommand, config: &TrainConfig) -> Result<()> {
+fn print_memory_plan(c: &TrainCommand, config: &TrainConfig, lora_r: Option<usize>) -> Result<()> {
     let checkpoint = Checkpoint::open(&c.checkpoint.model, c.checkpoint.vision_tower.as_deref())
         .with_context(|| format!("reading {}", c.checkpoint.model))?;
     let model = &checkpoint.config;
@@ -411,6 +525,7 @@ fn print_memory_plan(c: &TrainCommand, config: &TrainConfig) -> Result<()> {
         batch_size: config.batch_size,
         max_length: c.max_length.unwrap_or(model.default_max_length()),
         frozen_bytes: 4.0,
+        lora_r,
     };
     let plan = MemoryPlan::new(model, &settings);
     println!(

@@ -17,6 +17,8 @@
 
 #![allow(dead_code)]
 
+pub mod batch;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -102,16 +104,21 @@ fn completion(content: &str, finish: &str) -> Response {
 }
 
 pub fn good_reply(system: &str, key: &str) -> String {
-    // Tie the reply to the context so that records differ per image.
+    // Tie the reply to the context so that records differ per image; long enough for the
+    // default length filters (real replies are sentences and paragraphs).
     let first = key.lines().next().unwrap_or("").trim();
     if system.contains("Write a conversation") {
         format!(
-            "Question: What is shown?\nAnswer: {first}\n===\nQuestion: Is it outdoors?\nAnswer: It seems so."
+            "Question: What is shown?\nAnswer: {first} The scene is clear and well lit.\n===\nQuestion: Is it outdoors?\nAnswer: It seems so, judging by the daylight and the open space."
         )
     } else if system.contains("Write one question") {
-        format!("Question: Why is this happening?\nAnswer: Because {first}")
+        format!(
+            "Question: Why is this happening?\nAnswer: Because {first} It is an everyday situation, and the people and objects in it are arranged the way one would expect."
+        )
     } else {
-        format!("The picture shows this: {first}")
+        format!(
+            "The picture shows this: {first} The scene is well lit and clearly composed, with the main subject in the middle of the frame and a calm, ordinary background behind it."
+        )
     }
 }
 
@@ -251,4 +258,82 @@ pub fn read_jsonl_strict(path: &std::path::Path) -> Vec<serde_json::Value> {
                 .unwrap_or_else(|e| panic!("{}: bad line {l}: {e}", path.display()))
         })
         .collect()
+}
+
+/// The (API base, annotations, output folder) a parent passed to its child in `env`.
+pub fn child_spec(env: &str) -> (String, std::path::PathBuf, std::path::PathBuf) {
+    let spec = std::env::var(env).expect("run only as a child of the kill test");
+    let parts: Vec<&str> = spec.split('\n').collect();
+    (parts[0].to_string(), parts[1].into(), parts[2].into())
+}
+
+/// Starts this test binary again, running only the ignored helper test `name`, with `spec` in
+/// the environment variable `env` (the child side of the SIGKILL tests). Output is discarded.
+pub fn spawn_child(name: &str, env: &str, spec: String) -> std::process::Child {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            name,
+            "--ignored",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(env, spec)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// The three types that need the teacher.
+pub const TEACHER_TYPES: [llava_instruct::InstructType; 3] = [
+    llava_instruct::InstructType::Conversation,
+    llava_instruct::InstructType::Detail,
+    llava_instruct::InstructType::Complex,
+];
+
+/// (type, id) → number of lines, for records, final rejects and request failures.
+pub type Counts = std::collections::BTreeMap<(String, String), usize>;
+
+/// What an output folder holds per (type, id): records, final rejects, request failures.
+pub fn outcome_counts(out: &std::path::Path) -> (Counts, Counts, Counts) {
+    use llava_instruct::InstructType;
+    let mut records = Counts::new();
+    for ty in InstructType::ALL {
+        for r in read_jsonl_strict(&out.join(ty.file_name())) {
+            let id = r["id"].as_str().unwrap().to_string();
+            *records.entry((ty.name().to_string(), id)).or_default() += 1;
+        }
+    }
+    let mut final_rejects = Counts::new();
+    let mut request_failures = Counts::new();
+    for r in read_jsonl_strict(&out.join(llava_instruct::output::REJECTS_FILE)) {
+        let key = (
+            r["type"].as_str().unwrap().to_string(),
+            r["id"].as_str().unwrap().to_string(),
+        );
+        if r["stage"] == "request" {
+            *request_failures.entry(key).or_default() += 1;
+        } else {
+            *final_rejects.entry(key).or_default() += 1;
+        }
+    }
+    (records, final_rejects, request_failures)
+}
+
+/// Writes an annotation file of one image per marker (`A scene marked MARKER.`) followed by
+/// `plain` unmarked images, and loads it.
+pub fn marked_scenes(
+    path: &std::path::Path,
+    markers: &[&str],
+    plain: usize,
+) -> Vec<llava_instruct::ImageEntry> {
+    let mut captions: Vec<String> = markers
+        .iter()
+        .map(|m| format!("A scene marked {m}."))
+        .collect();
+    captions.extend((0..plain).map(|i| format!("A plain scene number {i}.")));
+    write_annotations(path, &captions);
+    llava_instruct::source::load_generic_jsonl(path).unwrap()
 }

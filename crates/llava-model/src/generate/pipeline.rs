@@ -343,10 +343,12 @@ pub fn image_processor(
             Some(a) => a.parse()?,
             None => ImageAspectRatio::Square,
         },
-        Layout::Hf => match json.get("do_pad").and_then(serde_json::Value::as_bool) {
-            Some(true) => ImageAspectRatio::Pad,
-            _ => ImageAspectRatio::Square,
-        },
+        Layout::Hf | Layout::HfAdapter { .. } => {
+            match json.get("do_pad").and_then(serde_json::Value::as_bool) {
+                Some(true) => ImageAspectRatio::Pad,
+                _ => ImageAspectRatio::Square,
+            }
+        }
     };
     Ok(ImageProcessor::new(
         config,

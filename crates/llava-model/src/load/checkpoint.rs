@@ -18,6 +18,9 @@ use crate::load::weights::{Weights, clip_vision_name, hf_llava_name, original_ll
 pub enum Layout {
     /// transformers' `LlavaForConditionalGeneration` (`llava-hf/*`).
     Hf,
+    /// A peft adapter over an HF-layout LLaVA (`llava train --lora`'s output: the LoRA pairs
+    /// and the projector as `modules_to_save`), loaded over `--model-base`.
+    HfAdapter { model_base: PathBuf },
     /// The original `LlavaLlamaForCausalLM` (`liuhaotian/*`), with the CLIP tower in its own
     /// directory.
     Original {
@@ -55,26 +58,44 @@ impl Checkpoint {
         let config_path = dir.join("config.json");
         let json = read_json(&config_path)?;
         let (config, layout) = if json.get("vision_config").is_some() {
-            if model_base.is_some() {
+            let adapter = dir.join("adapter_config.json").is_file();
+            if let (true, Some(base)) = (adapter, model_base) {
+                let (base_dir, hf_base) = resolve_base(base)?;
+                if !hf_base {
+                    return Err(ModelError::config(
+                        &base_dir,
+                        "--model-base of an adapter over an HF-layout LLaVA must be that HF-layout LLaVA checkpoint",
+                    ));
+                }
+                let config: LlavaConfig = typed(json, &config_path)?;
+                (
+                    config,
+                    Layout::HfAdapter {
+                        model_base: base_dir,
+                    },
+                )
+            } else if adapter {
                 return Err(ModelError::config(
                     &dir,
-                    "is a complete HF-layout checkpoint; --model-base is for the original layout's LoRA and projector-only releases",
+                    "is a LoRA adapter (adapter_config.json); give the LLaVA checkpoint it was trained from with --model-base",
                 ));
+            } else if model_base.is_some() {
+                return Err(ModelError::config(
+                    &dir,
+                    "is a complete HF-layout checkpoint; --model-base is for LoRA adapters and the original layout's projector-only releases",
+                ));
+            } else {
+                let config: LlavaConfig = typed(json, &config_path)?;
+                (config, Layout::Hf)
             }
-            let config: LlavaConfig = typed(json, &config_path)?;
-            (config, Layout::Hf)
         } else if json.get("mm_vision_tower").is_some() || json.get("mm_projector_type").is_some() {
             let (config, vision_tower_dir) = original_config(&dir, &json, vision_tower)?;
             let model_base = match model_base {
                 Some(base) => {
-                    let base_dir = resolve_model_dir(base)
-                        .map_err(|e| ModelError::Input(format!("--model-base {base}: {e}")))?;
+                    let (base_dir, hf_base) = resolve_base(base)?;
                     // The original builder loads the base as its own LLaVA class: a plain
                     // LLaMA (Vicuna) or an original-layout LLaVA, never llava-hf's layout.
-                    if read_json(&base_dir.join("config.json"))?
-                        .get("vision_config")
-                        .is_some()
-                    {
+                    if hf_base {
                         return Err(ModelError::config(
                             &base_dir,
                             "--model-base is an HF-layout LLaVA checkpoint; the base of an original release is the language model it was trained from (e.g. lmsys/vicuna-7b-v1.5)",
@@ -112,7 +133,7 @@ impl Checkpoint {
                 &config_path,
                 m.replace("vision_feature_layer", "mm_vision_select_layer"),
             ),
-            Layout::Hf => ModelError::config(&config_path, m),
+            Layout::Hf | Layout::HfAdapter { .. } => ModelError::config(&config_path, m),
         })?;
         Ok(Self {
             dir,
@@ -126,6 +147,10 @@ impl Checkpoint {
         let mut w = Weights::new(dtype, device.clone());
         match &self.layout {
             Layout::Hf => w.add_dir(&self.dir, hf_llava_name)?,
+            Layout::HfAdapter { model_base } => {
+                w.add_dir(model_base, hf_llava_name)?;
+                w.add_lora(&self.dir, hf_llava_name)?;
+            }
             Layout::Original {
                 vision_tower_dir,
                 model_base,
@@ -249,6 +274,16 @@ impl Checkpoint {
             _ => &self.dir,
         }
     }
+}
+
+/// `--model-base`'s directory, and whether it is an HF-layout LLaVA (has `vision_config`).
+fn resolve_base(base: &str) -> Result<(PathBuf, bool)> {
+    let dir = resolve_model_dir(base)
+        .map_err(|e| ModelError::Input(format!("--model-base {base}: {e}")))?;
+    let hf = read_json(&dir.join("config.json"))?
+        .get("vision_config")
+        .is_some();
+    Ok((dir, hf))
 }
 
 /// A directory as given, else `org/name` looked up in the HF hub cache (`HF_HUB_CACHE`,

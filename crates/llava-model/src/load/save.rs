@@ -127,3 +127,60 @@ pub fn write_tensors_file(path: &Path, tensors: &[(String, Tensor)]) -> Result<(
         })?;
     std::fs::rename(&tmp, path).map_err(io(path))
 }
+
+/// The name peft 0.21 saves a tensor of `PeftModel` over transformers 5's
+/// `LlavaForConditionalGeneration` under: `base_model.model.` and the module path, which is
+/// `model.` before our canonical language-model and projector names
+/// (`base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight`; a
+/// `modules_to_save` module's tensors under the module's own path).
+pub fn peft_name(canonical: &str) -> String {
+    format!("base_model.model.model.{canonical}")
+}
+
+/// Writes a peft LoRA adapter: `adapter_config.json` for `setting` (peft's fields, the targets
+/// as a pattern that matches the language model's layers only, the projector as
+/// `modules_to_save`) and `adapter_model.safetensors` holding `tensors` (canonical names:
+/// `….lora_A.weight`/`….lora_B.weight` pairs and the projector's weights) under peft's names.
+pub fn write_adapter(
+    dir: &Path,
+    setting: &crate::load::lora::LoraTraining,
+    base_model_name_or_path: &str,
+    tensors: &[(String, Tensor)],
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let saves_projector = tensors
+        .iter()
+        .any(|(n, _)| n.starts_with("multi_modal_projector."));
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": setting.r,
+        "lora_alpha": setting.lora_alpha,
+        "lora_dropout": setting.lora_dropout,
+        "use_rslora": setting.use_rslora,
+        // LLaVA's find_all_linear_names gives bare names, which on transformers' Llava would
+        // also match the vision tower's q/k/v_proj: the pattern keeps them to the decoder.
+        "target_modules": format!(".*language_model.*\\.({})", setting.targets.join("|")),
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "init_lora_weights": true,
+        "inference_mode": true,
+        "use_dora": false,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "modules_to_save": if saves_projector {
+            serde_json::json!(["multi_modal_projector"])
+        } else {
+            serde_json::Value::Null
+        },
+    });
+    let text =
+        serde_json::to_string_pretty(&config).map_err(|e| ModelError::Input(e.to_string()))?;
+    write_atomic(&dir.join("adapter_config.json"), text.as_bytes())?;
+    let named: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| (peft_name(n), t.clone()))
+        .collect();
+    write_tensors_file(&dir.join("adapter_model.safetensors"), &named)
+}

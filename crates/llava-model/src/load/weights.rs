@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::error::{ModelError, Result};
+use crate::load::lora::{DropoutKey, LoraInit, LoraTraining};
 use crate::load::precision::Quantize;
 use crate::load::pytorch_file::PytorchFile;
 use crate::load::safetensors_file::SafetensorsFile;
@@ -86,6 +87,29 @@ pub struct Weights {
     lora: HashMap<String, LoraDelta>,
     /// The decoder's projections are quantized as they are read (`--load-8bit`/`--load-4bit`).
     quantize: Option<Quantize>,
+    /// `llava train --lora`: trainable pairs handed to the adapted projections.
+    lora_training: Option<LoraSource>,
+}
+
+/// Where a training run's LoRA pairs come from.
+struct LoraSource {
+    setting: LoraTraining,
+    /// For [`LoraInit::From`]: the adapter file's source and its pairs' stored names, by the
+    /// adapted module's canonical name.
+    pairs: HashMap<String, (usize, String, String)>,
+}
+
+/// One adapted projection's trainable pair, handed to the layer that adds `B·A·x`.
+pub struct LoraPair {
+    /// `[r, in]`
+    pub a: Tensor,
+    /// `[out, r]`
+    pub b: Tensor,
+    pub scaling: f64,
+    pub dropout: f64,
+    pub dropout_key: DropoutKey,
+    /// Mixed into the dropout key, so that every layer draws its own mask.
+    pub salt: u64,
 }
 
 /// One adapted weight's `B` and `A`, in an adapter file added as a source.
@@ -124,7 +148,142 @@ impl Weights {
             used: Default::default(),
             lora: HashMap::new(),
             quantize: None,
+            lora_training: None,
         }
+    }
+
+    /// Gives every adapted decoder projection a trainable LoRA pair (`llava train --lora`),
+    /// named `{module}.lora_A.weight` / `.lora_B.weight` among the trainable vars. With
+    /// [`LoraInit::From`] the adapter's pairs are read by `rename` of the adapted module (the
+    /// base's naming), and the modules it saved whole (the projector) replace the base's.
+    pub fn set_lora_training(&mut self, setting: LoraTraining, rename: Renamer) -> Result<()> {
+        let mut pairs = HashMap::new();
+        if let LoraInit::From(dir) = &setting.init {
+            let adapter = crate::load::lora::Adapter::read(dir)?;
+            let shard = Shard::open(&adapter.weights)?;
+            let source = self.sources.len();
+            let modules = crate::load::lora::pair_modules(shard.names(), &adapter.modules_to_save)
+                .map_err(|m| ModelError::config(&adapter.weights, m))?;
+            for (module, a, b) in modules {
+                // The base must be added first: a pair for a weight it lacks would be dropped.
+                let canonical = rename(&format!("{module}.weight"))
+                    .filter(|w| self.index.contains_key(w))
+                    .and_then(|w| w.strip_suffix(".weight").map(str::to_string))
+                    .ok_or_else(|| {
+                        ModelError::config(
+                            &adapter.weights,
+                            format!("adapts `{module}`, which the base model has no weight for"),
+                        )
+                    })?;
+                pairs.insert(canonical, (source, a, b));
+            }
+            self.add_saved_modules(&adapter, &shard, source, rename);
+            self.sources.push(Source {
+                dir: dir.clone(),
+                shards: vec![shard],
+            });
+        }
+        if self.trainable.is_none() {
+            self.set_trainable(|_| false);
+        }
+        self.lora_training = Some(LoraSource { setting, pairs });
+        Ok(())
+    }
+
+    /// Indexes an adapter's whole saved modules (peft's `modules_to_save`) at `source`, so that
+    /// they replace the base's.
+    fn add_saved_modules(
+        &mut self,
+        adapter: &crate::load::lora::Adapter,
+        shard: &Shard,
+        source: usize,
+        rename: Renamer,
+    ) {
+        for stored in shard.names() {
+            let name = crate::load::lora::base_name(stored);
+            if !crate::load::lora::is_saved_module(name, &adapter.modules_to_save) {
+                continue;
+            }
+            if let Some(canonical) = rename(name) {
+                let location = Location {
+                    source,
+                    shard: 0,
+                    stored: stored.to_string(),
+                };
+                self.index.insert(canonical, location);
+            }
+        }
+    }
+
+    /// The trainable LoRA pair of the projection `module` (`language_model.layers.3.mlp.up_proj`,
+    /// of `[out, in]`), or `None` where no pair is set up for it.
+    pub fn lora_pair(
+        &self,
+        module: &str,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<Option<LoraPair>> {
+        let Some(lora) = &self.lora_training else {
+            return Ok(None);
+        };
+        let setting = &lora.setting;
+        let adapted = module.starts_with("language_model.layers.")
+            && module
+                .rsplit('.')
+                .next()
+                .is_some_and(|leaf| setting.targets.iter().any(|t| t == leaf));
+        if !adapted {
+            return Ok(None);
+        }
+        let r = setting.r;
+        let (a, b) = match &setting.init {
+            LoraInit::Fresh(seed) => {
+                use rand::{Rng, SeedableRng};
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ name_hash(module));
+                // kaiming_uniform_(a=√5): gain √(2/(1+5)), bound gain·√(3/in) = 1/√in.
+                let bound = 1.0 / (in_dim as f32).sqrt();
+                let a: Vec<f32> = (0..r * in_dim)
+                    .map(|_| rng.random_range(-bound..bound))
+                    .collect();
+                let a = Tensor::from_vec(a, (r, in_dim), &self.device)?.to_dtype(self.dtype)?;
+                let b = Tensor::zeros((out_dim, r), self.dtype, &self.device)?;
+                (a, b)
+            }
+            LoraInit::From(_) => {
+                let Some((source, a, b)) = lora.pairs.get(module) else {
+                    return Ok(None);
+                };
+                let shard = &self.sources[*source].shards[0];
+                let load = |stored: &str, want: [usize; 2]| -> Result<Tensor> {
+                    let t = shard.load(stored, &self.device)?.to_dtype(self.dtype)?;
+                    check_shape(stored, &t, &want)?;
+                    Ok(t)
+                };
+                (load(a, [r, in_dim])?, load(b, [out_dim, r])?)
+            }
+        };
+        let trainable = self.trainable.as_ref().map(|t| &t.vars);
+        let var = |suffix: &str, t: Tensor| -> Result<Tensor> {
+            let var = Var::from_tensor(&t)?;
+            let tensor = var.as_tensor().clone();
+            if let Some(vars) = trainable {
+                vars.borrow_mut().push((format!("{module}.{suffix}"), var));
+            }
+            Ok(tensor)
+        };
+        Ok(Some(LoraPair {
+            a: var("lora_A.weight", a)?,
+            b: var("lora_B.weight", b)?,
+            scaling: setting.scaling(),
+            dropout: setting.lora_dropout,
+            dropout_key: setting.dropout_key.clone(),
+            salt: name_hash(module),
+        }))
+    }
+
+    /// The LoRA setting of a training run, if any.
+    pub fn lora_training(&self) -> Option<&LoraTraining> {
+        self.lora_training.as_ref().map(|l| &l.setting)
     }
 
     /// Loads the decoder's linear layers quantized ([`crate::model::quantized`]), for inference on
@@ -240,9 +399,10 @@ impl Weights {
     pub fn add_lora(&mut self, dir: &Path, rename: Renamer) -> Result<()> {
         let adapter = crate::load::lora::Adapter::read(dir)?;
         let shard = Shard::open(&adapter.weights)?;
-        let modules = crate::load::lora::pair_modules(shard.names())
+        let modules = crate::load::lora::pair_modules(shard.names(), &adapter.modules_to_save)
             .map_err(|m| ModelError::config(&adapter.weights, m))?;
         let source = self.sources.len();
+        self.add_saved_modules(&adapter, &shard, source, rename);
         for (module, a, b) in modules {
             let target = rename(&format!("{module}.weight"))
                 .filter(|t| self.index.contains_key(t))
@@ -411,6 +571,13 @@ impl RandomInit {
     }
 }
 
+/// FNV-1a of a name: a seed per module that does not depend on load order.
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 fn check_shape(name: &str, t: &Tensor, shape: &[usize]) -> Result<()> {
     if t.dims() != shape {
         return Err(ModelError::WrongShape {
@@ -447,6 +614,10 @@ impl<'a> WeightsView<'a> {
     }
     pub fn quantize(&self) -> Option<Quantize> {
         self.weights.quantize
+    }
+    /// This module's trainable LoRA pair; see [`Weights::lora_pair`].
+    pub fn lora_pair(&self, in_dim: usize, out_dim: usize) -> Result<Option<LoraPair>> {
+        self.weights.lora_pair(&self.prefix, in_dim, out_dim)
     }
     pub fn device(&self) -> &Device {
         &self.weights.device
@@ -798,6 +969,51 @@ mod tests {
             rounded.and_then(|w| w.to_vec2::<f32>()).expect("w")
         );
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// peft's fresh init: `lora_A` uniform on ±1/√in, `lora_B` zero, both trainable under the
+    /// module's name; only the targeted decoder projections get a pair.
+    #[test]
+    fn fresh_lora_pairs_follow_peft_s_init_and_the_targets() {
+        let mut weights = Weights::new(DType::F32, Device::Cpu);
+        let setting = LoraTraining {
+            r: 4,
+            lora_alpha: 8.0,
+            use_rslora: false,
+            lora_dropout: 0.0,
+            targets: vec!["q_proj".into()],
+            init: LoraInit::Fresh(1),
+            dropout_key: DropoutKey::default(),
+        };
+        weights
+            .set_lora_training(setting, hf_llava_name)
+            .expect("setting");
+        let q = "language_model.layers.0.self_attn.q_proj";
+        let pair = weights
+            .lora_pair(q, 64, 32)
+            .expect("pair")
+            .expect("targeted");
+        assert_eq!((pair.a.dims(), pair.b.dims()), (&[4, 64][..], &[32, 4][..]));
+        assert_eq!(pair.scaling, 2.0);
+        let a: Vec<f32> = pair.a.flatten_all().and_then(|t| t.to_vec1()).expect("a");
+        let bound = 1.0 / 8.0;
+        assert!(a.iter().all(|v| v.abs() <= bound) && a.iter().any(|v| v.abs() > bound / 2.0));
+        let b: Vec<f32> = pair.b.flatten_all().and_then(|t| t.to_vec1()).expect("b");
+        assert!(b.iter().all(|&v| v == 0.0));
+        for other in [
+            "language_model.layers.0.self_attn.k_proj",
+            "vision_tower.encoder.layers.0.self_attn.q_proj",
+        ] {
+            assert!(
+                weights.lora_pair(other, 64, 32).expect("none").is_none(),
+                "{other}"
+            );
+        }
+        let names: Vec<String> = weights.take_vars().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            [format!("{q}.lora_A.weight"), format!("{q}.lora_B.weight")]
+        );
     }
 
     #[test]

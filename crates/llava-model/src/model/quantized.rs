@@ -23,6 +23,7 @@ use crate::kernels::gemv;
 use crate::kernels::q8::Q8Weight;
 pub use crate::load::precision::Quantize;
 use crate::load::weights::WeightsView;
+use crate::model::lora::Lora;
 use crate::model::nn::Linear;
 
 /// The block format for a layer whose rows are `in_dim` long, or `None` when no block fits.
@@ -109,9 +110,17 @@ fn add_bias(y: Tensor, bias: &Option<Tensor>) -> Result<Tensor> {
     })
 }
 
-/// A decoder projection: dense, or quantized when the weights are loaded with a [`Quantize`].
+/// A decoder projection: its base weight dense, or quantized when the weights are loaded with
+/// a [`Quantize`]; plus a trainable LoRA pair where the loader hands one out (`llava train
+/// --lora`).
 #[derive(Debug, Clone)]
-pub enum Projection {
+pub struct Projection {
+    pub base: Base,
+    pub lora: Option<Lora>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Base {
     Dense(Linear),
     Quantized(QLinear),
 }
@@ -119,16 +128,22 @@ pub enum Projection {
 impl Projection {
     pub fn load(w: &WeightsView, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let dense = Linear::load(w, in_dim, out_dim, bias)?;
-        Ok(match w.quantize() {
-            Some(q) => Self::Quantized(QLinear::new(&dense.weight, dense.bias, q)?),
-            None => Self::Dense(dense),
-        })
+        let base = match w.quantize() {
+            Some(q) => Base::Quantized(QLinear::new(&dense.weight, dense.bias, q)?),
+            None => Base::Dense(dense),
+        };
+        let lora = w.lora_pair(in_dim, out_dim)?.map(Lora::new);
+        Ok(Self { base, lora })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::Dense(l) => l.forward(x),
-            Self::Quantized(q) => q.forward(x),
+        let y = match &self.base {
+            Base::Dense(l) => l.forward(x)?,
+            Base::Quantized(q) => q.forward(x)?,
+        };
+        match &self.lora {
+            Some(lora) => Ok((y + lora.delta(x)?)?),
+            None => Ok(y),
         }
     }
 }
