@@ -37,6 +37,9 @@ pub struct ServeConfig {
     pub max_running: usize,
     /// Requests waiting for a place in the batch; beyond it, 429.
     pub max_queue: usize,
+    /// Conversations whose keys and values are kept for their next turn ([`crate::prompt_pool`]);
+    /// 0 turns the prompt cache off.
+    pub prompt_cache: usize,
     pub media: MediaPolicy,
 }
 
@@ -52,6 +55,7 @@ impl Default for ServeConfig {
             max_image_pixels: 4096 * 4096,
             max_running: 8,
             max_queue: 64,
+            prompt_cache: 16,
             media: MediaPolicy {
                 max_image_bytes: 20 << 20,
                 fetch_timeout: Duration::from_secs(10),

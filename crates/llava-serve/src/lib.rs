@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod media;
 pub mod metrics;
+pub mod prompt_pool;
 pub mod remote;
 pub mod routes;
 pub mod scheduler;

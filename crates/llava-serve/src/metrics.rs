@@ -68,6 +68,11 @@ pub struct Metrics {
     /// Batched forward passes, and the rows they carried: their ratio is the mean batch size.
     pub decode_steps: AtomicU64,
     pub decode_rows: AtomicU64,
+    /// Requests that found part of their prompt in the prompt cache, the tokens they did not
+    /// prefill again, and the conversations cached now.
+    pub prompt_cache_hits: AtomicU64,
+    pub prompt_cache_reused_tokens: AtomicU64,
+    pub prompt_cache_entries: AtomicU64,
     pub time_to_first_token: Histogram,
     pub time_per_output_token: Histogram,
 }
@@ -82,6 +87,9 @@ impl Default for Metrics {
             generated_tokens: AtomicU64::new(0),
             decode_steps: AtomicU64::new(0),
             decode_rows: AtomicU64::new(0),
+            prompt_cache_hits: AtomicU64::new(0),
+            prompt_cache_reused_tokens: AtomicU64::new(0),
+            prompt_cache_entries: AtomicU64::new(0),
             time_to_first_token: Histogram::new(TTFT_BOUNDS),
             time_per_output_token: Histogram::new(TOKEN_BOUNDS),
         }
@@ -120,7 +128,7 @@ impl Metrics {
             (
                 "llava_prompt_tokens_total",
                 "counter",
-                "Prompt tokens prefilled.",
+                "Prompt tokens, those taken from the prompt cache included.",
                 &self.prompt_tokens,
             ),
             (
@@ -140,6 +148,24 @@ impl Metrics {
                 "counter",
                 "Sequences advanced, summed over decoding steps.",
                 &self.decode_rows,
+            ),
+            (
+                "llava_prompt_cache_hits_total",
+                "counter",
+                "Requests that took part of their prompt from the prompt cache.",
+                &self.prompt_cache_hits,
+            ),
+            (
+                "llava_prompt_cache_reused_tokens_total",
+                "counter",
+                "Prompt tokens taken from the prompt cache instead of prefilled.",
+                &self.prompt_cache_reused_tokens,
+            ),
+            (
+                "llava_prompt_cache_entries",
+                "gauge",
+                "Conversations in the prompt cache.",
+                &self.prompt_cache_entries,
             ),
         ];
         for (name, kind, help, value) in gauges {

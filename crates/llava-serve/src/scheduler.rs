@@ -4,11 +4,14 @@
 //!
 //! 1. at most one waiting request is prefilled on its own and its cache joins the running
 //!    left-padded batch ([`llava_model::batch_decode::join`]), so a long prompt delays the
-//!    running streams by one prefill, not by the whole queue;
+//!    running streams by one prefill, not by the whole queue. What the prompt cache
+//!    ([`PromptPool`]) holds of its beginning (an earlier turn, its images) is not prefilled
+//!    again;
 //! 2. every running sequence advances by one token in one forward pass
 //!    ([`llava_model::batch_decode::decode_step`]), each with its own sampler and stop strings;
 //! 3. sequences that finished, and those whose client has gone, leave the batch
-//!    ([`KvCache::keep_rows`]).
+//!    ([`KvCache::keep_rows`]); a finished one's row goes to the prompt cache
+//!    ([`take_row`]) for the conversation's next turn.
 //!
 //! A greedy request thus gets the tokens it gets alone, as `llava generate` gives them.
 
@@ -19,11 +22,12 @@ use std::time::Instant;
 
 use llava_data::conversation::Message;
 use llava_data::image::ProcessedImage;
-use llava_model::batch_decode::{decode_step, join};
-use llava_model::generation::{BatchPrompt, Sampler, SamplingParams, prefill_batch};
+use llava_model::batch_decode::{decode_step, join, take_row};
+use llava_model::generation::{Sampler, SamplingParams, prefill_with_cache};
 use llava_model::image_inputs::ImageInputs;
 use llava_model::language_model::KvCache;
 use llava_model::pipeline::Pipeline;
+use llava_model::prompt_cache::PromptCache;
 use llava_model::reply_text::ReplyText;
 use llava_model::{ModelError, Tensor};
 use tokio::sync::OwnedSemaphorePermit;
@@ -31,6 +35,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+use crate::prompt_pool::PromptPool;
 use crate::wire::{FinishReason, Usage};
 
 /// One chat request, parsed and with its images preprocessed.
@@ -80,7 +85,12 @@ struct Running<'p> {
     permit: OwnedSemaphorePermit,
     sampler: Sampler,
     reply: ReplyText<'p>,
+    /// The prompt and its images, and every token generated: what the prompt cache keeps.
+    input_ids: Vec<u32>,
+    images: Option<ImageInputs>,
+    tokens: Vec<u32>,
     prompt_tokens: usize,
+    cached_tokens: usize,
     generated: usize,
     max_new: usize,
     pending: u32,
@@ -92,8 +102,10 @@ pub fn run(
     pipeline: &Pipeline,
     mut jobs: UnboundedReceiver<Job>,
     max_running: usize,
+    prompt_cache: usize,
     metrics: Arc<Metrics>,
 ) {
+    let mut pool = PromptPool::new(prompt_cache);
     let mut waiting: VecDeque<Prepared> = VecDeque::new();
     let mut running: Vec<Running> = Vec::new();
     let mut cache = KvCache::new();
@@ -113,7 +125,14 @@ pub fn run(
         if running.len() < max_running
             && let Some(next) = waiting.pop_front()
         {
-            admit(pipeline, next, &mut running, &mut cache, &metrics);
+            admit(
+                pipeline,
+                next,
+                &mut running,
+                &mut cache,
+                &mut pool,
+                &metrics,
+            );
         }
         publish(&metrics, waiting.len(), running.len());
         if running.is_empty() {
@@ -144,7 +163,10 @@ pub fn run(
                 continue;
             }
         };
-        leave(&mut running, &mut cache, outcomes);
+        leave(&mut running, &mut cache, &mut pool, outcomes);
+        metrics
+            .prompt_cache_entries
+            .store(pool.len() as u64, Ordering::Relaxed);
     }
 }
 
@@ -207,13 +229,14 @@ fn prepare(pipeline: &Pipeline, job: Job) -> Option<Prepared> {
     }
 }
 
-/// Prefills one request alone, gives it its first token, and joins its cache to the batch
-/// unless that token already ends it.
+/// Prefills one request alone (after what the prompt cache holds of it), gives it its first
+/// token, and joins its cache to the batch unless that token already ends it.
 fn admit<'p>(
     pipeline: &'p Pipeline,
     p: Prepared,
     running: &mut Vec<Running<'p>>,
     cache: &mut KvCache,
+    pool: &mut PromptPool,
     metrics: &Metrics,
 ) {
     let events = p.job.events.clone();
@@ -225,28 +248,32 @@ fn admit<'p>(
         Ok(s) => s,
         Err(e) => return fail(e),
     };
-    let prefilled = match prefill_batch(
+    // A cache that cannot be compared is only a missed saving.
+    let mut prompt = pool
+        .lookup(&pipeline.model, &p.input_ids, p.images.as_ref())
+        .unwrap_or_default();
+    let prefilled = match prefill_with_cache(
         &pipeline.model,
-        &[BatchPrompt {
-            input_ids: &p.input_ids,
-            images: p.images.as_ref(),
-        }],
+        &mut prompt,
+        &p.input_ids,
+        p.images.as_ref(),
     ) {
         Ok(out) => out,
         Err(e) => return fail(e),
     };
-    let first = match prefilled
-        .logits
-        .get(0)
-        .map_err(ModelError::from)
-        .and_then(|l| sampler.sample(&l))
-    {
+    let first = match sampler.sample(&prefilled.logits) {
         Ok(id) => id,
         Err(e) => return fail(e),
     };
     metrics
         .prompt_tokens
         .fetch_add(p.input_ids.len() as u64, Ordering::Relaxed);
+    if prefilled.cached_tokens > 0 {
+        metrics.prompt_cache_hits.fetch_add(1, Ordering::Relaxed);
+        metrics
+            .prompt_cache_reused_tokens
+            .fetch_add(prefilled.cached_tokens as u64, Ordering::Relaxed);
+    }
     metrics
         .time_to_first_token
         .observe(p.job.received.elapsed());
@@ -256,14 +283,22 @@ fn admit<'p>(
         sampler,
         reply: ReplyText::new(&pipeline.tokenizer, p.stops),
         prompt_tokens: p.input_ids.len(),
+        input_ids: p.input_ids,
+        images: p.images,
+        tokens: Vec::new(),
+        cached_tokens: prefilled.cached_tokens,
         generated: 0,
         max_new: p.max_new,
         pending: first,
         last_token_at: Instant::now(),
     };
+    let kv = prompt.take_kv();
     match emit(&mut seq, first, &pipeline.eos_token_ids, metrics) {
-        Some(finish) => finish_seq(seq, Some(finish)),
-        None => match join(cache, prefilled.cache) {
+        Some(finish) => {
+            keep(pool, &seq, kv);
+            finish_seq(seq, Some(finish));
+        }
+        None => match join(cache, kv) {
             Ok(()) => running.push(seq),
             Err(e) => {
                 let _ = seq
@@ -271,6 +306,16 @@ fn admit<'p>(
                     .send(Event::Failed(ApiError::internal(e.to_string())));
             }
         },
+    }
+}
+
+/// Puts a finished sequence's keys and values (`kv`: its prompt and every generated token but
+/// the last) in the prompt cache for its conversation's next turn.
+fn keep(pool: &mut PromptPool, seq: &Running, kv: KvCache) {
+    let fed = &seq.tokens[..seq.tokens.len().saturating_sub(1)];
+    // Failing to keep a cache costs the next turn a full prefill, nothing more.
+    if let Ok(entry) = PromptCache::from_kv(kv, &seq.input_ids, seq.images.as_ref(), fed) {
+        let _ = pool.store(entry);
     }
 }
 
@@ -310,6 +355,7 @@ fn step(
 /// Streams a new token's text; says why the sequence ends if it does.
 fn emit(seq: &mut Running, id: u32, eos: &[u32], metrics: &Metrics) -> Option<FinishReason> {
     seq.generated += 1;
+    seq.tokens.push(id);
     metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
     let events = &seq.events;
     let flow = seq.reply.push(id, &mut |text| {
@@ -330,7 +376,7 @@ fn finish_seq(seq: Running, finish: Option<FinishReason>) {
         return;
     };
     let events = seq.events;
-    let usage = Usage::new(seq.prompt_tokens, seq.generated);
+    let usage = Usage::new(seq.prompt_tokens, seq.generated).with_cached(seq.cached_tokens);
     // Freed before the client hears of the end, so that its next request finds the place.
     drop(seq.permit);
     match seq.reply.finish(&mut |text| {
@@ -353,6 +399,7 @@ fn finish_seq(seq: Running, finish: Option<FinishReason>) {
 fn leave(
     running: &mut Vec<Running>,
     cache: &mut KvCache,
+    pool: &mut PromptPool,
     outcomes: Vec<Option<Option<FinishReason>>>,
 ) {
     if outcomes.iter().all(Option::is_none) {
@@ -370,7 +417,15 @@ fn leave(
                 keep_rows.push(row);
                 kept.push(seq);
             }
-            Some(finish) => finish_seq(seq, finish),
+            Some(finish) => {
+                if finish.is_some()
+                    && pool.capacity() > 0
+                    && let Ok(kv) = take_row(cache, row)
+                {
+                    keep(pool, &seq, kv);
+                }
+                finish_seq(seq, finish)
+            }
         }
     }
     if keep_rows.is_empty() {

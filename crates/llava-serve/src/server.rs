@@ -138,6 +138,7 @@ fn spawn_model_thread(state: Arc<AppState>, loader: Loader, failed: oneshot::Sen
         };
         let (jobs, rx) = mpsc::unbounded_channel();
         let max_running = state.config.max_running;
+        let prompt_cache = state.config.prompt_cache;
         let metrics = state.metrics.clone();
         tracing::info!("{}", capacity(&pipeline, &state.config));
         let _ = state.model.set(ModelHandle {
@@ -147,7 +148,7 @@ fn spawn_model_thread(state: Arc<AppState>, loader: Loader, failed: oneshot::Sen
         // The routes hold the only sender now: when the server stops, the scheduler does too.
         drop(state);
         metrics.running.store(0, Ordering::Relaxed);
-        scheduler::run(&pipeline, rx, max_running, metrics);
+        scheduler::run(&pipeline, rx, max_running, prompt_cache, metrics);
     });
 }
 
@@ -166,10 +167,13 @@ pub fn capacity(pipeline: &Pipeline, config: &ServeConfig) -> String {
     let bytes_per_token =
         2 * text.num_hidden_layers * text.num_kv_heads() * text.head_dim() * dtype_size;
     let total = bytes_per_token * context * config.max_running;
+    let cached = bytes_per_token * context * config.prompt_cache;
     format!(
-        "up to {} running sequences of at most {context} tokens each and {} queued; the KV cache of a full batch takes at most {:.1} MiB",
+        "up to {} running sequences of at most {context} tokens each and {} queued; the KV cache of a full batch takes at most {:.1} MiB, and the prompt cache of {} conversations at most {:.1} MiB",
         config.max_running,
         config.max_queue,
-        total as f64 / (1 << 20) as f64
+        total as f64 / (1 << 20) as f64,
+        config.prompt_cache,
+        cached as f64 / (1 << 20) as f64
     )
 }

@@ -38,6 +38,10 @@ pub struct ServeCommand {
     /// Requests waiting beyond --max-running; more get 429 with Retry-After.
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
+    /// Conversations whose keys and values are kept, so that a next turn prefills only its new
+    /// tokens (least recently used dropped first); 0 turns the prompt cache off.
+    #[arg(long, default_value_t = 16)]
+    pub prompt_cache: usize,
     /// Largest request body in bytes (images included); larger gets 413.
     #[arg(long, default_value_t = 20 << 20)]
     pub max_body_bytes: usize,
@@ -101,6 +105,7 @@ pub fn run(c: ServeCommand) -> Result<()> {
         max_image_pixels: c.max_image_pixels,
         max_running: c.max_running,
         max_queue: c.max_queue,
+        prompt_cache: c.prompt_cache,
         media: MediaPolicy {
             allowed_local_media_path: c.allowed_local_media_path.clone(),
             allow_remote_images: c.allow_remote_images,

@@ -78,6 +78,22 @@ pub fn join(batch: &mut KvCache, other: KvCache) -> Result<()> {
     Ok(())
 }
 
+/// Row `row` of a left-padded batch as a cache of its own, without its padding: what a
+/// sequence leaving the batch leaves behind for a prompt cache
+/// ([`crate::generate::prompt_cache::PromptCache::from_kv`]). Its tensors are copies, so
+/// keeping it does not keep the batch's alive.
+pub fn take_row(batch: &KvCache, row: usize) -> Result<KvCache> {
+    let mut one = batch.clone();
+    if one.left_pad.is_empty() {
+        one.left_pad = vec![0; rows(&one)];
+    }
+    one.keep_rows(&[row])?;
+    // A lone row with no padding: numbered from 0 and unmasked, as a fresh prefill leaves it.
+    one.mask = None;
+    one.left_pad.clear();
+    Ok(one)
+}
+
 /// `cache` with `pad` more masked slots on the left of every row, an explicit mask and one
 /// `left_pad` entry per row.
 fn padded(mut cache: KvCache, pad: usize) -> Result<KvCache> {
@@ -239,6 +255,48 @@ mod tests {
         }
         assert_eq!(a, a_alone, "the longer, earlier row");
         assert_eq!(b, b_alone, "the shorter row that joined later");
+    }
+
+    /// A row taken out of a padded batch is that prompt's cache alone: unpadded, and a
+    /// prompt cache built from it gives the tokens a fresh run gives.
+    #[test]
+    fn a_row_taken_from_the_batch_is_its_own_cache() {
+        use crate::generate::generation::prefill_with_cache;
+        use crate::generate::prompt_cache::PromptCache;
+        let p = pipeline();
+        let long = p
+            .render(&[Message::user("Say something long about the weather", 0)])
+            .expect("render");
+        let short = p.render(&[Message::user("Hi", 0)]).expect("render");
+        let a_ids = p.encode(&long, None).expect("encode");
+        let b_ids = p.encode(&short, None).expect("encode");
+        let mut batch = KvCache::new();
+        for ids in [&a_ids, &b_ids] {
+            let out = prefill_batch(
+                &p.model,
+                &[BatchPrompt {
+                    input_ids: ids,
+                    images: None,
+                }],
+            )
+            .expect("prefill");
+            join(&mut batch, out.cache).expect("join");
+        }
+        let b = take_row(&batch, 1).expect("row");
+        assert_eq!(b.seq_len(), b_ids.len(), "the padding is gone");
+        assert!(b.mask.is_none() && b.left_pad.is_empty());
+        assert!(take_row(&batch, 2).is_err());
+        // The short prompt and a follow-up: the cached part is not run again.
+        let mut cache = PromptCache::from_kv(b, &b_ids, None, &[]).expect("cache");
+        let follow = [b_ids.clone(), vec![5; 20]].concat();
+        let cached = prefill_with_cache(&p.model, &mut cache, &follow, None).expect("prefill");
+        assert!(cached.cached_tokens > 0);
+        let fresh =
+            prefill_with_cache(&p.model, &mut PromptCache::new(), &follow, None).expect("prefill");
+        assert_eq!(
+            greedy().sample(&cached.logits).expect("sample"),
+            greedy().sample(&fresh.logits).expect("sample")
+        );
     }
 
     #[test]

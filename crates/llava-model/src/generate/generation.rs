@@ -198,49 +198,16 @@ pub fn generate_with_cache(
     if max_new_tokens == 0 {
         return Ok((Vec::new(), stats));
     }
-    // Dynamic NTK rope rotates each key by frequencies set by the longest sequence of its
-    // pass: keys cached past the trained context, or reused by a prompt longer than it, are
-    // not those a fresh run of this prompt computes.
-    if let Some(stable) = model.language_model.rope().stable_len()
-        && (cache.kv.seq_len() > stable || input_ids.len() > stable)
-    {
-        cache.clear();
-    }
     let mut run = || -> Result<Vec<u32>> {
-        // The new tokens are always more than the decoding GEMV takes, so that they go through
-        // the same products as in a prefill of the whole prompt: on the CPU the logits are then
-        // bit for bit those of a fresh run (tests/prompt_cache.rs).
-        let reuse = cache.reuse(
-            input_ids,
-            images,
-            (model.config.image_token_index, &spans),
-            crate::kernels::gemv::MAX_ROWS + 1,
-        )?;
-        stats.cached_tokens = reuse.tokens;
-        let clock = std::time::Instant::now();
-        // Only the images after the cached part.
-        let features = match images {
-            Some(images) if images.len() > reuse.images => {
-                Some(model.image_features(&images.skip(reuse.images), Mode::Infer)?)
-            }
-            _ => None,
-        };
-        // A GPU queues work and returns: wait for it, or the time lands in the next phase.
-        if let Some(f) = &features {
-            f.device().synchronize()?;
-        }
-        stats.vision_ms = clock.elapsed().as_secs_f64() * 1000.0;
-
-        let clock = std::time::Instant::now();
-        let new_ids = [input_ids[reuse.tokens..].to_vec()];
-        let embeds = model.embed(&new_ids, features.as_ref())?;
-        let hidden = model
-            .language_model
-            .forward(&embeds, None, &mut cache.kv, Mode::Infer)?;
-        let last = hidden.narrow(1, new_ids[0].len() - 1, 1)?;
-        let mut logits = model.language_model.logits(&last)?.flatten_all()?;
-        logits.device().synchronize()?;
-        stats.prefill_ms = clock.elapsed().as_secs_f64() * 1000.0;
+        let CachedPrefill {
+            mut logits,
+            cached_tokens,
+            vision_ms,
+            prefill_ms,
+        } = prefill_cached(model, cache, input_ids, images, &spans)?;
+        stats.cached_tokens = cached_tokens;
+        stats.vision_ms = vision_ms;
+        stats.prefill_ms = prefill_ms;
 
         let clock = std::time::Instant::now();
         let mut tokens = Vec::new();
@@ -270,6 +237,115 @@ pub fn generate_with_cache(
             Err(e)
         }
     }
+}
+
+/// What [`prefill_with_cache`] computed.
+pub struct CachedPrefill {
+    /// The logits of the prompt's last position, `[vocab]`.
+    pub logits: Tensor,
+    /// Leading prompt tokens whose keys and values came from the cache.
+    pub cached_tokens: usize,
+    pub vision_ms: f64,
+    pub prefill_ms: f64,
+}
+
+/// Prefills `input_ids` on top of whatever beginning of it `cache` holds: only the rest runs,
+/// and only the images not in the cached part go through the vision tower. Afterwards the
+/// cache's keys and values hold the whole prompt (take them with [`PromptCache::take_kv`]).
+/// On an error the cache is emptied, since a forward pass may have stopped half-way through it.
+pub fn prefill_with_cache(
+    model: &Llava,
+    cache: &mut PromptCache,
+    input_ids: &[u32],
+    images: Option<&ImageInputs>,
+) -> Result<CachedPrefill> {
+    let spans = image_spans(model, input_ids, images)?;
+    prefill_cached(model, cache, input_ids, images, &spans).inspect_err(|_| cache.clear())
+}
+
+/// How many leading tokens of `input_ids` a [`prefill_with_cache`] from `cache` would reuse,
+/// without changing it: what a server compares to pick among several cached conversations.
+pub fn reusable_tokens(
+    model: &Llava,
+    cache: &PromptCache,
+    input_ids: &[u32],
+    images: Option<&ImageInputs>,
+) -> Result<usize> {
+    if !rope_keeps(model, cache, input_ids) {
+        return Ok(0);
+    }
+    let spans = image_spans(model, input_ids, images)?;
+    Ok(cache
+        .shared(
+            input_ids,
+            images,
+            (model.config.image_token_index, &spans),
+            RERUN,
+        )?
+        .tokens)
+}
+
+/// Tokens always run again: more than the decoding GEMV takes, so that the new tokens go
+/// through the same products as in a prefill of the whole prompt, and on the CPU the logits
+/// are bit for bit those of a fresh run (tests/prompt_cache.rs).
+const RERUN: usize = crate::kernels::gemv::MAX_ROWS + 1;
+
+/// Dynamic NTK rope rotates each key by frequencies set by the longest sequence of its pass:
+/// keys cached past the trained context, or reused by a prompt longer than it, are not those a
+/// fresh run of this prompt computes.
+fn rope_keeps(model: &Llava, cache: &PromptCache, input_ids: &[u32]) -> bool {
+    match model.language_model.rope().stable_len() {
+        Some(stable) => cache.kv.seq_len() <= stable && input_ids.len() <= stable,
+        None => true,
+    }
+}
+
+/// [`prefill_with_cache`] once the prompt's image `spans` are known.
+fn prefill_cached(
+    model: &Llava,
+    cache: &mut PromptCache,
+    input_ids: &[u32],
+    images: Option<&ImageInputs>,
+    spans: &[usize],
+) -> Result<CachedPrefill> {
+    if !rope_keeps(model, cache, input_ids) {
+        cache.clear();
+    }
+    let reuse = cache.reuse(
+        input_ids,
+        images,
+        (model.config.image_token_index, spans),
+        RERUN,
+    )?;
+    let clock = std::time::Instant::now();
+    // Only the images after the cached part.
+    let features = match images {
+        Some(images) if images.len() > reuse.images => {
+            Some(model.image_features(&images.skip(reuse.images), Mode::Infer)?)
+        }
+        _ => None,
+    };
+    // A GPU queues work and returns: wait for it, or the time lands in the next phase.
+    if let Some(f) = &features {
+        f.device().synchronize()?;
+    }
+    let vision_ms = clock.elapsed().as_secs_f64() * 1000.0;
+
+    let clock = std::time::Instant::now();
+    let new_ids = [input_ids[reuse.tokens..].to_vec()];
+    let embeds = model.embed(&new_ids, features.as_ref())?;
+    let hidden = model
+        .language_model
+        .forward(&embeds, None, &mut cache.kv, Mode::Infer)?;
+    let last = hidden.narrow(1, new_ids[0].len() - 1, 1)?;
+    let logits = model.language_model.logits(&last)?.flatten_all()?;
+    logits.device().synchronize()?;
+    Ok(CachedPrefill {
+        logits,
+        cached_tokens: reuse.tokens,
+        vision_ms,
+        prefill_ms: clock.elapsed().as_secs_f64() * 1000.0,
+    })
 }
 
 /// Each image's count of placeholder positions, once the prompt is checked to be non-empty and

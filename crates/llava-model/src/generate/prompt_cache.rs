@@ -19,7 +19,7 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::model::image_inputs::ImageInputs;
 use crate::model::language_model::KvCache;
 
@@ -68,6 +68,21 @@ impl PromptCache {
         &mut self,
         ids: &[u32],
         images: Option<&ImageInputs>,
+        spans: (u32, &[usize]),
+        rerun: usize,
+    ) -> Result<Reuse> {
+        let reuse = self.shared(ids, images, spans, rerun)?;
+        self.kv.truncate(reuse.tokens)?;
+        self.ids.truncate(reuse.tokens);
+        self.images.truncate(reuse.images);
+        Ok(reuse)
+    }
+
+    /// What [`PromptCache::reuse`] would keep, leaving the cache as it is.
+    pub(crate) fn shared(
+        &self,
+        ids: &[u32],
+        images: Option<&ImageInputs>,
         (image_token, spans): (u32, &[usize]),
         rerun: usize,
     ) -> Result<Reuse> {
@@ -102,13 +117,57 @@ impl PromptCache {
             n_images += 1;
             p += span.max(1);
         }
-        self.kv.truncate(keep)?;
-        self.ids.truncate(keep);
-        self.images.truncate(n_images);
         Ok(Reuse {
             tokens: keep,
             images: n_images,
         })
+    }
+
+    /// The keys and values, leaving the cache empty: after
+    /// [`crate::generate::generation::prefill_with_cache`], a server moves them into its batch.
+    pub fn take_kv(&mut self) -> KvCache {
+        let kv = std::mem::take(&mut self.kv);
+        self.clear();
+        kv
+    }
+
+    /// A cache of `kv`, which holds the keys and values of `prompt` (with its `images`) and then
+    /// of `fed`, the generated tokens that went through the model: a sequence that leaves a
+    /// server's batch ([`crate::generate::batch_decode::take_row`]) is kept this way.
+    pub fn from_kv(
+        kv: KvCache,
+        prompt: &[u32],
+        images: Option<&ImageInputs>,
+        fed: &[u32],
+    ) -> Result<Self> {
+        if kv.seq_len() != prompt.len() + fed.len() {
+            return Err(ModelError::Input(format!(
+                "a cache of {} positions cannot hold {} prompt and {} generated tokens",
+                kv.seq_len(),
+                prompt.len(),
+                fed.len()
+            )));
+        }
+        let mut cache = Self {
+            kv,
+            ..Self::default()
+        };
+        cache.record(prompt, images, fed)?;
+        Ok(cache)
+    }
+
+    /// Whether this cache holds everything `earlier` does (its tokens, then more, with the same
+    /// pictures), so that `earlier` is of no more use beside it.
+    pub fn extends(&self, earlier: &PromptCache) -> Result<bool> {
+        if !self.ids.starts_with(&earlier.ids) || self.images.len() < earlier.images.len() {
+            return Ok(false);
+        }
+        for (a, b) in self.images.iter().zip(&earlier.images) {
+            if !same_pixels(a, b)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Records what a generation added after [`PromptCache::reuse`]: the whole prompt, its
@@ -183,6 +242,19 @@ mod tests {
         // A different beginning keeps nothing.
         assert_eq!(c.reuse(&[7, 2], None, SPAN, 1).expect("reuse").tokens, 0);
         assert!(c.is_empty());
+    }
+
+    #[test]
+    fn a_later_turn_extends_an_earlier_one_only_with_the_same_pictures() {
+        let ids = [1, IMG, IMG, 2];
+        let earlier = cached(&ids, &pixels(&[0.5]));
+        let later = cached(&[1, IMG, IMG, 2, 3, 4], &pixels(&[0.5]));
+        assert!(later.extends(&earlier).expect("compare"));
+        assert!(!earlier.extends(&later).expect("compare"));
+        let other = cached(&[1, IMG, IMG, 2, 3, 4], &pixels(&[0.75]));
+        assert!(!other.extends(&earlier).expect("compare"));
+        // from_kv refuses keys and values of another length than the tokens.
+        assert!(PromptCache::from_kv(KvCache::new(), &ids, None, &[]).is_err());
     }
 
     #[test]
