@@ -265,3 +265,28 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes() {
         assert!(close(*la, *lb), "step {}: {la} vs {lb}", step + 1);
     }
 }
+
+#[test]
+fn ranks_with_no_usable_record_stop_with_a_message() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("bad.json");
+    let records: Vec<serde_json::Value> = (0..3)
+        .map(|i| {
+            serde_json::json!({"id": i, "image": format!("missing-{i}.png"), "conversations": [
+                {"from": "human", "value": "<image>\nWhat is here?"},
+                {"from": "gpt", "value": "Nothing."}]})
+        })
+        .collect();
+    std::fs::write(&data, serde_json::to_string(&records).expect("json")).expect("write");
+    let out = mpirun(2)
+        .args(train_args(
+            &data,
+            &tmp.path().join("out"),
+            &["--stage", "finetune", "--max-steps", "2"],
+        ))
+        .output()
+        .expect("mpirun runs");
+    assert!(!out.status.success(), "the job fails");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no usable record"), "{stderr}");
+}

@@ -207,6 +207,8 @@ impl Trainer<'_> {
         let world = self.collective.world_size();
         // Recomputed only when the epoch changes: grouping reads every record's length.
         let mut epoch_order: Option<(u64, Vec<usize>)> = None;
+        // Under ranks, an epoch that ends without a step had no usable record anywhere.
+        let mut epoch_start_step = self.state.step;
         while self.state.step < total {
             if epoch_order.as_ref().map(|(e, _)| *e) != Some(self.state.epoch) {
                 epoch_order = Some((self.state.epoch, self.epoch_order()));
@@ -214,6 +216,12 @@ impl Trainer<'_> {
             let order = epoch_order.as_ref().map_or(&[][..], |(_, o)| o.as_slice());
             let mut micro = Vec::new();
             if world > 1 && self.state.position >= order.len() {
+                if self.state.step == epoch_start_step {
+                    return Err(TrainError::Data(
+                        "no usable record in the dataset (every one was skipped)".into(),
+                    ));
+                }
+                epoch_start_step = self.state.step;
                 self.state.epoch += 1;
                 self.state.position = 0;
                 continue;
