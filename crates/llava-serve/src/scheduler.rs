@@ -163,10 +163,7 @@ pub fn run(
                 continue;
             }
         };
-        leave(&mut running, &mut cache, &mut pool, outcomes);
-        metrics
-            .prompt_cache_entries
-            .store(pool.len() as u64, Ordering::Relaxed);
+        leave(&mut running, &mut cache, &mut pool, outcomes, &metrics);
     }
 }
 
@@ -295,7 +292,7 @@ fn admit<'p>(
     let kv = prompt.take_kv();
     match emit(&mut seq, first, &pipeline.eos_token_ids, metrics) {
         Some(finish) => {
-            keep(pool, &seq, kv);
+            keep(pool, &seq, kv, metrics);
             finish_seq(seq, Some(finish));
         }
         None => match join(cache, kv) {
@@ -310,13 +307,17 @@ fn admit<'p>(
 }
 
 /// Puts a finished sequence's keys and values (`kv`: its prompt and every generated token but
-/// the last) in the prompt cache for its conversation's next turn.
-fn keep(pool: &mut PromptPool, seq: &Running, kv: KvCache) {
+/// the last) in the prompt cache for its conversation's next turn. Before the sequence's reply
+/// ends, so a client's next turn, and its reading of `/metrics`, finds it there.
+fn keep(pool: &mut PromptPool, seq: &Running, kv: KvCache, metrics: &Metrics) {
     let fed = &seq.tokens[..seq.tokens.len().saturating_sub(1)];
     // Failing to keep a cache costs the next turn a full prefill, nothing more.
     if let Ok(entry) = PromptCache::from_kv(kv, &seq.input_ids, seq.images.as_ref(), fed) {
         let _ = pool.store(entry);
     }
+    metrics
+        .prompt_cache_entries
+        .store(pool.len() as u64, Ordering::Relaxed);
 }
 
 /// Samples a row's next token and passes it on. `Some(None)`: the client is gone.
@@ -401,6 +402,7 @@ fn leave(
     cache: &mut KvCache,
     pool: &mut PromptPool,
     outcomes: Vec<Option<Option<FinishReason>>>,
+    metrics: &Metrics,
 ) {
     if outcomes.iter().all(Option::is_none) {
         return;
@@ -422,7 +424,7 @@ fn leave(
                     && pool.capacity() > 0
                     && let Ok(kv) = take_row(cache, row)
                 {
-                    keep(pool, &seq, kv);
+                    keep(pool, &seq, kv, metrics);
                 }
                 finish_seq(seq, finish)
             }
