@@ -7,13 +7,10 @@
 
 use std::ops::Range;
 use std::path::Path;
-use std::sync::OnceLock;
 
-use image::ImageEncoder;
 use plotters::coord::Shift;
 use plotters::coord::types::{RangedCoordf64, RangedCoordu64};
 use plotters::prelude::*;
-use plotters::style::{FontStyle, register_font};
 
 use crate::error::{Result, TrainError};
 use crate::smoothing::{ema, smoothing_weight};
@@ -66,19 +63,6 @@ pub fn plot_log(log: &Path, png: &Path, title: &str) -> Result<()> {
     plot_loss(png, title, &read_log(log)?)
 }
 
-/// Registers the embedded font with plotters once per process.
-fn ensure_font() -> std::result::Result<(), String> {
-    static REGISTERED: OnceLock<bool> = OnceLock::new();
-    let ok = *REGISTERED.get_or_init(|| {
-        register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular()).is_ok()
-    });
-    if ok {
-        Ok(())
-    } else {
-        Err("the embedded DejaVu Sans font does not load".into())
-    }
-}
-
 /// Tick text with as many decimals as the axis span needs.
 fn tick_label(v: f64, span: f64) -> String {
     let decimals = if span <= 0.0 {
@@ -116,20 +100,10 @@ pub fn plot_loss(path: &Path, title: &str, points: &[LogPoint]) -> Result<()> {
             path.display()
         ))
     };
-    ensure_font().map_err(plot_err)?;
+    llava_chart::ensure_font().map_err(plot_err)?;
     let mut buffer = vec![255u8; (WIDTH * HEIGHT * 3) as usize];
     draw(&mut buffer, title, points).map_err(plot_err)?;
-    // Best compression: a mostly white picture is about a third of the default's size.
-    let tmp = path.with_extension("png.tmp");
-    let file = std::fs::File::create(&tmp).map_err(TrainError::io(&tmp))?;
-    image::codecs::png::PngEncoder::new_with_quality(
-        std::io::BufWriter::new(file),
-        image::codecs::png::CompressionType::Best,
-        image::codecs::png::FilterType::Adaptive,
-    )
-    .write_image(&buffer, WIDTH, HEIGHT, image::ExtendedColorType::Rgb8)
-    .map_err(|e| plot_err(e.to_string()))?;
-    std::fs::rename(&tmp, path).map_err(TrainError::io(path))
+    llava_chart::write_png(path, &buffer, WIDTH, HEIGHT).map_err(plot_err)
 }
 
 type Panel<'a, 'b> =
