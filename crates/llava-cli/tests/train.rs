@@ -126,6 +126,16 @@ fn answers_verbatim_over(dir: &Path, base: Option<&Path>, flags: &[&str], indice
     }
 }
 
+/// Each step's loss of `b` within 1e-6 of `a`'s, relative to `|a|` or to `floor` if larger.
+fn assert_losses_close(a: &[(u64, f64)], b: &[(u64, f64)], floor: f64) {
+    for ((step, x), (_, y)) in a.iter().zip(b) {
+        assert!(
+            (x - y).abs() <= 1e-6 * x.abs().max(floor),
+            "step {step}: loss {x} vs {y}"
+        );
+    }
+}
+
 fn ok(out: &Output) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -434,12 +444,7 @@ fn killed_and_resumed_run_logs_the_same_losses() {
         b.iter().map(|x| x.0).collect::<Vec<_>>(),
         "each step once"
     );
-    for ((step, x), (_, y)) in a.iter().zip(&b) {
-        assert!(
-            (x - y).abs() <= 1e-6 * x.abs().max(1.0),
-            "step {step}: {x} vs {y}"
-        );
-    }
+    assert_losses_close(&a, &b, 1.0);
 }
 
 #[test]
@@ -562,12 +567,7 @@ fn gradient_checkpointing_logs_the_same_losses() {
     let (plain, plain_weights) = run("plain", &[]);
     let (recomputed, recomputed_weights) = run("recomputed", &["--gradient-checkpointing"]);
     assert_eq!(plain.len(), 3);
-    for ((step, a), (_, b)) in plain.iter().zip(&recomputed) {
-        assert!(
-            (a - b).abs() <= 1e-6 * a.abs(),
-            "step {step}: loss {a} without, {b} with checkpointing"
-        );
-    }
+    assert_losses_close(&plain, &recomputed, 0.0);
     // The steps moved the layers' weights, so their gradients reached the optimizer.
     let name = "language_model.layers.1.mlp.down_proj.weight";
     let base = weights(&base_model());
@@ -853,12 +853,7 @@ fn a_resumed_lora_run_with_dropout_logs_the_same_losses() {
     let (a, b) = (losses(&straight), losses(&resumed));
     assert_eq!(a.len(), 4);
     assert_eq!(b.len(), 4);
-    for ((step, x), (_, y)) in a.iter().zip(&b) {
-        assert!(
-            (x - y).abs() <= 1e-6 * x.abs().max(1.0),
-            "step {step}: {x} vs {y}"
-        );
-    }
+    assert_losses_close(&a, &b, 1.0);
     // Dropout is on: the same run without it logs other losses from step 2 on (at step 1
     // `lora_B` is still zero, so the pairs add nothing either way).
     let no_dropout = tmp.path().join("no-dropout");
@@ -888,12 +883,7 @@ fn lora_with_gradient_checkpointing_logs_the_same_losses() {
     let recomputed = run("recomputed", &["--gradient-checkpointing"]);
     assert_eq!(plain.len(), 3);
     assert!(plain[2].1 < plain[0].1, "the pairs trained: {plain:?}");
-    for ((step, a), (_, b)) in plain.iter().zip(&recomputed) {
-        assert!(
-            (a - b).abs() <= 1e-6 * a.abs(),
-            "step {step}: loss {a} without, {b} with checkpointing"
-        );
-    }
+    assert_losses_close(&plain, &recomputed, 0.0);
 }
 
 /// QLoRA (`--bits 4`): the pairs learn 8 samples by heart over the 4-bit base, the gradient
