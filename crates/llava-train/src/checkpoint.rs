@@ -261,12 +261,13 @@ pub fn resume_conflicts(
     let mut conflicts = Vec::new();
     let c = &mut conflicts;
     differ(c, "--stage", saved.stage, now.stage);
-    // Grouping by length deals the order out in per-rank batches.
-    if saved_world == world || saved.group_by_modality_length {
-        differ(c, "--batch-size", saved.batch_size, now.batch_size);
-    }
     if saved_world == world {
+        differ(c, "--batch-size", saved.batch_size, now.batch_size);
         differ(c, "--grad-accum", saved.grad_accum, now.grad_accum);
+    } else if saved.group_by_modality_length {
+        // The epoch's order is grouped in runs of ranks × batch size.
+        let (was, is) = (saved_world * saved.batch_size, world * now.batch_size);
+        differ(c, "ranks × --batch-size (grouped by length)", was, is);
     }
     differ(c, "--seed", saved.seed, now.seed);
     differ(c, "shuffling (--no-shuffle)", saved.shuffle, now.shuffle);
@@ -405,5 +406,54 @@ mod tests {
             .expect_err("a shape mismatch is an error")
             .to_string();
         assert!(err.contains("exp_avg of shape [3, 2] for `w`"), "{err}");
+    }
+
+    /// The same ranks keep the batch shape; another rank count may change it, unless the
+    /// order is grouped by length in runs of ranks × batch size.
+    #[test]
+    fn another_rank_count_may_change_the_batch_shape_unless_grouped() {
+        let saved = TrainConfig {
+            stage: Stage::Finetune,
+            epochs: 1,
+            max_steps: None,
+            batch_size: 1,
+            grad_accum: 1,
+            lr: 1e-3,
+            projector_lr: None,
+            cosine: true,
+            warmup_ratio: 0.0,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            seed: 42,
+            shuffle: true,
+            group_by_modality_length: false,
+            save_steps: None,
+            unfreeze_vision: false,
+            gradient_checkpointing: false,
+            lora: None,
+            bits: None,
+            zero: 1,
+        };
+        let now = TrainConfig {
+            grad_accum: 2,
+            zero: 0,
+            ..saved.clone()
+        };
+        assert_eq!(
+            resume_conflicts(&saved, &now, 2, 2),
+            vec!["--grad-accum was 1, now 2".to_string()]
+        );
+        assert!(resume_conflicts(&saved, &now, 2, 1).is_empty());
+        let grouped = |c: &TrainConfig, batch_size| TrainConfig {
+            group_by_modality_length: true,
+            batch_size,
+            ..c.clone()
+        };
+        let (saved, now) = (grouped(&saved, 1), grouped(&now, 2));
+        assert!(resume_conflicts(&saved, &now, 2, 1).is_empty());
+        assert_eq!(
+            resume_conflicts(&saved, &grouped(&now, 1), 2, 1),
+            vec!["ranks × --batch-size (grouped by length) was 2, now 1".to_string()]
+        );
     }
 }

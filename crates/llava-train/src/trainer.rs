@@ -317,7 +317,10 @@ impl Trainer<'_> {
         let order = self.data.order(c.seed, self.state.epoch, c.shuffle);
         if c.group_by_modality_length {
             let epoch = self.state.epoch;
-            group_by_modality_length(&self.data.records, &order, c.batch_size, c.seed, epoch)
+            // As LLaVA's sampler, by the ranks' batches together: every rank of a step then
+            // holds the same modality, and lengths sorted across them.
+            let unit = c.batch_size * self.collective.world_size();
+            group_by_modality_length(&self.data.records, &order, unit, c.seed, epoch)
         } else {
             order
         }
