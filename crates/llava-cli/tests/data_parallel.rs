@@ -190,7 +190,14 @@ fn zero_one_equals_unsharded_training_and_resumes_on_another_rank_count() {
         let name = if lora { "lora" } else { "full" };
         let one = tmp.path().join(format!("one-{name}"));
         let two = tmp.path().join(format!("two-{name}"));
-        let mut extra = vec!["--stage", "finetune", "--max-steps", "4", "--save-steps", "2"];
+        let mut extra = vec![
+            "--stage",
+            "finetune",
+            "--max-steps",
+            "4",
+            "--save-steps",
+            "2",
+        ];
         if lora {
             extra.extend_from_slice(&["--lora", "--lora-r", "4", "--lora-dropout", "0"]);
         }

@@ -324,7 +324,12 @@ pub fn restore_optimizer(
             })?;
         let kept = optimizer.params.iter().filter(|p| p.owned);
         let wanted: std::collections::HashSet<String> = kept
-            .flat_map(|p| [format!("exp_avg.{}", p.name), format!("exp_avg_sq.{}", p.name)])
+            .flat_map(|p| {
+                [
+                    format!("exp_avg.{}", p.name),
+                    format!("exp_avg_sq.{}", p.name),
+                ]
+            })
             .collect();
         saved.extend(tensors.into_iter().filter(|(n, _)| wanted.contains(n)));
     }

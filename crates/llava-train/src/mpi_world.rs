@@ -66,7 +66,9 @@ impl Collective for MpiWorld {
     }
 
     fn broadcast_f32(&self, values: &mut [f32], root: usize) -> Result<()> {
-        self.world.process_at_rank(root as i32).broadcast_into(values);
+        self.world
+            .process_at_rank(root as i32)
+            .broadcast_into(values);
         Ok(())
     }
 

@@ -163,7 +163,7 @@ mod tests {
             AdamW::new(vec![("w".into(), var)], Default::default()).expect("optimizer")
         };
         let (mut plain, mut sharded) = (make(), make());
-        let mut grads_for = |o: &AdamW| {
+        let grads_for = |o: &AdamW| {
             let mut g = GradStore::default();
             g.insert(o.params[0].var.as_tensor(), grad.clone());
             g
@@ -179,9 +179,22 @@ mod tests {
             1.0,
         )
         .expect("sharded");
-        assert!((norm - sharded_norm).abs() <= 1e-9 * norm, "{norm} vs {sharded_norm}");
-        let a: Vec<f32> = plain.params[0].var.flatten_all().unwrap().to_vec1().unwrap();
-        let b: Vec<f32> = sharded.params[0].var.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(
+            (norm - sharded_norm).abs() <= 1e-9 * norm,
+            "{norm} vs {sharded_norm}"
+        );
+        let a: Vec<f32> = plain.params[0]
+            .var
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let b: Vec<f32> = sharded.params[0]
+            .var
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(a, b);
         assert_ne!(a, init.flatten_all().unwrap().to_vec1::<f32>().unwrap());
     }
