@@ -20,6 +20,9 @@ struct Run {
     /// max |logit - transformers' f32 logit| at the prompt's last position, over the spread of
     /// transformers' logits (max - min).
     logit_error: f32,
+    /// The same with `lm_head` kept f32 (the decoder's projections alone quantized), as
+    /// `--load-8bit`/`--load-4bit` ran before `lm_head` was quantized too.
+    dense_head_error: f32,
     greedy: Vec<u32>,
 }
 
@@ -57,20 +60,35 @@ fn run(quantize: Option<Quantize>) -> Run {
         .logits(&last)
         .and_then(|l| Ok(l.flatten_all()?))
         .expect("logits");
+    let dense = Pipeline::load(&PipelineOptions::new(
+        fixture().join("model").to_string_lossy(),
+    ))
+    .expect("loads");
+    let dense_head_logits = dense
+        .model
+        .language_model
+        .logits(&last)
+        .and_then(|l| Ok(l.flatten_all()?))
+        .expect("logits");
     let want: &Tensor = &tensors["last_logits"];
     let spread = (want.max(0).and_then(|m| m.to_scalar::<f32>()).expect("max")
         - want.min(0).and_then(|m| m.to_scalar::<f32>()).expect("min"))
     .abs();
-    let logit_error = (logits - want)
-        .and_then(|d| d.abs()?.max(0)?.to_scalar::<f32>())
-        .expect("difference")
-        / spread;
+    let error = |logits: Tensor| {
+        (logits - want)
+            .and_then(|d| d.abs()?.max(0)?.to_scalar::<f32>())
+            .expect("difference")
+            / spread
+    };
+    let logit_error = error(logits);
+    let dense_head_error = error(dense_head_logits);
     let greedy = p
         .generate(&ids, images.as_ref(), &Default::default(), 20, &[], |_| {})
         .expect("generate")
         .token_ids;
     Run {
         logit_error,
+        dense_head_error,
         greedy,
     }
 }
@@ -88,6 +106,10 @@ fn quantized_decoders_stay_near_f32() {
     eprintln!(
         "last logits vs transformers f32, max error / spread: f32 {:e}, 8-bit {:e}, 4-bit {:e}",
         f32_run.logit_error, q8.logit_error, q4.logit_error
+    );
+    eprintln!(
+        "the same with lm_head f32: 8-bit {:e}, 4-bit {:e}",
+        q8.dense_head_error, q4.dense_head_error
     );
     let agree = |r: &Run| r.greedy.iter().zip(&hf).take_while(|(a, b)| a == b).count();
     eprintln!(

@@ -46,12 +46,13 @@ pub struct ModelArgs {
     /// Run on this CUDA device (needs a build with `--features cuda`).
     #[arg(long)]
     pub cuda: Option<usize>,
-    /// The language model's linear layers in 8 bits (int8 blocks of 32 with one scale), as the original's flag asks;
-    /// CPU only. The vision tower, projector and lm_head keep --dtype.
+    /// The language model's linear layers and lm_head in 8 bits (int8 blocks of 32 with one
+    /// scale), as the original's flag asks; CPU only. The vision tower, projector and embeddings
+    /// keep --dtype.
     #[arg(long, alias = "load_8bit", conflicts_with = "load_4bit")]
     pub load_8bit: bool,
-    /// The language model's linear layers in 4 bits (ggml Q4_K), as the original's flag asks;
-    /// CPU only.
+    /// The language model's linear layers in 4 bits (ggml Q4_K) and lm_head in 6 (Q6_K), as
+    /// llama.cpp's Q4_K_M; CPU only.
     #[arg(long, alias = "load_4bit")]
     pub load_4bit: bool,
 }

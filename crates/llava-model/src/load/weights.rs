@@ -87,6 +87,8 @@ pub struct Weights {
     lora: HashMap<String, LoraDelta>,
     /// The decoder's projections are quantized as they are read (`--load-8bit`/`--load-4bit`).
     quantize: Option<Quantize>,
+    /// `lm_head` too (inference; QLoRA training keeps it dense, as bitsandbytes does).
+    quantize_lm_head: bool,
     /// `llava train --lora`: trainable pairs handed to the adapted projections.
     lora_training: Option<LoraSource>,
 }
@@ -148,6 +150,7 @@ impl Weights {
             used: Default::default(),
             lora: HashMap::new(),
             quantize: None,
+            quantize_lm_head: false,
             lora_training: None,
         }
     }
@@ -290,6 +293,12 @@ impl Weights {
     /// the CPU.
     pub fn set_quantize(&mut self, quantize: Option<Quantize>) {
         self.quantize = quantize;
+    }
+
+    /// With [`Weights::set_quantize`], also quantizes `lm_head` (as llama.cpp does; for
+    /// inference). Decoding reads it once per token, the largest single matrix of a small model.
+    pub fn set_quantize_lm_head(&mut self, on: bool) {
+        self.quantize_lm_head = on;
     }
 
     /// Makes every weight whose canonical name satisfies `select` a trainable `Var`.
@@ -614,6 +623,12 @@ impl<'a> WeightsView<'a> {
     }
     pub fn quantize(&self) -> Option<Quantize> {
         self.weights.quantize
+    }
+    /// The quantization `lm_head` is loaded with, if any ([`Weights::set_quantize_lm_head`]).
+    pub fn quantize_lm_head(&self) -> Option<Quantize> {
+        self.weights
+            .quantize
+            .filter(|_| self.weights.quantize_lm_head)
     }
     /// This module's trainable LoRA pair; see [`Weights::lora_pair`].
     pub fn lora_pair(&self, in_dim: usize, out_dim: usize) -> Result<Option<LoraPair>> {

@@ -13,7 +13,7 @@ use crate::kernels::attention;
 use crate::kernels::cuda_kernels;
 use crate::load::weights::WeightsView;
 use crate::model::nn::{Activation, Linear, Mode, RmsNorm, rope, softmax_last_dim};
-use crate::model::quantized::Projection;
+use crate::model::quantized::{Base, Projection, QLinear};
 use crate::model::recompute::{self, GradientCheckpointing};
 
 /// Keys and values of every layer for the positions seen so far: `[batch, kv_heads, seq, head_dim]`.
@@ -302,7 +302,8 @@ pub struct LlamaModel {
     pub embed_tokens: Tensor,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    pub lm_head: Linear,
+    /// Dense, or quantized for inference with `--load-8bit`/`--load-4bit`.
+    pub lm_head: Projection,
     /// The rotary embedding's inverse frequencies `[1, head_dim / 2]` (f32) within the trained
     /// context, made once and not at every decoded token.
     inv_freq: Tensor,
@@ -319,6 +320,7 @@ impl LlamaModel {
         let layers = (0..c.num_hidden_layers)
             .map(|i| DecoderLayer::load(&w.pp(format!("layers.{i}")), c))
             .collect::<Result<Vec<_>>>()?;
+        let quantize_lm_head = lm_head.quantize_lm_head();
         let lm_head = if c.tie_word_embeddings && !lm_head.contains("weight") {
             Linear {
                 weight: embed_tokens.clone(),
@@ -326,6 +328,13 @@ impl LlamaModel {
             }
         } else {
             Linear::load(lm_head, c.hidden_size, c.vocab_size, false)?
+        };
+        let lm_head = match quantize_lm_head {
+            Some(q) => Projection {
+                base: Base::Quantized(QLinear::lm_head(&lm_head.weight, q)?),
+                lora: None,
+            },
+            None => Projection::dense(lm_head),
         };
         let half = c.head_dim() / 2;
         let rope = c.rope().map_err(ModelError::Input)?;

@@ -3,7 +3,7 @@
 use candle_core::{D, DType, Tensor};
 
 use crate::error::{ModelError, Result};
-use crate::model::nn::Linear;
+use crate::model::quantized::Projection;
 
 pub use llava_data::sample::IGNORE_INDEX;
 
@@ -26,11 +26,11 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &[Vec<i64>]) -> Result<(Tensor, u
 /// the vocabulary projection is the widest matmul of a small model, so this skips most of it.
 pub fn causal_lm_loss_from_hidden(
     hidden: &Tensor,
-    lm_head: &Linear,
+    lm_head: &Projection,
     labels: &[Vec<i64>],
 ) -> Result<(Tensor, usize)> {
     let (b, s, h) = hidden.dims3()?;
-    let v = lm_head.weight.dim(0)?;
+    let v = lm_head.out_dim()?;
     let (rows, targets) = supervised_positions(labels, b, s, v)?;
     let rows = rows.to_device(hidden.device())?;
     let picked = lm_head.forward(&hidden.reshape((b * s, h))?.index_select(&rows, 0)?)?;

@@ -10,8 +10,11 @@
 //! - 4-bit: `Q4_K`, super-blocks of 256 with 6-bit scales and minimums; a layer whose input
 //!   width is not a multiple of 256 (only toy shapes) takes `Q4_0`, blocks of 32.
 //!
-//! As in the original, only the decoder's projections are quantized: the vision tower, the
-//! projector, the embeddings and `lm_head` keep the checkpoint's precision. The numbers are not
+//! The decoder's projections are quantized, as in the original, and for inference `lm_head`
+//! too, as llama.cpp does (`Q8_0` for 8 bits, `Q6_K` for 4): it is the widest matrix a
+//! decoded token reads. The vision tower, the projector and the embeddings keep the
+//! checkpoint's precision. QLoRA training (`llava train --bits`) keeps `lm_head` dense, as
+//! bitsandbytes does. The numbers are not
 //! bitsandbytes' (the formats differ), so a quantized model is not token-exact with any
 //! reference; `tests/quantized.rs` measures how far it is from f32.
 
@@ -80,6 +83,27 @@ impl QLinear {
             bias,
             out_dim,
         })
+    }
+
+    /// `lm_head` in `quantize`'s precision, as llama.cpp's mixes hold `output.weight`: `Q8_0`
+    /// for 8 bits, and `Q6_K` for 4 bits (its `Q4_K_M`), since the logits' error matters more
+    /// than one projection's. `Q4_0`/`Q8_0` where a width does not fit the 256-wide blocks.
+    pub fn lm_head(weight: &Tensor, quantize: Quantize) -> Result<Self> {
+        let (out_dim, in_dim) = weight.dims2()?;
+        if quantize == Quantize::Bits4 && in_dim.is_multiple_of(GgmlDType::Q6K.block_size()) {
+            let weight = weight.to_dtype(DType::F32)?;
+            let blocks = QMatMul::from_qtensor(QTensor::quantize(&weight, GgmlDType::Q6K)?)?;
+            return Ok(Self {
+                weight: Arc::new(Blocks::Candle(blocks)),
+                bias: None,
+                out_dim,
+            });
+        }
+        Self::new(weight, None, quantize)
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
     }
 
     /// The product. Where `x` carries a graph (QLoRA training: a LoRA pair or the projector
@@ -210,6 +234,22 @@ impl Projection {
         };
         let lora = w.lora_pair(in_dim, out_dim)?.map(Lora::new);
         Ok(Self { base, lora })
+    }
+
+    /// A dense layer as a projection (no pair).
+    pub fn dense(linear: Linear) -> Self {
+        Self {
+            base: Base::Dense(linear),
+            lora: None,
+        }
+    }
+
+    /// The width of the output.
+    pub fn out_dim(&self) -> Result<usize> {
+        Ok(match &self.base {
+            Base::Dense(l) => l.weight.dim(0)?,
+            Base::Quantized(q) => q.out_dim(),
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
