@@ -20,8 +20,7 @@ struct Run {
     /// max |logit - transformers' f32 logit| at the prompt's last position, over the spread of
     /// transformers' logits (max - min).
     logit_error: f32,
-    /// The same with `lm_head` kept f32 (the decoder's projections alone quantized), as
-    /// `--load-8bit`/`--load-4bit` ran before `lm_head` was quantized too.
+    /// The same with `lm_head` kept f32 (the embedding rows and the projections quantized).
     dense_head_error: f32,
     greedy: Vec<u32>,
 }

@@ -46,13 +46,13 @@ pub struct ModelArgs {
     /// Run on this CUDA device (needs a build with `--features cuda`).
     #[arg(long)]
     pub cuda: Option<usize>,
-    /// The language model's linear layers and lm_head in 8 bits (int8 blocks of 32 with one
-    /// scale), as the original's flag asks; CPU only. The vision tower, projector and embeddings
-    /// keep --dtype.
+    /// The language model's linear layers, lm_head and embedding rows in 8 bits (int8 blocks of
+    /// 32 with one scale), as the original's flag asks; CPU only. The vision tower and the
+    /// projector keep --dtype.
     #[arg(long, alias = "load_8bit", conflicts_with = "load_4bit")]
     pub load_8bit: bool,
-    /// The language model's linear layers in 4 bits (ggml Q4_K) and lm_head in 6 (Q6_K), as
-    /// llama.cpp's Q4_K_M; CPU only.
+    /// The language model's linear layers in 4 bits (ggml Q4_K), lm_head in 6 (Q6_K) as
+    /// llama.cpp's Q4_K_M, the embedding rows in 8; CPU only.
     #[arg(long, alias = "load_4bit")]
     pub load_4bit: bool,
 }

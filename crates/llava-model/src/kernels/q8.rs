@@ -69,6 +69,24 @@ impl Q8Weight {
         w
     }
 
+    /// Rows `ids` widened to f32, `[ids.len(), k]`: an embedding lookup. Every id must be
+    /// below `n`.
+    pub fn rows(&self, ids: &[u32]) -> Vec<f32> {
+        let (k, blocks) = (self.k, self.k / BLOCK);
+        let mut out = vec![0f32; ids.len() * k];
+        for (row, &id) in out.chunks_mut(k).zip(ids) {
+            let id = id as usize;
+            let q = &self.quants[id * k..(id + 1) * k];
+            let s = &self.scales[id * blocks..(id + 1) * blocks];
+            for ((w, q), &d) in row.chunks_mut(BLOCK).zip(q.chunks(BLOCK)).zip(s) {
+                for (w, &q) in w.iter_mut().zip(q) {
+                    *w = f32::from(q) * d;
+                }
+            }
+        }
+        out
+    }
+
     /// `x Wᵀ` for `x: [m, k]`, giving `[m, n]`, each weight row read once for all `m` rows.
     pub fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
@@ -144,6 +162,20 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn rows_are_the_dequantized_rows() {
+        let (n, k) = (9, 64);
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        let q = Q8Weight::quantize(&w, n, k);
+        let dense = q.dequantize();
+        let got = q.rows(&[4, 0, 4, 8]);
+        for (r, id) in [4usize, 0, 4, 8].into_iter().enumerate() {
+            assert_eq!(got[r * k..(r + 1) * k], dense[id * k..(id + 1) * k]);
         }
     }
 }

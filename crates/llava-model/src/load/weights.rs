@@ -87,8 +87,9 @@ pub struct Weights {
     lora: HashMap<String, LoraDelta>,
     /// The decoder's projections are quantized as they are read (`--load-8bit`/`--load-4bit`).
     quantize: Option<Quantize>,
-    /// `lm_head` too (inference; QLoRA training keeps it dense, as bitsandbytes does).
-    quantize_lm_head: bool,
+    /// `lm_head` and the embedding rows too (inference; QLoRA training keeps them dense, as
+    /// bitsandbytes does).
+    quantize_vocab: bool,
     /// `llava train --lora`: trainable pairs handed to the adapted projections.
     lora_training: Option<LoraSource>,
 }
@@ -150,7 +151,7 @@ impl Weights {
             used: Default::default(),
             lora: HashMap::new(),
             quantize: None,
-            quantize_lm_head: false,
+            quantize_vocab: false,
             lora_training: None,
         }
     }
@@ -295,10 +296,11 @@ impl Weights {
         self.quantize = quantize;
     }
 
-    /// With [`Weights::set_quantize`], also quantizes `lm_head` (as llama.cpp does; for
-    /// inference). Decoding reads it once per token, the largest single matrix of a small model.
-    pub fn set_quantize_lm_head(&mut self, on: bool) {
-        self.quantize_lm_head = on;
+    /// With [`Weights::set_quantize`], also quantizes the two vocabulary matrices, as
+    /// llama.cpp does (for inference): `lm_head`, which decoding reads whole for every token,
+    /// and the embedding rows, held in 8 bits for memory.
+    pub fn set_quantize_vocab(&mut self, on: bool) {
+        self.quantize_vocab = on;
     }
 
     /// Makes every weight whose canonical name satisfies `select` a trainable `Var`.
@@ -624,11 +626,11 @@ impl<'a> WeightsView<'a> {
     pub fn quantize(&self) -> Option<Quantize> {
         self.weights.quantize
     }
-    /// The quantization `lm_head` is loaded with, if any ([`Weights::set_quantize_lm_head`]).
-    pub fn quantize_lm_head(&self) -> Option<Quantize> {
+    /// The quantization of `lm_head` and the embeddings, if any ([`Weights::set_quantize_vocab`]).
+    pub fn quantize_vocab(&self) -> Option<Quantize> {
         self.weights
             .quantize
-            .filter(|_| self.weights.quantize_lm_head)
+            .filter(|_| self.weights.quantize_vocab)
     }
     /// This module's trainable LoRA pair; see [`Weights::lora_pair`].
     pub fn lora_pair(&self, in_dim: usize, out_dim: usize) -> Result<Option<LoraPair>> {

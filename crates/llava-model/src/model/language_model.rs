@@ -11,6 +11,7 @@ use crate::config::rope::Rope;
 use crate::error::{ModelError, Result};
 use crate::kernels::attention;
 use crate::kernels::cuda_kernels;
+use crate::kernels::q8::{self, Q8Weight};
 use crate::load::weights::WeightsView;
 use crate::model::nn::{Activation, Linear, Mode, RmsNorm, rope, softmax_last_dim};
 use crate::model::quantized::{Base, Projection, QLinear};
@@ -297,9 +298,47 @@ impl recompute::Layer for LayerStep {
     }
 }
 
+/// The word embeddings: the checkpoint's matrix, or its rows in 8-bit blocks for inference
+/// with `--load-8bit`/`--load-4bit` (a lookup reads one row, so only memory changes).
+#[derive(Debug, Clone)]
+pub enum Embeddings {
+    Dense(Tensor),
+    Q8 {
+        rows: Arc<Q8Weight>,
+        dtype: DType,
+        device: Device,
+    },
+}
+
+impl Embeddings {
+    /// Rows `ids` (each below the vocabulary size), `[ids.len(), hidden]`.
+    fn lookup(&self, ids: Vec<u32>) -> Result<Tensor> {
+        Ok(match self {
+            Embeddings::Dense(t) => {
+                let n = ids.len();
+                t.index_select(&Tensor::from_vec(ids, n, t.device())?, 0)?
+            }
+            Embeddings::Q8 {
+                rows,
+                dtype,
+                device,
+            } => {
+                Tensor::from_vec(rows.rows(&ids), (ids.len(), rows.k), device)?.to_dtype(*dtype)?
+            }
+        })
+    }
+
+    fn device(&self) -> &Device {
+        match self {
+            Embeddings::Dense(t) => t.device(),
+            Embeddings::Q8 { device, .. } => device,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct LlamaModel {
-    pub embed_tokens: Tensor,
+    pub embed_tokens: Embeddings,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     /// Dense, or quantized for inference with `--load-8bit`/`--load-4bit`.
@@ -320,7 +359,7 @@ impl LlamaModel {
         let layers = (0..c.num_hidden_layers)
             .map(|i| DecoderLayer::load(&w.pp(format!("layers.{i}")), c))
             .collect::<Result<Vec<_>>>()?;
-        let quantize_lm_head = lm_head.quantize_lm_head();
+        let quantize_vocab = lm_head.quantize_vocab();
         let lm_head = if c.tie_word_embeddings && !lm_head.contains("weight") {
             Linear {
                 weight: embed_tokens.clone(),
@@ -329,7 +368,7 @@ impl LlamaModel {
         } else {
             Linear::load(lm_head, c.hidden_size, c.vocab_size, false)?
         };
-        let lm_head = match quantize_lm_head {
+        let lm_head = match quantize_vocab {
             Some(q) => Projection {
                 base: Base::Quantized(QLinear::lm_head(&lm_head.weight, q)?),
                 lora: None,
@@ -344,6 +383,22 @@ impl LlamaModel {
             embed_tokens.device(),
         )?;
         cuda_kernels::prepare(embed_tokens.device())?;
+        let hidden = c.hidden_size;
+        let embed_tokens = match quantize_vocab {
+            Some(_) if hidden.is_multiple_of(q8::BLOCK) => {
+                let dense = embed_tokens.to_dtype(DType::F32)?.flatten_all()?;
+                Embeddings::Q8 {
+                    rows: Arc::new(Q8Weight::quantize(
+                        &dense.to_vec1::<f32>()?,
+                        c.vocab_size,
+                        hidden,
+                    )),
+                    dtype: embed_tokens.dtype(),
+                    device: embed_tokens.device().clone(),
+                }
+            }
+            _ => Embeddings::Dense(embed_tokens),
+        };
         Ok(Self {
             embed_tokens,
             layers,
@@ -404,10 +459,9 @@ impl LlamaModel {
             .flatten()
             .map(|&i| if i < vocab { i } else { 0 })
             .collect();
-        let idx = Tensor::from_vec(flat, b * s, self.device())?;
         Ok(self
             .embed_tokens
-            .index_select(&idx, 0)?
+            .lookup(flat)?
             // Into the activation dtype, which the norms' scales carry.
             .to_dtype(self.norm.weight.dtype())?
             .reshape((b, s, self.config.hidden_size))?)

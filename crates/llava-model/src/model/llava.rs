@@ -27,7 +27,7 @@ pub struct Llava {
 
 impl Llava {
     /// Builds the model from a checkpoint's weights in `dtype` on `device`, the decoder's
-    /// linear layers and `lm_head` quantized as they are read when asked (CPU only,
+    /// linear layers, `lm_head` and the embeddings quantized as they are read when asked (CPU only,
     /// [`crate::model::quantized`]).
     pub fn from_checkpoint(
         checkpoint: &Checkpoint,
@@ -42,7 +42,7 @@ impl Llava {
         }
         let mut weights = checkpoint.weights(dtype, device)?;
         weights.set_quantize(quantize);
-        weights.set_quantize_lm_head(true);
+        weights.set_quantize_vocab(true);
         Self::load(&checkpoint.config, &weights)
     }
 

@@ -12,9 +12,10 @@
 //!
 //! The decoder's projections are quantized, as in the original, and for inference `lm_head`
 //! too, as llama.cpp does (`Q8_0` for 8 bits, `Q6_K` for 4): it is the widest matrix a
-//! decoded token reads. The vision tower, the projector and the embeddings keep the
-//! checkpoint's precision. QLoRA training (`llava train --bits`) keeps `lm_head` dense, as
-//! bitsandbytes does. The numbers are not
+//! decoded token reads; the embedding rows are held in 8 bits
+//! ([`crate::model::language_model::Embeddings`]). The vision tower and the projector keep
+//! the checkpoint's precision. QLoRA training (`llava train --bits`) keeps `lm_head` and the
+//! embeddings dense, as bitsandbytes does. The numbers are not
 //! bitsandbytes' (the formats differ), so a quantized model is not token-exact with any
 //! reference; `tests/quantized.rs` measures how far it is from f32.
 
