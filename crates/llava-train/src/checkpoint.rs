@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
 use crate::optim::{AdamW, Param};
-use crate::trainer::{Stage, TrainConfig};
+use crate::trainer::{SaveDtype, Stage, TrainConfig};
 
 /// Where training stands; with the seed this fixes the data order of every epoch.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -67,19 +67,27 @@ pub fn save_checkpoint(
     } else {
         dir.with_extension("partial")
     };
+    let save_dtype = config.save_dtype;
     let tensors = match source.lora_training() {
         Some(lora) => {
-            let tensors: Vec<(String, Tensor)> = optimizer
+            let tensors = optimizer
                 .params
                 .iter()
-                .map(|p| (p.name.clone(), p.var.as_tensor().detach()))
-                .collect();
+                .map(|p| Ok((p.name.clone(), in_dtype(p.var.as_tensor(), save_dtype)?)))
+                .collect::<Result<Vec<(String, Tensor)>>>()?;
             write_adapter(&target, lora, &source_dir.to_string_lossy(), &tensors)?;
             write_config(&target, model_config)?;
             copy_side_files(&target, source_dir)?;
             tensors
         }
-        None => write_model(&target, source_dir, source, model_config, &optimizer.params)?,
+        None => write_model(
+            &target,
+            source_dir,
+            source,
+            model_config,
+            &optimizer.params,
+            save_dtype,
+        )?,
     };
     if config.stage == Stage::Pretrain {
         let projector: Vec<(String, Tensor)> = tensors
@@ -93,6 +101,12 @@ pub fn save_checkpoint(
     for p in &optimizer.params {
         moments.push((format!("exp_avg.{}", p.name), p.exp_avg.clone()));
         moments.push((format!("exp_avg_sq.{}", p.name), p.exp_avg_sq.clone()));
+        // Weights saved narrower than their master (`--save-dtype bf16` under f32 masters):
+        // the f32 master goes with the moments, so that --resume continues from it exactly.
+        let master = p.var.as_tensor();
+        if save_dtype.is_some_and(|d| d.dtype() != master.dtype()) {
+            moments.push((format!("master.{}", p.name), master.detach()));
+        }
     }
     write_tensors_file(&target.join("optimizer.safetensors"), &moments)?;
     let state_json = serde_json::to_string_pretty(&StateFile {
@@ -110,15 +124,25 @@ pub fn save_checkpoint(
     Ok(())
 }
 
+/// `t` detached, in the save dtype if one is asked for.
+fn in_dtype(t: &Tensor, save_dtype: Option<SaveDtype>) -> Result<Tensor> {
+    Ok(match save_dtype {
+        Some(d) => t.detach().to_dtype(d.dtype())?,
+        None => t.detach(),
+    })
+}
+
 /// Writes a loadable HF-layout model into `target`: the `trained` parameters as they are now,
 /// every other weight copied as stored (so frozen parts stay bit-identical), the config, and the
-/// tokenizer and processor files of `source_dir`. Returns the tensors written.
+/// tokenizer and processor files of `source_dir`. With `save_dtype` every weight is written in
+/// that dtype. Returns the tensors written.
 pub fn write_model(
     target: &Path,
     source_dir: &Path,
     source: &Weights,
     model_config: &LlavaConfig,
     trained: &[Param],
+    save_dtype: Option<SaveDtype>,
 ) -> Result<Vec<(String, Tensor)>> {
     std::fs::create_dir_all(target).map_err(TrainError::io(target))?;
     let trained: std::collections::HashMap<&str, &Tensor> = trained
@@ -128,8 +152,8 @@ pub fn write_model(
     let mut tensors = Vec::new();
     for name in source.names() {
         let t = match trained.get(name) {
-            Some(t) => t.detach(),
-            None => source.get_stored(name)?,
+            Some(t) => in_dtype(t, save_dtype)?,
+            None => in_dtype(&source.get_stored(name)?, save_dtype)?,
         };
         tensors.push((name.to_string(), t));
     }
@@ -217,7 +241,13 @@ pub fn restore_optimizer(
             .remove(&format!("exp_avg_sq.{}", p.name))
             .ok_or_else(|| missing("exp_avg_sq"))?;
         let shape = p.var.as_tensor().shape();
-        for (what, t) in [("exp_avg", &p.exp_avg), ("exp_avg_sq", &p.exp_avg_sq)] {
+        // Present where the weights were saved narrower than the f32 master.
+        let master = saved.remove(&format!("master.{}", p.name));
+        let mut checked = vec![("exp_avg", &p.exp_avg), ("exp_avg_sq", &p.exp_avg_sq)];
+        if let Some(m) = &master {
+            checked.push(("master", m));
+        }
+        for (what, t) in checked {
             if t.shape() != shape {
                 return Err(TrainError::Resume {
                     path: path.clone(),
@@ -229,6 +259,9 @@ pub fn restore_optimizer(
                     ),
                 });
             }
+        }
+        if let Some(m) = master {
+            p.var.set(&m.to_dtype(p.var.dtype())?)?;
         }
     }
     optimizer.step = step;

@@ -193,6 +193,7 @@ pub fn pretrain_tower(
         &weights,
         &checkpoint.config,
         &tower,
+        None,
     )?;
     Ok(accuracy)
 }
