@@ -202,13 +202,18 @@ impl MemoryPlan {
             ),
             false => (KEPT_BYTES_PER_TOKEN, KEPT_SCORE_BYTES, LOGIT_BYTES),
         };
-        // A LoRA pair keeps its own dropped-out input (q, k, v, o, gate, up: the hidden width;
-        // down: the MLP width) and its r-wide product.
-        let (a, c) = match s.lora_r {
-            Some(r) => (a + act * (6.0 + 7.0 * r as f64 / h), c + act),
-            None => (a, c),
+        // Each of a layer's seven LoRA pairs keeps its dropout mask and dropped-out input (q, k,
+        // v, o, gate, up: the hidden width; down: the MLP width), its two r-wide values (A's
+        // product and its scaling), and B's product beside the base's output (q, o, down: the
+        // hidden width; k, v: the key/value width; gate, up: the MLP width), whose sum then
+        // stands where the base's output stood.
+        let lora = match s.lora_r {
+            Some(r) => {
+                act * (2.0 * (6.0 * h + i) + 14.0 * r as f64 + 2.0 * (3.0 * h + 2.0 * kv + 2.0 * i))
+            }
+            None => 0.0,
         };
-        let per_layer = tokens * (a * h + b * kv + c * i)
+        let per_layer = tokens * (a * h + b * kv + c * i + lora)
             + score_bytes
                 * (s.batch_size * t.num_attention_heads) as f64
                 * (s.max_length as f64).powi(2);
