@@ -416,6 +416,34 @@ mod tests {
         assert!((105e9..115e9).contains(&(states + plan.lines[0].bytes)));
     }
 
+    /// `--bf16`: the frozen weights at 2 bytes, a bf16 working copy (2 bytes) beside each
+    /// trained parameter's 16, and the plans of LLaVA-1.5-7B that BENCHMARKS.md records (LoRA
+    /// r 128 over a bf16 base, QLoRA, full; 2048 tokens, checkpointed).
+    #[test]
+    fn bf16_halves_the_frozen_weights_and_adds_a_working_copy() {
+        let config = shape_config("llava-1.5-7b").expect("shape");
+        let mut s = settings(Stage::Finetune);
+        s.gradient_checkpointing = true;
+        s.lora_r = Some(128);
+        let f32_plan = MemoryPlan::new(&config, &s);
+        s.bf16 = true;
+        s.frozen_bytes = 2.0;
+        let plan = MemoryPlan::new(&config, &s);
+        eprintln!("LoRA r 128, bf16, checkpointed, 1 × 2048:\n{plan}");
+        assert_eq!(plan.lines[0].bytes, f32_plan.lines[0].bytes / 2.0);
+        let trained = lora_params(&config, 128) as f64 + 20_979_712.0;
+        assert_eq!(plan.lines[1].bytes, 4.0 * trained);
+        assert!(plan.lines[2].what.contains("working copies"));
+        assert_eq!(plan.lines[2].bytes, 2.0 * trained);
+        assert!(plan.lines[5].what.starts_with("activations"));
+        assert!(plan.lines[5].bytes < f32_plan.lines[4].bytes);
+        s.bits = Some(4);
+        eprintln!("QLoRA 4 bits, bf16, checkpointed, 1 × 2048:\n{}", MemoryPlan::new(&config, &s));
+        s.bits = None;
+        s.lora_r = None;
+        eprintln!("full, bf16, checkpointed, 1 × 2048:\n{}", MemoryPlan::new(&config, &s));
+    }
+
     #[test]
     fn checkpointing_shrinks_activations_and_batches_grow_with_the_budget() {
         let config = shape_config("train-bench").expect("shape");
