@@ -438,10 +438,16 @@ mod tests {
         assert!(plan.lines[5].what.starts_with("activations"));
         assert!(plan.lines[5].bytes < f32_plan.lines[4].bytes);
         s.bits = Some(4);
-        eprintln!("QLoRA 4 bits, bf16, checkpointed, 1 × 2048:\n{}", MemoryPlan::new(&config, &s));
+        eprintln!(
+            "QLoRA 4 bits, bf16, checkpointed, 1 × 2048:\n{}",
+            MemoryPlan::new(&config, &s)
+        );
         s.bits = None;
         s.lora_r = None;
-        eprintln!("full, bf16, checkpointed, 1 × 2048:\n{}", MemoryPlan::new(&config, &s));
+        eprintln!(
+            "full, bf16, checkpointed, 1 × 2048:\n{}",
+            MemoryPlan::new(&config, &s)
+        );
     }
 
     #[test]
