@@ -108,15 +108,9 @@ def five_steps(x, bf16=False):
     projector = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n]
     opt = torch.optim.AdamW([{"params": lora, "lr": LR}, {"params": projector, "lr": PROJECTOR_LR}],
                             betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    losses = []
-    for _ in range(STEPS):
-        opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            step_loss = model(**x).loss
-        losses.append(step_loss.item())
-        step_loss.backward()
-        opt.step()
-    return losses
+    import make_train_fixtures as tf
+    assert tf.STEPS == STEPS
+    return tf.adamw_losses(model, opt, x, bf16)
 
 
 def main_bf16():
@@ -190,8 +184,8 @@ def check(out, image, question, llava_json):
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     if len(sys.argv) == 6 and sys.argv[1] == "--check":
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         check(*sys.argv[2:])
     elif sys.argv[1:] == ["--bf16"]:
         main_bf16()

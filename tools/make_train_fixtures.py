@@ -95,6 +95,12 @@ def run_steps(model, inputs, trainable_prefixes, bf16=False):
         p.requires_grad_(any(name.startswith(t) for t in trainable_prefixes))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    return adamw_losses(model, opt, inputs, bf16)
+
+
+def adamw_losses(model, opt, inputs, bf16=False):
+    """The losses of STEPS steps of `opt` on `inputs`, each taken before its update; with `bf16`,
+    each forward under autocast-bf16 (the HF Trainer's `bf16=True` over f32 parameters)."""
     losses = []
     for _ in range(STEPS):
         opt.zero_grad()

@@ -136,6 +136,23 @@ fn assert_losses_close(a: &[(u64, f64)], b: &[(u64, f64)], floor: f64) {
     }
 }
 
+/// Copies `run`'s `checkpoint-{step}` and log into `into` and resumes the run there with
+/// `args`, as a run killed after that save would be resumed; returns `into`.
+fn resume_in_copy(run: &Path, step: u64, into: &Path, data: &Path, args: &[&str]) -> PathBuf {
+    let checkpoint = into.join(format!("checkpoint-{step}"));
+    std::fs::create_dir_all(&checkpoint).expect("dir");
+    for entry in std::fs::read_dir(run.join(format!("checkpoint-{step}"))).expect("read") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), checkpoint.join(entry.file_name())).expect("copy");
+    }
+    std::fs::copy(run.join("train_log.jsonl"), into.join("train_log.jsonl")).expect("log");
+    let mut resume_args = args.to_vec();
+    let checkpoint_arg = checkpoint.to_string_lossy().to_string();
+    resume_args.extend(["--resume", checkpoint_arg.as_str()]);
+    ok(&train(data, into, &resume_args));
+    into.to_path_buf()
+}
+
 fn ok(out: &Output) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -833,23 +850,7 @@ fn a_resumed_lora_run_with_dropout_logs_the_same_losses() {
     let straight = tmp.path().join("straight");
     ok(&train(&data, &straight, &args));
     // The second half again, from the straight run's checkpoint-2, in a copy of its folder.
-    let resumed = tmp.path().join("resumed");
-    std::fs::create_dir_all(&resumed).expect("dir");
-    let checkpoint = resumed.join("checkpoint-2");
-    std::fs::create_dir_all(&checkpoint).expect("dir");
-    for entry in std::fs::read_dir(straight.join("checkpoint-2")).expect("read") {
-        let entry = entry.expect("entry");
-        std::fs::copy(entry.path(), checkpoint.join(entry.file_name())).expect("copy");
-    }
-    std::fs::copy(
-        straight.join("train_log.jsonl"),
-        resumed.join("train_log.jsonl"),
-    )
-    .expect("log");
-    let mut resume_args = args.to_vec();
-    let checkpoint_arg = checkpoint.to_string_lossy().to_string();
-    resume_args.extend(["--resume", checkpoint_arg.as_str()]);
-    ok(&train(&data, &resumed, &resume_args));
+    let resumed = resume_in_copy(&straight, 2, &tmp.path().join("resumed"), &data, &args);
     let (a, b) = (losses(&straight), losses(&resumed));
     assert_eq!(a.len(), 4);
     assert_eq!(b.len(), 4);
@@ -977,22 +978,7 @@ fn bf16_trains_saves_in_the_asked_dtype_and_resumes_exactly() {
     assert!(moments.values().all(|&d| d == DType::F32), "{moments:?}");
 
     // Resumed from checkpoint-2, in a copy of the run's folder.
-    let resumed = tmp.path().join("resumed");
-    let checkpoint = resumed.join("checkpoint-2");
-    std::fs::create_dir_all(&checkpoint).expect("dir");
-    for entry in std::fs::read_dir(straight.join("checkpoint-2")).expect("read") {
-        let entry = entry.expect("entry");
-        std::fs::copy(entry.path(), checkpoint.join(entry.file_name())).expect("copy");
-    }
-    std::fs::copy(
-        straight.join("train_log.jsonl"),
-        resumed.join("train_log.jsonl"),
-    )
-    .expect("log");
-    let mut resume_args = args.to_vec();
-    let checkpoint_arg = checkpoint.to_string_lossy().to_string();
-    resume_args.extend(["--resume", checkpoint_arg.as_str()]);
-    ok(&train(&data, &resumed, &resume_args));
+    let resumed = resume_in_copy(&straight, 2, &tmp.path().join("resumed"), &data, &args);
     assert_losses_close(&a, &losses(&resumed), 1.0);
 
     let mut f32_args = args.to_vec();
