@@ -429,6 +429,7 @@ mod tests {
         s.bf16 = true;
         s.frozen_bytes = 2.0;
         let plan = MemoryPlan::new(&config, &s);
+        eprintln!("LoRA r 128, f32, checkpointed, 1 × 2048:\n{f32_plan}");
         eprintln!("LoRA r 128, bf16, checkpointed, 1 × 2048:\n{plan}");
         assert_eq!(plan.lines[0].bytes, f32_plan.lines[0].bytes / 2.0);
         let trained = lora_params(&config, 128) as f64 + 20_979_712.0;
