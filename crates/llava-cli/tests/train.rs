@@ -633,6 +633,24 @@ fn dry_run_prints_the_memory_plan_and_loads_nothing() {
     assert!(text.contains("expected peak"), "{text}");
     assert!(text.contains("largest batch size within 1 GB: "), "{text}");
     assert!(!out_dir.exists(), "a dry run writes nothing");
+    // --bf16: the mode is named and the working copies get their line.
+    let out = train(
+        &data,
+        &out_dir,
+        &[
+            "--stage",
+            "finetune",
+            "--batch-size",
+            "2",
+            "--dry-run",
+            "--bf16",
+        ],
+    );
+    ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for part in ["bf16 mixed precision", "f32 masters", "bf16 working copies"] {
+        assert!(text.contains(part), "{part} in:\n{text}");
+    }
 }
 
 /// The eight good records with the three malformed ones among them: `conversations`
