@@ -110,8 +110,23 @@ fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-6 * a.abs().max(b.abs())
 }
 
+/// The trained tensors: the model, or a LoRA run's peft adapter.
 fn weights(dir: &Path) -> std::collections::HashMap<String, Tensor> {
-    candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).expect("weights")
+    let adapter = dir.join("adapter_model.safetensors");
+    let file = match adapter.exists() {
+        true => adapter,
+        false => dir.join("model.safetensors"),
+    };
+    candle_core::safetensors::load(file, &Device::Cpu).expect("weights")
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|m| m.to_scalar::<f32>())
+        .expect("diff")
 }
 
 fn assert_same_run(one: &Path, two: &Path) {
@@ -125,12 +140,7 @@ fn assert_same_run(one: &Path, two: &Path) {
     let (wa, wb) = (weights(one), weights(two));
     assert_eq!(wa.len(), wb.len());
     for (name, ta) in &wa {
-        let diff = (ta - &wb[name])
-            .and_then(|d| d.abs())
-            .and_then(|d| d.flatten_all())
-            .and_then(|d| d.max(0))
-            .and_then(|m| m.to_scalar::<f32>())
-            .expect("diff");
+        let diff = max_diff(ta, &wb[name]);
         assert!(diff <= 1e-6, "{name} differs by {diff}");
     }
 }
@@ -154,6 +164,109 @@ fn two_ranks_equal_one_process_with_grad_accum_two() {
             .output()
             .expect("mpirun runs"));
         assert_same_run(&one, &two);
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read").flatten() {
+        let target = to.join(entry.file_name());
+        match entry.path().is_dir() {
+            true => copy_dir(&entry.path(), &target),
+            false => drop(std::fs::copy(entry.path(), &target).expect("copy")),
+        }
+    }
+}
+
+/// `--zero 1`: each rank keeps the moments of its share of the tensors, and the run is the
+/// unsharded one (stage 2 in full, and LoRA). Its checkpoint holds one optimizer file per rank,
+/// which together hold the unsharded run's moments; it resumes on 2 ranks and, with a note, on
+/// one process.
+#[test]
+fn zero_one_equals_unsharded_training_and_resumes_on_another_rank_count() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = write_dataset(tmp.path());
+    for lora in [false, true] {
+        let name = if lora { "lora" } else { "full" };
+        let one = tmp.path().join(format!("one-{name}"));
+        let two = tmp.path().join(format!("two-{name}"));
+        let mut extra = vec![
+            "--stage",
+            "finetune",
+            "--max-steps",
+            "4",
+            "--save-steps",
+            "2",
+        ];
+        if lora {
+            extra.extend_from_slice(&["--lora", "--lora-r", "4", "--lora-dropout", "0"]);
+        }
+        let mut single = vec!["--grad-accum", "2"];
+        single.extend_from_slice(&extra);
+        ok(&Command::new(env!("CARGO_BIN_EXE_llava"))
+            .args(train_args(&data, &one, &single))
+            .output()
+            .expect("runs"));
+        let mut sharded = vec!["--zero", "1"];
+        sharded.extend_from_slice(&extra);
+        ok(&mpirun(2)
+            .args(train_args(&data, &two, &sharded))
+            .output()
+            .expect("mpirun runs"));
+        assert_same_run(&one, &two);
+
+        // The two shards are disjoint and hold the unsharded moments.
+        let checkpoint = two.join("checkpoint-2");
+        assert!(!checkpoint.join("optimizer.safetensors").exists());
+        let unsharded = candle_core::safetensors::load(
+            one.join("checkpoint-2/optimizer.safetensors"),
+            &Device::Cpu,
+        )
+        .expect("moments");
+        let mut seen = std::collections::HashMap::new();
+        for rank in 0..2 {
+            let file = checkpoint.join(format!("optimizer-0000{rank}-of-00002.safetensors"));
+            let shard = candle_core::safetensors::load(&file, &Device::Cpu).expect("shard");
+            assert!(!shard.is_empty(), "rank {rank} keeps some moments");
+            for (n, t) in shard {
+                assert!(seen.insert(n, t).is_none(), "a moment in two shards");
+            }
+        }
+        assert_eq!(seen.len(), unsharded.len());
+        for (n, t) in &unsharded {
+            let diff = max_diff(t, &seen[n]);
+            assert!(diff <= 1e-6, "{n} differs by {diff}");
+        }
+
+        // Resumed on 2 ranks, and on one process with the same global batch.
+        for (ranks, dir) in [(2, "again"), (1, "alone")] {
+            let out = tmp.path().join(format!("{dir}-{name}"));
+            copy_dir(&two, &out);
+            let from = out.join("checkpoint-2").to_string_lossy().to_string();
+            let mut resume = extra.clone();
+            resume.extend_from_slice(&["--resume", &from]);
+            let run = match ranks {
+                2 => {
+                    resume.extend_from_slice(&["--zero", "1"]);
+                    mpirun(2).args(train_args(&data, &out, &resume)).output()
+                }
+                _ => {
+                    resume.extend_from_slice(&["--grad-accum", "2"]);
+                    Command::new(env!("CARGO_BIN_EXE_llava"))
+                        .args(train_args(&data, &out, &resume))
+                        .output()
+                }
+            }
+            .expect("resume runs");
+            ok(&run);
+            let stderr = String::from_utf8_lossy(&run.stderr);
+            assert_eq!(
+                stderr.contains("saved by 2 rank(s) and continues on 1"),
+                ranks == 1,
+                "{stderr}"
+            );
+            assert_same_run(&one, &out);
+        }
     }
 }
 

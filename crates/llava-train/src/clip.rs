@@ -8,6 +8,12 @@ use crate::adamw_cpu;
 
 /// The global L2 norm over every parameter's gradient: what training logs as `grad_norm`.
 pub fn global_grad_norm(grads: &GradStore, vars: &[&Var]) -> Result<f64> {
+    Ok(grad_sum_sq(grads, vars)?.sqrt())
+}
+
+/// The sum of the squares of the gradients of `vars` (those that have one): the sharded
+/// optimizer adds the ranks' sums before the square root.
+pub fn grad_sum_sq(grads: &GradStore, vars: &[&Var]) -> Result<f64> {
     let mut sum_sq = 0f64;
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
@@ -21,7 +27,7 @@ pub fn global_grad_norm(grads: &GradStore, vars: &[&Var]) -> Result<f64> {
             };
         }
     }
-    Ok(sum_sq.sqrt())
+    Ok(sum_sq)
 }
 
 /// What `clip_grad_norm_` multiplies every gradient by for a global `norm`: `max_norm / (norm +

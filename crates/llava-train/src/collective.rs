@@ -14,6 +14,18 @@ pub trait Collective {
     fn all_reduce_sum_f64(&self, values: &mut [f64]) -> Result<()>;
     /// [`Collective::all_reduce_sum_f64`] for the gradients.
     fn all_reduce_sum_f32(&self, values: &mut [f32]) -> Result<()>;
+    /// Sums `values` over all ranks into rank `root`'s copy; the other ranks' copies are left
+    /// as they were. With [`Collective::broadcast_f32`] it is the sharded optimizer's
+    /// reduce-scatter (a tensor's gradient goes to the rank that owns its moments) and
+    /// all-gather (the owner's updated tensor goes to everyone).
+    fn reduce_sum_f32(&self, values: &mut [f32], root: usize) -> Result<()>;
+    /// Replaces `values` on every rank with rank `root`'s.
+    fn broadcast_f32(&self, values: &mut [f32], root: usize) -> Result<()>;
+    /// Returns once every rank has called it: a sharded checkpoint is complete only when every
+    /// rank has written its part.
+    fn barrier(&self) -> Result<()> {
+        self.all_reduce_sum_f64(&mut [0.0])
+    }
     /// Ends every rank of the job now, for a rank that cannot go on: the others would
     /// otherwise wait for it in their next sum. A world of one just exits.
     fn abort(&self, code: i32) -> ! {
@@ -39,6 +51,14 @@ impl Collective for SingleProcess {
     }
 
     fn all_reduce_sum_f32(&self, _: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+
+    fn reduce_sum_f32(&self, _: &mut [f32], _: usize) -> Result<()> {
+        Ok(())
+    }
+
+    fn broadcast_f32(&self, _: &mut [f32], _: usize) -> Result<()> {
         Ok(())
     }
 }

@@ -17,3 +17,4 @@ pub mod schedule;
 pub mod smoothing;
 pub mod tower;
 pub mod trainer;
+pub mod zero;

@@ -38,6 +38,9 @@ pub struct Param {
     pub exp_avg_sq: Tensor,
     /// Parameter groups: the projector may train at its own learning rate (`--projector-lr`).
     pub lr_scale: f64,
+    /// False under `--zero 1` for a tensor whose moments another rank keeps ([`crate::zero`]):
+    /// its moments here are empty, and this rank never updates it itself.
+    pub owned: bool,
 }
 
 pub struct AdamW {
@@ -59,6 +62,7 @@ impl AdamW {
                     exp_avg_sq: var.as_tensor().zeros_like()?,
                     var,
                     lr_scale: 1.0,
+                    owned: true,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -89,7 +93,7 @@ impl AdamW {
         let bias1 = 1.0 - c.beta1.powi(t);
         let bias2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
         for p in &mut self.params {
-            let Some(g) = grads.get(p.var.as_tensor()) else {
+            let Some(g) = grads.get(p.var.as_tensor()).filter(|_| p.owned) else {
                 continue;
             };
             let lr = lr * p.lr_scale;

@@ -176,6 +176,7 @@ pub fn pretrain_tower(
             grad_norm,
             tokens: batch.len() * positions,
             elapsed_s: clock.elapsed().as_secs_f64(),
+            comm_s: 0.0,
         };
         entry.append_to(&mut log, &log_path)?;
         on_step(&entry);

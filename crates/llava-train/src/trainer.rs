@@ -12,7 +12,7 @@ use llava_model::nn::Mode;
 use llava_model::{Llava, LlavaConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{TrainerState, save_checkpoint};
+use crate::checkpoint::{TrainerState, save_checkpoint, staging_dir, write_optimizer_shard};
 use crate::collective::Collective;
 use crate::data::{Batch, DataStats, Item, TrainDataset, group_by_modality_length};
 use crate::error::{Result, TrainError};
@@ -113,6 +113,10 @@ pub struct TrainConfig {
     /// weights in f32 and the frozen ones as stored.
     #[serde(default)]
     pub save_dtype: Option<SaveDtype>,
+    /// `--zero 1`: each rank keeps the AdamW moments of its share of the tensors only
+    /// ([`crate::zero`]); 0 keeps them all everywhere.
+    #[serde(default)]
+    pub zero: u8,
 }
 
 /// The dtype of saved weights (`--save-dtype`).
@@ -158,6 +162,9 @@ pub struct StepLog {
     pub grad_norm: f64,
     pub tokens: usize,
     pub elapsed_s: f64,
+    /// Seconds of this step spent in the sums between ranks (0 for one process).
+    #[serde(default)]
+    pub comm_s: f64,
 }
 
 impl StepLog {
@@ -231,6 +238,7 @@ impl Trainer<'_> {
             false => None,
         };
         let world = self.collective.world_size();
+        self.state.world_size = world;
         // Recomputed only when the epoch changes: grouping reads every record's length.
         let mut epoch_order: Option<(u64, Vec<usize>)> = None;
         // Under ranks, an epoch that ends without a step had no usable record anywhere.
@@ -281,7 +289,7 @@ impl Trainer<'_> {
                 continue;
             }
             let lr = lr_at(schedule, self.config.lr, self.state.step, warmup, total);
-            let Some((loss, grad_norm, tokens)) = self.step(&micro, lr)? else {
+            let Some((loss, grad_norm, tokens, comm_s)) = self.step(&micro, lr)? else {
                 // No rank had a supervised token (every record of the global batch was bad).
                 continue;
             };
@@ -295,6 +303,7 @@ impl Trainer<'_> {
                 grad_norm,
                 tokens,
                 elapsed_s: elapsed_before + clock.elapsed().as_secs_f64(),
+                comm_s,
             };
             if let Some(log) = &mut log {
                 entry.append_to(log, &log_path)?;
@@ -308,7 +317,8 @@ impl Trainer<'_> {
                 .config
                 .save_steps
                 .is_some_and(|n| n > 0 && self.state.step.is_multiple_of(n));
-            if save_now && self.state.step < total && writes {
+            // Under --zero every rank writes its moments; otherwise rank 0 writes everything.
+            if save_now && self.state.step < total && (writes || self.sharded()) {
                 self.state.elapsed_s = entry.elapsed_s;
                 let dir = self.output.join(format!("checkpoint-{}", self.state.step));
                 self.save(&dir)?;
@@ -316,10 +326,15 @@ impl Trainer<'_> {
         }
         self.state.elapsed_s = elapsed_before + clock.elapsed().as_secs_f64();
         let output = self.output.clone();
-        match writes {
+        match writes || self.sharded() {
             true => self.save(&output),
             false => Ok(()),
         }
+    }
+
+    /// Whether the optimizer state is split over the ranks (`--zero 1` with more than one).
+    fn sharded(&self) -> bool {
+        self.config.zero >= 1 && self.collective.world_size() > 1
     }
 
     /// The record order of the current epoch, from the seed alone (so a resume sees it again).
@@ -328,7 +343,10 @@ impl Trainer<'_> {
         let order = self.data.order(c.seed, self.state.epoch, c.shuffle);
         if c.group_by_modality_length {
             let epoch = self.state.epoch;
-            group_by_modality_length(&self.data.records, &order, c.batch_size, c.seed, epoch)
+            // As LLaVA's sampler, by the ranks' batches together: every rank of a step then
+            // holds the same modality, and lengths sorted across them.
+            let unit = c.batch_size * self.collective.world_size();
+            group_by_modality_length(&self.data.records, &order, unit, c.seed, epoch)
         } else {
             order
         }
@@ -370,10 +388,14 @@ impl Trainer<'_> {
     /// updates; `None` when the global step has no supervised token. Each micro-batch's loss is
     /// weighted by its share of the global count, so ranks holding different token counts give
     /// the update of one process that saw the whole batch.
-    fn step(&mut self, micro: &[Batch], lr: f64) -> Result<Option<(f64, f64, usize)>> {
+    /// Also returns the seconds spent in the sums between ranks.
+    fn step(&mut self, micro: &[Batch], lr: f64) -> Result<Option<(f64, f64, usize, f64)>> {
         let local: usize = micro.iter().map(|b| b.supervised_tokens).sum();
         let mut counts = [local as f64];
+        let mut comm = std::time::Duration::ZERO;
+        let started = std::time::Instant::now();
         self.collective.all_reduce_sum_f64(&mut counts)?;
+        comm += started.elapsed();
         let total_supervised = counts[0] as usize;
         if total_supervised == 0 {
             return Ok(None);
@@ -408,16 +430,28 @@ impl Trainer<'_> {
                 }
             }
         }
+        let max_norm = self.config.max_grad_norm;
         if self.collective.world_size() > 1 {
+            let started = std::time::Instant::now();
             let mut sums = [loss_sum, tokens as f64];
             self.collective.all_reduce_sum_f64(&mut sums)?;
             (loss_sum, tokens) = (sums[0], sums[1] as usize);
-            self.all_reduce_grads(&mut grads)?;
+            comm += started.elapsed();
         }
-        let grad_norm = self
-            .optimizer
-            .clip_and_step(&grads, lr, self.config.max_grad_norm)?;
-        Ok(Some((loss_sum, grad_norm, tokens)))
+        let grad_norm = if self.sharded() {
+            let c = self.collective;
+            let (norm, sums) = crate::zero::step(&mut self.optimizer, &mut grads, c, lr, max_norm)?;
+            comm += sums;
+            norm
+        } else {
+            if self.collective.world_size() > 1 {
+                let started = std::time::Instant::now();
+                self.all_reduce_grads(&mut grads)?;
+                comm += started.elapsed();
+            }
+            self.optimizer.clip_and_step(&grads, lr, max_norm)?
+        };
+        Ok(Some((loss_sum, grad_norm, tokens, comm.as_secs_f64())))
     }
 
     /// Sums every trainable parameter's gradient over the ranks, in one flat f32 buffer with one
@@ -455,7 +489,19 @@ impl Trainer<'_> {
         batch_loss(&self.model, batch, self.config.unfreeze_vision)
     }
 
+    /// Under `--zero` every rank writes its moments into the checkpoint first, and rank 0
+    /// completes it once they all have.
     fn save(&self, dir: &Path) -> Result<()> {
+        let shards = self.sharded().then(|| self.collective.world_size());
+        if let Some(world) = shards {
+            let rank = self.collective.rank();
+            let save_dtype = self.config.save_dtype;
+            write_optimizer_shard(&staging_dir(dir), &self.optimizer, save_dtype, rank, world)?;
+            self.collective.barrier()?;
+            if rank != 0 {
+                return Ok(());
+            }
+        }
         let log = self.output.join("train_log.jsonl");
         crate::plot::plot_log(&log, &self.output.join("loss.png"), &self.title)?;
         save_checkpoint(
@@ -466,6 +512,7 @@ impl Trainer<'_> {
             &self.optimizer,
             &self.state,
             &self.config,
+            shards,
         )
     }
 }

@@ -78,6 +78,11 @@ pub struct TrainCommand {
     pub batch_size: Option<usize>,
     #[arg(long, default_value_t = 1)]
     pub grad_accum: usize,
+    /// Under mpirun: 1 shards the optimizer state over the ranks, as DeepSpeed's ZeRO stage 1
+    /// (each rank keeps the AdamW moments of 1/N of the trainable tensors; the update is the
+    /// same). 0 keeps all of it on every rank.
+    #[arg(long, default_value_t = 0, value_name = "STAGE")]
+    pub zero: u8,
     /// Default: 1e-3 for pretrain, 2e-5 for finetune.
     #[arg(long)]
     pub lr: Option<f64>,
@@ -221,6 +226,12 @@ fn train(c: TrainCommand, job: &dyn Collective) -> Result<()> {
             "--bits (quantized blocks) trains on the CPU only here; on a GPU use --lora without it"
         );
     }
+    if c.zero > 1 {
+        bail!(
+            "--zero {}: ZeRO stages 2 and 3 (gradients and weights sharded too) are not implemented; --zero 1 shards the optimizer state",
+            c.zero
+        );
+    }
     if lora_on && c.unfreeze_vision {
         bail!("--lora trains LoRA pairs and the projector only; drop --unfreeze-vision");
     }
@@ -276,6 +287,7 @@ fn train(c: TrainCommand, job: &dyn Collective) -> Result<()> {
             lora_alpha: l.lora_alpha,
             lora_dropout: l.lora_dropout,
         }),
+        zero: c.zero,
     };
     if config.batch_size == 0 {
         bail!("--batch-size must be at least 1");
@@ -285,11 +297,26 @@ fn train(c: TrainCommand, job: &dyn Collective) -> Result<()> {
     }
 
     // A resumed run starts from the checkpoint's weights and state.
+    // The ranks and ZeRO stage of the run that saved the checkpoint: where its moments are.
+    let mut saved_layout = (1, 0);
     let (model_source, state) = match &c.resume {
         Some(dir) => {
             let (state, saved) =
                 read_state(dir).with_context(|| format!("--resume {}", dir.display()))?;
-            let conflicts = resume_conflicts(&saved, &config);
+            saved_layout = (state.world_size, saved.zero);
+            if state.world_size != job.world_size() && lead {
+                eprintln!(
+                    "note: --resume {}: the run was saved by {} rank(s) and continues on {}: the data order is the same (epoch {}, from record {}), in global batches of {} records (it had {})",
+                    dir.display(),
+                    state.world_size,
+                    job.world_size(),
+                    state.epoch,
+                    state.position,
+                    job.world_size() * config.batch_size * config.grad_accum,
+                    state.world_size * saved.batch_size * saved.grad_accum,
+                );
+            }
+            let conflicts = resume_conflicts(&saved, &config, state.world_size, job.world_size());
             if !conflicts.is_empty() {
                 bail!(
                     "--resume {}: an exact continuation needs the run's settings: {}",
@@ -390,8 +417,11 @@ fn train(c: TrainCommand, job: &dyn Collective) -> Result<()> {
             p.lr_scale = plr / config.lr;
         }
     }
+    if config.zero >= 1 && job.world_size() > 1 {
+        llava_train::zero::shard(&mut optimizer, job.rank(), job.world_size())?;
+    }
     if let Some(dir) = &c.resume {
-        restore_optimizer(dir, &mut optimizer, state.step, &device)?;
+        restore_optimizer(dir, &mut optimizer, state.step, saved_layout, &device)?;
     }
 
     let tokenizer = Tokenizer::from_dir(&checkpoint.dir)?;
@@ -460,13 +490,24 @@ fn train(c: TrainCommand, job: &dyn Collective) -> Result<()> {
         false => ProgressBar::hidden(),
     };
     let mut last = None;
+    let ranks = job.world_size();
+    // Time in the sums between ranks, since this process started.
+    let (mut comm_s, started_s) = (0.0, trainer.state.elapsed_s);
     trainer.train(|log| {
         bar.set_position(log.step);
+        comm_s += log.comm_s;
+        // Tokens are the global batch's, summed over the ranks.
+        let tok_s = log.tokens as f64 / (log.elapsed_s / log.step.max(1) as f64).max(1e-9);
+        let comm = match ranks > 1 {
+            true => {
+                let share = comm_s / (log.elapsed_s - started_s).max(1e-9);
+                format!(" · {:.0}% in sums over {ranks} ranks", 100.0 * share)
+            }
+            false => String::new(),
+        };
         bar.set_message(format!(
-            "loss {:.4} · lr {:.2e} · {:.0} tok/s",
-            log.loss,
-            log.lr,
-            log.tokens as f64 / (log.elapsed_s / log.step.max(1) as f64).max(1e-9)
+            "loss {:.4} · lr {:.2e} · {tok_s:.0} tok/s{comm}",
+            log.loss, log.lr
         ));
         last = Some(log.clone());
     })?;
