@@ -164,7 +164,8 @@ pub struct TrainCommand {
     /// The dtype of the saved weights (model or adapter). Default: bf16 with --bf16 (the
     /// original LLaVA loads the model in bf16 under --bf16, so it saves bf16), otherwise the
     /// trained weights in f32 and the frozen ones as stored. Narrower than the f32 masters, the
-    /// masters go into optimizer.safetensors, so --resume continues exactly.
+    /// masters go into optimizer.safetensors, so --resume continues exactly; but a run in f32
+    /// (no --bf16) saved in bf16 resumes over its frozen weights rounded to bf16.
     #[arg(long, value_enum)]
     pub save_dtype: Option<SaveDtypeArg>,
     /// Stop at the first bad record instead of skipping it.
