@@ -6,6 +6,8 @@ on the same ids and labels), repeated to --batch rows; the image is preprocessed
 PIL CLIP processor. Vision tower frozen; projector + language model train with AdamW. With
 `--lora R`, peft's LoRA (alpha 2R, dropout 0.05) on every linear of the language model and the
 projector as modules_to_save train instead, as `llava train --lora --lora-r R --lora-alpha 2R`.
+With `--bf16`, each forward runs under `torch.autocast(dtype=torch.bfloat16)` over the f32
+parameters (the HF Trainer's `bf16=True`), as `llava train --bf16`.
 
     llava data preview --model /tmp/train-bench --data /tmp/tb/data.json --template plain --json > /tmp/tb/sample.json
     /work/venv/bin/python tools/bench_train_pytorch.py --model /tmp/train-bench --sample /tmp/tb/sample.json \
@@ -37,6 +39,7 @@ def main():
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+    ap.add_argument("--bf16", action="store_true", help="autocast-bf16 over f32 parameters")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -66,7 +69,8 @@ def main():
     for _ in range(args.steps):
         t0 = time.perf_counter()
         opt.zero_grad()
-        loss = model(input_ids=ids, pixel_values=pixels, labels=labels).loss
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16):
+            loss = model(input_ids=ids, pixel_values=pixels, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
@@ -76,7 +80,8 @@ def main():
     steady = times[1:] or times
     print(json.dumps({
         "peer": f"transformers {__import__('transformers').__version__} / torch {torch.__version__}"
-                + (f" / peft {__import__('peft').__version__} LoRA r {args.lora}" if args.lora else ""),
+                + (f" / peft {__import__('peft').__version__} LoRA r {args.lora}" if args.lora else "")
+                + (" / autocast bf16" if args.bf16 else ""),
         "threads": args.threads, "tokens_per_step": tokens,
         "step_s": [round(t, 3) for t in times], "losses": losses,
         "tokens_per_s": tokens / (sum(steady) / len(steady)),

@@ -17,6 +17,10 @@ Writes tests/fixtures/lora-train/ (rewritten each run, deterministic):
   steps, the LoRA pairs at LR and the projector at its own PROJECTOR_LR (two parameter groups, as
   LLaVA's trainer makes for --mm_projector_lr), constant lr, no clipping.
 
+`--bf16` (after a plain run) writes only tests/fixtures/lora-train/bf16.json: the same 5 steps
+from the saved adapter under `torch.autocast("cpu", dtype=torch.bfloat16)` over f32 parameters
+(the HF Trainer's `bf16=True`): bf16 products, f32 master weights and AdamW moments.
+
 `--check OUT IMAGE QUESTION LLAVA_JSON` (the round trip, run by hand): loads `OUT`, an adapter
 that `llava train --lora` wrote over this fixture model, with
 PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(MODEL), OUT), and
@@ -96,6 +100,33 @@ def trained():
     return PeftModel.from_pretrained(base_model(), ADAPTER, is_trainable=True)
 
 
+def five_steps(x, bf16=False):
+    """The losses of STEPS AdamW steps from the saved adapter, the pairs at LR and the projector
+    at PROJECTOR_LR; with `bf16`, each forward under autocast."""
+    model = trained()
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n]
+    projector = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n]
+    opt = torch.optim.AdamW([{"params": lora, "lr": LR}, {"params": projector, "lr": PROJECTOR_LR}],
+                            betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    import make_train_fixtures as tf
+    assert tf.STEPS == STEPS
+    return tf.adamw_losses(model, opt, x, bf16)
+
+
+def main_bf16():
+    losses = five_steps(inputs(), bf16=True)
+    with open(os.path.join(OUT, "bf16.json"), "w") as f:
+        json.dump({
+            "versions": {"transformers": __import__("transformers").__version__,
+                         "peft": __import__("peft").__version__, "torch": torch.__version__},
+            "precision": "torch.autocast(cpu, bfloat16) over f32 parameters; f32 AdamW",
+            "optimizer": {"name": "AdamW", "lr": LR, "projector_lr": PROJECTOR_LR, "betas": [0.9, 0.999],
+                          "eps": 1e-8, "weight_decay": 0.0, "schedule": "constant", "steps": STEPS},
+            "losses": losses,
+        }, f, indent=1)
+    print(f"bf16 losses {['%.5f' % l for l in losses]}")
+
+
 def main():
     shutil.rmtree(OUT, ignore_errors=True)
     os.makedirs(OUT)
@@ -109,18 +140,7 @@ def main():
     grads = {ours: params[theirs].grad.detach().clone().contiguous() for ours, theirs in GRADS.items()}
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
 
-    model = trained()
-    lora = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n]
-    projector = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n]
-    opt = torch.optim.AdamW([{"params": lora, "lr": LR}, {"params": projector, "lr": PROJECTOR_LR}],
-                            betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    losses = []
-    for _ in range(STEPS):
-        opt.zero_grad()
-        step_loss = model(**x).loss
-        losses.append(step_loss.item())
-        step_loss.backward()
-        opt.step()
+    losses = five_steps(x)
 
     save_file({f"grad.{k}": v for k, v in grads.items()}, os.path.join(OUT, "expected.safetensors"))
     with open(os.path.join(OUT, "expected.json"), "w") as f:
@@ -164,8 +184,10 @@ def check(out, image, question, llava_json):
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     if len(sys.argv) == 6 and sys.argv[1] == "--check":
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         check(*sys.argv[2:])
+    elif sys.argv[1:] == ["--bf16"]:
+        main_bf16()
     else:
         main()

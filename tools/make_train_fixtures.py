@@ -11,6 +11,11 @@ Writes tests/fixtures/train/ (rewritten each run, deterministic):
 - expected.safetensors: pixel_values, and gradients of a few weights after one backward pass.
 - expected.json: the step-1 loss, the gradient names, and the per-step losses of 5 AdamW steps for
   stage 1 (projector only) and stage 2 (projector + language model), constant lr.
+
+`--bf16` (after a plain run; it reads batch.json and the pixel values back) writes only
+tests/fixtures/train/bf16.json: the same 5-step runs as the HF Trainer's `bf16=True` computes
+them, the forward under `torch.autocast("cpu", dtype=torch.bfloat16)` over f32 parameters, so
+the products run in bf16 while the master weights, their gradients and AdamW's moments stay f32.
 """
 import json
 import os
@@ -85,15 +90,22 @@ def build_batch(tok, pad_id):
     return batch
 
 
-def run_steps(model, inputs, trainable_prefixes):
+def run_steps(model, inputs, trainable_prefixes, bf16=False):
     for name, p in model.named_parameters():
         p.requires_grad_(any(name.startswith(t) for t in trainable_prefixes))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    return adamw_losses(model, opt, inputs, bf16)
+
+
+def adamw_losses(model, opt, inputs, bf16=False):
+    """The losses of STEPS steps of `opt` on `inputs`, each taken before its update; with `bf16`,
+    each forward under autocast-bf16 (the HF Trainer's `bf16=True` over f32 parameters)."""
     losses = []
     for _ in range(STEPS):
         opt.zero_grad()
-        loss = model(**inputs).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**inputs).loss
         losses.append(loss.item())
         loss.backward()
         opt.step()
@@ -155,5 +167,37 @@ def main():
           f"stage1 {['%.4f' % l for l in stage1]}; stage2 {['%.4f' % l for l in stage2]}")
 
 
+def main_bf16():
+    """The autocast runs of stage 1 and stage 2 on the batch a plain run wrote."""
+    from safetensors.torch import load_file
+    batch = json.load(open(os.path.join(OUT, "batch.json")))
+    inputs = {
+        "input_ids": torch.tensor(batch["input_ids"]),
+        "attention_mask": torch.tensor(batch["attention_mask"]),
+        "labels": torch.tensor(batch["labels"]),
+        "pixel_values": load_file(os.path.join(OUT, "expected.safetensors"))["pixel_values"],
+    }
+    def fresh():
+        return LlavaForConditionalGeneration.from_pretrained(MODEL, dtype=torch.float32).eval()
+    stage1 = run_steps(fresh(), inputs, ["model.multi_modal_projector."], bf16=True)
+    stage2 = run_steps(fresh(), inputs, ["model.multi_modal_projector.", "model.language_model.", "lm_head."],
+                       bf16=True)
+    with open(os.path.join(OUT, "bf16.json"), "w") as f:
+        json.dump({
+            "versions": {"transformers": __import__("transformers").__version__, "torch": torch.__version__},
+            "model": "tests/fixtures/models/llava15-default/model",
+            "precision": "torch.autocast(cpu, bfloat16) over f32 parameters; f32 AdamW",
+            "optimizer": {"name": "AdamW", "lr": LR, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
+                          "schedule": "constant", "steps": STEPS},
+            "stage1_losses": stage1,
+            "stage2_losses": stage2,
+        }, f, indent=1)
+    print(f"bf16: stage1 {['%.4f' % l for l in stage1]}; stage2 {['%.4f' % l for l in stage2]}")
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+    if sys.argv[1:] == ["--bf16"]:
+        main_bf16()
+    else:
+        main()

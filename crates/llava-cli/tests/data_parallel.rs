@@ -403,3 +403,78 @@ fn ranks_with_no_usable_record_stop_with_a_message() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no usable record"), "{stderr}");
 }
+
+/// `--bf16` under `--zero 1`: the weights are saved in bf16, each rank writes the f32 masters
+/// of the tensors whose moments it keeps beside them, and a resume on 2 ranks sets every
+/// tensor's master back on every rank, so it logs the uninterrupted run's losses.
+#[test]
+fn zero_one_under_bf16_resumes_from_the_masters() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = write_dataset(tmp.path());
+    let name = "bf16";
+    let straight = tmp.path().join(format!("straight{name}"));
+    let mut extra = vec![
+        "--stage",
+        "finetune",
+        "--max-steps",
+        "4",
+        "--save-steps",
+        "2",
+        "--zero",
+        "1",
+    ];
+    extra.push("--bf16");
+    ok(&mpirun(2)
+        .args(train_args(&data, &straight, &extra))
+        .output()
+        .expect("mpirun runs"));
+    let checkpoint = straight.join("checkpoint-2");
+    let mut masters = std::collections::HashSet::new();
+    for rank in 0..2 {
+        let file = checkpoint.join(format!("optimizer-0000{rank}-of-00002.safetensors"));
+        let shard = candle_core::safetensors::load(&file, &Device::Cpu).expect("shard");
+        assert!(shard.keys().any(|k| k.starts_with("exp_avg.")));
+        for (n, t) in shard {
+            assert_eq!(t.dtype(), llava_model::DType::F32, "{n}");
+            if let Some(name) = n.strip_prefix("master.") {
+                assert!(
+                    masters.insert(name.to_string()),
+                    "{name}'s master in two shards"
+                );
+            }
+        }
+    }
+    let saved = candle_core::safetensors::load(checkpoint.join("model.safetensors"), &Device::Cpu)
+        .expect("model");
+    assert!(
+        saved
+            .values()
+            .all(|t| t.dtype() == llava_model::DType::BF16)
+    );
+    assert!(!masters.is_empty());
+
+    let again = tmp.path().join(format!("again{name}"));
+    copy_dir(&straight, &again);
+    let from = again.join("checkpoint-2").to_string_lossy().to_string();
+    let mut resume = extra.clone();
+    resume.extend_from_slice(&["--resume", &from]);
+    ok(&mpirun(2)
+        .args(train_args(&data, &again, &resume))
+        .output()
+        .expect("resume runs"));
+    let (a, b) = (log(&straight), log(&again));
+    assert_eq!(a.len(), 4);
+    assert_eq!(a.len(), b.len());
+    for (step, ((la, na), (lb, nb))) in a.iter().zip(&b).enumerate() {
+        assert!(
+            close(*la, *lb),
+            "{name} step {}: loss {la} vs {lb}",
+            step + 1
+        );
+        assert!(
+            close(*na, *nb),
+            "{name} step {}: grad norm {na} vs {nb}",
+            step + 1
+        );
+    }
+}

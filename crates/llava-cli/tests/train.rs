@@ -136,6 +136,23 @@ fn assert_losses_close(a: &[(u64, f64)], b: &[(u64, f64)], floor: f64) {
     }
 }
 
+/// Copies `run`'s `checkpoint-{step}` and log into `into` and resumes the run there with
+/// `args`, as a run killed after that save would be resumed; returns `into`.
+fn resume_in_copy(run: &Path, step: u64, into: &Path, data: &Path, args: &[&str]) -> PathBuf {
+    let checkpoint = into.join(format!("checkpoint-{step}"));
+    std::fs::create_dir_all(&checkpoint).expect("dir");
+    for entry in std::fs::read_dir(run.join(format!("checkpoint-{step}"))).expect("read") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), checkpoint.join(entry.file_name())).expect("copy");
+    }
+    std::fs::copy(run.join("train_log.jsonl"), into.join("train_log.jsonl")).expect("log");
+    let mut resume_args = args.to_vec();
+    let checkpoint_arg = checkpoint.to_string_lossy().to_string();
+    resume_args.extend(["--resume", checkpoint_arg.as_str()]);
+    ok(&train(data, into, &resume_args));
+    into.to_path_buf()
+}
+
 fn ok(out: &Output) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -616,6 +633,24 @@ fn dry_run_prints_the_memory_plan_and_loads_nothing() {
     assert!(text.contains("expected peak"), "{text}");
     assert!(text.contains("largest batch size within 1 GB: "), "{text}");
     assert!(!out_dir.exists(), "a dry run writes nothing");
+    // --bf16: the mode is named and the working copies get their line.
+    let out = train(
+        &data,
+        &out_dir,
+        &[
+            "--stage",
+            "finetune",
+            "--batch-size",
+            "2",
+            "--dry-run",
+            "--bf16",
+        ],
+    );
+    ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for part in ["bf16 mixed precision", "f32 masters", "bf16 working copies"] {
+        assert!(text.contains(part), "{part} in:\n{text}");
+    }
 }
 
 /// The eight good records with the three malformed ones among them: `conversations`
@@ -833,23 +868,7 @@ fn a_resumed_lora_run_with_dropout_logs_the_same_losses() {
     let straight = tmp.path().join("straight");
     ok(&train(&data, &straight, &args));
     // The second half again, from the straight run's checkpoint-2, in a copy of its folder.
-    let resumed = tmp.path().join("resumed");
-    std::fs::create_dir_all(&resumed).expect("dir");
-    let checkpoint = resumed.join("checkpoint-2");
-    std::fs::create_dir_all(&checkpoint).expect("dir");
-    for entry in std::fs::read_dir(straight.join("checkpoint-2")).expect("read") {
-        let entry = entry.expect("entry");
-        std::fs::copy(entry.path(), checkpoint.join(entry.file_name())).expect("copy");
-    }
-    std::fs::copy(
-        straight.join("train_log.jsonl"),
-        resumed.join("train_log.jsonl"),
-    )
-    .expect("log");
-    let mut resume_args = args.to_vec();
-    let checkpoint_arg = checkpoint.to_string_lossy().to_string();
-    resume_args.extend(["--resume", checkpoint_arg.as_str()]);
-    ok(&train(&data, &resumed, &resume_args));
+    let resumed = resume_in_copy(&straight, 2, &tmp.path().join("resumed"), &data, &args);
     let (a, b) = (losses(&straight), losses(&resumed));
     assert_eq!(a.len(), 4);
     assert_eq!(b.len(), 4);
@@ -926,4 +945,103 @@ fn qlora_overfits_and_answers_over_the_base() {
     );
     answers_verbatim_over(&out_dir, Some(&base_model()), &["--load-4bit"], &[0, 3, 6]);
     answers_verbatim_over(&out_dir, Some(&base_model()), &[], &[1, 5]);
+}
+
+/// The dtype of every tensor in a safetensors file, by stored name.
+fn dtypes(path: &Path) -> HashMap<String, llava_model::DType> {
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .expect("tensors")
+        .into_iter()
+        .map(|(k, v)| (k, v.dtype()))
+        .collect()
+}
+
+/// `--bf16` (stage 2, full): it learns; its saves are bf16 by default (the model whole, with
+/// the f32 masters beside the moments), f32 with `--save-dtype f32`; a run resumed from a
+/// bf16 save logs the uninterrupted run's losses; and gradient checkpointing changes nothing.
+#[test]
+fn bf16_trains_saves_in_the_asked_dtype_and_resumes_exactly() {
+    use llava_model::DType;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = write_dataset(tmp.path());
+    let args = [
+        "--stage",
+        "finetune",
+        "--bf16",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "4",
+        "--save-steps",
+        "2",
+        "--lr",
+        "1e-3",
+        "--no-shuffle",
+    ];
+    let straight = tmp.path().join("straight");
+    ok(&train(&data, &straight, &args));
+    let a = losses(&straight);
+    assert_eq!(a.len(), 4);
+    let saved = dtypes(&straight.join("model.safetensors"));
+    assert!(
+        saved.values().all(|&d| d == DType::BF16),
+        "a --bf16 run saves bf16: {saved:?}"
+    );
+    let moments = dtypes(&straight.join("checkpoint-2/optimizer.safetensors"));
+    let masters: Vec<_> = moments
+        .keys()
+        .filter(|k| k.starts_with("master."))
+        .collect();
+    assert!(!masters.is_empty(), "the f32 masters go with the moments");
+    assert!(moments.values().all(|&d| d == DType::F32), "{moments:?}");
+
+    // Resumed from checkpoint-2, in a copy of the run's folder.
+    let resumed = resume_in_copy(&straight, 2, &tmp.path().join("resumed"), &data, &args);
+    assert_losses_close(&a, &losses(&resumed), 1.0);
+
+    let mut f32_args = args.to_vec();
+    f32_args.extend(["--save-dtype", "f32", "--gradient-checkpointing"]);
+    let wide = tmp.path().join("wide");
+    ok(&train(&data, &wide, &f32_args));
+    assert_losses_close(&a, &losses(&wide), 0.0);
+    let saved = dtypes(&wide.join("model.safetensors"));
+    assert!(saved.values().all(|&d| d == DType::F32), "{saved:?}");
+    let moments = dtypes(&wide.join("optimizer.safetensors"));
+    assert!(!moments.keys().any(|k| k.starts_with("master.")));
+    // The same run in f32 logs other losses: the products really ran in bf16.
+    let f32_run = tmp.path().join("f32");
+    let plain: Vec<&str> = args.iter().copied().filter(|&a| a != "--bf16").collect();
+    ok(&train(&data, &f32_run, &plain));
+    let b = losses(&f32_run);
+    assert_ne!(a[0].1, b[0].1);
+    assert!((a[0].1 - b[0].1).abs() < 1e-2 * b[0].1, "{a:?} vs {b:?}");
+}
+
+/// `--bf16 --lora` with gradient checkpointing: the pairs learn, the adapter is saved in bf16
+/// under peft's names, and the losses are those without checkpointing.
+#[test]
+fn bf16_lora_with_gradient_checkpointing_logs_the_same_losses() {
+    use llava_model::DType;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = write_dataset(tmp.path());
+    let run = |name: &str, extra: &[&str]| {
+        let out_dir = tmp.path().join(name);
+        let mut args = SMALL_LORA.to_vec();
+        args.extend(["--bf16", "--max-steps", "3", "--lr", "1e-2"]);
+        args.extend_from_slice(extra);
+        ok(&train(&data, &out_dir, &args));
+        out_dir
+    };
+    let plain = run("plain", &[]);
+    let recomputed = run("recomputed", &["--gradient-checkpointing"]);
+    let (a, b) = (losses(&plain), losses(&recomputed));
+    assert_eq!(a.len(), 3);
+    assert!(a[2].1 < a[0].1, "the pairs trained: {a:?}");
+    assert_losses_close(&a, &b, 0.0);
+    let adapter = dtypes(&plain.join("adapter_model.safetensors"));
+    assert!(
+        adapter.keys().any(|k| k.contains(".lora_A."))
+            && adapter.values().all(|&d| d == DType::BF16),
+        "{adapter:?}"
+    );
 }

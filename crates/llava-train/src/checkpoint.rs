@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
 use crate::optim::{AdamW, Param};
-use crate::trainer::{Stage, TrainConfig};
+use crate::trainer::{SaveDtype, Stage, TrainConfig};
 
 /// Where training stands; with the seed this fixes the data order of every epoch.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -87,19 +87,27 @@ pub fn save_checkpoint(
 ) -> Result<()> {
     let target = staging_dir(dir);
     let in_place = target == dir;
+    let save_dtype = config.save_dtype;
     let tensors = match source.lora_training() {
         Some(lora) => {
-            let tensors: Vec<(String, Tensor)> = optimizer
+            let tensors = optimizer
                 .params
                 .iter()
-                .map(|p| (p.name.clone(), p.var.as_tensor().detach()))
-                .collect();
+                .map(|p| Ok((p.name.clone(), in_dtype(p.var.as_tensor(), save_dtype)?)))
+                .collect::<Result<Vec<(String, Tensor)>>>()?;
             write_adapter(&target, lora, &source_dir.to_string_lossy(), &tensors)?;
             write_config(&target, model_config)?;
             copy_side_files(&target, source_dir)?;
             tensors
         }
-        None => write_model(&target, source_dir, source, model_config, &optimizer.params)?,
+        None => write_model(
+            &target,
+            source_dir,
+            source,
+            model_config,
+            &optimizer.params,
+            save_dtype,
+        )?,
     };
     if config.stage == Stage::Pretrain {
         let projector: Vec<(String, Tensor)> = tensors
@@ -120,7 +128,10 @@ pub fn save_checkpoint(
         }
     }
     if sharded_over.is_none() {
-        write_tensors_file(&target.join(OPTIMIZER_FILE), &moments(optimizer))?;
+        write_tensors_file(
+            &target.join(OPTIMIZER_FILE),
+            &moments(optimizer, save_dtype),
+        )?;
     }
     let state_json = serde_json::to_string_pretty(&StateFile {
         state: state.clone(),
@@ -137,6 +148,14 @@ pub fn save_checkpoint(
     Ok(())
 }
 
+/// `t` detached, in the save dtype if one is asked for.
+fn in_dtype(t: &Tensor, save_dtype: Option<SaveDtype>) -> Result<Tensor> {
+    Ok(match save_dtype {
+        Some(d) => t.detach().to_dtype(d.dtype())?,
+        None => t.detach(),
+    })
+}
+
 /// Where a checkpoint is written before it is complete: in place for the output folder of a
 /// run (it already holds the log), else `checkpoint-N.partial`, renamed when complete.
 pub fn staging_dir(dir: &Path) -> PathBuf {
@@ -147,12 +166,18 @@ pub fn staging_dir(dir: &Path) -> PathBuf {
     }
 }
 
-/// The optimizer's moments of the tensors this rank keeps, named by tensor.
-fn moments(optimizer: &AdamW) -> Vec<(String, Tensor)> {
+/// The optimizer's moments of the tensors this rank keeps, named by tensor. Where the weights
+/// are saved narrower than their masters (`--save-dtype bf16` under f32 masters), the f32
+/// masters go with them (`master.NAME`), so that --resume continues from them exactly.
+fn moments(optimizer: &AdamW, save_dtype: Option<SaveDtype>) -> Vec<(String, Tensor)> {
     let mut moments = Vec::new();
     for p in optimizer.params.iter().filter(|p| p.owned) {
         moments.push((format!("exp_avg.{}", p.name), p.exp_avg.clone()));
         moments.push((format!("exp_avg_sq.{}", p.name), p.exp_avg_sq.clone()));
+        let master = p.var.as_tensor();
+        if save_dtype.is_some_and(|d| d.dtype() != master.dtype()) {
+            moments.push((format!("master.{}", p.name), master.detach()));
+        }
     }
     moments
 }
@@ -167,16 +192,18 @@ fn optimizer_shard_names(world: usize) -> Vec<String> {
         .collect()
 }
 
-/// Writes this rank's moments into the checkpoint being written at `target`.
+/// Writes this rank's moments (and masters, see [`moments`]) into the checkpoint being written
+/// at `target`.
 pub fn write_optimizer_shard(
     target: &Path,
     optimizer: &AdamW,
+    save_dtype: Option<SaveDtype>,
     rank: usize,
     world: usize,
 ) -> Result<()> {
     std::fs::create_dir_all(target).map_err(TrainError::io(target))?;
     let name = &optimizer_shard_names(world)[rank];
-    write_tensors_file(&target.join(name), &moments(optimizer))?;
+    write_tensors_file(&target.join(name), &moments(optimizer, save_dtype))?;
     Ok(())
 }
 
@@ -204,13 +231,15 @@ fn file_name(path: &Path) -> String {
 
 /// Writes a loadable HF-layout model into `target`: the `trained` parameters as they are now,
 /// every other weight copied as stored (so frozen parts stay bit-identical), the config, and the
-/// tokenizer and processor files of `source_dir`. Returns the tensors written.
+/// tokenizer and processor files of `source_dir`. With `save_dtype` every weight is written in
+/// that dtype. Returns the tensors written.
 pub fn write_model(
     target: &Path,
     source_dir: &Path,
     source: &Weights,
     model_config: &LlavaConfig,
     trained: &[Param],
+    save_dtype: Option<SaveDtype>,
 ) -> Result<Vec<(String, Tensor)>> {
     std::fs::create_dir_all(target).map_err(TrainError::io(target))?;
     let trained: std::collections::HashMap<&str, &Tensor> = trained
@@ -220,8 +249,8 @@ pub fn write_model(
     let mut tensors = Vec::new();
     for name in source.names() {
         let t = match trained.get(name) {
-            Some(t) => t.detach(),
-            None => source.get_stored(name)?,
+            Some(t) => in_dtype(t, save_dtype)?,
+            None => in_dtype(&source.get_stored(name)?, save_dtype)?,
         };
         tensors.push((name.to_string(), t));
     }
@@ -323,7 +352,7 @@ pub fn restore_optimizer(
                 message: e.to_string(),
             })?;
         let kept = optimizer.params.iter().filter(|p| p.owned);
-        let wanted: std::collections::HashSet<String> = kept
+        let mut wanted: std::collections::HashSet<String> = kept
             .flat_map(|p| {
                 [
                     format!("exp_avg.{}", p.name),
@@ -331,6 +360,14 @@ pub fn restore_optimizer(
                 ]
             })
             .collect();
+        // Every tensor's master, whichever rank kept its moments: the weights are the same on
+        // every rank.
+        wanted.extend(
+            optimizer
+                .params
+                .iter()
+                .map(|p| format!("master.{}", p.name)),
+        );
         saved.extend(tensors.into_iter().filter(|(n, _)| wanted.contains(n)));
     }
     for p in optimizer.params.iter_mut().filter(|p| p.owned) {
@@ -350,20 +387,33 @@ pub fn restore_optimizer(
         let shape = p.var.as_tensor().shape();
         for (what, t) in [("exp_avg", &p.exp_avg), ("exp_avg_sq", &p.exp_avg_sq)] {
             if t.shape() != shape {
-                return Err(TrainError::Resume {
-                    path: path.clone(),
-                    message: format!(
-                        "has {what} of shape {:?} for `{}`, which is {:?}: was it saved for another model?",
-                        t.dims(),
-                        p.name,
-                        shape.dims()
-                    ),
-                });
+                return Err(wrong_shape(&path, what, t, p));
             }
+        }
+    }
+    // Present where the weights were saved narrower than their f32 masters.
+    for p in &optimizer.params {
+        if let Some(m) = saved.remove(&format!("master.{}", p.name)) {
+            if m.shape() != p.var.as_tensor().shape() {
+                return Err(wrong_shape(&path, "master", &m, p));
+            }
+            p.var.set(&m.to_dtype(p.var.dtype())?)?;
         }
     }
     optimizer.step = step;
     Ok(())
+}
+
+fn wrong_shape(path: &Path, what: &str, t: &Tensor, p: &Param) -> TrainError {
+    TrainError::Resume {
+        path: path.to_path_buf(),
+        message: format!(
+            "has {what} of shape {:?} for `{}`, which is {:?}: was it saved for another model?",
+            t.dims(),
+            p.name,
+            p.var.as_tensor().dims()
+        ),
+    }
 }
 
 /// Drops log lines past `step`: they came from steps the killed run took after its last save,
@@ -437,6 +487,8 @@ mod tests {
             gradient_checkpointing: false,
             lora: None,
             bits: None,
+            bf16: false,
+            save_dtype: None,
             zero: 1,
         };
         let now = TrainConfig {

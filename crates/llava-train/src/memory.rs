@@ -9,6 +9,11 @@
 //! from the tensors a decoder layer's training forward leaves in the graph (f32 here), plus
 //! the attention scores, which grow with the square of the length. The logits are those of
 //! the supervised positions, with their log-softmax and gradient.
+//!
+//! Under `--bf16` the frozen weights are bf16 (2 bytes), each trainable weight adds a bf16
+//! working copy (2 bytes, made at its use and kept by the graph) to its 16, and the graph's
+//! tensors are bf16 except where the step upcasts: the norms' f32 insides, the f32 attention
+//! softmax and the f32 log-softmax of the logits.
 
 use llava_model::config::LlavaConfig;
 
@@ -31,6 +36,8 @@ pub struct PlanSettings {
     /// `--bits`: the decoder's frozen projections in 4-bit (Q4_K/Q4_0: 144 bytes per 256
     /// weights) or 8-bit blocks (32 int8 and an f32 scale).
     pub bits: Option<u8>,
+    /// `--bf16`: mixed precision (bf16 activations and working copies, f32 masters).
+    pub bf16: bool,
 }
 
 /// Bytes per weight of a projection held in `bits`.
@@ -152,17 +159,28 @@ pub struct MemoryPlan {
     pub lines: Vec<Line>,
 }
 
-/// f32 values a decoder layer's training forward keeps per token, in units of the hidden
-/// size, the key/value width and the MLP width: the norms' inputs and outputs, q/k/v and their
-/// rotary terms, the attention output and its projection, the residual sums, and the SwiGLU
-/// branch (gate, its SiLU, up, their product).
-const KEPT_PER_TOKEN: (f64, f64, f64) = (17.0, 7.0, 5.0);
-/// Copies of the `[heads, length, length]` attention scores kept per layer: the scores, the
-/// masked scores and the softmax.
-const KEPT_SCORES: f64 = 3.0;
-/// The logits of the supervised positions: the logits, their log-softmax, and in backward
-/// their gradient and the softmax it is made from.
-const LOGIT_COPIES: f64 = 4.0;
+/// Bytes a decoder layer's training forward keeps per token, in units of the hidden size, the
+/// key/value width and the MLP width.
+/// - f32: 17, 7 and 5 values of 4 bytes: the norms' inputs and outputs, q/k/v and their rotary
+///   terms, the attention output and its projection, the residual sums, and the SwiGLU branch
+///   (gate, its SiLU, up, their product), the norms, rope and SiLU as fused f32 kernels.
+/// - bf16: the same tensors in 2 bytes, but the norms and rope take their composite formulas
+///   (the fused kernels are f32): each norm keeps its f32 input, square and quotient (12) and
+///   two bf16 results (4); rope keeps the products with cos and sin, the rotated half and
+///   the sum (9 for q, per key/value width for k); q, its scaling, the attention output and
+///   its contiguous copy, o, down and the two residual sums (2 each), the layer input (2).
+const KEPT_BYTES_PER_TOKEN: (f64, f64, f64) = (17.0 * 4.0, 7.0 * 4.0, 5.0 * 4.0);
+const KEPT_BYTES_PER_TOKEN_BF16: (f64, f64, f64) = (59.0, 15.0, 8.0);
+/// Bytes kept per element of the `[heads, length, length]` attention scores. f32: the scores,
+/// the masked scores and the softmax. bf16: the bf16 scores, their f32 copy, the masked
+/// scores and the softmax in f32, and the bf16 probabilities.
+const KEPT_SCORE_BYTES: f64 = 12.0;
+const KEPT_SCORE_BYTES_BF16: f64 = 16.0;
+/// Bytes per logit of the supervised positions. f32: the logits, their log-softmax, and in
+/// backward their gradient and the softmax it is made from. bf16: the bf16 logits and their
+/// gradient besides those four in f32.
+const LOGIT_BYTES: f64 = 16.0;
+const LOGIT_BYTES_BF16: f64 = 20.0;
 
 impl MemoryPlan {
     pub fn new(config: &LlavaConfig, s: &PlanSettings) -> Self {
@@ -174,26 +192,39 @@ impl MemoryPlan {
         let tokens = (s.batch_size * s.max_length) as f64;
         let (h, i) = (t.hidden_size as f64, t.intermediate_size as f64);
         let kv = (t.num_kv_heads() * t.head_dim()) as f64;
-        let (a, b, c) = KEPT_PER_TOKEN;
-        // A LoRA pair keeps its own dropped-out input (q, k, v, o, gate, up: the hidden width;
-        // down: the MLP width) and its r-wide product.
-        let (a, c) = match s.lora_r {
-            Some(r) => (a + 6.0 + 7.0 * r as f64 / h, c + 1.0),
-            None => (a, c),
+        // Bytes of one activation value.
+        let act = if s.bf16 { 2.0 } else { 4.0 };
+        let ((a, b, c), score_bytes, logit_bytes) = match s.bf16 {
+            true => (
+                KEPT_BYTES_PER_TOKEN_BF16,
+                KEPT_SCORE_BYTES_BF16,
+                LOGIT_BYTES_BF16,
+            ),
+            false => (KEPT_BYTES_PER_TOKEN, KEPT_SCORE_BYTES, LOGIT_BYTES),
         };
-        let per_layer = 4.0 * tokens * (a * h + b * kv + c * i)
-            + 4.0
-                * KEPT_SCORES
+        // Each of a layer's seven LoRA pairs keeps its dropout mask and dropped-out input (q, k,
+        // v, o, gate, up: the hidden width; down: the MLP width), its two r-wide values (A's
+        // product and its scaling), and B's product beside the base's output (q, o, down: the
+        // hidden width; k, v: the key/value width; gate, up: the MLP width), whose sum then
+        // stands where the base's output stood.
+        let lora = match s.lora_r {
+            Some(r) => {
+                act * (2.0 * (6.0 * h + i) + 14.0 * r as f64 + 2.0 * (3.0 * h + 2.0 * kv + 2.0 * i))
+            }
+            None => 0.0,
+        };
+        let per_layer = tokens * (a * h + b * kv + c * i + lora)
+            + score_bytes
                 * (s.batch_size * t.num_attention_heads) as f64
                 * (s.max_length as f64).powi(2);
         let layers = t.num_hidden_layers as f64;
         // Checkpointed, each layer keeps its input; one layer's graph exists at a time.
         let activations = if s.gradient_checkpointing {
-            4.0 * tokens * h * layers + per_layer
+            act * tokens * h * layers + per_layer
         } else {
             per_layer * layers
         };
-        let logits = LOGIT_COPIES * 4.0 * tokens * t.vocab_size as f64;
+        let logits = logit_bytes * tokens * t.vocab_size as f64;
         let (frozen_bytes, dequantized) = match s.bits {
             Some(bits) => {
                 let q = decoder_linears(config) as f64;
@@ -204,7 +235,7 @@ impl MemoryPlan {
             None => (frozen * s.frozen_bytes, 0.0),
         };
         let gib = |p: f64, bytes: f64| p * bytes;
-        Self {
+        let mut plan = Self {
             lines: vec![
                 Line {
                     what: match s.bits {
@@ -222,7 +253,11 @@ impl MemoryPlan {
                             "trainable: LoRA r {r} + projector, f32 ({:.1}M params)",
                             trainable / 1e6
                         ),
-                        None => format!("trainable weights, f32 ({:.2}B params)", trainable / 1e9),
+                        None => format!(
+                            "trainable weights, f32{} ({:.2}B params)",
+                            if s.bf16 { " masters" } else { "" },
+                            trainable / 1e9
+                        ),
                     },
                     bytes: gib(trainable, 4.0),
                 },
@@ -256,7 +291,15 @@ impl MemoryPlan {
                     bytes: dequantized,
                 },
             ],
+        };
+        if s.bf16 {
+            let copies = Line {
+                what: "bf16 working copies of the trainable weights".into(),
+                bytes: gib(trainable, 2.0),
+            };
+            plan.lines.insert(2, copies);
         }
+        plan
     }
 
     pub fn total(&self) -> f64 {
@@ -318,6 +361,7 @@ mod tests {
             frozen_bytes: 4.0,
             lora_r: None,
             bits: None,
+            bf16: false,
         }
     }
 
@@ -370,6 +414,41 @@ mod tests {
         assert_eq!(states, 16.0 * trained);
         // The paper's arithmetic: about 110 GB before activations.
         assert!((105e9..115e9).contains(&(states + plan.lines[0].bytes)));
+    }
+
+    /// `--bf16`: the frozen weights at 2 bytes, a bf16 working copy (2 bytes) beside each
+    /// trained parameter's 16, and the plans of LLaVA-1.5-7B that BENCHMARKS.md records (LoRA
+    /// r 128 over a bf16 base, QLoRA, full; 2048 tokens, checkpointed).
+    #[test]
+    fn bf16_halves_the_frozen_weights_and_adds_a_working_copy() {
+        let config = shape_config("llava-1.5-7b").expect("shape");
+        let mut s = settings(Stage::Finetune);
+        s.gradient_checkpointing = true;
+        s.lora_r = Some(128);
+        let f32_plan = MemoryPlan::new(&config, &s);
+        s.bf16 = true;
+        s.frozen_bytes = 2.0;
+        let plan = MemoryPlan::new(&config, &s);
+        eprintln!("LoRA r 128, f32, checkpointed, 1 × 2048:\n{f32_plan}");
+        eprintln!("LoRA r 128, bf16, checkpointed, 1 × 2048:\n{plan}");
+        assert_eq!(plan.lines[0].bytes, f32_plan.lines[0].bytes / 2.0);
+        let trained = lora_params(&config, 128) as f64 + 20_979_712.0;
+        assert_eq!(plan.lines[1].bytes, 4.0 * trained);
+        assert!(plan.lines[2].what.contains("working copies"));
+        assert_eq!(plan.lines[2].bytes, 2.0 * trained);
+        assert!(plan.lines[5].what.starts_with("activations"));
+        assert!(plan.lines[5].bytes < f32_plan.lines[4].bytes);
+        s.bits = Some(4);
+        eprintln!(
+            "QLoRA 4 bits, bf16, checkpointed, 1 × 2048:\n{}",
+            MemoryPlan::new(&config, &s)
+        );
+        s.bits = None;
+        s.lora_r = None;
+        eprintln!(
+            "full, bf16, checkpointed, 1 × 2048:\n{}",
+            MemoryPlan::new(&config, &s)
+        );
     }
 
     #[test]

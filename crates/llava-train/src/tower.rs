@@ -194,6 +194,7 @@ pub fn pretrain_tower(
         &weights,
         &checkpoint.config,
         &tower,
+        None,
     )?;
     Ok(accuracy)
 }

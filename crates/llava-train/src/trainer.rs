@@ -104,10 +104,36 @@ pub struct TrainConfig {
     /// `--bits`: QLoRA's frozen base in 4 or 8 bits.
     #[serde(default)]
     pub bits: Option<u8>,
+    /// `--bf16`: mixed precision. Frozen weights and activations in bf16, the products in bf16
+    /// with f32 sums; the trainable weights' f32 masters, their gradients and AdamW's moments
+    /// in f32; norms, the attention softmax and the loss upcast to f32.
+    #[serde(default)]
+    pub bf16: bool,
+    /// `--save-dtype`: the dtype of the weights each save writes; `None` keeps the trained
+    /// weights in f32 and the frozen ones as stored.
+    #[serde(default)]
+    pub save_dtype: Option<SaveDtype>,
     /// `--zero 1`: each rank keeps the AdamW moments of its share of the tensors only
     /// ([`crate::zero`]); 0 keeps them all everywhere.
     #[serde(default)]
     pub zero: u8,
+}
+
+/// The dtype of saved weights (`--save-dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SaveDtype {
+    Bf16,
+    F32,
+}
+
+impl SaveDtype {
+    pub fn dtype(self) -> DType {
+        match self {
+            SaveDtype::Bf16 => DType::BF16,
+            SaveDtype::F32 => DType::F32,
+        }
+    }
 }
 
 /// The LoRA shape of a run, kept in its trainer state so that a resume keeps it.
@@ -469,7 +495,8 @@ impl Trainer<'_> {
         let shards = self.sharded().then(|| self.collective.world_size());
         if let Some(world) = shards {
             let rank = self.collective.rank();
-            write_optimizer_shard(&staging_dir(dir), &self.optimizer, rank, world)?;
+            let save_dtype = self.config.save_dtype;
+            write_optimizer_shard(&staging_dir(dir), &self.optimizer, save_dtype, rank, world)?;
             self.collective.barrier()?;
             if rank != 0 {
                 return Ok(());

@@ -1,7 +1,8 @@
 //! LoRA training against peft (`tools/make_lora_train_fixture.py`): from a saved peft adapter
 //! whose `lora_B` and projector are not the init's, the step-1 loss of the fixture batch, the
 //! gradients reaching `lora_A`, `lora_B` and the projector, and five AdamW steps with the
-//! projector at its own learning rate.
+//! projector at its own learning rate; and the five steps in bf16 mixed precision against
+//! peft under PyTorch's autocast.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -36,6 +37,11 @@ struct Setup {
 
 /// The fixture model with the adapter's pairs and projector as the only trainables.
 fn setup() -> Setup {
+    setup_in(false)
+}
+
+/// As [`setup`]; with `bf16`, the frozen base and the activations in bf16 under f32 masters.
+fn setup_in(bf16: bool) -> Setup {
     let batch = read("train", "batch.json");
     let mask: Vec<Vec<u8>> = serde_json::from_value(batch["attention_mask"].clone()).expect("mask");
     let tensors =
@@ -43,9 +49,11 @@ fn setup() -> Setup {
             .expect("tensors");
     let model_dir = fixtures().join("models/llava15-default/model");
     let checkpoint = Checkpoint::open(&model_dir.to_string_lossy(), None).expect("checkpoint");
-    let mut weights = checkpoint
-        .weights(DType::F32, &Device::Cpu)
-        .expect("weights");
+    let dtype = if bf16 { DType::BF16 } else { DType::F32 };
+    let mut weights = checkpoint.weights(dtype, &Device::Cpu).expect("weights");
+    if bf16 {
+        weights.set_master_dtype(DType::F32);
+    }
     weights.set_trainable(|n| n.starts_with("multi_modal_projector."));
     let lora = LoraTraining::from_adapter(&fixtures().join("lora-train/adapter")).expect("adapter");
     assert_eq!(lora.lora_dropout, 0.0);
@@ -128,11 +136,26 @@ fn lora_loss_and_gradients_match_peft() {
 
 #[test]
 fn five_lora_steps_match_peft() {
-    let expected = read("lora-train", "expected.json");
+    five_steps(
+        "expected.json",
+        false,
+        |step| if step == 0 { 1e-5 } else { 1e-3 },
+    );
+}
+
+/// `--bf16 --lora` against peft under autocast-bf16 over f32 parameters: 1e-2 relative.
+#[test]
+fn five_bf16_lora_steps_match_peft_under_autocast() {
+    five_steps("bf16.json", true, |_| 1e-2);
+}
+
+/// Five steps from the saved adapter, their losses against `file`'s within `tol(step)`.
+fn five_steps(file: &str, bf16: bool, tol: impl Fn(usize) -> f64) {
+    let expected = read("lora-train", file);
     let opt = &expected["optimizer"];
     let lr = opt["lr"].as_f64().expect("lr");
     let projector_lr = opt["projector_lr"].as_f64().expect("projector lr");
-    let s = setup();
+    let s = setup_in(bf16);
     let config = AdamWConfig {
         lr,
         ..Default::default()
@@ -148,9 +171,11 @@ fn five_lora_steps_match_peft() {
         let loss = loss(&s);
         let ours = loss.to_scalar::<f32>().expect("scalar") as f64;
         let rel = (ours - want).abs() / want.abs();
-        eprintln!("step {}: {ours:.6} vs {want:.6} (rel {rel:.1e})", step + 1);
-        let tol = if step == 0 { 1e-5 } else { 1e-3 };
-        assert!(rel <= tol, "step {}: {ours} vs {want}", step + 1);
+        eprintln!(
+            "{file} step {}: {ours:.6} vs {want:.6} (rel {rel:.1e})",
+            step + 1
+        );
+        assert!(rel <= tol(step), "step {}: {ours} vs {want}", step + 1);
         let grads = loss.backward().expect("backward");
         optimizer.step(&grads, lr, 1.0).expect("step");
     }

@@ -432,6 +432,9 @@ impl Tensor {
                         let src_grad = grad.index_select(indexes, *dim)?;
                         grads.accumulate(src, &src_grad)?;
                     }
+                    // llava-rs: no gradient for an argument no graph leads to (a frozen
+                    // embedding matrix); see `accumulate`.
+                    Op::IndexSelect(arg, _, _) if !arg.track_op() => {}
                     Op::IndexSelect(arg, indexes, dim) => {
                         let sum_grad = grads.or_insert(arg)?;
                         // index_select accepts strided ids but index_add requires contiguous ones.
@@ -442,11 +445,16 @@ impl Tensor {
                         // Skipping checks, the op went ok, we can skip
                         // the matmul size checks for now.
 
-                        let lhs_grad = grad.matmul(&rhs.t()?)?;
-                        grads.accumulate(lhs, &lhs_grad)?;
-
-                        let rhs_grad = lhs.t()?.matmul(&grad)?;
-                        grads.accumulate(rhs, &rhs_grad)?;
+                        // llava-rs: a frozen operand (a frozen weight) gets no gradient: the
+                        // product that would make it is as large as the forward one.
+                        if lhs.track_op() {
+                            let lhs_grad = grad.matmul(&rhs.t()?)?;
+                            grads.accumulate(lhs, &lhs_grad)?;
+                        }
+                        if rhs.track_op() {
+                            let rhs_grad = lhs.t()?.matmul(&grad)?;
+                            grads.accumulate(rhs, &rhs_grad)?;
+                        }
                     }
                     Op::Cat(args, dim) => {
                         let mut start_idx = 0;
@@ -729,6 +737,12 @@ impl GradStore {
     /// Adds `grad` to the gradient of `tensor`, storing it directly when it is the first one
     /// (instead of adding it into a fresh tensor of zeros).
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
+        // llava-rs: a tensor no graph leads to (a frozen weight, a detached input) is not a
+        // node of the backward pass, and its gradient would be kept, unread, until the pass
+        // ends: with frozen weights (LoRA), as much memory as the weights.
+        if !tensor.track_op() {
+            return Ok(());
+        }
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
                 let sum = entry.get_mut();

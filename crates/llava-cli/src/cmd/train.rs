@@ -21,7 +21,7 @@ use llava_train::collective::Collective;
 use llava_train::data::{DataStats, TrainDataset, usable_records};
 use llava_train::memory::{MemoryPlan, PlanSettings};
 use llava_train::optim::{AdamW, AdamWConfig};
-use llava_train::trainer::{LoraSettings, Stage, TrainConfig, Trainer};
+use llava_train::trainer::{LoraSettings, SaveDtype, Stage, TrainConfig, Trainer};
 
 use super::model_args::CheckpointArgs;
 
@@ -29,6 +29,12 @@ use super::model_args::CheckpointArgs;
 pub enum StageArg {
     Pretrain,
     Finetune,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum SaveDtypeArg {
+    Bf16,
+    F32,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -148,6 +154,20 @@ pub struct TrainCommand {
     /// gradients are the same.
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// bf16 mixed precision (the HF Trainer's --bf16, with f32 master weights): frozen weights
+    /// held in bf16, activations in bf16, products in bf16 with f32 sums; the trainable
+    /// weights' f32 masters, their gradients and AdamW's moments in f32; norms, the attention
+    /// softmax and the loss in f32. About half the memory of the frozen weights and the
+    /// activations.
+    #[arg(long)]
+    pub bf16: bool,
+    /// The dtype of the saved weights (model or adapter). Default: bf16 with --bf16 (the
+    /// original LLaVA loads the model in bf16 under --bf16, so it saves bf16), otherwise the
+    /// trained weights in f32 and the frozen ones as stored. Narrower than the f32 masters, the
+    /// masters go into optimizer.safetensors, so --resume continues exactly; but a run in f32
+    /// (no --bf16) saved in bf16 resumes over its frozen weights rounded to bf16.
+    #[arg(long, value_enum)]
+    pub save_dtype: Option<SaveDtypeArg>,
     /// Stop at the first bad record instead of skipping it.
     #[arg(long)]
     pub strict: bool,
@@ -257,6 +277,12 @@ fn train(c: TrainCommand, job: &dyn Collective) -> Result<()> {
         unfreeze_vision: c.unfreeze_vision,
         gradient_checkpointing: c.gradient_checkpointing,
         bits: c.bits.as_deref().and_then(|b| b.parse().ok()),
+        bf16: c.bf16,
+        save_dtype: match (c.save_dtype, c.bf16) {
+            (Some(SaveDtypeArg::Bf16), _) | (None, true) => Some(SaveDtype::Bf16),
+            (Some(SaveDtypeArg::F32), _) => Some(SaveDtype::F32),
+            (None, false) => None,
+        },
         lora: lora.as_ref().map(|l| LoraSettings {
             r: l.r,
             lora_alpha: l.lora_alpha,
@@ -339,7 +365,15 @@ fn train(c: TrainCommand, job: &dyn Collective) -> Result<()> {
         Some(i) => super::model_args::cuda_device(i)?,
         None => Device::Cpu,
     };
-    let mut weights = checkpoint.weights(DType::F32, &device)?;
+    // --bf16: frozen weights read in bf16, trainable ones as f32 masters.
+    let mut weights = match c.bf16 {
+        true => {
+            let mut w = checkpoint.weights(DType::BF16, &device)?;
+            w.set_master_dtype(DType::F32);
+            w
+        }
+        false => checkpoint.weights(DType::F32, &device)?,
+    };
     weights.set_quantize(match c.bits.as_deref() {
         Some("4") => Some(Quantize::Bits4),
         Some(_) => Some(Quantize::Bits8),
@@ -586,14 +620,23 @@ fn print_memory_plan(c: &TrainCommand, config: &TrainConfig, lora_r: Option<usiz
         gradient_checkpointing: config.gradient_checkpointing,
         batch_size: config.batch_size,
         max_length: c.max_length.unwrap_or(model.default_max_length()),
-        frozen_bytes: 4.0,
+        frozen_bytes: if config.bf16 { 2.0 } else { 4.0 },
         lora_r,
         bits: config.bits,
+        bf16: config.bf16,
     };
     let plan = MemoryPlan::new(model, &settings);
     println!(
-        "memory plan for {} ({:?}, batch {} × {} tokens, f32 on one device):",
-        c.checkpoint.model, config.stage, settings.batch_size, settings.max_length
+        "memory plan for {} ({:?}, batch {} × {} tokens, {} on one device):",
+        c.checkpoint.model,
+        config.stage,
+        settings.batch_size,
+        settings.max_length,
+        if config.bf16 {
+            "bf16 mixed precision"
+        } else {
+            "f32"
+        }
     );
     println!("{plan}");
     if let Some(gb) = c.memory_budget {

@@ -92,6 +92,10 @@ pub struct Weights {
     quantize_vocab: bool,
     /// `llava train --lora`: trainable pairs handed to the adapted projections.
     lora_training: Option<LoraSource>,
+    /// Mixed precision (`llava train --bf16`): trainable weights are made in this dtype (f32
+    /// master copies) while frozen ones stay in `dtype`, and activations flow in `dtype` on
+    /// every device. The layers cast a master to the activations' dtype where they use it.
+    master: Option<DType>,
 }
 
 /// Where a training run's LoRA pairs come from.
@@ -153,7 +157,20 @@ impl Weights {
             quantize: None,
             quantize_vocab: false,
             lora_training: None,
+            master: None,
         }
+    }
+
+    /// Mixed precision: trainable weights (and LoRA pairs) are held in `master` (f32) while
+    /// frozen weights are read in the weights' dtype (bf16), and the activations flow in that
+    /// dtype, the CPU's included: the HF Trainer's `bf16=True` with f32 master weights.
+    pub fn set_master_dtype(&mut self, master: DType) {
+        self.master = Some(master);
+    }
+
+    /// The dtype a trainable weight is made in: the master dtype under mixed precision.
+    fn trainable_dtype(&self) -> DType {
+        self.master.unwrap_or(self.dtype)
     }
 
     /// Gives every adapted decoder projection a trainable LoRA pair (`llava train --lora`),
@@ -249,8 +266,9 @@ impl Weights {
                 let a: Vec<f32> = (0..r * in_dim)
                     .map(|_| rng.random_range(-bound..bound))
                     .collect();
-                let a = Tensor::from_vec(a, (r, in_dim), &self.device)?.to_dtype(self.dtype)?;
-                let b = Tensor::zeros((out_dim, r), self.dtype, &self.device)?;
+                let dtype = self.trainable_dtype();
+                let a = Tensor::from_vec(a, (r, in_dim), &self.device)?.to_dtype(dtype)?;
+                let b = Tensor::zeros((out_dim, r), dtype, &self.device)?;
                 (a, b)
             }
             LoraInit::From(_) => {
@@ -259,7 +277,9 @@ impl Weights {
                 };
                 let shard = &self.sources[*source].shards[0];
                 let load = |stored: &str, want: [usize; 2]| -> Result<Tensor> {
-                    let t = shard.load(stored, &self.device)?.to_dtype(self.dtype)?;
+                    let t = shard
+                        .load(stored, &self.device)?
+                        .to_dtype(self.trainable_dtype())?;
                     check_shape(stored, &t, &want)?;
                     Ok(t)
                 };
@@ -469,15 +489,19 @@ impl Weights {
 
     /// Loads one tensor in the compute dtype, checking its shape against what the config implies.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let trains = self.trainable.as_ref().is_some_and(|tr| (tr.select)(name));
+        // A master copy is read from the file, not through the narrower compute dtype.
+        let dtype = match trains {
+            true => self.trainable_dtype(),
+            false => self.dtype,
+        };
         let t = match &self.random {
-            Some(random) => random
-                .borrow_mut()
-                .make(name, shape, self.dtype, &self.device)?,
-            None => self.get_unchecked(name)?,
+            Some(random) => random.borrow_mut().make(name, shape, dtype, &self.device)?,
+            None => self.get_stored(name)?.to_dtype(dtype)?,
         };
         check_shape(name, &t, shape)?;
         match &self.trainable {
-            Some(tr) if (tr.select)(name) => {
+            Some(tr) if trains => {
                 let var = Var::from_tensor(&t)?;
                 let tensor = var.as_tensor().clone();
                 tr.vars.borrow_mut().push((name.to_string(), var));
@@ -640,8 +664,12 @@ impl<'a> WeightsView<'a> {
         &self.weights.device
     }
     /// The dtype that activations flow in between the products; see [`activation_dtype`].
+    /// Under mixed precision it is the weights' dtype on every device.
     pub fn activation_dtype(&self) -> DType {
-        activation_dtype(self.weights.dtype, &self.weights.device)
+        match self.weights.master {
+            Some(_) => self.weights.dtype,
+            None => activation_dtype(self.weights.dtype, &self.weights.device),
+        }
     }
     /// A linear layer's `[out, in]` weight; see [`Weights::get_linear`].
     pub fn get_linear(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
@@ -649,9 +677,15 @@ impl<'a> WeightsView<'a> {
             .get_linear(&format!("{}.{name}", self.prefix), shape)
     }
     /// A tensor that meets activations elementwise (a norm's scale, a bias, an added
-    /// embedding), loaded in the activation dtype.
+    /// embedding), loaded in the activation dtype. A trainable one is handed out as its master
+    /// (a cast here would be made once, and go stale at the first update); the layer casts it
+    /// where it meets the activations.
     pub fn get_elementwise(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        Ok(self.get(name, shape)?.to_dtype(self.activation_dtype())?)
+        let t = self.get(name, shape)?;
+        match t.is_variable() {
+            true => Ok(t),
+            false => Ok(t.to_dtype(self.activation_dtype())?),
+        }
     }
 }
 

@@ -348,6 +348,9 @@ pub struct LlamaModel {
     inv_freq: Tensor,
     rope: Rope,
     pub config: LlamaConfig,
+    /// The activations' dtype, which the embeddings are cast to (the embedding matrix may be
+    /// an f32 master under mixed precision).
+    dtype: DType,
     /// Set for training with gradient checkpointing ([`Self::enable_gradient_checkpointing`]).
     gradient_checkpointing: Option<GradientCheckpointing>,
 }
@@ -407,6 +410,7 @@ impl LlamaModel {
             inv_freq,
             rope,
             config: c.clone(),
+            dtype: w.activation_dtype(),
             gradient_checkpointing: None,
         })
     }
@@ -462,8 +466,7 @@ impl LlamaModel {
         Ok(self
             .embed_tokens
             .lookup(flat)?
-            // Into the activation dtype, which the norms' scales carry.
-            .to_dtype(self.norm.weight.dtype())?
+            .to_dtype(self.dtype)?
             .reshape((b, s, self.config.hidden_size))?)
     }
 

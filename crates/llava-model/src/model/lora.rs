@@ -115,6 +115,37 @@ mod tests {
         );
     }
 
+    /// The frozen base gets no gradient, only the pair: backward neither computes nor keeps
+    /// one (vendor/candle-core's second change), which under LoRA would be as much memory as
+    /// the base.
+    #[test]
+    fn only_the_pair_gets_a_gradient() {
+        let key = DropoutKey::default();
+        let p = pair(0.0, &key);
+        let (a, b) = (
+            candle_core::Var::from_tensor(&p.a).unwrap(),
+            candle_core::Var::from_tensor(&p.b).unwrap(),
+        );
+        let lora = Lora::new(LoraPair {
+            a: a.as_tensor().clone(),
+            b: b.as_tensor().clone(),
+            ..p
+        });
+        let base = Linear {
+            weight: Tensor::ones((4, 6), DType::F32, &Device::Cpu).unwrap(),
+            bias: None,
+        };
+        let x = Tensor::ones((3, 6), DType::F32, &Device::Cpu).unwrap();
+        let y = (base.forward(&x).unwrap() + lora.delta(&x).unwrap()).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(a.as_tensor()).is_some() && grads.get(b.as_tensor()).is_some());
+        assert!(
+            grads.get(&base.weight).is_none(),
+            "the frozen base got a gradient"
+        );
+        assert!(grads.get(&x).is_none(), "the input got a gradient");
+    }
+
     #[test]
     fn dropout_follows_the_key_and_keeps_the_mean() {
         let key = DropoutKey::default();

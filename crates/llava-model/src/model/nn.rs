@@ -88,7 +88,8 @@ impl Linear {
                 Some(b) if cuda_kernels::applies(&[&y, b]) && !b.track_op() && !y.track_op() => {
                     cuda_kernels::add_bias(&y, b)?
                 }
-                Some(b) => y.broadcast_add(b)?,
+                // A trainable bias under mixed precision is an f32 master: cast at use.
+                Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
                 None => y,
             }
         };
@@ -128,7 +129,9 @@ impl RmsNorm {
                 let xf = x.to_dtype(DType::F32)?;
                 let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
                 let normed = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-                Ok(normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?)
+                // The scale cast at use: a trainable one under mixed precision is f32.
+                let weight = self.weight.to_dtype(dtype)?;
+                Ok(normed.to_dtype(dtype)?.broadcast_mul(&weight)?)
             }
         }
     }
@@ -171,8 +174,8 @@ impl LayerNorm {
                 let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
                 Ok(normed
                     .to_dtype(dtype)?
-                    .broadcast_mul(&self.weight)?
-                    .broadcast_add(&self.bias)?)
+                    .broadcast_mul(&self.weight.to_dtype(dtype)?)?
+                    .broadcast_add(&self.bias.to_dtype(dtype)?)?)
             }
         }
     }

@@ -101,6 +101,9 @@ pub struct ClipVisionTower {
     patch_embedding: Linear,
     class_embedding: Tensor,
     position_embedding: Tensor,
+    /// The activations' dtype (the pixels are cast to it): not read from the embeddings,
+    /// which a trainable tower holds as f32 masters under mixed precision.
+    dtype: candle_core::DType,
     pre_layrnorm: LayerNorm,
     layers: Vec<ClipEncoderLayer>,
     config: ClipVisionConfig,
@@ -125,6 +128,7 @@ impl ClipVisionTower {
                 &[c.num_patches() + 1, h],
             )?,
             pre_layrnorm: LayerNorm::load(&w.pp("pre_layrnorm"), h, c.layer_norm_eps)?,
+            dtype: w.activation_dtype(),
             layers,
             config: c.clone(),
         })
@@ -144,7 +148,7 @@ impl ClipVisionTower {
         // [b, ch, g, p, g, p] -> [b, g, g, ch, p, p]: each row is one patch, flattened like the
         // conv kernel, so the convolution is a single matmul.
         let patches = pixel_values
-            .to_dtype(self.class_embedding.dtype())?
+            .to_dtype(self.dtype)?
             .reshape((b, ch, g, p, g, p))?
             .permute((0, 2, 4, 1, 3, 5))?
             .reshape((b * g * g, ch * p * p))?;
@@ -154,6 +158,7 @@ impl ClipVisionTower {
                 .reshape((b, g * g, c.hidden_size))?;
         let cls = self
             .class_embedding
+            .to_dtype(self.dtype)?
             .reshape((1, 1, c.hidden_size))?
             .broadcast_as((b, 1, c.hidden_size))?;
         let embeds = Tensor::cat(&[&cls, &patch_embeds], 1)?;
@@ -163,7 +168,8 @@ impl ClipVisionTower {
                 &self.position_embedding,
             )?);
         }
-        Ok(embeds.broadcast_add(&self.position_embedding.unsqueeze(0)?)?)
+        let position = self.position_embedding.to_dtype(self.dtype)?;
+        Ok(embeds.broadcast_add(&position.unsqueeze(0)?)?)
     }
 
     /// Runs the tower and returns the requested hidden states (transformers' indexing, negative
