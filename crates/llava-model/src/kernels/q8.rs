@@ -8,8 +8,10 @@
 //! Prefill multiplies many rows and is bound by arithmetic instead: there the weight is widened
 //! to f32 once and goes through the dense GEMM.
 
+use candle_core::{DType, Storage, Tensor};
 use rayon::prelude::*;
 
+use crate::kernels::fused::contiguous;
 use crate::kernels::gemv;
 
 /// Values per scale.
@@ -52,6 +54,25 @@ impl Q8Weight {
             k,
             scales,
             quants,
+        }
+    }
+
+    /// Quantizes a `[n, k]` tensor: an f32 one read where it lies, without a copy (a vocabulary
+    /// matrix is 263 MB on a 1B model, and the allocator keeps what a copy takes), any other
+    /// dtype widened first.
+    pub fn quantize_tensor(w: &Tensor) -> candle_core::Result<Self> {
+        let (n, k) = w.dims2()?;
+        if w.dtype() != DType::F32 || !w.is_contiguous() {
+            return Self::quantize_tensor(&w.to_dtype(DType::F32)?.contiguous()?);
+        }
+        let (storage, layout) = w.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(cpu) => Ok(Self::quantize(
+                contiguous(cpu.as_slice::<f32>()?, layout, "q8")?,
+                n,
+                k,
+            )),
+            _ => Ok(Self::quantize(&w.flatten_all()?.to_vec1::<f32>()?, n, k)),
         }
     }
 

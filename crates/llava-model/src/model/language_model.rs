@@ -389,13 +389,9 @@ impl LlamaModel {
         let hidden = c.hidden_size;
         let embed_tokens = match quantize_vocab {
             Some(_) if hidden.is_multiple_of(q8::BLOCK) => {
-                let dense = embed_tokens.to_dtype(DType::F32)?.flatten_all()?;
+                let rows = Q8Weight::quantize_tensor(&embed_tokens)?;
                 Embeddings::Q8 {
-                    rows: Arc::new(Q8Weight::quantize(
-                        &dense.to_vec1::<f32>()?,
-                        c.vocab_size,
-                        hidden,
-                    )),
+                    rows: Arc::new(rows),
                     dtype: embed_tokens.dtype(),
                     device: embed_tokens.device().clone(),
                 }

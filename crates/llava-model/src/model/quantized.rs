@@ -72,11 +72,7 @@ impl QLinear {
         })?;
         let weight = weight.to_dtype(DType::F32)?;
         let weight = match format {
-            GgmlDType::Q8_0 => Blocks::Q8(Q8Weight::quantize(
-                &weight.flatten_all()?.to_vec1::<f32>()?,
-                out_dim,
-                in_dim,
-            )),
+            GgmlDType::Q8_0 => Blocks::Q8(Q8Weight::quantize_tensor(&weight)?),
             _ => Blocks::Candle(QMatMul::from_qtensor(QTensor::quantize(&weight, format)?)?),
         };
         Ok(Self {
