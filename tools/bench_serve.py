@@ -37,12 +37,12 @@ WORDS = (
 
 
 def prompts(n: int, seed: int = 0) -> list[str]:
-    """`n` questions of varied length (about 10 to 400 characters: the tiny-1b tokenizer is
+    """`n` questions of varied length (about 20 to 150 characters: the tiny-1b tokenizer is
     character-level, so about as many tokens), the same for every server."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        words = 2 + int((i / max(n - 1, 1)) ** 2 * 70)
+        words = 2 + int((i / max(n - 1, 1)) ** 2 * 24)
         text = " ".join(rng.choice(WORDS) for _ in range(words))
         out.append(f"Question {i}: {text}?")
     return out
@@ -271,7 +271,9 @@ async def streams(client: Client, session, n: int, args) -> dict:
 async def main_async(args) -> int:
     client = Client(args)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=args.read_timeout)
-    connector = aiohttp.TCPConnector(limit=0)
+    # A connection per request: llama-server closes idle keep-alive connections, and a reused
+    # one it has closed fails the next request's write.
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
     results = []
     texts = prompts(args.prompts, args.seed)
     refs = None

@@ -116,7 +116,7 @@ async def main_async(args) -> int:
     kinds = list(KINDS)
     weights = [KINDS[k][0] for k in kinds]
     timeout = aiohttp.ClientTimeout(total=None, sock_read=args.read_timeout)
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0, force_close=True)) as session:
         if not client.model:
             async with session.get(f"{client.base}/v1/models", headers=client.headers) as r:
                 client.model = (await r.json())["data"][0]["id"]

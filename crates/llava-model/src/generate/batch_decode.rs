@@ -257,6 +257,66 @@ mod tests {
         assert_eq!(b, b_alone, "the shorter row that joined later");
     }
 
+    /// A full server batch (`llava serve --max-running 8`): eight prompts of different lengths
+    /// join one by one, as the server admits them, and each row gets the tokens it gets alone.
+    #[test]
+    fn eight_joined_rows_decode_as_they_would_alone() {
+        let p = pipeline();
+        let ids: Vec<Vec<u32>> = (0..8)
+            .map(|i| {
+                let text = format!("Question {i}: {}?", "what is there ".repeat(i));
+                let prompt = p.render(&[Message::user(&text, 0)]).expect("render");
+                p.encode(&prompt, None).expect("encode")
+            })
+            .collect();
+        let alone: Vec<Vec<u32>> = ids
+            .iter()
+            .map(|ids| {
+                generate(&p.model, ids, None, &mut greedy(), STEPS, &[], |_| {
+                    ControlFlow::Continue(())
+                })
+                .expect("generate")
+                .0
+            })
+            .collect();
+        let mut batch = KvCache::new();
+        let mut tokens: Vec<Vec<u32>> = Vec::new();
+        for ids in &ids {
+            // Everyone already in the batch takes a step before the next one arrives.
+            if !tokens.is_empty() {
+                let next: Vec<u32> = tokens.iter().map(|t| *t.last().expect("token")).collect();
+                let logits = decode_step(&p.model, &mut batch, &next).expect("step");
+                for (row, t) in tokens.iter_mut().enumerate() {
+                    t.push(greedy().sample(&logits.get(row).expect("row")).expect("sample"));
+                }
+            }
+            let out = prefill_batch(
+                &p.model,
+                &[BatchPrompt {
+                    input_ids: ids,
+                    images: None,
+                }],
+            )
+            .expect("prefill");
+            let first = greedy()
+                .sample(&out.logits.get(0).expect("row"))
+                .expect("sample");
+            join(&mut batch, out.cache).expect("join");
+            tokens.push(vec![first]);
+        }
+        assert_eq!(rows(&batch), 8);
+        while tokens.iter().any(|t| t.len() < STEPS) {
+            let next: Vec<u32> = tokens.iter().map(|t| *t.last().expect("token")).collect();
+            let logits = decode_step(&p.model, &mut batch, &next).expect("step");
+            for (row, t) in tokens.iter_mut().enumerate() {
+                t.push(greedy().sample(&logits.get(row).expect("row")).expect("sample"));
+            }
+        }
+        for (i, (got, want)) in tokens.iter().zip(&alone).enumerate() {
+            assert_eq!(&got[..want.len()], &want[..], "row {i}");
+        }
+    }
+
     /// A row taken out of a padded batch is that prompt's cache alone: unpadded, and a
     /// prompt cache built from it gives the tokens a fresh run gives.
     #[test]
