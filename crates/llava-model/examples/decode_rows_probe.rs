@@ -48,7 +48,9 @@ fn main() -> candle_core::Result<()> {
                 .iter()
                 .map(|&(_, k)| Tensor::randn(0f32, 1.0, (m, k), &dev))
                 .collect::<candle_core::Result<_>>()?;
-            let gemv_path = |x: &Tensor, w: &Tensor| gemv::matmul_t(x, w).map_err(|e| candle_core::Error::Msg(e.to_string()));
+            let gemv_path = |x: &Tensor, w: &Tensor| {
+                gemv::matmul_t(x, w).map_err(|e| candle_core::Error::Msg(e.to_string()))
+            };
             let gemm_path = |x: &Tensor, w: &Tensor| match gemm_layout::widened(w)
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?
             {

@@ -287,7 +287,11 @@ mod tests {
                 let next: Vec<u32> = tokens.iter().map(|t| *t.last().expect("token")).collect();
                 let logits = decode_step(&p.model, &mut batch, &next).expect("step");
                 for (row, t) in tokens.iter_mut().enumerate() {
-                    t.push(greedy().sample(&logits.get(row).expect("row")).expect("sample"));
+                    t.push(
+                        greedy()
+                            .sample(&logits.get(row).expect("row"))
+                            .expect("sample"),
+                    );
                 }
             }
             let out = prefill_batch(
@@ -309,7 +313,11 @@ mod tests {
             let next: Vec<u32> = tokens.iter().map(|t| *t.last().expect("token")).collect();
             let logits = decode_step(&p.model, &mut batch, &next).expect("step");
             for (row, t) in tokens.iter_mut().enumerate() {
-                t.push(greedy().sample(&logits.get(row).expect("row")).expect("sample"));
+                t.push(
+                    greedy()
+                        .sample(&logits.get(row).expect("row"))
+                        .expect("sample"),
+                );
             }
         }
         for (i, (got, want)) in tokens.iter().zip(&alone).enumerate() {

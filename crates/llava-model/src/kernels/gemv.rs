@@ -20,7 +20,6 @@ use crate::kernels::fused::{contiguous, simd};
 /// took 4.3 s against 0.26 s for one row on the tiny-1b decoder (BENCHMARKS.md, Serving).
 pub const MAX_ROWS: usize = 16;
 
-
 /// Weight rows per parallel task: big enough to amortise scheduling, small enough to balance
 /// the 256-row key/value projections of grouped-query attention over the threads.
 const ROWS_PER_TASK: usize = 16;
