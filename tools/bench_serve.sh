@@ -8,10 +8,10 @@
 #   tools/bench_serve.sh [CKPT] [PY]
 #
 # Environment (defaults): DTYPE (bf16, ours), GGUF (f16, llama.cpp's), SERVERS ("ours llamacpp"),
-# CLIENTS (64), REQUESTS (128), PROMPTS (16), MAX_TOKENS (32), STREAM_TOKENS (64), PHASES (reference,load,streams),
-# TIME_LIMIT (600 s for the load phase), MAX_RUNNING (8), MAX_QUEUE (64), IMAGE (none: text
-# prompts; a PNG sent with every reference and load request, ours only), OUT (/tmp/bench_serve:
-# logs and results.jsonl).
+# CLIENTS (64), REQUESTS (128), PROMPTS (16), MAX_TOKENS (32), STREAM_TOKENS (64), PHASES
+# (reference,load,streams), TIME_LIMIT (600 s for the load phase), MAX_RUNNING (8), MAX_QUEUE
+# (64), IMAGE (none: text prompts; a PNG sent with every reference and load request, ours only),
+# OUT (/tmp/bench_serve: logs and results.jsonl).
 source "$(dirname "${BASH_SOURCE[0]}")/bench_cpu_setup.sh" "${1:-/tmp/llava-tiny-1b}" "${2:-/work/venv/bin/python}"
 dtype=${DTYPE:-bf16}
 gguf_type=${GGUF:-f16}

@@ -17,7 +17,7 @@ use crate::kernels::fused::{contiguous, simd};
 /// Rows of `x` up to which one pass over the weight beats a GEMM: a server's decode step
 /// (`llava serve --max-running`, 8 by default) stays here. Above 4 rows, the GEMM of a bf16
 /// weight without AMX widens the whole weight to f32 on every call: a decode step of 8 rows
-/// took 4.3 s against 0.26 s for one row on the tiny-1b decoder (BENCHMARKS.md, Serving).
+/// took 7.0 s against 0.20 s for one row on the tiny-1b decoder (BENCHMARKS.md, Serving).
 pub const MAX_ROWS: usize = 16;
 
 /// Weight rows per parallel task: big enough to amortise scheduling, small enough to balance
