@@ -118,14 +118,9 @@ class Client:
                 rec["error"] = (await resp.text())[:300]
                 rec["retry_after"] = float(resp.headers.get("Retry-After", "1"))
                 return rec
-            async for raw in resp.content:
-                line = raw.decode("utf-8", "replace").strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
+            async for chunk in sse_chunks(resp):
+                if chunk is None:
                     break
-                chunk = json.loads(data)
                 if "error" in chunk:
                     rec["status"] = "stream-error"
                     rec["error"] = json.dumps(chunk["error"])[:300]
@@ -139,6 +134,19 @@ class Client:
                         rec["times"].append(time.perf_counter())
         rec["t_end"] = time.perf_counter()
         return rec
+
+
+async def sse_chunks(resp):
+    """The JSON objects of a server-sent event stream, then None for `data: [DONE]`."""
+    async for raw in resp.content:
+        line = raw.decode("utf-8", "replace").strip()
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            yield None
+            return
+        yield json.loads(data)
 
 
 def completion_tokens(rec: dict) -> int:

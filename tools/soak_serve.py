@@ -22,7 +22,7 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serve import Client, prompts, rss  # noqa: E402
+from bench_serve import Client, prompts, rss, sse_chunks  # noqa: E402
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -81,14 +81,9 @@ async def one(kind: str, client: Client, session, rng, images, args) -> str:
             reply = await resp.json()
             return "200" if reply["choices"][0]["message"]["content"] is not None else "200-empty"
         chunks = 0
-        async for raw in resp.content:
-            line = raw.decode("utf-8", "replace").strip()
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
+        async for chunk in sse_chunks(resp):
+            if chunk is None:
                 return "200"
-            chunk = json.loads(data)
             if "error" in chunk:
                 return f"stream-error {chunk['error'].get('type')}"
             chunks += 1
