@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ckpt=${1:-/tmp/llava-tiny-1b}
 py=${2:-/work/venv/bin/python}
-cargo build --release -p llava-cli
+nice -n 19 cargo build --release -p llava-cli
 llava=target/release/llava
 [ -f "$ckpt/config.json" ] || $llava init --shape tiny-1b --out "$ckpt"
 peak() { grep "Maximum resident" "$1" | awk '{printf "%.2f GB", $6/1024/1024}'; }

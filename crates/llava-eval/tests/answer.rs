@@ -12,8 +12,9 @@ use llava_model::generation::SamplingParams;
 use llava_model::pipeline::{Pipeline, PipelineOptions};
 use llava_model::prompt_cache::PromptCache;
 
-/// A second question about the fixture's image.
-const FOLLOW_UP: &str = "How many animals are there?";
+/// A second question about the fixture's image, longer than the tokens a cached prompt always
+/// runs again (`gemv::MAX_ROWS + 1`), so that its image span can come from the cache.
+const FOLLOW_UP: &str = "How many animals are there, and what colour is each of them?";
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models")

@@ -10,7 +10,9 @@ use llava_serve::ServeConfig;
 use serde_json::{Value, json};
 
 const MAX: usize = 8;
-const QUESTION: &str = "What is in the image?";
+/// Longer than the tokens a cached prompt always runs again (`gemv::MAX_ROWS + 1`), so that a
+/// repeated question reuses keys past its image.
+const QUESTION: &str = "What is in the image? Name every shape and colour you see.";
 
 fn ask(url: &str) -> Value {
     json!({"role": "user", "content": [

@@ -158,7 +158,7 @@ mod tests {
 
     use super::*;
     use crate::generate::generation::{
-        BatchPrompt, Sampler, SamplingParams, generate, prefill_batch,
+        BatchPrompt, PrefilledBatch, Sampler, SamplingParams, generate, prefill_batch,
     };
     use crate::generate::pipeline::{Pipeline, PipelineOptions};
 
@@ -172,6 +172,31 @@ mod tests {
 
     fn greedy() -> Sampler {
         Sampler::new(SamplingParams::default()).expect("greedy sampler")
+    }
+
+    /// One text prompt prefilled alone, as the server prefills an arriving request.
+    fn prefill_alone(p: &Pipeline, ids: &[u32]) -> PrefilledBatch {
+        prefill_batch(
+            &p.model,
+            &[BatchPrompt {
+                input_ids: ids,
+                images: None,
+            }],
+        )
+        .expect("prefill")
+    }
+
+    /// One decode step of every row of `batch`, each row's greedy token appended to its list.
+    fn step_greedy(p: &Pipeline, batch: &mut KvCache, tokens: &mut [Vec<u32>]) {
+        let next: Vec<u32> = tokens.iter().map(|t| *t.last().expect("token")).collect();
+        let logits = decode_step(&p.model, batch, &next).expect("step");
+        for (row, t) in tokens.iter_mut().enumerate() {
+            t.push(
+                greedy()
+                    .sample(&logits.get(row).expect("row"))
+                    .expect("sample"),
+            );
+        }
     }
 
     /// A sequence that arrives while another decodes, joins it, decodes beside it and outlives
@@ -257,6 +282,51 @@ mod tests {
         assert_eq!(b, b_alone, "the shorter row that joined later");
     }
 
+    /// A full server batch (`llava serve --max-running 8`): eight prompts of different lengths
+    /// join one by one, as the server admits them, and each row gets the tokens it gets alone.
+    #[test]
+    fn eight_joined_rows_decode_as_they_would_alone() {
+        let p = pipeline();
+        let ids: Vec<Vec<u32>> = (0..8)
+            .map(|i| {
+                let text = format!("Question {i}: {}?", "what is there ".repeat(i));
+                let prompt = p.render(&[Message::user(&text, 0)]).expect("render");
+                p.encode(&prompt, None).expect("encode")
+            })
+            .collect();
+        let alone: Vec<Vec<u32>> = ids
+            .iter()
+            .map(|ids| {
+                generate(&p.model, ids, None, &mut greedy(), STEPS, &[], |_| {
+                    ControlFlow::Continue(())
+                })
+                .expect("generate")
+                .0
+            })
+            .collect();
+        let mut batch = KvCache::new();
+        let mut tokens: Vec<Vec<u32>> = Vec::new();
+        for ids in &ids {
+            // Everyone already in the batch takes a step before the next one arrives.
+            if !tokens.is_empty() {
+                step_greedy(&p, &mut batch, &mut tokens);
+            }
+            let out = prefill_alone(&p, ids);
+            let first = greedy()
+                .sample(&out.logits.get(0).expect("row"))
+                .expect("sample");
+            join(&mut batch, out.cache).expect("join");
+            tokens.push(vec![first]);
+        }
+        assert_eq!(rows(&batch), 8);
+        while tokens.iter().any(|t| t.len() < STEPS) {
+            step_greedy(&p, &mut batch, &mut tokens);
+        }
+        for (i, (got, want)) in tokens.iter().zip(&alone).enumerate() {
+            assert_eq!(&got[..want.len()], &want[..], "row {i}");
+        }
+    }
+
     /// A row taken out of a padded batch is that prompt's cache alone: unpadded, and a
     /// prompt cache built from it gives the tokens a fresh run gives.
     #[test]
@@ -272,15 +342,7 @@ mod tests {
         let b_ids = p.encode(&short, None).expect("encode");
         let mut batch = KvCache::new();
         for ids in [&a_ids, &b_ids] {
-            let out = prefill_batch(
-                &p.model,
-                &[BatchPrompt {
-                    input_ids: ids,
-                    images: None,
-                }],
-            )
-            .expect("prefill");
-            join(&mut batch, out.cache).expect("join");
+            join(&mut batch, prefill_alone(&p, ids).cache).expect("join");
         }
         let b = take_row(&batch, 1).expect("row");
         assert_eq!(b.seq_len(), b_ids.len(), "the padding is gone");

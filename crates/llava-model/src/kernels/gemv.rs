@@ -14,8 +14,11 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::kernels::fused::{contiguous, simd};
 
-/// Rows of `x` up to which one pass over the weight beats a GEMM.
-pub const MAX_ROWS: usize = 4;
+/// Rows of `x` up to which one pass over the weight beats a GEMM: a server's decode step
+/// (`llava serve --max-running`, 8 by default) stays here. Above 4 rows, the GEMM of a bf16
+/// weight without AMX widens the whole weight to f32 on every call: a decode step of 8 rows
+/// took 7.0 s against 0.20 s for one row on the tiny-1b decoder (BENCHMARKS.md, Serving).
+pub const MAX_ROWS: usize = 16;
 
 /// Weight rows per parallel task: big enough to amortise scheduling, small enough to balance
 /// the 256-row key/value projections of grouped-query attention over the threads.
@@ -148,7 +151,9 @@ impl Widen for bf16 {
 }
 
 /// `out[i, j] = Σ_l x[i, l]·w[j, l]`, each weight row read once for all `m` rows of `x`.
-fn product<W: Widen, O: Send + Copy + Default>(
+/// Every output is summed in the same order whatever `m` is, so a row of a batch gets the bits
+/// it gets alone.
+fn product<W: Load16, O: Send + Copy + Default>(
     x: &[f32],
     w: &[W],
     m: usize,
@@ -156,6 +161,8 @@ fn product<W: Widen, O: Send + Copy + Default>(
     n: usize,
     round: impl Fn(f32) -> O + Sync,
 ) -> Vec<O> {
+    #[cfg(target_arch = "x86_64")]
+    let rows_at_once = m >= 4 && std::arch::is_x86_feature_detected!("avx512f");
     by_weight_rows(
         m,
         n,
@@ -168,8 +175,25 @@ fn product<W: Widen, O: Send + Copy + Default>(
             while r + 4 <= rows {
                 let j = j0 + r;
                 let w4 = [0, 1, 2, 3].map(|q| &w[(j + q) * k..(j + q + 1) * k]);
-                for i in 0..m {
-                    let sums = dot4(&x[i * k..(i + 1) * k], w4);
+                let row = |i: usize| &x[i * k..(i + 1) * k];
+                let mut i = 0;
+                #[cfg(target_arch = "x86_64")]
+                if rows_at_once {
+                    // Four rows of `x` at a time (a batch's decode step): each piece of the
+                    // four weight rows is loaded and widened once for all of them.
+                    while i + 4 <= m {
+                        // SAFETY: `rows_at_once` says the CPU has AVX-512F.
+                        let sums = unsafe { avx512::dot4x4([0, 1, 2, 3].map(|t| row(i + t)), w4) };
+                        for (t, sums) in sums.into_iter().enumerate() {
+                            for (q, v) in sums.into_iter().enumerate() {
+                                out[(r + q) * m + i + t] = round(v);
+                            }
+                        }
+                        i += 4;
+                    }
+                }
+                for i in i..m {
+                    let sums = dot4(row(i), w4);
                     for (q, v) in sums.into_iter().enumerate() {
                         out[(r + q) * m + i] = round(v);
                     }
@@ -241,13 +265,19 @@ fn dot4<W: Widen>(x: &[f32], w: [&[W]; 4]) -> [f32; 4] {
     }
     let mut sums = acc.map(|a| a.iter().sum::<f32>());
     for (q, s) in sums.iter_mut().enumerate() {
-        *s += x[full..]
-            .iter()
-            .zip(&w[q][full..])
-            .map(|(a, b)| a * b.widen())
-            .sum::<f32>();
+        *s += tail(x, w[q], full);
     }
     sums
+}
+
+/// `Σ x[l]·w[l]` over `l ≥ full`, the part of a dot product past its whole 16-lane pieces.
+#[inline(always)]
+fn tail<W: Widen>(x: &[f32], w: &[W], full: usize) -> f32 {
+    x[full..]
+        .iter()
+        .zip(&w[full..])
+        .map(|(a, b)| a * b.widen())
+        .sum::<f32>()
 }
 
 /// A dot product in 32 independent f32 lanes, so that the adds do not wait on each other.
@@ -268,6 +298,90 @@ fn dot<W: Widen>(x: &[f32], w: &[W]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
+}
+
+/// A weight type [`product`] takes: f32 or bf16, which [`avx512::dot4x4`] loads 16 at a time.
+pub(crate) trait Load16: Widen {
+    /// 16 values at `p`, widened to f32.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F and `p` points at 16 readable values.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+impl Load16 for f32 {
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's contract.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+}
+
+impl Load16 for bf16 {
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(p: *const bf16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract; 16 bf16 are 32 bytes. Each widened as `Widen` does:
+        // the bits moved to the top half of an f32.
+        unsafe {
+            let h = _mm256_loadu_si256(p.cast::<__m256i>());
+            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+        }
+    }
+}
+
+/// The four-rows-at-once product in AVX-512 intrinsics: written as plain loops (as [`dot4`]),
+/// the compiler's code for it came out several times slower than four [`dot4`]s, or not,
+/// depending on the build.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Load16, tail};
+
+    /// The dot products of four rows of `x` with four weight rows, `[x row][weight row]`, each
+    /// summed exactly as [`super::dot4`] sums it: 16 lanes of fused multiply-adds in order,
+    /// the lanes added in order, then the tail.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; all eight slices have the same length.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(super) unsafe fn dot4x4<W: Load16>(x: [&[f32]; 4], w: [&[W]; 4]) -> [[f32; 4]; 4] {
+        const LANES: usize = 16;
+        let k = w[0].len();
+        let full = k / LANES * LANES;
+        let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+        let mut c = 0;
+        while c < full {
+            // SAFETY: `c + 16 ≤ full ≤ k`, the length of every slice.
+            unsafe {
+                let b = [0, 1, 2, 3].map(|q| W::load16(w[q].as_ptr().add(c)));
+                for (acc, x) in acc.iter_mut().zip(&x) {
+                    let a = _mm512_loadu_ps(x.as_ptr().add(c));
+                    for (acc, b) in acc.iter_mut().zip(&b) {
+                        *acc = _mm512_fmadd_ps(a, *b, *acc);
+                    }
+                }
+            }
+            c += LANES;
+        }
+        let mut sums = [[0f32; 4]; 4];
+        for ((sums, acc), x) in sums.iter_mut().zip(&acc).zip(&x) {
+            for ((s, acc), w) in sums.iter_mut().zip(acc).zip(&w) {
+                let mut lanes = [0f32; LANES];
+                // SAFETY: 16 floats into a 16-float array.
+                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *acc) };
+                *s = lanes.iter().sum::<f32>() + tail(x, w, full);
+            }
+        }
+        sums
+    }
 }
 
 #[cfg(test)]
@@ -311,6 +425,40 @@ mod tests {
             let reference = x.matmul(&w.t().expect("t")).expect("matmul");
             assert_eq!(ours.dims(), &[m, 37]);
             assert!(max_rel(&ours, &reference) < 1e-5, "m={m}");
+        }
+    }
+
+    /// A server's decode step multiplies every running sequence's row at once; each row's
+    /// products must be the bits it gets alone, or a greedy reply would depend on its company.
+    #[test]
+    fn each_row_of_a_batch_gets_the_bits_it_gets_alone() {
+        let x = tensor(MAX_ROWS, 77, 9);
+        for w in [
+            tensor(37, 77, 10),
+            tensor(37, 77, 10).to_dtype(DType::BF16).expect("bf16"),
+        ] {
+            for m in [2, 4, 7, MAX_ROWS] {
+                let batch = x.narrow(0, 0, m).expect("rows");
+                assert!(applies(&batch, &w));
+                let together = matmul_t(&batch, &w).expect("batch");
+                for i in 0..m {
+                    let alone = matmul_t(&batch.narrow(0, i, 1).expect("row"), &w).expect("row");
+                    let bits = |t: &Tensor| {
+                        t.flatten_all()
+                            .and_then(|t| t.to_vec1::<f32>())
+                            .expect("values")
+                            .into_iter()
+                            .map(f32::to_bits)
+                            .collect::<Vec<_>>()
+                    };
+                    assert_eq!(
+                        bits(&together.get(i).expect("row")),
+                        bits(&alone),
+                        "row {i} of {m}, {:?} weights",
+                        w.dtype()
+                    );
+                }
+            }
         }
     }
 
