@@ -12,6 +12,14 @@ circle and a green star."), then questions about it inside the llava_v1 prompt, 
 - position "Is the {a} to the left or to the right of the {b}?" -> left / right
 - yesno    "Is there a {colour} {shape} in the picture?"        -> Yes / No
 
+and two caption turns that are trained on but not scored:
+
+- inventory "Describe the image briefly." -> the demo's inventory caption, the objects in a new
+            order ("An image showing a green star and a red circle."): each shape after its
+            colour is the shape question's look-up.
+- colours   "What colour is each shape?" -> "The square is red and the circle is blue.": each
+            colour after its shape is the colour question's look-up.
+
 The world, the templates and the prompt copy crates/llava-demo (world/scene.rs, captions.rs,
 questions.rs, teacher/conversation.rs) and llava-data's llava_v1 template. Held-out scenes are
 drawn first from their own seed; no training scene of two or more objects lists the same
@@ -30,7 +38,8 @@ the words with 64 exact patch features (one-hot colour and shape on each object'
 through a 2-layer GELU projector: the decoder's best case with a perfect tower.
 
 Prints, every --every steps: step, the mean training loss since the last print, held-out
-accuracy per kind, seconds. Run with 1 thread and low priority:
+accuracy per kind, colour accuracy by the scene's number of objects (a model reading the scene
+as a bag of colours gets about 1/n), the demo bench's accuracy, seconds, steps/s, tokens/s. Run with 1 thread and low priority:
 
     llava demo --out /tmp/demo --stop-after init
     nice -n 19 python tools/lookup_pytorch.py --tokenizer /tmp/demo/init/tokenizer.json \
@@ -52,6 +61,8 @@ SHAPES = ["circle", "square", "triangle", "star"]
 BACKGROUNDS = ["white", "light grey", "beige", "cream", "dark grey"]
 MAX_OBJECTS = 5
 KINDS = ["colour", "shape", "count", "position", "yesno"]
+# Train-only kinds: long answers, not scored.
+CAPTION_KINDS = ["inventory", "colours"]
 SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 SUFFIX = "Answer the question using a single word or phrase."
@@ -133,6 +144,28 @@ class Scene:
             return rng.choice([f"Is there {article(name)} {name} in the picture?",
                                f"Can you see {article(name)} {name}?",
                                f"Does the image contain {article(name)} {name}?"]), answer
+        if kind == "inventory":
+            # The demo's `inventory` caption: every object again, in a random order. Each
+            # object after its first word is a lookup in the scene (which shape goes with this
+            # colour), so every caption is several binding questions at once.
+            phrases = []
+            for c, s, size in rng.sample(objs, len(objs)):
+                w = f"{size} {c} {s}" if rng.random() < 0.5 else f"{c} {s}"
+                phrases.append(f"{article(w)} {w}")
+            if len(phrases) == 1:
+                return "Describe the image briefly.", f"A picture of a single {objs[0][0]} {objs[0][1]}."
+            return "Describe the image briefly.", rng.choice(
+                [f"An image showing {join_list(phrases)}.", f"Some shapes: {join_list(phrases)}."])
+        if kind == "colours":
+            # Each shape's colour, shape first: every item is the colour question's lookup
+            # (from the shape to the word before it in the scene), as inventory's items are the
+            # shape question's.
+            unique = [o for o in objs if sum(p[1] == o[1] for p in objs) == 1]
+            if not unique:
+                return None
+            items = [f"the {s} is {c}" for c, s, _ in rng.sample(unique, len(unique))]
+            text = join_list(items)
+            return "What colour is each shape?", f"{text[0].upper()}{text[1:]}."
         raise ValueError(kind)
 
     def patch_features(self, rng, grid=8):
@@ -293,10 +326,10 @@ def main():
     rng, held_rng = random.Random(args.seed), random.Random(args.seed + 1_000_003)
 
     # Held-out: `--held-out` single-turn questions per kind, from scenes of 1-5 objects.
-    tests, held_keys = {k: [] for k in args.kinds}, set()
+    tests, held_keys = {k: [] for k in args.kinds if k not in CAPTION_KINDS}, set()
     while any(len(v) < args.held_out for v in tests.values()):
         scene = Scene(held_rng)
-        for k in args.kinds:
+        for k in tests:
             qa = scene.question(k, held_rng)
             if qa and len(tests[k]) < args.held_out:
                 tests[k].append(task.record(scene, [(k,) + qa], held_rng) + (scene,))
@@ -312,12 +345,14 @@ def main():
                 (ids + answer, [-100] * len(ids) + answer,
                  [(len(ids), len(ids) + len(answer))], None))
 
-    def accuracy(sets):
+    def accuracy(sets, by_objects=None):
+        """Per kind; with `by_objects`, also that kind's accuracy by the scene's object count
+        (where a model that reads the scene as a bag of colours gets about 1/n)."""
         task.model.eval()
         out = {}
         with torch.no_grad():
             for kind, items in sets.items():
-                right = 0
+                right = []
                 for b in range(0, len(items), 50):
                     chunk = items[b:b + 50]
                     xs, _ = collate([(task.embed(i, s, random.Random(7)), i)
@@ -325,8 +360,13 @@ def main():
                     pred = task.model(inputs_embeds=xs).logits.argmax(-1)
                     for row, (ids, _, spans, _) in enumerate(chunk):
                         a, e = spans[0]
-                        right += bool((pred[row, a - 1:e - 1] == torch.tensor(ids[a:e])).all())
-                out[kind] = right / len(items)
+                        right.append(bool((pred[row, a - 1:e - 1] == torch.tensor(ids[a:e])).all()))
+                out[kind] = sum(right) / len(items)
+                if kind == by_objects:
+                    for n in range(1, MAX_OBJECTS + 1):
+                        hits = [r for r, it in zip(right, items) if len(it[3].objects) == n]
+                        if hits:
+                            out[f"n{n}"] = sum(hits) / len(hits)
         task.model.train()
         return out
 
@@ -358,8 +398,11 @@ def main():
         opt.zero_grad()
         losses.append(loss.item())
         if step % args.every == 0 or step == args.steps:
-            acc = accuracy(tests)
-            line = "  ".join(f"{k} {v:.1%}" for k, v in acc.items())
+            acc = accuracy(tests, by_objects="colour" if "colour" in tests else None)
+            line = "  ".join(f"{k} {v:.1%}" for k, v in acc.items() if k in tests)
+            by_n = [f"{k} {v:.0%}" for k, v in acc.items() if k not in tests]
+            if by_n:
+                line += "  (colour by objects: " + " ".join(by_n) + ")"
             if bench:
                 line += "  | demo bench " + "  ".join(
                     f"{k} {v:.1%}" for k, v in accuracy(bench).items())
