@@ -1,160 +1,416 @@
-"""Can the demo's decoder, trained from scratch, learn to find the object a question names?
-(BENCHMARKS.md, "The offline demo": what limits colour and shape.)
+"""Can a decoder trained from scratch on the shapes world's text answer questions about a scene?
+(BENCHMARKS.md, "The offline demo": the decoder's pretraining recipe, issue 29.)
 
-Trains transformers' LlamaForCausalLM shaped as the demo's decoder (3 layers, width 192, 3
-heads, MLP 512) on one question kind only, "What colour is the {shape}?" about scenes of 1-5
-objects of the demo's colours and shapes, the asked shape appearing once. The loss is on the
-answer word and `</s>`, as in stage 2. Prints the loss and held-out accuracy (greedy first
-token, 200 questions) every --every steps.
+Trains transformers' LlamaForCausalLM on the demo's text-only records: a scene written out as
+the demo's left-to-right caption ("The picture: From left to right: a red square, a large blue
+circle and a green star."), then questions about it inside the llava_v1 prompt, one per turn, as
+`llava_demo::data::text_probe_records` writes them. Question kinds (`--kinds`):
 
-Two ways to give the scene:
+- colour   "What colour is the {shape}?"              -> red      (the shape is unique)
+- shape    "Which shape is {colour}?"                 -> square   (the colour is unique)
+- count    "How many shapes are there in the image?"  -> 3
+- position "Is the {a} to the left or to the right of the {b}?" -> left / right
+- yesno    "Is there a {colour} {shape} in the picture?"        -> Yes / No
 
-- `--scene words`: the scene written out as the demo's text-only records do, "The picture:
-  From left to right: a red square, a blue circle.", inside the llava_v1 prompt.
-- `--scene patches`: an 8x8 grid of 64 "image tokens" whose features are exact: each patch
-  covered by an object holds one-hot colour and one-hot shape, the others one-hot background,
-  through a 2-layer GELU projector. A tower cannot see better than this, so this is the
-  decoder's best case.
+and two caption turns that are trained on but not scored:
+
+- inventory "Describe the image briefly." -> the demo's inventory caption, the objects in a new
+            order ("An image showing a green star and a red circle."): each shape after its
+            colour is the shape question's look-up.
+- colours   "What colour is each shape?" -> "The square is red and the circle is blue.": each
+            colour after its shape is the colour question's look-up.
+
+The world, the templates and the prompt copy crates/llava-demo (world/scene.rs, captions.rs,
+questions.rs, teacher/conversation.rs) and llava-data's llava_v1 template. Held-out scenes are
+drawn first from their own seed; no training scene of two or more objects lists the same
+objects in the same order as a held-out scene (single objects cannot be kept apart: there are
+only 24). Held-out accuracy is exact greedy answering of single-turn questions (every answer
+token and `</s>` argmax-right under teacher forcing, which is what greedy decoding would
+produce), per kind. `--bench OUT/data/bench_words.jsonl` also scores the demo's own held-out
+"in words" questions.
+
+Recipe knobs: `--tokenizer` (the demo's tokenizer.json, or `punct`: the same BPE retrained
+here on the world's text with punctuation and newlines split off words), model shape
+(`--layers --width --heads --mlp`), `--lr --warmup --schedule`, `--batch-size`, `--turns`
+(questions per scene), `--loss answers|all`, `--curriculum N` (the most objects a training scene
+may hold rises from 1 to 5 over the first N steps), `--no-system`. `--scene patches` replaces
+the words with 64 exact patch features (one-hot colour and shape on each object's 2x2 block)
+through a 2-layer GELU projector: the decoder's best case with a perfect tower.
+
+Prints, every --every steps: step, the mean training loss since the last print, held-out
+accuracy per kind, colour accuracy by the scene's number of objects (a model reading the scene
+as a bag of colours gets about 1/n), the demo bench's accuracy, seconds, steps/s, tokens/s. Run with 1 thread and low priority:
 
     llava demo --out /tmp/demo --stop-after init
-    python tools/lookup_pytorch.py --tokenizer /tmp/demo/init/tokenizer.json --scene words
-    python tools/lookup_pytorch.py --tokenizer /tmp/demo/init/tokenizer.json --scene patches
+    nice -n 19 python tools/lookup_pytorch.py --tokenizer /tmp/demo/init/tokenizer.json \
+        --bench /tmp/demo/data/bench_words.jsonl --steps 20000 --every 1000
 """
 
 import argparse
+import json
+import math
 import random
 import time
 
 import torch
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SHAPES = ["circle", "square", "triangle", "star"]
-BACKGROUNDS = 4
-FEATURES = len(COLOURS) + BACKGROUNDS + len(SHAPES)
+BACKGROUNDS = ["white", "light grey", "beige", "cream", "dark grey"]
+MAX_OBJECTS = 5
+KINDS = ["colour", "shape", "count", "position", "yesno"]
+# Train-only kinds: long answers, not scored.
+CAPTION_KINDS = ["inventory", "colours"]
 SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the human's questions.")
-SUFFIX = "\nAnswer the question using a single word or phrase."
+SUFFIX = "Answer the question using a single word or phrase."
+PATCH_FEATURES = len(COLOURS) + len(BACKGROUNDS) + len(SHAPES)
 
 
-def scene(rng):
-    """Objects left to right and the index of the one asked about (its shape is unique)."""
-    while True:
-        objects = [(rng.choice(COLOURS), rng.choice(SHAPES)) for _ in range(rng.randint(1, 5))]
-        shapes = [s for _, s in objects]
-        unique = [i for i, (_, s) in enumerate(objects) if shapes.count(s) == 1]
-        if unique:
-            return objects, rng.choice(unique)
+def article(word):
+    return "an" if word[0] in "aeiou" else "a"
 
 
-def patch_features(objects, rng, grid=8):
-    """Each object on a 2x2 block of patches, placed left to right in random rows."""
-    features = torch.zeros(grid * grid, FEATURES)
-    features[:, len(COLOURS) + rng.randrange(BACKGROUNDS)] = 1
-    columns = sorted(rng.sample(range(0, grid - 1), len(objects)))
-    for (colour, shape), col in zip(objects, columns):
-        row = rng.randrange(grid - 1)
-        for dr in (0, 1):
-            for dc in (0, 1):
-                p = (row + dr) * grid + col + dc
-                features[p] = 0
-                features[p, COLOURS.index(colour)] = 1
-                features[p, len(COLOURS) + BACKGROUNDS + SHAPES.index(shape)] = 1
-    return features
+def join_list(items):
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+class Scene:
+    """Objects (colour, shape, size) left to right, and a background."""
+
+    def __init__(self, rng, max_objects=MAX_OBJECTS):
+        n = rng.randint(1, max_objects)
+        pairs = rng.sample([(c, s) for c in COLOURS for s in SHAPES], n)
+        self.objects = [(c, s, rng.choice(["small", "large"])) for c, s in pairs]
+        self.background = rng.choice(BACKGROUNDS)
+
+    def key(self):
+        return tuple((c, s) for c, s, _ in self.objects)
+
+    def words(self, rng):
+        """The demo's `order` caption (world/captions.rs)."""
+        phrases = []
+        for c, s, size in self.objects:
+            w = f"{size} {c} {s}" if rng.random() < 0.5 else f"{c} {s}"
+            phrases.append(f"{article(w)} {w}")
+        if len(phrases) == 1:
+            p = phrases[0]
+            return f"{p[0].upper()}{p[1:]} on {article(self.background)} {self.background} background."
+        listed = join_list(phrases)
+        return rng.choice([f"From left to right: {listed}.", f"Left to right, there is {listed}.",
+                           f"Reading from left to right we see {listed}."])
+
+    def question(self, kind, rng):
+        """(question, answer) of one kind, or None when the scene cannot pose it
+        (llava_demo::questions::probe; yes/no as the teacher's present/absent pairs)."""
+        objs = self.objects
+        if kind == "colour":
+            unique = [o for o in objs if sum(p[1] == o[1] for p in objs) == 1]
+            if not unique:
+                return None
+            c, s, _ = rng.choice(unique)
+            return rng.choice([f"What colour is the {s}?", f"What is the colour of the {s}?",
+                               f"Which colour does the {s} have?"]), c
+        if kind == "shape":
+            unique = [o for o in objs if sum(p[0] == o[0] for p in objs) == 1]
+            if not unique:
+                return None
+            c, s, _ = rng.choice(unique)
+            return rng.choice([f"What shape is the {c} object?", f"Which shape is {c}?"]), s
+        if kind == "count":
+            return rng.choice(["How many shapes are there in the image?",
+                               "How many objects are in the picture?",
+                               "Count the shapes in the image."]), str(len(objs))
+        if kind == "position":
+            if len(objs) < 2:
+                return None
+            i, j = rng.sample(range(len(objs)), 2)
+            (ca, sa, _), (cb, sb, _) = objs[i], objs[j]
+            return (f"Is the {ca} {sa} to the left or to the right of the {cb} {sb}?",
+                    "left" if i < j else "right")
+        if kind == "yesno":
+            present = {(c, s) for c, s, _ in objs}
+            if rng.random() < 0.5:
+                c, s, _ = rng.choice(objs)
+                answer = "Yes"
+            else:
+                absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+                near = [(c, s) for c, s in absent if any(c == o[0] or s == o[1] for o in objs)]
+                c, s = rng.choice(near if near and rng.random() < 0.7 else absent)
+                answer = "No"
+            name = f"{c} {s}"
+            return rng.choice([f"Is there {article(name)} {name} in the picture?",
+                               f"Can you see {article(name)} {name}?",
+                               f"Does the image contain {article(name)} {name}?"]), answer
+        if kind == "inventory":
+            # The demo's `inventory` caption: every object again, in a random order. Each
+            # object after its first word is a lookup in the scene (which shape goes with this
+            # colour), so every caption is several binding questions at once.
+            phrases = []
+            for c, s, size in rng.sample(objs, len(objs)):
+                w = f"{size} {c} {s}" if rng.random() < 0.5 else f"{c} {s}"
+                phrases.append(f"{article(w)} {w}")
+            if len(phrases) == 1:
+                return "Describe the image briefly.", f"A picture of a single {objs[0][0]} {objs[0][1]}."
+            return "Describe the image briefly.", rng.choice(
+                [f"An image showing {join_list(phrases)}.", f"Some shapes: {join_list(phrases)}."])
+        if kind == "colours":
+            # Each shape's colour, shape first: every item is the colour question's lookup
+            # (from the shape to the word before it in the scene), as inventory's items are the
+            # shape question's.
+            unique = [o for o in objs if sum(p[1] == o[1] for p in objs) == 1]
+            if not unique:
+                return None
+            items = [f"the {s} is {c}" for c, s, _ in rng.sample(unique, len(unique))]
+            text = join_list(items)
+            return "What colour is each shape?", f"{text[0].upper()}{text[1:]}."
+        raise ValueError(kind)
+
+    def patch_features(self, rng, grid=8):
+        """Each object on a 2x2 block of patches in distinct, non-overlapping columns."""
+        features = torch.zeros(grid * grid, PATCH_FEATURES)
+        features[:, len(COLOURS) + rng.randrange(len(BACKGROUNDS))] = 1
+        columns = sorted(rng.sample(range(0, grid // 2), len(self.objects)))
+        for (colour, shape, _), col in zip(self.objects, columns):
+            row = rng.randrange(grid - 1)
+            for dr in (0, 1):
+                for dc in (0, 1):
+                    p = (row + dr) * grid + 2 * col + dc
+                    features[p] = 0
+                    features[p, COLOURS.index(colour)] = 1
+                    features[p, len(COLOURS) + len(BACKGROUNDS) + SHAPES.index(shape)] = 1
+        return features
+
+
+def punct_tokenizer(vocab_size, seed):
+    """The demo's BPE (Metaspace, 512 ids, the same specials), but with punctuation and
+    newlines split off words, so that "square" is one token in "a red square," and in
+    "the square?\\n"."""
+    rng = random.Random(seed + 7)
+    texts = []
+    for _ in range(3000):
+        s = Scene(rng)
+        turns = [s.question(k, rng) for k in KINDS]
+        texts.append(f"{SYSTEM} USER: The picture: {s.words(rng)}\n"
+                     + " ".join(f"{q[0]}\n{SUFFIX} ASSISTANT: {q[1]}" for q in turns if q))
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split("\n", behavior="isolated"),
+        pre_tokenizers.Punctuation(behavior="isolated"),
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"),
+    ])
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    alphabet = [chr(c) for c in range(32, 127)] + ["▁", "\n"]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=2, show_progress=False,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"], initial_alphabet=alphabet))
+    return tok
 
 
 class Task:
     def __init__(self, args):
-        self.tok = Tokenizer.from_file(args.tokenizer)
+        self.args = args
+        self.tok = (punct_tokenizer(512, args.seed) if args.tokenizer == "punct"
+                    else Tokenizer.from_file(args.tokenizer))
         self.words = args.scene == "words"
-        cfg = LlamaConfig(vocab_size=self.tok.get_vocab_size(), hidden_size=192,
-                          intermediate_size=512, num_hidden_layers=args.layers,
-                          num_attention_heads=3, num_key_value_heads=3,
-                          max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
-                          pad_token_id=3)
+        self.system = "" if args.no_system else SYSTEM + " "
+        cfg = LlamaConfig(vocab_size=self.tok.get_vocab_size(), hidden_size=args.width,
+                          intermediate_size=args.mlp, num_hidden_layers=args.layers,
+                          num_attention_heads=args.heads, num_key_value_heads=args.heads,
+                          max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
+                          pad_token_id=3, attn_implementation="sdpa")
         torch.manual_seed(args.seed)
         self.model = LlamaForCausalLM(cfg)
-        self.projector = torch.nn.Sequential(torch.nn.Linear(FEATURES, 192), torch.nn.GELU(),
-                                             torch.nn.Linear(192, 192))
+        self.projector = torch.nn.Sequential(torch.nn.Linear(PATCH_FEATURES, args.width),
+                                             torch.nn.GELU(),
+                                             torch.nn.Linear(args.width, args.width))
 
     def ids(self, text):
         return self.tok.encode(text, add_special_tokens=False).ids
 
-    def example(self, rng):
-        """(input embeddings, labels, number of answer tokens, answer word)."""
-        objects, asked = scene(rng)
-        colour, shape = objects[asked]
-        question = f"What colour is the {shape}?{SUFFIX} ASSISTANT:"
-        answer = self.ids(f" {colour}") + [2]
-        embed = self.model.get_input_embeddings()
+    def record(self, scene, asked, rng):
+        """Token ids (or embeddings), labels and per-answer spans of one conversation about
+        `scene`: `asked` is a list of (kind, question, answer). Labels are -100 where the loss
+        is off."""
+        head = self.system + "USER: "
+        first = (f"The picture: {scene.words(rng)}\n" if self.words else "<image>\n")
+        pieces = []  # (ids, supervised)
+        for t, (_, q, a) in enumerate(asked):
+            opener = head + first if t == 0 else "USER: "
+            pieces.append((([1] if t == 0 else []) + self.ids(f"{opener}{q}\n{SUFFIX} ASSISTANT:"),
+                           False))
+            pieces.append((self.ids(f" {a}") + [2], True))
+        ids, labels, spans = [], [], []
+        for piece, supervised in pieces:
+            if supervised:
+                spans.append((len(ids), len(ids) + len(piece)))
+            ids += piece
+            labels += piece if (supervised or self.args.loss == "all") else [-100] * len(piece)
+        return ids, labels, spans
+
+    def conversation(self, rng, max_objects, turns, key_out=None):
+        while True:
+            scene = Scene(rng, max_objects)
+            if key_out is None or len(scene.objects) == 1 or scene.key() not in key_out:
+                break
+        kinds = list(self.args.kinds)
+        rng.shuffle(kinds)
+        asked = []
+        for k in kinds:
+            qa = scene.question(k, rng)
+            if qa:
+                asked.append((k,) + qa)
+        if turns > len(asked):  # more turns than kinds: ask again (other objects, other words)
+            extra = [rng.choice(self.args.kinds) for _ in range(turns - len(asked))]
+            asked += [(k,) + qa for k in extra if (qa := scene.question(k, rng))]
+        return scene, asked[:turns]
+
+    def embed(self, ids, scene, rng):
+        """Input embeddings, with the patch features in place of `<image>` (id 4)."""
+        x = self.model.get_input_embeddings()(torch.tensor(ids))
         if self.words:
-            listed = ", ".join(f"a {c} {s}" for c, s in objects)
-            prompt = [1] + self.ids(f"{SYSTEM} USER: The picture: From left to right: {listed}.\n"
-                                    + question)
-            x = embed(torch.tensor(prompt + answer))
-            labels = [-100] * len(prompt) + answer
-        else:
-            before = [1] + self.ids(f"{SYSTEM} USER:")
-            after = self.ids("\n" + question)
-            x = torch.cat([embed(torch.tensor(before)),
-                           self.projector(patch_features(objects, rng)),
-                           embed(torch.tensor(after + answer))])
-            labels = [-100] * (len(before) + 64 + len(after)) + answer
-        return x, labels, len(answer), colour
+            return x
+        at = ids.index(4)
+        return torch.cat([x[:at], self.projector(scene.patch_features(rng)), x[at + 1:]])
 
     def parameters(self):
-        return list(self.model.parameters()) + list(self.projector.parameters())
+        return list(self.model.parameters()) + (
+            [] if self.words else list(self.projector.parameters()))
+
+
+def collate(examples, width):
+    """Right-padded batch; no attention mask is needed, as the padding comes last."""
+    n = max(x.shape[0] for x, _ in examples)
+    xs = torch.zeros(len(examples), n, width)
+    labels = torch.full((len(examples), n), -100)
+    for i, (x, l) in enumerate(examples):
+        xs[i, :x.shape[0]], labels[i, :len(l)] = x, torch.tensor(l)
+    return xs, labels
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tokenizer", required=True, help="the demo's OUT/init/tokenizer.json")
+    ap.add_argument("--tokenizer", required=True,
+                    help="the demo's OUT/init/tokenizer.json, or `punct`")
     ap.add_argument("--scene", choices=["words", "patches"], default="words")
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--steps", type=int, default=20000)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
     ap.add_argument("--layers", type=int, default=3)
-    ap.add_argument("--every", type=int, default=250)
+    ap.add_argument("--width", type=int, default=192)
+    ap.add_argument("--heads", type=int, default=3)
+    ap.add_argument("--mlp", type=int, default=512)
+    ap.add_argument("--turns", type=int, default=1, help="questions per training scene")
+    ap.add_argument("--loss", choices=["answers", "all"], default="answers")
+    ap.add_argument("--curriculum", type=int, default=0,
+                    help="steps over which the most objects per scene rises from 1 to 5")
+    ap.add_argument("--no-system", action="store_true", help="leave out the system prompt")
+    ap.add_argument("--held-out", type=int, default=100, help="held-out questions per kind")
+    ap.add_argument("--bench", help="also score the demo's OUT/data/bench_words.jsonl")
+    ap.add_argument("--every", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
+    args.kinds = args.kinds.split(",")
     torch.set_num_threads(args.threads)
+    print(" ".join(f"{k}={v}" for k, v in vars(args).items()), flush=True)
     task = Task(args)
     params = task.parameters()
+    print(f"parameters {sum(p.numel() for p in params):,}", flush=True)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    rng, held_out = random.Random(args.seed), random.Random(args.seed + 1_000_003)
-    tests = [task.example(held_out) for _ in range(200)]
+    rng, held_rng = random.Random(args.seed), random.Random(args.seed + 1_000_003)
 
-    def accuracy():
+    # Held-out: `--held-out` single-turn questions per kind, from scenes of 1-5 objects.
+    tests, held_keys = {k: [] for k in args.kinds if k not in CAPTION_KINDS}, set()
+    while any(len(v) < args.held_out for v in tests.values()):
+        scene = Scene(held_rng)
+        for k in tests:
+            qa = scene.question(k, held_rng)
+            if qa and len(tests[k]) < args.held_out:
+                tests[k].append(task.record(scene, [(k,) + qa], held_rng) + (scene,))
+                if len(scene.objects) > 1:
+                    held_keys.add(scene.key())
+    bench = {}
+    if args.bench:
+        for line in open(args.bench):
+            q = json.loads(line)
+            ids = [1] + task.ids(f"{task.system}USER: {q['question']}\n{SUFFIX} ASSISTANT:")
+            answer = task.ids(f" {q['answer']}") + [2]
+            bench.setdefault(q["category"], []).append(
+                (ids + answer, [-100] * len(ids) + answer,
+                 [(len(ids), len(ids) + len(answer))], None))
+
+    def accuracy(sets, by_objects=None):
+        """Per kind; with `by_objects`, also that kind's accuracy by the scene's object count
+        (where a model that reads the scene as a bag of colours gets about 1/n)."""
         task.model.eval()
-        right = 0
+        out = {}
         with torch.no_grad():
-            for x, _, n_answer, colour in tests:
-                logits = task.model(inputs_embeds=x[:-n_answer][None]).logits[0, -1]
-                right += task.tok.decode([int(logits.argmax())]).strip() == colour
+            for kind, items in sets.items():
+                right = []
+                for b in range(0, len(items), 50):
+                    chunk = items[b:b + 50]
+                    xs, _ = collate([(task.embed(i, s, random.Random(7)), i)
+                                     for i, _, _, s in chunk], args.width)
+                    pred = task.model(inputs_embeds=xs).logits.argmax(-1)
+                    for row, (ids, _, spans, _) in enumerate(chunk):
+                        a, e = spans[0]
+                        right.append(bool((pred[row, a - 1:e - 1] == torch.tensor(ids[a:e])).all()))
+                out[kind] = sum(right) / len(items)
+                if kind == by_objects:
+                    for n in range(1, MAX_OBJECTS + 1):
+                        hits = [r for r, it in zip(right, items) if len(it[3].objects) == n]
+                        if hits:
+                            out[f"n{n}"] = sum(hits) / len(hits)
         task.model.train()
-        return right / len(tests)
+        return out
 
-    start = time.time()
+    def lr_at(step):
+        warm = min(1.0, step / max(1, args.warmup))
+        if args.schedule == "cosine":
+            progress = max(0.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+            warm *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        return args.lr * warm
+
+    start, losses, tokens = time.time(), [], 0
     for step in range(1, args.steps + 1):
-        batch = [task.example(rng) for _ in range(args.batch_size)]
-        width = max(len(b[1]) for b in batch)
-        x = torch.zeros(len(batch), width, 192)
-        labels = torch.full((len(batch), width), -100)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for i, (e, l, _, _) in enumerate(batch):
-            x[i, :len(l)], labels[i, :len(l)], mask[i, :len(l)] = e, torch.tensor(l), 1
+        max_objects = MAX_OBJECTS
+        if args.curriculum:
+            max_objects = min(MAX_OBJECTS, 1 + (MAX_OBJECTS * step) // args.curriculum)
+        batch = []
+        for _ in range(args.batch_size):
+            scene, asked = task.conversation(rng, max_objects, args.turns, held_keys)
+            ids, labels, _ = task.record(scene, asked, rng)
+            batch.append((task.embed(ids, scene, rng), labels))
+            tokens += len(ids)
+        xs, labels = collate(batch, args.width)
         for g in opt.param_groups:
-            g["lr"] = args.lr * min(1.0, step / 50)
-        loss = task.model(inputs_embeds=x, attention_mask=mask, labels=labels).loss
+            g["lr"] = lr_at(step)
+        loss = task.model(inputs_embeds=xs, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad()
-        if step % args.every == 0:
-            print(f"step {step}  questions {step * args.batch_size}  loss {loss.item():.3f}  "
-                  f"held-out colour {accuracy():.1%}  {time.time() - start:.0f} s", flush=True)
+        losses.append(loss.item())
+        if step % args.every == 0 or step == args.steps:
+            acc = accuracy(tests, by_objects="colour" if "colour" in tests else None)
+            line = "  ".join(f"{k} {v:.1%}" for k, v in acc.items() if k in tests)
+            by_n = [f"{k} {v:.0%}" for k, v in acc.items() if k not in tests]
+            if by_n:
+                line += "  (colour by objects: " + " ".join(by_n) + ")"
+            if bench:
+                line += "  | demo bench " + "  ".join(
+                    f"{k} {v:.1%}" for k, v in accuracy(bench).items())
+            elapsed = time.time() - start
+            print(f"step {step}  max_objects {max_objects}  loss {sum(losses) / len(losses):.3f}  "
+                  f"{line}  {elapsed:.0f} s  {step / elapsed:.2f} steps/s  "
+                  f"{tokens / elapsed:.0f} tok/s", flush=True)
+            losses = []
 
 
 if __name__ == "__main__":
