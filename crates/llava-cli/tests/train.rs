@@ -651,6 +651,25 @@ fn dry_run_prints_the_memory_plan_and_loads_nothing() {
     for part in ["bf16 mixed precision", "f32 masters", "bf16 working copies"] {
         assert!(text.contains(part), "{part} in:\n{text}");
     }
+    // --zero 1 in a job of 4 ranks: the plan is per rank, with a quarter of the moments.
+    let moments = |extra: &[&str]| {
+        let mut args = vec!["--stage", "finetune", "--dry-run"];
+        args.extend_from_slice(extra);
+        let out = train(&data, &out_dir, &args);
+        ok(&out);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let line = text
+            .lines()
+            .find(|l| l.contains("AdamW moments"))
+            .unwrap_or_else(|| panic!("a moments line in:\n{text}"))
+            .to_string();
+        (text, line)
+    };
+    let (_, whole) = moments(&[]);
+    let (text, quarter) = moments(&["--zero", "1", "--ranks", "4"]);
+    assert!(text.contains("on each of 4 ranks"), "{text}");
+    assert!(quarter.contains("this rank's 1/4"), "{quarter}");
+    assert_ne!(whole, quarter);
 }
 
 /// The eight good records with the three malformed ones among them: `conversations`

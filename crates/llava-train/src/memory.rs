@@ -38,6 +38,10 @@ pub struct PlanSettings {
     pub bits: Option<u8>,
     /// `--bf16`: mixed precision (bf16 activations and working copies, f32 masters).
     pub bf16: bool,
+    /// The ranks the AdamW moments are split over (`--zero 1` in a job of N ranks; 1
+    /// otherwise): each rank keeps 1/N of them. The weights and the gradients stay whole on
+    /// every rank, as in DeepSpeed's stage 1.
+    pub zero_ranks: usize,
 }
 
 /// Bytes per weight of a projection held in `bits`.
@@ -266,8 +270,11 @@ impl MemoryPlan {
                     bytes: gib(trainable, 4.0),
                 },
                 Line {
-                    what: "AdamW moments, f32".into(),
-                    bytes: gib(trainable, 8.0),
+                    what: match s.zero_ranks {
+                        0 | 1 => "AdamW moments, f32".into(),
+                        n => format!("AdamW moments, f32, this rank's 1/{n} (--zero 1)"),
+                    },
+                    bytes: gib(trainable, 8.0) / s.zero_ranks.max(1) as f64,
                 },
                 Line {
                     what: format!(
@@ -362,7 +369,32 @@ mod tests {
             lora_r: None,
             bits: None,
             bf16: false,
+            zero_ranks: 1,
         }
+    }
+
+    /// `--zero 1` over 8 ranks: a full 7B fine-tune keeps 1/8 of its 54 GB of moments.
+    #[test]
+    fn zero_one_splits_the_moments_over_the_ranks() {
+        let config = shape_config("llava-1.5-7b").expect("shape");
+        let one = MemoryPlan::new(&config, &settings(Stage::Finetune));
+        let sharded = MemoryPlan::new(
+            &config,
+            &PlanSettings {
+                zero_ranks: 8,
+                ..settings(Stage::Finetune)
+            },
+        );
+        let moments = |p: &MemoryPlan| {
+            p.lines
+                .iter()
+                .find(|l| l.what.starts_with("AdamW moments"))
+                .map(|l| l.bytes)
+                .expect("a moments line")
+        };
+        assert!(moments(&one) > 50e9, "{}", moments(&one));
+        assert!((moments(&sharded) - moments(&one) / 8.0).abs() < 1.0);
+        assert!((one.total() - sharded.total() - moments(&one) * 7.0 / 8.0).abs() < 1.0);
     }
 
     #[test]

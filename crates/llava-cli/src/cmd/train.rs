@@ -178,6 +178,10 @@ pub struct TrainCommand {
     /// With --dry-run: also print the largest per-device batch size that fits this many GB.
     #[arg(long, value_name = "GB", requires = "dry_run")]
     pub memory_budget: Option<f64>,
+    /// With --dry-run: plan one rank of a job of N ranks (with --zero 1 each keeps 1/N of the
+    /// optimizer state). Default: the ranks of the mpirun job it runs in, else 1.
+    #[arg(long, value_name = "N", requires = "dry_run")]
+    pub ranks: Option<usize>,
     /// Train on this CUDA device (needs a build with `--features cuda`); the CPU otherwise.
     #[arg(long)]
     pub cuda: Option<usize>,
@@ -614,6 +618,13 @@ fn print_memory_plan(c: &TrainCommand, config: &TrainConfig, lora_r: Option<usiz
     let checkpoint = Checkpoint::open(&c.checkpoint.model, c.checkpoint.vision_tower.as_deref())
         .with_context(|| format!("reading {}", c.checkpoint.model))?;
     let model = &checkpoint.config;
+    // mpirun tells each process the job's size (OpenMPI's variable), with no MPI call.
+    let job = std::env::var("OMPI_COMM_WORLD_SIZE").ok();
+    let ranks = c
+        .ranks
+        .or_else(|| job.and_then(|n| n.parse().ok()))
+        .unwrap_or(1)
+        .max(1);
     let settings = PlanSettings {
         stage: config.stage,
         unfreeze_vision: config.unfreeze_vision,
@@ -624,10 +635,11 @@ fn print_memory_plan(c: &TrainCommand, config: &TrainConfig, lora_r: Option<usiz
         lora_r,
         bits: config.bits,
         bf16: config.bf16,
+        zero_ranks: if config.zero >= 1 { ranks } else { 1 },
     };
     let plan = MemoryPlan::new(model, &settings);
     println!(
-        "memory plan for {} ({:?}, batch {} × {} tokens, {} on one device):",
+        "memory plan for {} ({:?}, batch {} × {} tokens, {} on {}):",
         c.checkpoint.model,
         config.stage,
         settings.batch_size,
@@ -636,6 +648,10 @@ fn print_memory_plan(c: &TrainCommand, config: &TrainConfig, lora_r: Option<usiz
             "bf16 mixed precision"
         } else {
             "f32"
+        },
+        match ranks {
+            1 => "one device".to_string(),
+            n => format!("each of {n} ranks"),
         }
     );
     println!("{plan}");
