@@ -4,6 +4,8 @@
 //! `mpi`); each walks the same seeded order, takes its slice of every global batch, and adds
 //! its gradients into the global sum before the same update on every rank.
 
+use candle_core::{DType, Tensor};
+
 use crate::error::Result;
 
 pub trait Collective {
@@ -61,4 +63,30 @@ impl Collective for SingleProcess {
     fn broadcast_f32(&self, _: &mut [f32], _: usize) -> Result<()> {
         Ok(())
     }
+}
+
+/// Appends a tensor's gradient as the ranks sum it: its `elem_count` values in f32, then one
+/// more value that counts the ranks holding a gradient (all zeros from a rank without one).
+/// A tensor no rank reached then stays without a gradient, as in a single process, and AdamW
+/// leaves it alone (LLaVA-NeXT's row separator in a text-only step).
+pub fn push_gradient(flat: &mut Vec<f32>, grad: Option<&Tensor>, elem_count: usize) -> Result<()> {
+    match grad {
+        Some(g) => {
+            flat.extend(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+            flat.push(1.0);
+        }
+        None => flat.extend(std::iter::repeat_n(0.0, elem_count + 1)),
+    }
+    Ok(())
+}
+
+/// The summed gradient that [`push_gradient`] packed for `like` (the parameter, whose shape and
+/// dtype it takes), or `None` when no rank had one.
+pub fn summed_gradient(packed: &[f32], like: &Tensor) -> Result<Option<Tensor>> {
+    let n = like.elem_count();
+    if packed[n] <= 0.0 {
+        return Ok(None);
+    }
+    let g = Tensor::from_slice(&packed[..n], like.shape(), like.device())?;
+    Ok(Some(g.to_dtype(like.dtype())?))
 }

@@ -13,7 +13,7 @@ use llava_model::{Llava, LlavaConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{TrainerState, save_checkpoint, staging_dir, write_optimizer_shard};
-use crate::collective::Collective;
+use crate::collective::{Collective, push_gradient, summed_gradient};
 use crate::data::{Batch, DataStats, Item, TrainDataset, group_by_modality_length};
 use crate::error::{Result, TrainError};
 use crate::optim::AdamW;
@@ -463,22 +463,15 @@ impl Trainer<'_> {
         let mut flat = Vec::new();
         for p in params {
             let t = p.var.as_tensor();
-            match grads.get(t) {
-                Some(g) => {
-                    flat.extend(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
-                    flat.push(1.0);
-                }
-                None => flat.extend(std::iter::repeat_n(0.0, t.elem_count() + 1)),
-            }
+            push_gradient(&mut flat, grads.get(t), t.elem_count())?;
         }
         self.collective.all_reduce_sum_f32(&mut flat)?;
         let mut at = 0;
         for p in params {
             let t = p.var.as_tensor();
             let n = t.elem_count();
-            if flat[at + n] > 0.0 {
-                let g = Tensor::from_slice(&flat[at..at + n], t.shape(), t.device())?;
-                grads.insert(t, g.to_dtype(t.dtype())?);
+            if let Some(g) = summed_gradient(&flat[at..at + n + 1], t)? {
+                grads.insert(t, g);
             }
             at += n + 1;
         }

@@ -14,7 +14,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
 use crate::clip::{clip_coefficient, grad_sum_sq};
-use crate::collective::Collective;
+use crate::collective::{Collective, push_gradient, summed_gradient};
 use crate::error::Result;
 use crate::optim::AdamW;
 
@@ -34,14 +34,20 @@ pub fn owners(sizes: &[usize], world: usize) -> Vec<usize> {
     owner
 }
 
-/// Keeps only this rank's moments: the others are freed and their tensors marked not owned.
-pub fn shard(optimizer: &mut AdamW, rank: usize, world: usize) -> Result<()> {
+/// The owner of each of the optimizer's tensors, in its order.
+fn owner_of_each(optimizer: &AdamW, world: usize) -> Vec<usize> {
     let sizes: Vec<usize> = optimizer
         .params
         .iter()
         .map(|p| p.var.as_tensor().elem_count())
         .collect();
-    for (p, owner) in optimizer.params.iter_mut().zip(owners(&sizes, world)) {
+    owners(&sizes, world)
+}
+
+/// Keeps only this rank's moments: the others are freed and their tensors marked not owned.
+pub fn shard(optimizer: &mut AdamW, rank: usize, world: usize) -> Result<()> {
+    let owner = owner_of_each(optimizer, world);
+    for (p, owner) in optimizer.params.iter_mut().zip(owner) {
         p.owned = owner == rank;
         if !p.owned {
             let empty = Tensor::zeros(0, p.exp_avg.dtype(), p.exp_avg.device())?;
@@ -70,30 +76,18 @@ pub fn step(
         comm += started.elapsed();
         Ok(())
     };
-    let sizes: Vec<usize> = optimizer
-        .params
-        .iter()
-        .map(|p| p.var.as_tensor().elem_count())
-        .collect();
-    let owner = owners(&sizes, collective.world_size());
+    let owner = owner_of_each(optimizer, collective.world_size());
     let rank = collective.rank();
     for (p, &owner) in optimizer.params.iter().zip(&owner) {
         let t = p.var.as_tensor();
         let n = t.elem_count();
-        // One more value counts the ranks that hold a gradient for the tensor: one that no
-        // rank reached stays without one, as in a single process, and AdamW leaves it alone.
-        let mut flat = match grads.remove(t) {
-            Some(g) => {
-                let mut v = g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-                v.push(1.0);
-                v
-            }
-            None => vec![0.0; n + 1],
-        };
+        let mut flat = Vec::with_capacity(n + 1);
+        push_gradient(&mut flat, grads.remove(t).as_ref(), n)?;
         timed(&mut || collective.reduce_sum_f32(&mut flat, owner))?;
-        if owner == rank && flat[n] > 0.0 {
-            let g = Tensor::from_slice(&flat[..n], t.shape(), t.device())?;
-            grads.insert(t, g.to_dtype(t.dtype())?);
+        if owner == rank
+            && let Some(g) = summed_gradient(&flat, t)?
+        {
+            grads.insert(t, g);
         }
     }
     let owned: Vec<&Var> = optimizer.params.iter().map(|p| &p.var).collect();
