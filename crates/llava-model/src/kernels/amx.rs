@@ -1,14 +1,8 @@
-//! bf16 `x Wᵀ` on Intel AMX, the tile units of Sapphire Rapids and later Xeons.
-//!
-//! candle multiplies bf16 on the CPU by widening both sides to f32 and running its f32 GEMM,
-//! so bf16 is slower than f32 there. PyTorch hands the same product to oneDNN, which runs it on
-//! AMX at several times the f32 rate. This is that path for the products that dominate prefill
-//! and the vision tower, the linear layers (`m > gemv::MAX_ROWS` rows) of bf16 weights, whose
-//! activations stay f32 between the products (`weights::activation_dtype`):
+//! bf16 `x Wᵀ` on Intel AMX, the tile units of Sapphire Rapids and later Xeons: the first
+//! backend of [`crate::kernels::bf16_linear`], which holds the op, its checks and its tests.
 //!
 //! - `tdpbf16ps` multiplies a 16×32 bf16 tile by a 32×16 tile held as bf16 pairs and adds the
-//!   products into 16×16 f32 sums. The activations are rounded to bf16 as they are packed, and
-//!   the sums (plus the bias) come out as f32, unrounded.
+//!   products into 16×16 f32 sums.
 //! - The weight is the left operand and the activations the right one, repacked once per call
 //!   into the pair layout, so the result comes out transposed, `(W xᵀ)ᵀ`, which the final write
 //!   undoes. Each task copies the k-chunk of its weight rows into tile order first: read in
@@ -20,144 +14,36 @@
 
 use std::sync::OnceLock;
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::error::Result;
-use crate::kernels::fused::{DisjointWrites, contiguous, simd};
-use crate::kernels::gemv;
+use crate::kernels::bf16_linear::bf16_bits;
+use crate::kernels::fused::{DisjointWrites, simd};
 
-/// Whether this CPU has AMX-BF16 and the kernel granted the tile state. `LLAVA_NO_AMX=1` turns
-/// the path off, to compare against candle's own product.
-pub fn available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| std::env::var_os("LLAVA_NO_AMX").is_none() && kernel::enable())
-}
-
-/// Whether [`linear`] takes this product: on the CPU, f32 `x: [m, k]` with `m > gemv::MAX_ROWS`,
-/// bf16 `w: [n, k]`, `k` a multiple of 32, both contiguous, and no bias or a contiguous f32 one.
-pub fn applies(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> bool {
-    gemv::contiguous_cpu_product(x, w)
-        && x.dtype() == DType::F32
-        && w.dtype() == DType::BF16
-        && b.is_none_or(|b| b.dtype() == DType::F32 && b.is_contiguous() && b.rank() == 1)
-        && x.dims()[0] > gemv::MAX_ROWS
-        && x.dims()[1].is_multiple_of(K_STEP)
-        && available()
-}
-
-/// `x Wᵀ (+ b)` for f32 `x: [m, k]`, bf16 `w: [n, k]`, f32 `b: [n]`, giving f32 `[m, n]`; see
-/// [`applies`].
-pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    Ok(match b {
-        Some(b) => x.apply_op3(w, b, AmxMatmul)?,
-        None => x.apply_op2(w, AmxMatmul)?,
-    })
+/// Whether this CPU has AMX-BF16 and the kernel granted the tile state.
+pub(crate) fn supported() -> bool {
+    static SUPPORTED: OnceLock<bool> = OnceLock::new();
+    *SUPPORTED.get_or_init(kernel::enable)
 }
 
 /// The k extent of one tile product: 16 rows of 64 bytes, 32 bf16 each.
-const K_STEP: usize = 32;
+pub(crate) const K_STEP: usize = 32;
 /// k-steps per pass over the activations: their packed slice (`m × 512` values) stays in L2
 /// while every weight block of a task meets it, and one block's chunk of weights (32 KiB) in L1.
 const K_CHUNK: usize = 16;
 /// 32-row weight blocks per parallel task.
 const BLOCKS_PER_TASK: usize = 4;
 
-struct AmxMatmul;
-
-const OP: &str = "amx-matmul";
-const OP_BIAS: &str = "amx-linear";
-
-impl CustomOp2 for AmxMatmul {
-    fn name(&self) -> &'static str {
-        OP
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        amx_linear(xs, xl, ws, wl, None)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        gemv::backward(x, w, grad)
-    }
-}
-
-impl CustomOp3 for AmxMatmul {
-    fn name(&self) -> &'static str {
-        OP_BIAS
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        amx_linear(xs, xl, ws, wl, Some((bs, bl)))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (gx, gw) = gemv::backward(x, w, grad)?;
-        Ok((gx, gw, Some(grad.sum(0)?)))
-    }
-}
-
-fn amx_linear(
-    xs: &CpuStorage,
-    xl: &Layout,
-    ws: &CpuStorage,
-    wl: &Layout,
-    bias: Option<(&CpuStorage, &Layout)>,
-) -> candle_core::Result<(CpuStorage, Shape)> {
-    let (m, k) = xl.shape().dims2()?;
-    let (n, wk) = wl.shape().dims2()?;
-    if k != wk || !k.is_multiple_of(K_STEP) {
-        candle_core::bail!("{OP}: x is [{m}, {k}], the weight [{n}, {wk}]");
-    }
-    let (CpuStorage::F32(x), CpuStorage::BF16(w)) = (xs, ws) else {
-        candle_core::bail!("{OP}: takes f32 activations and bf16 weights");
-    };
-    let (x, w) = (contiguous(x, xl, OP)?, contiguous(w, wl, OP)?);
-    if !available() {
-        candle_core::bail!("{OP}: this CPU or kernel offers no AMX-BF16");
-    }
-    let bias: Vec<f32> = match bias {
-        None => vec![0.0; n],
-        Some((CpuStorage::F32(b), bl)) if bl.shape().dims() == [n] => {
-            contiguous(b, bl, OP)?.to_vec()
-        }
-        Some((_, bl)) => {
-            candle_core::bail!("{OP}: bias {:?} for {n} f32 outputs", bl.dims())
-        }
-    };
-    let out = product(x, w, &bias, m, k, n);
-    Ok((CpuStorage::F32(out), Shape::from((m, n))))
-}
-
-fn product(x: &[f32], w: &[bf16], bias: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+/// `x Wᵀ + bias` for `x: [m, k]`, `w: [n, k]`, `k` a multiple of [`K_STEP`]; only called where
+/// [`supported`].
+pub(crate) fn product(
+    x: &[f32],
+    w: &[bf16],
+    bias: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Vec<f32> {
     let steps = k / K_STEP;
     let x_blocks = m.div_ceil(32);
     let xp = pack_pairs(x, m, k);
@@ -258,19 +144,6 @@ fn pack_pairs(x: &[f32], m: usize, k: usize) -> Vec<u32> {
     packed
 }
 
-/// `half::bf16::from_f32(v).to_bits()`, round to nearest even and NaNs kept quiet, written
-/// without branches so that the packing loop vectorises.
-#[inline(always)]
-fn bf16_bits(v: f32) -> u32 {
-    let b = v.to_bits();
-    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
-    if b & 0x7fff_ffff > 0x7f80_0000 {
-        (b >> 16) | 0x40
-    } else {
-        rounded
-    }
-}
-
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod kernel {
     use std::arch::asm;
@@ -315,7 +188,7 @@ mod kernel {
 
     /// Runs `f` with the tiles configured on this thread, and releases them after.
     pub fn with_tiles(f: impl FnOnce()) {
-        // SAFETY: only called once `enable` succeeded (`available()`); the config is valid.
+        // SAFETY: only called once `enable` succeeded (`supported()`); the config is valid.
         unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
         f();
         // SAFETY: as above.
@@ -385,110 +258,6 @@ mod kernel {
     }
 
     pub fn block(_: &mut [f32], _: &[bf16], _: &[u32], _: usize) {
-        unreachable!("amx::applies is false off x86-64 Linux")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Device;
-
-    fn rand(m: usize, k: usize, seed: f64, dtype: DType) -> Tensor {
-        Tensor::rand(-1f32, 1., (m, k), &Device::Cpu)
-            .and_then(|t| t.affine(1.0, seed * 1e-3))
-            .and_then(|t| t.to_dtype(dtype))
-            .expect("tensor")
-    }
-
-    fn values(t: &Tensor) -> Vec<f32> {
-        t.flatten_all()
-            .and_then(|t| t.to_vec1::<f32>())
-            .expect("values")
-    }
-
-    #[test]
-    fn equals_the_f32_product_of_the_bf16_rounded_activations() {
-        if !available() {
-            eprintln!("skipped: no AMX-BF16 on this machine");
-            return;
-        }
-        // m and n that end mid-block; k of three steps, not a multiple of the chunk; k of
-        // more than one chunk.
-        for (m, k, n) in [(5, 96, 45), (37, 96, 64), (70, 608, 100), (40, 1024, 32)] {
-            let x = rand(m, k, 1.0, DType::F32);
-            let w = rand(n, k, 2.0, DType::BF16);
-            let b = rand(1, n, 3.0, DType::F32).squeeze(0).expect("bias");
-            assert!(applies(&x, &w, Some(&b)));
-            let ours = linear(&x, &w, Some(&b)).expect("amx");
-            assert_eq!((ours.dims(), ours.dtype()), (&[m, n][..], DType::F32));
-            // The kernel rounds x to bf16 and sums in f32; only the order of the sums differs.
-            let xr = x
-                .to_dtype(DType::BF16)
-                .and_then(|t| t.to_dtype(DType::F32))
-                .expect("rounded x");
-            let wf = w.to_dtype(DType::F32).expect("f32 w");
-            let exact = xr
-                .matmul(&wf.t().expect("t"))
-                .and_then(|y| y.broadcast_add(&b))
-                .expect("f32 product");
-            let magnitude = xr
-                .abs()
-                .and_then(|x| x.matmul(&wf.abs()?.t()?))
-                .expect("|x||w|");
-            let bound = k as f32 * f32::EPSILON;
-            let (ours, exact, magnitude) = (values(&ours), values(&exact), values(&magnitude));
-            for ((o, e), s) in ours.iter().zip(&exact).zip(&magnitude) {
-                assert!(
-                    (o - e).abs() <= bound * (s + 1.0),
-                    "m={m} k={k} n={n}: {o} vs {e}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn rounds_to_bf16_as_half_does() {
-        let special = [
-            0.0,
-            -0.0,
-            1.0,
-            f32::MAX,
-            f32::MIN_POSITIVE,
-            f32::INFINITY,
-            f32::NAN,
-        ];
-        let mut state = 0x9e37_79b9u32;
-        let random = (0..100_000).map(|_| {
-            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            f32::from_bits(state)
-        });
-        for v in special.into_iter().chain(random) {
-            assert_eq!(
-                bf16_bits(v),
-                u32::from(bf16::from_f32(v).to_bits()),
-                "{v:e}"
-            );
-        }
-    }
-
-    #[test]
-    fn declines_what_it_does_not_cover() {
-        let w = rand(8, 64, 0.0, DType::BF16);
-        let x = rand(8, 64, 0.0, DType::F32);
-        assert!(!applies(
-            &rand(gemv::MAX_ROWS, 64, 0.0, DType::F32),
-            &w,
-            None
-        ));
-        assert!(!applies(
-            &rand(8, 48, 0.0, DType::F32),
-            &rand(8, 48, 0.0, DType::BF16),
-            None
-        ));
-        assert!(!applies(&x.to_dtype(DType::BF16).expect("bf16"), &w, None));
-        assert!(!applies(&x, &w.to_dtype(DType::F32).expect("f32"), None));
-        let bf16_bias = rand(1, 8, 0.0, DType::BF16).squeeze(0).expect("bias");
-        assert!(!applies(&x, &w, Some(&bf16_bias)));
+        unreachable!("AMX is not supported off x86-64 Linux")
     }
 }

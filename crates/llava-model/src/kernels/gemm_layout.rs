@@ -32,15 +32,16 @@ const ROWS_PER_BLOCK: usize = 64;
 const TILE: usize = 16;
 
 /// Whether weights computed in `dtype` on `device` take the transposed layout for inference.
-/// f32 on the CPU, and bf16 on a CPU without AMX: there nothing multiplies bf16 many rows at a
-/// time, and widening these layers' weights once at load (0.6 GB more for CLIP ViT-L) beat
-/// widening them on every call (BENCHMARKS.md). With AMX, bf16 runs on its tiles, which read
-/// `W` as stored; GPU BLAS takes either layout at full speed.
+/// f32 on the CPU, and bf16 on a CPU without bf16 products (neither AMX nor AVX512-BF16): there
+/// nothing multiplies bf16 many rows at a time, and widening these layers' weights once at load
+/// (0.6 GB more for CLIP ViT-L) beat widening them on every call (BENCHMARKS.md). With them,
+/// bf16 runs in [`crate::kernels::bf16_linear`], which reads `W` as stored; GPU BLAS takes
+/// either layout at full speed.
 /// `LLAVA_NO_GEMM_LAYOUT=1` keeps the stored layout, to compare the two.
 pub fn applies(dtype: DType, device: &Device) -> bool {
     let widened = match dtype {
         DType::F32 => true,
-        DType::BF16 => !crate::kernels::amx::available(),
+        DType::BF16 => !crate::kernels::bf16_linear::available(),
         _ => false,
     };
     widened && device.is_cpu() && std::env::var_os("LLAVA_NO_GEMM_LAYOUT").is_none()
@@ -213,11 +214,11 @@ mod tests {
     }
 
     #[test]
-    fn f32_on_the_cpu_and_bf16_without_amx() {
+    fn f32_on_the_cpu_and_bf16_without_bf16_products() {
         assert!(applies(DType::F32, &Device::Cpu));
         assert_eq!(
             applies(DType::BF16, &Device::Cpu),
-            !crate::kernels::amx::available()
+            !crate::kernels::bf16_linear::available()
         );
         assert!(!applies(DType::F16, &Device::Cpu));
     }

@@ -512,7 +512,7 @@ impl Weights {
     }
 
     /// A linear layer's `[out, in]` weight. Where it only serves inference (not trainable, not
-    /// random) and the CPU computes in f32 (or bf16 without AMX, the values rounded through
+    /// random) and the CPU computes in f32 (or bf16 without bf16 products, the values rounded through
     /// bf16), it is read into [`crate::kernels::gemm_layout`], the layout the CPU products run fastest
     /// from. Only safetensors shards of F32, F16 or BF16 are read that way; anything else keeps
     /// the stored layout, which every product also takes.
@@ -692,7 +692,7 @@ impl<'a> WeightsView<'a> {
 /// The dtype that activations flow in, for weights of `weights` dtype on `device`.
 ///
 /// bf16 weights on the CPU keep their activations in f32: the products take bf16 inputs with
-/// f32 sums (AMX, or the GEMV widening the weight as it reads it), and everything between them
+/// f32 sums (`bf16_linear` on AMX or AVX512-BF16, or the GEMV widening the weight as it reads it), and everything between them
 /// (norms, softmax, activations, the residual stream, the KV cache) runs in f32, where the CPU
 /// kernels are vectorised. CPUs have no bf16 arithmetic outside those products, so computing
 /// the rest in bf16 would only add conversions. On a GPU the weights' dtype is used throughout.
@@ -1007,10 +1007,10 @@ mod tests {
             .add_file(&path, |n: &str| Some(n.to_string()))
             .expect("add");
         let t = weights.get_linear("w.weight", &[5, 70]).expect("linear");
-        // Without AMX the tower's weights are widened once at load; with it they stay bf16.
+        // Without bf16 products the tower's weights are widened once at load; with them they stay bf16.
         assert_eq!(
             crate::kernels::gemm_layout::is_transposed(&t),
-            !crate::kernels::amx::available()
+            !crate::kernels::bf16_linear::available()
         );
         let rounded = w.to_dtype(DType::BF16).and_then(|w| w.to_dtype(DType::F32));
         assert_eq!(

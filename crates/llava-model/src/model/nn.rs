@@ -9,7 +9,7 @@
 use candle_core::{D, DType, Tensor};
 
 use crate::error::{ModelError, Result};
-use crate::kernels::amx;
+use crate::kernels::bf16_linear;
 use crate::kernels::cuda_kernels;
 use crate::kernels::fused;
 use crate::kernels::gemm_layout;
@@ -65,8 +65,8 @@ impl Linear {
         let in_dim = dims[dims.len() - 1];
         let lead: usize = dims[..dims.len() - 1].iter().product();
         let x = x.reshape((lead, in_dim))?;
-        let y = if amx::applies(&x, &self.weight, self.bias.as_ref()) {
-            amx::linear(&x, &self.weight, self.bias.as_ref())?
+        let y = if bf16_linear::applies(&x, &self.weight, self.bias.as_ref()) {
+            bf16_linear::linear(&x, &self.weight, self.bias.as_ref())?
         } else {
             let y = if gemv::applies(&x, &self.weight) {
                 gemv::matmul_t(&x, &self.weight)?
@@ -74,7 +74,7 @@ impl Linear {
                 && !self.weight.is_variable()
                 && let Some(w) = gemm_layout::widened(&self.weight)?
             {
-                // bf16 weights under f32 activations without AMX (the decoder's, in prefill):
+                // bf16 weights under f32 activations without bf16 products (the decoder's, in prefill):
                 // widened in parallel into `gemm_layout`. A trainable weight takes the path
                 // below, which keeps its gradient.
                 x.matmul(&w.t()?)?
