@@ -5,7 +5,6 @@ pub mod amx;
 pub mod attention;
 pub mod bf16_linear;
 pub mod cuda_kernels;
-pub mod dpbf16;
 pub mod fused;
 pub mod gemm_layout;
 pub mod gemv;

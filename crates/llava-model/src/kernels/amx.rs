@@ -14,10 +14,10 @@
 
 use std::sync::OnceLock;
 
+use bf16_gemm::round_to_bf16_bits;
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::kernels::bf16_linear::bf16_bits;
 use crate::kernels::fused::{DisjointWrites, simd};
 
 /// Whether this CPU has AMX-BF16 and the kernel granted the tile state.
@@ -128,7 +128,8 @@ fn pack_pairs(x: &[f32], m: usize, k: usize) -> Vec<u32> {
                             for (p, two) in
                                 pairs.iter_mut().zip(x[i * k..(i + 1) * k].chunks_exact(2))
                             {
-                                *p = bf16_bits(two[0]) | (bf16_bits(two[1]) << 16);
+                                *p =
+                                    round_to_bf16_bits(two[0]) | (round_to_bf16_bits(two[1]) << 16);
                             }
                         },
                     );

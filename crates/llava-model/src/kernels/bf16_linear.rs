@@ -10,12 +10,13 @@
 //!
 //! Picked at run time, fastest first:
 //! - [`crate::kernels::amx`]: Intel AMX tiles (Sapphire Rapids and later Xeons);
-//! - [`crate::kernels::dpbf16`]: AVX512-BF16's `vdpbf16ps` (AMD Zen 4 and later, Intel Cooper
-//!   Lake and later);
+//! - the `bf16-gemm` crate: AVX512-BF16's `vdpbf16ps` (AMD Zen 4 and later, Intel Cooper Lake
+//!   and later), which candle's bf16 matmul shares (`vendor/candle-core`);
 //! - neither: `Linear` widens the weight to f32 and candle's GEMM runs it on AVX-512, AVX2 + FMA
 //!   or its portable path, as that crate dispatches.
 //!
-//! `LLAVA_NO_AMX=1` and `LLAVA_NO_AVX512BF16=1` turn a path off, to compare against the next.
+//! `LLAVA_NO_AMX=1` and `LLAVA_NO_AVX512BF16=1` turn a path off, to compare against the next
+//! (the second also turns off candle's bf16 matmul on it).
 
 use std::sync::OnceLock;
 
@@ -24,7 +25,7 @@ use half::bf16;
 
 use crate::error::Result;
 use crate::kernels::fused::contiguous;
-use crate::kernels::{amx, dpbf16, gemv};
+use crate::kernels::{amx, gemv};
 
 /// The instruction set that multiplies bf16 here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,15 +39,15 @@ impl Backend {
     pub fn supported(self) -> bool {
         match self {
             Backend::Amx => amx::supported(),
-            Backend::Avx512Bf16 => dpbf16::supported(),
+            Backend::Avx512Bf16 => bf16_gemm::supported(),
         }
     }
 
-    /// The `k` a product must be a multiple of: a tile's 32 values for AMX, a pair otherwise.
+    /// The `k` a product must be a multiple of: a tile's 32 values for AMX.
     fn k_step(self) -> usize {
         match self {
             Backend::Amx => amx::K_STEP,
-            Backend::Avx512Bf16 => 2,
+            Backend::Avx512Bf16 => 1,
         }
     }
 
@@ -61,7 +62,25 @@ impl Backend {
     ) -> Vec<f32> {
         match self {
             Backend::Amx => amx::product(x, w, bias, m, k, n),
-            Backend::Avx512Bf16 => dpbf16::product(x, w, bias, m, k, n),
+            Backend::Avx512Bf16 => {
+                // The sums start at the bias; `w: [n, k]` read as `Wᵀ: [k, n]`.
+                let mut out: Vec<f32> = Vec::with_capacity(m * n);
+                for _ in 0..m {
+                    out.extend_from_slice(bias);
+                }
+                let x = bf16_gemm::View {
+                    data: x,
+                    rs: k,
+                    cs: 1,
+                };
+                let w = bf16_gemm::View {
+                    data: w,
+                    rs: 1,
+                    cs: k,
+                };
+                bf16_gemm::gemm(m, n, k, x, w, &mut out);
+                out
+            }
         }
     }
 }
@@ -73,7 +92,7 @@ pub fn backend() -> Option<Backend> {
         let allowed = |var: &str| std::env::var_os(var).is_none();
         if allowed("LLAVA_NO_AMX") && Backend::Amx.supported() {
             Some(Backend::Amx)
-        } else if allowed("LLAVA_NO_AVX512BF16") && Backend::Avx512Bf16.supported() {
+        } else if Backend::Avx512Bf16.supported() {
             Some(Backend::Avx512Bf16)
         } else {
             None
@@ -201,19 +220,6 @@ fn forward(
     Ok((CpuStorage::F32(out), Shape::from((m, n))))
 }
 
-/// `half::bf16::from_f32(v).to_bits()`, round to nearest even and NaNs kept quiet, written
-/// without branches so that the packing loops vectorise.
-#[inline(always)]
-pub(crate) fn bf16_bits(v: f32) -> u32 {
-    let b = v.to_bits();
-    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
-    if b & 0x7fff_ffff > 0x7f80_0000 {
-        (b >> 16) | 0x40
-    } else {
-        rounded
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,31 +305,6 @@ mod tests {
     }
 
     #[test]
-    fn rounds_to_bf16_as_half_does() {
-        let special = [
-            0.0,
-            -0.0,
-            1.0,
-            f32::MAX,
-            f32::MIN_POSITIVE,
-            f32::INFINITY,
-            f32::NAN,
-        ];
-        let mut state = 0x9e37_79b9u32;
-        let random = (0..100_000).map(|_| {
-            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            f32::from_bits(state)
-        });
-        for v in special.into_iter().chain(random) {
-            assert_eq!(
-                bf16_bits(v),
-                u32::from(bf16::from_f32(v).to_bits()),
-                "{v:e}"
-            );
-        }
-    }
-
-    #[test]
     fn declines_what_it_does_not_cover() {
         let w = rand(8, 64, 0.0, DType::BF16);
         let x = rand(gemv::MAX_ROWS + 4, 64, 0.0, DType::F32);
@@ -333,11 +314,15 @@ mod tests {
             &w,
             None
         ));
-        assert!(!applies(
-            &rand(gemv::MAX_ROWS + 4, 63, 0.0, DType::F32),
-            &rand(8, 63, 0.0, DType::BF16),
-            None
-        ));
+        // AMX multiplies whole tiles of 32 values of k; AVX512-BF16 pads an odd k.
+        assert_eq!(
+            applies(
+                &rand(gemv::MAX_ROWS + 4, 63, 0.0, DType::F32),
+                &rand(8, 63, 0.0, DType::BF16),
+                None
+            ),
+            backend() == Some(Backend::Avx512Bf16)
+        );
         assert!(!applies(&x.to_dtype(DType::BF16).expect("bf16"), &w, None));
         assert!(!applies(&x, &w.to_dtype(DType::F32).expect("f32"), None));
         let bf16_bias = rand(1, 8, 0.0, DType::BF16).squeeze(0).expect("bias");

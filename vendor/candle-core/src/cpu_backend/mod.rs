@@ -1439,6 +1439,37 @@ impl MatMul {
     }
 }
 
+impl MatMul {
+    /// The product of two bf16 operands through `bf16_gemm` (only where it is supported): each
+    /// batch's f32 sums, narrowed to bf16 once.
+    fn bf16(&self, lhs: &[bf16], lhs_l: &Layout, rhs: &[bf16], rhs_l: &Layout) -> Result<Vec<bf16>> {
+        let (b, m, n, k) = self.0;
+        let lhs = &lhs[lhs_l.start_offset()..];
+        let rhs = &rhs[rhs_l.start_offset()..];
+        let (lhs_stride, rhs_stride) = (lhs_l.stride(), rhs_l.stride());
+        let rank = lhs_stride.len();
+        let (a_skip, b_skip) = self.ab_skip(lhs_l, rhs_l)?;
+        let mut dst = vec![bf16::ZERO; b * m * n];
+        let mut sums = vec![0f32; m * n];
+        for step in 0..b {
+            sums.fill(0.0);
+            let a = bf16_gemm::View {
+                data: &lhs[step * a_skip..],
+                rs: lhs_stride[rank - 2],
+                cs: lhs_stride[rank - 1],
+            };
+            let b = bf16_gemm::View {
+                data: &rhs[step * b_skip..],
+                rs: rhs_stride[rank - 2],
+                cs: rhs_stride[rank - 1],
+            };
+            bf16_gemm::gemm(m, n, k, a, b, &mut sums);
+            dst[step * m * n..(step + 1) * m * n].convert_from_f32_slice(&sums);
+        }
+        Ok(dst)
+    }
+}
+
 impl Map2 for MatMul {
     const OP: &'static str = "mat_mul";
 
@@ -3059,7 +3090,13 @@ impl BackendStorage for CpuStorage {
         lhs_l: &Layout,
         rhs_l: &Layout,
     ) -> Result<Self> {
-        // no bf16 gemm kernel yet: widen to f32, multiply, narrow back
+        // bf16 on AVX512-BF16: bf16 products with f32 sums, read through the operands' strides.
+        if let (Self::BF16(lhs_v), Self::BF16(rhs_v)) = (self, rhs) {
+            if bf16_gemm::supported() {
+                return Ok(Self::BF16(MatMul(bmnk).bf16(lhs_v, lhs_l, rhs_v, rhs_l)?));
+            }
+        }
+        // Elsewhere no bf16 gemm kernel: widen to f32, multiply, narrow back.
         if let (Self::BF16(lhs_v), Self::BF16(rhs_v)) = (self, rhs) {
             let lhs32 = Self::F32(lhs_v.to_f32_vec());
             let rhs32 = Self::F32(rhs_v.to_f32_vec());
