@@ -10,7 +10,7 @@
 # Environment (defaults): DTYPE (bf16, ours), GGUF (f16, llama.cpp's), SERVERS ("ours llamacpp"),
 # CLIENTS (64), REQUESTS (128), PROMPTS (16), MAX_TOKENS (32), STREAM_TOKENS (64), PHASES
 # (reference,load,streams), TIME_LIMIT (600 s for the load phase), MAX_RUNNING (8), MAX_QUEUE
-# (64), IMAGE (none: text prompts; a PNG sent with every reference and load request, ours only),
+# (64), PREFILL_CHUNK (256, ours: prompt tokens prefilled per step, 0 = whole), IMAGE (none: text prompts; a PNG sent with every reference and load request, ours only),
 # OUT (/tmp/bench_serve: logs and results.jsonl).
 source "$(dirname "${BASH_SOURCE[0]}")/bench_cpu_setup.sh" "${1:-/tmp/llava-tiny-1b}" "${2:-/work/venv/bin/python}"
 dtype=${DTYPE:-bf16}
@@ -19,6 +19,7 @@ servers=${SERVERS:-ours llamacpp}
 out=${OUT:-/tmp/bench_serve}
 max_running=${MAX_RUNNING:-8}
 max_queue=${MAX_QUEUE:-64}
+prefill_chunk=${PREFILL_CHUNK:-256}
 mkdir -p "$out"
 bench=(--clients "${CLIENTS:-64}" --requests "${REQUESTS:-128}" --prompts "${PROMPTS:-16}"
   --max-tokens "${MAX_TOKENS:-32}" --stream-tokens "${STREAM_TOKENS:-64}" --time-limit "${TIME_LIMIT:-600}" --phases "${PHASES:-reference,load,streams}"
@@ -60,9 +61,9 @@ suffix=${IMAGE:+-image}
 for server in $servers; do
   case $server in
     ours)
-      measure "llava-serve-$dtype$suffix" "$out/ref-ours-$dtype$suffix.json" \
+      measure "llava-serve-$dtype$suffix-chunk$prefill_chunk" "$out/ref-ours-$dtype$suffix-chunk$prefill_chunk.json" \
         env RAYON_NUM_THREADS=2 "$llava" serve --model "$ckpt" --dtype "$dtype" --port $port \
-        --max-running "$max_running" --max-queue "$max_queue" --prompt-cache 0
+        --max-running "$max_running" --max-queue "$max_queue" --prompt-cache 0 --prefill-chunk "$prefill_chunk"
       ;;
     llamacpp)
       # -c: 8 slots of the checkpoint's 2048-token context; the same greedy sampling; no

@@ -202,3 +202,47 @@ fn an_error_empties_the_cache() {
     assert!(err.is_err());
     assert!(cache.is_empty());
 }
+
+/// A prompt prefilled in pieces between other work (a server's chunked prefill) against the
+/// same prompt prefilled whole: bit for bit the same last logits and the same cache length,
+/// whatever the piece size.
+#[test]
+fn a_chunked_prefill_gives_the_whole_prefills_logits() {
+    use llava_model::generation::{prefill_with_cache, start_prefill_with_cache};
+    let p = pipeline();
+    let prompt = p
+        .render(&[Message::user(
+            "What shapes can you see in the image? Name each one with its colour, say where it \
+             lies from left to right, and tell me which is the largest and which the smallest.",
+            1,
+        )])
+        .expect("render");
+    let images = pixels(&p, "shapes_64x48.png");
+    let ids = p.encode(&prompt, Some(&images)).expect("encode");
+    let mut whole = PromptCache::new();
+    let want = prefill_with_cache(&p.model, &mut whole, &ids, Some(&images)).expect("whole");
+    let min_piece = llava_model::gemv::MAX_ROWS + 1;
+    assert!(ids.len() >= 3 * min_piece, "{} tokens", ids.len());
+    for chunk in [1, min_piece, 24] {
+        let mut cache = PromptCache::new();
+        let mut prefill =
+            start_prefill_with_cache(&p.model, &mut cache, &ids, Some(&images)).expect("start");
+        let mut pieces = 0;
+        let got = loop {
+            pieces += 1;
+            let before = prefill.remaining();
+            match prefill.advance(&p.model, &mut cache, chunk).expect("piece") {
+                Some(done) => break done,
+                // No piece is shorter than the GEMV's rows, nor leaves fewer behind.
+                None => assert!(before - prefill.remaining() >= min_piece),
+            }
+        };
+        assert!(pieces >= 2, "chunk {chunk}: {pieces} piece(s)");
+        assert_eq!(
+            max_abs_diff(&got.logits, &want.logits),
+            0.0,
+            "chunk {chunk}"
+        );
+        assert_eq!(cache.take_kv().seq_len(), ids.len());
+    }
+}

@@ -40,6 +40,8 @@ pub struct ServeConfig {
     /// Conversations whose keys and values are kept for their next turn ([`crate::prompt_pool`]);
     /// 0 turns the prompt cache off.
     pub prompt_cache: usize,
+    /// Prompt tokens prefilled per step while others decode (chunked prefill); 0: whole.
+    pub prefill_chunk: usize,
     pub media: MediaPolicy,
 }
 
@@ -56,6 +58,7 @@ impl Default for ServeConfig {
             max_running: 8,
             max_queue: 64,
             prompt_cache: 16,
+            prefill_chunk: 256,
             media: MediaPolicy {
                 max_image_bytes: 20 << 20,
                 fetch_timeout: Duration::from_secs(10),

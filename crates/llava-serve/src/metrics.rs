@@ -68,6 +68,9 @@ pub struct Metrics {
     /// Batched forward passes, and the rows they carried: their ratio is the mean batch size.
     pub decode_steps: AtomicU64,
     pub decode_rows: AtomicU64,
+    /// Prefill pieces run (chunked prefill): more than the requests admitted once prompts are
+    /// split.
+    pub prefill_chunks: AtomicU64,
     /// Requests that found part of their prompt in the prompt cache, the tokens they did not
     /// prefill again, and the conversations cached now.
     pub prompt_cache_hits: AtomicU64,
@@ -87,6 +90,7 @@ impl Default for Metrics {
             generated_tokens: AtomicU64::new(0),
             decode_steps: AtomicU64::new(0),
             decode_rows: AtomicU64::new(0),
+            prefill_chunks: AtomicU64::new(0),
             prompt_cache_hits: AtomicU64::new(0),
             prompt_cache_reused_tokens: AtomicU64::new(0),
             prompt_cache_entries: AtomicU64::new(0),
@@ -148,6 +152,12 @@ impl Metrics {
                 "counter",
                 "Sequences advanced, summed over decoding steps.",
                 &self.decode_rows,
+            ),
+            (
+                "llava_prefill_chunks_total",
+                "counter",
+                "Prefill pieces run between decoding steps (chunked prefill).",
+                &self.prefill_chunks,
             ),
             (
                 "llava_prompt_cache_hits_total",

@@ -2,9 +2,11 @@
 //! tokenised at once (so a prompt too long for the context is refused before the client waits),
 //! then waits for a place among `max_running` sequences. Every step:
 //!
-//! 1. at most one waiting request is prefilled on its own and its cache joins the running
-//!    left-padded batch ([`llava_model::batch_decode::join`]), so a long prompt delays the
-//!    running streams by one prefill, not by the whole queue. What the prompt cache
+//! 1. one waiting request at a time is prefilled on its own, a piece of at most
+//!    `prefill_chunk` tokens per step (chunked prefill: its images go through the vision tower
+//!    in its first step), and once whole its cache joins the running left-padded batch
+//!    ([`llava_model::batch_decode::join`]). So a long prompt delays each step of the running
+//!    streams by one piece, not by a whole prefill or the whole queue. What the prompt cache
 //!    ([`PromptPool`]) holds of its beginning (an earlier turn, its images) is not prefilled
 //!    again;
 //! 2. every running sequence advances by one token in one forward pass
@@ -23,7 +25,9 @@ use std::time::Instant;
 use llava_data::conversation::Message;
 use llava_data::image::ProcessedImage;
 use llava_model::batch_decode::{decode_step, join, take_row};
-use llava_model::generation::{Sampler, SamplingParams, prefill_with_cache};
+use llava_model::generation::{
+    CachedPrefill, ChunkedPrefill, Sampler, SamplingParams, start_prefill_with_cache,
+};
 use llava_model::image_inputs::ImageInputs;
 use llava_model::language_model::KvCache;
 use llava_model::pipeline::Pipeline;
@@ -79,6 +83,15 @@ struct Prepared {
     stops: Vec<String>,
 }
 
+/// A request being prefilled, a piece per step, before it joins the batch.
+struct Admission {
+    p: Prepared,
+    sampler: Sampler,
+    /// The prompt's own keys and values, from the prompt cache's match on.
+    prompt: PromptCache,
+    prefill: ChunkedPrefill,
+}
+
 /// A sequence in the batch. Its row's cache holds everything but `pending`, its latest token.
 struct Running<'p> {
     events: UnboundedSender<Event>,
@@ -103,15 +116,23 @@ pub fn run(
     mut jobs: UnboundedReceiver<Job>,
     max_running: usize,
     prompt_cache: usize,
+    prefill_chunk: usize,
     metrics: Arc<Metrics>,
 ) {
+    // 0: each prompt whole in one step.
+    let prefill_chunk = if prefill_chunk == 0 {
+        usize::MAX
+    } else {
+        prefill_chunk
+    };
     let mut pool = PromptPool::new(prompt_cache);
     let mut waiting: VecDeque<Prepared> = VecDeque::new();
+    let mut admitting: Option<Admission> = None;
     let mut running: Vec<Running> = Vec::new();
     let mut cache = KvCache::new();
     loop {
         publish(&metrics, waiting.len(), running.len());
-        if running.is_empty() && waiting.is_empty() {
+        if running.is_empty() && waiting.is_empty() && admitting.is_none() {
             match jobs.blocking_recv() {
                 Some(job) => waiting.extend(prepare(pipeline, job)),
                 None => return,
@@ -122,17 +143,37 @@ pub fn run(
         }
         waiting.retain(|p| !p.job.events.is_closed());
 
-        if running.len() < max_running
+        if admitting.is_none()
+            && running.len() < max_running
             && let Some(next) = waiting.pop_front()
         {
-            admit(
-                pipeline,
-                next,
-                &mut running,
-                &mut cache,
-                &mut pool,
-                &metrics,
-            );
+            admitting = begin(pipeline, next, &mut pool);
+        }
+        // A client gone while its prompt is prefilled frees its place at once.
+        if admitting
+            .as_ref()
+            .is_some_and(|a| a.p.job.events.is_closed())
+        {
+            admitting = None;
+        }
+        if let Some(mut a) = admitting.take() {
+            metrics.prefill_chunks.fetch_add(1, Ordering::Relaxed);
+            match a
+                .prefill
+                .advance(&pipeline.model, &mut a.prompt, prefill_chunk)
+            {
+                Ok(None) => admitting = Some(a),
+                Ok(Some(done)) => admit(
+                    pipeline,
+                    a,
+                    done,
+                    &mut running,
+                    &mut cache,
+                    &mut pool,
+                    &metrics,
+                ),
+                Err(e) => fail(&a.p.job.events, e),
+            }
         }
         publish(&metrics, waiting.len(), running.len());
         if running.is_empty() {
@@ -226,41 +267,65 @@ fn prepare(pipeline: &Pipeline, job: Job) -> Option<Prepared> {
     }
 }
 
-/// Prefills one request alone (after what the prompt cache holds of it), gives it its first
-/// token, and joins its cache to the batch unless that token already ends it.
-fn admit<'p>(
-    pipeline: &'p Pipeline,
-    p: Prepared,
-    running: &mut Vec<Running<'p>>,
-    cache: &mut KvCache,
-    pool: &mut PromptPool,
-    metrics: &Metrics,
-) {
-    let events = p.job.events.clone();
-    let fail = |e: ModelError| {
-        // The prompt and images were checked when they arrived: what fails here is the model.
-        let _ = events.send(Event::Failed(ApiError::internal(e.to_string())));
-    };
-    let mut sampler = match Sampler::new(p.job.sampling.clone()) {
+/// A model error for a request whose prompt and images were checked when they arrived: what
+/// failed is the model.
+fn fail(events: &UnboundedSender<Event>, e: ModelError) {
+    let _ = events.send(Event::Failed(ApiError::internal(e.to_string())));
+}
+
+/// Starts a request's prefill after what the prompt cache holds of it (its new images go
+/// through the vision tower here); `None` if that failed, the client told.
+fn begin(pipeline: &Pipeline, p: Prepared, pool: &mut PromptPool) -> Option<Admission> {
+    let sampler = match Sampler::new(p.job.sampling.clone()) {
         Ok(s) => s,
-        Err(e) => return fail(e),
+        Err(e) => {
+            fail(&p.job.events, e);
+            return None;
+        }
     };
     // A cache that cannot be compared is only a missed saving.
     let mut prompt = pool
         .lookup(&pipeline.model, &p.input_ids, p.images.as_ref())
         .unwrap_or_default();
-    let prefilled = match prefill_with_cache(
+    match start_prefill_with_cache(
         &pipeline.model,
         &mut prompt,
         &p.input_ids,
         p.images.as_ref(),
     ) {
-        Ok(out) => out,
-        Err(e) => return fail(e),
-    };
+        Ok(prefill) => Some(Admission {
+            p,
+            sampler,
+            prompt,
+            prefill,
+        }),
+        Err(e) => {
+            fail(&p.job.events, e);
+            None
+        }
+    }
+}
+
+/// A prefilled request's first token, and its cache joined to the batch unless that token
+/// already ends it.
+fn admit<'p>(
+    pipeline: &'p Pipeline,
+    a: Admission,
+    prefilled: CachedPrefill,
+    running: &mut Vec<Running<'p>>,
+    cache: &mut KvCache,
+    pool: &mut PromptPool,
+    metrics: &Metrics,
+) {
+    let Admission {
+        p,
+        mut sampler,
+        mut prompt,
+        ..
+    } = a;
     let first = match sampler.sample(&prefilled.logits) {
         Ok(id) => id,
-        Err(e) => return fail(e),
+        Err(e) => return fail(&p.job.events, e),
     };
     metrics
         .prompt_tokens

@@ -139,6 +139,7 @@ fn spawn_model_thread(state: Arc<AppState>, loader: Loader, failed: oneshot::Sen
         let (jobs, rx) = mpsc::unbounded_channel();
         let max_running = state.config.max_running;
         let prompt_cache = state.config.prompt_cache;
+        let prefill_chunk = state.config.prefill_chunk;
         let metrics = state.metrics.clone();
         tracing::info!("{}", capacity(&pipeline, &state.config));
         let _ = state.model.set(ModelHandle {
@@ -148,7 +149,14 @@ fn spawn_model_thread(state: Arc<AppState>, loader: Loader, failed: oneshot::Sen
         // The routes hold the only sender now: when the server stops, the scheduler does too.
         drop(state);
         metrics.running.store(0, Ordering::Relaxed);
-        scheduler::run(&pipeline, rx, max_running, prompt_cache, metrics);
+        scheduler::run(
+            &pipeline,
+            rx,
+            max_running,
+            prompt_cache,
+            prefill_chunk,
+            metrics,
+        );
     });
 }
 

@@ -145,6 +145,28 @@ fn several_turns_and_images_render_as_the_pipeline_renders_them() {
 /// different steps; each gets what it gets alone.
 #[test]
 fn batched_requests_get_their_unbatched_replies() {
+    let text = batched_requests_against_unbatched(ServeConfig::default());
+    // The default chunk (256) takes these prompts whole: one piece per request.
+    assert_eq!(metric(&text, "llava_prefill_chunks_total"), 4, "{text}");
+}
+
+/// The same with prompts prefilled in pieces of the smallest size between decoding steps
+/// (chunked prefill): the replies do not change.
+#[test]
+fn chunked_prefill_changes_no_reply() {
+    let text = batched_requests_against_unbatched(ServeConfig {
+        prefill_chunk: 1,
+        ..ServeConfig::default()
+    });
+    assert!(
+        metric(&text, "llava_prefill_chunks_total") > 4,
+        "some prompt was split:\n{text}"
+    );
+}
+
+/// Runs the four requests of [`batched_requests_get_their_unbatched_replies`] together against a
+/// server with `config`; returns its `/metrics` text.
+fn batched_requests_against_unbatched(config: ServeConfig) -> String {
     let p = load();
     let img = image_path("tall_40x60.png");
     let cases: Vec<(Value, String)> = [
@@ -171,7 +193,7 @@ fn batched_requests_get_their_unbatched_replies() {
         (body, expected(&p, &messages, &images, max).0.text)
     })
     .collect();
-    let s = TestServer::start(ServeConfig::default()).ready();
+    let s = TestServer::start(config).ready();
     std::thread::scope(|scope| {
         let handles: Vec<_> = cases
             .iter()
@@ -207,6 +229,7 @@ fn batched_requests_get_their_unbatched_replies() {
         metric(&text, "llava_decode_rows_total") > metric(&text, "llava_decode_steps_total"),
         "some step decoded several requests together:\n{text}"
     );
+    text
 }
 
 #[test]

@@ -42,6 +42,10 @@ pub struct ServeCommand {
     /// tokens (least recently used dropped first); 0 turns the prompt cache off.
     #[arg(long, default_value_t = 16)]
     pub prompt_cache: usize,
+    /// Prompt tokens prefilled per step between the running sequences' decode steps (chunked
+    /// prefill), so that a long prompt does not stall every stream; 0 prefills each prompt whole.
+    #[arg(long, default_value_t = 256)]
+    pub prefill_chunk: usize,
     /// Largest request body in bytes (images included); larger gets 413.
     #[arg(long, default_value_t = 20 << 20)]
     pub max_body_bytes: usize,
@@ -106,6 +110,7 @@ pub fn run(c: ServeCommand) -> Result<()> {
         max_running: c.max_running,
         max_queue: c.max_queue,
         prompt_cache: c.prompt_cache,
+        prefill_chunk: c.prefill_chunk,
         media: MediaPolicy {
             allowed_local_media_path: c.allowed_local_media_path.clone(),
             allow_remote_images: c.allow_remote_images,

@@ -308,6 +308,112 @@ fn prefill_cached(
     images: Option<&ImageInputs>,
     spans: &[usize],
 ) -> Result<CachedPrefill> {
+    let mut prefill = start_cached(model, cache, input_ids, images, spans)?;
+    loop {
+        if let Some(done) = prefill.advance(model, cache, usize::MAX)? {
+            return Ok(done);
+        }
+    }
+}
+
+/// A prefill run a piece at a time, so that a server can decode its running sequences between
+/// the pieces instead of stalling them for a whole prompt (chunked prefill). Each piece appends
+/// its keys and values to the prompt's own [`PromptCache`]; the logits come with the last.
+pub struct ChunkedPrefill {
+    /// The embeddings of the positions still to run (image features in place), `[1, len, hidden]`.
+    embeds: Tensor,
+    /// Positions of `embeds` already run.
+    done: usize,
+    cached_tokens: usize,
+    vision_ms: f64,
+    prefill_ms: f64,
+    /// Dynamic NTK rope past the trained context rotates by the longest sequence of a pass:
+    /// such a prompt runs whole.
+    whole: bool,
+}
+
+/// Starts a [`prefill_with_cache`] to be run in pieces with [`ChunkedPrefill::advance`]: finds
+/// what `cache` holds of the prompt and runs the vision tower over the images after it (that
+/// part is not split). On an error the cache is emptied.
+pub fn start_prefill_with_cache(
+    model: &Llava,
+    cache: &mut PromptCache,
+    input_ids: &[u32],
+    images: Option<&ImageInputs>,
+) -> Result<ChunkedPrefill> {
+    let spans = image_spans(model, input_ids, images)?;
+    start_cached(model, cache, input_ids, images, &spans).inspect_err(|_| cache.clear())
+}
+
+impl ChunkedPrefill {
+    /// Positions still to run.
+    pub fn remaining(&self) -> usize {
+        self.embeds.dim(1).unwrap_or(0) - self.done
+    }
+
+    /// Runs about `chunk` more positions (at least `RERUN`, and the rest whole when less
+    /// than `chunk + RERUN` would remain, so that no piece goes through the decoding GEMV and
+    /// the logits are bit for bit those of one whole prefill on the CPU). `Some` once the
+    /// prompt is done: its last position's logits. On an error the cache is emptied.
+    pub fn advance(
+        &mut self,
+        model: &Llava,
+        cache: &mut PromptCache,
+        chunk: usize,
+    ) -> Result<Option<CachedPrefill>> {
+        self.run_piece(model, cache, chunk)
+            .inspect_err(|_| cache.clear())
+    }
+
+    fn run_piece(
+        &mut self,
+        model: &Llava,
+        cache: &mut PromptCache,
+        chunk: usize,
+    ) -> Result<Option<CachedPrefill>> {
+        let clock = std::time::Instant::now();
+        let remaining = self.remaining();
+        let chunk = if self.whole {
+            usize::MAX
+        } else {
+            chunk.max(RERUN)
+        };
+        let take = if remaining < chunk.saturating_add(RERUN) {
+            remaining
+        } else {
+            chunk
+        };
+        let piece = self.embeds.narrow(1, self.done, take)?;
+        let hidden = model
+            .language_model
+            .forward(&piece, None, &mut cache.kv, Mode::Infer)?;
+        self.done += take;
+        if self.remaining() > 0 {
+            hidden.device().synchronize()?;
+            self.prefill_ms += clock.elapsed().as_secs_f64() * 1000.0;
+            return Ok(None);
+        }
+        let last = hidden.narrow(1, take - 1, 1)?;
+        let logits = model.language_model.logits(&last)?.flatten_all()?;
+        logits.device().synchronize()?;
+        self.prefill_ms += clock.elapsed().as_secs_f64() * 1000.0;
+        Ok(Some(CachedPrefill {
+            logits,
+            cached_tokens: self.cached_tokens,
+            vision_ms: self.vision_ms,
+            prefill_ms: self.prefill_ms,
+        }))
+    }
+}
+
+/// [`start_prefill_with_cache`] once the prompt's image `spans` are known.
+fn start_cached(
+    model: &Llava,
+    cache: &mut PromptCache,
+    input_ids: &[u32],
+    images: Option<&ImageInputs>,
+    spans: &[usize],
+) -> Result<ChunkedPrefill> {
     if !rope_keeps(model, cache, input_ids) {
         cache.clear();
     }
@@ -334,17 +440,17 @@ fn prefill_cached(
     let clock = std::time::Instant::now();
     let new_ids = [input_ids[reuse.tokens..].to_vec()];
     let embeds = model.embed(&new_ids, features.as_ref())?;
-    let hidden = model
-        .language_model
-        .forward(&embeds, None, &mut cache.kv, Mode::Infer)?;
-    let last = hidden.narrow(1, new_ids[0].len() - 1, 1)?;
-    let logits = model.language_model.logits(&last)?.flatten_all()?;
-    logits.device().synchronize()?;
-    Ok(CachedPrefill {
-        logits,
+    Ok(ChunkedPrefill {
+        embeds,
+        done: 0,
         cached_tokens: reuse.tokens,
         vision_ms,
         prefill_ms: clock.elapsed().as_secs_f64() * 1000.0,
+        whole: model
+            .language_model
+            .rope()
+            .stable_len()
+            .is_some_and(|stable| input_ids.len() > stable),
     })
 }
 
