@@ -7,7 +7,10 @@ PIL CLIP processor. Vision tower frozen; projector + language model train with A
 `--lora R`, peft's LoRA (alpha 2R, dropout 0.05) on every linear of the language model and the
 projector as modules_to_save train instead, as `llava train --lora --lora-r R --lora-alpha 2R`.
 With `--bf16`, each forward runs under `torch.autocast(dtype=torch.bfloat16)` over the f32
-parameters (the HF Trainer's `bf16=True`), as `llava train --bf16`.
+parameters (the HF Trainer's `bf16=True`), as `llava train --bf16`. With `--base-dtype bf16` the
+model is loaded in bf16 (the frozen base takes half the memory; peft keeps the LoRA weights in
+f32), as the original LLaVA loads it under `--bf16`; `--gradient-checkpointing` recomputes each
+decoder layer in backward; without `--image` the sample is text only; `--max-length` cuts it.
 
     llava data preview --model /tmp/train-bench --data /tmp/tb/data.json --template plain --json > /tmp/tb/sample.json
     /work/venv/bin/python tools/bench_train_pytorch.py --model /tmp/train-bench --sample /tmp/tb/sample.json \
@@ -32,7 +35,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--sample", required=True)
-    ap.add_argument("--image", required=True)
+    ap.add_argument("--image", help="the sample's image (none: a text-only sample)")
+    ap.add_argument("--max-length", type=int, default=0, help="cut the sample to this many tokens")
+    ap.add_argument("--base-dtype", choices=["f32", "bf16"], default="f32")
+    ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
@@ -44,16 +50,23 @@ def main():
     torch.set_num_threads(args.threads)
 
     sample = json.load(open(args.sample))
-    ids = torch.tensor([sample["input_ids"]] * args.batch)
-    labels = torch.tensor([sample["labels"]] * args.batch)
-    proc = SlowCLIPImageProcessor.from_pretrained(args.model)
-    pixels = proc(images=Image.open(args.image).convert("RGB"), return_tensors="pt")["pixel_values"]
-    pixels = pixels.repeat(args.batch, 1, 1, 1)
+    cut = args.max_length or len(sample["input_ids"])
+    ids = torch.tensor([sample["input_ids"][:cut]] * args.batch)
+    labels = torch.tensor([sample["labels"][:cut]] * args.batch)
     dev = torch.device(args.device)
-    ids, labels, pixels = ids.to(dev), labels.to(dev), pixels.to(dev)
+    pixels = None
+    if args.image:
+        proc = SlowCLIPImageProcessor.from_pretrained(args.model)
+        pixels = proc(images=Image.open(args.image).convert("RGB"), return_tensors="pt")["pixel_values"]
+        pixels = pixels.repeat(args.batch, 1, 1, 1).to(dev)
+    ids, labels = ids.to(dev), labels.to(dev)
 
-    model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32).to(dev)
+    dtype = torch.bfloat16 if args.base_dtype == "bf16" else torch.float32
+    model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(dev)
     model.train()
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     for name, p in model.named_parameters():
         p.requires_grad_("vision_tower" not in name)
     if args.lora:
@@ -81,7 +94,9 @@ def main():
     print(json.dumps({
         "peer": f"transformers {__import__('transformers').__version__} / torch {torch.__version__}"
                 + (f" / peft {__import__('peft').__version__} LoRA r {args.lora}" if args.lora else "")
-                + (" / autocast bf16" if args.bf16 else ""),
+                + (" / autocast bf16" if args.bf16 else "")
+                + (" / bf16 base" if args.base_dtype == "bf16" else "")
+                + (" / gradient checkpointing" if args.gradient_checkpointing else ""),
         "threads": args.threads, "tokens_per_step": tokens,
         "step_s": [round(t, 3) for t in times], "losses": losses,
         "tokens_per_s": tokens / (sum(steady) / len(steady)),
