@@ -181,6 +181,21 @@ impl Disjoint {
     }
 }
 
+/// One contiguous row as bf16 pairs, `pairs[p] = row[2p] | row[2p + 1] << 16`; an odd length's
+/// last pair has a zero high half. `pairs` holds `ceil(row.len() / 2)`. Inlined, so that it
+/// vectorises with the caller's target features (AMX's packing runs it under AVX-512).
+#[inline(always)]
+pub fn pair_up<A: Element>(row: &[A], pairs: &mut [u32]) {
+    let whole = row.chunks_exact(2);
+    let odd = whole.remainder();
+    for (p, two) in pairs.iter_mut().zip(whole) {
+        *p = two[0].bf16_bits() | (two[1].bf16_bits() << 16);
+    }
+    if let [last] = odd {
+        pairs[row.len() / 2] = last.bf16_bits();
+    }
+}
+
 /// `a: [m, k]` as bf16 pairs, `[m][ceil(k / 2)]`, each `a(i, 2p) | a(i, 2p + 1) << 16`; an odd
 /// `k`'s last pair has a zero high half.
 fn pack_rows<A: Element>(a: View<A>, m: usize, k: usize, parallel: bool) -> Vec<u32> {
@@ -194,13 +209,7 @@ fn pack_rows<A: Element>(a: View<A>, m: usize, k: usize, parallel: bool) -> Vec<
         if a.cs == 1 {
             // Rows contiguous: a pass along each row, which vectorises.
             for (r, row_pairs) in pairs.chunks_exact_mut(kp).enumerate() {
-                let row = &a.data[(i0 + r) * a.rs..][..k];
-                for (p, two) in row_pairs.iter_mut().zip(row.chunks_exact(2)) {
-                    *p = two[0].bf16_bits() | (two[1].bf16_bits() << 16);
-                }
-                if k % 2 == 1 {
-                    row_pairs[kp - 1] = row[k - 1].bf16_bits();
-                }
+                pair_up(&a.data[(i0 + r) * a.rs..][..k], row_pairs);
             }
         } else {
             // A transposed view (`gradᵀ` in a weight's gradient): down the columns, which are

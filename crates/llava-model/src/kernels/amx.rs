@@ -14,7 +14,7 @@
 
 use std::sync::OnceLock;
 
-use bf16_gemm::round_to_bf16_bits;
+use bf16_gemm::pair_up;
 use half::bf16;
 use rayon::prelude::*;
 
@@ -124,14 +124,7 @@ fn pack_pairs(x: &[f32], m: usize, k: usize) -> Vec<u32> {
                     // A contiguous pass that vectorises, then the transposing scatter.
                     simd(
                         #[inline(always)]
-                        || {
-                            for (p, two) in
-                                pairs.iter_mut().zip(x[i * k..(i + 1) * k].chunks_exact(2))
-                            {
-                                *p =
-                                    round_to_bf16_bits(two[0]) | (round_to_bf16_bits(two[1]) << 16);
-                            }
-                        },
+                        || pair_up(&x[i * k..(i + 1) * k], &mut pairs),
                     );
                     for (s, step) in pairs.chunks_exact(16).enumerate() {
                         let tile = &mut block[s * 512 + h * 256..][..256];
