@@ -3,11 +3,17 @@
 //! dispatch (the GEMV up to `gemv::MAX_ROWS` rows) and through the GEMM path that larger
 //! batches take (bf16 weights widened to f32 for it on a CPU without AMX).
 //! `cargo run --release -p llava-model --example decode_rows_probe`
+//!
+//! With the argument `bandwidth`, it instead measures the one-row GEMV's draw on memory over
+//! every weight of the step (22 layers' own, 2.1 GB in bf16) against a streaming read of the
+//! same bytes: `RAYON_NUM_THREADS=2 cargo run --release -p llava-model --example
+//! decode_rows_probe -- bandwidth`.
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use llava_model::gemm_layout;
 use llava_model::gemv;
+use rayon::prelude::*;
 
 /// [out, in] of one layer's projections (q, k, v, o, gate, up, down), 22 layers, and lm_head.
 const LAYER: [(usize, usize); 7] = [
@@ -35,6 +41,9 @@ fn step(
 }
 
 fn main() -> candle_core::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("bandwidth") {
+        return bandwidth();
+    }
     let dev = Device::Cpu;
     for dtype in [DType::BF16, DType::F32] {
         // One layer's weights stand for all 22 (the time is scaled), plus lm_head.
@@ -78,5 +87,71 @@ fn main() -> candle_core::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// The GEMV's draw on memory against a plain streaming read of the same bytes: one decode
+/// step's bf16 products, every weight its own (2.1 GB), one row, best of five, beside a
+/// parallel sum over the same weights' bytes on as many threads.
+fn bandwidth() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    let shapes: Vec<(usize, usize)> = (0..LAYERS).flat_map(|_| LAYER).chain([LM_HEAD]).collect();
+    let weights: Vec<Tensor> = shapes
+        .iter()
+        .map(|&(n, k)| Tensor::randn(0f32, 0.02, (n, k), &dev)?.to_dtype(DType::BF16))
+        .collect::<candle_core::Result<_>>()?;
+    let xs: Vec<Tensor> = shapes
+        .iter()
+        .map(|&(_, k)| Tensor::randn(0f32, 1.0, (1, k), &dev))
+        .collect::<candle_core::Result<_>>()?;
+    let bytes: usize = shapes.iter().map(|(n, k)| n * k * 2).sum();
+    println!(
+        "{} threads, {:.2} GB of bf16 weights",
+        rayon::current_num_threads(),
+        bytes as f64 / 1e9
+    );
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        for (w, x) in weights.iter().zip(&xs) {
+            gemv::matmul_t(x, w).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        }
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    println!(
+        "GEMV, 1 row:     {:7.1} ms per step, {:5.1} GB/s",
+        best * 1e3,
+        bytes as f64 / best / 1e9
+    );
+    let slices: Vec<Vec<u64>> = weights
+        .iter()
+        .map(|w| {
+            let v = w.flatten_all()?.to_vec1::<half::bf16>()?;
+            Ok(v.chunks_exact(4)
+                .map(|c| {
+                    c.iter()
+                        .fold(0u64, |a, b| (a << 16) | u64::from(b.to_bits()))
+                })
+                .collect())
+        })
+        .collect::<candle_core::Result<_>>()?;
+    let mut best = f64::MAX;
+    let mut total = 0u64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        for s in &slices {
+            total = total.wrapping_add(
+                s.par_chunks(16 * 1024)
+                    .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+                    .reduce(|| 0, u64::wrapping_add),
+            );
+        }
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    println!(
+        "streaming read:  {:7.1} ms per pass, {:5.1} GB/s (checksum {total:x})",
+        best * 1e3,
+        bytes as f64 / best / 1e9
+    );
     Ok(())
 }
