@@ -150,12 +150,7 @@ pub fn run(
             admitting = begin(pipeline, next, &mut pool);
         }
         // A client gone while its prompt is prefilled frees its place at once.
-        if admitting
-            .as_ref()
-            .is_some_and(|a| a.p.job.events.is_closed())
-        {
-            admitting = None;
-        }
+        admitting = admitting.filter(|a| !a.p.job.events.is_closed());
         if let Some(mut a) = admitting.take() {
             metrics.prefill_chunks.fetch_add(1, Ordering::Relaxed);
             match a
