@@ -315,8 +315,15 @@ def main():
     ap.add_argument("--every", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--then", metavar="STEP:KINDS:TURNS",
+                    help="from STEP on, train on KINDS with TURNS per scene (a two-phase "
+                         "curriculum: new look-ups added once the first ones have formed)")
     args = ap.parse_args()
     args.kinds = args.kinds.split(",")
+    then = None
+    if args.then:
+        step, kinds, turns = args.then.split(":")
+        then = (int(step), kinds.split(","), int(turns))
     torch.set_num_threads(args.threads)
     print(" ".join(f"{k}={v}" for k, v in vars(args).items()), flush=True)
     task = Task(args)
@@ -379,6 +386,9 @@ def main():
 
     start, losses, tokens = time.time(), [], 0
     for step in range(1, args.steps + 1):
+        if then and step == then[0]:
+            args.kinds, args.turns = then[1], then[2]
+            print(f"step {step}: now kinds {','.join(args.kinds)}, turns {args.turns}", flush=True)
         max_objects = MAX_OBJECTS
         if args.curriculum:
             max_objects = min(MAX_OBJECTS, 1 + (MAX_OBJECTS * step) // args.curriculum)

@@ -1,8 +1,10 @@
 """Soak test for `llava serve`, run by hand (BENCHMARKS.md, Serving): --duration seconds of mixed
 clients against a running server, then its RSS after the first minute against the end (target:
 within 10%) and every status by kind of client (target: no 5xx, and each kind gets its expected
-status). Kinds: streamed and plain text requests, streams dropped after two chunks, a request with
-a small valid image, and bad images (garbage base64, a decompression-bomb PNG, a data URL of the
+status). Each minute's lowest and highest RSS are reported too, and the last minute's lowest must
+be within 10% of the second minute's, so that one sample taken in a burst decides nothing.
+Kinds: streamed and plain text requests, streams dropped after two chunks, a request with a small
+valid image, and bad images (garbage base64, a decompression-bomb PNG, a data URL of the
 wrong media type). Needs aiohttp; shares bench_serve.py's client.
 
     python tools/soak_serve.py --base-url http://127.0.0.1:8080 --server-pid PID --duration 600
@@ -143,6 +145,17 @@ async def main_async(args) -> int:
     growth = None
     if after_minute.get("VmRSS") and final.get("VmRSS"):
         growth = round(final["VmRSS"] / after_minute["VmRSS"] - 1, 4)
+    # RSS follows the load (the server hands back memory a burst took), so one sample can
+    # land on a peak or a trough. Each minute's lowest and highest reading show the trend
+    # apart from that: a leak lifts the floor.
+    by_minute = []
+    for m in range(int(args.duration // 60)):
+        v = [s["VmRSS"] for s in samples if m * 60 <= s["t"] < (m + 1) * 60 and "VmRSS" in s]
+        if v:
+            by_minute.append([min(v), max(v)])
+    floor_growth = None
+    if len(by_minute) >= 3:
+        floor_growth = round(by_minute[-1][0] / by_minute[1][0] - 1, 4)
     unexpected = {
         kind: {s: n for s, n in got.items() if not (s.isdigit() and int(s) in KINDS[kind][1])}
         for kind, got in counts.items()
@@ -162,6 +175,8 @@ async def main_async(args) -> int:
         "rss_mib_after_first_minute": after_minute.get("VmRSS"),
         "rss_mib_end": final.get("VmRSS"),
         "rss_growth": growth,
+        "rss_mib_by_minute": by_minute,
+        "rss_floor_growth_from_minute_2": floor_growth,
         "peak_rss_mib": final.get("VmHWM"),
         "rss_samples": samples,
         "metrics_requests": [l for l in metrics.splitlines() if l.startswith("llava_requests_total")],
@@ -170,7 +185,8 @@ async def main_async(args) -> int:
     if args.out:
         with open(args.out, "a") as f:
             f.write(json.dumps(report) + "\n")
-    ok = five_xx == 0 and not unexpected and health == 200 and growth is not None and abs(growth) <= 0.10
+    ok = (five_xx == 0 and not unexpected and health == 200 and growth is not None and abs(growth) <= 0.10
+          and (floor_growth is None or floor_growth <= 0.10))
     print("soak passed" if ok else "soak FAILED")
     return 0 if ok else 1
 

@@ -17,11 +17,22 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// step re-faulted (and the kernel re-zeroed) the pages of its largest tensors: about 15% of a
 /// demo step in a profile (BENCHMARKS.md). Never purging keeps them; the process's peak is
 /// what it holds.
-fn keep_freed_memory() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        // SAFETY: sets an integer option; mimalloc reads options at each use.
-        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+///
+/// A server is the exception: its load comes in bursts (a prompt with an image joins the
+/// batch, then leaves), and holding each burst's peak for ever makes its resident memory a
+/// high-water mark. It hands back what stayed unused for a second: longer than any decode
+/// step, so a step's buffers are still reused by the next one. `MIMALLOC_PURGE_DELAY`, when
+/// set, decides for every command.
+fn set_purge_delay(command: &Command) {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
     }
+    let delay_ms = match command {
+        Command::Serve(_) => 1000,
+        _ => -1,
+    };
+    // SAFETY: sets an integer option; mimalloc reads options at each use.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, delay_ms) };
 }
 
 use clap::{Parser, Subcommand};
@@ -68,8 +79,8 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    keep_freed_memory();
     let cli = Cli::parse();
+    set_purge_delay(&cli.command);
     cli.color.set_global();
     tracing_subscriber::fmt()
         .with_env_filter(
