@@ -21,6 +21,8 @@ pub enum ModelError {
     Config { path: PathBuf, message: String },
     #[error("{path}: not a valid safetensors file (truncated or corrupt?): {message}")]
     Safetensors { path: PathBuf, message: String },
+    #[error("{path}: could not write the safetensors file: {message}")]
+    SafetensorsWrite { path: PathBuf, message: String },
     #[error(
         "{path}: not a readable PyTorch checkpoint (truncated, corrupt, or saved by torch < 1.6?): {message}"
     )]

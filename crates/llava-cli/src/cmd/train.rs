@@ -383,6 +383,10 @@ fn train(c: TrainCommand, job: &dyn Collective) -> Result<()> {
         Some(_) => Some(Quantize::Bits8),
         None => None,
     });
+    if c.bits.is_some() {
+        // The frozen base held once, not beside a repacked copy.
+        llava_model::quantized::keep_repacked_weights(false);
+    }
     if let (Some(p), None) = (&c.projector, &c.resume) {
         weights
             .add_file(p, projector_file_name)

@@ -93,10 +93,7 @@ pub fn write_shards(
             metadata.clone(),
             &tmp,
         )
-        .map_err(|e| ModelError::Safetensors {
-            path: tmp.clone(),
-            message: e.to_string(),
-        })?;
+        .map_err(|e| write_failed(&tmp, e))?;
         std::fs::rename(&tmp, &path).map_err(io(&path))?;
         for (name, t) in shard {
             total += t.elem_count() * t.dtype().size_in_bytes();
@@ -113,6 +110,16 @@ pub fn write_shards(
     Ok(())
 }
 
+/// A failed write (a full disk, most often): the partial file is removed, so that it neither
+/// fills the disk further nor passes for a checkpoint.
+fn write_failed(tmp: &Path, e: safetensors::SafeTensorError) -> ModelError {
+    let _ = std::fs::remove_file(tmp);
+    ModelError::SafetensorsWrite {
+        path: tmp.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
 /// Writes tensors under the given names into one safetensors file, atomically.
 pub fn write_tensors_file(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let metadata = Some(std::collections::HashMap::from([(
@@ -121,10 +128,7 @@ pub fn write_tensors_file(path: &Path, tensors: &[(String, Tensor)]) -> Result<(
     )]));
     let tmp = path.with_extension("tmp");
     safetensors::serialize_to_file(tensors.iter().map(|(k, t)| (k.clone(), t)), metadata, &tmp)
-        .map_err(|e| ModelError::Safetensors {
-            path: tmp.clone(),
-            message: e.to_string(),
-        })?;
+        .map_err(|e| write_failed(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(io(path))
 }
 
@@ -183,4 +187,27 @@ pub fn write_adapter(
         .map(|(n, t)| (peft_name(n), t.clone()))
         .collect();
     write_tensors_file(&dir.join("adapter_model.safetensors"), &named)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device};
+
+    use super::*;
+
+    #[test]
+    fn a_failed_write_is_reported_as_a_write() {
+        let dir = std::env::temp_dir().join(format!("llava-save-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        // A folder where the temporary file should go: the write fails, as on a full disk.
+        let path = dir.join("model.safetensors");
+        std::fs::create_dir_all(path.with_extension("tmp")).expect("blocking folder");
+        let t = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).expect("tensor");
+        let err = write_tensors_file(&path, &[("w".into(), t)]).expect_err("the write fails");
+        let written = path.exists();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(matches!(err, ModelError::SafetensorsWrite { .. }), "{err}");
+        assert!(err.to_string().contains("could not write"), "{err}");
+        assert!(!written);
+    }
 }

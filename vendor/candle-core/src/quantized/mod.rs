@@ -904,6 +904,10 @@ impl QTensor {
     /// Fused m==1 matmul over same-dtype tensors sharing one lhs (e.g. qkv or gate+up in
     /// decode): one lhs quantization and one parallel region. None when unsupported.
     pub fn gemv_fused_shared_lhs(ts: &[&Self], lhs: &Tensor) -> Result<Option<Vec<Tensor>>> {
+        // llava-rs: a caller that frees repacked copies takes the per-weight products.
+        if !repack::keep_packed() {
+            return Ok(None);
+        }
         #[cfg(target_arch = "aarch64")]
         {
             if ts.is_empty() || !lhs.device().is_cpu() || lhs.dtype() != crate::DType::F32 {

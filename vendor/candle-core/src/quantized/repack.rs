@@ -3,6 +3,21 @@ use super::GgmlDType;
 use super::QuantizedType;
 use crate::Result;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// llava-rs: whether a quantized weight keeps the repacked copy its first product makes (the
+/// default: products are fastest from it) or repacks for each product and frees the copy
+/// (training, where the repacked copy would be a second copy of every frozen weight).
+static KEEP_PACKED: AtomicBool = AtomicBool::new(true);
+
+/// Sets whether quantized weights keep their repacked copies; see [`KEEP_PACKED`].
+pub fn set_keep_packed(keep: bool) {
+    KEEP_PACKED.store(keep, Ordering::Relaxed);
+}
+
+pub(crate) fn keep_packed() -> bool {
+    KEEP_PACKED.load(Ordering::Relaxed)
+}
 
 #[cfg(target_arch = "aarch64")]
 use super::k_quants::{BlockQ4K, BlockQ4_0, QK4_0};
@@ -228,7 +243,13 @@ pub(crate) fn try_matmul_f32(
         let (m, k, n) = mkn;
         let dtype = storage.dtype();
         if let Some(kind) = PackedKind::select(dtype, mkn) {
-            let packed = packed.get_or_init(kind, || kind.pack(storage, n));
+            let local;
+            let packed = if keep_packed() {
+                packed.get_or_init(kind, || kind.pack(storage, n))
+            } else {
+                local = kind.pack(storage, n);
+                &local
+            };
             kind.matmul(mkn, lhs, packed, dst)?;
             return Ok(true);
         }
@@ -241,7 +262,13 @@ pub(crate) fn try_matmul_f32(
         if m_tiled > 0 && PackedKind::select(dtype, (m_tiled, k, n)) != Some(kind) {
             return Ok(false);
         }
-        let packed = packed.get_or_init(kind, || kind.pack(storage, n));
+        let local;
+        let packed = if keep_packed() {
+            packed.get_or_init(kind, || kind.pack(storage, n))
+        } else {
+            local = kind.pack(storage, n);
+            &local
+        };
         let (lhs_tiled, lhs_tail) = lhs.split_at(m_tiled * k);
         let (dst_tiled, dst_tail) = dst.split_at_mut(m_tiled * n);
         if m_tiled > 0 {
@@ -261,16 +288,29 @@ pub(crate) fn try_matmul_f32(
         }
         let dtype = storage.dtype();
         let lhs_q = super::repack_x86::quantize_lhs(lhs, m, k);
+        let keep = keep_packed();
         if m >= 32 && dtype == super::GgmlDType::Q4K && super::repack_x86::amx_available() {
-            let tiles = packed
-                .x86_amx
-                .get_or_init(|| super::repack_x86::pack_q4k_amx(storage, n, k));
+            let local;
+            let tiles = if keep {
+                packed
+                    .x86_amx
+                    .get_or_init(|| super::repack_x86::pack_q4k_amx(storage, n, k))
+            } else {
+                local = super::repack_x86::pack_q4k_amx(storage, n, k);
+                &local
+            };
             super::repack_x86::matmul_amx_q4k(tiles, &lhs_q, m, k, n, dst);
             return Ok(true);
         }
-        let tiles = packed
-            .x86
-            .get_or_init(|| super::repack_x86::pack(dtype, storage, n, k));
+        let local;
+        let tiles = if keep {
+            packed
+                .x86
+                .get_or_init(|| super::repack_x86::pack(dtype, storage, n, k))
+        } else {
+            local = super::repack_x86::pack(dtype, storage, n, k);
+            &local
+        };
         super::repack_x86::matmul_tiles(tiles, &lhs_q, m, k, n, dst);
         Ok(true)
     }
