@@ -33,7 +33,8 @@ Recipe knobs: `--tokenizer` (the demo's tokenizer.json, or `punct`: the same BPE
 here on the world's text with punctuation and newlines split off words), model shape
 (`--layers --width --heads --mlp`), `--lr --warmup --schedule`, `--batch-size`, `--turns`
 (questions per scene), `--loss answers|all`, `--curriculum N` (the most objects a training scene
-may hold rises from 1 to 5 over the first N steps), `--no-system`. `--scene patches` replaces
+may hold rises from 1 to 5 over the first N steps), `--no-system`, `--then STEP:KINDS:TURNS` (from
+STEP on, other kinds and turns: a second phase once the first look-ups have formed). `--scene patches` replaces
 the words with 64 exact patch features (one-hot colour and shape on each object's 2x2 block)
 through a 2-layer GELU projector: the decoder's best case with a perfect tower.
 
