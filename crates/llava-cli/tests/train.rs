@@ -334,7 +334,7 @@ fn pretrain_moves_only_the_projector() {
     let tmp = tempfile::tempdir().expect("tmp");
     let data = write_dataset(tmp.path());
     let out_dir = tmp.path().join("stage1");
-    ok(&train(
+    let run = train(
         &data,
         &out_dir,
         &[
@@ -345,7 +345,16 @@ fn pretrain_moves_only_the_projector() {
             "--max-steps",
             "3",
         ],
-    ));
+    );
+    ok(&run);
+    // The run ends with its measured peak beside the plan's.
+    if cfg!(target_os = "linux") {
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(
+            stderr.contains("memory: peak") && stderr.contains("the plan (--dry-run) said"),
+            "{stderr}"
+        );
+    }
     let before = weights(&base_model());
     let after = weights(&out_dir);
     for (name, t) in &before {

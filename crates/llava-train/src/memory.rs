@@ -353,10 +353,35 @@ impl std::fmt::Display for MemoryPlan {
     }
 }
 
+/// Starts the peak resident memory ([`peak_resident_bytes`]) afresh from what the process
+/// holds now (Linux's `clear_refs` 5), so that a run inside a longer process (`llava demo`'s
+/// stages) reports its own peak. Does nothing where the kernel does not offer it.
+pub fn reset_peak_resident() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// The process's peak resident memory so far in bytes (`VmHWM` of `/proc/self/status`): what
+/// a run prints beside its plan when it ends. `None` where the kernel does not report it.
+pub fn peak_resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use llava_model::init::shape_config;
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn the_peak_covers_a_buffer_just_touched() {
+        let buffer = vec![1u8; 64 << 20];
+        let peak = peak_resident_bytes().expect("VmHWM on Linux");
+        assert!(peak >= buffer.len() as u64, "{peak} bytes");
+        assert_eq!(buffer.iter().map(|&b| b as usize).sum::<usize>(), 64 << 20);
+    }
 
     fn settings(stage: Stage) -> PlanSettings {
         PlanSettings {

@@ -359,6 +359,12 @@ fn train(c: TrainCommand, job: &dyn Collective) -> Result<()> {
 
     let checkpoint = Checkpoint::open(&model_source, c.checkpoint.vision_tower.as_deref())
         .with_context(|| format!("loading {model_source}"))?;
+    llava_train::memory::reset_peak_resident();
+    let planned_bytes = {
+        let r = lora.as_ref().map(|l| l.r);
+        let (settings, _) = plan_settings(&c, &config, r, &checkpoint.config);
+        MemoryPlan::new(&checkpoint.config, &settings).total()
+    };
     if stage == Stage::Pretrain && checkpoint.config.mm_use_im_start_end {
         bail!(
             "{}: stage 1 with mm_use_im_start_end (LLaVA v0) is not supported: the original also trains the input embeddings of <im_start>/<im_end> there, and this trainer keeps them frozen",
@@ -535,6 +541,15 @@ fn train(c: TrainCommand, job: &dyn Collective) -> Result<()> {
             l.loss,
             c.output.display()
         );
+        // The measured peak beside what --dry-run would have said, so a user sees how far
+        // the plan can be trusted for the next, larger run.
+        if let Some(peak) = llava_train::memory::peak_resident_bytes() {
+            eprintln!(
+                "memory: peak {:.2} GB resident; the plan (--dry-run) said {:.2} GB",
+                peak as f64 / 1e9,
+                planned_bytes / 1e9
+            );
+        }
     }
     Ok(())
 }
@@ -617,11 +632,13 @@ pub(crate) fn steps_bar(total: u64) -> ProgressBar {
     bar
 }
 
-/// `--dry-run`: the memory plan of this run ([`MemoryPlan`]), read from `config.json` alone.
-fn print_memory_plan(c: &TrainCommand, config: &TrainConfig, lora_r: Option<usize>) -> Result<()> {
-    let checkpoint = Checkpoint::open(&c.checkpoint.model, c.checkpoint.vision_tower.as_deref())
-        .with_context(|| format!("reading {}", c.checkpoint.model))?;
-    let model = &checkpoint.config;
+/// What the memory plan needs to know of this run, and the number of ranks it is planned for.
+fn plan_settings(
+    c: &TrainCommand,
+    config: &TrainConfig,
+    lora_r: Option<usize>,
+    model: &llava_model::LlavaConfig,
+) -> (PlanSettings, usize) {
     // mpirun tells each process the job's size (OpenMPI's variable), with no MPI call.
     let job = std::env::var("OMPI_COMM_WORLD_SIZE").ok();
     let ranks = c
@@ -641,6 +658,15 @@ fn print_memory_plan(c: &TrainCommand, config: &TrainConfig, lora_r: Option<usiz
         bf16: config.bf16,
         zero_ranks: if config.zero >= 1 { ranks } else { 1 },
     };
+    (settings, ranks)
+}
+
+/// `--dry-run`: the memory plan of this run ([`MemoryPlan`]), read from `config.json` alone.
+fn print_memory_plan(c: &TrainCommand, config: &TrainConfig, lora_r: Option<usize>) -> Result<()> {
+    let checkpoint = Checkpoint::open(&c.checkpoint.model, c.checkpoint.vision_tower.as_deref())
+        .with_context(|| format!("reading {}", c.checkpoint.model))?;
+    let model = &checkpoint.config;
+    let (settings, ranks) = plan_settings(c, config, lora_r, model);
     let plan = MemoryPlan::new(model, &settings);
     println!(
         "memory plan for {} ({:?}, batch {} × {} tokens, {} on {}):",
