@@ -80,6 +80,13 @@ fn mpirun(ranks: usize) -> Command {
     cmd.args(["--allow-run-as-root", "--oversubscribe", "-np"])
         .arg(ranks.to_string())
         .arg(env!("CARGO_BIN_EXE_llava"));
+    // Each job its own session directory: OpenMPI makes one under TMPDIR, and two jobs of
+    // the parallel tests starting at once raced on the same path ("mkdir ... File exists").
+    static JOBS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = JOBS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("llava-mpi-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("an MPI session folder");
+    cmd.env("TMPDIR", dir);
     cmd
 }
 
