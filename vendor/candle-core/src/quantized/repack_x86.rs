@@ -13,9 +13,13 @@ pub(crate) const TILE_N: usize = 16;
 // One k-superblock (256 values) for 16 output rows.
 #[repr(C)]
 pub(crate) struct TileQ4K {
-    // per-subblock (8) per-row (16) effective scales/mins, pre-unpacked from the 6-bit fields
-    pub(crate) scales: [[f32; TILE_N]; 8],
-    pub(crate) mins: [[f32; TILE_N]; 8],
+    // llava-rs: each row's super-block scales as f32, and the per-subblock (8) per-row (16)
+    // 6-bit scales/mins unpacked to bytes; the kernels form `d * sc` and `dmin * mn` in f32,
+    // the same products the upstream layout stored (152 bytes per 256 weights instead of 192)
+    pub(crate) d: [f32; TILE_N],
+    pub(crate) dmin: [f32; TILE_N],
+    pub(crate) sc: [[u8; TILE_N]; 8],
+    pub(crate) mn: [[u8; TILE_N]; 8],
     // nibble-packed: [k8-group (32)][row (16)][4 bytes]; byte j = q[8g+j] | q[8g+j+4] << 4
     pub(crate) qs: [u8; QK_K / 8 * TILE_N * 4],
 }
@@ -95,18 +99,20 @@ pub(crate) fn pack_q4k(storage: &dyn QuantizedType, n: usize, k: usize) -> Packe
     for t in 0..n_tiles {
         for b in 0..kb {
             let mut tile = TileQ4K {
-                scales: [[0.0; TILE_N]; 8],
-                mins: [[0.0; TILE_N]; 8],
+                d: [0.0; TILE_N],
+                dmin: [0.0; TILE_N],
+                sc: [[0; TILE_N]; 8],
+                mn: [[0; TILE_N]; 8],
                 qs: [0; QK_K / 8 * TILE_N * 4],
             };
             for r in 0..TILE_N {
                 let blk = &blocks[(t * TILE_N + r) * kb + b];
-                let d = blk.d.to_f32();
-                let dmin = blk.dmin.to_f32();
+                tile.d[r] = blk.d.to_f32();
+                tile.dmin[r] = blk.dmin.to_f32();
                 for sub in 0..8 {
                     let (sc, mn) = get_scale_min_k4(sub, &blk.scales);
-                    tile.scales[sub][r] = d * sc as f32;
-                    tile.mins[sub][r] = dmin * mn as f32;
+                    tile.sc[sub][r] = sc;
+                    tile.mn[sub][r] = mn;
                 }
                 // q4k qs: 32-byte chunks c hold values [c*64, c*64+32) in the low nibbles
                 // and [c*64+32, c*64+64) in the high nibbles
@@ -217,6 +223,8 @@ mod kernels {
     #[target_feature(enable = "avx512f,avx512vnni,avx512bw")]
     pub(crate) unsafe fn q4k_tile(tile: &TileQ4K, acts: &[&BlockQ8K], acc: &mut [[__m512; 1]]) {
         let mask = _mm512_set1_epi8(0x0F_u8 as i8);
+        let d = _mm512_loadu_ps(tile.d.as_ptr());
+        let dmin = _mm512_loadu_ps(tile.dmin.as_ptr());
         for sub2 in 0..4 {
             let sa = sub2 * 2;
             let sb = sa + 1;
@@ -243,8 +251,11 @@ mod kernels {
                 }
             }
             for (sub, isum) in [(sa, &isum_a), (sb, &isum_b)] {
-                let scale = _mm512_loadu_ps(tile.scales[sub].as_ptr());
-                let min = _mm512_loadu_ps(tile.mins[sub].as_ptr());
+                let bytes = |b: &[u8; TILE_N]| {
+                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(b.as_ptr() as *const _)))
+                };
+                let scale = _mm512_mul_ps(d, bytes(&tile.sc[sub]));
+                let min = _mm512_mul_ps(dmin, bytes(&tile.mn[sub]));
                 for (m, act) in acts.iter().enumerate() {
                     let dall = act.d;
                     let f = _mm512_cvtepi32_ps(isum[m]);
@@ -979,8 +990,15 @@ mod kernels256 {
                         }
                     }
                     for h in 0..2 {
-                        let scale = _mm256_loadu_ps(tile.scales[sub].as_ptr().add(h * 8));
-                        let min = _mm256_loadu_ps(tile.mins[sub].as_ptr().add(h * 8));
+                        let bytes = |b: &[u8; TILE_N]| {
+                            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                                b.as_ptr().add(h * 8) as *const _,
+                            )))
+                        };
+                        let d = _mm256_loadu_ps(tile.d.as_ptr().add(h * 8));
+                        let dmin = _mm256_loadu_ps(tile.dmin.as_ptr().add(h * 8));
+                        let scale = _mm256_mul_ps(d, bytes(&tile.sc[sub]));
+                        let min = _mm256_mul_ps(dmin, bytes(&tile.mn[sub]));
                         for (m, act) in acts.iter().enumerate() {
                             let dall = act.d;
                             let f = _mm256_cvtepi32_ps(isum[m][h]);
