@@ -208,11 +208,12 @@ fn add_bias(y: Tensor, bias: &Option<Tensor>) -> Result<Tensor> {
 }
 
 /// Whether quantized products keep the repacked copy of each weight that candle's fastest CPU
-/// kernels read (4-bit, and 8-bit blocks on AVX-512 VNNI). Kept (the default), it is a second
-/// copy of the frozen base beside the blocks: 0.75 bytes a weight against `Q4_K`'s 0.56, 4.9
-/// GB on a 7B decoder. Inference keeps it, since repacking at every decoding step would cost
-/// more than the step. QLoRA training turns it off: each product repacks its weight and frees
-/// the copy, which costs less than the kernels gain.
+/// kernels read (from its `Q4_K`, `Q4_0` and `Q6_K` blocks; our own 8-bit blocks have none).
+/// Kept (the default), it is a second copy of the frozen base beside the blocks: for `Q4_K`,
+/// 0.59 bytes a weight beside the blocks' 0.56, 3.8 GB on a 7B decoder. Inference keeps it,
+/// since repacking at every decoding step would cost more than the step. QLoRA training turns
+/// it off: each product repacks its weight and frees the copy, which costs less than the
+/// kernels gain.
 pub fn keep_repacked_weights(keep: bool) {
     candle_core::quantized::repack::set_keep_packed(keep);
 }

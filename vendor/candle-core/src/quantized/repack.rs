@@ -19,6 +19,21 @@ pub(crate) fn keep_packed() -> bool {
     KEEP_PACKED.load(Ordering::Relaxed)
 }
 
+/// The packing `cell` keeps (made by `pack` on first use), or, when copies are not kept, one
+/// made afresh into `local` for this product only.
+#[cfg(any(target_arch = "aarch64", target_arch = "x86_64"))]
+fn kept_or_local<'a, T>(
+    cell: &'a OnceLock<T>,
+    local: &'a mut Option<T>,
+    pack: impl FnOnce() -> T,
+) -> &'a T {
+    if keep_packed() {
+        cell.get_or_init(pack)
+    } else {
+        local.insert(pack())
+    }
+}
+
 #[cfg(target_arch = "aarch64")]
 use super::k_quants::{BlockQ4K, BlockQ4_0, QK4_0};
 #[cfg(target_arch = "aarch64")]
@@ -94,23 +109,20 @@ impl PackedCache {
         }
     }
 
+    /// Where the packing of `kind` is kept.
     #[cfg(target_arch = "aarch64")]
-    fn get_or_init(
-        &self,
-        kind: PackedKind,
-        init: impl FnOnce() -> PackedStorage,
-    ) -> &PackedStorage {
+    fn cell(&self, kind: PackedKind) -> &OnceLock<PackedStorage> {
         match kind {
             #[cfg(target_arch = "aarch64")]
-            PackedKind::Q4_0x4 => self.q4_0x4.get_or_init(init),
+            PackedKind::Q4_0x4 => &self.q4_0x4,
             #[cfg(target_arch = "aarch64")]
-            PackedKind::Q4Kx8 => self.q4kx8.get_or_init(init),
+            PackedKind::Q4Kx8 => &self.q4kx8,
             #[cfg(target_arch = "aarch64")]
-            PackedKind::Q5Kx8 => self.q5kx8.get_or_init(init),
+            PackedKind::Q5Kx8 => &self.q5kx8,
             #[cfg(target_arch = "aarch64")]
-            PackedKind::Q6Kx8 => self.q6kx8.get_or_init(init),
+            PackedKind::Q6Kx8 => &self.q6kx8,
             #[cfg(target_arch = "aarch64")]
-            PackedKind::Q8_0x4 => self.q8_0x4.get_or_init(init),
+            PackedKind::Q8_0x4 => &self.q8_0x4,
         }
     }
 }
@@ -243,13 +255,8 @@ pub(crate) fn try_matmul_f32(
         let (m, k, n) = mkn;
         let dtype = storage.dtype();
         if let Some(kind) = PackedKind::select(dtype, mkn) {
-            let local;
-            let packed = if keep_packed() {
-                packed.get_or_init(kind, || kind.pack(storage, n))
-            } else {
-                local = kind.pack(storage, n);
-                &local
-            };
+            let mut local = None;
+            let packed = kept_or_local(packed.cell(kind), &mut local, || kind.pack(storage, n));
             kind.matmul(mkn, lhs, packed, dst)?;
             return Ok(true);
         }
@@ -262,13 +269,8 @@ pub(crate) fn try_matmul_f32(
         if m_tiled > 0 && PackedKind::select(dtype, (m_tiled, k, n)) != Some(kind) {
             return Ok(false);
         }
-        let local;
-        let packed = if keep_packed() {
-            packed.get_or_init(kind, || kind.pack(storage, n))
-        } else {
-            local = kind.pack(storage, n);
-            &local
-        };
+        let mut local = None;
+        let packed = kept_or_local(packed.cell(kind), &mut local, || kind.pack(storage, n));
         let (lhs_tiled, lhs_tail) = lhs.split_at(m_tiled * k);
         let (dst_tiled, dst_tail) = dst.split_at_mut(m_tiled * n);
         if m_tiled > 0 {
@@ -288,29 +290,18 @@ pub(crate) fn try_matmul_f32(
         }
         let dtype = storage.dtype();
         let lhs_q = super::repack_x86::quantize_lhs(lhs, m, k);
-        let keep = keep_packed();
         if m >= 32 && dtype == super::GgmlDType::Q4K && super::repack_x86::amx_available() {
-            let local;
-            let tiles = if keep {
-                packed
-                    .x86_amx
-                    .get_or_init(|| super::repack_x86::pack_q4k_amx(storage, n, k))
-            } else {
-                local = super::repack_x86::pack_q4k_amx(storage, n, k);
-                &local
-            };
+            let mut local = None;
+            let tiles = kept_or_local(&packed.x86_amx, &mut local, || {
+                super::repack_x86::pack_q4k_amx(storage, n, k)
+            });
             super::repack_x86::matmul_amx_q4k(tiles, &lhs_q, m, k, n, dst);
             return Ok(true);
         }
-        let local;
-        let tiles = if keep {
-            packed
-                .x86
-                .get_or_init(|| super::repack_x86::pack(dtype, storage, n, k))
-        } else {
-            local = super::repack_x86::pack(dtype, storage, n, k);
-            &local
-        };
+        let mut local = None;
+        let tiles = kept_or_local(&packed.x86, &mut local, || {
+            super::repack_x86::pack(dtype, storage, n, k)
+        });
         super::repack_x86::matmul_tiles(tiles, &lhs_q, m, k, n, dst);
         Ok(true)
     }
