@@ -6,6 +6,8 @@
 # time beyond PyPI). Prefill: llava-rs's 627-token prompt (one image, 576 positions, and the
 # question) against llama-bench's 617-token prompt from an empty context; decode: 32 tokens after
 # the prompt against llama-bench's 32 tokens at depth 617. Vision is not part of either.
+# BEFORE=path/to/an/older/llava also runs that binary in each round, beside this tree's, for an
+# alternating before/after pair; ROWS="bf16 8-bit" limits the formats; ROUNDS sets the rounds.
 #   tools/bench_llamacpp.sh [CHECKPOINT_DIR] [PYTHON] [WORK]
 source "$(dirname "$0")/bench_cpu_setup.sh" "${1:-}" "${2:-}"
 work=${3:-/tmp/llamacpp}
@@ -13,19 +15,23 @@ PY=$py tools/build_llamacpp.sh "$ckpt" "$work" f16 q8_0 q4_k_m > /tmp/bench_llam
 img=tests/fixtures/models/images/shapes_64x48.png
 lscpu | grep -E "Model name" | sed 's/  */ /g'
 echo "flags: $(grep -o -w 'avx2\|avx512f\|avx512_bf16\|avx512_vnni\|amx_tile\|avx_vnni' /proc/cpuinfo | sort -u | tr '\n' ' ')"
-for round in 1 2; do
+for round in $(seq 1 "${ROUNDS:-2}"); do
   for row in "bf16|f16|--dtype bf16" "8-bit|q8_0|--load-8bit" "4-bit|q4_k_m|--load-4bit"; do
     IFS='|' read -r ours gguf flags <<< "$row"
+    [[ " ${ROWS:-bf16 8-bit 4-bit} " == *" $ours "* ]] || continue
+    for bin in ${BEFORE:-} $llava; do
     # shellcheck disable=SC2086
-    /usr/bin/time -v -o /tmp/bench_lc_rs.txt env RAYON_NUM_THREADS=2 $llava generate --model "$ckpt" \
+    /usr/bin/time -v -o /tmp/bench_lc_rs.txt env RAYON_NUM_THREADS=2 $bin generate --model "$ckpt" \
       --image $img --prompt "Describe the picture." --max-new-tokens 32 --ignore-eos $flags --json \
       > /tmp/bench_lc_rs.json
-    "$py" - "$round" "$ours" "$(peak /tmp/bench_lc_rs.txt)" <<'PY'
+    label=llava-rs; [ "$bin" = "$llava" ] || label="llava-rs before ($bin)"
+    "$py" - "$round" "$ours" "$(peak /tmp/bench_lc_rs.txt)" "$label" <<'PY'
 import json, sys
 d = json.load(open("/tmp/bench_lc_rs.json")); t = d["timings"]
-print(f"round {sys.argv[1]} llava-rs {sys.argv[2]}: prefill {d['prompt_tokens'] / t['prefill_ms'] * 1e3:.1f} tok/s "
+print(f"round {sys.argv[1]} {sys.argv[4]} {sys.argv[2]}: prefill {d['prompt_tokens'] / t['prefill_ms'] * 1e3:.1f} tok/s "
       f"({d['prompt_tokens']} tokens), decode {t['decode_tok_s']:.2f} tok/s, peak RSS {sys.argv[3]}")
 PY
+    done
     for test in "-p 617 -n 0 -d 0" "-p 0 -n 32 -d 617"; do
       # shellcheck disable=SC2086
       /usr/bin/time -v -o /tmp/bench_lc_cpp.txt "$work/bin/llama-bench" -m "$work/gguf/lm-$gguf.gguf" \

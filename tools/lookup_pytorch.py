@@ -19,6 +19,10 @@ and two caption turns that are trained on but not scored:
             colour is the shape question's look-up.
 - colours   "What colour is each shape?" -> "The square is red and the circle is blue.": each
             colour after its shape is the colour question's look-up.
+- pairs     "Where are the shapes?" -> up to three position answers in words ("The red square
+            is to the left of the blue circle, ..."): the position question, densely.
+- places    "Count the shapes from the left." -> each object's place as a number, in a random
+            order ("The blue circle is 2 and the red square is 1."): position as two look-ups.
 
 The world, the templates and the prompt copy crates/llava-demo (world/scene.rs, captions.rs,
 questions.rs, teacher/conversation.rs) and llava-data's llava_v1 template. Held-out scenes are
@@ -34,7 +38,8 @@ here on the world's text with punctuation and newlines split off words), model s
 (`--layers --width --heads --mlp`), `--lr --warmup --schedule`, `--batch-size`, `--turns`
 (questions per scene), `--loss answers|all`, `--curriculum N` (the most objects a training scene
 may hold rises from 1 to 5 over the first N steps), `--no-system`, `--then STEP:KINDS:TURNS` (from
-STEP on, other kinds and turns: a second phase once the first look-ups have formed). `--scene patches` replaces
+STEP on, other kinds and turns: a second phase once the first look-ups have formed), `--save
+PATH` (state written every --every steps; a rerun with the same flags resumes from it exactly). `--scene patches` replaces
 the words with 64 exact patch features (one-hot colour and shape on each object's 2x2 block)
 through a 2-layer GELU projector: the decoder's best case with a perfect tower.
 
@@ -50,6 +55,7 @@ as a bag of colours gets about 1/n), the demo bench's accuracy, seconds, steps/s
 import argparse
 import json
 import math
+import os
 import random
 import time
 
@@ -63,7 +69,7 @@ BACKGROUNDS = ["white", "light grey", "beige", "cream", "dark grey"]
 MAX_OBJECTS = 5
 KINDS = ["colour", "shape", "count", "position", "yesno"]
 # Train-only kinds: long answers, not scored.
-CAPTION_KINDS = ["inventory", "colours"]
+CAPTION_KINDS = ["inventory", "colours", "pairs", "places"]
 SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 SUFFIX = "Answer the question using a single word or phrase."
@@ -167,6 +173,27 @@ class Scene:
             items = [f"the {s} is {c}" for c, s, _ in rng.sample(unique, len(unique))]
             text = join_list(items)
             return "What colour is each shape?", f"{text[0].upper()}{text[1:]}."
+        if kind == "pairs":
+            # Up to three of the position question's answers at once, in the question's own
+            # words: a dense signal for comparing two objects' places in the list.
+            if len(objs) < 2:
+                return None
+            pairs = rng.sample([(i, j) for i in range(len(objs)) for j in range(len(objs))
+                                if i != j], min(3, len(objs) * (len(objs) - 1)))
+            items = [f"the {objs[i][0]} {objs[i][1]} is to the "
+                     f"{'left' if i < j else 'right'} of the {objs[j][0]} {objs[j][1]}"
+                     for i, j in pairs]
+            text = join_list(items)
+            return "Where are the shapes?", f"{text[0].upper()}{text[1:]}."
+        if kind == "places":
+            # Each object's place from the left as a number, in a random order: the position
+            # question becomes two look-ups of a number and a comparison.
+            if len(objs) < 2:
+                return None
+            order = rng.sample(range(len(objs)), len(objs))
+            items = [f"the {objs[i][0]} {objs[i][1]} is {i + 1}" for i in order]
+            text = join_list(items)
+            return "Count the shapes from the left.", f"{text[0].upper()}{text[1:]}."
         raise ValueError(kind)
 
     def patch_features(self, rng, grid=8):
@@ -316,6 +343,9 @@ def main():
     ap.add_argument("--every", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--save", metavar="PATH",
+                    help="write the model, optimizer and data state here at every --every "
+                         "steps, and resume from it when it exists")
     ap.add_argument("--then", metavar="STEP:KINDS:TURNS",
                     help="from STEP on, train on KINDS with TURNS per scene (a two-phase "
                          "curriculum: new look-ups added once the first ones have formed)")
@@ -385,8 +415,18 @@ def main():
             warm *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
         return args.lr * warm
 
-    start, losses, tokens = time.time(), [], 0
-    for step in range(1, args.steps + 1):
+    start, losses, tokens, first = time.time(), [], 0, 1
+    if args.save and os.path.exists(args.save):
+        state = torch.load(args.save, weights_only=False)
+        task.model.load_state_dict(state["model"])
+        task.projector.load_state_dict(state["projector"])
+        opt.load_state_dict(state["opt"])
+        rng.setstate(state["rng"])
+        args.kinds, args.turns, tokens = state["kinds"], state["turns"], state["tokens"]
+        first = state["step"] + 1
+        start -= state["elapsed"]
+        print(f"resumed from {args.save} at step {state['step']}", flush=True)
+    for step in range(first, args.steps + 1):
         if then and step == then[0]:
             args.kinds, args.turns = then[1], then[2]
             print(f"step {step}: now kinds {','.join(args.kinds)}, turns {args.turns}", flush=True)
@@ -422,6 +462,13 @@ def main():
                   f"{line}  {elapsed:.0f} s  {step / elapsed:.2f} steps/s  "
                   f"{tokens / elapsed:.0f} tok/s", flush=True)
             losses = []
+            if args.save:
+                torch.save({"model": task.model.state_dict(),
+                            "projector": task.projector.state_dict(),
+                            "opt": opt.state_dict(), "rng": rng.getstate(), "step": step,
+                            "kinds": args.kinds, "turns": args.turns, "tokens": tokens,
+                            "elapsed": elapsed}, args.save + ".tmp")
+                os.replace(args.save + ".tmp", args.save)
 
 
 if __name__ == "__main__":

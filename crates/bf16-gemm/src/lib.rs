@@ -1,5 +1,5 @@
 //! bf16 matrix products with f32 sums on AVX512-BF16 (`vdpbf16ps`): AMD Zen 4 and later, Intel
-//! Cooper Lake and later. Two callers share it:
+//! Cooper Lake and later. Two callers share the GEMM here:
 //! - candle's CPU matmul of two bf16 tensors (`vendor/candle-core`), which otherwise widens both
 //!   to f32 and runs its f32 GEMM: every product of `llava train --bf16`, forward and backward;
 //! - llava-model's bf16 linear layers over f32 activations (`kernels::bf16_linear`), rounded to
@@ -19,12 +19,17 @@
 //!   repacked chunk (16 KiB) in L1. The sums start as whatever `out` holds (zeros, or a bias)
 //!   and are added to chunk by chunk.
 //!
+//! The decoding GEMV, a few rows against the weights as stored, is [`dot_row`] (`gemv.rs`).
+//!
 //! Any strides: each operand is read through its row and column strides while it is packed,
 //! so candle's transposed views (`x · Wᵀ`, `gradᵀ · x`) need no copy first. An odd `k` is
 //! padded with a zero.
 
 use half::bf16;
 use rayon::prelude::*;
+
+mod gemv;
+pub use gemv::dot_row;
 
 /// Rows of `a` per register tile.
 const MR: usize = 12;
@@ -36,7 +41,7 @@ const KC: usize = 128;
 /// costs more than they share (attention's per-head products in training).
 const PARALLEL_FROM: usize = 1 << 20;
 
-/// Whether this CPU has AVX512-BF16 (and AVX-512 F, which every such CPU has), and
+/// Whether this CPU has AVX512-BF16 (and AVX-512 F and BW, which every such CPU has), and
 /// `LLAVA_NO_AVX512BF16` is unset: the variable turns the kernel off for its callers, to compare
 /// against the paths without it.
 pub fn supported() -> bool {
@@ -48,6 +53,7 @@ fn cpu_has_it() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]

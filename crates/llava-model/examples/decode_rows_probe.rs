@@ -6,13 +6,14 @@
 //!
 //! With the argument `bandwidth`, it instead measures the one-row GEMV's draw on memory over
 //! every weight of the step (22 layers' own, 2.1 GB in bf16) against a streaming read of the
-//! same bytes: `RAYON_NUM_THREADS=2 cargo run --release -p llava-model --example
+//! same bytes, and the same step's `--load-8bit` products: `RAYON_NUM_THREADS=2 cargo run --release -p llava-model --example
 //! decode_rows_probe -- bandwidth`.
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use llava_model::gemm_layout;
 use llava_model::gemv;
+use llava_model::q8::Q8Weight;
 use rayon::prelude::*;
 
 /// [out, in] of one layer's projections (q, k, v, o, gate, up, down), 22 layers, and lm_head.
@@ -111,18 +112,47 @@ fn bandwidth() -> candle_core::Result<()> {
         bytes as f64 / 1e9
     );
     let mut best = f64::MAX;
+    let mut all = Vec::new();
     for _ in 0..5 {
         let t = Instant::now();
         for (w, x) in weights.iter().zip(&xs) {
             gemv::matmul_t(x, w).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         }
         best = best.min(t.elapsed().as_secs_f64());
+        all.push(format!("{:.1}", t.elapsed().as_secs_f64() * 1e3));
     }
+    println!("GEMV passes (ms): {}", all.join(" "));
     println!(
         "GEMV, 1 row:     {:7.1} ms per step, {:5.1} GB/s",
         best * 1e3,
         bytes as f64 / best / 1e9
     );
+    // The same step in `--load-8bit`'s blocks (1.125 bytes a weight), through the integer
+    // products.
+    let q8: Vec<Q8Weight> = weights
+        .iter()
+        .map(Q8Weight::quantize_tensor)
+        .collect::<candle_core::Result<_>>()?;
+    let rows: Vec<Vec<f32>> = xs
+        .iter()
+        .map(|x| x.flatten_all()?.to_vec1::<f32>())
+        .collect::<candle_core::Result<_>>()?;
+    let q8_bytes: usize = shapes.iter().map(|(n, k)| n * k * 9 / 8).sum();
+    let mut best_q8 = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        for (w, x) in q8.iter().zip(&rows) {
+            std::hint::black_box(w.matmul_t(x, 1));
+        }
+        best_q8 = best_q8.min(t.elapsed().as_secs_f64());
+    }
+    println!(
+        "8-bit, 1 row:    {:7.1} ms per step, {:5.1} GB/s ({:.2} GB)",
+        best_q8 * 1e3,
+        q8_bytes as f64 / best_q8 / 1e9,
+        q8_bytes as f64 / 1e9
+    );
+    drop(q8);
     let slices: Vec<Vec<u64>> = weights
         .iter()
         .map(|w| {

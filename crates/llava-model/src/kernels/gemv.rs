@@ -5,7 +5,9 @@
 //! reading and writing it once more than the product needs. Here each output is the dot product
 //! of two contiguous rows, the weight read as it is stored (`[out, in]`), bf16 weights widened to
 //! f32 as they are read. Sums are f32 and a bf16 output is rounded once at the end, as
-//! transformers' CPU bf16 linear does.
+//! transformers' CPU bf16 linear does. Where the CPU has AVX512-BF16, bf16 weights instead meet
+//! the activations rounded to bf16 in `vdpbf16ps` ([`bf16_gemm::dot_row`]), as the prefill's
+//! bf16 products do, with one weight row read at a time.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use half::bf16;
@@ -22,7 +24,7 @@ pub const MAX_ROWS: usize = 16;
 
 /// Weight rows per parallel task: big enough to amortise scheduling, small enough to balance
 /// the 256-row key/value projections of grouped-query attention over the threads.
-const ROWS_PER_TASK: usize = 16;
+pub(crate) const ROWS_PER_TASK: usize = 16;
 
 /// Whether [`matmul_t`] takes this product: CPU, f32 or bf16 on both sides or f32 activations
 /// with bf16 weights, `x` of `[m ≤ MAX_ROWS, k]` and `w` of `[n, k]`, both contiguous.
@@ -82,6 +84,15 @@ impl CustomOp2 for RowsTimesWeight {
                 n,
                 |v| v,
             )),
+            (CpuStorage::F32(x), CpuStorage::BF16(w)) if bf16_gemm::supported() => {
+                // Rounded to bf16 once, as the prefill's bf16 products round them
+                // (`bf16_linear`), for `vdpbf16ps`.
+                let x: Vec<bf16> = contiguous(x, xl, OP)?
+                    .iter()
+                    .map(|&v| bf16::from_f32(v))
+                    .collect();
+                CpuStorage::F32(product_pairs(&x, contiguous(w, wl, OP)?, m, k, n, |v| v))
+            }
             (CpuStorage::F32(x), CpuStorage::BF16(w)) => CpuStorage::F32(product(
                 contiguous(x, xl, OP)?,
                 contiguous(w, wl, OP)?,
@@ -90,6 +101,16 @@ impl CustomOp2 for RowsTimesWeight {
                 n,
                 |v| v,
             )),
+            (CpuStorage::BF16(x), CpuStorage::BF16(w)) if bf16_gemm::supported() => {
+                CpuStorage::BF16(product_pairs(
+                    contiguous(x, xl, OP)?,
+                    contiguous(w, wl, OP)?,
+                    m,
+                    k,
+                    n,
+                    bf16::from_f32,
+                ))
+            }
             (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
                 let x: Vec<f32> = contiguous(x, xl, OP)?.iter().map(|v| v.to_f32()).collect();
                 let y = product(&x, contiguous(w, wl, OP)?, m, k, n, bf16::from_f32);
@@ -205,6 +226,42 @@ fn product<W: Load16, O: Send + Copy + Default>(
                 let w_row = &w[j * k..(j + 1) * k];
                 for i in 0..m {
                     out[r * m + i] = round(dot(&x[i * k..(i + 1) * k], w_row));
+                }
+            }
+        },
+    )
+}
+
+/// `x Wᵀ` with bf16 on both sides through `vdpbf16ps` ([`bf16_gemm::dot_rows`]): four weight
+/// rows at a time, against four rows of `x` at a time and then one, each output rounded by
+/// `round` once. Each output gets the same bits whatever `m` is.
+fn product_pairs<O: Send + Copy + Default>(
+    x: &[bf16],
+    w: &[bf16],
+    m: usize,
+    k: usize,
+    n: usize,
+    round: impl Fn(f32) -> O + Sync,
+) -> Vec<O> {
+    by_weight_rows(
+        m,
+        n,
+        #[inline(always)]
+        |j0, out| {
+            let rows = out.len() / m;
+            for r in 0..rows {
+                let w_row = &w[(j0 + r) * k..(j0 + r + 1) * k];
+                let row = |i: usize| &x[i * k..(i + 1) * k];
+                let mut i = 0;
+                while i + 4 <= m {
+                    let sums = bf16_gemm::dot_row([0, 1, 2, 3].map(|t| row(i + t)), w_row);
+                    for (t, v) in sums.into_iter().enumerate() {
+                        out[r * m + i + t] = round(v);
+                    }
+                    i += 4;
+                }
+                for i in i..m {
+                    out[r * m + i] = round(bf16_gemm::dot_row([row(i)], w_row)[0]);
                 }
             }
         },
@@ -425,6 +482,17 @@ mod tests {
             let reference = x.matmul(&w.t().expect("t")).expect("matmul");
             assert_eq!(ours.dims(), &[m, 37]);
             assert!(max_rel(&ours, &reference) < 1e-5, "m={m}");
+            // bf16 on both sides: the output is rounded to bf16 (a relative step of 2⁻⁸).
+            let (xb, wb) = (
+                x.to_dtype(DType::BF16).expect("bf16"),
+                w.to_dtype(DType::BF16).expect("bf16"),
+            );
+            let reference = xb
+                .to_dtype(DType::F32)
+                .and_then(|x| x.matmul(&wb.to_dtype(DType::F32)?.t()?))
+                .expect("matmul");
+            let ours = matmul_t(&xb, &wb).expect("product");
+            assert!(max_rel(&ours, &reference) < 4e-3, "bf16, m={m}");
         }
     }
 
@@ -432,10 +500,14 @@ mod tests {
     /// products must be the bits it gets alone, or a greedy reply would depend on its company.
     #[test]
     fn each_row_of_a_batch_gets_the_bits_it_gets_alone() {
-        let x = tensor(MAX_ROWS, 77, 9);
-        for w in [
-            tensor(37, 77, 10),
-            tensor(37, 77, 10).to_dtype(DType::BF16).expect("bf16"),
+        let x32 = tensor(MAX_ROWS, 77, 9);
+        let bf = |t: Tensor| t.to_dtype(DType::BF16).expect("bf16");
+        // f32 weights, bf16 weights under f32 activations, and bf16 on both sides (the
+        // `vdpbf16ps` path where the CPU has it).
+        for (x, w) in [
+            (x32.clone(), tensor(37, 77, 10)),
+            (x32.clone(), bf(tensor(37, 77, 10))),
+            (bf(x32.clone()), bf(tensor(37, 77, 10))),
         ] {
             for m in [2, 4, 7, MAX_ROWS] {
                 let batch = x.narrow(0, 0, m).expect("rows");
@@ -445,6 +517,7 @@ mod tests {
                     let alone = matmul_t(&batch.narrow(0, i, 1).expect("row"), &w).expect("row");
                     let bits = |t: &Tensor| {
                         t.flatten_all()
+                            .and_then(|t| t.to_dtype(DType::F32))
                             .and_then(|t| t.to_vec1::<f32>())
                             .expect("values")
                             .into_iter()
@@ -454,7 +527,8 @@ mod tests {
                     assert_eq!(
                         bits(&together.get(i).expect("row")),
                         bits(&alone),
-                        "row {i} of {m}, {:?} weights",
+                        "row {i} of {m}, {:?} x {:?}",
+                        x.dtype(),
                         w.dtype()
                     );
                 }
@@ -485,6 +559,15 @@ mod tests {
         let ours = matmul_t(&x, &w).expect("product");
         assert_eq!(ours.dtype(), DType::F32);
         // The same product with the weight widened first: only the order of the sums differs.
+        // With AVX512-BF16 the activations are rounded to bf16 first, as the prefill's
+        // products round them.
+        let x = match bf16_gemm::supported() {
+            true => x
+                .to_dtype(DType::BF16)
+                .and_then(|x| x.to_dtype(DType::F32))
+                .expect("rounded"),
+            false => x,
+        };
         let wide = w.to_dtype(DType::F32).expect("f32");
         let reference = x.matmul(&wide.t().expect("t")).expect("matmul");
         assert!(max_rel(&ours, &reference) < 1e-5);

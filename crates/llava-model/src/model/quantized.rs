@@ -6,7 +6,8 @@
 //! f32: decoding is bound by reading the weights, so it speeds up (1.8–1.9× on the dev box,
 //! BENCHMARKS.md), and a 7B decoder fits in about 4–7 GB.
 //! - 8-bit: blocks of 32 int8 weights with one f32 scale ([`crate::kernels::q8`]; ggml's `Q8_0` with a
-//!   wider scale), multiplied by our own decoding GEMV.
+//!   wider scale), multiplied by our own integer products with the activations rounded to
+//!   8 bits in blocks, as llama.cpp's.
 //! - 4-bit: `Q4_K`, super-blocks of 256 with 6-bit scales and minimums; a layer whose input
 //!   width is not a multiple of 256 (only toy shapes) takes `Q4_0`, blocks of 32.
 //!
@@ -26,7 +27,6 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Shape, Tensor};
 
 use crate::error::{ModelError, Result};
-use crate::kernels::gemv;
 use crate::kernels::q8::Q8Weight;
 pub use crate::load::precision::Quantize;
 use crate::load::weights::WeightsView;
@@ -54,7 +54,7 @@ pub struct QLinear {
 
 #[derive(Debug, Clone)]
 enum Blocks {
-    /// 8 bits: our GEMV ([`crate::kernels::q8`]) for decoding, the f32 GEMM for prefill.
+    /// 8 bits: our integer products ([`crate::kernels::q8`]), for decoding and prefill.
     Q8(Q8Weight),
     /// 4 bits: candle's kernels, whose blocked `Q4_K` product is as fast as the f32 GEMM in
     /// prefill (BENCHMARKS.md).
@@ -135,16 +135,11 @@ impl QLinear {
         let lead: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((lead, in_dim))?.to_dtype(DType::F32)?;
         let y = match self.weight.as_ref() {
-            Blocks::Q8(q) if lead <= gemv::MAX_ROWS => {
+            Blocks::Q8(q) => {
                 let rows = x2.flatten_all()?.to_vec1::<f32>()?;
                 let y = Tensor::from_vec(q.matmul_t(&rows, lead), (lead, q.n), x.device())?;
                 add_bias(y, &self.bias)?
             }
-            Blocks::Q8(q) => Linear {
-                weight: Tensor::from_vec(q.dequantize(), (q.n, q.k), x.device())?,
-                bias: self.bias.clone(),
-            }
-            .forward(&x2)?,
             // The kernels take f32 rows (quantized on the fly for the integer dot products).
             Blocks::Candle(w) => add_bias(w.forward(&x2)?, &self.bias)?,
         };
