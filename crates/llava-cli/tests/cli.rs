@@ -431,6 +431,28 @@ fn reduced_precision_runs_and_mostly_agrees() {
     }
 }
 
+/// `--vision-dtype bf16` under the f32 decoder keeps every greedy choice on this fixture
+/// (`tests/quantized.rs` measures the logits); a dtype it does not know is named in the error.
+#[test]
+fn a_bf16_vision_tower_keeps_the_tokens() {
+    let model = fixtures().join("llava15-default/model");
+    let want = expected("llava15-default")["greedy_tokens"].clone();
+    let json = generate_json(&model.to_string_lossy(), 20, &["--vision-dtype", "bf16"]);
+    assert_eq!(json["token_ids"], want);
+    let out = llava()
+        .args(["generate", "--model"])
+        .arg(&model)
+        .args(["--prompt", "Hi", "--vision-dtype", "int4"])
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--vision-dtype int4: choose f32, bf16 or f16"),
+        "{stderr}"
+    );
+}
+
 /// The original's `--load-8bit` / `--load-4bit` (and their underscore spellings): 8 bits keep
 /// every greedy choice of transformers' f32 run on this fixture, 4 bits its first three
 /// (`crates/llava-model/tests/quantized.rs` measures the logits).

@@ -1,5 +1,6 @@
 //! `--load-8bit` / `--load-4bit` on the tiny LLaVA-1.5 fixture: how far the quantized decoder's
-//! logits are from transformers' f32 ones, and the greedy tokens that 8 bits keep. There is no
+//! logits are from transformers' f32 ones, and the greedy tokens that 8 bits keep. The same for
+//! the vision tower alone in bf16 (`--vision-dtype bf16`). There is no
 //! quantized reference to be token-exact with (the original's bitsandbytes formats differ and
 //! run on GPUs only), so these are bounds, set from the measured errors with room to spare.
 
@@ -9,7 +10,7 @@ use llava_model::language_model::KvCache;
 use llava_model::nn::Mode;
 use llava_model::pipeline::{Pipeline, PipelineOptions};
 use llava_model::quantized::Quantize;
-use llava_model::{Device, Tensor};
+use llava_model::{DType, Device, Tensor};
 use serde_json::Value;
 
 fn fixture() -> PathBuf {
@@ -26,6 +27,10 @@ struct Run {
 }
 
 fn run(quantize: Option<Quantize>) -> Run {
+    run_with(quantize, None)
+}
+
+fn run_with(quantize: Option<Quantize>, vision_dtype: Option<DType>) -> Run {
     let expected: Value = serde_json::from_str(
         &std::fs::read_to_string(fixture().join("expected.json")).expect("expected.json"),
     )
@@ -35,6 +40,7 @@ fn run(quantize: Option<Quantize>) -> Run {
             .expect("tensors");
     let mut opts = PipelineOptions::new(fixture().join("model").to_string_lossy());
     opts.quantize = quantize;
+    opts.vision_dtype = vision_dtype;
     let p = Pipeline::load(&opts).expect("loads");
     let image = fixture()
         .join("../images")
@@ -133,4 +139,30 @@ fn quantized_decoders_stay_near_f32() {
         q8.greedy, hf,
         "8 bits keep every greedy choice (margins >= 0.1)"
     );
+}
+
+/// `--vision-dtype bf16` under an f32 decoder: the tower's products and activations in bf16,
+/// the features cast back to f32 for the projector.
+#[test]
+fn a_bf16_tower_stays_near_f32() {
+    let expected: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture().join("expected.json")).expect("expected.json"),
+    )
+    .expect("json");
+    let hf: Vec<u32> = serde_json::from_value(expected["greedy_tokens"].clone()).expect("tokens");
+    let f32_run = run(None);
+    let tower = run_with(None, Some(DType::BF16));
+    let agree = tower
+        .greedy
+        .iter()
+        .zip(&hf)
+        .take_while(|(a, b)| a == b)
+        .count();
+    eprintln!(
+        "last logits vs transformers f32, max error / spread: f32 {:e}, bf16 tower {:e}; greedy tokens agreeing: {agree}",
+        f32_run.logit_error, tower.logit_error
+    );
+    // The tower is in bf16 (the logits moved), not far off, and every greedy choice is kept.
+    assert!(tower.logit_error > f32_run.logit_error && tower.logit_error < 0.01);
+    assert_eq!(tower.greedy, hf);
 }

@@ -35,6 +35,10 @@ pub struct ModelArgs {
     /// Compute dtype: f32 (exact reference), bf16 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// The vision tower's compute dtype (f32, bf16 or f16), when it should differ from --dtype:
+    /// e.g. `--load-4bit --vision-dtype bf16`. Default: --dtype.
+    #[arg(long)]
+    pub vision_dtype: Option<String>,
     /// A named template (llava_v1, vicuna_v1, llava_v0, llama_2, mistral_instruct, chatml,
     /// chatml_direct, plain) instead of the checkpoint's chat template. Alias: --conv-mode.
     #[arg(long, alias = "conv-mode")]
@@ -59,11 +63,10 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     pub fn load(&self) -> Result<Pipeline> {
-        let dtype = match self.dtype.as_str() {
-            "f32" | "float32" => DType::F32,
-            "bf16" | "bfloat16" => DType::BF16,
-            "f16" | "float16" => DType::F16,
-            other => bail!("--dtype {other}: choose f32, bf16 or f16"),
+        let dtype = parse_dtype("--dtype", &self.dtype)?;
+        let vision_dtype = match &self.vision_dtype {
+            Some(d) => Some(parse_dtype("--vision-dtype", d)?),
+            None => None,
         };
         let device = match self.cuda {
             Some(i) => cuda_device(i)?,
@@ -81,6 +84,7 @@ impl ModelArgs {
             vision_tower: self.checkpoint.vision_tower.clone(),
             model_base: self.model_base.clone(),
             dtype,
+            vision_dtype,
             device,
             template: self.template.clone(),
             image_aspect_ratio,
@@ -92,6 +96,16 @@ impl ModelArgs {
         };
         Pipeline::load(&opts).with_context(|| format!("loading {}", self.checkpoint.model))
     }
+}
+
+/// A compute dtype flag's value.
+fn parse_dtype(flag: &str, value: &str) -> Result<DType> {
+    Ok(match value {
+        "f32" | "float32" => DType::F32,
+        "bf16" | "bfloat16" => DType::BF16,
+        "f16" | "float16" => DType::F16,
+        other => bail!("{flag} {other}: choose f32, bf16 or f16"),
+    })
 }
 
 /// CUDA device `i`. cudarc opens libcuda, libcublas and libcurand with dlopen and panics when

@@ -33,6 +33,8 @@ pub struct PipelineOptions {
     /// The language model a LoRA or projector-only release is loaded over.
     pub model_base: Option<String>,
     pub dtype: DType,
+    /// The vision tower's compute dtype, when not `dtype` (`--vision-dtype`).
+    pub vision_dtype: Option<DType>,
     pub device: Device,
     /// A named template instead of the checkpoint's chat template.
     pub template: Option<String>,
@@ -49,6 +51,7 @@ impl PipelineOptions {
             vision_tower: None,
             model_base: None,
             dtype: DType::F32,
+            vision_dtype: None,
             device: Device::Cpu,
             template: None,
             image_aspect_ratio: None,
@@ -98,7 +101,13 @@ impl Pipeline {
         {
             eos_token_ids.push(id);
         }
-        let model = Llava::from_checkpoint(&checkpoint, opts.dtype, &opts.device, opts.quantize)?;
+        let model = Llava::from_checkpoint_with(
+            &checkpoint,
+            opts.dtype,
+            opts.vision_dtype,
+            &opts.device,
+            opts.quantize,
+        )?;
         Ok(Self {
             checkpoint,
             model,

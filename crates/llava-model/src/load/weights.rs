@@ -96,6 +96,8 @@ pub struct Weights {
     /// master copies) while frozen ones stay in `dtype`, and activations flow in `dtype` on
     /// every device. The layers cast a master to the activations' dtype where they use it.
     master: Option<DType>,
+    /// Modules computed in another dtype than `dtype` (`--vision-dtype`), by name prefix.
+    dtype_under: Vec<(String, DType)>,
 }
 
 /// Where a training run's LoRA pairs come from.
@@ -158,6 +160,7 @@ impl Weights {
             quantize_vocab: false,
             lora_training: None,
             master: None,
+            dtype_under: Vec::new(),
         }
     }
 
@@ -376,6 +379,23 @@ impl Weights {
         self.dtype
     }
 
+    /// Loads the module under `prefix` (a canonical name such as `vision_tower`) in `dtype`
+    /// instead of [`Self::dtype`], its activations following (`--vision-dtype`).
+    pub fn set_dtype_under(&mut self, prefix: &str, dtype: DType) {
+        self.dtype_under.push((prefix.to_string(), dtype));
+    }
+
+    /// The compute dtype of the tensor or module `name`.
+    pub fn dtype_of(&self, name: &str) -> DType {
+        self.dtype_under
+            .iter()
+            .find(|(prefix, _)| {
+                name.strip_prefix(prefix.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+            })
+            .map_or(self.dtype, |&(_, dtype)| dtype)
+    }
+
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -493,7 +513,7 @@ impl Weights {
         // A master copy is read from the file, not through the narrower compute dtype.
         let dtype = match trains {
             true => self.trainable_dtype(),
-            false => self.dtype,
+            false => self.dtype_of(name),
         };
         let t = match &self.random {
             Some(random) => random.borrow_mut().make(name, shape, dtype, &self.device)?,
@@ -518,12 +538,13 @@ impl Weights {
     /// the stored layout, which every product also takes.
     pub fn get_linear(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let inference_only = self.trainable.is_none() && self.random.is_none();
+        let dtype = self.dtype_of(name);
         if inference_only
-            && crate::kernels::gemm_layout::applies(self.dtype, &self.device)
+            && crate::kernels::gemm_layout::applies(dtype, &self.device)
             && !self.lora.contains_key(name)
             && let Some(loc) = self.index.get(name)
             && let Some(t) = self.sources[loc.source].shards[loc.shard]
-                .load_transposed(&loc.stored, self.dtype == DType::BF16)?
+                .load_transposed(&loc.stored, dtype == DType::BF16)?
         {
             check_shape(name, &t, shape)?;
             self.used.borrow_mut().insert(name.to_string());
@@ -568,7 +589,7 @@ impl Weights {
     }
 
     pub fn get_unchecked(&self, name: &str) -> Result<Tensor> {
-        Ok(self.get_stored(name)?.to_dtype(self.dtype)?)
+        Ok(self.get_stored(name)?.to_dtype(self.dtype_of(name))?)
     }
 
     /// A view that prepends `prefix.` to every name, mirroring the module tree.
@@ -645,7 +666,7 @@ impl<'a> WeightsView<'a> {
         self.weights.contains(&format!("{}.{name}", self.prefix))
     }
     pub fn dtype(&self) -> DType {
-        self.weights.dtype
+        self.weights.dtype_of(&self.prefix)
     }
     pub fn quantize(&self) -> Option<Quantize> {
         self.weights.quantize
@@ -668,7 +689,7 @@ impl<'a> WeightsView<'a> {
     pub fn activation_dtype(&self) -> DType {
         match self.weights.master {
             Some(_) => self.weights.dtype,
-            None => activation_dtype(self.weights.dtype, &self.weights.device),
+            None => activation_dtype(self.dtype(), &self.weights.device),
         }
     }
     /// A linear layer's `[out, in]` weight; see [`Weights::get_linear`].

@@ -577,6 +577,11 @@ impl LlamaModel {
         self.norm.forward(&x, mode)
     }
 
+    /// The dtype the decoder's activations flow in.
+    pub fn activation_dtype(&self) -> DType {
+        self.dtype
+    }
+
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         self.lm_head.forward(hidden)
     }

@@ -35,12 +35,27 @@ impl Llava {
         device: &Device,
         quantize: Option<Quantize>,
     ) -> Result<Self> {
+        Self::from_checkpoint_with(checkpoint, dtype, None, device, quantize)
+    }
+
+    /// [`Self::from_checkpoint`] with the vision tower in `vision_dtype` when given
+    /// (`--vision-dtype`); its features are cast to the decoder's activations.
+    pub fn from_checkpoint_with(
+        checkpoint: &Checkpoint,
+        dtype: DType,
+        vision_dtype: Option<DType>,
+        device: &Device,
+        quantize: Option<Quantize>,
+    ) -> Result<Self> {
         if quantize.is_some() && !device.is_cpu() {
             return Err(ModelError::Input(
                 "8- and 4-bit weights (--load-8bit, --load-4bit) run on the CPU only here; on a GPU use --dtype bf16 or f16".into(),
             ));
         }
         let mut weights = checkpoint.weights(dtype, device)?;
+        if let Some(vision_dtype) = vision_dtype {
+            weights.set_dtype_under("vision_tower", vision_dtype);
+        }
         weights.set_quantize(quantize);
         weights.set_quantize_vocab(true);
         Self::load(&checkpoint.config, &weights)
@@ -143,10 +158,12 @@ impl Llava {
         let features = self
             .vision_tower
             .hidden_states(pixel_values, &layers, mode)?;
-        Ok(match self.config.vision_feature_select_strategy {
+        let features = match self.config.vision_feature_select_strategy {
             SelectStrategy::Default => features.narrow(1, 1, features.dim(1)? - 1)?,
             SelectStrategy::Full => features,
-        })
+        };
+        // A tower in its own dtype (`--vision-dtype`) hands the projector the decoder's.
+        Ok(features.to_dtype(self.language_model.activation_dtype())?)
     }
 
     /// Input embeddings with `image_features` (`[.., hidden]`, one row per image position, in
