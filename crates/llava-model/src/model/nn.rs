@@ -239,7 +239,7 @@ impl Activation {
         Ok(match self {
             Self::Gelu => x.gelu_erf()?,
             Self::GeluTanh => x.gelu()?,
-            Self::QuickGelu | Self::Silu if fused::applies(&[x]) => {
+            Self::QuickGelu | Self::Silu if fused::gate_applies(x) => {
                 let alpha = if *self == Self::Silu { 1.0 } else { 1.702 };
                 fused::sigmoid_gate(x, alpha)?
             }
