@@ -389,3 +389,59 @@ pub(crate) unsafe fn vec_scalar_add_bf16(scalar: bf16, xs: *const bf16, ys: *mut
         *ys.add(j) = *xs.add(j) + scalar;
     }
 }
+
+/// `c = a + b` over bf16 with AVX512-BF16: 16 values widened, added in f32 and narrowed with
+/// round-to-nearest-even per step, all inlined. (The generic `CurrentCpuBF16` path above calls
+/// `_mm256_cvtneps_pbh` as a function for every 8 values, since an `avx2` function cannot
+/// inline it, and checks the CPU at each load and store.) llava-rs patch.
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub(crate) unsafe fn vec_add_bf16_avx512bf16(
+    a_row: *const bf16,
+    b_row: *const bf16,
+    c: *mut bf16,
+    k: usize,
+) {
+    let mut i = 0;
+    while i + 16 <= k {
+        let a = _mm512_cvtpbh_ps(transmute::<__m256i, __m256bh>(_mm256_loadu_si256(
+            a_row.add(i) as *const __m256i,
+        )));
+        let b = _mm512_cvtpbh_ps(transmute::<__m256i, __m256bh>(_mm256_loadu_si256(
+            b_row.add(i) as *const __m256i,
+        )));
+        _mm256_storeu_si256(
+            c.add(i) as *mut __m256i,
+            transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(_mm512_add_ps(a, b))),
+        );
+        i += 16;
+    }
+    for j in i..k {
+        *c.add(j) = *a_row.add(j) + *b_row.add(j);
+    }
+}
+
+/// `ys = xs + scalar` over bf16 with AVX512-BF16, as [`vec_add_bf16_avx512bf16`].
+/// llava-rs patch.
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub(crate) unsafe fn vec_scalar_add_bf16_avx512bf16(
+    scalar: bf16,
+    xs: *const bf16,
+    ys: *mut bf16,
+    k: usize,
+) {
+    let sv = _mm512_set1_ps(scalar.to_f32());
+    let mut i = 0;
+    while i + 16 <= k {
+        let x = _mm512_cvtpbh_ps(transmute::<__m256i, __m256bh>(_mm256_loadu_si256(
+            xs.add(i) as *const __m256i,
+        )));
+        _mm256_storeu_si256(
+            ys.add(i) as *mut __m256i,
+            transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(_mm512_add_ps(x, sv))),
+        );
+        i += 16;
+    }
+    for j in i..k {
+        *ys.add(j) = *xs.add(j) + scalar;
+    }
+}

@@ -149,6 +149,14 @@ fn use_avx2() -> bool {
     features::get().avx2
 }
 
+/// AVX-512 F with AVX512-BF16: the bf16 adds convert 16 values per instruction (llava-rs patch).
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+#[inline(always)]
+fn use_avx512bf16() -> bool {
+    let f = features::get();
+    f.avx512f && f.avx512bf16
+}
+
 #[cfg(any(
     target_arch = "aarch64",
     all(target_arch = "arm", target_feature = "neon")
@@ -289,6 +297,10 @@ pub(crate) unsafe fn vec_add_f16(a_row: *const f16, b_row: *const f16, c: *mut f
 #[inline(always)]
 pub(crate) unsafe fn vec_add_bf16(a_row: *const bf16, b_row: *const bf16, c: *mut bf16, k: usize) {
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    if use_avx512bf16() {
+        return avx::vec_add_bf16_avx512bf16(a_row, b_row, c, k);
+    }
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     if use_avx2() {
         return avx::vec_add_bf16(a_row, b_row, c, k);
     }
@@ -348,6 +360,10 @@ pub(crate) unsafe fn vec_mul_bf16(a_row: *const bf16, b_row: *const bf16, c: *mu
 
 #[inline(always)]
 pub(crate) unsafe fn vec_scalar_add_bf16(scalar: bf16, xs: *const bf16, ys: *mut bf16, k: usize) {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    if use_avx512bf16() {
+        return avx::vec_scalar_add_bf16_avx512bf16(scalar, xs, ys, k);
+    }
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     if use_avx2() {
         return avx::vec_scalar_add_bf16(scalar, xs, ys, k);
