@@ -9,3 +9,16 @@ pub mod fused;
 pub mod gemm_layout;
 pub mod gemv;
 pub mod q8;
+
+/// A tensor's values widened to f32, as bits: for tests that a kernel gives exactly what a
+/// reference gives.
+#[cfg(test)]
+pub(crate) fn bits(t: &candle_core::Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .and_then(|t| t.to_dtype(candle_core::DType::F32))
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("values")
+        .into_iter()
+        .map(f32::to_bits)
+        .collect()
+}

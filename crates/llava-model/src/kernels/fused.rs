@@ -870,6 +870,7 @@ impl CustomOp1 for ColumnSum {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::kernels::bits;
     use candle_core::{D, Device, Var};
 
     pub(crate) fn random(shape: &[usize], seed: u64) -> Tensor {
@@ -976,15 +977,6 @@ pub(crate) mod tests {
     fn sigmoid_gate_in_bf16_is_the_f32_gate_rounded_once() {
         let bf = |t: &Tensor| t.to_dtype(DType::BF16).expect("bf16");
         let wide = |t: &Tensor| t.to_dtype(DType::F32).expect("f32");
-        let bits = |t: &Tensor| {
-            t.flatten_all()
-                .and_then(|t| t.to_dtype(DType::F32))
-                .and_then(|t| t.to_vec1::<f32>())
-                .expect("values")
-                .into_iter()
-                .map(f32::to_bits)
-                .collect::<Vec<_>>()
-        };
         let x = bf(&(random(&[3, 40, 70], 9) * 5.0).expect("scale"));
         let g = bf(&random(&[3, 40, 70], 10));
         assert!(gate_applies(&x));

@@ -232,9 +232,9 @@ fn product<W: Load16, O: Send + Copy + Default>(
     )
 }
 
-/// `x Wᵀ` with bf16 on both sides through `vdpbf16ps` ([`bf16_gemm::dot_rows`]): four weight
-/// rows at a time, against four rows of `x` at a time and then one, each output rounded by
-/// `round` once. Each output gets the same bits whatever `m` is.
+/// `x Wᵀ` with bf16 `x` (the activations rounded once) and bf16 weights through `vdpbf16ps`
+/// ([`bf16_gemm::dot_row`]): one weight row at a time, against four rows of `x` at a time and
+/// then one, each output rounded by `round` once. Each output gets the same bits whatever `m` is.
 fn product_pairs<O: Send + Copy + Default>(
     x: &[bf16],
     w: &[bf16],
@@ -444,6 +444,7 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::bits;
     use candle_core::Device;
 
     fn tensor(m: usize, k: usize, seed: u64) -> Tensor {
@@ -515,15 +516,6 @@ mod tests {
                 let together = matmul_t(&batch, &w).expect("batch");
                 for i in 0..m {
                     let alone = matmul_t(&batch.narrow(0, i, 1).expect("row"), &w).expect("row");
-                    let bits = |t: &Tensor| {
-                        t.flatten_all()
-                            .and_then(|t| t.to_dtype(DType::F32))
-                            .and_then(|t| t.to_vec1::<f32>())
-                            .expect("values")
-                            .into_iter()
-                            .map(f32::to_bits)
-                            .collect::<Vec<_>>()
-                    };
                     assert_eq!(
                         bits(&together.get(i).expect("row")),
                         bits(&alone),
