@@ -933,46 +933,49 @@ fn lora_with_gradient_checkpointing_logs_the_same_losses() {
     assert_losses_close(&plain, &recomputed, 0.0);
 }
 
-/// QLoRA (`--bits 4`): the pairs learn 8 samples by heart over the 4-bit base, the gradient
-/// reaching the lower layers' pairs through the frozen blocks; the adapter then answers over
-/// the base held in 4 bits as in training, and over the f32 base.
+/// QLoRA (`--bits 4` and `--bits 8`): the pairs learn 8 samples by heart over the quantized
+/// base, the gradient reaching the lower layers' pairs through the frozen blocks (8 bits: the
+/// integer products, the activations rounded to 8 bits in blocks); the adapter then answers
+/// over the base held quantized as in training, and over the f32 base.
 #[test]
 fn qlora_overfits_and_answers_over_the_base() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let data = write_dataset(tmp.path());
-    let out_dir = tmp.path().join("out");
-    ok(&train(
-        &data,
-        &out_dir,
-        &[
-            "--stage",
-            "finetune",
-            "--lora",
-            "--lora-r",
-            "8",
-            "--lora-alpha",
-            "16",
-            "--bits",
-            "4",
-            "--batch-size",
-            "8",
-            "--max-steps",
-            "40",
-            "--lr",
-            "1e-2",
-            "--mm-projector-lr",
-            "1e-3",
-        ],
-    ));
-    let log = losses(&out_dir);
-    assert!(
-        log[0].1 > 5.0 && log[39].1 < 0.05,
-        "{:?} → {:?}",
-        log[0],
-        log[39]
-    );
-    answers_verbatim_over(&out_dir, Some(&base_model()), &["--load-4bit"], &[0, 3, 6]);
-    answers_verbatim_over(&out_dir, Some(&base_model()), &[], &[1, 5]);
+    for (bits, load) in [("4", "--load-4bit"), ("8", "--load-8bit")] {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let data = write_dataset(tmp.path());
+        let out_dir = tmp.path().join("out");
+        ok(&train(
+            &data,
+            &out_dir,
+            &[
+                "--stage",
+                "finetune",
+                "--lora",
+                "--lora-r",
+                "8",
+                "--lora-alpha",
+                "16",
+                "--bits",
+                bits,
+                "--batch-size",
+                "8",
+                "--max-steps",
+                "40",
+                "--lr",
+                "1e-2",
+                "--mm-projector-lr",
+                "1e-3",
+            ],
+        ));
+        let log = losses(&out_dir);
+        assert!(
+            log[0].1 > 5.0 && log[39].1 < 0.05,
+            "--bits {bits}: {:?} → {:?}",
+            log[0],
+            log[39]
+        );
+        answers_verbatim_over(&out_dir, Some(&base_model()), &[load], &[0, 3, 6]);
+        answers_verbatim_over(&out_dir, Some(&base_model()), &[], &[1, 5]);
+    }
 }
 
 /// The dtype of every tensor in a safetensors file, by stored name.
