@@ -21,6 +21,7 @@ fn load(dir: &str, stored: bool, dtype: DType) -> Result<Llava> {
     Ok(Llava::from_checkpoint(
         &Checkpoint::open(dir, None)?,
         dtype,
+        None,
         &Device::Cpu,
         None,
     )?)

@@ -101,7 +101,7 @@ impl Pipeline {
         {
             eos_token_ids.push(id);
         }
-        let model = Llava::from_checkpoint_with(
+        let model = Llava::from_checkpoint(
             &checkpoint,
             opts.dtype,
             opts.vision_dtype,

@@ -18,6 +18,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use crate::kernels::gemv::Widen;
+
 type CResult<T> = candle_core::Result<T>;
 
 /// Rows handed to one rayon task: enough work to outweigh the scheduling.
@@ -505,7 +507,7 @@ fn map_chunks_bf16<const N: usize>(
                 || {
                     for (w, x) in wide.iter_mut().zip(&inputs) {
                         for (w, v) in w.iter_mut().zip(&x[at..at + o.len()]) {
-                            *w = f32::from_bits(u32::from(v.to_bits()) << 16);
+                            *w = v.widen();
                         }
                     }
                 },

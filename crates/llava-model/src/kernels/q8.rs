@@ -124,18 +124,7 @@ impl Q8Weight {
     /// dtype widened first.
     pub fn quantize_tensor(w: &Tensor) -> candle_core::Result<Self> {
         let (n, k) = w.dims2()?;
-        if w.dtype() != DType::F32 || !w.is_contiguous() {
-            return Self::quantize_tensor(&w.to_dtype(DType::F32)?.contiguous()?);
-        }
-        let (storage, layout) = w.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(cpu) => Ok(Self::quantize(
-                contiguous(cpu.as_slice::<f32>()?, layout, "q8")?,
-                n,
-                k,
-            )),
-            _ => Ok(Self::quantize(&w.flatten_all()?.to_vec1::<f32>()?, n, k)),
-        }
+        with_f32(w, |w| Self::quantize(w, n, k))
     }
 
     fn blocks(&self) -> usize {
@@ -178,6 +167,14 @@ impl Q8Weight {
         self.matmul_t_with(x, m, Backend::best())
     }
 
+    /// [`Self::matmul_t`] of a `[m, k]` tensor, giving `[m, n]`: f32 rows on the CPU are read
+    /// where they lie (a prefill's are megabytes).
+    pub fn matmul_t_tensor(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (m, _) = x.dims2()?;
+        let y = with_f32(x, |rows| self.matmul_t(rows, m))?;
+        Tensor::from_vec(y, (m, self.n), x.device())
+    }
+
     fn matmul_t_with(&self, x: &[f32], m: usize, backend: Backend) -> Vec<f32> {
         debug_assert_eq!(x.len(), m * self.k);
         let x = Activations::quantize(x, m, self.k);
@@ -199,6 +196,19 @@ impl Q8Weight {
             .flat_map(|row| &row[..self.n])
             .copied()
             .collect()
+    }
+}
+
+/// `f` of a tensor's values as contiguous f32: read where they lie when the tensor is f32 and
+/// contiguous on the CPU, from a converted copy otherwise.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    if t.dtype() != DType::F32 || !t.is_contiguous() {
+        return with_f32(&t.to_dtype(DType::F32)?.contiguous()?, f);
+    }
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => Ok(f(contiguous(cpu.as_slice::<f32>()?, layout, "q8")?)),
+        _ => Ok(f(&t.flatten_all()?.to_vec1::<f32>()?)),
     }
 }
 
@@ -322,10 +332,16 @@ fn tile_rows_portable(tiles: &[TileBlock], x: &Activations, out: &mut [f32]) {
                 *total = (sum as f32).mul_add(tile.scales[r] * d, *total);
             }
         }
-        for (r, t) in total.into_iter().enumerate() {
-            if let Some(o) = out.get_mut(r * m + i) {
-                *o = t;
-            }
+        store(total, i, m, out);
+    }
+}
+
+/// Writes row `i`'s 16 totals where [`Backend::tile_rows`] puts them: `out[r · m + i]`.
+#[inline(always)]
+fn store(totals: [f32; TILE_ROWS], i: usize, m: usize, out: &mut [f32]) {
+    for (r, t) in totals.into_iter().enumerate() {
+        if let Some(o) = out.get_mut(r * m + i) {
+            *o = t;
         }
     }
 }
@@ -334,7 +350,7 @@ fn tile_rows_portable(tiles: &[TileBlock], x: &Activations, out: &mut [f32]) {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Activations, GRANULES, TILE_ROWS, TileBlock};
+    use super::{Activations, GRANULES, TILE_ROWS, TileBlock, store};
 
     /// Rows of `x` that share each loaded tile.
     const ROWS_AT_ONCE: usize = 4;
@@ -344,16 +360,6 @@ mod x86 {
     fn granule(x: &Activations, i: usize, b: usize, g: usize) -> i32 {
         let q = &x.block(i, b)[4 * g..4 * g + 4];
         i32::from_le_bytes([q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8])
-    }
-
-    /// Writes the 16 totals of row `i` where [`super::Backend::tile_rows`] puts them.
-    #[inline(always)]
-    fn store(totals: [f32; TILE_ROWS], i: usize, m: usize, out: &mut [f32]) {
-        for (r, t) in totals.into_iter().enumerate() {
-            if let Some(o) = out.get_mut(r * m + i) {
-                *o = t;
-            }
-        }
     }
 
     /// # Safety

@@ -29,18 +29,9 @@ impl Llava {
     /// Builds the model from a checkpoint's weights in `dtype` on `device`, the decoder's
     /// linear layers, `lm_head` and the embeddings quantized as they are read when asked (CPU only,
     /// [`crate::model::quantized`]).
+    /// The vision tower is loaded in `vision_dtype` when given (`--vision-dtype`); its features
+    /// are cast to the decoder's activations.
     pub fn from_checkpoint(
-        checkpoint: &Checkpoint,
-        dtype: DType,
-        device: &Device,
-        quantize: Option<Quantize>,
-    ) -> Result<Self> {
-        Self::from_checkpoint_with(checkpoint, dtype, None, device, quantize)
-    }
-
-    /// [`Self::from_checkpoint`] with the vision tower in `vision_dtype` when given
-    /// (`--vision-dtype`); its features are cast to the decoder's activations.
-    pub fn from_checkpoint_with(
         checkpoint: &Checkpoint,
         dtype: DType,
         vision_dtype: Option<DType>,

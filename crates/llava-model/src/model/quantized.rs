@@ -135,11 +135,7 @@ impl QLinear {
         let lead: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((lead, in_dim))?.to_dtype(DType::F32)?;
         let y = match self.weight.as_ref() {
-            Blocks::Q8(q) => {
-                let rows = x2.flatten_all()?.to_vec1::<f32>()?;
-                let y = Tensor::from_vec(q.matmul_t(&rows, lead), (lead, q.n), x.device())?;
-                add_bias(y, &self.bias)?
-            }
+            Blocks::Q8(q) => add_bias(q.matmul_t_tensor(&x2)?, &self.bias)?,
             // The kernels take f32 rows (quantized on the fly for the integer dot products).
             Blocks::Candle(w) => add_bias(w.forward(&x2)?, &self.bias)?,
         };
