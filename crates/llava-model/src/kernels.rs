@@ -8,6 +8,7 @@ pub mod cuda_kernels;
 pub mod fused;
 pub mod gemm_layout;
 pub mod gemv;
+pub mod pool;
 pub mod q8;
 
 /// A tensor's values widened to f32, as bits: for tests that a kernel gives exactly what a

@@ -9,6 +9,7 @@ use llava_data::conversation::ConvTemplate;
 use llava_data::record::read_records;
 use llava_data::sample::SampleOptions;
 use llava_data::tokenizer::Tokenizer;
+use llava_model::kernels::pool;
 use llava_model::lora::{DropoutKey, LANGUAGE_MODEL_LINEARS, LoraInit, LoraTraining};
 use llava_model::pipeline::image_processor;
 use llava_model::quantized::Quantize;
@@ -191,6 +192,15 @@ pub struct TrainCommand {
 }
 
 pub fn run(c: TrainCommand) -> Result<()> {
+    // On a CPU the whole run (loading, steps, MPI's setup and sums) happens on one of rayon's
+    // workers, so that each op's parallel loop forks there instead of waking this thread.
+    match c.cuda {
+        None => pool::on_worker(&Device::Cpu, || run_here(c)),
+        Some(_) => run_here(c),
+    }
+}
+
+fn run_here(c: TrainCommand) -> Result<()> {
     if c.dry_run {
         return train(c, &llava_train::collective::SingleProcess);
     }

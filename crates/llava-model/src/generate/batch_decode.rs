@@ -11,6 +11,7 @@
 use candle_core::{DType, Tensor};
 
 use crate::error::{ModelError, Result};
+use crate::kernels::pool;
 use crate::model::language_model::KvCache;
 use crate::model::llava::Llava;
 use crate::model::nn::Mode;
@@ -132,7 +133,8 @@ fn padded(mut cache: KvCache, pad: usize) -> Result<KvCache> {
 }
 
 /// One decoding step of every row: `next[r]` is row `r`'s latest token (not yet in the cache).
-/// Returns the logits of each row's next position, `[rows, vocab]`.
+/// Returns the logits of each row's next position, `[rows, vocab]`. Every decoding loop
+/// (`generate`, `generate_batch`, the server's scheduler) steps through here.
 pub fn decode_step(model: &Llava, cache: &mut KvCache, next: &[u32]) -> Result<Tensor> {
     if next.len() != rows(cache) {
         return Err(ModelError::Input(format!(
@@ -142,11 +144,12 @@ pub fn decode_step(model: &Llava, cache: &mut KvCache, next: &[u32]) -> Result<T
         )));
     }
     let ids: Vec<Vec<u32>> = next.iter().map(|&id| vec![id]).collect();
-    let embeds = model.language_model.embed(&ids)?;
-    let hidden = model
-        .language_model
-        .forward(&embeds, None, cache, Mode::Infer)?;
-    Ok(model.language_model.logits(&hidden)?.squeeze(1)?)
+    let lm = &model.language_model;
+    // A step is ~7 products per layer, each too short to pay for waking the caller.
+    pool::on_worker(lm.device(), || {
+        let hidden = lm.forward(&lm.embed(&ids)?, None, cache, Mode::Infer)?;
+        Ok(lm.logits(&hidden)?.squeeze(1)?)
+    })
 }
 
 #[cfg(test)]

@@ -8,7 +8,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::error::{ModelError, Result};
+use crate::generate::batch_decode::decode_step;
 use crate::generate::prompt_cache::PromptCache;
+use crate::kernels::pool;
 use crate::model::image_inputs::ImageInputs;
 use crate::model::language_model::KvCache;
 use crate::model::llava::Llava;
@@ -218,11 +220,7 @@ pub fn generate_with_cache(
             if flow.is_break() || eos.contains(&next) || tokens.len() >= max_new_tokens {
                 break;
             }
-            let embeds = model.language_model.embed(&[vec![next]])?;
-            let hidden = model
-                .language_model
-                .forward(&embeds, None, &mut cache.kv, Mode::Infer)?;
-            logits = model.language_model.logits(&hidden)?.flatten_all()?;
+            logits = decode_step(model, &mut cache.kv, &[next])?.flatten_all()?;
         }
         stats.decode_ms = clock.elapsed().as_secs_f64() * 1000.0;
         stats.generated = tokens.len();
@@ -384,9 +382,10 @@ impl ChunkedPrefill {
             chunk
         };
         let piece = self.embeds.narrow(1, self.done, take)?;
-        let hidden = model
-            .language_model
-            .forward(&piece, None, &mut cache.kv, Mode::Infer)?;
+        let lm = &model.language_model;
+        let hidden = pool::on_worker(lm.device(), || {
+            lm.forward(&piece, None, &mut cache.kv, Mode::Infer)
+        })?;
         self.done += take;
         if self.remaining() > 0 {
             hidden.device().synchronize()?;
@@ -626,7 +625,7 @@ pub fn generate_batch(
             if !(flow.is_break() || eos.contains(&id) || outputs[row].len() >= max_new_tokens[row])
             {
                 keep.push(i);
-                next.push(vec![id]);
+                next.push(id);
             }
         }
         if keep.is_empty() {
@@ -636,11 +635,7 @@ pub fn generate_batch(
             cache.keep_rows(&keep)?;
             active = keep.iter().map(|&i| active[i]).collect();
         }
-        let embeds = model.language_model.embed(&next)?;
-        let hidden = model
-            .language_model
-            .forward(&embeds, None, &mut cache, Mode::Infer)?;
-        logits = model.language_model.logits(&hidden)?.squeeze(1)?;
+        logits = decode_step(model, &mut cache, &next)?;
     }
     stats.decode_ms = clock.elapsed().as_secs_f64() * 1000.0;
     stats.generated = outputs.iter().map(Vec::len).sum();

@@ -9,7 +9,8 @@
 use anyhow::{Context, Result};
 use llava_demo::world::patches::{OBJECT_TASKS, PATCH_TASKS, dense_labels};
 use llava_demo::world::{self, WorldPaths};
-use llava_model::Checkpoint;
+use llava_model::kernels::pool;
+use llava_model::{Checkpoint, Device};
 use llava_train::tower::{
     PatchExample, PatchTask, TowerPretrainConfig, TowerTasks, pretrain_tower,
 };
@@ -70,25 +71,29 @@ pub fn tower(plan: &Plan, layout: &Layout, report: &mut ReportBuilder) -> Result
         let checkpoint = Checkpoint::open(&layout.init().to_string_lossy(), None)?;
         let bar = crate::cmd::train::steps_bar(plan.tower.steps);
         eprintln!("llava-rs {command}");
-        let accuracy = pretrain_tower(
-            &checkpoint,
-            &out,
-            &tasks,
-            &examples("train")?,
-            &examples("test")?,
-            &TowerPretrainConfig {
-                steps: plan.tower.steps,
-                batch_size: plan.tower.batch_size,
-                lr: plan.tower.lr,
-                warmup_ratio: 0.05,
-                max_grad_norm: 1.0,
-                seed: plan.seed,
-            },
-            |log| {
-                bar.set_position(log.step);
-                bar.set_message(format!("loss {:.4}", log.loss));
-            },
-        )?;
+        let (train, test) = (examples("train")?, examples("test")?);
+        // On one of rayon's workers, as `llava train` runs (`pool::on_worker`).
+        let accuracy = pool::on_worker(&Device::Cpu, || {
+            pretrain_tower(
+                &checkpoint,
+                &out,
+                &tasks,
+                &train,
+                &test,
+                &TowerPretrainConfig {
+                    steps: plan.tower.steps,
+                    batch_size: plan.tower.batch_size,
+                    lr: plan.tower.lr,
+                    warmup_ratio: 0.05,
+                    max_grad_norm: 1.0,
+                    seed: plan.seed,
+                },
+                |log| {
+                    bar.set_position(log.step);
+                    bar.set_message(format!("loss {:.4}", log.loss));
+                },
+            )
+        })?;
         bar.finish();
         llava_train::plot::plot_log(
             &out.join("train_log.jsonl"),
