@@ -39,7 +39,9 @@ here on the world's text with punctuation and newlines split off words), model s
 (questions per scene), `--loss answers|all`, `--curriculum N` (the most objects a training scene
 may hold rises from 1 to 5 over the first N steps), `--no-system`, `--then STEP:KINDS:TURNS` (from
 STEP on, other kinds and turns: a second phase once the first look-ups have formed), `--save
-PATH` (state written every --every steps; a rerun with the same flags resumes from it exactly). `--scene patches` replaces
+PATH` (state written every --every steps; a rerun with the same flags resumes from it exactly),
+`--scene-text order+colours` (the scene's caption followed by each shape's colour, shape first:
+"The square is red and the circle is blue."). `--scene patches` replaces
 the words with 64 exact patch features (one-hot colour and shape on each object's 2x2 block)
 through a 2-layer GELU projector: the decoder's best case with a perfect tower.
 
@@ -67,6 +69,9 @@ COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SHAPES = ["circle", "square", "triangle", "star"]
 BACKGROUNDS = ["white", "light grey", "beige", "cream", "dark grey"]
 MAX_OBJECTS = 5
+# How a scene is written (`--scene-text`): the demo's left-to-right caption, or that caption
+# followed by each shape's colour, shape first.
+SCENE_TEXT = "order"
 KINDS = ["colour", "shape", "count", "position", "yesno"]
 # Train-only kinds: long answers, not scored.
 CAPTION_KINDS = ["inventory", "colours", "pairs", "places"]
@@ -104,10 +109,20 @@ class Scene:
             phrases.append(f"{article(w)} {w}")
         if len(phrases) == 1:
             p = phrases[0]
-            return f"{p[0].upper()}{p[1:]} on {article(self.background)} {self.background} background."
+            text = f"{p[0].upper()}{p[1:]} on {article(self.background)} {self.background} background."
+            if SCENE_TEXT == "order+colours":
+                c, s, _ = self.objects[0]
+                text += f" The {s} is {c}."
+            return text
         listed = join_list(phrases)
-        return rng.choice([f"From left to right: {listed}.", f"Left to right, there is {listed}.",
+        text = rng.choice([f"From left to right: {listed}.", f"Left to right, there is {listed}.",
                            f"Reading from left to right we see {listed}."])
+        if SCENE_TEXT == "order+colours":
+            # Each shape's colour again, shape first, so that the colour question's look-up is
+            # a copy forwards (find the shape, read the word after it), as the shape question's is.
+            items = join_list([f"the {s} is {c}" for c, s, _ in self.objects])
+            text += f" {items[0].upper()}{items[1:]}."
+        return text
 
     def question(self, kind, rng):
         """(question, answer) of one kind, or None when the scene cannot pose it
@@ -323,6 +338,8 @@ def main():
     ap.add_argument("--tokenizer", required=True,
                     help="the demo's OUT/init/tokenizer.json, or `punct`")
     ap.add_argument("--scene", choices=["words", "patches"], default="words")
+    ap.add_argument("--scene-text", choices=["order", "order+colours"], default="order",
+                    help="the scene in words: the demo's caption, or it and each shape's colour")
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--steps", type=int, default=20000)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -351,6 +368,8 @@ def main():
                          "curriculum: new look-ups added once the first ones have formed)")
     args = ap.parse_args()
     args.kinds = args.kinds.split(",")
+    global SCENE_TEXT
+    SCENE_TEXT = args.scene_text
     then = None
     if args.then:
         step, kinds, turns = args.then.split(":")

@@ -370,10 +370,11 @@ fn train(c: TrainCommand, job: &dyn Collective) -> Result<()> {
     let checkpoint = Checkpoint::open(&model_source, c.checkpoint.vision_tower.as_deref())
         .with_context(|| format!("loading {model_source}"))?;
     llava_train::memory::reset_peak_resident();
-    let planned_bytes = {
+    let (planned_bytes, planned_length) = {
         let r = lora.as_ref().map(|l| l.r);
         let (settings, _) = plan_settings(&c, &config, r, &checkpoint.config);
-        MemoryPlan::new(&checkpoint.config, &settings).total()
+        let total = MemoryPlan::new(&checkpoint.config, &settings).total();
+        (total, settings.max_length)
     };
     if stage == Stage::Pretrain && checkpoint.config.mm_use_im_start_end {
         bail!(
@@ -555,7 +556,8 @@ fn train(c: TrainCommand, job: &dyn Collective) -> Result<()> {
         // the plan can be trusted for the next, larger run.
         if let Some(peak) = llava_train::memory::peak_resident_bytes() {
             eprintln!(
-                "memory: peak {:.2} GB resident; the plan (--dry-run) said {:.2} GB",
+                "memory: peak {:.2} GB resident; the plan (--dry-run) said {:.2} GB for batches \
+                 of {planned_length} tokens (--max-length; shorter data take less)",
                 peak as f64 / 1e9,
                 planned_bytes / 1e9
             );
