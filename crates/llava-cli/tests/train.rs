@@ -780,6 +780,26 @@ fn a_dataset_that_is_not_json_fails_as_a_file() {
     );
 }
 
+/// A stage-2 LoRA run of rank 8 that over-fits the 8 samples in 40 steps of the whole set:
+/// the LoRA and QLoRA learning tests.
+const OVERFITTING_LORA: [&str; 15] = [
+    "--stage",
+    "finetune",
+    "--lora",
+    "--lora-r",
+    "8",
+    "--lora-alpha",
+    "16",
+    "--batch-size",
+    "8",
+    "--max-steps",
+    "40",
+    "--lr",
+    "1e-2",
+    "--mm-projector-lr",
+    "1e-3",
+];
+
 /// `--lora`: the pairs and the projector learn 8 samples by heart; every save (a mid-run
 /// checkpoint and the output) is a peft adapter that `generate --model-base` answers from and
 /// `merge-lora` merges; the optimizer state holds the trainables only.
@@ -791,25 +811,7 @@ fn lora_overfits_and_every_save_answers_over_the_base() {
     ok(&train(
         &data,
         &out_dir,
-        &[
-            "--stage",
-            "finetune",
-            "--lora",
-            "--lora-r",
-            "8",
-            "--lora-alpha",
-            "16",
-            "--batch-size",
-            "8",
-            "--max-steps",
-            "40",
-            "--save-steps",
-            "30",
-            "--lr",
-            "1e-2",
-            "--mm-projector-lr",
-            "1e-3",
-        ],
+        &[&OVERFITTING_LORA[..], &["--save-steps", "30"]].concat(),
     ));
     let log = losses(&out_dir);
     assert!(
@@ -946,25 +948,7 @@ fn qlora_overfits_and_answers_over_the_base() {
         ok(&train(
             &data,
             &out_dir,
-            &[
-                "--stage",
-                "finetune",
-                "--lora",
-                "--lora-r",
-                "8",
-                "--lora-alpha",
-                "16",
-                "--bits",
-                bits,
-                "--batch-size",
-                "8",
-                "--max-steps",
-                "40",
-                "--lr",
-                "1e-2",
-                "--mm-projector-lr",
-                "1e-3",
-            ],
+            &[&OVERFITTING_LORA[..], &["--bits", bits]].concat(),
         ));
         let log = losses(&out_dir);
         assert!(
