@@ -110,13 +110,10 @@ class Scene:
         if len(phrases) == 1:
             p = phrases[0]
             text = f"{p[0].upper()}{p[1:]} on {article(self.background)} {self.background} background."
-            if SCENE_TEXT == "order+colours":
-                c, s, _ = self.objects[0]
-                text += f" The {s} is {c}."
-            return text
-        listed = join_list(phrases)
-        text = rng.choice([f"From left to right: {listed}.", f"Left to right, there is {listed}.",
-                           f"Reading from left to right we see {listed}."])
+        else:
+            listed = join_list(phrases)
+            text = rng.choice([f"From left to right: {listed}.", f"Left to right, there is {listed}.",
+                               f"Reading from left to right we see {listed}."])
         if SCENE_TEXT == "order+colours":
             # Each shape's colour again, shape first, so that the colour question's look-up is
             # a copy forwards (find the shape, read the word after it), as the shape question's is.
