@@ -5,6 +5,7 @@ pub mod amx;
 pub mod attention;
 pub mod bf16_linear;
 pub mod cuda_kernels;
+pub mod decode_attention;
 pub mod fused;
 pub mod gemm_layout;
 pub mod gemv;

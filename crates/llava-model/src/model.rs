@@ -4,6 +4,7 @@
 pub mod anyres;
 pub mod image_inputs;
 pub mod init;
+pub mod kv_cache;
 pub mod language_model;
 pub mod llava;
 pub mod lora;

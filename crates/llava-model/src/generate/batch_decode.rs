@@ -12,18 +12,17 @@ use candle_core::{DType, Tensor};
 
 use crate::error::{ModelError, Result};
 use crate::kernels::pool;
+use crate::model::kv_cache::LayerKv;
 use crate::model::language_model::KvCache;
 use crate::model::llava::Llava;
 use crate::model::nn::Mode;
 
 /// Rows in `cache`: 0 when nothing has been run through it.
 pub fn rows(cache: &KvCache) -> usize {
-    first_keys(cache).map_or(0, |k| k.dim(0).unwrap_or(0))
-}
-
-/// The first layer's keys, `[rows, kv_heads, seq, head_dim]`: every layer's have that shape.
-fn first_keys(cache: &KvCache) -> Option<&Tensor> {
-    cache.layers.iter().flatten().next().map(|(k, _)| k)
+    match cache.first_keys() {
+        Some(Ok(k)) => k.dim(0).unwrap_or(0),
+        _ => 0,
+    }
 }
 
 /// Appends the rows of `other` (a prefilled sequence or batch) to `batch`, below its own. An
@@ -54,7 +53,7 @@ pub fn join(batch: &mut KvCache, other: KvCache) -> Result<()> {
     let b = padded(other, b_pad)?;
     let mut layers = Vec::with_capacity(a.layers.len());
     for (la, lb) in a.layers.iter().zip(&b.layers) {
-        let ((ka, va), (kb, vb)) = match (la, lb) {
+        let (la, lb) = match (la, lb) {
             (Some(a), Some(b)) => (a, b),
             _ => {
                 return Err(ModelError::Input(
@@ -62,10 +61,10 @@ pub fn join(batch: &mut KvCache, other: KvCache) -> Result<()> {
                 ));
             }
         };
-        layers.push(Some((
-            Tensor::cat(&[ka, kb], 0)?,
-            Tensor::cat(&[va, vb], 0)?,
-        )));
+        layers.push(Some(LayerKv::new(
+            Tensor::cat(&[la.keys()?, lb.keys()?], 0)?,
+            Tensor::cat(&[la.values()?, lb.values()?], 0)?,
+        )?));
     }
     let mask = match (&a.mask, &b.mask) {
         (Some(ma), Some(mb)) => Some(Tensor::cat(&[ma, mb], 0)?),
@@ -99,8 +98,8 @@ pub fn take_row(batch: &KvCache, row: usize) -> Result<KvCache> {
 /// `left_pad` entry per row.
 fn padded(mut cache: KvCache, pad: usize) -> Result<KvCache> {
     let (r, t) = (rows(&cache), cache.seq_len());
-    let device = match first_keys(&cache) {
-        Some(k) => k.device().clone(),
+    let device = match cache.first_keys() {
+        Some(k) => k?.device().clone(),
         None => return Err(ModelError::Input("the cache is empty".into())),
     };
     if cache.left_pad.is_empty() {
@@ -125,10 +124,7 @@ fn padded(mut cache: KvCache, pad: usize) -> Result<KvCache> {
         let zeros = Tensor::zeros((b, h, pad, d), x.dtype(), x.device())?;
         Ok(Tensor::cat(&[&zeros, x], 2)?)
     };
-    for (k, v) in cache.layers.iter_mut().flatten() {
-        *k = pad_left(k)?;
-        *v = pad_left(v)?;
-    }
+    cache.map_layers(pad_left)?;
     Ok(cache)
 }
 

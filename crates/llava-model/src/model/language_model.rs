@@ -11,112 +11,14 @@ use crate::config::rope::Rope;
 use crate::error::{ModelError, Result};
 use crate::kernels::attention;
 use crate::kernels::cuda_kernels;
+use crate::kernels::decode_attention;
 use crate::kernels::q8::{self, Q8Weight};
 use crate::load::weights::WeightsView;
+pub use crate::model::kv_cache::KvCache;
+use crate::model::kv_cache::LayerKv;
 use crate::model::nn::{Activation, Linear, Mode, RmsNorm, rope, softmax_last_dim};
 use crate::model::quantized::{Base, Projection, QLinear};
 use crate::model::recompute::{self, GradientCheckpointing};
-
-/// Keys and values of every layer for the positions seen so far: `[batch, kv_heads, seq, head_dim]`.
-#[derive(Debug, Clone, Default)]
-pub struct KvCache {
-    pub(crate) layers: Vec<Option<(Tensor, Tensor)>>,
-    /// The attention mask over cached positions (1 = real token), kept for padded batches.
-    pub(crate) mask: Option<Tensor>,
-    /// Each row's padding slots at the left of a batch that is generated together; empty when
-    /// nothing is padded on the left. Row `r`'s slot `j` holds position `j - left_pad[r]`:
-    /// transformers' generate numbers positions from the attention mask the same way, so a
-    /// padded row sees the rotary angles it would see alone. (Rotary scores depend only on
-    /// the distance between positions, so numbering from the first slot instead would change
-    /// the logits by rounding only; the batch tests cannot tell the two apart.)
-    pub(crate) left_pad: Vec<usize>,
-}
-
-impl KvCache {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// An empty cache for a batch whose row `r` starts with `left_pad[r]` padding slots.
-    pub fn left_padded(left_pad: Vec<usize>) -> Self {
-        Self {
-            left_pad,
-            ..Self::default()
-        }
-    }
-
-    pub fn seq_len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.as_ref())
-            .map(|(k, _)| k.dim(2).unwrap_or(0))
-            .unwrap_or(0)
-    }
-
-    /// Forgets every position from `len` on, so that a prompt which shares only the first `len`
-    /// tokens with what is cached can go on from there.
-    pub fn truncate(&mut self, len: usize) -> Result<()> {
-        if len >= self.seq_len() {
-            return Ok(());
-        }
-        if len == 0 {
-            *self = Self::default();
-            return Ok(());
-        }
-        // Copied out rather than kept as views, so that the memory of the forgotten positions is
-        // freed now, not only when the next forward pass appends to the cache: the next
-        // question's vision tower would otherwise run beside it.
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.narrow(2, 0, len)?.contiguous()?;
-            *v = v.narrow(2, 0, len)?.contiguous()?;
-        }
-        if let Some(m) = &mut self.mask {
-            *m = m.narrow(1, 0, len)?;
-        }
-        Ok(())
-    }
-
-    /// Keeps only the batch rows `rows` (in that order), as a batch whose finished rows stop
-    /// being computed. Leading slots that are padding in every kept row are dropped too.
-    pub fn keep_rows(&mut self, rows: &[usize]) -> Result<()> {
-        let batch = self.left_pad.len();
-        if rows.is_empty() || rows.iter().any(|&r| r >= batch) {
-            return Err(ModelError::Input(format!(
-                "rows {rows:?} are not rows of a left-padded batch of {batch}"
-            )));
-        }
-        let drop = rows.iter().map(|&r| self.left_pad[r]).min().unwrap_or(0);
-        let Some(device) = self
-            .layers
-            .iter()
-            .flatten()
-            .next()
-            .map(|(k, _)| k.device().clone())
-        else {
-            return Err(ModelError::Input("the cache is empty".into()));
-        };
-        let t = self.seq_len();
-        let index = Tensor::from_vec(
-            rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
-            rows.len(),
-            &device,
-        )?;
-        let keep = |x: &Tensor, dim: usize| -> Result<Tensor> {
-            Ok(x.index_select(&index, 0)?
-                .narrow(dim, drop, t - drop)?
-                .contiguous()?)
-        };
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = keep(k, 2)?;
-            *v = keep(v, 2)?;
-        }
-        if let Some(m) = &mut self.mask {
-            *m = keep(m, 1)?;
-        }
-        self.left_pad = rows.iter().map(|&r| self.left_pad[r] - drop).collect();
-        Ok(())
-    }
-}
 
 #[derive(Debug, Clone)]
 struct Attention {
@@ -150,7 +52,7 @@ impl Attention {
         x: &Tensor,
         (cos, sin): (&Tensor, &Tensor),
         bias: &AttentionBias,
-        cache: &mut Option<(Tensor, Tensor)>,
+        cache: &mut Option<LayerKv>,
         mode: Mode,
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
@@ -173,13 +75,24 @@ impl Attention {
             .contiguous()?;
         let q = rope(&q, cos, sin, mode)?;
         let k = rope(&k, cos, sin, mode)?;
-        let (k, v) = match cache.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            None => (k, v),
+        let (k, v) = match cache {
+            Some(layer) => layer.append(&k, &v, mode == Mode::Infer)?,
+            None => {
+                *cache = Some(LayerKv::new(k.clone(), v.clone())?);
+                (k, v)
+            }
         };
-        *cache = Some((k.clone(), v.clone()));
         let t = k.dim(2)?;
         let q = (q.contiguous()? * (d as f64).powf(-0.5))?;
+        if mode == Mode::Infer && decode_attention::applies(&q, &k, &v) {
+            let threads = if self.q_proj.on_candle_pool() {
+                decode_attention::Threads::Candle
+            } else {
+                decode_attention::Threads::Rayon
+            };
+            let out = decode_attention::attention(&q, &k, &v, bias.full.as_ref(), threads)?;
+            return self.o_proj.forward(&out.reshape((b, s, nh * d))?);
+        }
         if mode == Mode::Infer && attention::applies(&q, &k, &v) {
             // The kernel applies the causal mask itself; the bias only for padding or a window.
             let extra = bias.full.as_ref().filter(|_| bias.beyond_causal);
@@ -253,7 +166,7 @@ impl DecoderLayer {
         x: &Tensor,
         rotary: (&Tensor, &Tensor),
         bias: &AttentionBias,
-        kv: &mut Option<(Tensor, Tensor)>,
+        kv: &mut Option<LayerKv>,
         mode: Mode,
     ) -> Result<Tensor> {
         let h = self.input_layernorm.forward(x, mode)?;

@@ -225,6 +225,11 @@ pub enum Base {
 }
 
 impl Projection {
+    /// Whether the base product runs on candle's barrier pool (4 bits) rather than rayon's.
+    pub fn on_candle_pool(&self) -> bool {
+        matches!(&self.base, Base::Quantized(q) if matches!(*q.weight, Blocks::Candle(_)))
+    }
+
     pub fn load(w: &WeightsView, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let dense = Linear::load(w, in_dim, out_dim, bias)?;
         let base = match w.quantize() {
@@ -403,6 +408,56 @@ mod tests {
                 scale > 0.0 && diff <= 1e-5 * scale,
                 "{quantize:?}/{in_dim}: {diff} of {scale}"
             );
+        }
+    }
+
+    /// The patched activation quantization of the 4-bit products (`BlockQ8K::from_float`,
+    /// `vendor/README.md`) gives exactly what upstream's loop gave: the first value of the
+    /// largest magnitude as the scale, and `round` (ties away from zero) of each value,
+    /// clamped. Ties are made exact by a largest value of -127 (scale 1). A tie rounded the
+    /// other way changes a dequantized value by the scale, so equal bits mean equal blocks.
+    #[test]
+    fn q8k_activations_round_as_upstream() {
+        use candle_core::quantized::k_quants::{BlockQ8K, GgmlType, QK_K};
+        // upstream's loop, dequantized as `to_float` does (the block's fields are private).
+        fn upstream(xs: &[f32]) -> Vec<f32> {
+            let (mut max, mut amax) = (0f32, 0f32);
+            for &x in xs {
+                if amax < x.abs() {
+                    amax = x.abs();
+                    max = x;
+                }
+            }
+            if amax == 0.0 {
+                return vec![0.0; QK_K];
+            }
+            let iscale = -127f32 / max;
+            xs.iter()
+                .map(|&x| (1.0 / iscale) * f32::from((iscale * x).round().clamp(-128., 127.) as i8))
+                .collect()
+        }
+        let noise = random((4, QK_K), 7).to_vec2::<f32>().expect("values");
+        let mut rows: Vec<Vec<f32>> = noise
+            .iter()
+            .map(|r| r.iter().map(|x| x * 3.0).collect())
+            .collect();
+        // Ties at every half, both signs, behind a first largest value of -127 (and a later
+        // +127 that must not take its place).
+        let mut ties: Vec<f32> = (0..QK_K).map(|i| (i as f32 - 128.0) / 2.0).collect();
+        ties[0] = -127.0;
+        ties[200] = 127.0;
+        rows.push(ties);
+        rows.push(vec![0.0; QK_K]);
+        let mut nan = noise[0].clone();
+        nan[5] = f32::NAN;
+        rows.push(nan);
+        for (i, row) in rows.iter().enumerate() {
+            let mut block = [BlockQ8K::zeros()];
+            BlockQ8K::from_float(row, &mut block);
+            let mut got = vec![0f32; QK_K];
+            BlockQ8K::to_float(&block, &mut got);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&upstream(row)), "row {i}");
         }
     }
 }

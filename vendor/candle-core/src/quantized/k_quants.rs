@@ -2366,24 +2366,26 @@ impl GgmlType for BlockQ8K {
             "quantize_row_q8k: {k} is not divisible by {QK_K}"
         );
         for (i, y) in ys.iter_mut().enumerate() {
-            let mut max = 0f32;
-            let mut amax = 0f32;
             let xs = &xs[i * QK_K..(i + 1) * QK_K];
-            for &x in xs.iter() {
-                if amax < x.abs() {
-                    amax = x.abs();
-                    max = x;
-                }
-            }
+            // The first value of the largest magnitude (NaNs skipped), found in two passes
+            // that vectorise rather than one that carries both through every step.
+            let amax = xs.iter().fold(0f32, |a, x| a.max(x.abs()));
+            let max = xs.iter().copied().find(|x| x.abs() == amax).unwrap_or(0.0);
             if amax == 0f32 {
                 y.d = 0f32;
                 y.qs.fill(0);
                 y.bsums.fill(0)
             } else {
                 let iscale = -127f32 / max;
-                for (j, q) in y.qs.iter_mut().enumerate() {
-                    let v = (iscale * xs[j]).round();
-                    *q = v.clamp(-128., 127.) as i8
+                for (q, &x) in y.qs.iter_mut().zip(xs) {
+                    // `(iscale * x).round()` (half away from zero), clamped, without a
+                    // `roundf` call per value: the truncation and the exact remainder
+                    // (|v| ≤ 127) vectorise.
+                    let v = iscale * x;
+                    let t = v as i32;
+                    let frac = v - t as f32;
+                    let r = t + i32::from(frac >= 0.5) - i32::from(frac <= -0.5);
+                    *q = r.clamp(-128, 127) as i8
                 }
                 for j in 0..QK_K / 16 {
                     let mut sum = 0i32;
