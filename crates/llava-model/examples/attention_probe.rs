@@ -3,6 +3,10 @@
 //! apply), alternately in one process, at the shapes of the benchmark: the vision tower's (16
 //! heads, 577 positions, unmasked) and the decoder's prefill (32 query heads on 4 KV heads, 617
 //! positions, causal). Checks that the two agree.
+//!
+//! Then a decoded token's attention (`llava_model::decode_attention`, one query against the
+//! cache's keys and values read in place from buffers with room) against the two products the
+//! decoder ran before it, on contiguous keys and values, 22 layers' worth per timing.
 //! `RAYON_NUM_THREADS=2 cargo run --release -p llava-model --example attention_probe [N]`
 use llava_model::{Device, Tensor};
 
@@ -67,6 +71,72 @@ fn main() -> Result<()> {
             times[0][n / 2],
             times[1][0],
             times[1][n / 2]
+        );
+    }
+    decode(n)
+}
+
+/// One decoded query per layer, tiny-1b's heads (32 on 4 KV heads of 64), at several depths.
+fn decode(n: usize) -> Result<()> {
+    use llava_model::decode_attention::{self, Threads};
+    const LAYERS: usize = 22;
+    let dev = Device::Cpu;
+    let (heads, kv_heads, d) = (32, 4, 64);
+    for t in [617, 2000] {
+        let room = t + 100;
+        let q: Vec<Tensor> = (0..LAYERS)
+            .map(|_| Tensor::randn(0f32, 0.125, (1, heads, 1, d), &dev))
+            .collect::<candle_core::Result<_>>()?;
+        let kv = |_| -> Result<(Tensor, Tensor)> {
+            let k = Tensor::randn(0f32, 1.0, (1, kv_heads, room, d), &dev)?;
+            let v = Tensor::randn(0f32, 1.0, (1, kv_heads, room, d), &dev)?;
+            Ok((k.narrow(2, 0, t)?, v.narrow(2, 0, t)?))
+        };
+        let views: Vec<(Tensor, Tensor)> = (0..LAYERS).map(kv).collect::<Result<_>>()?;
+        let whole: Vec<(Tensor, Tensor)> = views
+            .iter()
+            .map(|(k, v)| Ok((k.contiguous()?, v.contiguous()?)))
+            .collect::<Result<_>>()?;
+        let products = |l: usize| -> Result<Tensor> {
+            let (k, v) = &whole[l];
+            let rep = heads / kv_heads;
+            let scores = q[l].reshape((1, kv_heads, rep, d))?.matmul(&k.t()?)?;
+            let p = llava_model::fused::softmax_last_dim(&scores)?;
+            Ok(p.matmul(v)?.reshape((1, heads, 1, d))?)
+        };
+        let kernel = |l: usize, threads| -> Result<Tensor> {
+            let (k, v) = &views[l];
+            Ok(decode_attention::attention(&q[l], k, v, None, threads)?)
+        };
+        let diff = (products(0)? - kernel(0, Threads::Rayon)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        let mut times = [Vec::new(), Vec::new(), Vec::new()];
+        for _ in 0..n {
+            for (i, times) in times.iter_mut().enumerate() {
+                let start = std::time::Instant::now();
+                for l in 0..LAYERS {
+                    match i {
+                        0 => products(l)?,
+                        1 => kernel(l, Threads::Rayon)?,
+                        _ => kernel(l, Threads::Candle)?,
+                    };
+                }
+                times.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        for t in times.iter_mut() {
+            t.sort_by(f64::total_cmp);
+        }
+        println!(
+            "decode, one query at {t} positions × {LAYERS} layers: two products median {:.2} ms, kernel on rayon {:.2} ms, on candle's pool {:.2} ms (best {:.2} / {:.2} / {:.2}) of {n}; largest difference {diff:e}",
+            times[0][n / 2],
+            times[1][n / 2],
+            times[2][n / 2],
+            times[0][0],
+            times[1][0],
+            times[2][0]
         );
     }
     Ok(())

@@ -23,7 +23,9 @@ pub mod generate;
 // The flat paths other crates have used since before the rooms (`llava_model::pipeline::…`).
 pub use config::rope;
 pub use generate::{batch_decode, generation, pipeline, prompt_cache, reply_text};
-pub use kernels::{amx, attention, bf16_linear, cuda_kernels, fused, gemm_layout, gemv, q8};
+pub use kernels::{
+    amx, attention, bf16_linear, cuda_kernels, decode_attention, fused, gemm_layout, gemv, q8,
+};
 pub use load::{checkpoint, lora, pytorch_file, safetensors_file, save, weights};
 pub use model::{
     image_inputs, init, language_model, llava, loss, nn, projector, quantized, vision_tower,

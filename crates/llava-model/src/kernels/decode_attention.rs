@@ -205,13 +205,42 @@ impl Group<'_> {
             }
             softmax_in_place(row);
         }
-        for (j, value) in self.v.chunks_exact(d).enumerate() {
-            for (r, out) in out.chunks_exact_mut(d).enumerate() {
-                let p = probs[r * t + j];
-                for (o, x) in out.iter_mut().zip(value) {
-                    *o = p.mul_add(*x, *o);
+        match d {
+            64 => weighted_values::<64>(self.v, probs, out),
+            128 => weighted_values::<128>(self.v, probs, out),
+            _ => {
+                for (j, value) in self.v.chunks_exact(d).enumerate() {
+                    for (r, out) in out.chunks_exact_mut(d).enumerate() {
+                        let p = probs[r * t + j];
+                        for (o, x) in out.iter_mut().zip(value) {
+                            *o = p.mul_add(*x, *o);
+                        }
+                    }
                 }
             }
+        }
+    }
+}
+
+/// `out[r] += Σ_j probs[r][j] · v[j]` for a head size known when compiling, so that an output
+/// row's sums stay in registers: keys in blocks that stay in L1 for every query row.
+#[inline(always)]
+fn weighted_values<const D: usize>(v: &[f32], probs: &[f32], out: &mut [f32]) {
+    const KEYS: usize = 64;
+    let t = v.len() / D;
+    for j0 in (0..t).step_by(KEYS) {
+        let keys = j0..(j0 + KEYS).min(t);
+        for (r, out) in out.chunks_exact_mut(D).enumerate() {
+            let mut acc = [0f32; D];
+            acc.copy_from_slice(out);
+            for j in keys.clone() {
+                let p = probs[r * t + j];
+                let value = &v[j * D..(j + 1) * D];
+                for l in 0..D {
+                    acc[l] = p.mul_add(value[l], acc[l]);
+                }
+            }
+            out.copy_from_slice(&acc);
         }
     }
 }
