@@ -10,8 +10,8 @@
 # WORK (default /tmp/llamacpp): where the source, the build and the GGUFs go.
 # OUTTYPE (default f16): convert_hf_to_gguf.py's --outtype for each GGUF (f32, f16, bf16, q8_0);
 # q4_k_m and other k-quants are made from the f16 GGUF with llama-quantize.
-# Writes WORK/bin/{llama-server,llama-bench,llama-mtmd-cli,llama-quantize}, WORK/gguf/lm-OUTTYPE.gguf
-# and WORK/llava15-text.jinja (the chat template); re-running reuses what is there. Needs cmake
+# Writes WORK/bin/{llama-server,llama-bench,llama-mtmd-cli,llama-quantize}, WORK/gguf/lm-OUTTYPE.gguf,
+# WORK/gguf/mmproj-model-f16.gguf (the vision tower and projector) and WORK/llava15-text.jinja (the chat template); re-running reuses what is there. Needs cmake
 # and ninja, which it pip-installs into the venv with gguf and sentencepiece. Compiles at
 # `nice -n 19`.
 set -euo pipefail
@@ -74,7 +74,21 @@ for t in "${outtypes[@]}"; do
 done
 ls -la "$work/gguf"
 
-# 4. The llava-1.5 conversation for text-only messages, as llama-server's Jinja engine takes it
+# 4. The vision tower and projector as an mmproj GGUF (f16), through llama.cpp's legacy LLaVA-1.5
+# converter. It reads the model with transformers 4's CLIPVisionModel layout, so transformers 4
+# (and the tokenizers it accepts) goes into WORK/tf4, ahead of the venv's transformers 5 on
+# PYTHONPATH for this one step.
+mmproj="$work/gguf/mmproj-model-f16.gguf"
+if [ ! -f "$mmproj" ]; then
+  [ -d "$work/tf4/transformers" ] ||
+    "$py" -m pip install -q --target "$work/tf4" --no-deps 'transformers<5' 'tokenizers==0.22.1' 'huggingface_hub<1.0'
+  nice -n 19 "$py" "$root/tools/extract_llava_mmproj.py" "$ckpt" "$work/clip-hf"
+  PYTHONPATH="$work/tf4:$src/gguf-py" nice -n 19 "$py" \
+    "$src/tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py" -m "$work/clip-hf" \
+    --llava-projector "$work/clip-hf/llava.projector" --output-dir "$work/gguf" --clip-model-is-vision
+fi
+
+# 5. The llava-1.5 conversation for text-only messages, as llama-server's Jinja engine takes it
 # (--jinja --chat-template-file): "USER: {q} ASSISTANT:", the prompt `llava serve` renders from
 # the checkpoint's chat_template.jinja (BOS added by both tokenizers).
 cat > "$work/llava15-text.jinja" <<'JINJA'

@@ -60,14 +60,7 @@ pub fn attention(
 ) -> Result<Tensor> {
     let (b, nh, s, d) = q.dims4()?;
     let (_, nkv, t, _) = k.dims4()?;
-    let bias = match bias {
-        Some(m) => Some(
-            m.broadcast_as((b, 1, s, t))?
-                .flatten_all()?
-                .to_vec1::<f32>()?,
-        ),
-        None => None,
-    };
+    let bias = bias_values(bias, (b, 1, s, t))?;
     // Read in place: `contiguous` copies only a strided tensor.
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let ((qs, ql), (ks, kl), (vs, vl)) = (
@@ -135,6 +128,17 @@ pub fn attention(
 }
 
 /// The f32 values of a contiguous CPU tensor's storage.
+/// An additive attention bias broadcast to `shape` and read out, as the CPU kernels take it.
+pub(crate) fn bias_values(
+    bias: Option<&Tensor>,
+    shape: (usize, usize, usize, usize),
+) -> Result<Option<Vec<f32>>> {
+    Ok(match bias {
+        Some(m) => Some(m.broadcast_as(shape)?.flatten_all()?.to_vec1::<f32>()?),
+        None => None,
+    })
+}
+
 fn cpu_values<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
     match storage {
         Storage::Cpu(s) => Ok(fused::data(s, layout, "fused-attention")?),

@@ -16,7 +16,9 @@ use std::sync::{Mutex, PoisonError};
 use rayon::prelude::*;
 
 use crate::error::{ModelError, Result};
+use crate::kernels::attention::bias_values;
 use crate::kernels::fused::{simd, softmax_in_place};
+use crate::kernels::gemv::dot;
 
 /// Whether [`attention`] takes these operands: f32 on the CPU, `q: [b, heads, 1, d]`
 /// contiguous, `k`, `v`: `[b, kv_heads, t, d]` whose positions are rows of `d` contiguous
@@ -67,14 +69,7 @@ pub fn attention(
     let (b, nh, _, d) = q.dims4()?;
     let (_, nkv, t, _) = k.dims4()?;
     let n_rep = nh / nkv;
-    let bias = match bias {
-        Some(m) => Some(
-            m.broadcast_as((b, 1, 1, t))?
-                .flatten_all()?
-                .to_vec1::<f32>()?,
-        ),
-        None => None,
-    };
+    let bias = bias_values(bias, (b, 1, 1, t))?;
     let ((qs, ql), (ks, kl), (vs, vl)) = (
         q.storage_and_layout(),
         k.storage_and_layout(),
@@ -243,26 +238,6 @@ fn weighted_values<const D: usize>(v: &[f32], probs: &[f32], out: &mut [f32]) {
             out.copy_from_slice(&acc);
         }
     }
-}
-
-/// A dot product in 16 independent lanes.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 16;
-    let mut acc = [0f32; LANES];
-    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for l in 0..LANES {
-            acc[l] = x[l].mul_add(y[l], acc[l]);
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -339,7 +339,7 @@ fn tail<W: Widen>(x: &[f32], w: &[W], full: usize) -> f32 {
 
 /// A dot product in 32 independent f32 lanes, so that the adds do not wait on each other.
 #[inline(always)]
-fn dot<W: Widen>(x: &[f32], w: &[W]) -> f32 {
+pub(crate) fn dot<W: Widen>(x: &[f32], w: &[W]) -> f32 {
     const LANES: usize = 32;
     let mut acc = [0f32; LANES];
     let (xc, wc) = (x.chunks_exact(LANES), w.chunks_exact(LANES));
