@@ -108,10 +108,17 @@ pub fn attention(
             || group.run(out, probs),
         )
     };
-    match threads {
-        Threads::Rayon => (0..pieces.len()).into_par_iter().for_each(task),
-        Threads::Candle => candle_core::utils::barrier_pool()
-            .execute_chunked(pieces.len(), |tasks| tasks.for_each(task)),
+    // A small model's or a short context's attention is cheaper than waking a pool's workers,
+    // which then spin beside the threads that serve the model (the HTTP server's, the next
+    // step's).
+    if b * nh * t * d < SERIAL_BELOW {
+        (0..pieces.len()).for_each(task);
+    } else {
+        match threads {
+            Threads::Rayon => (0..pieces.len()).into_par_iter().for_each(task),
+            Threads::Candle => candle_core::utils::barrier_pool()
+                .execute_chunked(pieces.len(), |tasks| tasks.for_each(task)),
+        }
     }
     drop(pieces);
     SCORES.set(probs);
@@ -121,6 +128,10 @@ pub fn attention(
         &candle_core::Device::Cpu,
     )?)
 }
+
+/// Multiply-adds of the scores (`b · heads · t · d`) below which [`attention`] runs on the calling
+/// thread: about 30 µs of work.
+const SERIAL_BELOW: usize = 1 << 18;
 
 thread_local! {
     /// [`attention`]'s scores, kept between calls.
