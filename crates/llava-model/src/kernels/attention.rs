@@ -10,7 +10,7 @@
 //! The numbers are those of the three-step path: f32 sums, the softmax of
 //! [`crate::kernels::fused::softmax_last_dim`] (the same `exp`, exact zeros for masked keys).
 
-use candle_core::{DType, Layout, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{ModelError, Result};
@@ -61,8 +61,16 @@ pub fn attention(
     let (b, nh, s, d) = q.dims4()?;
     let (_, nkv, t, _) = k.dims4()?;
     let bias = bias_values(bias, (b, 1, s, t))?;
-    // Read in place: `contiguous` copies only a strided tensor.
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    // Read in place: `contiguous` copies only a strided tensor, and keys and values whose
+    // positions are rows (the cache's buffers with room) are read through their strides.
+    let rows = |x: &Tensor| -> Result<Tensor> {
+        Ok(if in_rows(x) {
+            x.clone()
+        } else {
+            x.contiguous()?
+        })
+    };
+    let (q, k, v) = (q.contiguous()?, rows(k)?, rows(v)?);
     let ((qs, ql), (ks, kl), (vs, vl)) = (
         q.storage_and_layout(),
         k.storage_and_layout(),
@@ -70,15 +78,15 @@ pub fn attention(
     );
     let (q, k, v) = (
         cpu_values(&qs, ql)?,
-        cpu_values(&ks, kl)?,
-        cpu_values(&vs, vl)?,
+        Strided::new(values(&ks, kl)?, kl),
+        Strided::new(values(&vs, vl)?, vl),
     );
     // Keys transposed in panels of KEYS per kv head, `[b][kv head][t / KEYS][d][KEYS]`, so
     // that the score product runs along the keys; the padding keys are zeros.
     let tp = t.div_ceil(KEYS) * KEYS;
     let mut kt = vec![0f32; b * nkv * d * tp];
     kt.par_chunks_mut(d * tp).enumerate().for_each(|(bg, out)| {
-        let keys = &k[bg * t * d..(bg + 1) * t * d];
+        let keys = k.head(bg / nkv, bg % nkv, t, d);
         for (j, key) in keys.chunks_exact(d).enumerate() {
             let panel = &mut out[(j / KEYS) * d * KEYS..];
             for (l, &x) in key.iter().enumerate() {
@@ -102,7 +110,7 @@ pub fn attention(
         let rows = Rows {
             q: &q[(bh * s + i0) * d..][..out.len()],
             kt: &kt[kv * d * tp..(kv + 1) * d * tp],
-            v: &v[kv * t * d..(kv + 1) * t * d],
+            v: v.head(bi, g, t, d),
             bias: bias.as_deref().map(|m| &m[(bi * s + i0) * t..]),
             first: i0,
             causal,
@@ -137,6 +145,45 @@ pub(crate) fn bias_values(
         Some(m) => Some(m.broadcast_as(shape)?.flatten_all()?.to_vec1::<f32>()?),
         None => None,
     })
+}
+
+/// The f32 values of a CPU storage from the layout's start.
+pub(crate) fn values<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
+    match storage {
+        Storage::Cpu(CpuStorage::F32(v)) => Ok(&v[layout.start_offset()..]),
+        _ => Err(ModelError::Input("attention takes f32 CPU tensors".into())),
+    }
+}
+
+/// A `[b, heads, t, d]` tensor's values with its batch and head strides.
+pub(crate) struct Strided<'a> {
+    values: &'a [f32],
+    batch: usize,
+    head: usize,
+}
+
+impl<'a> Strided<'a> {
+    /// `values` from the layout's start.
+    pub(crate) fn new(values: &'a [f32], layout: &Layout) -> Self {
+        let st = layout.stride();
+        Self {
+            values,
+            batch: st[0],
+            head: st[1],
+        }
+    }
+
+    /// Head `h` of sequence `bi`: `t` rows of `d`.
+    pub(crate) fn head(&self, bi: usize, h: usize, t: usize, d: usize) -> &'a [f32] {
+        &self.values[bi * self.batch + h * self.head..][..t * d]
+    }
+}
+
+/// Whether `x` (`[b, heads, t, d]`) holds each position as a row of `d` contiguous values, with
+/// any head and batch strides: a view of the KV cache's buffers with room is read in place.
+pub(crate) fn in_rows(x: &Tensor) -> bool {
+    let (st, d) = (x.stride(), x.dims().last().copied().unwrap_or(0));
+    st.len() == 4 && st[3] == 1 && st[2] == d
 }
 
 fn cpu_values<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
@@ -500,6 +547,26 @@ mod tests {
                 "{b} {nh} {nkv} {s} {t} {d} {causal}"
             );
         }
+    }
+
+    /// Keys and values read in place from buffers with room (the KV cache's views, positions
+    /// as rows, not contiguous as a whole) give the bits of their contiguous copies.
+    #[test]
+    fn reads_the_cache_buffers_in_place() {
+        if !available() {
+            eprintln!("skipped: neither AVX-512 nor AVX2 on this machine");
+            return;
+        }
+        let (b, nh, nkv, s, t, d) = (2, 8, 2, 17, 40, 64);
+        let q = random(&[b, nh, s, d], 1);
+        let k = random(&[b, nkv, t + 24, d], 2).narrow(2, 0, t).expect("view");
+        let v = random(&[b, nkv, t + 24, d], 3).narrow(2, 0, t).expect("view");
+        assert!(!k.is_contiguous() && in_rows(&k));
+        let viewed = attention(&q, &k, &v, None, true).expect("attention");
+        let (k, v) = (k.contiguous().expect("k"), v.contiguous().expect("v"));
+        let copied = attention(&q, &k, &v, None, true).expect("attention");
+        assert_eq!(crate::kernels::bits(&viewed), crate::kernels::bits(&copied));
+        assert!(max_diff(&viewed, &reference(&q, &k, &v, None, true)) < 1e-5);
     }
 
     /// The AVX2 kernels against plain sums, on any machine that has AVX2 (one with AVX-512

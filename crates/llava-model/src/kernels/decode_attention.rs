@@ -10,13 +10,13 @@
 //! The numbers are those of the products: f32 sums, then the softmax of
 //! [`crate::kernels::fused::softmax_last_dim`] (the same `exp`, exact zeros for masked keys).
 
-use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
+use candle_core::{DType, Tensor};
 use std::sync::{Mutex, PoisonError};
 
 use rayon::prelude::*;
 
-use crate::error::{ModelError, Result};
-use crate::kernels::attention::bias_values;
+use crate::error::Result;
+use crate::kernels::attention::{Strided, bias_values, in_rows, values};
 use crate::kernels::fused::{simd, softmax_in_place};
 use crate::kernels::gemv::dot;
 
@@ -27,16 +27,12 @@ pub fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
     let (Ok((b, nh, s, d)), Ok((kb, nkv, _, kd))) = (q.dims4(), k.dims4()) else {
         return false;
     };
-    let rows = |x: &Tensor| {
-        let st = x.stride();
-        st[3] == 1 && st[2] == d
-    };
     [q, k, v]
         .iter()
         .all(|x| x.device().is_cpu() && x.dtype() == DType::F32)
         && q.is_contiguous()
-        && rows(k)
-        && rows(v)
+        && in_rows(k)
+        && in_rows(v)
         && v.dims() == k.dims()
         && s == 1
         && b == kb
@@ -136,40 +132,6 @@ const SERIAL_BELOW: usize = 1 << 18;
 thread_local! {
     /// [`attention`]'s scores, kept between calls.
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// The f32 values of a CPU storage from the layout's start.
-fn values<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
-    match storage {
-        Storage::Cpu(CpuStorage::F32(v)) => Ok(&v[layout.start_offset()..]),
-        _ => Err(ModelError::Input(
-            "decode attention takes f32 CPU tensors".into(),
-        )),
-    }
-}
-
-/// A `[b, heads, t, d]` tensor's values with its batch and head strides.
-struct Strided<'a> {
-    values: &'a [f32],
-    batch: usize,
-    head: usize,
-}
-
-impl<'a> Strided<'a> {
-    /// `values` from the layout's start.
-    fn new(values: &'a [f32], layout: &Layout) -> Self {
-        let st = layout.stride();
-        Self {
-            values,
-            batch: st[0],
-            head: st[1],
-        }
-    }
-
-    /// Head `h` of sequence `bi`: `t` rows of `d`.
-    fn head(&self, bi: usize, h: usize, t: usize, d: usize) -> &'a [f32] {
-        &self.values[bi * self.batch + h * self.head..][..t * d]
-    }
 }
 
 /// One task: the query heads that share a key/value head, of one sequence.
