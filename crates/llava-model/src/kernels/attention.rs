@@ -559,8 +559,12 @@ mod tests {
         }
         let (b, nh, nkv, s, t, d) = (2, 8, 2, 17, 40, 64);
         let q = random(&[b, nh, s, d], 1);
-        let k = random(&[b, nkv, t + 24, d], 2).narrow(2, 0, t).expect("view");
-        let v = random(&[b, nkv, t + 24, d], 3).narrow(2, 0, t).expect("view");
+        let k = random(&[b, nkv, t + 24, d], 2)
+            .narrow(2, 0, t)
+            .expect("view");
+        let v = random(&[b, nkv, t + 24, d], 3)
+            .narrow(2, 0, t)
+            .expect("view");
         assert!(!k.is_contiguous() && in_rows(&k));
         let viewed = attention(&q, &k, &v, None, true).expect("attention");
         let (k, v) = (k.contiguous().expect("k"), v.contiguous().expect("v"));
