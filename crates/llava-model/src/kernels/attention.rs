@@ -186,7 +186,8 @@ pub(crate) fn in_rows(x: &Tensor) -> bool {
     st.len() == 4 && st[3] == 1 && st[2] == d
 }
 
-fn cpu_values<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
+/// The f32 values a contiguous CPU tensor covers (the queries, and any operand that is not rows).
+pub(crate) fn cpu_values<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
     match storage {
         Storage::Cpu(s) => Ok(fused::data(s, layout, "fused-attention")?),
         _ => Err(ModelError::Input(

@@ -16,7 +16,7 @@ use std::sync::{Mutex, PoisonError};
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::kernels::attention::{Strided, bias_values, in_rows, values};
+use crate::kernels::attention::{Strided, bias_values, cpu_values, in_rows, values};
 use crate::kernels::fused::{simd, softmax_in_place};
 use crate::kernels::gemv::dot;
 
@@ -72,7 +72,7 @@ pub fn attention(
         v.storage_and_layout(),
     );
     let (q, k, v) = (
-        values(&qs, ql)?,
+        cpu_values(&qs, ql)?,
         Strided::new(values(&ks, kl)?, kl),
         Strided::new(values(&vs, vl)?, vl),
     );
