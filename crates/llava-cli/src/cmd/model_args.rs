@@ -35,8 +35,9 @@ pub struct ModelArgs {
     /// Compute dtype: f32 (exact reference), bf16 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// The vision tower's compute dtype (f32, bf16 or f16), when it should differ from --dtype:
-    /// e.g. `--load-4bit --vision-dtype bf16`. Default: --dtype.
+    /// The vision tower's compute dtype (f32, bf16 or f16), when it should differ from --dtype.
+    /// Default: --dtype, and bf16 beside --load-8bit / --load-4bit with an f32 --dtype (as the
+    /// original runs CLIP in fp16 beside a quantized decoder); `--vision-dtype f32` keeps it f32.
     #[arg(long)]
     pub vision_dtype: Option<String>,
     /// A named template (llava_v1, vicuna_v1, llava_v0, llama_2, mistral_instruct, chatml,
@@ -51,8 +52,8 @@ pub struct ModelArgs {
     #[arg(long)]
     pub cuda: Option<usize>,
     /// The language model's linear layers, lm_head and embedding rows in 8 bits (int8 blocks of
-    /// 32 with one scale), as the original's flag asks; CPU only. The vision tower and the
-    /// projector keep --dtype.
+    /// 32 with one scale), as the original's flag asks; CPU only. The projector keeps --dtype,
+    /// the vision tower runs in bf16 (see --vision-dtype).
     #[arg(long, alias = "load_8bit", conflicts_with = "load_4bit")]
     pub load_8bit: bool,
     /// The language model's linear layers in 4 bits (ggml Q4_K), lm_head in 6 (Q6_K) as
@@ -94,7 +95,8 @@ impl ModelArgs {
                 _ => None,
             },
         };
-        Pipeline::load(&opts).with_context(|| format!("loading {}", self.checkpoint.model))
+        crate::memory::while_loading(|| Pipeline::load(&opts))
+            .with_context(|| format!("loading {}", self.checkpoint.model))
     }
 }
 

@@ -425,7 +425,7 @@ fn train(c: TrainCommand, job: &dyn Collective) -> Result<()> {
         }
         None => weights.set_trainable(move |n| stage.trains(n, unfreeze)),
     }
-    let model = Llava::load(&checkpoint.config, &weights)?;
+    let model = crate::memory::while_loading(|| Llava::load(&checkpoint.config, &weights))?;
     let mut optimizer = AdamW::new(
         weights.take_vars(),
         AdamWConfig {

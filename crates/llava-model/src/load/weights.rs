@@ -677,6 +677,11 @@ impl<'a> WeightsView<'a> {
             .quantize
             .filter(|_| self.weights.quantize_vocab)
     }
+    /// Whether nothing loaded through these weights trains (no trainable selection): the
+    /// model only runs inference, so layers may drop what only a backward pass reads.
+    pub fn inference_only(&self) -> bool {
+        self.weights.trainable.is_none()
+    }
     /// This module's trainable LoRA pair; see [`Weights::lora_pair`].
     pub fn lora_pair(&self, in_dim: usize, out_dim: usize) -> Result<Option<LoraPair>> {
         self.weights.lora_pair(&self.prefix, in_dim, out_dim)

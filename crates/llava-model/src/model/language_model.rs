@@ -17,7 +17,7 @@ use crate::load::weights::WeightsView;
 pub use crate::model::kv_cache::KvCache;
 use crate::model::kv_cache::LayerKv;
 use crate::model::nn::{Activation, Linear, Mode, RmsNorm, rope, softmax_last_dim};
-use crate::model::quantized::{Base, Projection, QLinear};
+use crate::model::quantized::{Base, Projection, QLinear, Quantize};
 use crate::model::recompute::{self, GradientCheckpointing};
 
 #[derive(Debug, Clone)]
@@ -224,6 +224,20 @@ pub enum Embeddings {
 }
 
 impl Embeddings {
+    /// The checkpoint's matrix, or its rows in 8-bit blocks when the vocabulary is quantized
+    /// and the width fits the blocks. Taking `dense` by value frees it here once quantized.
+    fn new(dense: Tensor, quantize_vocab: Option<Quantize>) -> Result<Self> {
+        let hidden = dense.dim(1)?;
+        Ok(match quantize_vocab {
+            Some(_) if hidden.is_multiple_of(q8::BLOCK) => Embeddings::Q8 {
+                rows: Arc::new(Q8Weight::quantize_tensor(&dense)?),
+                dtype: dense.dtype(),
+                device: dense.device().clone(),
+            },
+            _ => Embeddings::Dense(dense),
+        })
+    }
+
     /// Rows `ids` (each below the vocabulary size), `[ids.len(), hidden]`.
     fn lookup(&self, ids: Vec<u32>) -> Result<Tensor> {
         Ok(match self {
@@ -271,18 +285,24 @@ pub struct LlamaModel {
 impl LlamaModel {
     /// `w` is the decoder (`language_model`); `lm_head` sits beside it in every layout.
     pub fn load(w: &WeightsView, lm_head: &WeightsView, c: &LlamaConfig) -> Result<Self> {
-        let embed_tokens = w.get("embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
+        // The request order (embeddings, layers, `lm_head`) is also the order in which a random
+        // init draws its values (`Weights::random`), so it stays as it was.
+        let dense_embed = w.get("embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
+        let quantize_vocab = lm_head.quantize_vocab();
+        let tied_head = (c.tie_word_embeddings && !lm_head.contains("weight")).then(|| Linear {
+            weight: dense_embed.clone(),
+            bias: None,
+        });
+        let device = dense_embed.device().clone();
+        // Quantized as soon as they are read, so that their dense copy (263 MB in f32 at
+        // tiny-1b's 32k × 2048) is gone before the layers load; a tied `lm_head` still holds it.
+        let embed_tokens = Embeddings::new(dense_embed, quantize_vocab)?;
         let layers = (0..c.num_hidden_layers)
             .map(|i| DecoderLayer::load(&w.pp(format!("layers.{i}")), c))
             .collect::<Result<Vec<_>>>()?;
-        let quantize_vocab = lm_head.quantize_vocab();
-        let lm_head = if c.tie_word_embeddings && !lm_head.contains("weight") {
-            Linear {
-                weight: embed_tokens.clone(),
-                bias: None,
-            }
-        } else {
-            Linear::load(lm_head, c.hidden_size, c.vocab_size, false)?
+        let lm_head = match tied_head {
+            Some(tied) => tied,
+            None => Linear::load(lm_head, c.hidden_size, c.vocab_size, false)?,
         };
         let lm_head = match quantize_vocab {
             Some(q) => Projection {
@@ -293,24 +313,8 @@ impl LlamaModel {
         };
         let half = c.head_dim() / 2;
         let rope = c.rope().map_err(ModelError::Input)?;
-        let inv_freq = Tensor::from_vec(
-            rope.inv_freq(c.head_dim()),
-            (1, half),
-            embed_tokens.device(),
-        )?;
-        cuda_kernels::prepare(embed_tokens.device())?;
-        let hidden = c.hidden_size;
-        let embed_tokens = match quantize_vocab {
-            Some(_) if hidden.is_multiple_of(q8::BLOCK) => {
-                let rows = Q8Weight::quantize_tensor(&embed_tokens)?;
-                Embeddings::Q8 {
-                    rows: Arc::new(rows),
-                    dtype: embed_tokens.dtype(),
-                    device: embed_tokens.device().clone(),
-                }
-            }
-            _ => Embeddings::Dense(embed_tokens),
-        };
+        let inv_freq = Tensor::from_vec(rope.inv_freq(c.head_dim()), (1, half), &device)?;
+        cuda_kernels::prepare(&device)?;
         Ok(Self {
             embed_tokens,
             layers,

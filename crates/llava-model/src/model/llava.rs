@@ -44,6 +44,11 @@ impl Llava {
             ));
         }
         let mut weights = checkpoint.weights(dtype, device)?;
+        // Beside an 8- or 4-bit decoder the tower runs in bf16 unless asked otherwise, as the
+        // original's `load_4bit`/`load_8bit` run CLIP in fp16 and llama.cpp its mmproj in f16:
+        // half the tower's memory, for an error far below the decoder's (BENCHMARKS.md).
+        let vision_dtype =
+            vision_dtype.or((quantize.is_some() && dtype == DType::F32).then_some(DType::BF16));
         if let Some(vision_dtype) = vision_dtype {
             weights.set_dtype_under("vision_tower", vision_dtype);
         }

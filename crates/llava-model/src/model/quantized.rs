@@ -14,8 +14,10 @@
 //! The decoder's projections are quantized, as in the original, and for inference `lm_head`
 //! too, as llama.cpp does (`Q8_0` for 8 bits, `Q6_K` for 4): it is the widest matrix a
 //! decoded token reads; the embedding rows are held in 8 bits
-//! ([`crate::model::language_model::Embeddings`]). The vision tower and the projector keep
-//! the checkpoint's precision. QLoRA training (`llava train --bits`) keeps `lm_head` and the
+//! ([`crate::model::language_model::Embeddings`]). The projector keeps the checkpoint's
+//! precision, and the vision tower runs in bf16 unless asked otherwise (`Llava::from_checkpoint`).
+//! For inference, a `Q4_K` layer holds only the repacked copy candle's products read
+//! ([`QLinear::for_inference`]). QLoRA training (`llava train --bits`) keeps `lm_head` and the
 //! embeddings dense, as bitsandbytes does. The numbers are not
 //! bitsandbytes' (the formats differ), so a quantized model is not token-exact with any
 //! reference; `tests/quantized.rs` measures how far it is from f32.
@@ -64,6 +66,28 @@ enum Blocks {
 impl QLinear {
     /// Quantizes `weight` (`[out, in]`, any float dtype, on the CPU).
     pub fn new(weight: &Tensor, bias: Option<Tensor>, quantize: Quantize) -> Result<Self> {
+        Self::quantize(weight, bias, quantize, false)
+    }
+
+    /// [`Self::new`] for a model that only runs inference: where candle's products read a
+    /// repacked copy of the blocks for every row count (`Q4_K` on x86 with AVX2 or better), the
+    /// copy is made now and the blocks are freed, so the weight is held once (0.59 bytes a
+    /// weight instead of 1.15). Nothing can dequantize such a layer afterwards, which only
+    /// training's input gradient does.
+    pub fn for_inference(
+        weight: &Tensor,
+        bias: Option<Tensor>,
+        quantize: Quantize,
+    ) -> Result<Self> {
+        Self::quantize(weight, bias, quantize, true)
+    }
+
+    fn quantize(
+        weight: &Tensor,
+        bias: Option<Tensor>,
+        quantize: Quantize,
+        free_blocks: bool,
+    ) -> Result<Self> {
         let (out_dim, in_dim) = weight.dims2()?;
         let format = block_format(quantize, in_dim).ok_or_else(|| {
             ModelError::Input(format!(
@@ -73,7 +97,15 @@ impl QLinear {
         let weight = weight.to_dtype(DType::F32)?;
         let weight = match format {
             GgmlDType::Q8_0 => Blocks::Q8(Q8Weight::quantize_tensor(&weight)?),
-            _ => Blocks::Candle(QMatMul::from_qtensor(QTensor::quantize(&weight, format)?)?),
+            _ => {
+                let mut blocks = QMatMul::from_qtensor(QTensor::quantize(&weight, format)?)?;
+                if let (true, QMatMul::QTensor(q)) = (free_blocks, &mut blocks)
+                    && let Some(q) = Arc::get_mut(q)
+                {
+                    q.repack_and_free_blocks()?;
+                }
+                Blocks::Candle(blocks)
+            }
         };
         Ok(Self {
             weight: Arc::new(weight),
@@ -233,6 +265,9 @@ impl Projection {
     pub fn load(w: &WeightsView, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let dense = Linear::load(w, in_dim, out_dim, bias)?;
         let base = match w.quantize() {
+            Some(q) if w.inference_only() => {
+                Base::Quantized(QLinear::for_inference(&dense.weight, dense.bias, q)?)
+            }
             Some(q) => Base::Quantized(QLinear::new(&dense.weight, dense.bias, q)?),
             None => Base::Dense(dense),
         };
@@ -291,8 +326,12 @@ mod tests {
     /// QLoRA training frees each repacked copy after its product; the products must be those
     /// of the kept copy, bit for bit. (Where the CPU has none of candle's repacked kernels,
     /// both runs take the plain block products.)
+    /// The tests that read or set the process-wide keep-repacked switch, one at a time.
+    static KEEP_SWITCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     #[test]
     fn products_are_the_same_with_the_repacked_copy_freed() {
+        let _switch = KEEP_SWITCH.lock();
         let w = random((64, 512), 4);
         let x = random((40, 512), 5);
         let q = QLinear::new(&w, None, Quantize::Bits4).expect("quantizes");
@@ -306,6 +345,39 @@ mod tests {
         let freed = fresh.forward(&x).and_then(|y| Ok(y.to_vec2::<f32>()?));
         keep_repacked_weights(true);
         assert_eq!(kept, freed.expect("freed"));
+    }
+
+    /// An inference layer holds only the repacked copy where candle's tiles serve every row
+    /// count (`Q4_K` on x86 with AVX2 and FMA): its products, one row (decoding) and many
+    /// (prefill), are those of a layer that keeps its blocks, bit for bit, and reading the
+    /// blocks is an error instead of a read of freed memory.
+    #[test]
+    fn an_inference_layer_frees_its_blocks_and_multiplies_the_same() {
+        let _switch = KEEP_SWITCH.lock();
+        let w = random((64, 512), 6);
+        let bias = Some(random((1, 64), 8).flatten_all().expect("bias"));
+        let both = QLinear::new(&w, bias.clone(), Quantize::Bits4).expect("quantizes");
+        let tiles_only = QLinear::for_inference(&w, bias, Quantize::Bits4).expect("quantizes");
+        for rows in [1, 40] {
+            let x = random((rows, 512), 7);
+            let product = |q: &QLinear| q.forward(&x).and_then(|y| Ok(y.to_vec2::<f32>()?));
+            assert_eq!(
+                product(&both).expect("kept"),
+                product(&tiles_only).expect("tiles only")
+            );
+        }
+        #[cfg(target_arch = "x86_64")]
+        let tiles = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        #[cfg(not(target_arch = "x86_64"))]
+        let tiles = false;
+        let read = tiles_only.dequantized(&Device::Cpu);
+        assert_eq!(read.is_err(), tiles, "blocks freed where the tiles serve");
+        if let Err(e) = read {
+            assert!(e.to_string().contains("freed"), "{e}");
+        }
+        // 8 bits are our own blocks, which have no repacked copy: they stay.
+        let q8 = QLinear::for_inference(&w, None, Quantize::Bits8).expect("quantizes");
+        assert!(q8.dequantized(&Device::Cpu).is_ok());
     }
 
     /// The relative error of `x Wᵀ + b` with `W` quantized, against f32.

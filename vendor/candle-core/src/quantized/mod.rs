@@ -1043,6 +1043,42 @@ impl QTensor {
 }
 
 impl QTensor {
+    /// llava-rs: for inference on x86, builds now every repacked copy this weight's products
+    /// read (the tiles, and AMX's too where the CPU has it) and frees the blocks, so that the
+    /// weight is held once instead of twice. Returns whether it did. It does nothing where a
+    /// product could still read the blocks: a dtype other than `Q4_K` (the one whose tiles
+    /// serve every row count), a shape or CPU the tiles do not take, or repacked copies not
+    /// kept (`repack::set_keep_packed`). Afterwards whatever would read the blocks
+    /// (dequantizing, an embedding lookup, the unpacked product) returns an error.
+    pub fn repack_and_free_blocks(&mut self) -> Result<bool> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let QStorage::Cpu(storage) = &self.storage else {
+                return Ok(false);
+            };
+            let dtype = storage.dtype();
+            let Ok((n, k)) = self.shape.dims2() else {
+                return Ok(false);
+            };
+            if dtype != GgmlDType::Q4K
+                || !repack::keep_packed()
+                || !repack_x86::select(dtype, 1, n, k)
+            {
+                return Ok(false);
+            }
+            self.repacked_qs
+                .x86_get_or_init(|| repack_x86::pack(dtype, storage.as_ref(), n, k));
+            if repack_x86::amx_available() {
+                self.repacked_qs
+                    .x86_amx_get_or_init(|| repack_x86::pack_q4k_amx(storage.as_ref(), n, k));
+            }
+            self.storage = QStorage::Cpu(Box::new(repack::FreedBlocks { dtype }));
+            Ok(true)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Ok(false)
+    }
+
     #[cfg(target_arch = "x86_64")]
     pub(crate) fn storage_ref(&self) -> &dyn QuantizedType {
         match &self.storage {

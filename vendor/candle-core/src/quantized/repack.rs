@@ -34,6 +34,66 @@ fn kept_or_local<'a, T>(
     }
 }
 
+/// llava-rs: what a `QTensor` holds once its blocks were freed after repacking
+/// (`QTensor::repack_and_free_blocks`): its dtype, and an error for anything that would read
+/// the blocks.
+#[cfg(target_arch = "x86_64")]
+pub(crate) struct FreedBlocks {
+    pub(crate) dtype: super::GgmlDType,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl FreedBlocks {
+    fn error(&self) -> crate::Error {
+        crate::Error::Msg(format!(
+            "the {:?} blocks were freed once repacked (inference); only the repacked products read this weight",
+            self.dtype
+        ))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl QuantizedType for FreedBlocks {
+    fn dtype(&self) -> super::GgmlDType {
+        self.dtype
+    }
+    fn matmul_t(&self, _: (usize, usize, usize), _: &[f32], _: &mut [f32]) -> Result<()> {
+        Err(self.error())
+    }
+    fn matmul_t_f16(
+        &self,
+        _: (usize, usize, usize),
+        _: &[half::f16],
+        _: &mut [half::f16],
+    ) -> Result<()> {
+        Err(self.error())
+    }
+    fn embedding(&self, _: &[u32], _: usize, _: usize) -> Result<crate::CpuStorage> {
+        Err(self.error())
+    }
+    fn dequantize(&self, _: usize) -> Result<crate::CpuStorage> {
+        Err(self.error())
+    }
+    fn storage_size_in_bytes(&self) -> usize {
+        0
+    }
+    fn as_ptr(&self) -> *const u8 {
+        std::ptr::NonNull::<u8>::dangling().as_ptr()
+    }
+    fn block_size(&self) -> usize {
+        self.dtype.block_size()
+    }
+    fn from_float(&mut self, _: &[f32]) {
+        panic!("{}", self.error())
+    }
+    fn from_float_imatrix(&mut self, _: &[f32], _: &[f32], _: usize) {
+        panic!("{}", self.error())
+    }
+    fn size(&self) -> usize {
+        0
+    }
+}
+
 #[cfg(target_arch = "aarch64")]
 use super::k_quants::{BlockQ4K, BlockQ4_0, QK4_0};
 #[cfg(target_arch = "aarch64")]
@@ -88,6 +148,14 @@ impl PackedCache {
         init: impl FnOnce() -> super::repack_x86::PackedX86,
     ) -> &super::repack_x86::PackedX86 {
         self.x86.get_or_init(init)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn x86_amx_get_or_init(
+        &self,
+        init: impl FnOnce() -> Vec<super::repack_x86::TileQ4KAmx>,
+    ) -> &Vec<super::repack_x86::TileQ4KAmx> {
+        self.x86_amx.get_or_init(init)
     }
 
     pub(crate) fn new() -> Self {
