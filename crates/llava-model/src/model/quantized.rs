@@ -323,12 +323,12 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
     }
 
-    /// QLoRA training frees each repacked copy after its product; the products must be those
-    /// of the kept copy, bit for bit. (Where the CPU has none of candle's repacked kernels,
-    /// both runs take the plain block products.)
     /// The tests that read or set the process-wide keep-repacked switch, one at a time.
     static KEEP_SWITCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+    /// QLoRA training frees each repacked copy after its product; the products must be those
+    /// of the kept copy, bit for bit. (Where the CPU has none of candle's repacked kernels,
+    /// both runs take the plain block products.)
     #[test]
     fn products_are_the_same_with_the_repacked_copy_freed() {
         let _switch = KEEP_SWITCH.lock();
@@ -375,6 +375,14 @@ mod tests {
         if let Err(e) = read {
             assert!(e.to_string().contains("freed"), "{e}");
         }
+        // A later switch to repacking per product (QLoRA training in the same process) still
+        // multiplies through the kept tiles.
+        let x = random((40, 512), 7);
+        let before = tiles_only.forward(&x).and_then(|y| Ok(y.to_vec2::<f32>()?));
+        keep_repacked_weights(false);
+        let after = tiles_only.forward(&x).and_then(|y| Ok(y.to_vec2::<f32>()?));
+        keep_repacked_weights(true);
+        assert_eq!(before.expect("kept"), after.expect("switched"));
         // 8 bits are our own blocks, which have no repacked copy: they stay.
         let q8 = QLinear::for_inference(&w, None, Quantize::Bits8).expect("quantizes");
         assert!(q8.dequantized(&Device::Cpu).is_ok());

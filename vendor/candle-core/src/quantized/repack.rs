@@ -20,7 +20,8 @@ pub(crate) fn keep_packed() -> bool {
 }
 
 /// The packing `cell` keeps (made by `pack` on first use), or, when copies are not kept, one
-/// made afresh into `local` for this product only.
+/// made afresh into `local` for this product only. A packing already kept is used either way:
+/// a weight whose blocks were freed (`QTensor::repack_and_free_blocks`) has nothing else.
 #[cfg(any(target_arch = "aarch64", target_arch = "x86_64"))]
 fn kept_or_local<'a, T>(
     cell: &'a OnceLock<T>,
@@ -29,6 +30,8 @@ fn kept_or_local<'a, T>(
 ) -> &'a T {
     if keep_packed() {
         cell.get_or_init(pack)
+    } else if let Some(kept) = cell.get() {
+        kept
     } else {
         local.insert(pack())
     }
