@@ -41,7 +41,12 @@ may hold rises from 1 to 5 over the first N steps), `--no-system`, `--then STEP:
 STEP on, other kinds and turns: a second phase once the first look-ups have formed), `--save
 PATH` (state written every --every steps; a rerun with the same flags resumes from it exactly),
 `--scene-text order+colours` (the scene's caption followed by each shape's colour, shape first:
-"The square is red and the circle is blue."). `--scene patches` replaces
+"The square is red and the circle is blue."), or `--scene-text shape-colour` (each object
+written shape first, its colour the next word: "From left to right: a square red and a circle
+blue.", so that the colour question's look-up is a copy forwards, as the shape question's is
+in the demo's order; the inventory caption is written the same way), or `--scene-text both`
+(the demo's order, then "In turn: square red and circle blue.", and each inventory caption in
+one of the two orders). `--scene patches` replaces
 the words with 64 exact patch features (one-hot colour and shape on each object's 2x2 block)
 through a 2-layer GELU projector: the decoder's best case with a perfect tower.
 
@@ -105,6 +110,9 @@ class Scene:
         """The demo's `order` caption (world/captions.rs)."""
         phrases = []
         for c, s, size in self.objects:
+            if SCENE_TEXT == "shape-colour":
+                phrases.append(f"{article(s)} {s} {c}")
+                continue
             w = f"{size} {c} {s}" if rng.random() < 0.5 else f"{c} {s}"
             phrases.append(f"{article(w)} {w}")
         if len(phrases) == 1:
@@ -114,6 +122,11 @@ class Scene:
             listed = join_list(phrases)
             text = rng.choice([f"From left to right: {listed}.", f"Left to right, there is {listed}.",
                                f"Reading from left to right we see {listed}."])
+        if SCENE_TEXT == "both":
+            # The objects again, shape first with the colour the next word, so that both
+            # look-ups are copies forwards: the shape after its colour in the caption, the
+            # colour after its shape here.
+            text += " In turn: " + join_list([f"{s} {c}" for c, s, _ in self.objects]) + "."
         if SCENE_TEXT == "order+colours":
             # Each shape's colour again, shape first, so that the colour question's look-up is
             # a copy forwards (find the shape, read the word after it), as the shape question's is.
@@ -169,6 +182,9 @@ class Scene:
             # colour), so every caption is several binding questions at once.
             phrases = []
             for c, s, size in rng.sample(objs, len(objs)):
+                if SCENE_TEXT == "shape-colour" or (SCENE_TEXT == "both" and rng.random() < 0.5):
+                    phrases.append(f"{article(s)} {s} {c}")
+                    continue
                 w = f"{size} {c} {s}" if rng.random() < 0.5 else f"{c} {s}"
                 phrases.append(f"{article(w)} {w}")
             if len(phrases) == 1:
@@ -335,7 +351,7 @@ def main():
     ap.add_argument("--tokenizer", required=True,
                     help="the demo's OUT/init/tokenizer.json, or `punct`")
     ap.add_argument("--scene", choices=["words", "patches"], default="words")
-    ap.add_argument("--scene-text", choices=["order", "order+colours"], default="order",
+    ap.add_argument("--scene-text", choices=["order", "order+colours", "shape-colour", "both"], default="order",
                     help="the scene in words: the demo's caption, or it and each shape's colour")
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--steps", type=int, default=20000)
