@@ -135,7 +135,6 @@ pub fn attention(
     )?)
 }
 
-/// The f32 values of a contiguous CPU tensor's storage.
 /// An additive attention bias broadcast to `shape` and read out, as the CPU kernels take it.
 pub(crate) fn bias_values(
     bias: Option<&Tensor>,
