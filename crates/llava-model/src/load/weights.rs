@@ -531,15 +531,21 @@ impl Weights {
         }
     }
 
+    /// Whether nothing loaded through these weights trains (no trainable selection): the
+    /// model only runs inference, so layers may take a layout or drop what only training reads.
+    pub fn inference_only(&self) -> bool {
+        self.trainable.is_none()
+    }
+
     /// A linear layer's `[out, in]` weight. Where it only serves inference (not trainable, not
     /// random) and the CPU computes in f32 (or bf16 without bf16 products, the values rounded through
     /// bf16), it is read into [`crate::kernels::gemm_layout`], the layout the CPU products run fastest
     /// from. Only safetensors shards of F32, F16 or BF16 are read that way; anything else keeps
     /// the stored layout, which every product also takes.
     pub fn get_linear(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let inference_only = self.trainable.is_none() && self.random.is_none();
         let dtype = self.dtype_of(name);
-        if inference_only
+        if self.inference_only()
+            && self.random.is_none()
             && crate::kernels::gemm_layout::applies(dtype, &self.device)
             && !self.lora.contains_key(name)
             && let Some(loc) = self.index.get(name)
@@ -677,10 +683,9 @@ impl<'a> WeightsView<'a> {
             .quantize
             .filter(|_| self.weights.quantize_vocab)
     }
-    /// Whether nothing loaded through these weights trains (no trainable selection): the
-    /// model only runs inference, so layers may drop what only a backward pass reads.
+    /// See [`Weights::inference_only`].
     pub fn inference_only(&self) -> bool {
-        self.weights.trainable.is_none()
+        self.weights.inference_only()
     }
     /// This module's trainable LoRA pair; see [`Weights::lora_pair`].
     pub fn lora_pair(&self, in_dim: usize, out_dim: usize) -> Result<Option<LoraPair>> {
