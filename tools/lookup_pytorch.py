@@ -90,6 +90,15 @@ def article(word):
     return "an" if word[0] in "aeiou" else "a"
 
 
+def object_phrase(c, s, size, rng, shape_first=False):
+    """One object as the demo's captions write it ("a red square", half the time with its size:
+    "a large red square"), or shape first with its colour the next word ("a square red")."""
+    if shape_first:
+        return f"{article(s)} {s} {c}"
+    w = f"{size} {c} {s}" if rng.random() < 0.5 else f"{c} {s}"
+    return f"{article(w)} {w}"
+
+
 def join_list(items):
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
@@ -108,13 +117,8 @@ class Scene:
 
     def words(self, rng):
         """The demo's `order` caption (world/captions.rs)."""
-        phrases = []
-        for c, s, size in self.objects:
-            if SCENE_TEXT == "shape-colour":
-                phrases.append(f"{article(s)} {s} {c}")
-                continue
-            w = f"{size} {c} {s}" if rng.random() < 0.5 else f"{c} {s}"
-            phrases.append(f"{article(w)} {w}")
+        phrases = [object_phrase(c, s, size, rng, SCENE_TEXT == "shape-colour")
+                   for c, s, size in self.objects]
         if len(phrases) == 1:
             p = phrases[0]
             text = f"{p[0].upper()}{p[1:]} on {article(self.background)} {self.background} background."
@@ -182,11 +186,8 @@ class Scene:
             # colour), so every caption is several binding questions at once.
             phrases = []
             for c, s, size in rng.sample(objs, len(objs)):
-                if SCENE_TEXT == "shape-colour" or (SCENE_TEXT == "both" and rng.random() < 0.5):
-                    phrases.append(f"{article(s)} {s} {c}")
-                    continue
-                w = f"{size} {c} {s}" if rng.random() < 0.5 else f"{c} {s}"
-                phrases.append(f"{article(w)} {w}")
+                shape_first = SCENE_TEXT == "shape-colour" or (SCENE_TEXT == "both" and rng.random() < 0.5)
+                phrases.append(object_phrase(c, s, size, rng, shape_first))
             if len(phrases) == 1:
                 return "Describe the image briefly.", f"A picture of a single {objs[0][0]} {objs[0][1]}."
             return "Describe the image briefly.", rng.choice(
@@ -352,7 +353,7 @@ def main():
                     help="the demo's OUT/init/tokenizer.json, or `punct`")
     ap.add_argument("--scene", choices=["words", "patches"], default="words")
     ap.add_argument("--scene-text", choices=["order", "order+colours", "shape-colour", "both"], default="order",
-                    help="the scene in words: the demo's caption, or it and each shape's colour")
+                    help="the scene in words: the demo's caption, it and each shape's colour, the objects shape first, or both orders")
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--steps", type=int, default=20000)
     ap.add_argument("--batch-size", type=int, default=32)
