@@ -13,13 +13,14 @@ import shutil
 import sys
 from pathlib import Path
 
+from llava_checkpoint import llava_name, source_and_destination
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 
 def lm_name(stored: str) -> str | None:
     """The LlamaForCausalLM name of a llava-hf tensor (any transformers layout), or None."""
-    n = stored.removeprefix("model.") if stored.startswith("model.language_model.") else stored
+    n = llava_name(stored)
     if n.startswith("language_model.model."):
         return "model." + n.removeprefix("language_model.model.")
     if n.startswith("language_model.lm_head."):
@@ -39,11 +40,10 @@ def tokenizer_vocab(src: Path) -> int:
 
 
 def main() -> int:
-    if len(sys.argv) != 3:
-        print(__doc__, file=sys.stderr)
+    parsed = source_and_destination(__doc__)
+    if parsed is None:
         return 2
-    src, dst = Path(sys.argv[1]), Path(sys.argv[2])
-    config = json.loads((src / "config.json").read_text())
+    src, dst, config = parsed
     text = dict(config["text_config"])
     vocab = tokenizer_vocab(src)
     if vocab > text["vocab_size"]:

@@ -10,9 +10,9 @@ Used by tools/build_llamacpp.sh for the mmproj GGUF.
 
 import json
 import sys
-from pathlib import Path
 
 import torch
+from llava_checkpoint import llava_name, source_and_destination
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -23,19 +23,11 @@ PROJECTOR = {
 }
 
 
-def short(stored: str) -> str:
-    """A llava-hf tensor name without transformers 5's `model.` prefix."""
-    if stored.startswith(("model.vision_tower.", "model.multi_modal_projector.")):
-        return stored.removeprefix("model.")
-    return stored
-
-
 def main() -> int:
-    if len(sys.argv) != 3:
-        print(__doc__, file=sys.stderr)
+    parsed = source_and_destination(__doc__)
+    if parsed is None:
         return 2
-    src, dst = Path(sys.argv[1]), Path(sys.argv[2])
-    config = json.loads((src / "config.json").read_text())
+    src, dst, config = parsed
     if config.get("vision_feature_select_strategy", "default") != "default":
         raise SystemExit("llama.cpp's LLaVA-1.5 encoder drops the CLS feature: strategy 'default' only")
     if config.get("vision_feature_layer", -2) != -2:
@@ -44,7 +36,7 @@ def main() -> int:
     for path in sorted(src.glob("*.safetensors")):
         with safe_open(path, framework="pt") as f:
             for stored in f.keys():
-                name = short(stored)
+                name = llava_name(stored)
                 if name.startswith("vision_tower."):
                     vision[name.removeprefix("vision_tower.")] = f.get_tensor(stored).float()
                 for ours, theirs in PROJECTOR.items():
